@@ -1,0 +1,81 @@
+"""Argument validation shared by every public function of :mod:`smoothing`.
+
+Each check raises :class:`ValueError` with a message that names the argument and says what was expected,
+so that a caller (the server, the calibration pipeline) can pass it on unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_alpha(alpha, name: str = "alpha") -> np.ndarray:
+    """Return ``alpha`` as a float array; every entry must lie strictly inside (0, 1)."""
+    arr = np.asarray(alpha, dtype=np.float64)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0) or np.any(arr >= 1.0):
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {_show(alpha)}")
+    return arr
+
+
+def check_sigma(sigma) -> np.ndarray:
+    """Return ``sigma`` (the noise level) as a float array; every entry must be finite and > 0."""
+    arr = np.asarray(sigma, dtype=np.float64)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0):
+        raise ValueError(f"sigma must be a finite number > 0, got {_show(sigma)}")
+    return arr
+
+
+def check_prior(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Return the Beta prior parameters as float arrays; both must be finite and > 0."""
+    a_arr = np.asarray(a, dtype=np.float64)
+    b_arr = np.asarray(b, dtype=np.float64)
+    for name, arr, raw in (("a", a_arr, a), ("b", b_arr, b)):
+        if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0):
+            raise ValueError(f"Beta prior parameter {name} must be finite and > 0, got {_show(raw)}")
+    return a_arr, b_arr
+
+
+def check_probability(p, name: str, *, open_interval: bool = True) -> np.ndarray:
+    """Return ``p`` as a float array inside (0, 1) (or [0, 1] when ``open_interval`` is False)."""
+    arr = np.asarray(p, dtype=np.float64)
+    bad = ~np.isfinite(arr)
+    bad |= (arr <= 0.0) | (arr >= 1.0) if open_interval else (arr < 0.0) | (arr > 1.0)
+    if arr.size == 0 or np.any(bad):
+        interval = "strictly between 0 and 1" if open_interval else "in [0, 1]"
+        raise ValueError(f"{name} must lie {interval}, got {_show(p)}")
+    return arr
+
+
+def check_counts(successes, trials) -> tuple[np.ndarray, np.ndarray]:
+    """Return (successes, trials) as int64 arrays; both must be whole numbers with 0 <= successes <= trials."""
+    s = _as_count(successes, "successes")
+    t = _as_count(trials, "trials")
+    if np.any(s > t):
+        raise ValueError(f"successes must not exceed trials, got successes={_show(successes)}, trials={_show(trials)}")
+    return s, t
+
+
+def check_nonneg_int(value, name: str) -> np.ndarray:
+    """Return ``value`` as an int64 array of whole numbers >= 0."""
+    return _as_count(value, name)
+
+
+def _as_count(value, name: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind in "iu":
+        out = arr.astype(np.int64, copy=False)
+    elif arr.dtype.kind in "fb":
+        f = arr.astype(np.float64, copy=False)
+        if not np.all(np.isfinite(f)) or np.any(f != np.round(f)):
+            raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
+        out = f.astype(np.int64)
+    else:
+        raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
+    if np.any(out < 0):
+        raise ValueError(f"{name} must be >= 0, got {_show(value)}")
+    return out
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

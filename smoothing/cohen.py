@@ -1,0 +1,122 @@
+"""Cohen et al. (2019) fixed-sample certification: exact parity with ``locuslab/smoothing`` ``code/core.py``.
+
+The reference draws ``n0`` selection samples to guess the top class, then ``n`` fresh samples to bound its
+probability with a one-sided Clopper-Pearson interval. The two sample sets must be independent: the class is fixed
+before the estimation counts are drawn, which is what makes the bound valid for that class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import betaincinv
+from scipy.stats import binomtest
+
+from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_sigma
+from smoothing.radius import radius_from_probability
+
+#: Class index returned when the procedure abstains (the reference's ``Smooth.ABSTAIN``).
+ABSTAIN = -1
+
+# Relative rounding applied to each Clopper-Pearson bound in the conservative direction, so the few-ulp error of
+# the incomplete-beta inverse can never make a lower bound too high or an upper bound too low.
+_CP_ROUNDING = 1e-12
+
+
+def clopper_pearson_lower(successes, trials, alpha):
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion.
+
+    Guarantee (per input): if ``successes ~ Binomial(trials, p)`` then P(bound > p) <= alpha, for every p.
+    Equals ``statsmodels.proportion_confint(successes, trials, alpha=2*alpha, method="beta")[0]`` (the reference's
+    ``lower_confidence_bound``), rounded down by a relative 1e-12. Returns 0 where successes == 0. Vectorized.
+    """
+    s, t = check_counts(successes, trials)
+    a = check_alpha(alpha)
+    if np.any(t == 0):
+        raise ValueError("trials must be >= 1 for a Clopper-Pearson bound")
+    with np.errstate(invalid="ignore"):
+        bound = betaincinv(s, t - s + 1, a)
+    bound = np.where(s == 0, 0.0, bound * (1.0 - _CP_ROUNDING))
+    return bound if bound.ndim else float(bound)
+
+
+def clopper_pearson_upper(successes, trials, alpha):
+    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion.
+
+    Guarantee (per input): if ``successes ~ Binomial(trials, p)`` then P(bound < p) <= alpha, for every p.
+    Returns 1 where successes == trials; rounded up by a relative 1e-12 otherwise. Vectorized.
+    """
+    s, t = check_counts(successes, trials)
+    a = check_alpha(alpha)
+    if np.any(t == 0):
+        raise ValueError("trials must be >= 1 for a Clopper-Pearson bound")
+    with np.errstate(invalid="ignore"):
+        bound = betaincinv(s + 1, t - s, 1.0 - a)
+    bound = np.where(s == t, 1.0, np.minimum(1.0, bound * (1.0 + _CP_ROUNDING)))
+    return bound if bound.ndim else float(bound)
+
+
+@dataclass(frozen=True)
+class CohenCertificate:
+    """Result of :func:`certify`: arrays (or scalars) of predicted class, radius, the bound, and certified flags."""
+
+    class_index: np.ndarray  # ABSTAIN (-1) where the procedure abstains
+    radius: np.ndarray  # 0.0 where it abstains
+    p_lower: np.ndarray  # Clopper-Pearson lower bound on P(f(x+e) = class) from the estimation counts
+    certified: np.ndarray  # bool
+
+
+def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertificate:
+    """CERTIFY of Cohen et al.: class from the selection counts, radius from the estimation counts.
+
+    ``selection_counts`` and ``estimation_counts`` have shape (..., K): per-class counts from two *independent*
+    sets of noise samples (n0 and n). The class is ``argmax`` of the selection counts (first index on ties, as the
+    reference), ``p_lower`` the one-sided (1 - alpha) Clopper-Pearson bound of its estimation count out of n.
+    Abstain (class -1, radius 0) when p_lower < 1/2, else radius = sigma * Phi^-1(p_lower).
+
+    Guarantee (per input): with probability >= 1 - alpha over the estimation samples, the smoothed classifier g
+    returns the reported class at every point within the reported radius (or the procedure abstains).
+    """
+    sel = check_nonneg_int(selection_counts, "selection_counts")
+    est = check_nonneg_int(estimation_counts, "estimation_counts")
+    if sel.ndim == 0 or sel.shape != est.shape:
+        raise ValueError(
+            f"selection_counts and estimation_counts must both have shape (..., num_classes); got {sel.shape} and {est.shape}"
+        )
+    check_sigma(sigma)
+    c_hat = np.argmax(sel, axis=-1)
+    n_a = np.take_along_axis(est, c_hat[..., None], axis=-1)[..., 0]
+    p_lower = np.asarray(clopper_pearson_lower(n_a, est.sum(axis=-1), alpha))
+    certified = p_lower >= 0.5
+    radius = np.where(certified, radius_from_probability(p_lower, sigma), 0.0)
+    cls = np.where(certified, c_hat, ABSTAIN)
+    return CohenCertificate(_scalar(cls), _scalar(radius), _scalar(p_lower), _scalar(certified))
+
+
+def predict(counts, alpha):
+    """PREDICT of Cohen et al.: top-2 classes, two-sided binomial test of n_A vs n_B at p = 1/2.
+
+    ``counts`` has shape (K,) or (M, K). Returns the top class, or ABSTAIN (-1) where the test's p-value > alpha.
+    Guarantee (per input): the returned class differs from the smoothed classifier's class with probability
+    <= alpha (Cohen et al., Proposition 1). Ties are broken as the reference: ``argsort`` order, reversed.
+    """
+    c = check_nonneg_int(counts, "counts")
+    a = float(check_alpha(alpha))
+    if c.ndim not in (1, 2) or c.shape[-1] < 2:
+        raise ValueError(f"counts must have shape (num_classes,) or (batch, num_classes) with >= 2 classes; got {c.shape}")
+    rows = c.reshape(-1, c.shape[-1])
+    out = np.empty(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        top2 = np.argsort(row, kind="stable")[::-1][:2]
+        n_a, n_b = int(row[top2[0]]), int(row[top2[1]])
+        if n_a + n_b == 0 or binomtest(n_a, n_a + n_b, p=0.5).pvalue > a:
+            out[i] = ABSTAIN
+        else:
+            out[i] = top2[0]
+    return int(out[0]) if c.ndim == 1 else out
+
+
+def _scalar(x):
+    x = np.asarray(x)
+    return x.item() if x.ndim == 0 else x

@@ -1,0 +1,41 @@
+"""Conversions between a lower bound on the top-class probability and a certified L2 radius.
+
+Cohen et al. (2019), Theorem 1 with p_B = 1 - p_A: if P(f(x + e) = c) >= p > 1/2 for e ~ N(0, sigma^2 I), then the
+smoothed classifier returns c everywhere within L2 distance sigma * Phi^-1(p) of x.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from smoothing._checks import check_probability, check_sigma
+
+#: Relative amount by which every certified radius is shrunk, so that rounding inside ``ndtri`` (a few ulp)
+#: can never make a reported radius larger than the exact one.
+RADIUS_ROUNDING = 1e-10
+
+
+def radius_from_probability(p_lower, sigma):
+    """Certified L2 radius sigma * Phi^-1(p_lower), or 0.0 (abstain) where p_lower <= 1/2.
+
+    Guarantee: inherits the one of ``p_lower``. If ``p_lower`` is a lower bound on P(f(x+e) = c) holding with
+    probability 1 - alpha (per input or marginally), the returned radius is certified with the same probability and in
+    the same sense. The value is rounded down (relative 1e-10) so floating-point error never enlarges it.
+    """
+    p = check_probability(p_lower, "p_lower", open_interval=False)
+    s = check_sigma(sigma)
+    with np.errstate(divide="ignore"):
+        z = ndtri(np.where(p > 0.5, p, 0.5))
+    r = np.where(p > 0.5, s * z * (1.0 - RADIUS_ROUNDING), 0.0)
+    r = np.where(np.isfinite(r), r, 0.0)  # p_lower == 1 cannot come from a finite sample; refuse to certify infinity
+    return r if r.ndim else float(r)
+
+
+def probability_for_radius(radius, sigma):
+    """The probability Phi(radius / sigma) that a lower bound must exceed to certify ``radius`` (>= 0)."""
+    r = np.asarray(radius, dtype=np.float64)
+    if r.size == 0 or not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
+    p = ndtr(r / check_sigma(sigma))
+    return p if p.ndim else float(p)
