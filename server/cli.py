@@ -1,4 +1,4 @@
-"""The ``certserve`` command: one dispatcher, subcommands registered by the package that owns them."""
+"""The ``certserve`` command: one dispatcher; each package registers the subcommands it owns."""
 
 from __future__ import annotations
 
@@ -14,17 +14,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import smoothing_bench
 
-    smoothing_bench.add_arguments(bench_sub.add_parser("smoothing", help="statistics core: update rate, samples to decision"))
+    sb = bench_sub.add_parser("smoothing", help="statistics core: update rate, samples to decision")
+    smoothing_bench.add_arguments(sb)
+    sb.set_defaults(func=smoothing_bench.run)
+
+    from calibration.cli import add_bundle_commands, add_calibrate_commands
+
+    add_calibrate_commands(sub)
+    add_bundle_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "bench" and args.bench == "smoothing":
-        from bench import smoothing_bench
+    from models.bundle import BundleError
 
-        return smoothing_bench.run(args)
-    return 2
+    try:
+        return int(args.func(args) or 0)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"certserve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.special import betaln
 
 from smoothing._checks import check_alpha, check_counts, check_prior
-from smoothing.eprocess import _ULP_MARGIN
+from smoothing.eprocess import _ULP_MARGIN, log_e_excess
 from smoothing.radius import radius_from_probability
 
 _LOG_P_FLOOR = np.log(1e-300)  # bounds below this are reported as 0
@@ -76,34 +76,44 @@ def _lower_bound_kernel(s, t, alpha, a, b):
         return out
     s, f = s[live], f[live]
     log_threshold = -np.log(alpha[live])
-    mix = betaln(a[live] + s, b[live] + f)
-    prior = betaln(a[live], b[live])
+    a, b = a[live], b[live]
+    mix = betaln(a + s, b + f)
+    prior = betaln(a, b)
     log_phat = np.log(s / (s + f))
-    # Margin from the magnitudes at the MLE (the largest the null term gets near the root).
-    scale = np.abs(mix) + np.abs(prior) + s * np.abs(log_phat) + f * np.abs(np.log(-np.expm1(np.minimum(log_phat, -1e-300)))) + log_threshold
-    const = mix - prior - log_threshold - _ULP_MARGIN * scale
+    # Same margin as eprocess.rejects: with M = 64 ulp, rejection at p0 = e^v means
+    #   g(v) = [mix - prior - lt - M(|mix| + |prior| + lt)] - (1 - M) (S v + F log(1 - e^v)) >= 0,
+    # still convex and decreasing in v on (-inf, log p_hat].
+    const = mix - prior - log_threshold - _ULP_MARGIN * (np.abs(mix) + np.abs(prior) + log_threshold)
+    shrink = 1.0 - _ULP_MARGIN
 
-    def g(v):
-        return const - s * v - f * np.log(-np.expm1(v))
+    def g_and_slope(v):
+        one_minus = -np.expm1(v)  # 1 - p0, accurate when p0 is close to 1
+        g = const - shrink * (s * v + f * np.log(one_minus))
+        slope = -shrink * (s - f * np.exp(v) / one_minus)  # < 0 left of the MLE
+        return g, slope
 
     v = np.full(s.shape, _LOG_P_FLOOR)
-    ok = g(v) >= 0  # else even p0 = 1e-300 is not rejected: L_t reported as 0
+    ok = g_and_slope(v)[0] >= 0  # else even p0 = 1e-300 is not rejected: L_t reported as 0
     for _ in range(_MAX_NEWTON):
-        one_minus = -np.expm1(v)  # 1 - p0, accurate when p0 is close to 1
-        gv = const - s * v - f * np.log(one_minus)
-        slope = -s + f * np.exp(v) / one_minus  # < 0 left of the MLE
+        gv, slope = g_and_slope(v)
         step = np.where(ok & (slope < 0) & (gv > 0), -gv / slope, 0.0)
         v_new = np.minimum(v + step, log_phat)
-        if np.all(v_new - v <= 1e-15 * np.abs(v)):
-            v = v_new
-            break
+        converged = np.all(v_new - v <= 1e-15 * np.abs(v))
         v = v_new
-    # Convexity keeps every iterate left of the root; verify in floating point and back off where it slipped.
-    for _ in range(8):
-        slipped = ok & (g(v) < 0)
+        if converged:
+            break
+    # Convexity keeps every iterate left of the root in exact arithmetic; rounding in a long first jump can still
+    # land a few ulp past it. Verify with the very function `rejects` uses and step back where needed: a Newton step
+    # taken from the right of the root of a convex decreasing function lands left of it, plus a growing margin.
+    t_live = s + f
+    for attempt in range(40):
+        slipped = ok & (log_e_excess(s, t_live, np.exp(v), a, b, log_threshold, mix, prior) < 0)
         if not np.any(slipped):
             break
-        v = np.where(slipped, v - np.maximum(1e-12 * np.abs(v), 1e-15), v)
-    ok &= g(v) >= 0
+        gv, slope = g_and_slope(v)
+        back = np.where(slope < 0, np.minimum(gv, 0.0) / slope, 0.0) + np.maximum(1e-12 * np.abs(v), 1e-15) * 4.0**attempt
+        v = np.where(slipped, v - back, v)
+    else:  # never seen in testing; report 0 (abstain) rather than an unverified bound
+        ok &= log_e_excess(s, t_live, np.exp(v), a, b, log_threshold, mix, prior) >= 0
     out[live] = np.where(ok, np.exp(v), 0.0)
     return out

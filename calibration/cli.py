@@ -1,0 +1,129 @@
+"""``certserve calibrate ...`` and ``certserve bundle ...`` subcommands (argparse; heavy imports inside handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def add_calibrate_commands(sub) -> None:
+    cal = sub.add_parser("calibrate", help="offline pipeline: counts, surrogate, conformal calibration, evaluation")
+    cal_sub = cal.add_subparsers(dest="calibrate", required=True)
+
+    from calibration.pipeline import PipelineConfig
+
+    all_ = cal_sub.add_parser("all", help="build a full bundle (base, surrogate, meta) from data",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(PipelineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            all_.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
+            conv = kind or (int if isinstance(f.default, int) else float if isinstance(f.default, float) else str)
+            all_.add_argument(flag, type=conv, default=f.default, help=f"({f.type})")
+    all_.set_defaults(func=_run_all)
+
+    counts = cal_sub.add_parser("counts", help="Monte-Carlo class counts of a model on a data split (resumable)")
+    counts.add_argument("--model", required=True, help="base model: .onnx (onnxruntime) or .pt (TorchScript)")
+    counts.add_argument("--data", default="fashion-mnist")
+    counts.add_argument("--split", choices=["calibration", "surrogate-train", "base-train", "test"], default="test")
+    counts.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
+    counts.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
+    counts.add_argument("--split-seed", type=int, default=0)
+    counts.add_argument("--limit", type=int, default=None, help="first N images of the split")
+    counts.add_argument("--n", type=int, required=True, help="noise samples per image")
+    counts.add_argument("--sigma", type=float, required=True)
+    counts.add_argument("--seed", type=int, default=0)
+    counts.add_argument("--batch-size", type=int, default=1024)
+    counts.add_argument("--device", default="auto")
+    counts.add_argument("--out", required=True, help="directory of count shards (rerun to resume)")
+    counts.set_defaults(func=_run_counts)
+
+    ev = cal_sub.add_parser("evaluate", help="side-by-side evaluation of all certification methods on test images")
+    from calibration.evaluate import add_arguments as add_eval_arguments
+
+    add_eval_arguments(ev)
+
+
+def add_bundle_commands(sub) -> None:
+    b = sub.add_parser("bundle", help="create or verify a model bundle")
+    b_sub = b.add_subparsers(dest="bundle", required=True)
+    create = b_sub.add_parser("create", help="sequential-only bundle from any ONNX classifier taking [0,1] pixels")
+    create.add_argument("--base", required=True, help="ONNX classifier, input (N, C, H, W) in [0, 1], output logits")
+    create.add_argument("--sigma", type=float, required=True)
+    create.add_argument("--input-shape", required=True, help="C,H,W e.g. 1,28,28")
+    create.add_argument("--classes", required=True, help="comma-separated class names, in output order")
+    create.add_argument("--name", default=None)
+    create.add_argument("--out", required=True)
+    create.add_argument("--overwrite", action="store_true")
+    create.set_defaults(func=_run_bundle_create)
+    verify = b_sub.add_parser("verify", help="verify hashes, shapes and schema of a bundle")
+    verify.add_argument("path")
+    verify.set_defaults(func=_run_bundle_verify)
+
+
+def _run_all(args) -> int:
+    from calibration.pipeline import PipelineConfig, run_pipeline
+
+    names = {f.name for f in dataclasses.fields(PipelineConfig)}
+    cfg = PipelineConfig(**{k: v for k, v in vars(args).items() if k in names})
+    run_pipeline(cfg)
+    return 0
+
+
+def _run_counts(args) -> int:
+    import numpy as np
+
+    from calibration.counts import compute_counts
+    from calibration.data import load_dataset, make_splits
+    from models.backends import load_backend
+    from models.bundle import sha256_file
+    from models.sampling import SamplingEngine
+
+    ds = load_dataset(args.data)
+    if args.split == "test":
+        images = ds.x_test
+    else:
+        splits = make_splits(len(ds.x_train), calibration=args.calibration_size,
+                             surrogate_train=args.surrogate_size, seed=args.split_seed)
+        images = ds.x_train[getattr(splits, args.split.replace("-", "_"))]
+    images = images[: args.limit] if args.limit else images
+    backend = load_backend(args.model, device=args.device)
+    engine = SamplingEngine(backend, sigma=args.sigma, num_classes=len(ds.classes), batch_size=args.batch_size)
+    counts = compute_counts(engine, images, args.n, out_dir=args.out, seed=args.seed,
+                            model_sha256=sha256_file(args.model))
+    top = counts.max(axis=1) / args.n
+    print(json.dumps({"images": len(counts), "samples_per_image": args.n, "mean_top_rate": round(float(np.mean(top)), 4),
+                      "out": args.out}))
+    return 0
+
+
+def _run_bundle_create(args) -> int:
+    from models.bundle import create_bundle
+
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        if len(shape) != 3:
+            raise ValueError
+    except ValueError:
+        print(f"error: --input-shape must be C,H,W (three integers), got {args.input_shape!r}", file=sys.stderr)
+        return 2
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    bundle = create_bundle(args.out, base=args.base, sigma=args.sigma, input_shape=shape, classes=classes,
+                           name=args.name, provenance={"created_by": "certserve bundle create"},
+                           overwrite=args.overwrite)
+    print(f"bundle {bundle.manifest.name!r} written to {bundle.root} (sequential and cohen modes only)")
+    return 0
+
+
+def _run_bundle_verify(args) -> int:
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(args.path)
+    m = bundle.manifest
+    print(json.dumps({"name": m.name, "sigma": m.sigma, "artifacts": sorted(m.artifacts),
+                      "alpha_cal": m.calibration.alpha_cal if m.calibration else None, "ok": True}))
+    return 0

@@ -1,0 +1,144 @@
+"""Datasets and the fixed, recorded splits of the calibration pipeline.
+
+Sources: real Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, or any ``.npz`` with ``x`` (uint8 or
+float in [0, 1], N x H x W or N x C x H x W), ``y`` (int labels), optional ``classes``. Images are returned as
+float32 (N, C, H, W) in [0, 1].
+
+Splits of the training pool (a seeded permutation; sizes and a digest of the indices go into the manifest):
+base-train (the base classifier), surrogate-train (surrogate and, from a held-out part, the meta-learner) and
+calibration (conformal; disjoint from everything the base model, surrogate or meta-learner saw, so calibration
+and test images are exchangeable). Test is the dataset's official test set.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+
+@dataclass
+class Splits:
+    seed: int
+    base_train: np.ndarray
+    surrogate_train: np.ndarray
+    calibration: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """JSON-able description: sizes, seed and a sha256 of the exact index lists."""
+        digest = hashlib.sha256()
+        for arr in (self.base_train, self.surrogate_train, self.calibration):
+            digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        return {"seed": self.seed, "base_train": int(len(self.base_train)),
+                "surrogate_train": int(len(self.surrogate_train)), "calibration": int(len(self.calibration)),
+                "indices_sha256": digest.hexdigest()}
+
+
+def load_dataset(source: str) -> Dataset:
+    """``fashion-mnist`` (Debian package) or a path to an ``.npz`` file."""
+    if source in ("fashion-mnist", "fmnist"):
+        return load_fashion_mnist()
+    path = Path(source)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    raise ValueError(f"unknown dataset {source!r}: expected 'fashion-mnist' or a path to an .npz file")
+
+
+def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> Dataset:
+    files = {k: root / f"{k}.gz" for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found ({', '.join(missing)}). Install it with: "
+            "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+        )
+
+    def images(p):
+        with gzip.open(p, "rb") as fh:
+            raw = np.frombuffer(fh.read(), dtype=np.uint8, offset=16)
+        return _to_float(raw.reshape(-1, 28, 28))
+
+    def labels(p):
+        with gzip.open(p, "rb") as fh:
+            return np.frombuffer(fh.read(), dtype=np.uint8, offset=8).astype(np.int64)
+
+    return Dataset("fashion-mnist", images(files["train-images-idx3-ubyte"]), labels(files["train-labels-idx1-ubyte"]),
+                   images(files["t10k-images-idx3-ubyte"]), labels(files["t10k-labels-idx1-ubyte"]),
+                   list(FASHION_MNIST_CLASSES))
+
+
+def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """An .npz with x, y (and optional x_test, y_test, classes); without a test set, a seeded split is made."""
+    with np.load(path, allow_pickle=False) as data:
+        if "x" not in data or "y" not in data:
+            raise ValueError(f"{path} must contain arrays 'x' (images) and 'y' (labels); found {sorted(data.files)}")
+        x, y = _to_float(data["x"]), _labels(data["y"], path)
+        if len(x) != len(y):
+            raise ValueError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
+        classes = [str(c) for c in data["classes"]] if "classes" in data else [str(i) for i in range(int(y.max()) + 1)]
+        if "x_test" in data:
+            x_test, y_test = _to_float(data["x_test"]), _labels(data["y_test"], path)
+        else:
+            perm = np.random.default_rng(seed).permutation(len(x))
+            cut = int(round(len(x) * (1 - test_fraction)))
+            x, y, x_test, y_test = x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+    if y.max(initial=0) >= len(classes) or y_test.max(initial=0) >= len(classes):
+        raise ValueError(f"{path}: labels exceed the {len(classes)} classes")
+    return Dataset(path.stem, x, y, x_test, y_test, classes)
+
+
+def make_splits(num_train: int, *, calibration: int, surrogate_train: int, seed: int = 0,
+                base_train: int | None = None) -> Splits:
+    """Disjoint seeded splits of the training pool; base-train takes the rest unless ``base_train`` is given."""
+    rest = num_train - calibration - surrogate_train
+    if calibration < 1 or surrogate_train < 1 or rest < 1:
+        raise ValueError(f"splits do not fit: {num_train} training images, calibration={calibration}, "
+                         f"surrogate_train={surrogate_train} leave {rest} for base-train")
+    n_base = rest if base_train is None else min(base_train, rest)
+    perm = np.random.default_rng(seed).permutation(num_train)
+    return Splits(seed, np.sort(perm[:n_base]), np.sort(perm[rest:rest + surrogate_train]),
+                  np.sort(perm[rest + surrogate_train:]))
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be N x H x W or N x C x H x W, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) / 255.0)
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)) or x.min(initial=0) < 0 or x.max(initial=0) > 1:
+        raise ValueError("float images must have values in [0, 1]")
+    return x
+
+
+def _labels(y, path) -> np.ndarray:
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or y.ndim != 1 or (y.size and y.min() < 0):
+        raise ValueError(f"{path}: y must be a 1-d array of non-negative integer labels")
+    return y.astype(np.int64)

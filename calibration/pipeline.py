@@ -1,0 +1,193 @@
+"""``certserve calibrate all``: data -> base model -> counts -> surrogate -> conformal q_hat -> meta prior -> bundle.
+
+Every expensive step leaves its result in the work directory (trained base model, resumable count shards), so a
+rerun resumes instead of starting over. The bundle's manifest records the provenance: dataset, split sizes and
+index digest, samples per image, seeds, code version, device, timings and quality figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibration.counts import compute_counts
+from calibration.data import load_dataset, make_splits
+from calibration.meta import fit_meta_prior
+from calibration.train import pick_device, predict_logits, save_torchscript, train_base, train_surrogate
+from models.backends import OnnxBackend, load_backend
+from models.bundle import create_bundle, sha256_file
+from models.export import export_onnx
+from models.priors import FEATURE_NAMES, meta_features, softmax
+from models.sampling import SamplingEngine
+from smoothing import conformal_quantile, min_calibration_size, rrise_scores
+
+
+@dataclass
+class PipelineConfig:
+    data: str = "fashion-mnist"
+    sigma: float = 0.25
+    out: str = "models/bundles/fmnist-sigma0.25"
+    work: str = "runs/fmnist-sigma0.25"
+    base: str | None = None  # a user's ONNX classifier taking [0, 1] pixels; trained here when None
+    name: str | None = None
+    calibration_size: int = 4000
+    surrogate_size: int = 12000
+    split_seed: int = 0
+    base_epochs: int = 12
+    surrogate_epochs: int = 15
+    train_samples: int = 256  # Monte-Carlo samples per surrogate-train image
+    cal_samples: int = 2000  # Monte-Carlo samples per calibration image
+    delta: float = 0.0005
+    alpha_1: float = 0.0005
+    meta_fraction: float = 0.2  # held-out part of surrogate-train used to fit the meta-learner
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 0  # 0: 8192 on GPU, 1024 on CPU
+    limit: int | None = None  # use only this many images of each split (smoke tests)
+    overwrite: bool = False
+    progress: bool = True
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
+    started = time.time()
+    timings: dict[str, float] = {}
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    batch = cfg.batch_size or (8192 if device == "cuda" else 1024)
+    need = min_calibration_size(cfg.delta)
+    if min(cfg.calibration_size, cfg.limit or cfg.calibration_size) < need:
+        raise ValueError(f"delta={cfg.delta} needs at least {need} calibration images "
+                         f"(ceil((m+1)(1-delta)) <= m); got {min(cfg.calibration_size, cfg.limit or cfg.calibration_size)}")
+
+    ds = load_dataset(cfg.data)
+    splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
+                         seed=cfg.split_seed)
+    take = (lambda idx: idx[:cfg.limit]) if cfg.limit else (lambda idx: idx)
+    base_idx, sur_idx, cal_idx = take(splits.base_train), take(splits.surrogate_train), take(splits.calibration)
+    k = len(ds.classes)
+    example = torch.zeros((1, *ds.input_shape))
+    log(f"data {ds.name}: base-train {len(base_idx)}, surrogate-train {len(sur_idx)}, calibration {len(cal_idx)}, "
+        f"test {len(ds.x_test)}; device {device}")
+
+    # 1. base classifier (trained with noise), or the user's own
+    t0 = time.time()
+    base_module = None
+    if cfg.base:
+        base_onnx = Path(cfg.base)
+        base_backend = OnnxBackend(base_onnx, device=device if device == "cuda" else "cpu")
+        if tuple(base_backend.input_shape[1:]) != ds.input_shape:
+            raise ValueError(f"{base_onnx} takes input {base_backend.input_shape[1:]}, the data has {ds.input_shape}")
+        sampler = base_backend
+    else:
+        base_onnx, base_ts = work / "base.onnx", work / "base.pt"
+        if not (base_onnx.exists() and base_ts.exists()):
+            base_module = train_base(ds.x_train[base_idx], ds.y_train[base_idx], num_classes=k, sigma=cfg.sigma,
+                                     epochs=cfg.base_epochs, seed=cfg.seed, device=device)
+            save_torchscript(base_module, example, base_ts)
+            export_onnx(base_module.cpu(), example, base_onnx)
+        base_backend = OnnxBackend(base_onnx, device="cpu")
+        sampler = load_backend(base_ts, device=device) if device == "cuda" else base_backend
+    timings["base_seconds"] = time.time() - t0
+    base_sha = sha256_file(base_onnx)
+    base_quality = _base_quality(base_backend, ds.x_test, ds.y_test, cfg.sigma, cfg.seed)
+    log(f"base: {base_quality}")
+    engine = SamplingEngine(sampler, sigma=cfg.sigma, num_classes=k, batch_size=batch)
+
+    # 2. Monte-Carlo counts on surrogate-train
+    t0 = time.time()
+    sur_counts = compute_counts(engine, ds.x_train[sur_idx], cfg.train_samples, out_dir=work / "counts-surrogate-train",
+                                seed=cfg.seed + 1, model_sha256=base_sha, progress=cfg.progress)
+    timings["counts_surrogate_train_seconds"] = time.time() - t0
+
+    # 3. surrogate: soft-label CE on the first part of surrogate-train; the held-out rest fits the meta-learner
+    t0 = time.time()
+    n_meta = max(1, int(round(len(sur_idx) * cfg.meta_fraction)))
+    fit_part, meta_part = slice(0, len(sur_idx) - n_meta), slice(len(sur_idx) - n_meta, len(sur_idx))
+    if base_module is None and not cfg.base:
+        base_module = torch.jit.load(str(work / "base.pt"), map_location="cpu")
+    init = _plain_copy(base_module, k, ds.input_shape) if base_module is not None else None
+    surrogate = train_surrogate(ds.x_train[sur_idx][fit_part], sur_counts[fit_part], init=init,
+                                epochs=cfg.surrogate_epochs, seed=cfg.seed + 2, device=device)
+    surrogate_onnx = export_onnx(surrogate.cpu(), example, work / "surrogate.onnx")
+    timings["surrogate_seconds"] = time.time() - t0
+
+    # 4. conformal calibration on the calibration split (disjoint from everything above)
+    t0 = time.time()
+    cal_counts = compute_counts(engine, ds.x_train[cal_idx], cfg.cal_samples, out_dir=work / "counts-calibration",
+                                seed=cfg.seed + 3, model_sha256=base_sha, progress=cfg.progress)
+    sur_backend = OnnxBackend(surrogate_onnx, device="cpu")
+    p_cal = softmax(sur_backend.forward(ds.x_train[cal_idx]))
+    c_cal = p_cal.argmax(axis=1)
+    scores = rrise_scores(p_cal[np.arange(len(c_cal)), c_cal], cal_counts[np.arange(len(c_cal)), c_cal],
+                          cfg.cal_samples, cfg.alpha_1)
+    q_hat = conformal_quantile(scores, cfg.delta)
+    timings["calibration_seconds"] = time.time() - t0
+    log(f"conformal: q_hat = {q_hat:.5f} from {len(scores)} scores (delta={cfg.delta}, alpha_1={cfg.alpha_1})")
+
+    # 5. meta-learned priors on the held-out part of surrogate-train
+    t0 = time.time()
+    x_meta = ds.x_train[sur_idx][meta_part]
+    feats, c_meta = meta_features(base_backend.forward(x_meta), softmax(sur_backend.forward(x_meta)))
+    hits = sur_counts[meta_part][np.arange(len(c_meta)), c_meta]
+    meta_model, meta_fit = fit_meta_prior(feats, hits, np.full(len(hits), cfg.train_samples))
+    meta_onnx = export_onnx(meta_model, torch.zeros((1, len(FEATURE_NAMES))), work / "meta.onnx",
+                            input_name="features", output_name="prior")
+    timings["meta_seconds"] = time.time() - t0
+    log(f"meta prior: {meta_fit}")
+
+    timings["total_seconds"] = time.time() - started
+    provenance = {
+        "dataset": ds.name, "splits": splits.record(), "limit": cfg.limit, "created_unix": int(time.time()),
+        "samples_per_image": {"surrogate_train": cfg.train_samples, "calibration": cfg.cal_samples},
+        "seeds": {"pipeline": cfg.seed, "splits": cfg.split_seed}, "code_version": _code_version(),
+        "device": device, "sampler": sampler.name, "python": platform.python_version(), "torch": torch.__version__,
+        "base_quality": base_quality, "base_trained_here": not cfg.base, "meta_fit": meta_fit,
+        "config": dataclasses.asdict(cfg), "timings": {k_: round(v, 1) for k_, v in timings.items()},
+        "command": " ".join(["certserve", *sys.argv[1:]]) if Path(sys.argv[0]).name == "certserve" else None,
+    }
+    bundle = create_bundle(
+        cfg.out, base=base_onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,
+        input_shape=ds.input_shape, classes=ds.classes, name=cfg.name or Path(cfg.out).name,
+        calibration={"alpha_cal": cfg.delta + cfg.alpha_1, "delta": cfg.delta, "alpha_1": cfg.alpha_1,
+                     "q_hat": q_hat, "num_calibration": len(cal_idx), "samples_per_image": cfg.cal_samples},
+        meta_features=list(FEATURE_NAMES), provenance=provenance, overwrite=cfg.overwrite)
+    log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
+    (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))
+    return bundle.root
+
+
+def _base_quality(backend, x, y, sigma, seed) -> dict:
+    clean = backend.forward(x).argmax(axis=1)
+    noisy = backend.noisy_predictions(x, np.ones(len(x), dtype=np.int64), sigma, np.random.default_rng(seed))
+    return {"clean_test_accuracy": round(float((clean == y).mean()), 4),
+            "noisy_test_accuracy": round(float((noisy == y).mean()), 4)}
+
+
+def _plain_copy(module, num_classes, input_shape):
+    """A trainable SmallCNN with the weights of ``module`` (a SmallCNN or its TorchScript)."""
+    from models.networks import SmallCNN
+
+    c, h, w = input_shape
+    model = SmallCNN(c, num_classes, h, w)
+    model.load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
+    return model
+
+
+def _code_version() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

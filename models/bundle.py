@@ -1,0 +1,203 @@
+"""The model bundle: a directory with ``manifest.json`` and ONNX artifacts, verified before anything is served.
+
+Loading checks the schema version, every artifact's presence and sha256, and every model's input/output shape
+against the manifest, and refuses with :class:`BundleError` (a message that says what is wrong and what was
+expected). A bundle with only ``base.onnx`` is valid: it serves the sequential and Cohen paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+ARTIFACT_FILES = {"base": "base.onnx", "surrogate": "surrogate.onnx", "meta": "meta.onnx"}
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "fmnist-sigma0.25"
+
+
+class BundleError(ValueError):
+    """The bundle is missing, malformed, tampered with, or inconsistent with its manifest."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    shape: tuple[int, int, int] = Field(description="(channels, height, width)")
+    value_range: tuple[float, float] = (0.0, 1.0)
+    dtype: Literal["float32"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v):
+        if any(d < 1 for d in v):
+            raise ValueError("every input dimension must be >= 1")
+        return v
+
+
+class Artifact(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Calibration(_Strict):
+    """Split-conformal calibration of the surrogate: alpha_cal = delta + alpha_1 (marginal guarantee)."""
+
+    alpha_cal: float = Field(gt=0, lt=1)
+    delta: float = Field(gt=0, lt=1)
+    alpha_1: float = Field(gt=0, lt=1)
+    q_hat: float
+    num_calibration: int = Field(ge=1)
+    samples_per_image: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not math.isclose(self.alpha_cal, self.delta + self.alpha_1, rel_tol=1e-9):
+            raise ValueError(f"alpha_cal ({self.alpha_cal}) must equal delta + alpha_1 ({self.delta + self.alpha_1})")
+        return self
+
+
+class Manifest(_Strict):
+    schema_version: int
+    name: str = Field(min_length=1)
+    version: str = "1"
+    sigma: float = Field(gt=0)
+    input: InputSpec
+    classes: list[str] = Field(min_length=2)
+    artifacts: dict[Literal["base", "surrogate", "meta"], Artifact]
+    calibration: Calibration | None = None
+    meta_features: list[str] | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if "base" not in self.artifacts:
+            raise ValueError("artifacts must include 'base' (the base classifier)")
+        if "surrogate" in self.artifacts and self.calibration is None:
+            raise ValueError("a surrogate needs its conformal 'calibration' block")
+        if "meta" in self.artifacts and not self.meta_features:
+            raise ValueError("a meta model needs 'meta_features' (its input order)")
+        return self
+
+
+class Bundle:
+    """A verified bundle: manifest plus artifact paths. Create with :func:`load_bundle`."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+
+    def path(self, role: str) -> Path | None:
+        art = self.manifest.artifacts.get(role)
+        return None if art is None else self.root / art.file
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest.artifacts["base"].sha256
+
+    def backend(self, role: str = "base", **kwargs):
+        from models.backends import OnnxBackend
+
+        path = self.path(role)
+        if path is None:
+            raise BundleError(f"bundle {self.manifest.name!r} has no {role} model")
+        return OnnxBackend(path, **kwargs)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = True) -> Bundle:
+    """Load and verify a bundle directory; raise BundleError saying exactly what is wrong."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {root} does not exist")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: a bundle is a directory with manifest.json and base.onnx")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise BundleError(f"{manifest_path}: schema_version {found!r} is not supported (expected {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path} does not match the bundle schema: {exc}") from None
+    for role, art in manifest.artifacts.items():
+        path = root / art.file
+        if Path(art.file).name != art.file:
+            raise BundleError(f"artifact {role}: file name {art.file!r} must be a plain name inside the bundle")
+        if not path.is_file():
+            raise BundleError(f"artifact {role}: {path} is missing")
+        actual = sha256_file(path)
+        if actual != art.sha256:
+            raise BundleError(f"artifact {role}: sha256 of {path.name} is {actual}, manifest says {art.sha256} (tampered or corrupt)")
+    bundle = Bundle(root, manifest)
+    if check_models:
+        _check_shapes(bundle)
+    return bundle
+
+
+def _check_shapes(bundle: Bundle) -> None:
+    m = bundle.manifest
+    k = len(m.classes)
+    expected = {"base": (list(m.input.shape), k), "surrogate": (list(m.input.shape), k)}
+    if m.meta_features:
+        expected["meta"] = ([len(m.meta_features)], 2)
+    for role in m.artifacts:
+        try:
+            backend = bundle.backend(role, threads=1, device="cpu")
+        except BundleError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own types for unreadable models
+            raise BundleError(f"artifact {role}: {bundle.path(role).name} is not a loadable ONNX model: {exc}") from None
+        want_in, want_out = expected[role]
+        got_in = list(backend.input_shape[1:])
+        if got_in != want_in:
+            raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")
+        if backend.num_outputs is not None and backend.num_outputs != want_out:
+            raise BundleError(f"artifact {role}: model has {backend.num_outputs} outputs, manifest expects {want_out}")
+
+
+def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shape: tuple[int, int, int],
+                  classes: list[str], name: str | None = None, version: str = "1", surrogate: str | Path | None = None,
+                  meta: str | Path | None = None, calibration: dict | None = None, meta_features: list[str] | None = None,
+                  provenance: dict | None = None, overwrite: bool = False) -> Bundle:
+    """Write a bundle directory (copies the ONNX files, hashes them, writes the manifest) and verify it by loading."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = {}
+    for role, src in (("base", base), ("surrogate", surrogate), ("meta", meta)):
+        if src is None:
+            continue
+        src = Path(src)
+        if not src.is_file():
+            raise BundleError(f"{role} model {src} does not exist")
+        dst = out / ARTIFACT_FILES[role]
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+        artifacts[role] = {"file": dst.name, "sha256": sha256_file(dst)}
+    manifest = Manifest.model_validate({
+        "schema_version": SCHEMA_VERSION, "name": name or out.name, "version": version, "sigma": sigma,
+        "input": {"shape": list(input_shape)}, "classes": list(classes), "artifacts": artifacts,
+        "calibration": calibration, "meta_features": meta_features, "provenance": provenance or {},
+    })
+    (out / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    return load_bundle(out)

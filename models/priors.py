@@ -1,0 +1,37 @@
+"""Clean-input features of the meta-learner and the class the sequential path tests (numpy only).
+
+Both are functions of the CLEAN image's forward passes only, computed before any noise sample is drawn, so the
+class c and the Beta prior are fixed before the samples they are tested on (required for validity of c, harmless
+for the prior, whose choice can cost power but never validity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURE_NAMES = ("surrogate_top_prob", "base_margin", "base_entropy", "base_agrees")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def tested_class(base_logits: np.ndarray, surrogate_probs: np.ndarray | None) -> np.ndarray:
+    """The class c whose hit rate pA is tested: the surrogate's arg-max when there is one, else the base model's."""
+    source = surrogate_probs if surrogate_probs is not None else base_logits
+    return np.asarray(source).argmax(axis=1)
+
+
+def meta_features(base_logits: np.ndarray, surrogate_probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, 4) float32 in FEATURE_NAMES order, tested class (N,)) from clean-input forward passes."""
+    p_base = softmax(np.asarray(base_logits, dtype=np.float64))
+    c = tested_class(base_logits, surrogate_probs)
+    top2 = np.sort(p_base, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    entropy = -(p_base * np.log(np.clip(p_base, 1e-12, 1.0))).sum(axis=1)
+    top_prob = (np.asarray(surrogate_probs)[np.arange(len(c)), c] if surrogate_probs is not None
+                else p_base[np.arange(len(c)), c])
+    agrees = (p_base.argmax(axis=1) == c).astype(np.float64)
+    return np.stack([top_prob, margin, entropy, agrees], axis=1).astype(np.float32), c
