@@ -18,12 +18,14 @@ def add_calibrate_commands(sub) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(PipelineConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",) or isinstance(f.default, bool):
+        type_name = str(f.type)
+        if isinstance(f.default, bool):
             all_.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], None)
-            conv = kind or (int if isinstance(f.default, int) else float if isinstance(f.default, float) else str)
-            all_.add_argument(flag, type=conv, default=f.default, help=f"({f.type})")
+            continue
+        conv = int if type_name.startswith("int") else float if type_name.startswith("float") else str
+        if "None" in type_name:
+            conv = _optional(conv)
+        all_.add_argument(flag, type=conv, default=f.default, help=f"({type_name})")
     all_.set_defaults(func=_run_all)
 
     counts = cal_sub.add_parser("counts", help="Monte-Carlo class counts of a model on a data split (resumable)")
@@ -46,6 +48,14 @@ def add_calibrate_commands(sub) -> None:
     from calibration.evaluate import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
+
+
+def _optional(conv):
+    def parse(text: str):
+        return None if text.lower() == "none" else conv(text)
+
+    parse.__name__ = conv.__name__
+    return parse
 
 
 def add_bundle_commands(sub) -> None:

@@ -13,13 +13,14 @@ and test images are exchangeable). Test is the dataset's official test set.
 from __future__ import annotations
 
 import gzip
+import os
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path(os.environ.get("CERTSERVE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
 

@@ -39,15 +39,16 @@ class PipelineConfig:
     work: str = "runs/fmnist-sigma0.25"
     base: str | None = None  # a user's ONNX classifier taking [0, 1] pixels; trained here when None
     name: str | None = None
-    calibration_size: int = 4000
-    surrogate_size: int = 12000
+    calibration_size: int = 8000
+    surrogate_size: int = 16000
     split_seed: int = 0
     base_epochs: int = 12
     surrogate_epochs: int = 15
     train_samples: int = 256  # Monte-Carlo samples per surrogate-train image
-    cal_samples: int = 2000  # Monte-Carlo samples per calibration image
-    delta: float = 0.0005
-    alpha_1: float = 0.0005
+    cal_samples: int = 1000  # Monte-Carlo samples per calibration image
+    delta: float = 0.0009
+    alpha_1: float = 0.0001
+    score_epsilon: float | None = 0.03  # normalized conformal score; None for RRISE's additive score
     meta_fraction: float = 0.2  # held-out part of surrogate-train used to fit the meta-learner
     seed: int = 0
     device: str = "auto"
@@ -129,7 +130,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     p_cal = softmax(sur_backend.forward(ds.x_train[cal_idx]))
     c_cal = p_cal.argmax(axis=1)
     scores = rrise_scores(p_cal[np.arange(len(c_cal)), c_cal], cal_counts[np.arange(len(c_cal)), c_cal],
-                          cfg.cal_samples, cfg.alpha_1)
+                          cfg.cal_samples, cfg.alpha_1, cfg.score_epsilon)
     q_hat = conformal_quantile(scores, cfg.delta)
     timings["calibration_seconds"] = time.time() - t0
     log(f"conformal: q_hat = {q_hat:.5f} from {len(scores)} scores (delta={cfg.delta}, alpha_1={cfg.alpha_1})")
@@ -153,13 +154,13 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         "device": device, "sampler": sampler.name, "python": platform.python_version(), "torch": torch.__version__,
         "base_quality": base_quality, "base_trained_here": not cfg.base, "meta_fit": meta_fit,
         "config": dataclasses.asdict(cfg), "timings": {k_: round(v, 1) for k_, v in timings.items()},
-        "command": " ".join(["certserve", *sys.argv[1:]]) if Path(sys.argv[0]).name == "certserve" else None,
+        "command": " ".join(["certserve", *sys.argv[1:]]),
     }
     bundle = create_bundle(
         cfg.out, base=base_onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,
         input_shape=ds.input_shape, classes=ds.classes, name=cfg.name or Path(cfg.out).name,
         calibration={"alpha_cal": cfg.delta + cfg.alpha_1, "delta": cfg.delta, "alpha_1": cfg.alpha_1,
-                     "q_hat": q_hat, "num_calibration": len(cal_idx), "samples_per_image": cfg.cal_samples},
+                     "q_hat": q_hat, "score_epsilon": cfg.score_epsilon, "num_calibration": len(cal_idx), "samples_per_image": cfg.cal_samples},
         meta_features=list(FEATURE_NAMES), provenance=provenance, overwrite=cfg.overwrite)
     log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
     (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))

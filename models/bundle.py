@@ -54,6 +54,7 @@ class Calibration(_Strict):
     delta: float = Field(gt=0, lt=1)
     alpha_1: float = Field(gt=0, lt=1)
     q_hat: float
+    score_epsilon: float | None = Field(default=None, gt=0, description="None: additive score; else normalized")
     num_calibration: int = Field(ge=1)
     samples_per_image: int = Field(ge=1)
 

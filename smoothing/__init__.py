@@ -16,10 +16,11 @@ from smoothing.conformal import (
 from smoothing.confseq import certified_radius, lower_bound, upper_bound
 from smoothing.eprocess import KT_PRIOR, log_e_value, rejects
 from smoothing.radius import probability_for_radius, radius_from_probability
-from smoothing.stopping import Stop, best_radius_decision, target_radius_decision
+from smoothing.stopping import Stop, best_radius_decision, checkpoint_schedule, target_radius_decision
 
 __all__ = [
     "ABSTAIN", "CohenCertificate", "KT_PRIOR", "Stop", "best_radius_decision", "certified_radius", "certify",
+    "checkpoint_schedule",
     "clopper_pearson_lower", "clopper_pearson_upper", "conformal_quantile", "conformal_rank", "log_e_value",
     "lower_bound", "min_calibration_size", "predict", "probability_for_radius", "radius_from_probability", "rejects",
     "rrise_lower", "rrise_radius", "rrise_scores", "target_radius_decision", "upper_bound",
