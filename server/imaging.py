@@ -1,0 +1,140 @@
+"""Decode and validate request images against the bundle's input spec; never a 500 for bad input.
+
+Accepted: PNG or JPEG bytes, ``.npy`` bytes (uint8 0-255 or float 0-1), base64 of any of these, or a nested list of
+floats in [0, 1] shaped (C, H, W) or (H, W). The pixel count is checked from the header BEFORE decoding
+(decompression bombs). A wrong size or channel count is rejected with the expected shape, unless the request asks
+for ``resize`` / ``convert``; what was done is echoed back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class ImageError(ValueError):
+    """Bad image input; ``status`` is the HTTP status to answer with (413 or 422)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_pixels: int, resize: bool = False,
+                 convert: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Return ((C, H, W) float32 in [0, 1], list of preprocessing steps) or raise ImageError."""
+    steps: list[str] = []
+    if isinstance(data, list):
+        arr = _from_nested(data, max_pixels)
+    else:
+        raw = _b64(data) if isinstance(data, str) else data
+        if not raw:
+            raise ImageError("the image is empty (0 bytes)")
+        arr = _from_npy(raw, max_pixels) if raw.startswith(_NPY_MAGIC) else _from_pil(raw, max_pixels)
+    return _conform(arr, shape, resize, convert, steps), steps
+
+
+def _b64(text: str) -> bytes:
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image must be base64 (PNG, JPEG or .npy bytes) or a nested array of floats") from None
+
+
+def _from_pil(raw: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        img = Image.open(io.BytesIO(raw))
+        width, height = img.size  # header only, nothing decoded yet
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ImageError("could not read the image: expected PNG, JPEG or .npy bytes") from None
+    if img.format not in ("PNG", "JPEG"):
+        raise ImageError(f"image format {img.format} is not accepted: send PNG, JPEG or .npy")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413)
+    try:
+        img.load()  # decoding is bounded by the pixel check above
+        if img.mode not in ("L", "RGB"):
+            grey = img.mode in ("1", "LA", "I", "I;16", "F")
+            img = img.convert("L" if grey else "RGB")  # palette, alpha, CMYK -> RGB
+    except (OSError, ValueError, SyntaxError):
+        raise ImageError("the image data is truncated or corrupt") from None
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
+
+
+def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
+    buf = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buf)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        dims, _, dtype = header(buf)
+    except (ValueError, OSError, SyntaxError):
+        raise ImageError("could not read the .npy header") from None
+    if dtype.kind not in "uif" or dtype.hasobject:
+        raise ImageError(f".npy dtype {dtype} is not accepted: use uint8 (0-255) or float (0-1)")
+    if int(np.prod(dims, dtype=np.int64)) > 4 * max_pixels:
+        raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", 413)
+    try:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise ImageError("the .npy data is truncated or corrupt") from None
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return _check_range(arr.astype(np.float32))
+
+
+def _from_nested(data: list, max_pixels: int) -> np.ndarray:
+    try:
+        arr = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ImageError("image array must be a rectangular nested list of numbers") from None
+    if arr.size > 4 * max_pixels:
+        raise ImageError(f"image array of shape {arr.shape} exceeds the pixel limit {max_pixels}", 413)
+    return _check_range(arr)
+
+
+def _check_range(arr: np.ndarray) -> np.ndarray:
+    if not np.all(np.isfinite(arr)):
+        raise ImageError("image values must be finite numbers (found NaN or infinity)")
+    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+        raise ImageError(f"float image values must lie in [0, 1]; found [{arr.min():g}, {arr.max():g}]")
+    return arr
+
+
+def _conform(arr: np.ndarray, shape: tuple[int, int, int], resize: bool, convert: bool, steps: list[str]) -> np.ndarray:
+    c, h, w = shape
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and arr.shape[0] not in (1, 3) and arr.shape[-1] in (1, 3):
+        arr = np.transpose(arr, (2, 0, 1))  # H, W, C
+    if arr.ndim != 3:
+        raise ImageError(f"image must have shape (C, H, W) or (H, W); got {arr.shape}; expected ({c}, {h}, {w})")
+    if arr.shape[0] != c:
+        if not convert:
+            raise ImageError(f"image has {arr.shape[0]} channel(s); the model expects {c} (shape ({c}, {h}, {w})). "
+                             "Send convert=true to convert.")
+        original = arr.shape[0]
+        if arr.shape[0] == 3 and c == 1:
+            arr = (0.299 * arr[0] + 0.587 * arr[1] + 0.114 * arr[2])[None]
+        elif arr.shape[0] == 1 and c == 3:
+            arr = np.repeat(arr, 3, axis=0)
+        else:
+            raise ImageError(f"cannot convert {arr.shape[0]} channels to {c}")
+        steps.append(f"converted {original}->{c} channels")
+    if arr.shape[1:] != (h, w):
+        if not resize:
+            raise ImageError(f"image is {arr.shape[1]}x{arr.shape[2]} (HxW); the model expects {h}x{w} "
+                             f"(shape ({c}, {h}, {w})). Send resize=true to resize.")
+        steps.append(f"resized {arr.shape[1]}x{arr.shape[2]}->{h}x{w}")
+        arr = np.stack([np.asarray(Image.fromarray(ch.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+                        for ch in arr])
+        arr = np.clip(arr, 0.0, 1.0)
+    return np.ascontiguousarray(arr, dtype=np.float32)

@@ -1,0 +1,60 @@
+"""Prometheus metrics (prefix ``certserve_``, base units, low-cardinality labels) and the engine observer.
+
+One registry per app instance (tests build several apps in one process). certserve runs ONE worker process per
+device by design: the engine owns the model and batches across all requests of that process, so several uvicorn
+workers would split the batches and the GPU. Scale out with replicas behind a load balancer, each scraped on its own
+(no prometheus multiprocess mode is needed or used).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server.worker import EngineObserver
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SAMPLE_BUCKETS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+BATCH_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
+FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics(EngineObserver):
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("certserve_requests", "Certification requests by method and outcome",
+                                ["method", "outcome"], registry=r)
+        self.latency = Histogram("certserve_request_duration_seconds", "Certification latency by method",
+                                 ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.samples_per_certificate = Histogram("certserve_samples_per_certificate",
+                                                 "Base-model noise samples spent per certificate", ["method"],
+                                                 buckets=SAMPLE_BUCKETS, registry=r)
+        self.fallbacks = Counter("certserve_fallbacks", "Auto-mode requests not answered by the surrogate, by reason",
+                                 ["reason"], registry=r)
+        self.rejected = Counter("certserve_rejected_requests", "Requests refused before certification, by reason",
+                                ["reason"], registry=r)
+        self.batch_size = Histogram("certserve_worker_batch_size", "Noise samples per worker model call",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_fill = Histogram("certserve_worker_batch_fill_ratio", "Worker batch size / capacity",
+                                    buckets=FILL_BUCKETS, registry=r)
+        self.queue_depth = Gauge("certserve_queue_depth", "Sequential jobs admitted but not yet sampled", registry=r)
+        self.live_jobs = Gauge("certserve_live_jobs", "Sequential jobs in flight (admitted, not finished)", registry=r)
+        self.samples = Counter("certserve_samples_processed", "Noise samples run through the base model", registry=r)
+        self.inference = Histogram("certserve_model_inference_seconds", "Model call duration by model",
+                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ready = Gauge("certserve_ready", "1 when the server is ready to take traffic", registry=r)
+
+    # EngineObserver (called from the engine thread; prometheus-client is thread-safe)
+    def on_batch(self, samples: int, capacity: int, jobs: int, seconds: float) -> None:
+        self.batch_size.observe(samples)
+        self.batch_fill.observe(samples / capacity if capacity else 0.0)
+        self.samples.inc(samples)
+        self.inference.labels("base").observe(seconds)
+
+    def on_queue(self, waiting: int, live: int) -> None:
+        self.queue_depth.set(waiting)
+        self.live_jobs.set(live)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,48 @@
+"""Server settings: command-line flags override environment variables (prefix ``CERTSERVE_``), which override defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.bundle import DEFAULT_BUNDLE_DIR
+
+
+class Settings(BaseSettings):
+    """Every field is also read from ``CERTSERVE_<NAME>`` (e.g. ``CERTSERVE_MAX_SAMPLES=20000``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CERTSERVE_", extra="ignore")
+
+    bundle: str = Field(str(DEFAULT_BUNDLE_DIR), description="model bundle directory")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
+    default_alpha: float = Field(0.001, gt=0, lt=1, description="request alpha when the client sends none")
+    max_samples: int = Field(10_000, ge=100, description="cap on a request's sample budget (also the default)")
+    cohen_n0: int = Field(100, ge=1, description="selection samples of cohen mode")
+    batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
+    max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")
+    default_deadline_ms: int = Field(30_000, ge=1, description="deadline of a sequential job that sets none")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
+    max_batch_images: int = Field(64, ge=1)
+    drain_seconds: float = Field(20.0, ge=0, description="SIGTERM grace period for in-flight work")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                     description="comma-separated; empty = no authentication")
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

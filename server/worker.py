@@ -1,0 +1,318 @@
+"""The sequential worker: one engine per process batches the noise samples of every live job into shared model calls.
+
+Usable without HTTP (the benchmarks and tests drive it directly). Each step it
+1. admits new jobs, drops cancelled ones, and retires jobs whose deadline passed (with the anytime-valid certificate
+   reached so far),
+2. fills ONE batch of up to ``batch_size`` noisy inputs with chunks from many jobs, earliest deadline first (every
+   job has a deadline, so an old job always reaches the front: no starvation); a sequential job asks for the samples
+   up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a Cohen job for its remaining n0 or n,
+3. runs the model once through :class:`models.sampling.SamplingEngine` (noise drawn where the model runs),
+4. adds the per-job counts, evaluates the stopping policy of every job that reached a checkpoint in one vectorized
+   call, and resolves the futures of finished jobs (``concurrent.futures.Future``: thread-safe, and awaitable from
+   asyncio through ``asyncio.wrap_future``).
+
+Statistics: a sequential job tests X_t = 1{f(x + e_t) = c} with c and the Beta prior fixed by the caller before the
+job is submitted; e_t are i.i.d. across all samples. Its certificate is the confidence-sequence bound at the stopping
+time, valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown). A Cohen job selects c
+from n0 samples and bounds it with fresh samples (Clopper-Pearson); the number of estimation samples is fixed (n) or
+cut by the deadline, which does not depend on the outcomes, so the bound stays valid.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models.sampling import SamplingEngine
+from smoothing import (Stop, best_radius_decision, certify, checkpoint_schedule, lower_bound, radius_from_probability,
+                       target_radius_decision)
+
+_STOP_NAMES = {Stop.TARGET: "target", Stop.CERTIFIED: "certified", Stop.FUTILITY: "futility", Stop.BUDGET: "budget"}
+
+
+class QueueFull(RuntimeError):
+    """The engine holds ``max_live_jobs`` jobs; the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is draining or stopped and accepts no new jobs."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to certify. For ``sequential``, ``tested_class`` and ``prior`` must be fixed from the clean input."""
+
+    image: np.ndarray  # (C, H, W) float32 in [0, 1]
+    alpha: float
+    budget: int
+    deadline: float  # time.monotonic() seconds
+    kind: Literal["sequential", "cohen"] = "sequential"
+    tested_class: int = 0
+    prior: tuple[float, float] = (0.5, 0.5)
+    target_radius: float | None = None  # None: best-radius policy
+    n0: int = 100  # cohen selection samples
+
+
+@dataclass
+class JobResult:
+    class_index: int  # -1: abstain
+    radius: float
+    p_lower: float | None
+    samples: int
+    stopped_by: str
+    queue_seconds: float
+    sampling_seconds: float
+
+
+@dataclass(eq=False)
+class _Job:
+    spec: JobSpec
+    future: concurrent.futures.Future
+    submitted: float
+    order: int
+    checkpoints: np.ndarray | None = None
+    next_checkpoint: int = 0
+    hits: int = 0  # sequential: hits of the tested class; cohen: hits of the selected class in phase 2
+    trials: int = 0
+    selection: np.ndarray | None = None  # cohen phase-1 class counts
+    selected: int = -1
+    started: float | None = None
+
+    def wanted(self) -> int:
+        spec = self.spec
+        if spec.kind == "cohen":
+            if self.selected < 0:
+                return spec.n0 - int(self.selection.sum())
+            return spec.budget - self.trials
+        return int(self.checkpoints[self.next_checkpoint]) - self.trials
+
+
+class EngineObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_batch(self, samples: int, capacity: int, jobs: int, seconds: float) -> None: ...
+
+    def on_queue(self, waiting: int, live: int) -> None: ...
+
+
+class SequentialEngine:
+    """Batches the noise samples of all live jobs into shared model calls on one backend (see module docstring)."""
+
+    def __init__(self, sampler: SamplingEngine, *, max_live_jobs: int = 512, seed: int | None = None,
+                 observer: EngineObserver | None = None):
+        self.sampler = sampler
+        self.sigma = sampler.sigma
+        self.max_live_jobs = int(max_live_jobs)
+        self.observer = observer or EngineObserver()
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Condition()
+        self._pending: list[_Job] = []
+        self._jobs: list[_Job] = []
+        self._accepting = True
+        self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
+        self._thread: threading.Thread | None = None
+        self._order = itertools.count()
+        self.samples_processed = 0
+        self.batches = 0
+
+    # ----------------------------------------------------------------- public API (any thread)
+    def start(self) -> SequentialEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="certserve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    @property
+    def live_jobs(self) -> int:
+        with self._lock:
+            return len(self._pending) + len(self._jobs)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def submit(self, spec: JobSpec) -> concurrent.futures.Future:
+        """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
+        if spec.kind == "sequential" and spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
+            raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        job = _Job(spec, fut, time.monotonic(), next(self._order))
+        if spec.kind == "sequential":
+            job.checkpoints = checkpoint_schedule(spec.budget)
+        else:
+            job.selection = np.zeros(self.sampler.num_classes, dtype=np.int64)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the certification engine is draining and accepts no new work")
+            if len(self._pending) + len(self._jobs) >= self.max_live_jobs:
+                raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
+            self._pending.append(job)
+            self.observer.on_queue(len(self._pending), len(self._pending) + len(self._jobs))
+            self._lock.notify()
+        return fut
+
+    def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
+        """Stop accepting; let live jobs run up to ``grace`` seconds, then answer the rest with their current
+        (valid) certificate, marked ``shutdown``."""
+        with self._lock:
+            self._accepting = False
+            self._stop_at = time.monotonic() + max(0.0, grace)
+            self._lock.notify()
+        if wait and self._thread is not None:
+            self._thread.join()
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._jobs and self._stop_at is None:
+                    self._lock.wait()
+                self._jobs.extend(self._pending)
+                self._pending.clear()
+                stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._jobs)
+            if stopping:
+                for job in self._jobs:
+                    self._finish(job, "shutdown")
+                with self._lock:
+                    self._jobs.clear()
+                    leftover, self._pending = self._pending, []
+                for job in leftover:
+                    self._finish(job, "shutdown")
+                return
+            try:
+                self._step()
+            except Exception as exc:  # a broken model call must not hang the callers
+                for job in self._jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                self._jobs.clear()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for job in self._jobs:
+            if job.future.cancelled():
+                continue
+            if now >= job.spec.deadline:
+                self._finish(job, "deadline")
+                continue
+            keep.append(job)
+        self._jobs = keep
+        self.observer.on_queue(sum(1 for job in keep if job.started is None), len(keep))
+        if not keep:
+            return
+        # earliest deadline first; arrival order breaks ties
+        keep.sort(key=lambda j: (j.spec.deadline, j.order))
+        capacity = self.sampler.batch_size
+        chosen, sizes = [], []
+        for job in keep:
+            if capacity == 0:
+                break
+            take = min(job.wanted(), capacity)
+            if take > 0:
+                chosen.append(job)
+                sizes.append(take)
+                capacity -= take
+        if not chosen:
+            return
+        t0 = time.monotonic()
+        for job in chosen:
+            if job.started is None:
+                job.started = t0
+        images = np.stack([job.spec.image for job in chosen])
+        counts = self.sampler.count_chunks(images, np.asarray(sizes), self._rng)
+        seconds = time.monotonic() - t0
+        total = int(sum(sizes))
+        self.samples_processed += total
+        self.batches += 1
+        self.observer.on_batch(total, self.sampler.batch_size, len(chosen), seconds)
+        self._update(chosen, sizes, counts)
+
+    def _update(self, chosen: list[_Job], sizes: list[int], counts: np.ndarray) -> None:
+        due: list[_Job] = []
+        for job, size, row in zip(chosen, sizes, counts):
+            spec = job.spec
+            if spec.kind == "cohen":
+                if job.selected < 0:
+                    job.selection += row
+                    if job.selection.sum() >= spec.n0:
+                        job.selected = int(np.argmax(job.selection))
+                else:
+                    job.hits += int(row[job.selected])
+                    job.trials += size
+                    if job.trials >= spec.budget:
+                        self._finish(job, "budget")
+                continue
+            job.hits += int(row[spec.tested_class])
+            job.trials += size
+            if job.trials >= job.checkpoints[job.next_checkpoint]:
+                job.next_checkpoint = min(job.next_checkpoint + 1, len(job.checkpoints) - 1)
+                due.append(job)
+        if due:
+            self._decide(due)
+        self._jobs = [job for job in self._jobs if not job.future.done()]
+
+    def _decide(self, due: list[_Job]) -> None:
+        """One vectorized policy evaluation per policy over every job that reached a checkpoint."""
+        for targeted in (True, False):
+            group = [job for job in due if (job.spec.target_radius is not None) == targeted]
+            if not group:
+                continue
+            s = np.array([j.hits for j in group])
+            t = np.array([j.trials for j in group])
+            a = np.array([j.spec.prior[0] for j in group])
+            b = np.array([j.spec.prior[1] for j in group])
+            alpha = np.array([j.spec.alpha for j in group])
+            budget = np.array([j.spec.budget for j in group])
+            if targeted:
+                radius = np.array([j.spec.target_radius for j in group])
+                decision = target_radius_decision(s, t, sigma=self.sigma, target_radius=radius, alpha=alpha,
+                                                  budget=budget, a=a, b=b)
+            else:
+                decision = best_radius_decision(s, t, sigma=self.sigma, alpha=alpha, budget=budget, a=a, b=b)
+            for job, d in zip(group, np.atleast_1d(decision)):
+                if d != Stop.CONTINUE:
+                    self._finish(job, _STOP_NAMES[Stop(int(d))])
+
+    def _finish(self, job: _Job, stopped_by: str) -> None:
+        if job.future.done():
+            return
+        spec = job.spec
+        now = time.monotonic()
+        queue_s = (job.started or now) - job.submitted
+        sampling_s = now - job.started if job.started is not None else 0.0
+        if spec.kind == "cohen":
+            samples = int(job.selection.sum()) + job.trials
+            if job.selected < 0 or job.trials == 0:
+                result = JobResult(-1, 0.0, None, samples, stopped_by, queue_s, sampling_s)
+            else:
+                estimation = np.zeros_like(job.selection)
+                estimation[job.selected] = job.hits
+                estimation[(job.selected + 1) % len(estimation)] = job.trials - job.hits
+                cert = certify(job.selection, estimation, spec.alpha, self.sigma)
+                result = JobResult(int(cert.class_index), float(cert.radius), float(cert.p_lower), samples,
+                                   stopped_by, queue_s, sampling_s)
+        else:
+            p_lower = float(lower_bound(job.hits, job.trials, spec.alpha, *spec.prior)) if job.trials else 0.0
+            radius = float(radius_from_probability(p_lower, self.sigma))
+            certified = p_lower > 0.5
+            result = JobResult(spec.tested_class if certified else -1, radius if certified else 0.0, p_lower,
+                               job.trials, stopped_by, queue_s, sampling_s)
+        try:
+            job.future.set_result(result)
+        except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
+            pass
+
+
+def default_deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+__all__ = ["EngineObserver", "EngineStopped", "JobResult", "JobSpec", "QueueFull", "SequentialEngine",
+           "default_deadline"]
