@@ -4,12 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup run test test-slow bench clean
-setup: $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data run test test-slow bench bundle evaluate clean
+setup: $(VENV)/.installed data
+
+# Real Fashion-MNIST ships as a Debian package; the pipeline and its tests read it from $(FMNIST).
+data:
+	@test -f $(FMNIST)/t10k-labels-idx1-ubyte.gz || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0  # the CPU build; a bare `torch` requirement would pull CUDA wheels
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -24,6 +32,13 @@ test-slow: setup
 
 bench: setup
 	$(VENV)/bin/certserve bench smoothing --full
+
+# Rebuild the embedded default bundle and its evaluation report (GPU when present; see README for timings).
+bundle: setup
+	$(VENV)/bin/certserve calibrate all --out models/bundles/fmnist-sigma0.25 --work runs/fmnist-sigma0.25 --overwrite
+
+evaluate: setup
+	$(VENV)/bin/certserve calibrate evaluate models/bundles/fmnist-sigma0.25 --images 1000 --out docs/results.md --json docs/results.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

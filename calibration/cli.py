@@ -12,7 +12,7 @@ def add_calibrate_commands(sub) -> None:
     cal = sub.add_parser("calibrate", help="offline pipeline: counts, surrogate, conformal calibration, evaluation")
     cal_sub = cal.add_subparsers(dest="calibrate", required=True)
 
-    from calibration.pipeline import PipelineConfig
+    from calibration.config import PipelineConfig
 
     all_ = cal_sub.add_parser("all", help="build a full bundle (base, surrogate, meta) from data",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,7 +76,8 @@ def add_bundle_commands(sub) -> None:
 
 
 def _run_all(args) -> int:
-    from calibration.pipeline import PipelineConfig, run_pipeline
+    from calibration.config import PipelineConfig
+    from calibration.pipeline import run_pipeline
 
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     cfg = PipelineConfig(**{k: v for k, v in vars(args).items() if k in names})

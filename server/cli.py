@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     smoothing_bench.add_arguments(sb)
     sb.set_defaults(func=smoothing_bench.run)
 
+    from server.client import add_certify_command
+    from server.serve import add_serve_command
+
+    add_serve_command(sub)
+    add_certify_command(sub)
+
     from calibration.cli import add_bundle_commands, add_calibrate_commands
 
     add_calibrate_commands(sub)

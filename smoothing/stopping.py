@@ -12,7 +12,7 @@ import enum
 
 import numpy as np
 
-from smoothing._checks import check_alpha, check_counts, check_prior, check_sigma
+from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
 from smoothing.confseq import lower_bound, upper_bound
 from smoothing.eprocess import rejects
 from smoothing.radius import probability_for_radius, radius_from_probability
@@ -80,12 +80,13 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=0.5, b=0.
     check_sigma(sigma)
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
-    if int(budget) != budget or budget < 1:
-        raise ValueError(f"budget must be a whole number >= 1, got {budget!r}")
+    budget = check_nonneg_int(budget, "budget")
+    if np.any(budget < 1):
+        raise ValueError(f"budget must be >= 1, got {budget!r}")
     t_safe = np.maximum(t, 1)
     r_now = np.asarray(radius_from_probability(lower_bound(s, t_safe, alpha, a, b), sigma))
-    proj_s = (s * int(budget)) // t_safe  # exact integer arithmetic: S_t = t must project to exactly B hits
-    r_budget = np.asarray(radius_from_probability(lower_bound(proj_s, np.full_like(proj_s, budget), alpha, a, b), sigma))
+    proj_s = (s * budget) // t_safe  # exact integer arithmetic: S_t = t must project to exactly B hits
+    r_budget = np.asarray(radius_from_probability(lower_bound(proj_s, np.broadcast_to(budget, proj_s.shape), alpha, a, b), sigma))
     out = np.full(np.broadcast(s, t).shape, Stop.CONTINUE, dtype=np.int8)
     out[np.broadcast_to(t >= budget, out.shape)] = Stop.BUDGET
     futile = (np.asarray(upper_bound(s, t_safe, alpha, a, b)) < 0.5) | ((t >= min_futility_trials) & (r_budget <= 0))

@@ -1,0 +1,113 @@
+"""A small Python client for certserve and the ``certserve certify`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+class CertserveError(RuntimeError):
+    def __init__(self, status: int, body: dict | str):
+        self.status, self.body = status, body
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class CertserveClient:
+    """``CertserveClient("http://127.0.0.1:8000").certify("shoe.png", alpha=0.001)`` -> certificate dict.
+
+    Retries 503 answers (overload, draining) after their Retry-After, up to ``retries`` times.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 120.0,
+                 retries: int = 3):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def certify(self, image: str | Path | bytes, **params) -> dict:
+        """Certify one image (a path or raw PNG/JPEG/.npy bytes); params: alpha, mode, target_radius, ..."""
+        data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+        fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
+        return self._post("/certify", files={"image": ("image", data)}, data=fields)
+
+    def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
+        files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
+        fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
+        return self._post("/certify/batch", files=files, data=fields)["results"]
+
+    def model(self) -> dict:
+        return self._get("/v1/models")[0]
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _get(self, path: str):
+        r = self._http.get(path)
+        if r.status_code != 200:
+            raise CertserveError(r.status_code, _body(r))
+        return r.json()
+
+    def _post(self, path: str, **kwargs) -> dict:
+        for attempt in range(self.retries + 1):
+            r = self._http.post(path, **kwargs)
+            if r.status_code == 503 and attempt < self.retries:
+                time.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            if r.status_code != 200:
+                raise CertserveError(r.status_code, _body(r))
+            return r.json()
+        raise AssertionError("unreachable")
+
+
+def _body(r: httpx.Response):
+    try:
+        return r.json()
+    except ValueError:
+        return r.text
+
+
+def add_certify_command(sub) -> None:
+    p = sub.add_parser("certify", help="certify image files against a running server (one JSON line each)")
+    p.add_argument("images", nargs="+", help="PNG, JPEG or .npy files")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--mode", choices=["auto", "surrogate", "sequential", "cohen"], default=None)
+    p.add_argument("--target-radius", type=float, default=None)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--deadline-ms", type=int, default=None)
+    p.add_argument("--per-input", action="store_true", default=None)
+    p.add_argument("--resize", action="store_true", default=None)
+    p.add_argument("--convert", action="store_true", default=None)
+    p.set_defaults(func=_run_certify)
+
+
+def _run_certify(args) -> int:
+    params = {k: getattr(args, k) for k in ("alpha", "mode", "target_radius", "max_samples", "deadline_ms",
+                                            "per_input", "resize", "convert")}
+    failed = 0
+    with CertserveClient(args.url, api_key=args.api_key) as client:
+        for path in args.images:
+            try:
+                print(json.dumps({"image": path, **client.certify(path, **params)}))
+            except (CertserveError, OSError, httpx.HTTPError) as exc:
+                failed += 1
+                print(json.dumps({"image": path, "error": str(exc)}), file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,48 @@
+"""``certserve serve``: run the app under uvicorn; SIGTERM/SIGINT -> not ready, drain in-flight work, exit 0."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from server.settings import Settings
+
+
+class _DrainingServer(uvicorn.Server):
+    """Flip readiness off the moment a shutdown signal arrives, before uvicorn stops accepting connections."""
+
+    app_state = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.app_state is not None:
+            self.app_state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="start the certification server (settings also from CERTSERVE_* variables)")
+    p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded Fashion-MNIST bundle)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 1, lifespan="on")
+    server = _DrainingServer(config)
+    server.app_state = app.state
+    server.run()
+    # uvicorn exits non-zero itself when start-up (e.g. bundle verification) fails
+    return 0 if server.started else 3

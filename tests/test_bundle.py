@@ -1,0 +1,391 @@
+"""The bundle format: the embedded default bundle verifies, every kind of tampering is refused with a clear
+BundleError, base-only bundles can be created (bring-your-own-model), and the ``certserve bundle`` CLI.
+
+Everything is real: real ONNX files (the embedded default bundle's), real onnxruntime sessions, real files under
+``tmp_path``. The embedded bundle itself is never modified (tests copy it first).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from models.bundle import (ARTIFACT_FILES, DEFAULT_BUNDLE_DIR, SCHEMA_VERSION, BundleError, create_bundle,
+                           load_bundle, sha256_file)
+from server.cli import main as certserve
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+
+
+@pytest.fixture
+def bundle_copy(tmp_path) -> Path:
+    """A private copy of the embedded default bundle that a test may tamper with."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, dst)
+    return dst
+
+
+def _read_manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _write_manifest(root: Path, manifest: dict) -> None:
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def _refused(root: Path, *fragments: str) -> str:
+    """load_bundle(root) must raise BundleError whose message contains every fragment; returns the message."""
+    with pytest.raises(BundleError) as info:
+        load_bundle(root)
+    msg = str(info.value)
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in BundleError message: {msg}"
+    return msg
+
+
+# --------------------------------------------------------------------------------------------- the default bundle
+
+
+def test_default_bundle_loads_and_verifies():
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    m = bundle.manifest
+    assert m.schema_version == SCHEMA_VERSION
+    assert m.input.shape == (1, 28, 28)
+    assert m.input.value_range == (0.0, 1.0)
+    assert m.classes == FMNIST_CLASSES
+    assert set(m.artifacts) == {"base", "surrogate", "meta"}
+    for role, art in m.artifacts.items():
+        assert art.file == ARTIFACT_FILES[role]
+        assert bundle.path(role).is_file()
+        assert sha256_file(bundle.path(role)) == art.sha256
+    assert bundle.model_sha256 == m.artifacts["base"].sha256
+    cal = m.calibration
+    assert cal is not None
+    assert cal.alpha_cal == pytest.approx(cal.delta + cal.alpha_1)
+    assert cal.q_hat == cal.q_hat and abs(cal.q_hat) != float("inf")
+    assert m.meta_features and len(m.meta_features) == 4
+    # the default call is the embedded bundle too
+    assert load_bundle().manifest == m
+
+
+def test_default_bundle_backends_have_the_manifest_shapes():
+    import numpy as np
+
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    for role in ("base", "surrogate"):
+        out = bundle.backend(role, threads=1, device="cpu").forward(x)
+        assert out.shape == (3, 10) and np.all(np.isfinite(out))
+    prior = bundle.backend("meta", threads=1, device="cpu").forward(np.zeros((2, 4), np.float32))
+    assert prior.shape == (2, 2) and np.all(prior > 0)  # Beta parameters
+
+
+# --------------------------------------------------------------------------------------------- tampering refused
+
+
+def test_changed_byte_in_base_is_refused(bundle_copy):
+    path = bundle_copy / "base.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    msg = _refused(bundle_copy, "artifact base", "sha256", "base.onnx", "tampered or corrupt")
+    assert _read_manifest(bundle_copy)["artifacts"]["base"]["sha256"] in msg
+
+
+def test_changed_byte_in_meta_is_refused(bundle_copy):
+    path = bundle_copy / "meta.onnx"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _refused(bundle_copy, "artifact meta", "tampered or corrupt")
+
+
+@pytest.mark.parametrize("role", ["base", "surrogate"])
+def test_missing_artifact_is_refused(bundle_copy, role):
+    (bundle_copy / ARTIFACT_FILES[role]).unlink()
+    _refused(bundle_copy, f"artifact {role}", ARTIFACT_FILES[role], "is missing")
+
+
+def test_wrong_input_shape_in_manifest_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["input"]["shape"] = [1, 32, 32]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "artifact base", "input shape", "[1, 28, 28]", "[1, 32, 32]")
+
+
+def test_wrong_channel_count_in_manifest_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["input"]["shape"] = [3, 28, 28]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "input shape", "[3, 28, 28]")
+
+
+def test_nonpositive_input_dimension_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["input"]["shape"] = [1, 0, 28]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "does not match the bundle schema", ">= 1")
+
+
+def test_wrong_number_of_classes_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["classes"] = manifest["classes"][:9]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "10 outputs", "expects 9")
+
+
+def test_single_class_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["classes"] = ["only"]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "does not match the bundle schema", "classes")
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_unsupported_schema_version_is_refused(bundle_copy, version):
+    manifest = _read_manifest(bundle_copy)
+    manifest["schema_version"] = version
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "schema_version", repr(version), "not supported", f"expected {SCHEMA_VERSION}")
+
+
+def test_missing_schema_version_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    del manifest["schema_version"]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "schema_version None is not supported")
+
+
+def test_invalid_json_manifest_is_refused(bundle_copy):
+    text = (bundle_copy / "manifest.json").read_text()
+    (bundle_copy / "manifest.json").write_text(text[: len(text) // 2])  # truncated
+    _refused(bundle_copy, "manifest.json", "is not valid JSON")
+
+
+def test_non_object_manifest_is_refused(bundle_copy):
+    (bundle_copy / "manifest.json").write_text("[1, 2, 3]")
+    _refused(bundle_copy, "schema_version", "not supported")
+
+
+def test_missing_manifest_is_refused(bundle_copy):
+    (bundle_copy / "manifest.json").unlink()
+    _refused(bundle_copy, "manifest.json", "is missing", "base.onnx")
+
+
+def test_missing_bundle_directory_is_refused(tmp_path):
+    _refused(tmp_path / "nope", "does not exist")
+
+
+@pytest.mark.parametrize("name", ["../x.onnx", "sub/base.onnx", "/etc/base.onnx"])
+def test_artifact_path_separator_is_refused(bundle_copy, name):
+    manifest = _read_manifest(bundle_copy)
+    # a file that does exist outside the bundle must not be reachable either
+    outside = bundle_copy.parent / "x.onnx"
+    shutil.copyfile(bundle_copy / "base.onnx", outside)
+    manifest["artifacts"]["base"]["file"] = name
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "artifact base", repr(name), "plain name inside the bundle")
+
+
+def test_surrogate_without_calibration_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["calibration"] = None
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "does not match the bundle schema", "surrogate needs its conformal 'calibration' block")
+
+
+def test_meta_without_features_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["meta_features"] = None
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "meta model needs 'meta_features'")
+
+
+def test_alpha_cal_not_delta_plus_alpha_1_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["calibration"]["alpha_cal"] = 0.002  # delta + alpha_1 = 0.001
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "alpha_cal (0.002) must equal delta + alpha_1")
+
+
+def test_missing_base_artifact_entry_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    del manifest["artifacts"]["base"]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "artifacts must include 'base'")
+
+
+def test_unknown_manifest_field_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["surprise"] = 1
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "does not match the bundle schema", "surprise")
+
+
+def test_bad_sha256_format_is_refused(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest["artifacts"]["base"]["sha256"] = "XYZ"
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "does not match the bundle schema", "sha256")
+
+
+def test_non_onnx_artifact_with_matching_hash_is_refused(bundle_copy):
+    """A file whose hash matches the manifest but that is not an ONNX model: refused at session creation."""
+    (bundle_copy / "meta.onnx").write_bytes(b"not an onnx model")
+    manifest = _read_manifest(bundle_copy)
+    manifest["artifacts"]["meta"]["sha256"] = sha256_file(bundle_copy / "meta.onnx")
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "artifact meta", "meta.onnx", "not a loadable ONNX model")
+
+
+def test_swapped_meta_model_fails_shape_check(bundle_copy):
+    """meta.onnx replaced by an image model (re-hashed, so only the shape check can catch it)."""
+    shutil.copyfile(bundle_copy / "base.onnx", bundle_copy / "meta.onnx")
+    manifest = _read_manifest(bundle_copy)
+    manifest["artifacts"]["meta"]["sha256"] = sha256_file(bundle_copy / "meta.onnx")
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "artifact meta", "input shape", "[4]")
+
+
+def test_bundle_error_is_a_value_error():
+    assert issubclass(BundleError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------- create_bundle
+
+
+def test_create_base_only_bundle(tmp_path):
+    out = tmp_path / "byom"
+    bundle = create_bundle(out, base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                           classes=FMNIST_CLASSES, provenance={"created_by": "test"})
+    assert sorted(p.name for p in out.iterdir()) == ["base.onnx", "manifest.json"]
+    reloaded = load_bundle(out)
+    m = reloaded.manifest
+    assert m.name == "byom"
+    assert set(m.artifacts) == {"base"}
+    assert m.calibration is None and m.meta_features is None
+    assert reloaded.path("surrogate") is None and reloaded.path("meta") is None
+    assert m.artifacts["base"].sha256 == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
+    assert m.provenance == {"created_by": "test"}
+    assert bundle.model_sha256 == reloaded.model_sha256
+    with pytest.raises(BundleError, match="has no surrogate model"):
+        reloaded.backend("surrogate")
+    # the written manifest is plain JSON that round-trips
+    assert _read_manifest(out)["schema_version"] == SCHEMA_VERSION
+
+
+def test_create_bundle_refuses_non_empty_dir_without_overwrite(tmp_path):
+    out = tmp_path / "byom"
+    out.mkdir()
+    (out / "something.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="exists and is not empty") as info:
+        create_bundle(out, base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                      classes=FMNIST_CLASSES)
+    assert "overwrite" in str(info.value)
+    assert (out / "something.txt").read_text() == "keep me"
+    assert not (out / "manifest.json").exists()
+    bundle = create_bundle(out, base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=0.5, input_shape=(1, 28, 28),
+                           classes=FMNIST_CLASSES, overwrite=True)
+    assert bundle.manifest.sigma == 0.5
+
+
+def test_create_bundle_in_place_over_its_own_base(tmp_path):
+    """Re-creating a bundle from its own base.onnx (src == dst) with overwrite keeps the file intact."""
+    out = tmp_path / "byom"
+    create_bundle(out, base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                  classes=FMNIST_CLASSES)
+    bundle = create_bundle(out, base=out / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                           classes=FMNIST_CLASSES, name="again", overwrite=True)
+    assert bundle.manifest.name == "again"
+    assert sha256_file(out / "base.onnx") == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
+
+
+def test_create_bundle_refuses_missing_base(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        create_bundle(tmp_path / "b", base=tmp_path / "nope.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                      classes=FMNIST_CLASSES)
+
+
+def test_create_bundle_refuses_wrong_class_count(tmp_path):
+    with pytest.raises(BundleError, match="10 outputs, manifest expects 3"):
+        create_bundle(tmp_path / "b", base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                      classes=["a", "b", "c"])
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+CLASSES_ARG = ",".join(f"c{i}" for i in range(10))
+
+
+def test_cli_bundle_create_and_verify(tmp_path, capsys):
+    out = tmp_path / "cli-bundle"
+    rc = certserve(["bundle", "create", "--base", str(DEFAULT_BUNDLE_DIR / "base.onnx"), "--sigma", "0.25",
+                    "--input-shape", "1,28,28", "--classes", CLASSES_ARG, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "written to" in captured.out and "sequential" in captured.out
+    m = load_bundle(out).manifest
+    assert m.classes == [f"c{i}" for i in range(10)]
+    assert m.sigma == 0.25 and m.input.shape == (1, 28, 28)
+    assert m.provenance["created_by"] == "certserve bundle create"
+
+    rc = certserve(["bundle", "verify", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    assert report == {"name": "cli-bundle", "sigma": 0.25, "artifacts": ["base"], "alpha_cal": None, "ok": True}
+
+    # the non-empty output directory is refused without --overwrite, accepted with it
+    args = ["bundle", "create", "--base", str(DEFAULT_BUNDLE_DIR / "base.onnx"), "--sigma", "0.5",
+            "--input-shape", "1,28,28", "--classes", CLASSES_ARG, "--out", str(out)]
+    assert certserve(args) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert certserve([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert load_bundle(out).manifest.sigma == 0.5
+
+
+def test_cli_verify_default_bundle(capsys):
+    assert certserve(["bundle", "verify", str(DEFAULT_BUNDLE_DIR)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["artifacts"] == ["base", "meta", "surrogate"]
+    assert report["alpha_cal"] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("shape", ["1,28", "1,28,28,1", "a,b,c", "1x28x28", ""])
+def test_cli_bundle_create_bad_input_shape(tmp_path, capsys, shape):
+    out = tmp_path / "bad"
+    rc = certserve(["bundle", "create", "--base", str(DEFAULT_BUNDLE_DIR / "base.onnx"), "--sigma", "0.25",
+                    "--input-shape", shape, "--classes", CLASSES_ARG, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--input-shape must be C,H,W" in err and repr(shape) in err
+    assert not out.exists()
+
+
+def test_cli_bundle_create_shape_mismatch_exits_2(tmp_path, capsys):
+    rc = certserve(["bundle", "create", "--base", str(DEFAULT_BUNDLE_DIR / "base.onnx"), "--sigma", "0.25",
+                    "--input-shape", "1,32,32", "--classes", CLASSES_ARG, "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("certserve: error:") and "input shape" in err
+
+
+def test_cli_bundle_verify_tampered_exits_2(bundle_copy, capsys):
+    path = bundle_copy / "surrogate.onnx"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert certserve(["bundle", "verify", str(bundle_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "certserve: error:" in err and "artifact surrogate" in err and "tampered" in err
+
+
+def test_cli_bundle_verify_missing_dir_exits_2(tmp_path, capsys):
+    assert certserve(["bundle", "verify", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
