@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/certserve bench smoothing
+	$(VENV)/bin/certserve serve
 
 test: setup
 	$(PY) -m pytest -q

@@ -17,7 +17,8 @@ import numpy as np
 class OnnxBackend:
     """onnxruntime session over an ONNX classifier with input (N, C, H, W) float32 pixels in [0, 1]."""
 
-    def __init__(self, path: str | os.PathLike | bytes, *, threads: int | None = None, device: str = "auto"):
+    def __init__(self, path: str | os.PathLike | bytes, *, threads: int | None = None, device: str = "auto",
+                 noise_sigma: float | None = None, noise_in_graph: bool | None = None, seed: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -39,12 +40,27 @@ class OnnxBackend:
         out = self.session.get_outputs()[0]
         self.output_name = out.name
         self.num_outputs = out.shape[-1] if isinstance(out.shape[-1], int) else None
+        # On a GPU the noise is drawn inside the graph, on the device: only clean images and indices cross the bus.
+        in_graph = self.device == "cuda" if noise_in_graph is None else noise_in_graph
+        self._noisy_session = None
+        if in_graph:
+            if noise_sigma is None:
+                raise ValueError("noise_sigma is required to draw the noise inside the graph")
+            model = noisy_argmax_model(source, noise_sigma, seed=seed)
+            self._noisy_session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+            self._noise_sigma = float(noise_sigma)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def noisy_predictions(self, images: np.ndarray, repeats: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
         """Arg-max class of each of sum(repeats) noisy copies (images[j] repeated repeats[j] times, in order)."""
+        if self._noisy_session is not None:
+            if float(sigma) != self._noise_sigma:
+                raise ValueError(f"this session draws noise at sigma={self._noise_sigma}, asked for {sigma}")
+            index = np.repeat(np.arange(len(images), dtype=np.int64), repeats)
+            return self._noisy_session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32),
+                                                  "index": index})[0]
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
         batch += rng.standard_normal(batch.shape, dtype=np.float32) * np.float32(sigma)
         return self.forward(batch).argmax(axis=1)
@@ -77,6 +93,45 @@ class TorchScriptBackend:
             batch = x[idx]
             batch += torch.randn(batch.shape, generator=gen, device=self.device) * sigma
             return self.module(batch).argmax(dim=1).cpu().numpy()
+
+
+def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
+    """ONNX graph (images (J,C,H,W), index (B,)) -> arg-max labels (B,) of f(images[index] + N(0, sigma^2 I)).
+
+    The base graph is embedded unchanged after a Gather and a RandomNormalLike; ArgMax follows its logits.
+    RandomNormalLike draws fresh i.i.d. noise on every run (its generator advances between calls).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    base = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    graph = base.graph
+    initializer_names = {init.name for init in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in initializer_names]
+    if len(real_inputs) != 1 or len(graph.output) != 1:
+        raise ValueError("the base model must have exactly one input and one output")
+    inp, out = real_inputs[0], graph.output[0]
+    shape = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    prefix = "certserve_noise_"
+    attrs = {"dtype": TensorProto.FLOAT, "mean": 0.0, "scale": float(sigma)}
+    if seed is not None:
+        attrs["seed"] = float(seed % (2**24))
+    nodes = [
+        helper.make_node("Gather", ["images", "index"], [prefix + "clean"], axis=0),
+        helper.make_node("RandomNormalLike", [prefix + "clean"], [prefix + "noise"], **attrs),
+        helper.make_node("Add", [prefix + "clean", prefix + "noise"], [inp.name]),
+        *graph.node,
+        helper.make_node("ArgMax", [out.name], ["labels"], axis=1, keepdims=0),
+    ]
+    new_graph = helper.make_graph(
+        nodes, "certserve_noisy_argmax",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["J", *shape[1:]]),
+         helper.make_tensor_value_info("index", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info("labels", TensorProto.INT64, ["B"])],
+        initializer=list(graph.initializer), value_info=list(graph.value_info))
+    model = helper.make_model(new_graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
+    onnx.checker.check_model(model)
+    return model
 
 
 def load_backend(path: str | os.PathLike, *, device: str = "auto", threads: int | None = None):

@@ -109,6 +109,8 @@ class Bundle:
         path = self.path(role)
         if path is None:
             raise BundleError(f"bundle {self.manifest.name!r} has no {role} model")
+        if role == "base":
+            kwargs.setdefault("noise_sigma", self.manifest.sigma)
         return OnnxBackend(path, **kwargs)
 
 

@@ -176,8 +176,15 @@ class Certifier:
         except EngineStopped as exc:
             self.metrics.rejected.labels("draining").inc()
             raise CertifyError(503, "draining", str(exc), retry_after=5) from None
+        waiter = asyncio.wrap_future(fut)
         try:
-            return await asyncio.wrap_future(fut)
+            remaining = spec.deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), timeout=max(0.0, remaining))
+            except TimeoutError:
+                # deadline: answer now with the (valid) certificate reached so far, not after the running batch
+                self.engine.finish_now(fut, "deadline")
+                return await waiter
         except asyncio.CancelledError:
             fut.cancel()  # client gone: the engine drops the job at its next step
             raise

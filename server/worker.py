@@ -112,6 +112,8 @@ class SequentialEngine:
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Condition()
+        self._state = threading.Lock()  # guards job counters between the engine thread and finish_now()
+        self._by_future: dict[concurrent.futures.Future, _Job] = {}
         self._pending: list[_Job] = []
         self._jobs: list[_Job] = []
         self._accepting = True
@@ -153,9 +155,21 @@ class SequentialEngine:
             if len(self._pending) + len(self._jobs) >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
             self._pending.append(job)
+            self._by_future[fut] = job
             self.observer.on_queue(len(self._pending), len(self._pending) + len(self._jobs))
             self._lock.notify()
         return fut
+
+    def finish_now(self, future: concurrent.futures.Future, reason: str = "deadline") -> None:
+        """Answer a job at once with the certificate of the samples counted so far (any thread).
+
+        Valid because the confidence sequence holds at any stopping time and this one depends on the clock only;
+        samples of a batch still running for the job are simply not counted.
+        """
+        with self._state:
+            job = self._by_future.get(future)
+            if job is not None:
+                self._finish(job, reason)
 
     def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
         """Stop accepting; let live jobs run up to ``grace`` seconds, then answer the rest with their current
@@ -177,13 +191,15 @@ class SequentialEngine:
                 self._pending.clear()
                 stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._jobs)
             if stopping:
-                for job in self._jobs:
-                    self._finish(job, "shutdown")
+                with self._state:
+                    for job in self._jobs:
+                        self._finish(job, "shutdown")
                 with self._lock:
                     self._jobs.clear()
                     leftover, self._pending = self._pending, []
-                for job in leftover:
-                    self._finish(job, "shutdown")
+                with self._state:
+                    for job in leftover:
+                        self._finish(job, "shutdown")
                 return
             try:
                 self._step()
@@ -196,13 +212,15 @@ class SequentialEngine:
     def _step(self) -> None:
         now = time.monotonic()
         keep = []
-        for job in self._jobs:
-            if job.future.cancelled():
-                continue
-            if now >= job.spec.deadline:
-                self._finish(job, "deadline")
-                continue
-            keep.append(job)
+        with self._state:
+            for job in self._jobs:
+                if job.future.done():  # cancelled by the caller, or answered early by finish_now()
+                    self._by_future.pop(job.future, None)
+                    continue
+                if now >= job.spec.deadline:
+                    self._finish(job, "deadline")
+                    continue
+                keep.append(job)
         self._jobs = keep
         self.observer.on_queue(sum(1 for job in keep if job.started is None), len(keep))
         if not keep:
@@ -232,11 +250,14 @@ class SequentialEngine:
         self.samples_processed += total
         self.batches += 1
         self.observer.on_batch(total, self.sampler.batch_size, len(chosen), seconds)
-        self._update(chosen, sizes, counts)
+        with self._state:
+            self._update(chosen, sizes, counts)
 
     def _update(self, chosen: list[_Job], sizes: list[int], counts: np.ndarray) -> None:
         due: list[_Job] = []
         for job, size, row in zip(chosen, sizes, counts):
+            if job.future.done():
+                continue
             spec = job.spec
             if spec.kind == "cohen":
                 if job.selected < 0:
@@ -281,6 +302,7 @@ class SequentialEngine:
                     self._finish(job, _STOP_NAMES[Stop(int(d))])
 
     def _finish(self, job: _Job, stopped_by: str) -> None:
+        self._by_future.pop(job.future, None)
         if job.future.done():
             return
         spec = job.spec
