@@ -81,7 +81,7 @@ def _run_all(args) -> int:
 
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     cfg = PipelineConfig(**{k: v for k, v in vars(args).items() if k in names})
-    run_pipeline(cfg)
+    run_pipeline(cfg, command=" ".join(["certserve", *sys.argv[1:]]))
     return 0
 
 

@@ -24,7 +24,12 @@ from smoothing import (best_radius_decision, certified_radius, certify, checkpoi
                        rrise_lower, rrise_radius)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
-METHODS = ("cohen-10k", "cohen-1k", "sequential-kt", "sequential-meta", "surrogate", "auto")
+METHODS = ("cohen-10k", "cohen-1k", "sequential-kt", "sequential-meta", "surrogate", "auto")  # at the default n
+
+
+def method_names(n: int) -> tuple[str, ...]:
+    """The report's method names for n samples per image (Cohen-n and Cohen-n/10, capped at 1k)."""
+    return (f"cohen-{_short(n)}", f"cohen-{_short(min(1000, max(1, n // 10)))}", *METHODS[2:])
 
 
 def add_arguments(p) -> None:
@@ -82,9 +87,10 @@ def evaluate(args) -> dict:
     per_sample = sampling_seconds / (len(x) * (args.n + args.n0))
 
     k = len(m.classes)
-    counts = {n: np.stack([(stream[:, :n] == c).sum(axis=1) for c in range(k)], axis=1) for n in (1000, args.n)}
+    n_small = min(1000, max(1, args.n // 10))  # Cohen-1k at the default n = 10,000
+    counts = {n: np.stack([(stream[:, :n] == c).sum(axis=1) for c in range(k)], axis=1) for n in {n_small, args.n}}
     raw: dict[str, tuple] = {}  # method -> (class or -1, radius, samples, seconds per image)
-    for name, n in (("cohen-10k", args.n), ("cohen-1k", 1000)):
+    for name, n in ((f"cohen-{_short(args.n)}", args.n), (f"cohen-{_short(n_small)}", n_small)):
         cert = certify(selection, counts[n], args.alpha, m.sigma)
         raw[name] = (cert.class_index, cert.radius, np.full(len(x), n + args.n0),
                      np.full(len(x), per_sample * (n + args.n0) + latency["base"]))
@@ -124,6 +130,10 @@ def evaluate(args) -> dict:
         "samples_per_second": round(1 / per_sample), "latency_ms": {k_: round(v * 1e3, 3) for k_, v in latency.items()},
         "clean_accuracy": float((base_logits.argmax(axis=1) == y).mean()), "methods": methods, "plots": plots,
     }
+
+
+def _short(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
 def _replay_sequential(hits, a, b, alpha, sigma, budget, fraction):
@@ -219,20 +229,21 @@ n test samples of that image)."""
 def targets(res: dict) -> list[tuple[str, str, bool]]:
     meth = res["methods"]
     rows = []
-    kt, meta, cohen = meth["sequential-kt"], meth["sequential-meta"], meth["cohen-10k"]
+    kt, meta = meth["sequential-kt"], meth["sequential-meta"]
+    cohen = meth[f"cohen-{_short(res['n'])}"]
     ratio = meta["samples_mean"] / max(kt["samples_mean"], 1e-9)
     gap = abs(meta["certified_accuracy"]["0"] - kt["certified_accuracy"]["0"]) * 100
     rows.append(("meta samples <= 0.8 x KT, cert. acc within 0.5 pp", f"{ratio:.2f} x, {gap:.2f} pp", ratio <= 0.8 and gap <= 0.5))
     fewer = cohen["samples_mean"] / max(meta["samples_mean"], 1e-9)
     rad = meta["mean_radius_all"] / max(cohen["mean_radius_all"], 1e-9)
-    rows.append(("meta sequential >= 10x fewer samples than Cohen-10k, radius >= 0.75 x", f"{fewer:.1f}x fewer, {rad:.2f} x radius", fewer >= 10 and rad >= 0.75))
+    rows.append((f"meta sequential >= 10x fewer samples than Cohen-{_short(res['n'])}, radius >= 0.75 x", f"{fewer:.1f}x fewer, {rad:.2f} x radius", fewer >= 10 and rad >= 0.75))
     if "surrogate" in meth:
         sur = meth["surrogate"]
         gap = (cohen["certified_accuracy"]["0"] - sur["certified_accuracy"]["0"]) * 100
         rate = sur["violations_vs_cp_upper"] / res["images"]
         alpha_cal = res["bundle"]["alpha_cal"]
-        rows.append(("surrogate within 1 pp of Cohen-10k at r=0", f"{gap:+.2f} pp below", gap <= 1.0))
-        rows.append(("surrogate violation rate <= alpha_cal", f"{sur['violations_vs_cp_upper']}/{res['images']} = {rate:.4f} (alpha_cal {alpha_cal})", rate <= alpha_cal))
+        rows.append((f"surrogate within 1 pp of Cohen-{_short(res['n'])} at r=0", f"{gap:+.2f} pp below", gap <= 1.0))
+        rows.append(("surrogate violation rate <= alpha_cal", f"{sur['violations_vs_cp_upper']}/{res['images']} = {rate:.4f} (alpha_cal {alpha_cal:g})", rate <= alpha_cal))
     return rows
 
 
@@ -244,7 +255,7 @@ def write_report(res: dict, path: Path) -> None:
              f"methods: best-radius rule (fraction = {res['fraction']}) at the worker's checkpoints, budget n. "
              f"Base model clean accuracy on these images: {res['clean_accuracy']:.3f}. Sampler: {res['sampler']} "
              f"({res['samples_per_second']:,} samples/s, {res['sampling_seconds']} s for all sampling). Conformal "
-             f"q_hat = {res['bundle']['q_hat']:.4f} (score weight epsilon = {res['bundle']['score_epsilon']}), alpha_cal = {res['bundle']['alpha_cal']}.", "",
+             f"q_hat = {res['bundle']['q_hat']:.4f} (score weight epsilon = {res['bundle']['score_epsilon']}), alpha_cal = {res['bundle']['alpha_cal']:g}.", "",
              "| method | cert. acc (r=0) | mean radius | mean radius (cert. correct) | samples (all) | samples (cert.) | samples (rest) | abstain | ms/image |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, v in res["methods"].items():

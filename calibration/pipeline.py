@@ -11,7 +11,6 @@ import dataclasses
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from calibration.config import PipelineConfig
 from calibration.counts import compute_counts
-from calibration.data import load_dataset, make_splits
+from calibration.data import Splits, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, predict_logits, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
@@ -31,8 +30,12 @@ from models.sampling import SamplingEngine
 from smoothing import conformal_quantile, min_calibration_size, rrise_scores
 
 
-def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
+def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) -> Path:
+    """Build a bundle as configured; ``command`` (the CLI line) is recorded in the provenance."""
     started = time.time()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # refuse before hours of work, not after
+        raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     timings: dict[str, float] = {}
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -46,8 +49,11 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     ds = load_dataset(cfg.data)
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
                          seed=cfg.split_seed)
-    take = (lambda idx: idx[:cfg.limit]) if cfg.limit else (lambda idx: idx)
-    base_idx, sur_idx, cal_idx = take(splits.base_train), take(splits.surrogate_train), take(splits.calibration)
+    if cfg.limit:
+        splits = Splits(splits.seed, splits.base_train[:cfg.limit], splits.surrogate_train[:cfg.limit],
+                        splits.calibration[:cfg.limit])
+    base_idx, sur_idx, cal_idx = splits.base_train, splits.surrogate_train, splits.calibration
+    x_test, y_test = (ds.x_test[:cfg.limit], ds.y_test[:cfg.limit]) if cfg.limit else (ds.x_test, ds.y_test)
     k = len(ds.classes)
     example = torch.zeros((1, *ds.input_shape))
     log(f"data {ds.name}: base-train {len(base_idx)}, surrogate-train {len(sur_idx)}, calibration {len(cal_idx)}, "
@@ -73,7 +79,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         sampler = load_backend(base_ts, device=device) if device == "cuda" else base_backend
     timings["base_seconds"] = time.time() - t0
     base_sha = sha256_file(base_onnx)
-    base_quality = _base_quality(base_backend, ds.x_test, ds.y_test, cfg.sigma, cfg.seed)
+    base_quality = _base_quality(base_backend, x_test, y_test, cfg.sigma, cfg.seed)
     log(f"base: {base_quality}")
     engine = SamplingEngine(sampler, sigma=cfg.sigma, num_classes=k, batch_size=batch)
 
@@ -127,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
         "device": device, "sampler": sampler.name, "python": platform.python_version(), "torch": torch.__version__,
         "base_quality": base_quality, "base_trained_here": not cfg.base, "meta_fit": meta_fit,
         "config": dataclasses.asdict(cfg), "timings": {k_: round(v, 1) for k_, v in timings.items()},
-        "command": " ".join(["certserve", *sys.argv[1:]]),
+        "command": command,
     }
     bundle = create_bundle(
         cfg.out, base=base_onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,

@@ -58,6 +58,7 @@ def train_base(x: np.ndarray, y: np.ndarray, *, num_classes: int, sigma: float, 
     """A SmallCNN trained with Gaussian noise augmentation at ``sigma`` (Cohen et al. 2019)."""
     device = pick_device(device)
     c, h, w = x.shape[1:]
+    torch.manual_seed(seed)  # the initial weights too, so a rerun is reproducible
     model = SmallCNN(c, num_classes, h, w)
 
     def add_noise(xb):
@@ -73,6 +74,7 @@ def train_surrogate(x: np.ndarray, counts: np.ndarray, *, init: nn.Module | None
     device = pick_device(device)
     c, h, w = x.shape[1:]
     num_classes = counts.shape[1]
+    torch.manual_seed(seed)
     model = SmallCNN(c, num_classes, h, w)
     if init is not None:
         model.load_state_dict({k: v.detach().cpu() for k, v in init.state_dict().items()})

@@ -41,7 +41,7 @@ class OnnxBackend:
         self.output_name = out.name
         self.num_outputs = out.shape[-1] if isinstance(out.shape[-1], int) else None
         # On a GPU the noise is drawn inside the graph, on the device: only clean images and indices cross the bus.
-        in_graph = self.device == "cuda" if noise_in_graph is None else noise_in_graph
+        in_graph = (self.device == "cuda" and noise_sigma is not None) if noise_in_graph is None else noise_in_graph
         self._noisy_session = None
         if in_graph:
             if noise_sigma is None:
@@ -54,7 +54,11 @@ class OnnxBackend:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def noisy_predictions(self, images: np.ndarray, repeats: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-        """Arg-max class of each of sum(repeats) noisy copies (images[j] repeated repeats[j] times, in order)."""
+        """Arg-max class of each of sum(repeats) noisy copies (images[j] repeated repeats[j] times, in order).
+
+        Host noise comes from ``rng`` (reproducible for a seeded generator). In-graph noise (CUDA) comes from the
+        session's own generator, seeded once at load: i.i.d. and fresh on every call, but not replayable from ``rng``.
+        """
         if self._noisy_session is not None:
             if float(sigma) != self._noise_sigma:
                 raise ValueError(f"this session draws noise at sigma={self._noise_sigma}, asked for {sigma}")

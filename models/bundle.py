@@ -58,6 +58,14 @@ class Calibration(_Strict):
     num_calibration: int = Field(ge=1)
     samples_per_image: int = Field(ge=1)
 
+    @field_validator("q_hat")
+    @classmethod
+    def _finite_q(cls, v):
+        if not math.isfinite(v):
+            raise ValueError("q_hat must be a finite number (an infinite quantile means the calibration split was "
+                             "too small for delta)")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self):
         if not math.isclose(self.alpha_cal, self.delta + self.alpha_1, rel_tol=1e-9):
@@ -202,5 +210,13 @@ def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shap
         "input": {"shape": list(input_shape)}, "classes": list(classes), "artifacts": artifacts,
         "calibration": calibration, "meta_features": meta_features, "provenance": provenance or {},
     })
-    (out / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    return load_bundle(out)
+    for role, name in ARTIFACT_FILES.items():  # a stale artifact of an overwritten bundle must not linger
+        if role not in artifacts and (out / name).exists():
+            (out / name).unlink()
+    manifest_path = out / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    try:
+        return load_bundle(out)
+    except BundleError:
+        manifest_path.unlink()  # never leave a manifest that does not verify
+        raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import betaincinv
+from scipy.special import betainccinv, betaincinv
 from scipy.stats import binomtest
 
 from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_sigma
@@ -52,7 +52,7 @@ def clopper_pearson_upper(successes, trials, alpha):
     if np.any(t == 0):
         raise ValueError("trials must be >= 1 for a Clopper-Pearson bound")
     with np.errstate(invalid="ignore"):
-        bound = betaincinv(s + 1, t - s, 1.0 - a)
+        bound = betainccinv(s + 1, t - s, a)  # I_x = 1 - alpha without forming 1 - alpha (precision at tiny alpha)
     bound = np.where(s == t, 1.0, np.minimum(1.0, bound * (1.0 + _CP_ROUNDING)))
     return bound if bound.ndim else float(bound)
 

@@ -21,7 +21,7 @@ import numpy as np
 from scipy.special import betaln
 
 from smoothing._checks import check_alpha, check_counts, check_prior
-from smoothing.eprocess import _ULP_MARGIN, log_e_excess
+from smoothing.eprocess import _ULP_MARGIN, _lgamma_scale, log_e_excess
 from smoothing.radius import radius_from_probability
 
 _LOG_P_FLOOR = np.log(1e-300)  # bounds below this are reported as 0
@@ -83,7 +83,8 @@ def _lower_bound_kernel(s, t, alpha, a, b):
     # Same margin as eprocess.rejects: with M = 64 ulp, rejection at p0 = e^v means
     #   g(v) = [mix - prior - lt - M(|mix| + |prior| + lt)] - (1 - M) (S v + F log(1 - e^v)) >= 0,
     # still convex and decreasing in v on (-inf, log p_hat].
-    const = mix - prior - log_threshold - _ULP_MARGIN * (np.abs(mix) + np.abs(prior) + log_threshold)
+    const = mix - prior - log_threshold - _ULP_MARGIN * (np.abs(mix) + np.abs(prior) + log_threshold
+                                                         + _lgamma_scale(s + f, a, b))
     shrink = 1.0 - _ULP_MARGIN
 
     def g_and_slope(v):

@@ -50,13 +50,20 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
     check_sigma(sigma)
     check_prior(a, b)
     check_alpha(alpha)
+    budget = check_nonneg_int(budget, "budget")
+    if np.any(budget < 1):
+        raise ValueError(f"budget must be >= 1, got {budget!r}")
     p_target = np.maximum(probability_for_radius(target_radius, sigma), 0.5)
+    # A target beyond ~8.3 sigma has Phi(r/sigma) == 1.0 in floating point: unreachable by any finite sample, so it
+    # can never be certified; test at the largest probability below 1 only to keep the arrays well-formed.
+    reachable = p_target < 1.0
+    p_test = np.minimum(p_target, np.nextafter(1.0, 0.0))
     af = alpha if alpha_futility is None else alpha_futility
-    out = np.full(np.broadcast(s, t).shape, Stop.CONTINUE, dtype=np.int8)
+    out = np.full(np.broadcast(s, t, p_target).shape, Stop.CONTINUE, dtype=np.int8)
     out[np.broadcast_to(t >= budget, out.shape)] = Stop.BUDGET
     futile = np.broadcast_to(upper_bound(s, t, af, a, b) < p_target, out.shape)
     out[futile] = Stop.FUTILITY
-    hit = np.broadcast_to((t > 0) & rejects(s, np.maximum(t, 1), p_target, alpha, a, b), out.shape)
+    hit = np.broadcast_to(reachable & (t > 0) & rejects(s, np.maximum(t, 1), p_test, alpha, a, b), out.shape)
     out[hit] = Stop.TARGET
     return out if out.ndim else Stop(int(out))
 

@@ -5,8 +5,9 @@ Real components throughout: torch training on CPU, ONNX export, onnxruntime sess
 real bundle under ``tmp_path``. The tiny sizes make the trained models poor (a few optimizer steps); the tests check
 the plumbing, the recorded provenance and the statistics' consistency, not model quality.
 
-Measured on a 2-core CPU machine: the module-scoped pipeline run ~9 s, the evaluation ~4 s, the resume rerun and the
-bring-your-own-model run ~6 s each (whole file well under the 90 s mark, so everything stays in the default suite).
+Measured on a 2-core CPU machine (shared with other jobs, so noisy): the module-scoped pipeline run 9-27 s, the
+evaluation 2-4 s, the resume rerun, the refused-overwrite run and the bring-your-own-model run 5-11 s each; the whole
+file 33-50 s. That is under the 90 s mark, so everything stays in the default suite.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 from calibration.counts import load_counts
-from calibration.data import FASHION_MNIST_CLASSES, load_dataset, load_npz, make_splits
-from calibration.evaluate import METHODS, RADII, evaluate, write_report
+from calibration.data import Splits, FASHION_MNIST_CLASSES, load_dataset, load_npz, make_splits
+from calibration.evaluate import RADII, evaluate, method_names, write_report
 from calibration.pipeline import PipelineConfig, run_pipeline
 from models.backends import OnnxBackend
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle, sha256_file
@@ -42,6 +43,16 @@ def _seed_everything(seed: int = 0) -> None:
     # (see the report: train_base builds the network before seeding); seed it so the test run is reproducible.
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The tiny trainings here are per-step-overhead bound (e.g. 1500 full-batch steps of the meta fit on 20 rows);
+    with two intra-op threads on a busy 2-core machine they were measured 3-10x slower, so use one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +109,12 @@ def test_pipeline_q_hat_recomputes_from_the_work_directory(pipeline_run):
     ds = load_dataset("fashion-mnist")
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
                          seed=cfg.split_seed)
-    assert splits.record()["indices_sha256"] == m.provenance["splits"]["indices_sha256"]
-    cal_idx = splits.calibration[: cfg.limit]
+    used = Splits(splits.seed, splits.base_train[: cfg.limit], splits.surrogate_train[: cfg.limit],
+                  splits.calibration[: cfg.limit])
+    # the provenance records the splits actually used (after --limit), sizes and index digest alike
+    assert used.record() == m.provenance["splits"]
+    assert m.provenance["splits"]["calibration"] == 40
+    cal_idx = used.calibration
     counts = load_counts(Path(cfg.work) / "counts-calibration")
     assert counts.shape == (40, 10)
     np.testing.assert_array_equal(counts.sum(axis=1), np.full(40, cfg.cal_samples))
@@ -136,7 +151,7 @@ def test_pipeline_provenance(pipeline_run):
                             "calibration_seconds", "meta_seconds", "total_seconds"}
     assert all(v >= 0 for v in timings.values())
     assert timings["total_seconds"] >= max(v for k, v in timings.items() if k != "total_seconds")
-    assert isinstance(prov["command"], str) and prov["command"].startswith("certserve")
+    assert prov["command"] is None  # run from code; the CLI passes its own command line
     assert prov["config"]["limit"] == 300 and prov["config"]["delta"] == 0.05
     assert isinstance(prov["code_version"], str) and prov["code_version"]
     assert isinstance(prov["created_unix"], int)
@@ -152,14 +167,16 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
                               out=str(report), json=None)
     res = evaluate(args)
     assert res["images"] == 20 and res["n"] == 200 and res["n0"] == 20
-    assert set(res["methods"]) == set(METHODS)
+    assert set(res["methods"]) == set(method_names(200)) == {"cohen-200", "cohen-20", "sequential-kt",
+                                                                "sequential-meta", "surrogate", "auto"}
     for name, v in res["methods"].items():
         acc = [v["certified_accuracy"][f"{r:g}"] for r in RADII]
         assert all(0.0 <= a <= 1.0 for a in acc), name
         assert acc == sorted(acc, reverse=True), f"{name}: certified accuracy must not grow with the radius"
         assert 0.0 <= v["abstain_rate"] <= 1.0
     assert res["methods"]["surrogate"]["samples_mean"] == 0.0
-    assert res["methods"]["cohen-10k"]["samples_mean"] == 220.0  # n + n0
+    assert res["methods"]["cohen-200"]["samples_mean"] == 220.0  # n + n0
+    assert res["methods"]["cohen-20"]["samples_mean"] == 40.0
     for name in ("sequential-kt", "sequential-meta"):
         assert 1 <= res["methods"][name]["samples_mean"] <= 200
     assert 0 <= res["methods"]["surrogate"]["violations_vs_cp_upper"] <= res["methods"]["surrogate"]["certified"]
@@ -168,11 +185,11 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
 
     write_report(res, report)
     text = report.read_text()
-    for name in METHODS:
+    for name in method_names(200):
         assert f"| {name} |" in text, name
     assert "## Targets" in text and "| target | measured | met |" in text
-    for target in ("meta samples <= 0.8 x KT", "meta sequential >= 10x fewer samples than Cohen-10k",
-                   "surrogate within 1 pp of Cohen-10k", "surrogate violation rate <= alpha_cal"):
+    for target in ("meta samples <= 0.8 x KT", "meta sequential >= 10x fewer samples than Cohen-200",
+                   "surrogate within 1 pp of Cohen-200", "surrogate violation rate <= alpha_cal"):
         assert target in text
     for png in ("r-certified-accuracy.png", "r-samples.png"):
         path = tmp_path / png

@@ -248,3 +248,37 @@ def test_load_counts_on_incomplete_dir_hints_resume(backend, test_images, base_s
         load_counts(out)
     msg = str(info.value)
     assert "3 of 3 shards missing" in msg and "rerun" in msg and "resume" in msg
+
+
+# ------------------------------------------------------------------------------------------------ in-graph noise
+
+
+def test_in_graph_noise_backend_counts_and_agrees_with_host_noise(backend, test_images):
+    """The onnxruntime path that draws noise inside the graph (the GPU default; forced here on CPU) packs chunks the
+    same way (exact totals) and samples the same distribution as host-side numpy noise."""
+    x = test_images[0]
+    graph = OnnxBackend(BASE, threads=2, device="cpu", noise_sigma=SIGMA, noise_in_graph=True, seed=5)
+    n = np.array([0, 5, 0, 67, 1, 130, 0, 33], dtype=np.int64)
+    counts = SamplingEngine(graph, sigma=SIGMA, num_classes=K, batch_size=64).count(x[:8], n, np.random.default_rng(0))
+    np.testing.assert_array_equal(counts.sum(axis=1), n)
+    # the least stable of the 64 images under noise (host path), so that the comparison is not trivially 1 == 1
+    host = SamplingEngine(backend, sigma=SIGMA, num_classes=K, batch_size=1024)
+    j = int(np.argmin(host.count(x, 100, np.random.default_rng(1)).max(axis=1)))
+    m = 3000
+    a = host.count(x[j:j + 1], m, np.random.default_rng(2))[0] / m
+    b = SamplingEngine(graph, sigma=SIGMA, num_classes=K, batch_size=500).count(x[j:j + 1], m, None)[0] / m
+    top = int(a.argmax())
+    se = np.sqrt(max(a[top] * (1 - a[top]), 1e-3) * 2 / m)
+    assert abs(a[top] - b[top]) <= 5 * se, (a, b)
+    # successive model calls draw fresh noise (the session's generator advances): three calls are not all identical
+    calls = [graph.noisy_predictions(x[j:j + 1], np.array([200]), SIGMA, None) for _ in range(3)]
+    if 0.02 < a[top] < 0.98:
+        assert not (np.array_equal(calls[0], calls[1]) and np.array_equal(calls[1], calls[2]))
+
+
+def test_in_graph_noise_backend_argument_checks(test_images):
+    with pytest.raises(ValueError, match="noise_sigma is required"):
+        OnnxBackend(BASE, threads=1, device="cpu", noise_in_graph=True)
+    graph = OnnxBackend(BASE, threads=1, device="cpu", noise_sigma=SIGMA, noise_in_graph=True)
+    with pytest.raises(ValueError, match="sigma=0.25"):
+        graph.noisy_predictions(test_images[0][:1], np.array([4]), 0.5, np.random.default_rng(0))

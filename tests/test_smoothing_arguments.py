@@ -15,8 +15,7 @@ import smoothing as sm
 
 BAD_LEVELS = [0, 1, -0.1, 1.5, math.nan, math.inf]
 BAD_SIGMAS = [0, -0.25, math.nan, math.inf]
-KT = dict(a=0.5, b=0.5)
-POLICY = dict(sigma=0.25, alpha=0.01, budget=1000)
+POLICY = {"sigma": 0.25, "alpha": 0.01, "budget": 1000}
 
 # name -> call taking the bad alpha
 ALPHA_CALLS = {

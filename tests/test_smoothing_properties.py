@@ -43,7 +43,7 @@ def run(size, test, *strategies):
 
 def _successes(t, fracs):
     """Sorted hit counts in 0..t: the drawn fractions plus the edge cases 0, 1, t-1, t."""
-    s = {0, t, max(t - 1, 0), min(1, t)} | {int(round(f * t)) for f in fracs}
+    s = {0, t, max(t - 1, 0), min(1, t)} | {round(f * t) for f in fracs}
     return np.array(sorted(s))
 
 
@@ -65,7 +65,7 @@ def test_bounds_bracket_the_hit_rate_and_are_finite(size):
     """0 <= L_t <= S_t/t <= U_t <= 1, L_t <= U_t, no NaN / inf anywhere (also in log_e_value and the radius)."""
 
     def prop(t, frac, alpha, a, b, p0):
-        s = int(round(frac * t))
+        s = round(frac * t)
         L, U = lower_bound(s, t, alpha, a, b), upper_bound(s, t, alpha, a, b)
         assert np.isfinite(L) and np.isfinite(U)
         assert 0.0 <= L <= s / t <= U <= 1.0, (s, t, L, U)
@@ -83,7 +83,7 @@ def test_rejects_and_lower_bound_agree(size):
     the confidence sequence is the inversion of the e-process test."""
 
     def prop(t, frac, alpha, a, b, rel):
-        s = int(round(frac * t))
+        s = round(frac * t)
         L = lower_bound(s, t, alpha, a, b)
         if L <= 1e-290:
             return
@@ -109,17 +109,18 @@ def test_radius_monotone_in_lower_bound(size):
 
 
 def test_vectorized_equals_scalar(size):
-    """Batched evaluation (how the worker calls it) equals one call per job to 1e-12 relative. (Not bit-identical:
-    the Newton loop stops when ALL jobs of the batch converged, so a job's last ulp depends on its batch-mates.)"""
+    """Batched evaluation (how the worker calls it) equals one call per job to 1e-9 relative. (Not bit-identical:
+    the Newton loop and its back-off run until ALL jobs of the batch are done, so a job's last digits depend on its
+    batch-mates: differences of 2e-12 relative were seen, e.g. S=273, t=1387, alpha=0.4377, a=40.15, b=42.17.)"""
 
     def prop(ts, fracs, alpha, a, b):
         t = np.array(ts)
-        s = np.array([int(round(f * x)) for f, x in zip(fracs, ts)])
+        s = np.array([round(f * x) for f, x in zip(fracs, ts)])
         L = lower_bound(s, t, alpha, a, b)
         U = upper_bound(s, t, alpha, a, b)
         for i in range(len(t)):
-            assert L[i] == pytest.approx(lower_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-12, abs=0)
-            assert U[i] == pytest.approx(upper_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-12, abs=0)
+            assert L[i] == pytest.approx(lower_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-9, abs=0)
+            assert U[i] == pytest.approx(upper_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-9, abs=0)
 
     run(size, prop, st.lists(trials, min_size=5, max_size=5), st.lists(fractions, min_size=5, max_size=5),
         alphas, prior_params, prior_params)
@@ -134,7 +135,7 @@ def test_stopping_policies_return_valid_codes(size):
     CANCELLED, and TARGET / CERTIFIED only where the current bound certifies a positive radius."""
 
     def prop(t, frac, alpha, a, b, sigma, radius_in_sigmas, budget):
-        s = int(round(frac * t))
+        s = round(frac * t)
         target = radius_in_sigmas * sigma
         d1 = target_radius_decision(s, t, sigma=sigma, target_radius=target, alpha=alpha, budget=budget, a=a, b=b)
         d2 = best_radius_decision(s, t, sigma=sigma, alpha=alpha, budget=budget, a=a, b=b)

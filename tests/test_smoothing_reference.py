@@ -47,26 +47,29 @@ def _cp_grid():
 
 @pytest.mark.parametrize("alpha", [1e-10, 1e-6, 0.001, 0.025, 0.05, 0.3])
 def test_clopper_pearson_matches_scipy_beta_ppf(alpha):
-    """lower = Beta(k, n-k+1).ppf(alpha) (0 at k=0), upper = Beta(k+1, n-k).ppf(1-alpha) (1 at k=n), rtol 1e-10."""
+    """lower = Beta(k, n-k+1).ppf(alpha) (0 at k=0), upper = Beta(k+1, n-k).isf(alpha) (1 at k=n), rtol 1e-10.
+    (isf, not ppf(1 - alpha): forming 1 - alpha loses ~1e-10 relative at alpha = 1e-10.)"""
     k, n = _cp_grid()
     lo, up = clopper_pearson_lower(k, n, alpha), clopper_pearson_upper(k, n, alpha)
     with np.errstate(invalid="ignore"):
         ref_lo = np.where(k == 0, 0.0, beta_dist.ppf(alpha, np.maximum(k, 1), n - k + 1))
-        ref_up = np.where(k == n, 1.0, beta_dist.ppf(1 - alpha, k + 1, np.maximum(n - k, 1)))
+        ref_up = np.where(k == n, 1.0, beta_dist.isf(alpha, k + 1, np.maximum(n - k, 1)))
     np.testing.assert_allclose(lo, ref_lo, rtol=1e-10, atol=0)
     np.testing.assert_allclose(up, ref_up, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("alpha", [1e-10, 1e-6, 0.001, 0.05, 0.2])
-def test_clopper_pearson_matches_statsmodels_and_rounds_conservatively(alpha):
+def test_clopper_pearson_matches_statsmodels(alpha):
     """Parity with statsmodels ``proportion_confint(k, n, alpha=2*alpha, method="beta")`` (the reference's
-    lower_confidence_bound) to rtol 1e-10; the lower bound is never above it, the upper never below it."""
+    lower_confidence_bound) to rtol 1e-10, with 0 and 1 exactly at k = 0 and k = n."""
     k, n = _cp_grid()
     ref_lo, ref_up = proportion_confint(k, n, alpha=2 * alpha, method="beta")
     lo, up = clopper_pearson_lower(k, n, alpha), clopper_pearson_upper(k, n, alpha)
     np.testing.assert_allclose(lo, ref_lo, rtol=1e-10, atol=0)
     np.testing.assert_allclose(up, ref_up, rtol=1e-10, atol=0)
-    assert np.all((lo == 0) == (k == 0)) and np.all((up == 1) == (k == n))
+    assert np.all((lo == 0) == (k == 0)) and np.all(up[k == n] == 1)
+    # below k = n, U is 1 only where rounding it up (relative 1e-12) reaches 1: the exact bound is within 1e-11 of 1
+    assert np.all(ref_up[(up == 1) & (k < n)] > 1 - 1e-11)
 
 
 @pytest.mark.parametrize("alpha", [1e-10, 1e-6, 0.001, 0.05, 0.3])
@@ -202,11 +205,11 @@ def test_min_calibration_size_is_minimal(delta):
 
 # design.md "Reference points" (one-sided, alpha = 0.001, sigma = 0.25, observed rate = pA) and anchors.md.
 ANCHORS = [
-    ("KT, pA=0.999, 1k", dict(s=999, t=1000), 0.55),
-    ("KT, pA=0.999, 2k", dict(s=1998, t=2000), 0.60),
-    ("prior@truth 200, pA=0.999, 1k", dict(s=999, t=1000, a=199.8, b=0.2), 0.57),
-    ("KT, pA=0.99, 1k", dict(s=990, t=1000), 0.463),
-    ("prior@truth 200, pA=0.99, 1k", dict(s=990, t=1000, a=198.0, b=2.0), 0.478),
+    ("KT, pA=0.999, 1k", {"s": 999, "t": 1000}, 0.55),
+    ("KT, pA=0.999, 2k", {"s": 1998, "t": 2000}, 0.60),
+    ("prior@truth 200, pA=0.999, 1k", {"s": 999, "t": 1000, "a": 199.8, "b": 0.2}, 0.57),
+    ("KT, pA=0.99, 1k", {"s": 990, "t": 1000}, 0.463),
+    ("prior@truth 200, pA=0.99, 1k", {"s": 990, "t": 1000, "a": 198.0, "b": 2.0}, 0.478),
 ]
 
 

@@ -64,7 +64,7 @@ def test_target_radius_decision_follows_its_rule(radius, alpha, alpha_futility, 
 def test_target_radius_decision_scalar_cases():
     """Hand-picked cases: 2000/2000 hits certify r = 0.5 at alpha = 0.001; 50/50 do not yet; 600/1000 hits make
     r = 0.5 (needs pA >= 0.977) futile; the budget ends an undecided job."""
-    kw = dict(sigma=SIGMA, target_radius=0.5, alpha=0.001, budget=1000)
+    kw = {"sigma": SIGMA, "target_radius": 0.5, "alpha": 0.001, "budget": 1000}
     assert target_radius_decision(2000, 2000, **kw) == Stop.TARGET
     assert target_radius_decision(50, 50, **kw) == Stop.CONTINUE
     assert target_radius_decision(600, 1000, **kw) == Stop.FUTILITY
@@ -75,7 +75,7 @@ def test_target_radius_decision_scalar_cases():
 def test_unreachable_target_radius_is_a_decision_not_an_error(radius):
     """A target beyond what any finite sample can certify (Phi(r/sigma) rounds to 1.0 for r >= ~8.3 sigma) is a
     valid request: it must never be reported reached, it is futile once any sample misses, and it must not raise."""
-    kw = dict(sigma=SIGMA, target_radius=radius, alpha=0.001, budget=1000)
+    kw = {"sigma": SIGMA, "target_radius": radius, "alpha": 0.001, "budget": 1000}
     assert target_radius_decision(900, 1000, **kw) in (Stop.FUTILITY, Stop.BUDGET)
     assert target_radius_decision(100, 100, **kw) in (Stop.CONTINUE, Stop.FUTILITY)
 
@@ -84,8 +84,7 @@ def _best_rule(s, t, alpha, budget, a, b, fraction=0.75, min_futility_trials=200
     """The rule of best_radius_decision's docstring, re-implemented from the confidence-sequence functions."""
     t1 = np.maximum(t, 1)
     r_now = radius_from_probability(lower_bound(s, t1, alpha, a, b), SIGMA)
-    r_budget = radius_from_probability(lower_bound(np.floor(s * (budget / t1)), np.full_like(s, budget), alpha, a, b),
-                                       SIGMA)
+    r_budget = radius_from_probability(lower_bound((s * budget) // t1, np.full_like(s, budget), alpha, a, b), SIGMA)
     settled = (t > 0) & (r_now > 0) & (r_now >= fraction * r_budget)
     futile = (t > 0) & ((upper_bound(s, t1, alpha, a, b) < 0.5) | ((t >= min_futility_trials) & (r_budget <= 0)))
     return np.where(settled, Stop.CERTIFIED, np.where(futile, Stop.FUTILITY,
@@ -97,17 +96,18 @@ def test_best_radius_decision_follows_its_rule(alpha, a, b):
     """Decision == the documented rule on a grid (CERTIFIED > FUTILITY > BUDGET > CONTINUE), and CERTIFIED only where
     the current certified radius is positive."""
     s, t = _grid(300)
-    d = best_radius_decision(s, t, sigma=SIGMA, alpha=alpha, budget=2000, a=a, b=b)
-    assert np.array_equal(d, _best_rule(s, t, alpha, 2000, a, b))
+    for fraction in (0.5, 0.75, 0.9):
+        d = best_radius_decision(s, t, sigma=SIGMA, alpha=alpha, budget=2000, a=a, b=b, fraction=fraction)
+        assert np.array_equal(d, _best_rule(s, t, alpha, 2000, a, b, fraction=fraction)), fraction
     assert np.all(certified_radius(s[d == Stop.CERTIFIED], t[d == Stop.CERTIFIED], alpha, SIGMA, a, b) > 0)
     assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(d.tolist())
 
 
 def test_best_radius_decision_easy_and_hard_cases():
-    """Picked by computing (alpha = 0.001, sigma = 0.25, budget 10k): S = t = 2000 has radius 0.634 of a projected
-    0.758 (> 75 %): stop; S = t = 100 has 0.330 (44 %): continue; 10/100 hits: U < 1/2, futile; 120/300 hits:
-    U = 0.53 but the projection certifies nothing after >= 200 samples: futile."""
-    kw = dict(sigma=SIGMA, alpha=0.001, budget=10_000)
+    """Picked by computing (alpha = 0.001, sigma = 0.25, budget 10k, default fraction): S = t = 2000 has radius 0.634
+    of a projected 0.758 (84 %): stop; S = t = 100 has 0.330 (44 %): continue; 10/100 hits: U < 1/2, futile;
+    120/300 hits: U = 0.53 but the projection certifies nothing after >= 200 samples: futile."""
+    kw = {"sigma": SIGMA, "alpha": 0.001, "budget": 10_000}
     assert best_radius_decision(2000, 2000, **kw) == Stop.CERTIFIED
     assert best_radius_decision(100, 100, **kw) == Stop.CONTINUE
     assert best_radius_decision(10, 100, **kw) == Stop.FUTILITY
@@ -122,7 +122,7 @@ def test_checkpoint_schedule():
             c = checkpoint_schedule(budget, first=first, growth=growth)
             assert c[0] == min(first, budget) and c[-1] == budget and np.all(np.diff(c) > 0)
             assert np.all(c[1:] <= np.maximum(np.ceil(c[:-1] * growth), c[:-1] + 1))
-    for bad in (dict(budget=0), dict(budget=10, first=0), dict(budget=10, growth=1.0)):
+    for bad in ({"budget": 0}, {"first": 0}, {"growth": 1.0}):
         with pytest.raises(ValueError):
             checkpoint_schedule(**{"budget": 10, **bad})
 

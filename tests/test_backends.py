@@ -1,0 +1,62 @@
+"""The inference backends: host-noise and in-graph-noise sampling agree in distribution, and the wrapper is sound."""
+
+import numpy as np
+import pytest
+from scipy.stats import chi2_contingency
+
+from calibration.data import load_fashion_mnist
+from models.backends import OnnxBackend, noisy_argmax_model
+from models.bundle import load_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_fashion_mnist().x_test[:6]
+
+
+def test_in_graph_noise_matches_host_noise_in_distribution(bundle, images):
+    """The CUDA-path wrapper (Gather -> RandomNormalLike -> model -> ArgMax), run on the CPU provider, yields the same
+    class distribution per image as numpy noise: a chi-square test per image does not reject at 1e-4."""
+    host = bundle.backend("base", threads=2, device="cpu")
+    graph = bundle.backend("base", threads=2, device="cpu", noise_in_graph=True, seed=3)
+    reps = np.full(len(images), 3000)
+    a = host.noisy_predictions(images, reps, 0.25, np.random.default_rng(0)).reshape(len(images), -1)
+    b = graph.noisy_predictions(images, reps, 0.25, np.random.default_rng(1)).reshape(len(images), -1)
+    for i in range(len(images)):
+        table = np.stack([np.bincount(a[i], minlength=10), np.bincount(b[i], minlength=10)])
+        table = table[:, table.sum(axis=0) > 0]
+        if table.shape[1] < 2:  # both put every sample on one class
+            assert np.array_equal(np.flatnonzero(np.bincount(a[i], minlength=10)),
+                                  np.flatnonzero(np.bincount(b[i], minlength=10)))
+            continue
+        assert chi2_contingency(table).pvalue > 1e-4, f"image {i}: {table}"
+
+
+def test_in_graph_noise_is_fresh_each_call_and_scaled_by_sigma(bundle, images):
+    graph = bundle.backend("base", threads=1, device="cpu", noise_in_graph=True, seed=5)
+    x = images[:1]
+    first = graph.noisy_predictions(x, np.array([500]), 0.25, None)
+    second = graph.noisy_predictions(x, np.array([500]), 0.25, None)
+    assert first.shape == (500,) and not np.array_equal(first, second)
+    with pytest.raises(ValueError, match="sigma"):
+        graph.noisy_predictions(x, np.array([10]), 0.5, None)
+
+
+def test_wrapper_with_tiny_sigma_reproduces_the_clean_prediction(bundle, images):
+    model = noisy_argmax_model(str(bundle.path("base")), 1e-6, seed=0)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = sess.run(None, {"images": images, "index": np.arange(len(images), dtype=np.int64)})[0]
+    clean = OnnxBackend(bundle.path("base"), threads=1).forward(images).argmax(axis=1)
+    assert np.array_equal(labels, clean)
+
+
+def test_in_graph_noise_needs_sigma(bundle):
+    with pytest.raises(ValueError, match="noise_sigma"):
+        OnnxBackend(bundle.path("base"), noise_in_graph=True)
