@@ -7,12 +7,14 @@ PIP := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data run test test-slow bench bundle evaluate clean
-setup: $(VENV)/.installed data
+.PHONY: setup system run test test-slow bench bundle evaluate clean
+setup: $(VENV)/.installed system
 
-# Real Fashion-MNIST ships as a Debian package; the pipeline and its tests read it from $(FMNIST).
-data:
-	@test -f $(FMNIST)/t10k-labels-idx1-ubyte.gz || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+# Debian packages: real Fashion-MNIST (the pipeline and its tests read $(FMNIST)) and prometheus (promtool lints
+# the metrics exposition in the tests).
+system:
+	@test -f $(FMNIST)/t10k-labels-idx1-ubyte.gz && command -v promtool >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist prometheus >/dev/null)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.bundle import load_bundle
 from server.certifier import Certifier, CertifyError
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
     app.state.ready = False
     app.state.draining = False
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
     _install_error_handlers(app)
 
     def require_key(request: Request) -> None:
@@ -119,6 +121,9 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
             cert = await work
         except asyncio.CancelledError:
             app.state.metrics.requests.labels(params.mode, "cancelled").inc()
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                # the client went away: the job was dropped; nobody reads this answer
+                raise CertifyError(499, "client_closed_request", "the client closed the connection") from None
             raise
         finally:
             watcher.cancel()
@@ -150,13 +155,6 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
         return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        response = await call_next(request)
-        response.headers["x-request-id"] = request.state.request_id
-        return response
 
     return app
 
@@ -195,16 +193,21 @@ def _pydantic_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{loc}: {err['msg']}")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg += f" (accepted: image or images, {', '.join(CertifyParams.model_fields)})"
+        parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
 
-async def _cancel_on_disconnect(request: Request, work: asyncio.Future) -> None:
+async def _cancel_on_disconnect(request: Request, work: asyncio.Future) -> bool:
+    """Cancel ``work`` when the client disconnects; True when it did."""
     while not work.done():
         if await request.is_disconnected():
             work.cancel()
-            return
+            return True
         await asyncio.sleep(0.05)
+    return False
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -217,9 +220,36 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
         return JSONResponse(body(exc.code, exc.message, request), status_code=exc.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(body(code, str(exc.detail), request), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse(body("bad_request", str(exc.errors()[:5]), request), status_code=422)
+
+
+class RequestId:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would hide client disconnects): X-Request-ID in and out."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
+        request_id = supplied if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class BodyLimit:

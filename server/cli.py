@@ -17,6 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb = bench_sub.add_parser("smoothing", help="statistics core: update rate, samples to decision")
     smoothing_bench.add_arguments(sb)
     sb.set_defaults(func=smoothing_bench.run)
+    from bench import server_bench
+
+    sv = bench_sub.add_parser("server", help="worker efficiency, HTTP latency, certificates/s, auto mode, cold start")
+    server_bench.add_arguments(sv)
+    sv.set_defaults(func=server_bench.run)
 
     from server.client import add_certify_command
     from server.serve import add_serve_command

@@ -62,10 +62,12 @@ def _from_pil(raw: bytes, max_pixels: int) -> np.ndarray:
     try:
         img.load()  # decoding is bounded by the pixel check above
         if img.mode not in ("L", "RGB"):
-            grey = img.mode in ("1", "LA", "I", "I;16", "F")
-            img = img.convert("L" if grey else "RGB")  # palette, alpha, CMYK -> RGB
+            if not img.mode.startswith("I"):  # 16-bit grey stays as it is (scaled below)
+                img = img.convert("L" if img.mode in ("1", "LA", "F") else "RGB")  # palette, alpha, CMYK -> RGB
     except (OSError, ValueError, SyntaxError):
         raise ImageError("the image data is truncated or corrupt") from None
+    if img.mode.startswith("I"):  # 16-bit PNG: scale, do not clip to 8 bits
+        return np.asarray(img, dtype=np.float32) / 65535.0
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
 
@@ -117,6 +119,8 @@ def _conform(arr: np.ndarray, shape: tuple[int, int, int], resize: bool, convert
         arr = np.transpose(arr, (2, 0, 1))  # H, W, C
     if arr.ndim != 3:
         raise ImageError(f"image must have shape (C, H, W) or (H, W); got {arr.shape}; expected ({c}, {h}, {w})")
+    if arr.size == 0:
+        raise ImageError(f"the image is empty (shape {arr.shape}); expected ({c}, {h}, {w})")
     if arr.shape[0] != c:
         if not convert:
             raise ImageError(f"image has {arr.shape[0]} channel(s); the model expects {c} (shape ({c}, {h}, {w})). "

@@ -11,13 +11,13 @@ Method = Literal["surrogate", "sequential", "cohen"]
 GuaranteeKind = Literal["conformal-marginal", "anytime-valid", "clopper-pearson"]
 StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"]
 FallbackReason = Literal["no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
-                         "below_target_radius", "mode_requested"]
+                         "below_target_radius"]
 
 
 class CertifyParams(BaseModel):
     """Parameters of a certification (form fields or JSON keys)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001)")
     mode: Mode = "auto"

@@ -18,6 +18,11 @@ class _DrainingServer(uvicorn.Server):
         if self.app_state is not None:
             self.app_state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown (exit 143 for SIGTERM); a drained shutdown is a clean
+        # exit, so forget them and let run() return normally.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def add_serve_command(sub) -> None:

@@ -178,7 +178,15 @@ class SequentialEngine:
             self._accepting = False
             self._stop_at = time.monotonic() + max(0.0, grace)
             self._lock.notify()
-        if wait and self._thread is not None:
+            never_started = self._thread is None
+            leftover = self._pending + self._jobs if never_started else []
+            if never_started:
+                self._pending, self._jobs = [], []
+        if never_started:  # nobody will sample them: answer with what they have (nothing), marked shutdown
+            with self._state:
+                for job in leftover:
+                    self._finish(job, "shutdown")
+        elif wait:
             self._thread.join()
 
     # ----------------------------------------------------------------- engine thread
@@ -278,6 +286,7 @@ class SequentialEngine:
         if due:
             self._decide(due)
         self._jobs = [job for job in self._jobs if not job.future.done()]
+        self.observer.on_queue(sum(1 for job in self._jobs if job.started is None), len(self._jobs))
 
     def _decide(self, due: list[_Job]) -> None:
         """One vectorized policy evaluation per policy over every job that reached a checkpoint."""
@@ -291,15 +300,29 @@ class SequentialEngine:
             b = np.array([j.spec.prior[1] for j in group])
             alpha = np.array([j.spec.alpha for j in group])
             budget = np.array([j.spec.budget for j in group])
-            if targeted:
-                radius = np.array([j.spec.target_radius for j in group])
-                decision = target_radius_decision(s, t, sigma=self.sigma, target_radius=radius, alpha=alpha,
-                                                  budget=budget, a=a, b=b)
-            else:
-                decision = best_radius_decision(s, t, sigma=self.sigma, alpha=alpha, budget=budget, a=a, b=b)
+            radius = np.array([j.spec.target_radius if targeted else 0.0 for j in group])
+            try:
+                decision = self._policy(targeted, s, t, radius, alpha, budget, a, b)
+            except ValueError:  # isolate the job(s) at fault instead of failing every live job
+                decision = []
+                for k, job in enumerate(group):
+                    try:
+                        decision.append(int(self._policy(targeted, *(x[k:k + 1] for x in (s, t, radius, alpha,
+                                                                                           budget, a, b)))[0]))
+                    except ValueError as exc:
+                        job.future.set_exception(exc)
+                        decision.append(Stop.CONTINUE)
             for job, d in zip(group, np.atleast_1d(decision)):
+                if job.future.done():
+                    continue
                 if d != Stop.CONTINUE:
                     self._finish(job, _STOP_NAMES[Stop(int(d))])
+
+    def _policy(self, targeted, s, t, radius, alpha, budget, a, b):
+        if targeted:
+            return target_radius_decision(s, t, sigma=self.sigma, target_radius=radius, alpha=alpha, budget=budget,
+                                          a=a, b=b)
+        return best_radius_decision(s, t, sigma=self.sigma, alpha=alpha, budget=budget, a=a, b=b)
 
     def _finish(self, job: _Job, stopped_by: str) -> None:
         self._by_future.pop(job.future, None)

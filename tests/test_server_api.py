@@ -1,0 +1,483 @@
+"""The HTTP API through the real app and its lifespan: endpoints, request encodings, all four modes, the router's
+decisions (surrogate vs sequential vs Cohen, with the reason of every fallback), the response contract, the batch
+endpoint and a base-only (bring-your-own-model) bundle.
+
+Everything is real: the embedded default bundle (Fashion-MNIST, sigma 0.25, surrogate + meta prior, alpha_cal
+0.001), real onnxruntime sessions, the real sequential engine started by the lifespan, real Fashion-MNIST test
+images. ``TestClient`` (httpx) runs the lifespan. Budgets are small (server ``max_samples=2000``) so that the module
+runs in seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from calibration.data import load_fashion_mnist
+from models.bundle import DEFAULT_BUNDLE_DIR, create_bundle, load_bundle, sha256_file
+from server.app import create_app
+from server.schemas import Certificate, ModelCard
+from server.settings import Settings
+from smoothing import radius_from_probability
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+SIGMA = 0.25
+ALPHA_CAL = 0.001
+MAX_SAMPLES = 2000
+COHEN_N0 = 100
+EASY = 2  # Fashion-MNIST test image #2: a trouser, the easiest class; the surrogate certifies it at alpha_cal
+CERT_KEYS = set(Certificate.model_fields)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def png_bytes(img: np.ndarray, fmt: str = "PNG") -> bytes:
+    """(H, W) or (C, H, W) float image in [0, 1] -> PNG/JPEG bytes (8-bit)."""
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[0] if arr.shape[0] == 1 else np.transpose(arr, (1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(np.round(arr * 255).astype(np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def quantized(img: np.ndarray) -> np.ndarray:
+    """The image exactly as an 8-bit PNG carries it (so PNG and array requests see identical pixels)."""
+    return (np.round(np.asarray(img) * 255) / 255).astype(np.float32)
+
+
+def post_file(client, data: bytes, filename: str = "x.png", ctype: str = "image/png", **fields):
+    form = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in fields.items()}
+    return client.post("/certify", files={"image": (filename, data, ctype)}, data=form)
+
+
+def check_certificate(body: dict, *, sigma: float = SIGMA, classes=FMNIST_CLASSES) -> Certificate:
+    """Every response field is present, typed per the schema and self-consistent."""
+    assert set(body) == CERT_KEYS, f"response fields differ from the schema: {sorted(set(body) ^ CERT_KEYS)}"
+    cert = Certificate.model_validate(body)
+    assert set(body["guarantee"]) >= {"kind", "alpha", "statement"}
+    assert set(body["model"]) == {"name", "version", "sha256"}
+    assert set(body["timings"]) >= {"decode_ms", "total_ms"}
+    assert cert.timings.total_ms >= cert.timings.decode_ms >= 0
+    assert cert.request_id
+    assert cert.radius >= 0 and math.isfinite(cert.radius)
+    assert cert.samples >= 0
+    assert cert.certified == (cert.class_index >= 0) == (cert.radius > 0)
+    if cert.certified:
+        assert 0 <= cert.class_index < len(classes)
+        assert cert.class_name == classes[cert.class_index]
+        assert cert.p_lower is not None and cert.p_lower > 0.5
+        assert cert.radius == pytest.approx(radius_from_probability(cert.p_lower, sigma), rel=1e-9, abs=1e-12)
+    else:
+        assert cert.class_name is None and cert.radius == 0.0
+    if cert.p_lower is not None:
+        assert 0.0 <= cert.p_lower <= 1.0
+    expected_kind = {"surrogate": "conformal-marginal", "sequential": "anytime-valid", "cohen": "clopper-pearson"}
+    assert cert.guarantee.kind == expected_kind[cert.method]
+    assert 0 < cert.guarantee.alpha < 1 and cert.guarantee.statement
+    if cert.method == "surrogate":
+        assert cert.samples == 0 and cert.fallback_reason is None
+        assert cert.stopped_by == ("certified" if cert.certified else "abstained")
+    return cert
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_fashion_mnist()
+
+
+@pytest.fixture(scope="module")
+def easy(fmnist) -> np.ndarray:
+    """(1, 28, 28) float32 in [0, 1], already 8-bit exact."""
+    return quantized(fmnist.x_test[EASY])
+
+
+@pytest.fixture(scope="module")
+def client():
+    with TestClient(create_app(Settings(max_samples=MAX_SAMPLES, cohen_n0=COHEN_N0), seed=0)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def surrogate_cert(client, easy) -> Certificate:
+    r = post_file(client, png_bytes(easy))
+    assert r.status_code == 200, r.text
+    return check_certificate(r.json())
+
+
+# ---------------------------------------------------------------------------------------------------- endpoints
+def test_healthz_and_readyz_after_start(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+
+
+def test_models_card_describes_the_served_bundle(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    cards = r.json()
+    assert isinstance(cards, list) and len(cards) == 1
+    card = ModelCard.model_validate(cards[0])
+    manifest = load_bundle(DEFAULT_BUNDLE_DIR, check_models=False).manifest
+    assert card.name == manifest.name == "fmnist-sigma0.25"
+    assert card.sigma == SIGMA
+    assert card.alpha_cal == ALPHA_CAL
+    assert card.classes == FMNIST_CLASSES
+    assert tuple(card.input_shape) == (1, 28, 28)
+    assert card.has_surrogate and card.has_meta_prior
+    assert card.default_alpha == 0.001 and card.max_samples == MAX_SAMPLES
+    assert card.sha256 == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
+
+
+def test_metrics_endpoint_exposes_certserve_series(client, surrogate_cert):
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("certserve_requests_total", "certserve_request_duration_seconds_bucket", "certserve_ready 1.0",
+                 "certserve_samples_processed_total", "certserve_worker_batch_size_bucket"):
+        assert name in text, f"{name} missing from /metrics"
+
+
+def test_unknown_route_is_404(client):
+    assert client.get("/v2/nothing").status_code == 404
+
+
+def test_openapi_documents_the_certify_contract(client):
+    spec = client.get("/openapi.json").json()
+    assert "/certify" in spec["paths"] and "/certify/batch" in spec["paths"]
+    content = spec["paths"]["/certify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(content)
+    assert "Certificate" in spec["components"]["schemas"]
+
+
+# ---------------------------------------------------------------------------------------------------- encodings
+def test_multipart_png(client, easy, surrogate_cert):
+    assert surrogate_cert.method == "surrogate"
+    assert surrogate_cert.class_index == 1 and surrogate_cert.class_name == "Trouser"
+
+
+def test_multipart_jpeg(client, easy):
+    r = post_file(client, png_bytes(easy, "JPEG"), "x.jpg", "image/jpeg")
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "surrogate" and cert.class_index == 1
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "float64"])
+def test_multipart_npy_gives_the_same_certificate_as_png(client, easy, surrogate_cert, dtype):
+    """The surrogate path is deterministic: identical pixels through .npy and PNG give the identical certificate."""
+    arr = np.round(easy[0] * 255).astype(np.uint8) if dtype == "uint8" else easy[0].astype(dtype)
+    r = post_file(client, npy_bytes(arr), "x.npy", "application/octet-stream")
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert (cert.class_index, cert.method) == (surrogate_cert.class_index, "surrogate")
+    assert cert.radius == pytest.approx(surrogate_cert.radius, rel=1e-6)
+
+
+def test_npy_in_hwc_layout_is_accepted(client, easy, surrogate_cert):
+    r = post_file(client, npy_bytes(np.transpose(easy, (1, 2, 0))), "x.npy", "application/octet-stream")
+    assert r.status_code == 200, r.text
+    assert r.json()["radius"] == pytest.approx(surrogate_cert.radius, rel=1e-6)
+
+
+def test_json_base64_png(client, easy, surrogate_cert):
+    b64 = base64.b64encode(png_bytes(easy)).decode()
+    for image in (b64, "data:image/png;base64," + b64):
+        r = client.post("/certify", json={"image": image})
+        assert r.status_code == 200, r.text
+        cert = check_certificate(r.json())
+        assert cert.radius == pytest.approx(surrogate_cert.radius, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["HW", "CHW"])
+def test_json_nested_array(client, easy, surrogate_cert, layout):
+    image = easy[0].tolist() if layout == "HW" else easy.tolist()
+    r = client.post("/certify", json={"image": image})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.class_index == surrogate_cert.class_index
+    assert cert.radius == pytest.approx(surrogate_cert.radius, rel=1e-6)
+
+
+def test_json_with_charset_content_type(client, easy):
+    body = json.dumps({"image": easy.tolist()}).encode()
+    r = client.post("/certify", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_form_fields_are_parsed_like_json(client, easy):
+    """Multipart strings ('true', '0.0005', '300') are parsed into the same typed parameters as JSON."""
+    r = post_file(client, png_bytes(easy), mode="sequential", alpha="0.0005", max_samples="300", per_input="true")
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.guarantee.alpha == 0.0005 and cert.samples <= 300
+    assert cert.fallback_reason is None  # mode=sequential was asked for: not a fallback
+
+
+def test_request_id_header_is_echoed(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist()}, headers={"X-Request-ID": "req-abc-123"})
+    assert r.status_code == 200
+    assert r.json()["request_id"] == "req-abc-123" == r.headers["x-request-id"]
+    r = client.post("/certify", json={"image": easy.tolist()})
+    assert r.json()["request_id"] == r.headers["x-request-id"] != "req-abc-123"
+
+
+def test_model_identity_in_every_certificate(client, surrogate_cert):
+    card = client.get("/v1/models").json()[0]
+    assert surrogate_cert.model.model_dump() == {"name": card["name"], "version": card["version"],
+                                                 "sha256": card["sha256"]}
+
+
+# ---------------------------------------------------------------------------------------------------- modes & routing
+def test_auto_default_alpha_is_served_by_the_surrogate(surrogate_cert):
+    c = surrogate_cert
+    assert c.method == "surrogate" and c.certified and c.radius > 0
+    assert c.guarantee.kind == "conformal-marginal" and c.guarantee.alpha == ALPHA_CAL
+    assert c.samples == 0 and c.fallback_reason is None and c.stopped_by == "certified"
+    assert c.timings.surrogate_ms is not None and c.timings.sampling_ms is None
+
+
+def test_mode_surrogate_at_alpha_cal(client, easy, surrogate_cert):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "surrogate", "alpha": ALPHA_CAL})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "surrogate" and cert.radius == pytest.approx(surrogate_cert.radius, rel=1e-9)
+
+
+def test_alpha_looser_than_alpha_cal_still_uses_the_surrogate_at_alpha_cal(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "alpha": 0.05})
+    cert = check_certificate(r.json())
+    assert cert.method == "surrogate" and cert.guarantee.alpha == ALPHA_CAL <= 0.05
+
+
+def test_alpha_below_alpha_cal_falls_back_to_sequential(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "alpha": 0.0005})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.fallback_reason == "alpha_below_alpha_cal"
+    assert cert.guarantee.kind == "anytime-valid" and cert.guarantee.alpha == 0.0005
+    assert 0 < cert.samples <= MAX_SAMPLES
+    assert cert.certified and cert.class_index == 1  # an easy image certifies on the sequential path too
+    assert cert.stopped_by in {"certified", "budget"}
+    assert cert.timings.sampling_ms is not None and cert.timings.queue_ms is not None
+
+
+def test_per_input_falls_back_to_sequential(client, easy):
+    r = post_file(client, png_bytes(easy), per_input=True)
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.fallback_reason == "per_input_requested"
+    assert cert.guarantee.kind == "anytime-valid" and cert.guarantee.alpha == 0.001
+
+
+def test_target_radius_above_surrogate_radius_goes_sequential(client, easy, surrogate_cert):
+    target = round(surrogate_cert.radius + 0.05, 3)  # ~0.41: out of the surrogate's reach, in the engine's
+    r = client.post("/certify", json={"image": easy.tolist(), "target_radius": target})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.fallback_reason == "below_target_radius"
+    assert cert.stopped_by in {"target", "futility", "budget"}
+    assert cert.stopped_by == "target", f"a reachable target ({target}) on an easy image was not certified: {cert}"
+    assert cert.radius >= target and cert.class_index == 1
+    assert cert.samples < MAX_SAMPLES  # the target policy stops as soon as the target is certified
+
+
+def test_target_radius_below_surrogate_radius_stays_on_the_surrogate(client, easy, surrogate_cert):
+    r = client.post("/certify", json={"image": easy.tolist(), "target_radius": surrogate_cert.radius / 2})
+    cert = check_certificate(r.json())
+    assert cert.method == "surrogate" and cert.radius >= surrogate_cert.radius / 2
+
+
+def test_mode_surrogate_below_alpha_cal_is_refused(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "surrogate", "alpha": 0.0001})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "alpha_below_alpha_cal" and "alpha_cal" in err["message"]
+
+
+def test_mode_surrogate_with_per_input_is_refused(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "surrogate", "per_input": True})
+    assert r.status_code == 422
+    assert "per input" in r.json()["error"]["message"]
+
+
+def test_mode_sequential(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "sequential", "max_samples": 500})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.guarantee.kind == "anytime-valid"
+    assert 0 < cert.samples <= 500 and cert.fallback_reason is None
+    assert cert.stopped_by in {"certified", "budget", "futility"}
+
+
+@pytest.mark.parametrize("budget", [300, None])
+def test_mode_cohen_spends_n0_plus_budget(client, easy, budget):
+    payload = {"image": easy.tolist(), "mode": "cohen"} | ({"max_samples": budget} if budget else {})
+    r = client.post("/certify", json=payload)
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "cohen" and cert.guarantee.kind == "clopper-pearson" and cert.guarantee.alpha == 0.001
+    assert cert.samples == COHEN_N0 + (budget or MAX_SAMPLES)
+    assert cert.stopped_by == "budget" and cert.fallback_reason is None
+    assert cert.certified and cert.class_index == 1
+    assert cert.timings.surrogate_ms is None  # Cohen never looks at the surrogate
+
+
+def test_requested_budget_is_capped_by_the_server(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "cohen", "max_samples": 10 * MAX_SAMPLES})
+    assert r.status_code == 200
+    assert r.json()["samples"] == COHEN_N0 + MAX_SAMPLES
+
+
+def test_short_deadline_returns_a_valid_answer(client, easy):
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "sequential", "deadline_ms": 1,
+                                      "max_samples": MAX_SAMPLES})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.stopped_by in {"deadline", "certified"}
+    assert cert.samples <= MAX_SAMPLES
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+def test_batch_json_list(client, fmnist):
+    imgs = [quantized(fmnist.x_test[i]) for i in (EASY, 0, 1)]
+    images = [base64.b64encode(png_bytes(imgs[0])).decode(), imgs[1].tolist(), imgs[2][0].tolist()]
+    r = client.post("/certify/batch", json={"images": images})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert len(results) == 3
+    certs = [check_certificate(res) for res in results]
+    assert certs[0].class_index == 1  # order preserved: the trouser first
+    # each agrees with the single-image endpoint (surrogate path: deterministic)
+    for img, cert in zip(imgs, certs):
+        single = check_certificate(client.post("/certify", json={"image": img.tolist()}).json())
+        assert (single.class_index, single.method) == (cert.class_index, cert.method)
+        assert single.radius == pytest.approx(cert.radius, rel=1e-9)
+    assert len({c.request_id for c in certs}) == 1  # one request, one id
+
+
+def test_batch_multipart_repeated_images_with_shared_params(client, fmnist):
+    files = [("images", (f"{i}.png", png_bytes(fmnist.x_test[i]), "image/png")) for i in (EASY, 3, 5)]
+    r = client.post("/certify/batch", files=files, data={"mode": "sequential", "alpha": "0.01", "max_samples": "400"})
+    assert r.status_code == 200, r.text
+    certs = [check_certificate(res) for res in r.json()["results"]]
+    assert len(certs) == 3
+    for cert in certs:
+        assert cert.method == "sequential" and cert.guarantee.alpha == 0.01 and cert.samples <= 400
+    assert certs[0].class_index == 1
+
+
+def test_batch_cohen_runs_jobs_together(client, fmnist):
+    r = client.post("/certify/batch", json={"images": [fmnist.x_test[i].tolist() for i in range(4)],
+                                            "mode": "cohen", "max_samples": 200})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        cert = check_certificate(res)
+        assert cert.method == "cohen" and cert.samples == COHEN_N0 + 200
+
+
+def test_batch_with_one_bad_image_is_rejected_as_a_whole(client, fmnist):
+    r = client.post("/certify/batch", json={"images": [fmnist.x_test[0].tolist(), [[2.0]]]})
+    assert r.status_code == 422
+    assert "[0, 1]" in r.json()["error"]["message"]
+
+
+def test_batch_too_many_images(client, easy):
+    b64 = base64.b64encode(png_bytes(easy)).decode()
+    r = client.post("/certify/batch", json={"images": [b64] * 65})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "too_many_images" and "64" in err["message"]
+
+
+def test_batch_empty_list_and_missing_field(client):
+    r = client.post("/certify/batch", json={"images": []})
+    assert r.status_code == 422 and "images" in r.json()["error"]["message"]
+    r = client.post("/certify/batch", files={"image": ("x.png", b"\x89PNG", "image/png")})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "missing_image" and "'images'" in err["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- base-only bundle
+@pytest.fixture(scope="module")
+def base_only_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("byom") / "fmnist-base-only"
+    create_bundle(root, base=DEFAULT_BUNDLE_DIR / "base.onnx", sigma=SIGMA, input_shape=(1, 28, 28),
+                  classes=FMNIST_CLASSES, name="fmnist-base-only")
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_only_client(base_only_bundle):
+    with TestClient(create_app(Settings(bundle=str(base_only_bundle), max_samples=MAX_SAMPLES), seed=1)) as c:
+        yield c
+
+
+def test_base_only_bundle_card(base_only_client):
+    card = base_only_client.get("/v1/models").json()[0]
+    assert card["name"] == "fmnist-base-only"
+    assert card["has_surrogate"] is False and card["has_meta_prior"] is False and card["alpha_cal"] is None
+    assert card["sha256"] == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
+
+
+def test_base_only_bundle_auto_goes_sequential(base_only_client, easy):
+    r = post_file(base_only_client, png_bytes(easy))
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "sequential" and cert.fallback_reason == "no_surrogate"
+    assert cert.guarantee.kind == "anytime-valid" and cert.guarantee.alpha == 0.001
+    assert cert.certified and cert.class_index == 1  # tested class = the base model's clean arg-max
+    assert cert.model.name == "fmnist-base-only"
+    assert cert.timings.surrogate_ms is None
+
+
+def test_base_only_bundle_refuses_surrogate_mode(base_only_client, easy):
+    r = base_only_client.post("/certify", json={"image": easy.tolist(), "mode": "surrogate"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "no_surrogate" and "sequential" in err["message"]
+
+
+def test_base_only_bundle_serves_cohen(base_only_client, easy):
+    r = base_only_client.post("/certify", json={"image": easy.tolist(), "mode": "cohen", "max_samples": 300})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "cohen" and cert.samples == 100 + 300 and cert.class_index == 1
+
+
+def test_http_deadline_returns_the_anytime_bound_at_the_counts_reached(base_only_bundle, easy):
+    """A request deadline answers with the confidence-sequence bound at the samples counted so far. A base-only
+    bundle uses the KT prior (a = b = 1/2), so p_lower can be checked exactly: it is lower_bound(S, samples) for an
+    integer S."""
+    from smoothing import lower_bound
+
+    settings = Settings(bundle=str(base_only_bundle), max_samples=10**7, drain_seconds=0)
+    with TestClient(create_app(settings, seed=3)) as c:
+        r = c.post("/certify", json={"image": easy.tolist(), "mode": "sequential", "alpha": 0.001,
+                                     "max_samples": 10**7, "deadline_ms": 700})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.stopped_by == "deadline" and 0 < cert.samples < 10**7
+    assert 0.5 < cert.timings.total_ms / 1e3 < 30
+    n = cert.samples
+    candidates = lower_bound(np.arange(n + 1), n, 0.001, 0.5, 0.5)
+    s = int(np.argmin(np.abs(candidates - cert.p_lower)))
+    assert cert.p_lower == pytest.approx(lower_bound(s, n, 0.001, 0.5, 0.5), rel=1e-12)
+    assert s > 0.95 * n and cert.class_index == 1

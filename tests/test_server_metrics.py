@@ -1,0 +1,236 @@
+"""Prometheus metrics of the real app after real traffic, parsed with prometheus_client's own text parser: every
+documented series exists with its labels and buckets, and the numbers add up (requests by method and outcome,
+fallbacks by reason, samples per certificate, samples processed = what the certificates report + the warm-up job,
+worker batches). Optionally ``promtool check metrics`` (apt package ``prometheus``) lints the exposition.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from calibration.data import load_fashion_mnist
+from server.app import create_app
+from server.settings import Settings
+
+EASY = 2
+WARM_UP_SAMPLES = 64  # the lifespan's warm-up job (documented in Certifier.warm_up)
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(family, suffix: str = "", **labels) -> list:
+    name = family.name + suffix
+    return [s for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def value(family, suffix: str = "", **labels) -> float:
+    found = samples(family, suffix, **labels)
+    assert len(found) == 1, f"{family.name}{suffix}{labels}: {len(found)} samples"
+    return found[0].value
+
+
+def buckets(family, **labels) -> list[tuple[float, float]]:
+    out = [(float(s.labels["le"]), s.value) for s in samples(family, "_bucket", **labels)]
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    """A fresh app, a known mix of requests, then one /metrics scrape."""
+    x = load_fashion_mnist().x_test
+    easy = x[EASY].tolist()
+    with TestClient(create_app(Settings(max_samples=1000), seed=5)) as c:
+        certs = []
+
+        def ok(payload):
+            r = c.post("/certify", json=payload)
+            assert r.status_code == 200, r.text
+            certs.append(r.json())
+
+        ok({"image": easy})  # surrogate
+        ok({"image": x[0].tolist()})  # surrogate (or a sequential fallback if it abstains)
+        ok({"image": easy, "alpha": 0.0005})  # fallback: alpha_below_alpha_cal
+        ok({"image": easy, "per_input": True})  # fallback: per_input_requested
+        ok({"image": easy, "mode": "sequential", "max_samples": 300})  # sequential, no fallback
+        ok({"image": easy, "mode": "cohen", "max_samples": 200})  # cohen: 100 + 200 samples
+        r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in range(3)], "mode": "cohen",
+                                           "max_samples": 100})
+        assert r.status_code == 200
+        certs.extend(r.json()["results"])
+        assert c.post("/certify", json={"image": [[2.0]]}).status_code == 422  # rejected: bad_image
+        text = c.get("/metrics").text
+        card = c.get("/v1/models").json()[0]
+    return {"certs": certs, "text": text, "families": families(text), "card": card}
+
+
+def test_all_documented_series_exist(traffic):
+    fam = traffic["families"]
+    expected = {
+        "certserve_requests": "counter", "certserve_request_duration_seconds": "histogram",
+        "certserve_samples_per_certificate": "histogram", "certserve_fallbacks": "counter",
+        "certserve_rejected_requests": "counter", "certserve_worker_batch_size": "histogram",
+        "certserve_worker_batch_fill_ratio": "histogram", "certserve_queue_depth": "gauge",
+        "certserve_live_jobs": "gauge", "certserve_samples_processed": "counter",
+        "certserve_model_inference_seconds": "histogram", "certserve_ready": "gauge",
+    }
+    for name, kind in expected.items():
+        assert name in fam, f"{name} missing; have {sorted(fam)}"
+        assert fam[name].type == kind, f"{name} is a {fam[name].type}, expected {kind}"
+    assert all(name.startswith("certserve_") for name in fam if not name.startswith(("python_", "process_")))
+
+
+def test_requests_by_method_and_outcome(traffic):
+    fam = traffic["families"]["certserve_requests"]
+    want: dict = defaultdict(int)
+    for cert in traffic["certs"]:
+        want[(cert["method"], "certified" if cert["certified"] else "abstained")] += 1
+    got = {(s.labels["method"], s.labels["outcome"]): s.value for s in samples(fam, "_total")}
+    assert got == {k: float(v) for k, v in want.items()}
+    assert sum(got.values()) == len(traffic["certs"]) == 9
+    assert got[("cohen", "certified")] + got.get(("cohen", "abstained"), 0) == 4
+
+
+def test_request_duration_histogram_buckets_from_1ms_to_60s(traffic):
+    fam = traffic["families"]["certserve_request_duration_seconds"]
+    per_method = defaultdict(int)
+    for cert in traffic["certs"]:
+        per_method[cert["method"]] += 1
+    for method, n in per_method.items():
+        b = buckets(fam, method=method)
+        assert [le for le, _ in b[:-1]] == LATENCY_BUCKETS and b[-1][0] == float("inf")
+        counts = [v for _, v in b]
+        assert counts == sorted(counts), "cumulative bucket counts must not decrease"
+        assert counts[-1] == value(fam, "_count", method=method) == n
+        assert value(fam, "_sum", method=method) > 0
+
+
+def test_samples_per_certificate(traffic):
+    fam = traffic["families"]["certserve_samples_per_certificate"]
+    for method in {c["method"] for c in traffic["certs"]}:
+        mine = [c["samples"] for c in traffic["certs"] if c["method"] == method]
+        assert value(fam, "_count", method=method) == len(mine)
+        assert value(fam, "_sum", method=method) == sum(mine)
+    assert value(fam, "_sum", method="cohen") == (100 + 200) + 3 * (100 + 100)
+    if any(c["method"] == "surrogate" for c in traffic["certs"]):
+        assert value(fam, "_sum", method="surrogate") == 0
+
+
+def test_fallbacks_by_reason(traffic):
+    fam = traffic["families"]["certserve_fallbacks"]
+    want: dict = defaultdict(int)
+    for cert in traffic["certs"]:
+        if cert["fallback_reason"]:
+            want[cert["fallback_reason"]] += 1
+    got = {s.labels["reason"]: s.value for s in samples(fam, "_total")}
+    assert got == {k: float(v) for k, v in want.items()}
+    assert got["alpha_below_alpha_cal"] == 1 and got["per_input_requested"] == 1
+
+
+def test_rejections_by_reason(traffic):
+    fam = traffic["families"]["certserve_rejected_requests"]
+    assert value(fam, "_total", reason="bad_image") == 1
+
+
+def test_samples_processed_add_up(traffic):
+    """Every noise sample the engine ran belongs to a certificate (or to the warm-up job)."""
+    fam = traffic["families"]
+    processed = value(fam["certserve_samples_processed"], "_total")
+    assert processed == WARM_UP_SAMPLES + sum(c["samples"] for c in traffic["certs"])
+    batch = fam["certserve_worker_batch_size"]
+    assert value(batch, "_sum") == processed
+    n_batches = value(batch, "_count")
+    assert n_batches >= 1
+    assert value(fam["certserve_model_inference_seconds"], "_count", model="base") == n_batches
+    assert value(fam["certserve_model_inference_seconds"], "_sum", model="base") > 0
+
+
+def test_batch_fill_ratio_is_a_fraction(traffic):
+    fam = traffic["families"]["certserve_worker_batch_fill_ratio"]
+    b = dict(buckets(fam))
+    total = value(fam, "_count")
+    assert total >= 1 and b[1.0] == total == b[float("inf")]  # every observation <= 1
+    assert 0 < value(fam, "_sum") <= total
+
+
+def test_gauges(traffic):
+    fam = traffic["families"]
+    assert value(fam["certserve_ready"]) == 1
+    for name in ("certserve_queue_depth", "certserve_live_jobs"):
+        assert value(fam[name]) >= 0
+
+
+def test_idle_server_reports_no_live_or_queued_jobs():
+    """After every request has been answered, the engine holds no job: both gauges must read 0 (they are sampled
+    at the start of each engine step, so they go stale unless refreshed when the last job retires)."""
+    x = load_fashion_mnist().x_test
+    with TestClient(create_app(Settings(max_samples=500), seed=6)) as c:
+        text = c.get("/metrics").text  # right after start-up: only the warm-up job has run
+        fam = families(text)
+        assert value(fam["certserve_live_jobs"]) == 0 and value(fam["certserve_queue_depth"]) == 0, \
+            "idle after warm-up, but the gauges say a job is live/queued"
+        r = c.post("/certify", json={"image": x[EASY].tolist(), "mode": "cohen", "max_samples": 200})
+        assert r.status_code == 200
+        engine = c.app.state.certifier.engine
+        for _ in range(500):  # the engine retires the job right after answering it
+            if engine.live_jobs == 0:
+                break
+            threading.Event().wait(0.01)
+        assert engine.live_jobs == 0
+        fam = families(c.get("/metrics").text)
+        assert value(fam["certserve_live_jobs"]) == 0 and value(fam["certserve_queue_depth"]) == 0
+
+
+def test_live_jobs_gauge_counts_jobs_in_flight():
+    """While sequential jobs run, certserve_live_jobs reports them."""
+    x = load_fashion_mnist().x_test
+    with TestClient(create_app(Settings(max_samples=10**6, drain_seconds=0), seed=8)) as c:
+        engine = c.app.state.certifier.engine
+        results = []
+
+        def go():
+            results.append(c.post("/certify", json={"image": x[EASY].tolist(), "mode": "cohen",
+                                                    "max_samples": 20_000, "deadline_ms": 2500}))
+
+        threads = [threading.Thread(target=go) for _ in range(2)]
+        for t in threads:
+            t.start()
+        seen = 0.0
+        for _ in range(300):
+            if engine.live_jobs == 2 and engine.samples_processed > 64 + 1024:
+                seen = value(families(c.get("/metrics").text)["certserve_live_jobs"])
+                break
+            threading.Event().wait(0.01)
+        for t in threads:
+            t.join(timeout=60)
+        assert seen == 2
+        assert all(r.status_code == 200 for r in results)
+
+
+def test_promtool_check_metrics(traffic):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (apt-get install prometheus to lint the exposition format)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=traffic["text"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), \
+        f"promtool check metrics:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_latency_values_are_plausible(traffic):
+    """Timings in the certificates are milliseconds and agree in scale with the histogram (seconds)."""
+    fam = traffic["families"]["certserve_request_duration_seconds"]
+    total_s = sum(value(fam, "_sum", method=m) for m in {c["method"] for c in traffic["certs"]})
+    total_ms = sum(c["timings"]["total_ms"] for c in traffic["certs"])
+    assert total_s == pytest.approx(total_ms / 1e3, rel=1e-6)
+    assert np.all([c["timings"]["total_ms"] < 60_000 for c in traffic["certs"]])

@@ -1,0 +1,266 @@
+"""Process level: the real ``certserve serve`` (uvicorn) in a subprocess on a free port, driven over TCP by the Python
+client (:class:`server.client.CertserveClient`) and the ``certserve certify`` command; SIGTERM drains in-flight work
+and exits 0; a corrupted bundle stops the server from starting.
+
+Settings reach the process through ``CERTSERVE_*`` environment variables, as in production. Every wait is a bounded
+poll; the bounds are generous (a slow 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from calibration.data import load_fashion_mnist
+from models.bundle import DEFAULT_BUNDLE_DIR
+from server.client import CertserveClient, CertserveError
+
+API_KEY = "proc-key-1"
+EASY = 2  # a trouser: certified by the surrogate at the default alpha
+START_TIMEOUT = 90.0
+
+
+def certserve_executable() -> str:
+    exe = Path(sys.executable).parent / "certserve"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("certserve")
+    if found is None:
+        pytest.skip("the certserve console script is not installed in this environment")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ``certserve serve`` subprocess; stdout/stderr go to files (a full pipe would block the server)."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.out_path, self.err_path = tmp / "server.out", tmp / "server.err"
+        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in close(); the server outlives any block
+        self._err = open(self.err_path, "wb")  # noqa: SIM115
+        full_env = {**os.environ, "CERTSERVE_DEVICE": "cpu", "CERTSERVE_THREADS": "2", **env}
+        self.proc = subprocess.Popen([certserve_executable(), "serve", "--port", str(self.port), *args],
+                                     env=full_env, stdout=self._out, stderr=self._err)
+
+    def stderr(self) -> str:
+        self._err.flush()
+        return self.err_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode} before ready:\n"
+                                     f"{self.stderr()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.stderr()[-3000:]}")
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise KeyError(name)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._out.close()
+        self._err.close()
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    x = load_fashion_mnist().x_test
+    root = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name, i in (("trouser", EASY), ("boot", 0), ("shirt", 4)):
+        path = root / f"{name}.png"
+        Image.fromarray(np.round(x[i, 0] * 255).astype(np.uint8)).save(path)
+        paths[name] = path
+    paths["npy"] = root / "trouser.npy"
+    np.save(paths["npy"], x[EASY, 0])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("server"), {"CERTSERVE_MAX_SAMPLES": "2000", "CERTSERVE_API_KEYS": API_KEY,
+                                                     "CERTSERVE_DRAIN_SECONDS": "5"})
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.close()
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([certserve_executable(), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ}, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------- client & CLI
+def test_served_settings_come_from_the_environment(server):
+    card = httpx.get(server.url + "/v1/models", timeout=10).json()[0]
+    assert card["max_samples"] == 2000 and card["name"] == "fmnist-sigma0.25"
+    assert httpx.get(server.url + "/healthz", timeout=10).json() == {"status": "ok"}
+
+
+def test_python_client_certifies_a_real_image(server, images):
+    with CertserveClient(server.url, api_key=API_KEY) as client:
+        assert client.ready()
+        assert client.model()["name"] == "fmnist-sigma0.25"
+        cert = client.certify(images["trouser"])
+        assert cert["method"] == "surrogate" and cert["certified"] and cert["class_name"] == "Trouser"
+        assert cert["guarantee"]["kind"] == "conformal-marginal" and cert["radius"] > 0
+        cert = client.certify(images["npy"].read_bytes(), mode="cohen", max_samples=300)
+        assert cert["method"] == "cohen" and cert["samples"] == 400 and cert["class_index"] == 1
+        cert = client.certify(str(images["trouser"]), alpha=0.0005, per_input=True)
+        assert cert["method"] == "sequential" and cert["fallback_reason"] == "per_input_requested"
+        batch = client.certify_batch([images["trouser"], images["boot"], images["shirt"].read_bytes()])
+        assert [r["class_index"] for r in batch][:2] == [1, 9]
+        assert len(batch) == 3
+
+
+def test_python_client_reports_errors(server, images):
+    with CertserveClient(server.url, api_key=API_KEY) as client:
+        with pytest.raises(CertserveError) as info:
+            client.certify(b"definitely not an image")
+        assert info.value.status == 422 and "PNG, JPEG or .npy" in str(info.value)
+        with pytest.raises(CertserveError) as info:
+            client.certify(images["trouser"], alpha=0.0001, mode="surrogate")
+        assert info.value.status == 422
+    with CertserveClient(server.url, api_key="wrong", retries=0) as client:
+        with pytest.raises(CertserveError) as info:
+            client.certify(images["trouser"])
+        assert info.value.status == 401
+
+
+def test_certify_command_prints_one_json_line_per_image(server, images):
+    result = run_cli("certify", str(images["trouser"]), str(images["boot"]), "--url", server.url,
+                     "--api-key", API_KEY, "--mode", "sequential", "--max-samples", "300", "--alpha", "0.01")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["image"] == str(images["trouser"]) and second["image"] == str(images["boot"])
+    for cert in (first, second):
+        assert cert["method"] == "sequential" and cert["samples"] <= 300 and cert["guarantee"]["alpha"] == 0.01
+    assert first["class_index"] == 1
+
+
+def test_certify_command_failures_exit_nonzero(server, images, tmp_path):
+    result = run_cli("certify", str(tmp_path / "missing.png"), str(images["trouser"]), "--url", server.url,
+                     "--api-key", API_KEY)
+    assert result.returncode == 1
+    assert json.loads(result.stdout.strip())["class_index"] == 1  # the good image is still certified
+    assert "missing.png" in result.stderr and "error" in json.loads(result.stderr.strip().splitlines()[-1])
+    result = run_cli("certify", str(images["trouser"]), "--url", server.url)  # no key
+    assert result.returncode == 1 and "401" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- SIGTERM drain
+def test_sigterm_drains_in_flight_cohen_requests_and_exits_0(tmp_path, images):
+    drain = 20
+    srv = Server(tmp_path, {"CERTSERVE_MAX_SAMPLES": "4000", "CERTSERVE_DRAIN_SECONDS": str(drain)})
+    try:
+        srv.wait_ready()
+        data = images["trouser"].read_bytes()
+        answers: list = []
+
+        def request() -> None:
+            try:
+                r = httpx.post(srv.url + "/certify", files={"image": ("t.png", data, "image/png")},
+                               data={"mode": "cohen"}, timeout=120)
+                answers.append((r.status_code, r.json()))
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                answers.append((None, repr(exc)))
+
+        threads = [threading.Thread(target=request) for _ in range(4)]
+        for t in threads:
+            t.start()
+        end = time.monotonic() + 60
+        while srv.metric("certserve_samples_processed_total") <= 64 + 500:  # past warm-up: the jobs are sampling
+            assert time.monotonic() < end, "the Cohen requests never started sampling"
+            time.sleep(0.02)
+        assert srv.metric("certserve_live_jobs") >= 1
+        t_term = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=drain + 30)
+        try:
+            code = srv.proc.wait(timeout=drain + 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server still running {drain + 15}s after SIGTERM")
+        elapsed = time.monotonic() - t_term
+        assert len(answers) == 4
+        for status, body in answers:
+            assert status == 200, body
+            assert body["method"] == "cohen" and body["stopped_by"] == "budget" and body["samples"] == 4100
+        assert elapsed < drain + 15
+        assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.stderr()[-2000:]}"
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------------------------------------- refusing to start
+def test_corrupted_bundle_refuses_to_start(tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle)
+    base = bytearray((bundle / "base.onnx").read_bytes())
+    base[len(base) // 2] ^= 0xFF  # one flipped byte in the weights
+    (bundle / "base.onnx").write_bytes(bytes(base))
+    srv = Server(tmp_path, {"CERTSERVE_BUNDLE": str(bundle)})
+    try:
+        code = srv.proc.wait(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        srv.close()
+        pytest.fail("a server with a corrupted bundle kept running")
+    try:
+        err = srv.stderr()
+        assert code != 0
+        assert "sha256" in err and "base.onnx" in err, err[-2000:]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url + "/readyz", timeout=2)
+    finally:
+        srv.close()
+
+
+def test_missing_bundle_refuses_to_start(tmp_path):
+    srv = Server(tmp_path, {}, "--bundle", str(tmp_path / "nope"))
+    try:
+        code = srv.proc.wait(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        srv.close()
+        pytest.fail("a server without a bundle kept running")
+    try:
+        assert code != 0
+        assert "does not exist" in srv.stderr()
+    finally:
+        srv.close()

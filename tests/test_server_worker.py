@@ -1,0 +1,470 @@
+"""The sequential worker (:class:`server.worker.SequentialEngine`) driven directly, without HTTP, on the real default
+bundle's base model (onnxruntime CPU) through :class:`models.sampling.SamplingEngine`; plus the two behaviours of
+the engine that are only visible through HTTP: a full queue answers 503 with Retry-After, and a client that goes
+away gets its job dropped.
+
+What must hold: hundreds of concurrent jobs all resolve with valid certificates (and share model calls); earliest
+deadline first, so a late-submitted urgent job finishes first and no job starves; a cancelled future drops its job;
+a deadline yields the valid partial certificate at the samples counted so far (p_lower equals the confidence
+sequence at those counts); a full engine raises QueueFull; stop(grace) answers what is left with 'shutdown'.
+All engines are seeded. Timing bounds are generous (a slow, noisy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from calibration.data import load_fashion_mnist
+from models.bundle import load_bundle
+from models.sampling import SamplingEngine
+from server.app import create_app
+from server.settings import Settings
+from server.worker import EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
+from smoothing import clopper_pearson_lower, lower_bound, radius_from_probability
+
+SIGMA = 0.25
+NUM_CLASSES = 10
+EASY = 2  # Fashion-MNIST test image #2: a trouser, pA ~ 1 under sigma = 0.25
+STOPS = {"certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"}
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def backend(bundle):
+    return bundle.backend("base", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_fashion_mnist().x_test[:300]
+
+
+@pytest.fixture(scope="module")
+def clean_classes(backend, images):
+    """The class each job tests: the base model's arg-max on the CLEAN image (fixed before any noise)."""
+    return backend.forward(images).argmax(axis=1)
+
+
+@pytest.fixture
+def make_engine(backend):
+    engines: list[SequentialEngine] = []
+
+    def make(*, batch_size: int = 1024, max_live_jobs: int = 512, seed: int = 0, start: bool = True):
+        engine = SequentialEngine(SamplingEngine(backend, sigma=SIGMA, num_classes=NUM_CLASSES, batch_size=batch_size),
+                                  max_live_jobs=max_live_jobs, seed=seed)
+        engines.append(engine)
+        return engine.start() if start else engine
+
+    yield make
+    for engine in engines:
+        if engine._thread is not None:  # teardown only: never leave an engine thread running
+            engine.stop(0.0)
+
+
+def deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def hits_behind(p_lower: float, trials: int, bound) -> int:
+    """The integer hit count S in 0..trials with bound(S) == p_lower (the bound is increasing in S); fail if none."""
+    candidates = np.asarray(bound(np.arange(trials + 1)), dtype=np.float64)
+    s = int(np.argmin(np.abs(candidates - p_lower)))
+    exact = float(bound(s))
+    assert exact == pytest.approx(p_lower, rel=1e-12, abs=1e-15), \
+        f"p_lower {p_lower} is not the bound at any hit count of {trials} trials (closest: S={s}, {exact})"
+    return s
+
+
+def check_result(res: JobResult, spec: JobSpec) -> None:
+    """A JobResult is a valid certificate for its spec: counts within budget, p_lower is the stated bound at the
+    counts it reports, the radius follows from p_lower, the class is the tested one (or abstain)."""
+    assert isinstance(res, JobResult)
+    assert res.stopped_by in STOPS
+    assert res.queue_seconds >= 0 and res.sampling_seconds >= 0
+    assert res.radius >= 0
+    if spec.kind == "sequential":
+        assert 0 <= res.samples <= spec.budget
+        assert res.class_index in (-1, spec.tested_class)
+        if res.samples == 0:
+            assert res.p_lower == 0.0 and res.class_index == -1
+        else:
+            a, b = spec.prior
+            hits_behind(res.p_lower, res.samples, lambda s: lower_bound(s, res.samples, spec.alpha, a, b))
+        if res.stopped_by == "budget":
+            assert res.samples == spec.budget
+    else:
+        assert 0 <= res.samples <= spec.n0 + spec.budget
+        if res.stopped_by == "budget":
+            assert res.samples == spec.n0 + spec.budget
+        if res.p_lower is not None:
+            n = res.samples - spec.n0
+            hits_behind(res.p_lower, n, lambda s: clopper_pearson_lower(s, n, spec.alpha))
+    if res.class_index >= 0:
+        assert res.p_lower > 0.5
+        assert res.radius == pytest.approx(radius_from_probability(res.p_lower, SIGMA), rel=1e-12)
+        if spec.kind == "sequential" and spec.target_radius is not None and res.stopped_by == "target":
+            assert res.radius >= spec.target_radius
+    else:
+        assert res.radius == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- many jobs
+def test_hundreds_of_concurrent_jobs_all_resolve_validly(make_engine, images, clean_classes):
+    engine = make_engine(seed=11)
+    rng = np.random.default_rng(11)
+    specs = []
+    for i in range(300):
+        img, c = images[i], int(clean_classes[i])
+        alpha = float(rng.choice([1e-3, 1e-2, 0.1]))
+        if i % 3 == 2:
+            specs.append(JobSpec(img, alpha, 24, deadline(120), kind="cohen", n0=8))
+        else:
+            prior = (0.5, 0.5) if i % 2 else (20.0, 1.0)
+            target = 0.2 if i % 5 == 0 else None
+            budget = 100 if i % 3 == 0 else 40  # several checkpoints / a single chunk
+            specs.append(JobSpec(img, alpha, budget, deadline(120), tested_class=c, prior=prior, target_radius=target))
+    futures = [engine.submit(spec) for spec in specs]
+    results = [f.result(timeout=120) for f in futures]
+    for res, spec in zip(results, specs):
+        check_result(res, spec)
+        assert res.stopped_by in {"certified", "target", "futility", "budget"}
+    wait_until(lambda: engine.live_jobs == 0, 10, "the engine to retire every job")
+    # every sample drawn belongs to a job, and the jobs shared model calls (batching across jobs)
+    assert engine.samples_processed == sum(r.samples for r in results)
+    assert engine.batches < len(specs) / 3
+    # on real images most sequential jobs certify their clean class
+    seq = [r for r, s in zip(results, specs) if s.kind == "sequential"]
+    assert np.mean([r.class_index >= 0 for r in seq]) > 0.6
+
+
+def test_jobs_submitted_from_many_threads(make_engine, images, clean_classes):
+    engine = make_engine(seed=12)
+    futures: list = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for i in range(k * 10, k * 10 + 10):
+            fut = engine.submit(JobSpec(images[i], 0.01, 100, deadline(120), tested_class=int(clean_classes[i])))
+            with lock:
+                futures.append(fut)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(futures) == 80
+    for fut in futures:
+        assert fut.result(timeout=120).stopped_by in {"certified", "futility", "budget"}
+
+
+# ---------------------------------------------------------------------------------------------------- scheduling
+def test_earliest_deadline_first_urgent_job_submitted_last_finishes_first(make_engine, images):
+    engine = make_engine(batch_size=256, seed=13, start=False)
+    finished: list[str] = []
+    background = []
+    for i in range(10):
+        fut = engine.submit(JobSpec(images[i], 0.001, 500, deadline(120), kind="cohen", n0=100))
+        fut.add_done_callback(lambda f, name=f"bg{i}": finished.append(name))
+        background.append(fut)
+    urgent_spec = JobSpec(images[EASY], 0.001, 1000, deadline(60), kind="cohen", n0=100)
+    urgent = engine.submit(urgent_spec)  # submitted LAST, earliest deadline
+    urgent.add_done_callback(lambda f: finished.append("urgent"))
+    engine.start()
+    res = urgent.result(timeout=120)
+    check_result(res, urgent_spec)
+    assert res.stopped_by == "budget" and res.samples == 1100
+    for fut in background:
+        assert fut.result(timeout=120).stopped_by == "budget"
+    assert finished[0] == "urgent", f"completion order: {finished}"
+    assert len(finished) == 11  # all jobs finish
+
+
+def test_no_starvation_by_a_stream_of_newer_jobs(make_engine, images):
+    """An old job is not delayed by a continuous stream of newer jobs with the same relative deadline (absolute
+    deadlines: the oldest is the most urgent), even though the stream alone would fill every batch; and every job of
+    the stream finishes too."""
+    engine = make_engine(batch_size=256, seed=14)
+    finished: list[str] = []
+    old_spec = JobSpec(images[EASY], 0.001, 1024, deadline(30), kind="cohen", n0=64)
+    old = engine.submit(old_spec)
+    old.add_done_callback(lambda f: finished.append("old"))
+    stream = []
+    give_up = time.monotonic() + 30
+    while not old.done() and time.monotonic() < give_up:  # one new job every 10 ms: more demand than capacity
+        k = len(stream)
+        fut = engine.submit(JobSpec(images[k % 50], 0.001, 128, deadline(30), kind="cohen", n0=128))
+        fut.add_done_callback(lambda f, k=k: finished.append(f"new{k}"))
+        stream.append(fut)
+        time.sleep(0.01)
+    res = old.result(timeout=60)
+    check_result(res, old_spec)
+    assert res.stopped_by == "budget" and res.samples == 1088
+    assert len(stream) >= 3, "the stream never competed with the old job"
+    for fut in stream:
+        assert fut.result(timeout=60).stopped_by == "budget"
+    assert finished[0] == "old", f"completion order: {finished[:10]}"
+    wait_until(lambda: engine.live_jobs == 0, 30, "the engine to drain")
+
+
+# ---------------------------------------------------------------------------------------------------- cancel / deadline
+def test_cancelled_job_is_dropped_and_engine_keeps_serving(make_engine, images, clean_classes):
+    engine = make_engine(batch_size=256, seed=15)
+    # best-radius policy with a huge budget: ~1e5 samples before it would stop by itself
+    long = engine.submit(JobSpec(images[EASY], 0.001, 10**7, deadline(120), tested_class=1))
+    wait_until(lambda: engine.samples_processed > 0, 30, "the long job to start sampling")
+    assert long.cancel() and long.cancelled()
+    wait_until(lambda: engine.live_jobs == 0, 10, "the cancelled job to be dropped")
+    before = engine.samples_processed
+    time.sleep(0.3)
+    assert engine.samples_processed == before, "the engine kept sampling for a cancelled job"
+    spec = JobSpec(images[0], 0.01, 200, deadline(60), tested_class=int(clean_classes[0]))
+    check_result(engine.submit(spec).result(timeout=60), spec)
+
+
+def test_job_cancelled_before_the_engine_starts_never_samples(make_engine, images):
+    engine = make_engine(seed=16, start=False)
+    fut = engine.submit(JobSpec(images[EASY], 0.001, 10**6, deadline(60), tested_class=1))
+    assert fut.cancel()
+    engine.start()
+    wait_until(lambda: engine.live_jobs == 0, 10, "the cancelled job to be dropped")
+    assert engine.samples_processed == 0
+
+
+def test_deadline_returns_a_valid_partial_certificate(make_engine, images):
+    engine = make_engine(batch_size=256, seed=17)
+    # best radius at budget 1e7 needs ~1e5+ samples; the deadline comes long before
+    spec = JobSpec(images[EASY], 0.001, 10**7, deadline(1.0), tested_class=1, prior=(0.5, 0.5))
+    t0 = time.monotonic()
+    res = engine.submit(spec).result(timeout=60)
+    assert res.stopped_by == "deadline"
+    assert 0 < res.samples < spec.budget
+    assert time.monotonic() - t0 < 30
+    check_result(res, spec)  # p_lower == lower_bound(S, samples) for an integer S: the anytime-valid bound
+    s = hits_behind(res.p_lower, res.samples, lambda k: lower_bound(k, res.samples, spec.alpha, 0.5, 0.5))
+    assert s > 0.95 * res.samples  # an easy image: nearly every noisy sample hits the trouser class
+    assert res.class_index == 1 and res.radius > 0.3  # partial but useful
+
+
+def test_cohen_deadline_is_a_valid_clopper_pearson_bound(make_engine, images):
+    engine = make_engine(batch_size=256, seed=18)
+    spec = JobSpec(images[EASY], 0.001, 10**7, deadline(1.5), kind="cohen", n0=100)
+    res = engine.submit(spec).result(timeout=60)
+    assert res.stopped_by == "deadline" and 100 < res.samples < spec.n0 + spec.budget
+    check_result(res, spec)
+    assert res.class_index == 1
+
+
+# ---------------------------------------------------------------------------------------------------- admission / stop
+def test_queue_full_raises_and_frees_up(make_engine, images):
+    engine = make_engine(max_live_jobs=3, seed=19, start=False)
+    futures = [engine.submit(JobSpec(images[i], 0.01, 100, deadline(60), kind="cohen", n0=10)) for i in range(3)]
+    with pytest.raises(QueueFull, match="3"):
+        engine.submit(JobSpec(images[3], 0.01, 100, deadline(60), kind="cohen", n0=10))
+    assert engine.live_jobs == 3
+    engine.start()
+    for fut in futures:
+        fut.result(timeout=60)
+    wait_until(lambda: engine.live_jobs == 0, 10, "jobs to retire")
+    engine.submit(JobSpec(images[3], 0.01, 100, deadline(60), kind="cohen", n0=10)).result(timeout=60)
+
+
+def test_invalid_job_is_refused(make_engine, images):
+    engine = make_engine(start=False)
+    with pytest.raises(ValueError):
+        engine.submit(JobSpec(images[0], 0.01, 0, deadline(60)))
+    with pytest.raises(ValueError):
+        engine.submit(JobSpec(images[0], 0.01, 100, deadline(60), kind="cohen", n0=0))
+    assert engine.live_jobs == 0
+
+
+def test_stop_answers_remaining_jobs_with_shutdown(make_engine, images):
+    engine = make_engine(batch_size=256, seed=20)
+    # jobs that would run for ~1e5 samples each: still live when stop() comes
+    specs = [JobSpec(images[EASY], 0.001, 10**7, deadline(120), tested_class=1),
+             JobSpec(images[EASY], 0.001, 10**7, deadline(120), kind="cohen", n0=100),
+             JobSpec(images[EASY], 0.01, 10**7, deadline(120), tested_class=1, prior=(50.0, 1.0))]
+    futures = [engine.submit(s) for s in specs]
+    wait_until(lambda: engine.samples_processed > 2000, 60, "the jobs to make progress")
+    t0 = time.monotonic()
+    engine.stop(grace=0.3)
+    assert time.monotonic() - t0 < 30
+    for fut, spec in zip(futures, specs):
+        res = fut.result(timeout=1)
+        assert res.stopped_by == "shutdown" and res.samples < spec.budget
+        check_result(res, spec)
+    with pytest.raises(EngineStopped):
+        engine.submit(JobSpec(images[0], 0.01, 100, deadline(60)))
+    assert not engine.accepting
+
+
+def test_stop_with_grace_lets_short_jobs_finish(make_engine, images, clean_classes):
+    engine = make_engine(seed=21)
+    spec = JobSpec(images[0], 0.01, 300, deadline(60), tested_class=int(clean_classes[0]))
+    fut = engine.submit(spec)
+    t0 = time.monotonic()
+    engine.stop(grace=60.0)  # returns as soon as the job is done, not after the grace period
+    assert time.monotonic() - t0 < 30
+    res = fut.result(timeout=1)
+    assert res.stopped_by != "shutdown"
+    check_result(res, spec)
+
+
+def test_stop_answers_jobs_of_an_engine_that_never_started(make_engine, images):
+    """stop() promises to answer every remaining job with 'shutdown'; that must hold for a job submitted to an
+    engine whose thread was never started (otherwise its future hangs forever)."""
+    engine = make_engine(start=False)
+    fut = engine.submit(JobSpec(images[EASY], 0.01, 100, deadline(60), tested_class=1))
+    engine.stop(0.0)
+    res = fut.result(timeout=2)
+    assert res.stopped_by == "shutdown" and res.samples == 0 and res.class_index == -1
+
+
+def test_unreachable_target_radius_does_not_break_the_engine(make_engine, images, clean_classes):
+    """A target radius whose probability Phi(r / sigma) rounds to 1 in float64 (r = 3 at sigma = 0.25; the HTTP
+    schema allows up to 100) must get a valid certificate (futility or budget), and must not fail the other jobs
+    that share its batch."""
+    engine = make_engine(seed=22, start=False)
+    good_spec = JobSpec(images[0], 0.01, 300, deadline(60), tested_class=int(clean_classes[0]))
+    bad_spec = JobSpec(images[EASY], 0.01, 300, deadline(60), tested_class=1, target_radius=3.0)
+    good, bad = engine.submit(good_spec), engine.submit(bad_spec)
+    engine.start()
+    check_result(good.result(timeout=60), good_spec)
+    res = bad.result(timeout=60)
+    check_result(res, bad_spec)
+    assert res.stopped_by in {"futility", "budget"} and res.radius < 3.0
+
+
+# ---------------------------------------------------------------------------------------------------- through HTTP
+def _scope(path: str, body: bytes) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+
+
+def test_http_queue_full_is_503_with_retry_after(images):
+    """max_live_jobs=1: of several concurrent Cohen requests one is admitted, the others are refused at once."""
+    img = images[EASY].tolist()
+
+    async def main():
+        app = create_app(Settings(max_live_jobs=1, max_samples=2000, drain_seconds=0), seed=23)
+        async with app.router.lifespan_context(app):
+            engine = app.state.certifier.engine
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as ac:
+                responses = await asyncio.gather(*(ac.post("/certify", json={"image": img, "mode": "cohen"})
+                                                   for _ in range(6)))
+                for _ in range(1000):  # the engine retires the finished job right after answering it
+                    if engine.live_jobs == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                retry = await ac.post("/certify", json={"image": img, "mode": "cohen", "max_samples": 200})
+                metrics = (await ac.get("/metrics")).text
+        return responses, retry, metrics
+
+    responses, retry, metrics = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert codes[0] == 200 and codes[-1] == 503, codes
+    assert set(codes) == {200, 503}
+    for r in responses:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1
+            err = r.json()["error"]
+            assert err["code"] == "overloaded" and "retry" in err["message"]
+    assert retry.status_code == 200  # once the job is done, the slot is free again
+    n503 = codes.count(503)
+    assert f'certserve_rejected_requests_total{{reason="queue_full"}} {float(n503)}' in metrics
+
+
+def test_http_many_concurrent_requests(images):
+    """Dozens of concurrent sequential and Cohen requests share the engine and are all answered."""
+    async def main():
+        app = create_app(Settings(max_samples=200, drain_seconds=0), seed=25)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as ac:
+                payloads = [{"image": images[i].tolist(), "mode": "cohen" if i % 4 == 0 else "sequential",
+                             "alpha": 0.01} for i in range(48)]
+                responses = await asyncio.gather(*(ac.post("/certify", json=p) for p in payloads))
+            batches = app.state.certifier.engine.batches
+        return payloads, responses, batches
+
+    payloads, responses, batches = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(payloads)
+    for p, r in zip(payloads, responses):
+        body = r.json()
+        assert body["method"] == p["mode"] and body["guarantee"]["alpha"] == 0.01
+        assert body["samples"] <= (300 if p["mode"] == "cohen" else 200)
+    assert batches < len(payloads)  # requests shared model calls
+
+
+def test_http_client_disconnect_drops_the_job(images):
+    """Client gone: the job must be dropped (design: 'Client gone: drop the job'). The request is driven at the ASGI
+    level like a server does it: after the body, receive() blocks while the client is connected and returns
+    http.disconnect once it has gone."""
+    body = json.dumps({"image": images[EASY].tolist(), "mode": "sequential", "max_samples": 10**6,
+                       "deadline_ms": 20_000}).encode()
+
+    async def main():
+        app = create_app(Settings(max_samples=10**6, drain_seconds=0), seed=24)
+        async with app.router.lifespan_context(app):
+            engine = app.state.certifier.engine
+            gone = asyncio.Event()
+            first = True
+
+            async def receive():
+                nonlocal first
+                if first:
+                    first = False
+                    return {"type": "http.request", "body": body, "more_body": False}
+                if not gone.is_set():
+                    await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                pass
+
+            task = asyncio.ensure_future(app(_scope("/certify", body), receive, send))
+            for _ in range(600):  # the job is live and sampling
+                if engine.live_jobs and engine.samples_processed > 64:
+                    break
+                await asyncio.sleep(0.01)
+            gone.set()
+            dropped_at = None
+            for _ in range(300):  # up to ~3 s for the engine to drop it
+                await asyncio.sleep(0.01)
+                if engine.live_jobs == 0:
+                    dropped_at = engine.samples_processed
+                    break
+            live_after = engine.live_jobs
+            await asyncio.wait({task}, timeout=30)
+            if not task.done():
+                task.cancel()
+            metrics = app.state.metrics.render().decode()
+        return dropped_at, live_after, metrics
+
+    dropped_at, live_after, metrics = asyncio.run(main())
+    assert live_after == 0 and dropped_at is not None, \
+        "the client disconnected but its sequential job kept sampling for 3 s (not dropped)"
+    assert 'outcome="cancelled"' in metrics
