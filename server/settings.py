@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
     default_alpha: float = Field(0.001, gt=0, lt=1, description="request alpha when the client sends none")
     max_samples: int = Field(10_000, ge=100, description="cap on a request's sample budget (also the default)")
+    auto_max_samples: int = Field(4_000, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
     cohen_n0: int = Field(100, ge=1, description="selection samples of cohen mode")
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
     max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")
