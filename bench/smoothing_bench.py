@@ -35,6 +35,7 @@ from scipy.special import ndtri
 
 import smoothing as sm
 from smoothing import Stop
+from smoothing.stopping import DEFAULT_FRACTION
 
 SIGMA = 0.25
 ALPHA = 0.001
@@ -228,7 +229,7 @@ def interpretation(throughput: dict, rows: list[dict]) -> str:
     lb = throughput["lower_bound (L_t)"]["rate"]
     best_rate = throughput["best_radius_decision"]["rate"]
     text = [(f"The L_t update sustains {lb:,.0f} job-updates/s on one core ({lb / TARGET_RATE:.2f}x the 1e6 target); "
-            f"the best-radius rule, which solves three bounds per job (L_t, the projected L and U_t), reaches "
+            f"the best-radius rule, which solves up to three bounds per job (L_t, the projected L, and U_t where L_t <= 1/2), reaches "
             f"{best_rate:,.0f}/s, i.e. {1e6 / best_rate:.2f} s of one core per million job-updates.")]
     parts = []
     for p_a in (0.999, 0.99):
@@ -335,7 +336,7 @@ sample** (t = 1, 2, ..., {BUDGET:,}: ideal counts; the worker decides after each
 spends up to one chunk more per job) on the same streams, and Cohen-1k / Cohen-10k use the first 1,000 / 10,000
 samples of those streams (one-sided Clopper-Pearson, `clopper_pearson_lower` + `radius_from_probability`; the n0 = 100
 selection samples are not simulated and not counted). Target rule = `target_radius_decision` (futility via U_t at
-alpha); best-radius rule = `best_radius_decision` with its defaults (growth 2, rel_tol 0.05). Mean samples are over
+alpha); best-radius rule = `best_radius_decision` with its defaults (fraction {DEFAULT_FRACTION}). Mean samples are over
 all runs (including runs that stopped for futility or budget); mean radii count an abstention as 0. Target radius =
 half the true radius sigma * Phi^-1(pA). The informative prior is Beta({PRIOR_STRENGTH:g} pA, {PRIOR_STRENGTH:g}
 (1 - pA)), centred on the truth: an upper reference for a meta-learned prior, not an achievable one.

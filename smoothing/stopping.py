@@ -90,16 +90,23 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=0.5, b=0.
     budget = check_nonneg_int(budget, "budget")
     if np.any(budget < 1):
         raise ValueError(f"budget must be >= 1, got {budget!r}")
+    s, t, alpha, a, b, budget = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget)
     t_safe = np.maximum(t, 1)
-    r_now = np.asarray(radius_from_probability(lower_bound(s, t_safe, alpha, a, b), sigma))
+    p_now = np.asarray(lower_bound(s, t_safe, alpha, a, b))
+    r_now = np.asarray(radius_from_probability(p_now, sigma))
     proj_s = (s * budget) // t_safe  # exact integer arithmetic: S_t = t must project to exactly B hits
-    r_budget = np.asarray(radius_from_probability(lower_bound(proj_s, np.broadcast_to(budget, proj_s.shape), alpha, a, b), sigma))
-    out = np.full(np.broadcast(s, t).shape, Stop.CONTINUE, dtype=np.int8)
-    out[np.broadcast_to(t >= budget, out.shape)] = Stop.BUDGET
-    futile = (np.asarray(upper_bound(s, t_safe, alpha, a, b)) < 0.5) | ((t >= min_futility_trials) & (r_budget <= 0))
-    out[np.broadcast_to(futile & (t > 0), out.shape)] = Stop.FUTILITY
+    r_budget = np.asarray(radius_from_probability(lower_bound(proj_s, budget, alpha, a, b), sigma))
+    # U_t < 1/2 is impossible where L_t > 1/2 (L_t <= S_t/t <= U_t): solve for U only where it can matter
+    upper = np.ones(s.shape)
+    low = p_now <= 0.5
+    if np.any(low):
+        upper[low] = upper_bound(s[low], t_safe[low], alpha[low], a[low], b[low])
+    out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
+    out[t >= budget] = Stop.BUDGET
+    futile = (upper < 0.5) | ((t >= min_futility_trials) & (r_budget <= 0))
+    out[futile & (t > 0)] = Stop.FUTILITY
     settled = (t > 0) & (r_now > 0) & (r_now >= fraction * r_budget)
-    out[np.broadcast_to(settled, out.shape)] = Stop.CERTIFIED
+    out[settled] = Stop.CERTIFIED
     return out if out.ndim else Stop(int(out))
 
 
