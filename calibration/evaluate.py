@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--n0", type=int, default=100, help="Cohen selection samples")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fraction", type=float, default=DEFAULT_FRACTION, help="best-radius rule: stop at this fraction of the projected budget radius")
+    p.add_argument("--auto-budget", type=int, default=None,
+                   help="budget of auto-mode fallbacks (default: the server's auto_max_samples)")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--sampler", default=None, help="sample with this copy of the base model instead (e.g. TorchScript on GPU)")
     p.add_argument("--device", default="auto")
@@ -115,9 +117,13 @@ def evaluate(args) -> dict:
         extra["surrogate"] = {"violations_vs_cp_upper": int(np.sum(use_sur & (lower > upper))),
                               "violations_vs_point_estimate": int(np.sum(use_sur & (lower > k_c / args.n))),
                               "certified": int(use_sur.sum())}
-        seq = raw["sequential-meta"]
+        # auto = the server's auto mode: surrogate, else the meta-prior sequential path with the auto budget
+        auto_budget = min(args.n, getattr(args, "auto_budget", None) or _server_auto_budget())
+        used, radius = _replay_sequential(hits[:, :auto_budget], prior[:, 0], prior[:, 1], args.alpha, m.sigma,
+                                          auto_budget, args.fraction)
+        seq = (np.where(radius > 0, c_seq, -1), radius, used, per_sample * used + clean_cost)
         raw["auto"] = tuple(np.where(use_sur, s_, q_) for s_, q_ in zip(raw["surrogate"], seq))
-        extra["auto"] = {"surrogate_share": float(use_sur.mean())}
+        extra["auto"] = {"surrogate_share": float(use_sur.mean()), "fallback_budget": int(auto_budget)}
     methods = {name: {**_metrics(y, *vals), **extra.get(name, {})} for name, vals in raw.items()}
     plots = _plots(y, raw, Path(args.out).parent, Path(args.out).stem)
     return {
@@ -130,6 +136,12 @@ def evaluate(args) -> dict:
         "samples_per_second": round(1 / per_sample), "latency_ms": {k_: round(v * 1e3, 3) for k_, v in latency.items()},
         "clean_accuracy": float((base_logits.argmax(axis=1) == y).mean()), "methods": methods, "plots": plots,
     }
+
+
+def _server_auto_budget() -> int:
+    from server.settings import Settings
+
+    return int(Settings.model_fields["auto_max_samples"].default)
 
 
 def _short(n: int) -> str:
@@ -271,7 +283,8 @@ def write_report(res: dict, path: Path) -> None:
         lines += ["", f"Surrogate: certified {s['certified']} of {res['images']} images; violations against the "
                   f"Clopper-Pearson upper bound: {s['violations_vs_cp_upper']}; against the point estimate k/n: "
                   f"{s['violations_vs_point_estimate']}. Auto mode answered {res['methods']['auto']['surrogate_share']:.1%} "
-                  "of images from the surrogate."]
+                  f"of images from the surrogate; the rest went to the meta-prior sequential path with the server's "
+                  f"auto-mode budget of {res['methods']['auto']['fallback_budget']:,} samples."]
     lines += ["", "Mean radius counts 0 for abstentions and wrong classes. Samples include Cohen's n0 selection "
               "samples. ms/image: measured clean forward latency (batch 1, CPU onnxruntime) plus samples x the "
               "measured per-sample cost of this run's sampler.", "", "## Targets", "", TARGETS_NOTE, "",

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from server.settings import Settings
 
 
-class _DrainingServer(uvicorn.Server):
-    """Flip readiness off the moment a shutdown signal arrives, before uvicorn stops accepting connections."""
+def _draining_server_class():
+    import uvicorn  # imported here: only serving needs it, not the other subcommands
 
-    app_state = None
+    class DrainingServer(uvicorn.Server):
+        """Flip readiness off the moment a shutdown signal arrives, before uvicorn stops accepting connections."""
 
-    def handle_exit(self, sig, frame) -> None:
-        if self.app_state is not None:
-            self.app_state.draining = True
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises captured signals after shutdown (exit 143 for SIGTERM); a drained shutdown is a clean
-        # exit, so forget them and let run() return normally.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
+        app_state = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.app_state is not None:
+                self.app_state.draining = True
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutdown (exit 143 for SIGTERM); a drained shutdown is a
+            # clean exit, so forget them and let run() return normally.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return DrainingServer, uvicorn
 
 
 def add_serve_command(sub) -> None:
@@ -43,10 +46,11 @@ def run_serve(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.app import create_app
 
+    server_class, uvicorn = _draining_server_class()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 1, lifespan="on")
-    server = _DrainingServer(config)
+    server = server_class(config)
     server.app_state = app.state
     server.run()
     # uvicorn exits non-zero itself when start-up (e.g. bundle verification) fails
