@@ -1,0 +1,382 @@
+"""Section (b): the HTTP surrogate path of a running server at a fixed rate (hey), in synchronized bursts, with the
+worker busy, under an open-loop Poisson generator, and at saturation (wrk)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.machine import ensure_tool, tool_version
+from bench.models_and_data import load_test_images
+from bench.server_common import (
+    ALPHA,
+    BOUNDARY,
+    TARGET_P99_MS,
+    latency_summary,
+    markdown_table,
+    multipart_body,
+    pct,
+    png_bytes,
+)
+from bench.server_process import ServerProc
+
+
+def parse_hey_csv(paths: list[Path]) -> dict:
+    lat, codes, ends = [], {}, []
+    for p in paths:
+        lines = p.read_text().splitlines()
+        for line in lines[1:]:
+            parts = line.split(",")
+            if len(parts) < 8:
+                continue
+            rt, code, offset = float(parts[0]), parts[6], float(parts[7])
+            lat.append(rt * 1e3)
+            codes[code] = codes.get(code, 0) + 1
+            ends.append(offset + rt)
+    summary = latency_summary(lat)
+    summary["codes"] = codes
+    summary["span_s"] = max(ends) if ends else float("nan")
+    return summary
+
+
+def run_hey_staggered(hey: str, url: str, body: Path, rate: float, duration: float, streams: int, workdir: Path,
+                      tag: str) -> dict:
+    """``streams`` hey processes with one connection each at rate/streams req/s, started 1/rate s apart, so the
+    arrivals are evenly spaced at ``rate`` (a plain ``hey -c N -q Q`` ticks all N workers together: bursts)."""
+    procs, paths = [], []
+    per = rate / streams
+    for i in range(streams):
+        path = workdir / f"hey-{tag}-{i}.csv"
+        fh = open(path, "wb")  # noqa: SIM115 (closed after the process exits)
+        cmd = [hey, "-z", f"{duration:g}s", "-c", "1", "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
+               "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv", url + "/certify"]
+        procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.DEVNULL), fh))
+        paths.append(path)
+        time.sleep(1.0 / rate)
+    for proc, fh in procs:
+        proc.wait(timeout=duration + 120)
+        fh.close()
+    out = parse_hey_csv(paths)
+    out["command"] = (f"{streams} x `hey -z {duration:g}s -c 1 -q {per:g} -cpus 1 -m POST -T 'multipart/form-data; "
+                      f"boundary=...' -D body.bin -o csv URL/certify`, started {1e3 / rate:g} ms apart")
+    out["offered_rate"] = rate
+    out["duration"] = duration
+    return out
+
+
+def run_hey_burst(hey: str, url: str, body: Path, rate: float, duration: float, workdir: Path) -> dict:
+    conc = 20
+    per = rate / conc
+    path = workdir / "hey-burst.csv"
+    with open(path, "wb") as fh:
+        subprocess.run([hey, "-z", f"{duration:g}s", "-c", str(conc), "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
+                        "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv",
+                        url + "/certify"], check=False, stdout=fh, stderr=subprocess.DEVNULL,
+                       timeout=duration + 120)
+    out = parse_hey_csv([path])
+    out["command"] = f"`hey -z {duration:g}s -c {conc} -q {per:g} -cpus 1 -m POST ... -o csv URL/certify`"
+    out["offered_rate"] = rate
+    out["duration"] = duration
+    return out
+
+
+def run_wrk(wrk: str, url: str, body: Path, duration: float, workdir: Path, connections: int = 8) -> dict:
+    lua = workdir / "post.lua"
+    lua.write_text(f"""local f = assert(io.open("{body}", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"
+""")
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", str(lua), url + "/certify"]
+    text = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=duration + 120).stdout
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    out = {"command": f"`wrk -t1 -c{connections} -d{duration:g}s --latency -s post.lua URL/certify`", "raw": text}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else float("nan")
+    m = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(m.group(1)) if m else 0
+    for q in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+        out[f"p{q}"] = float(m.group(1)) * unit[m.group(2)] if m else float("nan")
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    out["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors:(.*)", text)
+    out["socket_errors"] = m.group(1).strip() if m else "none"
+    return out
+
+
+class _RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams (a pool of connections to one host): far cheaper
+    per request than httpx, so that the open-loop generator, which shares the machine with the server, keeps up."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.idle: list = []
+
+    async def post(self, path: str, body: bytes, content_type: str) -> int:
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        reader, writer = conn
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        writer.write(head + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        length, keep = 0, True
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value.strip())
+            elif name == "connection" and value.strip().lower() == "close":
+                keep = False
+        if length:
+            await reader.readexactly(length)
+        if keep:
+            self.idle.append(conn)
+        else:
+            writer.close()
+        return int(status_line.split()[1])
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+def run_open_loop(url: str, body: bytes, rate: float, duration: float, seed) -> dict:
+    """Open-loop Poisson arrivals at ``rate`` (asyncio, raw HTTP/1.1 keep-alive connections, a new connection only
+    when none is idle); latency from the SCHEDULED send time, so there is no coordinated omission and any
+    client-side delay counts against the server."""
+    rng = np.random.default_rng(seed)
+    n = int(rate * duration)
+    sched = np.cumsum(rng.exponential(1.0 / rate, n))
+    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+    host, port = url.removeprefix("http://").split(":")
+
+    async def main():
+        lat, lag, codes = [], [], {}
+        client = _RawHTTP(host, int(port))
+        for _ in range(8):  # open a few connections before the clock starts
+            await client.post("/certify", body, ctype)
+        loop = asyncio.get_running_loop()
+        tasks = []
+
+        async def one(due):
+            lag.append((loop.time() - due) * 1e3)
+            try:
+                code = str(await client.post("/certify", body, ctype))
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+                code = type(exc).__name__
+            lat.append((loop.time() - due) * 1e3)
+            codes[code] = codes.get(code, 0) + 1
+
+        start = loop.time() + 0.05
+        for offset in sched:
+            due = start + offset
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.gather(*tasks)
+        span = loop.time() - start
+        client.close()
+        return lat, lag, codes, span
+
+    lat, lag, codes, span = asyncio.run(main())
+    out = latency_summary(lat)
+    out.update({"codes": codes, "span_s": span, "send_lag_p99": pct(lag, 99), "offered_rate": rate,
+                "duration": duration,
+                "command": f"asyncio raw HTTP/1.1 keep-alive client in the bench process, {n} requests, Poisson "
+                           f"arrivals at {rate:g}/s (seed {seed})"})
+    return out
+
+
+class SequentialLoad:
+    """``clients`` closed-loop clients in a background thread, each posting mode=sequential requests (real test
+    images, default alpha and budget) back to back until stopped: the worker is busy while the surrogate path is
+    measured."""
+
+    def __init__(self, url: str, images: np.ndarray, clients: int):
+        self.bodies = [multipart_body(png_bytes(x), mode="sequential") for x in images]
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port, self.clients = int(port), clients
+        self.done, self.codes, self.samples = 0, {}, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self):
+        client = _RawHTTP(self.host, self.port)
+        ctype = f"multipart/form-data; boundary={BOUNDARY}"
+
+        async def loop(k):
+            i = k
+            while not self._stop.is_set():
+                code = str(await client.post("/certify", self.bodies[i % len(self.bodies)], ctype))
+                self.codes[code] = self.codes.get(code, 0) + 1
+                self.done += 1
+                i += self.clients
+
+        await asyncio.gather(*(loop(k) for k in range(self.clients)))
+        client.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+
+def http_row(name: str, r: dict) -> list[str]:
+    ok = r["codes"].get("200", 0)
+    other = {k: v for k, v in r["codes"].items() if k != "200"}
+    achieved = r["n"] / r["span_s"] if r.get("span_s") else float("nan")
+    return [name, f"{r['offered_rate']:g}", f"{achieved:.1f}", f"{r['n']:,}", f"{ok:,}" + (f" (other: {other})"
+            if other else ""), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"**{r['p99']:.1f}**", f"{r['max']:.1f}"]
+
+
+def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
+    import httpx
+
+    duration = args.duration or (30.0 if args.full else 25.0)
+    rate = args.rate
+    images, labels = load_test_images(200)
+    pick, answer = None, None
+    for i, x in enumerate(images):  # the first test image that auto mode answers from the surrogate
+        r = httpx.post(server.url + "/certify", files={"image": ("image.png", png_bytes(x), "image/png")}, timeout=30)
+        if r.status_code == 200 and r.json()["method"] == "surrogate":
+            pick, answer = i, r.json()
+            break
+    if pick is None:
+        raise RuntimeError("no test image among the first 200 is answered by the surrogate in auto mode")
+    png = png_bytes(images[pick])
+    body_path = ctx["workdir"] / "body.bin"
+    body_path.write_bytes(multipart_body(png))
+    t = time.perf_counter()
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # warm the request path
+        for _ in range(200):
+            client.post("/certify", content=body_path.read_bytes(),
+                        headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+    print(f"  picked test image #{pick}; 200 warm-up requests in {time.perf_counter() - t:.1f} s", flush=True)
+
+    hey = ensure_tool("hey")
+    wrk = ensure_tool("wrk")
+    results, notes = {}, []
+    before = server.metrics()
+    if hey:
+        print(f"  hey: {rate:g} req/s for {duration:g} s (4 evenly phased single-connection streams)", flush=True)
+        results["hey_even"] = run_hey_staggered(hey, server.url, body_path, rate, duration, 4, ctx["workdir"], "even")
+    else:
+        notes.append("`hey` is not installed and could not be installed: the fixed-rate rows below come from the "
+                     "Python open-loop generator only.")
+    after = server.metrics()
+    if hey:
+        print("  hey -c 20 -q 10 (synchronized bursts)", flush=True)
+        results["hey_burst"] = run_hey_burst(hey, server.url, body_path, rate, min(10.0, duration), ctx["workdir"])
+    if hey:
+        clients = 8
+        print(f"  hey again, with {clients} sequential requests in flight", flush=True)
+        seq_before = server.metrics()
+        with SequentialLoad(server.url, images[:64], clients) as seq:
+            time.sleep(2.0)
+            t_mixed = time.perf_counter()
+            results["hey_mixed"] = run_hey_staggered(hey, server.url, body_path, rate, min(10.0, duration), 4,
+                                                     ctx["workdir"], "mixed")
+            seq_after = server.metrics()
+            t_mixed = time.perf_counter() - t_mixed + 2.0
+        mixed = results["hey_mixed"]
+        mixed["sequential_done"], mixed["sequential_codes"] = seq.done, dict(seq.codes)
+        key = "certserve_samples_processed_total"
+        mixed["worker_samples_per_s"] = (seq_after.get(key, 0.0) - seq_before.get(key, 0.0)) / t_mixed
+        results["hey_mixed"]["command"] = (results["hey_mixed"]["command"] + f", while {clients} closed-loop clients "
+                                           "post mode=sequential requests (test images 0-63)")
+    print("  open-loop Poisson generator (asyncio, raw HTTP/1.1)", flush=True)
+    results["open_loop"] = run_open_loop(server.url, body_path.read_bytes(), rate, min(10.0, duration),
+                                         [args.seed, 41])
+    if wrk:
+        print("  wrk: saturation throughput", flush=True)
+        results["wrk"] = run_wrk(wrk, server.url, body_path, 10.0, ctx["workdir"])
+    else:
+        notes.append("`wrk` is not installed: no saturation throughput.")
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    sur_n = delta('certserve_request_duration_seconds_count{method="surrogate"}')
+    sur_s = delta('certserve_request_duration_seconds_sum{method="surrogate"}')
+    other_methods = sum(delta(f'certserve_request_duration_seconds_count{{method="{m}"}}')
+                        for m in ("sequential", "cohen"))
+    rows = []
+    if "hey_even" in results:
+        rows.append(http_row("**hey, 4 evenly phased streams (primary)**", results["hey_even"]))
+    if "hey_burst" in results:
+        rows.append(http_row("hey -c 20 -q 10 (20 synchronized workers: bursts of 20 every 100 ms)",
+                             results["hey_burst"]))
+    if "hey_mixed" in results:
+        rows.append(http_row("hey, 4 evenly phased streams, with 8 sequential requests in flight",
+                             results["hey_mixed"]))
+    rows.append(http_row("open-loop Poisson (Python, complement)", results["open_loop"]))
+    table = markdown_table(["load generator", "offered req/s", "achieved req/s", "requests", "200 OK", "p50 ms",
+                            "p90 ms", "p99 ms", "max ms"], rows)
+    primary = results.get("hey_even", results["open_loop"])
+    verdict = "PASS" if primary["p99"] <= TARGET_P99_MS and primary["codes"].get("200", 0) == primary["n"] else "FAIL"
+    wrk_txt = ""
+    if "wrk" in results:
+        w = results["wrk"]
+        wrk_txt = (f"\nSaturation ({w['command']}: closed loop, 8 connections, one wrk thread): **{w['rps']:,.0f} "
+                   f"req/s** ({w['requests']:,} requests, non-2xx {w['non2xx']}, socket errors: {w['socket_errors']});"
+                   f" latency at saturation p50 {w['p50']:.1f} ms, p90 {w['p90']:.1f} ms, p99 {w['p99']:.1f} ms.\n")
+    commands = "\n".join(f"- {name}: {r['command']}" for name, r in results.items())
+    mixed_txt = ""
+    if "hey_mixed" in results:
+        mx = results["hey_mixed"]
+        mixed_txt = (f"\nWith the worker busy (8 closed-loop clients posting `mode=sequential` requests, "
+                     f"{mx['sequential_done']} of them answered during the run, status codes {mx['sequential_codes']}, "
+                     f"worker about {mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 "
+                     f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms: the sampler's onnxruntime pool uses every core "
+                     f"(threads = 0), so the event loop competes with it for CPU.\n")
+    server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
+    body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
+settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
+form with one PNG ({len(png)} bytes; Fashion-MNIST test image #{pick}, label {int(labels[pick])}), no other fields
+(auto mode, default alpha {ALPHA}); the server answered it from the surrogate (class {answer['class_index']}, radius
+{answer['radius']:.3f}, guarantee {answer['guarantee']['kind']}). 200 warm-up requests first. Load generators run on
+the same 2-core machine as the server (loopback), so they compete with it for CPU.
+
+{table}
+
+**Target: p99 <= {TARGET_P99_MS:g} ms at {rate:g} req/s (primary row): {verdict}** (p99 {primary['p99']:.1f} ms,
+p50 {primary['p50']:.1f} ms, {primary['n'] / primary['span_s']:.1f} req/s achieved).
+
+During the primary run the server's own metrics counted {sur_n:,.0f} surrogate answers and {other_methods:,.0f}
+sequential/cohen ones; mean in-handler time (decode + surrogate + response model, from
+`certserve_request_duration_seconds`) {server_mean:.2f} ms per request: the rest of the latency is HTTP parsing,
+multipart decoding, scheduling and the client.
+{wrk_txt}{mixed_txt}
+How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
+sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
+with one connection each at {rate / 4:g} req/s, started {1e3 / rate:g} ms apart, i.e. one request every
+{1e3 / rate:g} ms with up to 4 in flight. hey measures from the send of each request (a response slower than a
+stream's {4e3 / rate:g} ms period would delay that stream's next send); the Python generator schedules Poisson
+arrivals in advance and measures from the scheduled time, so its latency includes its own client-side delays
+(send lag p99 {results['open_loop']['send_lag_p99']:.1f} ms). hey's csv has 0.1 ms resolution.
+
+Commands:
+{commands}
+{chr(10).join('- ' + n for n in notes)}"""
+    data = {"rate": rate, "duration": duration, "verdict": verdict, "primary": {k: v for k, v in primary.items()
+                                                                                 if k != "raw"},
+            "results": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()},
+            "server_mean_ms": server_mean, "hey": tool_version("hey") if hey else None,
+            "wrk": tool_version("wrk") if wrk else None}
+    return "http", "(b) HTTP surrogate path at a fixed rate", body, data

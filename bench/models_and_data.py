@@ -1,0 +1,76 @@
+"""Test images and the base model that the worker and certs sections sample."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+
+def load_test_images(limit: int) -> tuple[np.ndarray, np.ndarray]:
+    from calibration.data import load_fashion_mnist
+
+    ds = load_fashion_mnist()
+    return ds.x_test[:limit], ds.y_test[:limit]
+
+
+def load_sampler_backend(args):
+    """(bundle, backend, description) of the base model the worker/certs sections sample."""
+    from models.backends import OnnxBackend, load_backend
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle) if args.bundle else load_bundle()
+    threads = args.threads or None
+    if args.sampler and Path(args.sampler).suffix.lower() == ".onnx":
+        # not load_backend(): it does not pass noise_sigma, which the CUDA provider's in-graph noise requires
+        backend = OnnxBackend(args.sampler, threads=threads, device=args.device, noise_sigma=bundle.manifest.sigma)
+        source = args.sampler
+    elif args.sampler:
+        backend = load_backend(args.sampler, device=args.device, threads=threads)
+        source = args.sampler
+    else:
+        backend = bundle.backend("base", device=args.device, threads=threads)
+        source = f"{bundle.root.name}/base.onnx"
+    if backend.device == "cuda":
+        source += f"` on `{gpu_name()}"
+    return bundle, backend, source
+
+
+def gpu_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], check=False,
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown GPU"
+
+
+def make_sampling_engine(args, bundle, backend):
+    from models.sampling import SamplingEngine
+
+    batch = args.batch_size or (16384 if backend.device == "cuda" else 1024)
+    return SamplingEngine(backend, sigma=bundle.manifest.sigma, num_classes=len(bundle.manifest.classes),
+                          batch_size=batch)
+
+
+def clean_argmax(backend, images: np.ndarray, chunk: int = 1000) -> np.ndarray:
+    return np.concatenate([backend.forward(images[i:i + chunk]).argmax(axis=1) for i in range(0, len(images), chunk)])
+
+
+def server_class_and_prior(bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The router's tested class (surrogate arg-max) and meta-learned Beta prior, from clean passes only."""
+    from models.priors import meta_features, softmax
+
+    base = bundle.backend("base", threads=1, device="cpu")
+    sur = bundle.backend("surrogate", threads=1, device="cpu")
+    meta = bundle.backend("meta", threads=1, device="cpu")
+    feats, tested = meta_features(base.forward(images), softmax(sur.forward(images)))
+    return tested, meta.forward(feats)

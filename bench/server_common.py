@@ -1,0 +1,51 @@
+"""Constants and small helpers shared by the server benchmark sections (see ``bench.server_bench``)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+SECTIONS = ("worker", "http", "certs", "auto", "coldstart")  # report order (a)-(e)
+ALPHA = 0.001  # the server's default request alpha
+BUDGET = 10_000  # the server's default max_samples; Cohen-10k's n
+TARGET_EFFICIENCY = 0.9
+TARGET_P99_MS = 20.0
+TARGET_AUTO_SAMPLES = 150.0
+BOUNDARY = "certservebenchboundary7f3a"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
+
+
+def latency_summary(ms) -> dict:
+    ms = np.asarray(ms, dtype=np.float64)
+    if not len(ms):
+        return {"n": 0, "mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan"),
+                "max": float("nan")}
+    return {"n": len(ms), "mean": float(ms.mean()), "p50": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99),
+            "max": float(ms.max())}
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """(1, H, W) float in [0, 1] (exact multiples of 1/255 for Fashion-MNIST) -> 8-bit greyscale PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(image[0] * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def multipart_body(png: bytes, **fields: str) -> bytes:
+    parts = [f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in fields.items()]
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode()
+    return b"".join(parts) + head + png + f"\r\n--{BOUNDARY}--\r\n".encode()

@@ -1,0 +1,231 @@
+"""Section (a): SequentialEngine samples/s with N concurrent best-radius jobs vs the raw model at the same batches."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+
+from bench.models_and_data import clean_argmax, load_sampler_backend, load_test_images, make_sampling_engine
+from bench.server_common import ALPHA, BUDGET, TARGET_EFFICIENCY, markdown_table, pct
+
+
+class _Recorder:
+    """EngineObserver recording (end time, samples, jobs, model seconds) of every batch."""
+
+    def __init__(self):
+        self.batches: list[tuple[float, int, int, float]] = []
+
+    def on_batch(self, samples: int, capacity: int, jobs: int, seconds: float) -> None:
+        self.batches.append((time.perf_counter(), samples, jobs, seconds))
+
+    def on_queue(self, waiting: int, live: int) -> None:
+        pass
+
+
+def _gated(sampler):
+    """A SamplingEngine that logs each call's chunk sizes and can park the engine thread at the start of its next
+    model call (``pause()`` returns once parked; ``resume()``), so the raw model can be timed in the same
+    process between slices of worker time. Parked intervals are logged and excluded from the worker's time."""
+    from models.sampling import SamplingEngine
+
+    class Gated(SamplingEngine):
+        def __init__(self):
+            super().__init__(sampler.backend, sigma=sampler.sigma, num_classes=sampler.num_classes,
+                             batch_size=sampler.batch_size)
+            self.sizes_log: list[np.ndarray] = []
+            self.parked_log: list[tuple[float, float]] = []
+            self.model_log: list[tuple[float, float]] = []  # (end, seconds) of each model call, parking excluded
+            self._gate = threading.Event()
+            self._gate.set()
+            self._parked = threading.Event()
+            self._closed = False
+
+        def count_chunks(self, images, sizes, rng):
+            if not self._gate.is_set():
+                t = time.perf_counter()
+                self._parked.set()
+                self._gate.wait()
+                self.parked_log.append((t, time.perf_counter()))
+            self.sizes_log.append(np.array(sizes, dtype=np.int64))
+            t = time.perf_counter()
+            out = super().count_chunks(images, sizes, rng)
+            self.model_log.append((time.perf_counter(), time.perf_counter() - t))
+            return out
+
+        def pause(self) -> float:
+            self._parked.clear()
+            self._gate.clear()
+            self._parked.wait()
+            return time.perf_counter()
+
+        def resume(self) -> float:
+            self._gate.set()
+            return time.perf_counter()
+
+    return Gated()
+
+
+def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cycles: int, w_slice: float,
+                       r_slice: float, seed, rng) -> dict:
+    """Keep ``n_jobs`` best-radius jobs live (a finished job is replaced at once from its done callback) and
+    alternate ``cycles`` times: ``w_slice`` s of worker time, then with the engine parked: the raw model at the
+    worker's running mean batch (size and number of chunks) for ``r_slice`` s, an exact replay of (a strided subset
+    of) the model calls of the worker slice just run, and one call at the full batch size."""
+    from server.worker import EngineStopped, JobSpec, QueueFull, SequentialEngine
+
+    gated = _gated(sampler)
+    rec = _Recorder()
+    engine = SequentialEngine(gated, max_live_jobs=max(512, n_jobs), seed=seed, observer=rec)
+    state = {"next": 0, "open": True}
+    finished: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def submit_one():
+        with lock:
+            i = state["next"]
+            state["next"] += 1
+        k = i % len(images)
+        fut = engine.submit(JobSpec(images[k], ALPHA, BUDGET, time.monotonic() + 3600, tested_class=int(classes[k])))
+        fut.add_done_callback(on_done)
+
+    def on_done(fut):
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        finished.append((time.perf_counter(), fut.result().samples))
+        if state["open"]:
+            try:
+                submit_one()
+            except (EngineStopped, QueueFull):
+                pass
+
+    raw = {"mean": [0, 0.0], "replay": [0, 0.0], "full": [0, 0.0]}
+    per_cycle = []
+    full_sizes = split_sizes(sampler.batch_size, 4)
+    sampler.count_chunks(images[:4], full_sizes, rng)  # warm the session up once
+    engine.start()
+    for _ in range(n_jobs):
+        submit_one()
+    time.sleep(warm)
+    t_start = gated.pause()
+    n_batches0, n_sizes0, n_model0 = len(rec.batches), len(gated.sizes_log), len(gated.model_log)
+    for _ in range(cycles):
+        b0, s0, g0 = len(rec.batches), len(gated.sizes_log), len(gated.model_log)
+        t_resumed = gated.resume()
+        time.sleep(w_slice)
+        t_parked = gated.pause()
+        sl = rec.batches[b0:]
+        since = rec.batches[n_batches0:]
+        if not since:
+            continue
+        mean_b = sum(b[1] for b in since) / len(since)
+        mean_j = sum(b[2] for b in since) / len(since)
+        m = raw_rate(sampler, images, [split_sizes(round(mean_b), round(mean_j))], r_slice, rng)
+        model = sum(sec for _, sec in gated.model_log[g0:])
+        sizes = gated.sizes_log[s0:]
+        stride = max(1, math.ceil(model / (r_slice / 2))) if model > 0 else 1
+        r = raw_rate(sampler, images, sizes[::stride], 0.0, rng, cycle=False) if sizes else (0, 0.0)
+        f = raw_rate(sampler, images, [full_sizes], 0.0, rng, cycle=False)
+        for key, val in (("mean", m), ("replay", r), ("full", f)):
+            raw[key][0] += val[0]
+            raw[key][1] += val[1]
+        per_cycle.append((sum(b[1] for b in sl), t_parked - t_resumed, m))
+    t_end = time.perf_counter()
+    state["open"] = False
+    gated.resume()
+    engine.stop(0.0)
+    batches = [b for b in rec.batches[n_batches0:] if b[0] <= t_end]
+    parked = sum(min(b, t_end) - max(a, t_start) for a, b in gated.parked_log if b > t_start and a < t_end)
+    active = (t_end - t_start) - parked
+    certs = [s for t, s in finished if t_start < t <= t_end]
+    model = sum(sec for t, sec in gated.model_log[n_model0:] if t <= t_end)
+    return {"samples": sum(b[1] for b in batches), "active": active, "batches": len(batches),
+            "jobs": sum(b[2] for b in batches), "model": model, "certs": len(certs),
+            "cert_samples": sum(certs), "raw": raw, "sizes_logged": len(gated.sizes_log) - n_sizes0,
+            "per_cycle": per_cycle, "w_slice": w_slice}
+
+
+def raw_rate(sampler, images, sizes_list, seconds: float, rng, *, cycle: bool = True) -> tuple[int, float]:
+    """Samples and seconds of back-to-back count_chunks calls over ``sizes_list``: cycled until ``seconds`` have
+    passed (at least one call) when ``cycle``, else each entry once."""
+    samples, spent, i = 0, 0.0, 0
+    deadline = time.perf_counter() + seconds
+    while True:
+        sizes = sizes_list[i % len(sizes_list)]
+        t = time.perf_counter()
+        sampler.count_chunks(images[:len(sizes)], sizes, rng)
+        spent += time.perf_counter() - t
+        samples += int(sizes.sum())
+        i += 1
+        if (cycle and time.perf_counter() >= deadline) or (not cycle and i >= len(sizes_list)):
+            return samples, spent
+
+
+def split_sizes(total: int, parts: int) -> np.ndarray:
+    parts = max(1, min(parts, total))
+    sizes = np.full(parts, total // parts, dtype=np.int64)
+    sizes[:total % parts] += 1
+    return sizes
+
+
+def bench_worker(args, ctx) -> tuple[str, str, str, dict]:
+    bundle, backend, source = load_sampler_backend(args)
+    sampler = make_sampling_engine(args, bundle, backend)
+    images, _ = load_test_images(1000)
+    classes = clean_argmax(backend, images)
+    jobs_list = [int(j) for j in args.jobs.split(",") if j.strip()]
+    cycles = 24 if args.full else 12
+    w_slice, r_slice, warm = 0.5, 0.25, 0.5
+    rng = np.random.default_rng([args.seed, 11])
+    rows, data_rows = [], []
+    for n_jobs in jobs_list:
+        res = interleaved_worker(sampler, images, classes, n_jobs, warm=warm, cycles=cycles, w_slice=w_slice,
+                                 r_slice=r_slice, seed=[args.seed, n_jobs], rng=rng)
+        w_rate = res["samples"] / res["active"]
+        m_rate, r_rate, f_rate = (res["raw"][k][0] / res["raw"][k][1] for k in ("mean", "replay", "full"))
+        cyc = [(s / t) / (m[0] / m[1]) for s, t, m in res["per_cycle"] if m[1] > 0 and t > 0]
+        d = {"jobs": n_jobs, "worker_rate": w_rate, "raw_mean_rate": m_rate, "replay_rate": r_rate,
+             "full_rate": f_rate, "efficiency": w_rate / m_rate, "replay_efficiency": w_rate / r_rate,
+             "cycle_eff_q25": pct(cyc, 25), "cycle_eff_q75": pct(cyc, 75),
+             "mean_batch": res["samples"] / res["batches"], "mean_chunks": res["jobs"] / res["batches"],
+             "model_fraction": res["model"] / res["active"], "certs_per_s": res["certs"] / res["active"],
+             "samples_per_cert": res["cert_samples"] / res["certs"] if res["certs"] else float("nan"),
+             "worker_s": res["active"], "batches": res["batches"], "cycles": len(res["per_cycle"])}
+        data_rows.append(d)
+        rows.append([str(n_jobs), f"{d['mean_batch']:,.0f}", f"{d['mean_chunks']:.1f}", f"{w_rate:,.0f}",
+                     f"{m_rate:,.0f}", f"**{d['efficiency']:.2f}**",
+                     f"{d['cycle_eff_q25']:.2f}-{d['cycle_eff_q75']:.2f}", f"{r_rate:,.0f}",
+                     f"{d['replay_efficiency']:.2f}", f"{d['model_fraction']:.2f}", f"{f_rate:,.0f}",
+                     f"{w_rate / f_rate:.2f}", f"{d['certs_per_s']:.1f}"])
+        print(f"  worker {n_jobs:>4} jobs: {w_rate:,.0f} samples/s, raw@mean batch {m_rate:,.0f}, "
+              f"efficiency {d['efficiency']:.2f}", flush=True)
+    many = [d["efficiency"] for d in data_rows if d["jobs"] >= 8]
+    worst = min(many) if many else float("nan")
+    verdict = "PASS" if many and worst >= TARGET_EFFICIENCY else "FAIL"
+    device = backend.device
+    table = markdown_table(
+        ["concurrent jobs", "mean batch (samples)", "mean chunks/batch", "worker samples/s",
+         "raw samples/s @ mean batch", "**efficiency**", "per-cycle efficiency (IQR)", "raw replay of the same batches",
+         "efficiency vs replay", "model busy fraction", f"raw @ full batch {sampler.batch_size}",
+         "worker / full batch", "certificates/s"], rows)
+    body = f"""Sampler: `{source}` via `{backend.name}`, batch size {sampler.batch_size}; sigma = {sampler.sigma},
+alpha = {ALPHA}, budget {BUDGET:,}, KT prior (1/2, 1/2), best-radius policy; tested class = the base model's clean
+arg-max; images = the first 1,000 Fashion-MNIST test images, cycled. A finished job is replaced at once (from its
+future's done callback), so the engine always holds exactly N live jobs. Per N: one `SequentialEngine`, {warm:g} s
+warm-up, then {cycles} cycles of {w_slice:g} s of worker time followed, with the engine thread parked at the start of
+its next model call, by the raw model in the same process: `SamplingEngine.count_chunks` back to back for
+{r_slice:g} s at the worker's running mean batch (same size, same number of chunks), an exact replay of (a strided
+subset of) the model calls of the worker slice just run, and one call at the full batch size. The fine interleaving
+makes the worker and the raw model see the same machine load. Worker samples/s = samples of the batches finished
+in the measured span / (span - parked time). Efficiency = worker samples/s / raw samples/s at the mean batch; the
+IQR column is over the per-cycle ratios. "Model busy fraction" = time inside model calls / worker time.
+
+{table}
+
+**Target: efficiency >= {TARGET_EFFICIENCY} with >= 8 concurrent jobs ({device}): {verdict}** (lowest: {worst:.2f}).
+"""
+    data = {"device": device, "sampler": backend.name, "batch_size": sampler.batch_size, "rows": data_rows,
+            "worst_efficiency_8plus": worst, "verdict": verdict}
+    return f"worker-{backend.name}", f"(a) Worker efficiency ({backend.name})", body, data
