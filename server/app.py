@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from models.bundle import load_bundle
 from server.certifier import Certifier, CertifyError
@@ -87,14 +88,29 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
             raise CertifyError(401, "unauthorized", "a valid API key is required (header 'Authorization: Bearer "
                                                     "<key>' or 'X-API-Key')")
 
+    inflight = {"n": 0}
+
+    async def admit(request: Request):
+        """Bound the certification requests in flight at the HTTP layer: beyond, 503 at once (not a slow queue)."""
+        if inflight["n"] >= settings.max_inflight_requests:
+            app.state.metrics.rejected.labels("inflight_limit").inc()
+            raise CertifyError(503, "overloaded", f"{settings.max_inflight_requests} requests in flight; retry later",
+                               retry_after=1)
+        inflight["n"] += 1
+        try:
+            yield
+        finally:
+            inflight["n"] -= 1
+
     @app.post("/certify", response_model=Certificate, responses=_ERRORS, openapi_extra=_BODY_DOC,
-              dependencies=[Depends(require_key)], summary="Certify one image")
+              dependencies=[Depends(require_key), Depends(admit)], summary="Certify one image")
     async def certify(request: Request) -> Certificate:
         images, params = await _parse(request, batch=False)
         return await _certify_one(request, images[0], params)
 
     @app.post("/certify/batch", response_model=BatchResponse, responses=_ERRORS, openapi_extra=_BATCH_DOC,
-              dependencies=[Depends(require_key)], summary="Certify several images with the same parameters")
+              dependencies=[Depends(require_key), Depends(admit)],
+              summary="Certify several images with the same parameters")
     async def certify_batch(request: Request) -> BatchResponse:
         images, params = await _parse(request, batch=True)
         if len(images) > settings.max_batch_images:
@@ -115,7 +131,7 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
             raise CertifyError(exc.status, "bad_image", str(exc)) from None
         decode_ms = (time.perf_counter() - t0) * 1e3
         work = asyncio.ensure_future(certifier.certify(image, params, request_id=request_id, decode_ms=decode_ms,
-                                                       preprocessing=steps))
+                                                       preprocessing=steps, received=request.state.received))
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, work))
         try:
             cert = await work
@@ -175,7 +191,11 @@ async def _parse(request: Request, *, batch: bool):
         params = CertifyParams.model_validate(req.model_dump(exclude={field}))
         return (req.images if batch else [req.image]), params
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=256, max_fields=64)
+        try:
+            form = await request.form(max_files=256, max_fields=64)
+        except (StarletteHTTPException, MultiPartException) as exc:
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+            raise CertifyError(422, "bad_multipart", f"could not parse the multipart body: {detail}") from None
         files = form.getlist(field)
         if not files:
             raise CertifyError(422, "missing_image", f"multipart field '{field}' (the image file) is required")
@@ -242,7 +262,9 @@ class RequestId:
             return await self.app(scope, receive, send)
         supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
         request_id = supplied if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received"] = time.monotonic()  # deadlines count from arrival, not from when the handler ran
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

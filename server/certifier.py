@@ -75,8 +75,10 @@ class Certifier:
         fut.result(timeout=120)
 
     async def certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float,
-                      preprocessing: list[str]) -> Certificate:
+                      preprocessing: list[str], received: float | None = None) -> Certificate:
+        """Certify one decoded image. ``received`` (time.monotonic() at arrival) anchors the deadline."""
         started = time.perf_counter()
+        arrival = received if received is not None else time.monotonic()
         s = self.settings
         alpha = params.alpha if params.alpha is not None else s.default_alpha
         cal = self.manifest.calibration
@@ -117,7 +119,7 @@ class Certifier:
 
         # sequential or cohen: class and prior fixed from the clean image, then the job goes to the engine
         t0 = time.perf_counter()
-        deadline = time.monotonic() + (params.deadline_ms or s.default_deadline_ms) / 1e3
+        deadline = arrival + (params.deadline_ms or s.default_deadline_ms) / 1e3
         if mode == "cohen":
             spec = JobSpec(image, alpha, budget, deadline, kind="cohen", n0=s.cohen_n0)
         else:

@@ -44,6 +44,17 @@ class Metrics(EngineObserver):
         self.inference = Histogram("certserve_model_inference_seconds", "Model call duration by model",
                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("certserve_ready", "1 when the server is ready to take traffic", registry=r)
+        # create the labelled series at 0, so rate()/increase() see the first requests too
+        for method in ("surrogate", "sequential", "cohen"):
+            for outcome in ("certified", "abstained"):
+                self.requests.labels(method, outcome)
+            self.latency.labels(method)
+            self.samples_per_certificate.labels(method)
+        for reason in ("no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
+                       "below_target_radius"):
+            self.fallbacks.labels(reason)
+        for reason in ("queue_full", "draining", "bad_image", "inflight_limit"):
+            self.rejected.labels(reason)
 
     # EngineObserver (called from the engine thread; prometheus-client is thread-safe)
     def on_batch(self, samples: int, capacity: int, jobs: int, seconds: float) -> None:

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# Build the certserve image on this machine and smoke-test it end to end:
+#   dockerd (started here when not running: --bridge=none, no iptables) -> local Debian bookworm base image with
+#   python3 (debootstrap + docker import; no registry pulls) -> wheelhouse downloaded on the host (pip inside the
+#   build cannot verify TLS here) -> docker build -> docker run --network host on a free loopback port -> /readyz ->
+#   POST /certify a real Fashion-MNIST PNG -> /metrics moved -> non-root -> HEALTHCHECK healthy -> cleanup.
+# The base rootfs and the wheelhouse are cached in $CERTSERVE_DOCKER_CACHE (default /var/tmp/certserve-docker), so a
+# second run skips them. Needs root (debootstrap, dockerd). Exits non-zero on any failure.
+#
+#   docker/smoke-test.sh                 # KEEP_IMAGE=0 also removes the built image at the end
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${CERTSERVE_DOCKER_CACHE:-/var/tmp/certserve-docker}
+BASE_IMAGE=${BASE_IMAGE:-local/debian-python:bookworm}
+IMAGE=${IMAGE:-certserve:smoke}
+KEEP_IMAGE=${KEEP_IMAGE:-1}
+FMNIST=/usr/share/datasets/fashion-mnist
+# The Debian client matches Debian's dockerd 20.10 (a newer client would want the missing buildx plugin).
+if [ -z "${DOCKER:-}" ]; then
+    if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
+fi
+export DOCKER_BUILDKIT=0
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+mkdir -p "$CACHE"
+
+T_START=$(date +%s.%N)
+T_PHASE=$T_START
+TIMINGS=()
+phase_done() {  # phase_done NAME: record the seconds since the previous phase
+    local now
+    now=$(date +%s.%N)
+    TIMINGS+=("$(printf '%-22s %7.1f s' "$1" "$(echo "$now - $T_PHASE" | bc)")")
+    echo "== $1: $(echo "$now - $T_PHASE" | bc | xargs printf '%.1f') s"
+    T_PHASE=$now
+}
+log() { echo "-- $*"; }
+die() { echo "FAIL: $*" >&2; exit 1; }
+
+DOCKERD_PID=""
+CONTAINER=""
+CONTEXT="$CACHE/context"
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "$CONTAINER" ]; then
+        if [ "$rc" != 0 ]; then
+            echo "--- container logs (last 40 lines)"
+            "$DOCKER" logs --tail 40 "$CONTAINER" 2>&1
+        fi
+        "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1
+    fi
+    [ "$KEEP_IMAGE" = 1 ] || "$DOCKER" rmi -f "$IMAGE" >/dev/null 2>&1
+    rm -rf "$CONTEXT"
+    if [ -n "$DOCKERD_PID" ]; then
+        log "stopping the dockerd this script started (pid $DOCKERD_PID)"
+        kill "$DOCKERD_PID" 2>/dev/null
+        for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+    fi
+    echo "--- timings"
+    printf '%s\n' "${TIMINGS[@]}"
+    printf '%-22s %7.1f s\n' total "$(echo "$(date +%s.%N) - $T_START" | bc)"
+    if [ "$rc" = 0 ]; then echo "SMOKE TEST PASSED"; else echo "SMOKE TEST FAILED (exit $rc)"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+command -v bc >/dev/null || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bc >/dev/null; }
+
+# ---------------------------------------------------------------- 1. docker daemon
+# Exit 77 = "no Docker engine can run on this machine" (not a failure of the image): .ci/run reports it as skipped.
+skip() { echo "SKIPPED: $*" >&2; trap - EXIT; exit 77; }
+if ! command -v dockerd >/dev/null; then
+    log "installing docker.io"
+    { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq docker.io >/dev/null; } || skip "docker.io cannot be installed"
+    [ -x /usr/bin/docker ] && DOCKER=/usr/bin/docker
+fi
+if ! "$DOCKER" info >/dev/null 2>&1; then
+    log "starting dockerd --bridge=none --iptables=false --ip6tables=false (log: $CACHE/dockerd.log)"
+    dockerd --bridge=none --iptables=false --ip6tables=false >"$CACHE/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 1 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 1; done
+    "$DOCKER" info >/dev/null 2>&1 || { tail -20 "$CACHE/dockerd.log"; kill "$DOCKERD_PID" 2>/dev/null
+                                       skip "dockerd did not come up in 60 s (no Docker engine can run here)"; }
+fi
+phase_done docker-daemon
+
+# ---------------------------------------------------------------- 2. local base image (no registry pulls)
+if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    if [ ! -s "$CACHE/rootfs.tar" ]; then
+        command -v debootstrap >/dev/null || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq debootstrap >/dev/null; }
+        log "debootstrap bookworm (minbase + python3, python3-venv, ca-certificates) into $CACHE/rootfs"
+        $SUDO rm -rf "$CACHE/rootfs"
+        $SUDO debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+            bookworm "$CACHE/rootfs" http://deb.debian.org/debian >"$CACHE/debootstrap.log" 2>&1 \
+            || { tail -20 "$CACHE/debootstrap.log"; die "debootstrap failed"; }
+        $SUDO rm -rf "$CACHE"/rootfs/var/cache/apt/archives/*.deb "$CACHE"/rootfs/var/lib/apt/lists/*
+        $SUDO tar -C "$CACHE/rootfs" -cf "$CACHE/rootfs.tar.part" . && mv "$CACHE/rootfs.tar.part" "$CACHE/rootfs.tar"
+        $SUDO rm -rf "$CACHE/rootfs"
+    fi
+    log "docker import $CACHE/rootfs.tar -> $BASE_IMAGE"
+    "$DOCKER" import "$CACHE/rootfs.tar" "$BASE_IMAGE" >/dev/null
+fi
+"$DOCKER" run --rm --network host "$BASE_IMAGE" python3 -c 'import sys, venv; print("base python", sys.version.split()[0])'
+phase_done base-image
+
+# ---------------------------------------------------------------- 3. wheelhouse (host pip; base is bookworm/cp311)
+WHEELS="$CACHE/wheels"
+STAMP=$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)
+if [ "$(cat "$WHEELS/.stamp" 2>/dev/null)" != "$STAMP" ]; then
+    PYTHON=${PYTHON:-python3}
+    mapfile -t REQS < <("$PYTHON" - "$REPO/pyproject.toml" <<'EOF'
+import sys, tomllib
+for dep in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    print(dep.split(";")[0].strip())
+print("setuptools>=68")
+print("wheel")
+EOF
+)
+    log "pip download ${#REQS[@]} requirements into $WHEELS"
+    rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+    "$PYTHON" -m pip download -q --only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+        --platform manylinux_2_36_x86_64 -d "$WHEELS" "${REQS[@]}" >"$CACHE/pip-download.log" 2>&1 \
+        || { tail -20 "$CACHE/pip-download.log"; die "pip download failed"; }
+    echo "$STAMP" >"$WHEELS/.stamp"
+fi
+log "$(find "$WHEELS" -name '*.whl' | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
+phase_done wheelhouse
+
+# ---------------------------------------------------------------- 4. build context + docker build
+# The context is the repository's tracked and untracked-but-not-ignored files (no .venv, runs, ...) plus wheels/.
+rm -rf "$CONTEXT" && mkdir -p "$CONTEXT"
+(cd "$REPO" && git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf -) | tar -C "$CONTEXT" -xf -
+cp -al "$WHEELS" "$CONTEXT/wheels" 2>/dev/null || cp -a "$WHEELS" "$CONTEXT/wheels"
+log "docker build -t $IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE"
+"$DOCKER" build -t "$IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" "$CONTEXT" >"$CACHE/build.log" 2>&1 \
+    || { tail -40 "$CACHE/build.log"; die "docker build failed (log: $CACHE/build.log)"; }
+log "$(grep -c 'Using cache' "$CACHE/build.log") steps from the layer cache; size $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+phase_done docker-build
+
+# ---------------------------------------------------------------- 5. image hygiene: non-root, no wheels/build tools
+USER_CFG=$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")
+[ -n "$USER_CFG" ] && [ "${USER_CFG%%:*}" != 0 ] && [ "${USER_CFG%%:*}" != root ] || die "image user is '$USER_CFG'"
+"$DOCKER" run --rm --network host --entrypoint /bin/sh "$IMAGE" -c '
+    set -e
+    test "$(id -u)" != 0 || { echo "runs as root"; exit 1; }
+    test ! -e /wheels || { echo "/wheels shipped"; exit 1; }
+    for tool in gcc cc make pip; do ! command -v $tool >/dev/null || { echo "$tool shipped"; exit 1; }; done
+    ! ls /opt/venv/lib/python3*/site-packages | grep -qi "^torch" || { echo "torch shipped"; exit 1; }
+    python3 -c "import models.bundle as b; print(\"uid\", __import__(\"os\").getuid(), \"bundle\", b.DEFAULT_BUNDLE_DIR)"
+' || die "image hygiene check failed"
+phase_done image-checks
+
+# ---------------------------------------------------------------- 6. run on a free loopback port
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CONTAINER=certserve-smoke-$$
+"$DOCKER" run -d --name "$CONTAINER" --network host \
+    -e CERTSERVE_HOST=127.0.0.1 -e CERTSERVE_PORT="$PORT" -e CERTSERVE_THREADS=2 \
+    --health-interval 2s --health-start-period 60s "$IMAGE" >/dev/null
+log "container $CONTAINER on 127.0.0.1:$PORT"
+BASE_URL="http://127.0.0.1:$PORT"
+python3 - "$BASE_URL" <<'EOF' || die "/readyz did not turn ready in 120 s"
+import json, sys, time, urllib.request
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(sys.argv[1] + "/readyz", timeout=2) as r:
+            if r.status == 200:
+                print("ready:", r.read().decode()[:200]); sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.5)
+sys.exit(1)
+EOF
+phase_done start-to-ready
+
+# ---------------------------------------------------------------- 7. certify a real Fashion-MNIST image, metrics
+if [ ! -f "$FMNIST/t10k-images-idx3-ubyte.gz" ]; then
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+python3 - "$BASE_URL" "$FMNIST" <<'EOF' || die "certify / metrics check failed"
+import gzip, json, re, struct, sys, urllib.request, uuid, zlib
+
+base, fmnist = sys.argv[1], sys.argv[2]
+
+def png_gray(pixels: bytes, w: int, h: int) -> bytes:  # a minimal 8-bit grayscale PNG writer (no numpy/PIL on host)
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    raw = b"".join(b"\0" + pixels[y * w:(y + 1) * w] for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+idx = 0
+images = gzip.open(f"{fmnist}/t10k-images-idx3-ubyte.gz").read()
+labels = gzip.open(f"{fmnist}/t10k-labels-idx1-ubyte.gz").read()
+png = png_gray(images[16 + idx * 784:16 + (idx + 1) * 784], 28, 28)
+label = labels[8 + idx]
+
+def requests_total() -> float:
+    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    return sum(float(m.group(1)) for m in re.finditer(r"^certserve_requests_total\{[^}]*\} (\S+)$", text, re.M))
+
+before = requests_total()
+boundary = uuid.uuid4().hex
+body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"fmnist-{idx}.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+req = urllib.request.Request(base + "/certify", data=body, method="POST",
+                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+with urllib.request.urlopen(req, timeout=60) as r:
+    cert = json.loads(r.read())
+print("certify:", json.dumps({k: cert.get(k) for k in ("class_index", "class_name", "certified", "radius", "method", "samples")}),
+      "true label", label)
+assert "certified" in cert and "method" in cert, cert
+after = requests_total()
+print(f"certserve_requests_total {before:g} -> {after:g}")
+assert after >= before + 1, "certserve_requests_total did not move"
+EOF
+phase_done certify+metrics
+
+# ---------------------------------------------------------------- 8. HEALTHCHECK turns healthy
+for _ in $(seq 1 60); do
+    HEALTH=$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$CONTAINER")
+    [ "$HEALTH" = healthy ] && break
+    [ "$HEALTH" = unhealthy ] && die "container is unhealthy"
+    sleep 1
+done
+[ "$HEALTH" = healthy ] || die "HEALTHCHECK status '$HEALTH' after 60 s"
+log "health: $HEALTH; user in container: $("$DOCKER" exec "$CONTAINER" id -u):$("$DOCKER" exec "$CONTAINER" id -g)"
+[ "$("$DOCKER" exec "$CONTAINER" id -u)" != 0 ] || die "container runs as root"
+phase_done healthcheck
+
+# ---------------------------------------------------------------- 9. graceful stop (SIGTERM -> drain -> exit 0)
+"$DOCKER" stop -t 30 "$CONTAINER" >/dev/null
+EXIT=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
+[ "$EXIT" = 0 ] || die "container exited $EXIT after SIGTERM"
+log "SIGTERM -> exit $EXIT"
+phase_done graceful-stop
