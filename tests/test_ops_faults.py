@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 import test_server_process as tsp
+
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 
 COLD_START_BUDGET = 30.0  # s from spawn to /readyz 200 after a crash (measured median ~1.5 s idle, see docs)
@@ -125,15 +125,7 @@ def test_sigterm_under_mixed_load_answers_every_request_and_exits_0(tmp_path):
         threads = [_fire(srv.url, pngs[k % 3], modes[k % len(modes)], answers) for k in range(10)]
         _wait_metric(srv, "certserve_live_jobs", lambda v: v >= 6)
         in_flight = srv.metric("certserve_live_jobs")
-        t_term = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(timeout=drain + 30)
-        try:
-            code = srv.proc.wait(timeout=drain + 15)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"server still running {drain + 15}s after SIGTERM")
-        elapsed = time.monotonic() - t_term
+        code, elapsed = srv.sigterm_and_wait(threads, drain)
         print(f"\nSIGTERM with {in_flight:.0f} live jobs: exit {code} after {elapsed:.2f} s")
         assert len(answers) == 10
         for data, status, body in answers:

@@ -52,6 +52,18 @@ def free_port() -> int:
 class Server:
     """A ``certserve serve`` subprocess; stdout/stderr go to files (a full pipe would block the server)."""
 
+
+    def sigterm_and_wait(self, threads, drain: float) -> tuple[int, float]:
+        """SIGTERM, let the request threads finish, wait for the exit; (exit code, seconds from signal to exit)."""
+        t_term = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=drain + 30)
+        try:
+            code = self.proc.wait(timeout=drain + 15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server still running {drain + 15}s after SIGTERM")
+        return code, time.monotonic() - t_term
     def __init__(self, tmp: Path, env: dict[str, str], *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -210,15 +222,7 @@ def test_sigterm_drains_in_flight_cohen_requests_and_exits_0(tmp_path, images):
             assert time.monotonic() < end, "the Cohen requests never started sampling"
             time.sleep(0.02)
         assert srv.metric("certserve_live_jobs") >= 1
-        t_term = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(timeout=drain + 30)
-        try:
-            code = srv.proc.wait(timeout=drain + 15)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"server still running {drain + 15}s after SIGTERM")
-        elapsed = time.monotonic() - t_term
+        code, elapsed = srv.sigterm_and_wait(threads, drain)
         assert len(answers) == 4
         for status, body in answers:
             assert status == 200, body
