@@ -181,8 +181,13 @@ def _check_shapes(bundle: Bundle) -> None:
         got_in = list(backend.input_shape[1:])
         if got_in != want_in:
             raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")
-        if backend.num_outputs is not None and backend.num_outputs != want_out:
-            raise BundleError(f"artifact {role}: model has {backend.num_outputs} outputs, manifest expects {want_out}")
+        outputs = backend.num_outputs
+        if outputs is None:  # symbolic output width: probe it with one forward pass
+            import numpy as np
+
+            outputs = backend.forward(np.zeros((1, *want_in), dtype=np.float32)).shape[-1]
+        if outputs != want_out:
+            raise BundleError(f"artifact {role}: model has {outputs} outputs, manifest expects {want_out}")
 
 
 def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shape: tuple[int, int, int],

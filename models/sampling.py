@@ -31,7 +31,11 @@ class SamplingEngine:
     def count_chunks(self, images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One model call: counts (J, K) of classes over sizes[j] noisy copies of images[j] (sum(sizes) samples)."""
         sizes = np.asarray(sizes, dtype=np.int64)
-        preds = self.backend.noisy_predictions(images, sizes, self.sigma, rng)
+        preds = np.asarray(self.backend.noisy_predictions(images, sizes, self.sigma, rng))
+        if preds.size and (preds.min() < 0 or preds.max() >= self.num_classes):
+            # a class index outside [0, K) would be counted for the NEXT chunk's job: refuse, never misattribute
+            raise ValueError(f"the model predicted class {int(preds.max())}, but the bundle declares "
+                             f"{self.num_classes} classes")
         owner = np.repeat(np.arange(len(sizes)), sizes)
         flat = np.bincount(owner * self.num_classes + preds, minlength=len(sizes) * self.num_classes)
         return flat.reshape(len(sizes), self.num_classes)

@@ -156,9 +156,11 @@ def create_app(settings: Settings | None = None, *, seed: int | None = None) -> 
     @app.get("/readyz", summary="Readiness: true after warm-up, false while draining",
              responses={503: {"model": ErrorResponse}})
     async def readyz() -> JSONResponse:
-        if app.state.ready and not app.state.draining:
+        certifier = getattr(app.state, "certifier", None)
+        engine_ok = certifier is not None and certifier.engine.alive
+        if app.state.ready and not app.state.draining and engine_ok:
             return JSONResponse({"status": "ready"})
-        state = "draining" if app.state.draining else "starting"
+        state = "draining" if app.state.draining else "engine_down" if app.state.ready else "starting"
         return JSONResponse({"error": {"code": state, "message": f"not ready: {state}"}}, status_code=503)
 
     @app.get("/v1/models", response_model=list[ModelCard], summary="The served bundle")

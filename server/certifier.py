@@ -25,7 +25,8 @@ from smoothing import rrise_lower, rrise_radius
 
 STATEMENTS = {
     "conformal-marginal": "over inputs exchangeable with the calibration split, P(radius exceeds the smoothed "
-                          "classifier's true radius for this class) <= alpha; not a per-input guarantee",
+                          "classifier's true radius for this class) <= alpha, unconditionally over all inputs (not "
+                          "given that the surrogate answered); not a per-input guarantee",
     "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
     "clopper-pearson": "for this input, P(certificate wrong) <= alpha (Cohen et al. 2019, fixed n)",
 }

@@ -139,6 +139,11 @@ class SequentialEngine:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs (readiness depends on it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, spec: JobSpec) -> concurrent.futures.Future:
         """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
         if spec.kind == "sequential" and spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
@@ -211,11 +216,12 @@ class SequentialEngine:
                 return
             try:
                 self._step()
-            except Exception as exc:  # a broken model call must not hang the callers
-                for job in self._jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                self._jobs.clear()
+            except Exception as exc:  # a broken model call must not hang the callers, nor kill this thread
+                with self._state:
+                    for job in self._jobs:
+                        self._by_future.pop(job.future, None)
+                        _fail(job.future, exc)
+                    self._jobs.clear()
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -310,7 +316,8 @@ class SequentialEngine:
                         decision.append(int(self._policy(targeted, *(x[k:k + 1] for x in (s, t, radius, alpha,
                                                                                            budget, a, b)))[0]))
                     except ValueError as exc:
-                        job.future.set_exception(exc)
+                        self._by_future.pop(job.future, None)
+                        _fail(job.future, exc)
                         decision.append(Stop.CONTINUE)
             for job, d in zip(group, np.atleast_1d(decision)):
                 if job.future.done():
@@ -353,6 +360,13 @@ class SequentialEngine:
             job.future.set_result(result)
         except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
             pass
+
+
+def _fail(future: concurrent.futures.Future, exc: BaseException) -> None:
+    try:
+        future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:  # answered (finish_now) or cancelled meanwhile
+        pass
 
 
 def default_deadline(seconds: float) -> float:

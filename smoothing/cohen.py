@@ -88,7 +88,7 @@ def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertifica
     c_hat = np.argmax(sel, axis=-1)
     n_a = np.take_along_axis(est, c_hat[..., None], axis=-1)[..., 0]
     p_lower = np.asarray(clopper_pearson_lower(n_a, est.sum(axis=-1), alpha))
-    certified = p_lower >= 0.5
+    certified = p_lower >= 0.5  # the reference's `pABar < 0.5 -> abstain` (parity; p_lower == 0.5 gives radius 0)
     radius = np.where(certified, radius_from_probability(p_lower, sigma), 0.0)
     cls = np.where(certified, c_hat, ABSTAIN)
     return CohenCertificate(_scalar(cls), _scalar(radius), _scalar(p_lower), _scalar(certified))

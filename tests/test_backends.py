@@ -60,3 +60,41 @@ def test_wrapper_with_tiny_sigma_reproduces_the_clean_prediction(bundle, images)
 def test_in_graph_noise_needs_sigma(bundle):
     with pytest.raises(ValueError, match="noise_sigma"):
         OnnxBackend(bundle.path("base"), noise_in_graph=True)
+
+
+def _eleven_output_model(path, *, dynamic_width: bool):
+    """A real ONNX classifier over 1x28x28 with 11 logits whose last one always wins."""
+    import torch
+
+    class Eleven(torch.nn.Module):
+        def forward(self, x):
+            flat = x.reshape(x.shape[0], -1)
+            logits = torch.zeros(x.shape[0], 11) + flat.mean(dim=1, keepdim=True)
+            if dynamic_width:  # width from a runtime shape: exported as a symbolic output dimension
+                logits = logits[:, : flat.shape[1] // 784 * 11]
+            return logits + torch.nn.functional.one_hot(torch.tensor(10), 11).float() * 5
+
+    torch.onnx.export(Eleven(), torch.zeros(2, 1, 28, 28), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch", 1: "classes"} if dynamic_width
+                                    else {0: "batch"}}, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("dynamic_width", [False, True])
+def test_bundle_refuses_a_model_wider_than_its_classes(tmp_path, dynamic_width):
+    """11 outputs declared as 10 classes would let a prediction '10' be counted for the next job: refused at load,
+    also when the output width is symbolic (probed with one forward pass)."""
+    from models.bundle import BundleError, create_bundle
+
+    model = _eleven_output_model(tmp_path / "m.onnx", dynamic_width=dynamic_width)
+    with pytest.raises(BundleError, match="11 outputs"):
+        create_bundle(tmp_path / "b", base=model, sigma=0.25, input_shape=(1, 28, 28), classes=[str(i) for i in range(10)])
+
+
+def test_sampling_engine_refuses_predictions_outside_the_classes(tmp_path, images):
+    from models.sampling import SamplingEngine
+
+    model = _eleven_output_model(tmp_path / "m.onnx", dynamic_width=False)
+    engine = SamplingEngine(OnnxBackend(model, threads=1), sigma=0.25, num_classes=10, batch_size=64)
+    with pytest.raises(ValueError, match="predicted class 10"):
+        engine.count_chunks(images[:2], np.array([5, 5]), np.random.default_rng(0))
