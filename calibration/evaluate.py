@@ -29,7 +29,12 @@ METHODS = ("cohen-10k", "cohen-1k", "sequential-kt", "sequential-meta", "surroga
 
 def method_names(n: int) -> tuple[str, ...]:
     """The report's method names for n samples per image (Cohen-n and Cohen-n/10, capped at 1k)."""
-    return (f"cohen-{_short(n)}", f"cohen-{_short(min(1000, max(1, n // 10)))}", *METHODS[2:])
+    return (f"cohen-{_short(n)}", f"cohen-{_short(_small_n(n))}", *METHODS[2:])
+
+
+def _small_n(n: int) -> int:
+    """Samples of the smaller Cohen run: n / 10, capped at 1,000 (Cohen-1k at the default n = 10,000)."""
+    return min(1000, max(1, n // 10))
 
 
 def add_arguments(p) -> None:
@@ -89,7 +94,7 @@ def evaluate(args) -> dict:
     per_sample = sampling_seconds / (len(x) * (args.n + args.n0))
 
     k = len(m.classes)
-    n_small = min(1000, max(1, args.n // 10))  # Cohen-1k at the default n = 10,000
+    n_small = _small_n(args.n)
     counts = {n: np.stack([(stream[:, :n] == c).sum(axis=1) for c in range(k)], axis=1) for n in {n_small, args.n}}
     raw: dict[str, tuple] = {}  # method -> (class or -1, radius, samples, seconds per image)
     for name, n in ((f"cohen-{_short(args.n)}", args.n), (f"cohen-{_short(n_small)}", n_small)):

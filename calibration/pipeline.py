@@ -21,7 +21,7 @@ from calibration.config import PipelineConfig
 from calibration.counts import compute_counts
 from calibration.data import Splits, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
-from calibration.train import pick_device, predict_logits, save_torchscript, train_base, train_surrogate
+from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
 from models.bundle import create_bundle, sha256_file
 from models.export import export_onnx

@@ -87,14 +87,6 @@ def train_surrogate(x: np.ndarray, counts: np.ndarray, *, init: nn.Module | None
                  desc="surrogate")
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, *, batch_size: int = 2048) -> np.ndarray:
-    device = next(model.parameters()).device
-    out = [model(torch.as_tensor(x[i:i + batch_size], device=device)).float().cpu().numpy()
-           for i in range(0, len(x), batch_size)]
-    return np.concatenate(out)
-
-
 def save_torchscript(model: nn.Module, example: torch.Tensor, path) -> None:
     model = model.eval()
     device = next(model.parameters()).device

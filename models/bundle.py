@@ -173,8 +173,6 @@ def _check_shapes(bundle: Bundle) -> None:
     for role in m.artifacts:
         try:
             backend = bundle.backend(role, threads=1, device="cpu")
-        except BundleError:
-            raise
         except Exception as exc:  # onnxruntime raises its own types for unreadable models
             raise BundleError(f"artifact {role}: {bundle.path(role).name} is not a loadable ONNX model: {exc}") from None
         want_in, want_out = expected[role]

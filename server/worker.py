@@ -369,9 +369,4 @@ def _fail(future: concurrent.futures.Future, exc: BaseException) -> None:
         pass
 
 
-def default_deadline(seconds: float) -> float:
-    return time.monotonic() + seconds
-
-
-__all__ = ["EngineObserver", "EngineStopped", "JobResult", "JobSpec", "QueueFull", "SequentialEngine",
-           "default_deadline"]
+__all__ = ["EngineObserver", "EngineStopped", "JobResult", "JobSpec", "QueueFull", "SequentialEngine"]

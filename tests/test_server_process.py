@@ -53,6 +53,15 @@ class Server:
     """A ``certserve serve`` subprocess; stdout/stderr go to files (a full pipe would block the server)."""
 
 
+    def refused_start(self, what: str) -> tuple[int, str]:
+        """Wait for a server that must refuse to start; (exit code, stderr). Fails if it keeps running."""
+        try:
+            code = self.proc.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.close()
+            pytest.fail(f"a server with {what} kept running")
+        return code, self.stderr()
+
     def sigterm_and_wait(self, threads, drain: float) -> tuple[int, float]:
         """SIGTERM, let the request threads finish, wait for the exit; (exit code, seconds from signal to exit)."""
         t_term = time.monotonic()
@@ -241,13 +250,8 @@ def test_corrupted_bundle_refuses_to_start(tmp_path):
     base[len(base) // 2] ^= 0xFF  # one flipped byte in the weights
     (bundle / "base.onnx").write_bytes(bytes(base))
     srv = Server(tmp_path, {"CERTSERVE_BUNDLE": str(bundle)})
+    code, err = srv.refused_start("a corrupted bundle")
     try:
-        code = srv.proc.wait(timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        srv.close()
-        pytest.fail("a server with a corrupted bundle kept running")
-    try:
-        err = srv.stderr()
         assert code != 0
         assert "sha256" in err and "base.onnx" in err, err[-2000:]
         with pytest.raises(httpx.HTTPError):
@@ -258,13 +262,9 @@ def test_corrupted_bundle_refuses_to_start(tmp_path):
 
 def test_missing_bundle_refuses_to_start(tmp_path):
     srv = Server(tmp_path, {}, "--bundle", str(tmp_path / "nope"))
-    try:
-        code = srv.proc.wait(timeout=START_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        srv.close()
-        pytest.fail("a server without a bundle kept running")
+    code, err = srv.refused_start("no bundle")
     try:
         assert code != 0
-        assert "does not exist" in srv.stderr()
+        assert "does not exist" in err
     finally:
         srv.close()
