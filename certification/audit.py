@@ -1,0 +1,197 @@
+"""The audit log: every issued certificate as one JSON line, written before the certificate is answered.
+
+Durability: each record is ONE ``os.write`` of a complete line (``\\n``-terminated) to a file descriptor opened with
+``O_APPEND``, under a lock. When :meth:`AuditLog.append` returns, the line is in the kernel's page cache, so a
+``kill -9`` of the server cannot lose it: every certificate answered has its complete line.
+
+A ``kill -9`` DURING a write can stop it between two pages (Linux checks for a fatal signal before copying each page
+of a buffered write; measured: 1 run in 40 with 1.5-3 kB records on ext4 left an unterminated tail). That tail is the
+record of a certificate that was never answered (``append`` had not returned). Opening the log -- the server's next
+start -- truncates it to the last complete line (logged as a warning, counted in ``repaired_bytes``), so a restarted
+log holds only complete lines; :func:`read_records` reports such a tail unless told to skip it.
+
+A short write while running (disk full, file-size limit) is undone with ``ftruncate`` to the size before the write,
+so no partial line survives an error, and :class:`AuditError` is raised: the caller must not answer the certificate
+(the server answers 503 ``audit_unavailable`` and counts the failure). ``fsync=True`` additionally survives power
+loss, at the cost of one disk flush per certificate.
+
+Rotation is by size: when the next line would push the file over ``max_bytes``, ``PATH`` becomes ``PATH.1``
+(``PATH.1`` -> ``PATH.2`` ... up to ``backups``; the oldest beyond that is deleted) and a new ``PATH`` is started.
+``max_bytes=0`` never rotates. A file moved away by an external tool (logrotate) is noticed and ``PATH`` reopened.
+One process writes a given log (the server is one process; run one log per replica).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from certification.signing import canonical_json
+
+log = logging.getLogger("certserve.audit")
+
+
+class AuditError(OSError):
+    """The audit record could not be written completely (nothing partial is left in the file)."""
+
+
+class AuditLog:
+    """Append-only JSON-lines audit log with size-based rotation; thread-safe.
+
+    ``log.append({"certificate": {...}})`` writes one line (a ``logged_at`` UNIX time is added) or raises
+    :class:`AuditError`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, max_bytes: int = 100 * 2**20, backups: int = 10,
+                 fsync: bool = False):
+        if max_bytes < 0 or backups < 0:
+            raise ValueError("max_bytes and backups must be >= 0")
+        if max_bytes and not backups:
+            raise ValueError("rotation (max_bytes > 0) needs backups >= 1; max_bytes=0 disables rotation")
+        self.path = Path(path)
+        self.max_bytes, self.backups, self.fsync = max_bytes, backups, fsync
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+        self.repaired_bytes = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._open()
+
+    def append(self, record: dict) -> None:
+        """Write ``record`` as one line; return only once it is in the file (raise :class:`AuditError` if not)."""
+        line = canonical_json({**record, "logged_at": round(time.time(), 3)}) + b"\n"
+        with self._lock:
+            try:
+                self._reopen_if_moved()
+                if self.max_bytes and self._size() + len(line) > self.max_bytes and self._size() > 0:
+                    self._rotate()
+                self._write_whole(line)
+            except OSError as exc:
+                raise AuditError(exc.errno, f"audit log {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r}, max_bytes={self.max_bytes}, backups={self.backups})"
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        st = os.fstat(self._fd)
+        self._ino = (st.st_dev, st.st_ino)
+        dropped = _drop_unterminated_tail(self._fd)
+        if dropped:
+            self.repaired_bytes += dropped
+            log.warning("audit log %s: dropped an unterminated last record (%d bytes) left by a crash during its "
+                        "write; its certificate was never answered", self.path, dropped)
+
+    def _size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def _reopen_if_moved(self) -> None:
+        if self._fd is None:
+            self._open()
+            return
+        try:
+            st = os.stat(self.path)
+            moved = (st.st_dev, st.st_ino) != self._ino
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            os.close(self._fd)
+            self._fd = None
+            self._open()
+
+    def _write_whole(self, line: bytes) -> None:
+        start = self._size()
+        try:
+            written = os.write(self._fd, line)
+        except OSError:
+            self._undo(start)
+            raise
+        if written != len(line):  # short write: disk full or file-size limit; leave no torn line
+            self._undo(start)
+            raise OSError(28, f"short write ({written} of {len(line)} bytes; disk full?)")
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def _undo(self, start: int) -> None:
+        try:
+            os.ftruncate(self._fd, start)
+        except OSError:
+            pass
+
+    def _rotate(self) -> None:
+        """PATH.i -> PATH.(i+1) newest last (the oldest beyond ``backups`` deleted), PATH -> PATH.1, new PATH."""
+        os.close(self._fd)
+        self._fd = None
+        for i in sorted(_rotated_indices(self.path), reverse=True):
+            src = self.path.with_name(f"{self.path.name}.{i}")
+            if i >= self.backups:
+                src.unlink()
+            else:
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+
+def _drop_unterminated_tail(fd: int) -> int:
+    """Truncate the file after its last newline; return the number of bytes dropped."""
+    size = end = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return 0
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            end = start + cut + 1
+            break
+        end = start
+    os.ftruncate(fd, end)
+    return size - end
+
+
+def _rotated_indices(path: Path) -> list[int]:
+    prefix = path.name + "."
+    return [int(name[len(prefix):]) for name in os.listdir(path.parent)
+            if name.startswith(prefix) and name[len(prefix):].isdigit()]
+
+
+def read_records(path: str | os.PathLike, *, skip_torn_tail: bool = False) -> list[dict]:
+    """Every record of a log and its rotated files, oldest first (``PATH.N`` ... ``PATH.1``, ``PATH``).
+
+    Raises ``ValueError`` naming the file and line if a line does not parse or a file does not end with a newline;
+    with ``skip_torn_tail`` an unterminated end of the newest file (a crash during its write) is left out instead.
+    """
+    path = Path(path)
+    rotated = [path.with_name(f"{path.name}.{i}") for i in sorted(_rotated_indices(path), reverse=True)]
+    records = []
+    for file in rotated + ([path] if path.exists() else []):
+        data = file.read_bytes()
+        if data and not data.endswith(b"\n"):
+            if not (skip_torn_tail and file == path):
+                raise ValueError(f"{file}: the last line is not terminated (torn write)")
+            data = data[:data.rfind(b"\n") + 1]
+        for number, line in enumerate(data.splitlines(), 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{file}:{number}: not a JSON line") from None
+    return records

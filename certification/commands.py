@@ -1,0 +1,92 @@
+"""``certserve keys ...`` and ``certserve verify`` (argparse; heavy imports inside the handlers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_JWKS = "http://127.0.0.1:8000/.well-known/jwks.json"
+
+
+def add_keys_command(sub) -> None:
+    keys = sub.add_parser("keys", help="signing keys for certificates (Ed25519)")
+    keys_sub = keys.add_subparsers(dest="keys", required=True)
+    gen = keys_sub.add_parser("generate", help="write a new Ed25519 key pair (private 0600, public .pub.pem)")
+    gen.add_argument("--out", required=True, help="directory for the key files (created 0700 if missing)")
+    gen.set_defaults(func=_keys_generate)
+    jwks = keys_sub.add_parser("jwks", help="print the public key set (JWKS) of configured keys, for offline verify")
+    jwks.add_argument("--key", default=os.environ.get("CERTSERVE_SIGNING_KEY"),
+                      help="key file, directory or list (default: $CERTSERVE_SIGNING_KEY)")
+    jwks.set_defaults(func=_keys_jwks)
+
+
+def add_verify_command(sub) -> None:
+    ver = sub.add_parser("verify", help="verify a signed certificate: signature, image hash, age",
+                         description="Exit 0 and print the verified claims when valid; otherwise exit 1 with a "
+                                     "one-line reason (exit 2: the certificate or key set could not be read).")
+    ver.add_argument("cert", help="a certificate JSON file (response or audit line) or a compact JWS; - = stdin")
+    ver.add_argument("--image", help="the image file that was certified: its SHA-256 must match")
+    ver.add_argument("--jwks", default=os.environ.get("CERTSERVE_JWKS", DEFAULT_JWKS),
+                     help="key set: a file or an http(s) URL (default: $CERTSERVE_JWKS or %(default)s)")
+    ver.add_argument("--max-age", type=float, default=None, help="reject certificates issued more than S seconds ago")
+    ver.set_defaults(func=_verify)
+
+
+def _keys_generate(args) -> int:
+    from certification.signing import generate_key_files
+
+    private, public, kid = generate_key_files(args.out)
+    print(f"kid {kid}\nprivate key {private} (0600; keep it secret)\npublic key  {public}")
+    print(f"serve with: CERTSERVE_SIGNING_KEY={os.path.abspath(args.out)} certserve serve")
+    return 0
+
+
+def _keys_jwks(args) -> int:
+    from certification.signing import Signer, SigningKeyError
+
+    if not args.key:
+        print("certserve keys jwks: no key given (--key or CERTSERVE_SIGNING_KEY)", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(Signer.from_paths(args.key).jwks(), indent=2))
+    except SigningKeyError as exc:
+        print(f"certserve keys jwks: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _verify(args) -> int:
+    from certification.verify import VerificationError, load_jwks, verify_certificate, verify_document
+
+    try:
+        text = sys.stdin.read() if args.cert == "-" else Path(args.cert).read_text(encoding="utf-8")
+        image = Path(args.image).read_bytes() if args.image else None
+    except OSError as exc:
+        print(f"certserve verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError:
+        print("INVALID (malformed): the certificate file is not text (UTF-8)", file=sys.stderr)
+        return 1
+    try:
+        keyset = load_jwks(args.jwks)
+        text = text.strip()
+        if text.startswith("{"):
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                raise VerificationError("malformed", "the certificate file is not valid JSON") from None
+            claims = verify_document(doc, keyset, image_bytes=image, max_age=args.max_age)
+        else:
+            claims = verify_certificate(text, keyset, image_bytes=image, max_age=args.max_age)
+    except VerificationError as exc:
+        print(f"INVALID ({exc.reason}): {exc}", file=sys.stderr)
+        return 2 if exc.reason in ("jwks_unavailable", "bad_jwks") else 1
+    print(json.dumps(claims, indent=2, sort_keys=True))
+    cert = claims["certificate"]
+    checked = "signature" + (", image" if image is not None else "") + (", age" if args.max_age is not None else "")
+    print(f"VALID ({checked}): class {cert['class_index']} radius {cert['radius']} {cert['method']} "
+          f"[{cert['guarantee']['kind']}, alpha {cert['guarantee']['alpha']}] key {claims['server']['kid']}",
+          file=sys.stderr)
+    return 0

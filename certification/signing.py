@@ -1,0 +1,279 @@
+"""Signed certificates: Ed25519 keys (PEM), their public key set (JWKS), and compact JWS certificates.
+
+A certificate's signature is a compact JWS (RFC 7515) with protected header ``{"alg": "EdDSA", "kid", "typ"}``
+(EdDSA over Ed25519, RFC 8037). ``alg`` is ``EdDSA`` as the issue and most JOSE libraries expect; RFC 9864 names the
+same signature ``Ed25519`` and the verifier accepts both. The payload is the JSON claims set built by
+:func:`certificate_claims`: the certificate's guarantee-bearing fields bound to the hash of the uploaded bytes, the
+hash of the tensor the model saw, the model bundle and the server (key id, version).
+
+Keys (``CERTSERVE_SIGNING_KEY``): one PEM file, a directory of ``*.pem`` files, or a list of either separated by
+commas or ``os.pathsep``. Every key found is published in the JWKS (so older certificates stay verifiable after a
+rotation); files may hold a private key or, for retired keys, only the public key. **The active key** (the one that
+signs) is the first private key in this order: the list in the order given, and inside a directory the files sorted
+by name *descending* -- ``certserve keys generate`` names files by UTC creation time, so the newest key signs.
+``kid`` is the key's RFC 7638 JWK thumbprint (SHA-256, base64url).
+
+Key material never appears in exceptions, logs or reprs: errors name the file and what is wrong with it, never its
+content. A private key file readable by group or others is accepted with a warning (logged once per load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from joserfc import jws
+from joserfc.jwk import OKPKey
+
+log = logging.getLogger("certserve.signing")
+
+SIGNING_ALG = "EdDSA"
+ACCEPTED_ALGS = ("EdDSA", "Ed25519")  # the same Ed25519 signature: RFC 8037 name and RFC 9864 name
+CERTIFICATE_TYP = "certserve-certificate+jwt"  # explicit typing (RFC 8725 3.11): not confusable with other JWTs
+CLAIMS_VERSION = 1
+TENSOR_LAYOUT = {"dtype": "float32", "byteorder": "little", "order": "C", "axes": "CHW"}
+# The fields of a certificate that carry its meaning; the timings are not signed (they are not a claim).
+CERTIFIED_FIELDS = ("request_id", "class_index", "class_name", "certified", "radius", "method", "guarantee", "samples",
+                    "p_lower", "stopped_by", "fallback_reason")
+
+
+class _EdDSAEd25519(type(jws.JWSRegistry.algorithms["EdDSA"])):  # joserfc's EdDSA class
+    """joserfc's EdDSA without its per-call deprecation warning (RFC 9864 deprecates the polymorphic name "EdDSA"; we
+    use it on purpose, see the module docstring, and only ever with Ed25519 keys: the verifier checks the curve)."""
+
+    security_warning = None
+
+
+def jws_registry() -> jws.JWSRegistry:
+    """A joserfc registry allowing exactly the Ed25519 signature under its two names."""
+    registry = jws.JWSRegistry(algorithms=list(ACCEPTED_ALGS))
+    registry.algorithms = {**jws.JWSRegistry.algorithms, "EdDSA": _EdDSAEd25519()}
+    return registry
+
+
+REGISTRY = jws_registry()
+
+
+class SigningKeyError(ValueError):
+    """A signing key cannot be loaded; the message names the file, never its content."""
+
+
+@dataclass(frozen=True, repr=False)
+class _Key:
+    kid: str
+    path: Path
+    public: OKPKey
+    private: OKPKey | None
+
+    def __repr__(self) -> str:
+        return f"_Key(kid={self.kid!r}, path={str(self.path)!r}, private={self.private is not None})"
+
+
+class Signer:
+    """The server's key ring: the active private key signs; every key's public part is published.
+
+    ``Signer.from_paths("keys/")`` or ``Signer.from_paths("new.pem,old.pem")``; ``signer.sign(claims)`` -> compact
+    JWS; ``signer.jwks()`` -> ``{"keys": [...]}`` of public keys only.
+    """
+
+    def __init__(self, keys: list[_Key]):
+        active = next((k for k in keys if k.private is not None), None)
+        if active is None:
+            raise SigningKeyError("no private Ed25519 key among the configured signing keys (only public keys found)")
+        self._active = active
+        self._keys = _dedupe(keys)
+        self._jwks = {"keys": [_public_jwk(k) for k in self._keys]}
+
+    @classmethod
+    def from_paths(cls, spec: str | os.PathLike | list) -> Signer:
+        """Load keys from a file, a directory, or a comma/``os.pathsep`` separated list (see the module docstring)."""
+        return cls([_load_key(p) for p in key_files(spec)])
+
+    @property
+    def kid(self) -> str:
+        """Key id of the active key (RFC 7638 thumbprint)."""
+        return self._active.kid
+
+    @property
+    def kids(self) -> list[str]:
+        return [k.kid for k in self._keys]
+
+    def jwks(self) -> dict:
+        """The public key set (RFC 7517): every configured key, active first; no private parameters."""
+        return json.loads(json.dumps(self._jwks))
+
+    def sign(self, claims: dict) -> str:
+        """Compact JWS of ``claims`` (canonical JSON: sorted keys, no spaces) under the active key."""
+        payload = canonical_json(claims)
+        header = {"alg": SIGNING_ALG, "kid": self._active.kid, "typ": CERTIFICATE_TYP}
+        return jws.serialize_compact(header, payload, self._active.private, registry=REGISTRY)
+
+    def __repr__(self) -> str:
+        return f"Signer(active_kid={self.kid!r}, keys={len(self._keys)})"
+
+
+def key_files(spec: str | os.PathLike | list) -> list[Path]:
+    """The key files named by ``spec``, in activation order (directory entries newest name first)."""
+    if isinstance(spec, (list, tuple)):
+        parts = [str(p) for p in spec]
+    else:
+        parts = [p for chunk in str(spec).split(",") for p in chunk.split(os.pathsep)]
+    parts = [p.strip() for p in parts if p.strip()]
+    if not parts:
+        raise SigningKeyError("no signing key path given")
+    files: list[Path] = []
+    for part in parts:
+        path = Path(part).expanduser()
+        if path.is_dir():
+            found = sorted((p for p in path.glob("*.pem") if p.is_file()), key=lambda p: p.name, reverse=True)
+            if not found:
+                raise SigningKeyError(f"signing key directory {path} holds no *.pem file")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SigningKeyError(f"signing key {path} does not exist")
+    return files
+
+
+def _load_key(path: Path) -> _Key:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read signing key {path}: {exc.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        private = _parse_private(path, data)
+        _warn_if_exposed(path)
+        public_obj = private.public_key()
+    else:
+        private, public_obj = None, _parse_public(path, data)
+    public_pem = public_obj.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = OKPKey.import_key(public_pem)
+    private_jwk = None
+    if private is not None:
+        private_jwk = OKPKey.import_key(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return _Key(kid=public.thumbprint(), path=path, public=public, private=private_jwk)
+
+
+def _parse_private(path: Path, data: bytes) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise SigningKeyError(f"signing key {path} is encrypted; certserve needs an unencrypted PEM file "
+                              "(protect it with file permissions, 0600)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SigningKeyError(f"signing key {path} is not a readable PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"signing key {path} is a {type(key).__name__.lstrip('_')}, not Ed25519") from None
+    return key
+
+
+def _parse_public(path: Path, data: bytes) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        raise SigningKeyError(f"{path} is neither a PEM private key nor a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningKeyError(f"public key {path} is a {type(key).__name__.lstrip('_')}, not Ed25519") from None
+    return key
+
+
+def _warn_if_exposed(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("signing key %s is accessible by group or others (mode %s); run: chmod 600 %s",
+                    path, oct(stat.S_IMODE(mode)), path)
+
+
+def _dedupe(keys: list[_Key]) -> list[_Key]:
+    """One entry per kid, first occurrence wins (activation order)."""
+    seen: dict[str, _Key] = {}
+    for key in keys:
+        seen.setdefault(key.kid, key)
+    return list(seen.values())
+
+
+def _public_jwk(key: _Key) -> dict:
+    jwk = key.public.as_dict(private=False)
+    return {"kty": jwk["kty"], "crv": jwk["crv"], "x": jwk["x"], "kid": key.kid, "alg": SIGNING_ALG, "use": "sig"}
+
+
+def generate_key_files(out: str | os.PathLike) -> tuple[Path, Path, str]:
+    """Write a new Ed25519 key to ``out``: ``certserve-<UTC time>-<kid[:8]>.pem`` (0600) and ``.pub.pem``.
+
+    Returns (private path, public path, kid). The directory is created 0700 if missing; nothing is overwritten.
+    """
+    out = Path(out)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private = Ed25519PrivateKey.generate()
+    public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    kid = OKPKey.import_key(public_pem).thumbprint()
+    stem = f"certserve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{kid[:8]}"
+    priv_path, pub_path = out / f"{stem}.pem", out / f"{stem}.pub.pem"
+    private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start, never wider
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_pem)
+    fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(public_pem)
+    return priv_path, pub_path, kid
+
+
+# ---------------------------------------------------------------------------------------------------- the claims
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII: the bytes that are signed and the audit log's line format."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensor_sha256(image: np.ndarray) -> str:
+    """SHA-256 of the tensor the model saw: float32, little-endian, C order, axes (C, H, W).
+
+    The hash covers the raw element bytes only; the shape is signed next to it (``input.tensor_shape``).
+    """
+    if image.ndim != 3:
+        raise ValueError(f"tensor_sha256 expects a (C, H, W) array; got shape {image.shape}")
+    return sha256_hex(np.ascontiguousarray(image, dtype="<f4").tobytes())
+
+
+def certificate_claims(certificate: dict, *, input_sha256: str, tensor_sha256: str, tensor_shape: tuple | list,
+                       preprocessing: list[str], model_name: str, model_version: str, manifest_sha256: str,
+                       sigma: float, kid: str, server_version: str, issued_at: int | None = None) -> dict:
+    """The signed payload: the certificate's meaning bound to its input, model and server.
+
+    ``certificate`` is the certificate as a dict (``Certificate.model_dump()``); only :data:`CERTIFIED_FIELDS` are
+    taken (timings are not claims). ``iat`` is the issue time in whole UNIX seconds.
+    """
+    missing = [f for f in CERTIFIED_FIELDS if f not in certificate]
+    if missing:
+        raise ValueError(f"certificate lacks the fields {missing}")
+    return {
+        "v": CLAIMS_VERSION,
+        "iat": int(time.time()) if issued_at is None else int(issued_at),
+        "certificate": {f: certificate[f] for f in CERTIFIED_FIELDS},
+        "input": {"sha256": input_sha256, "tensor_sha256": tensor_sha256,
+                  "tensor_shape": [int(d) for d in tensor_shape], "tensor_layout": dict(TENSOR_LAYOUT),
+                  "preprocessing": list(preprocessing)},
+        "model": {"name": model_name, "version": model_version, "manifest_sha256": manifest_sha256,
+                  "sigma": float(sigma)},
+        "server": {"kid": kid, "version": server_version},
+    }

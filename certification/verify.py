@@ -1,0 +1,219 @@
+"""Verify a signed certificate offline: signature against a key set, input hashes, age, and the unsigned copy.
+
+``verify_certificate(jws, jwks, image_bytes=..., max_age=...)`` returns the verified claims or raises
+:class:`VerificationError` whose ``reason`` is a stable short code (listed in :data:`REASONS`) and whose message is
+one line. ``verify_document(cert_dict, jwks, ...)`` also checks that the certificate's plain JSON fields say what the
+signed claims say (a server response or an audit record whose ``radius`` was edited fails with ``claims_mismatch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from joserfc import jws
+from joserfc.errors import BadSignatureError, JoseError
+from joserfc.jwk import KeySet, OKPKey
+
+from certification.signing import (ACCEPTED_ALGS, CERTIFICATE_TYP, CERTIFIED_FIELDS, CLAIMS_VERSION, REGISTRY,
+                                   tensor_sha256)
+
+REASONS = {
+    "malformed": "not a compact JWS certificate, or its payload lacks required claims",
+    "wrong_alg": "the header's alg is not EdDSA/Ed25519, or the key is not an Ed25519 key",
+    "wrong_typ": "the header's typ is not a certserve certificate",
+    "unknown_kid": "no key with the header's kid in the key set",
+    "bad_signature": "the signature does not match the header and payload under that key",
+    "kid_mismatch": "the signed server.kid differs from the header's kid",
+    "image_mismatch": "the SHA-256 of the given image differs from the certified input's",
+    "tensor_mismatch": "the SHA-256 of the given tensor differs from the certified tensor's",
+    "claims_mismatch": "the certificate's plain fields differ from its signed claims",
+    "expired": "issued longer ago than the allowed maximum age",
+    "not_yet_valid": "issued in the future (beyond the clock-skew leeway)",
+    "jwks_unavailable": "the key set could not be read or fetched",
+    "bad_jwks": "the key set is not a valid JWKS",
+    "unsigned": "the certificate carries no signature",
+}
+CLOCK_SKEW_S = 60
+
+
+class VerificationError(Exception):
+    """A certificate failed verification: ``reason`` (a code of :data:`REASONS`) and a one-line message."""
+
+    def __init__(self, reason: str, message: str):
+        assert reason in REASONS, reason
+        self.reason = reason
+        super().__init__(message.replace("\n", " "))
+
+
+def load_jwks(source: str | Path | dict, *, timeout: float = 10.0) -> KeySet:
+    """A public key set from a dict, a file path, or an http(s) URL. Private parameters are dropped."""
+    if isinstance(source, dict):
+        raw = source
+    elif str(source).startswith(("http://", "https://")):
+        raw = _fetch_jwks(str(source), timeout)
+    else:
+        try:
+            raw = json.loads(Path(source).read_text())
+        except OSError as exc:
+            raise VerificationError("jwks_unavailable", f"cannot read key set {source}: {exc.strerror}") from None
+        except ValueError:
+            raise VerificationError("bad_jwks", f"key set {source} is not JSON") from None
+    return _keyset(raw)
+
+
+def _fetch_jwks(url: str, timeout: float) -> dict:
+    import httpx
+
+    try:
+        r = httpx.get(url, timeout=timeout, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}") from None
+    if r.status_code != 200:
+        raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
+    try:
+        return r.json()
+    except ValueError:
+        raise VerificationError("bad_jwks", f"key set {url} is not JSON") from None
+
+
+def _keyset(raw) -> KeySet:
+    if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
+        raise VerificationError("bad_jwks", 'key set must be a JSON object {"keys": [...]}')
+    keys = []
+    for entry in raw["keys"]:
+        if not isinstance(entry, dict) or entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue  # other key types cannot verify a certserve certificate; skip, do not fail the set
+        public = {k: entry[k] for k in ("kty", "crv", "x", "kid") if k in entry}  # never "d"
+        try:
+            key = OKPKey.import_key(public)
+            if "kid" not in public:
+                key = OKPKey.import_key({**public, "kid": key.thumbprint()})
+        except (JoseError, ValueError, TypeError):
+            raise VerificationError("bad_jwks", f"key set entry {entry.get('kid')!r} is not an Ed25519 JWK") from None
+        keys.append(key)
+    return KeySet(keys)
+
+
+def verify_certificate(token: str, jwks: KeySet | dict | str | Path, *, image_bytes: bytes | None = None,
+                       image_tensor: np.ndarray | None = None, max_age: float | None = None,
+                       now: float | None = None) -> dict:
+    """Verify a compact JWS certificate; return its claims or raise :class:`VerificationError`.
+
+    Checks, in order: structure, header (alg, typ, kid), signature, payload shape, kid binding, the image's SHA-256
+    (when ``image_bytes`` is given), the tensor's (``image_tensor``), and the age (``max_age`` seconds since ``iat``).
+    """
+    keyset = jwks if isinstance(jwks, KeySet) else load_jwks(jwks)
+    header = _header(token)
+    key = _find_key(keyset, header["kid"])
+    try:
+        obj = jws.deserialize_compact(token, key, registry=REGISTRY)
+    except BadSignatureError:
+        raise VerificationError("bad_signature", f"signature does not verify under key {header['kid']}") from None
+    except (JoseError, ValueError):
+        raise VerificationError("malformed", "the JWS could not be decoded") from None
+    claims = _claims(obj.payload)
+    if claims["server"]["kid"] != header["kid"]:
+        raise VerificationError("kid_mismatch", f"payload names key {claims['server']['kid']}, header {header['kid']}")
+    _check_input(claims, image_bytes, image_tensor)
+    _check_age(claims["iat"], max_age, time.time() if now is None else now)
+    return claims
+
+
+def verify_document(doc: dict, jwks: KeySet | dict | str | Path, **kwargs) -> dict:
+    """Verify a certificate JSON object (a response or an audit record) by its ``signature``; see above.
+
+    Also fails with ``claims_mismatch`` when a plain field the signature covers says something else.
+    """
+    cert = certificate_of(doc)
+    if not isinstance(cert.get("signature"), str):
+        raise VerificationError("unsigned", "the certificate carries no signature (is a signing key configured?)")
+    claims = verify_certificate(cert["signature"], jwks, **kwargs)
+    signed = claims["certificate"]
+    for field in CERTIFIED_FIELDS:
+        if field in cert and cert[field] != signed[field]:
+            raise VerificationError("claims_mismatch", f"{field} is {cert[field]!r}; signed {signed[field]!r}")
+    for field in ("sha256", "tensor_sha256"):
+        plain = (cert.get("input") or {}).get(field)
+        if plain is not None and plain != claims["input"][field]:
+            raise VerificationError("claims_mismatch", f"input.{field} differs from the signed one")
+    for field in ("name", "version"):
+        plain = (cert.get("model") or {}).get(field)
+        if plain is not None and plain != claims["model"][field]:
+            raise VerificationError("claims_mismatch", f"model.{field} is {plain!r}; signed {claims['model'][field]!r}")
+    return claims
+
+
+def certificate_of(doc: dict) -> dict:
+    """The certificate in a response (itself), an audit record (``certificate``), or a one-result batch response."""
+    if not isinstance(doc, dict):
+        raise VerificationError("malformed", "a certificate must be a JSON object")
+    if isinstance(doc.get("results"), list):
+        if len(doc["results"]) != 1:
+            raise VerificationError("malformed", f"a batch of {len(doc['results'])} certificates: pass one")
+        doc = doc["results"][0]
+    if isinstance(doc.get("certificate"), dict) and "signature" not in doc:
+        doc = doc["certificate"]
+    return doc
+
+
+def _header(token) -> dict:
+    if not isinstance(token, str) or token.count(".") != 2:
+        raise VerificationError("malformed", "not a compact JWS (expected three base64url parts separated by dots)")
+    try:
+        header = jws.extract_compact(token.encode()).headers()
+    except (JoseError, ValueError, TypeError):
+        raise VerificationError("malformed", "the JWS header or payload is not base64url JSON") from None
+    unexpected = sorted(set(header) - {"alg", "kid", "typ"})
+    if unexpected:  # jku, jwk, x5u, crit ...: keys are taken from the key set only, never from the token
+        raise VerificationError("malformed", f"unexpected JWS header parameters {unexpected}")
+    if header.get("alg") not in ACCEPTED_ALGS:
+        raise VerificationError("wrong_alg", f"alg {header.get('alg')!r} is not accepted (EdDSA/Ed25519 only)")
+    if header.get("typ") != CERTIFICATE_TYP:
+        raise VerificationError("wrong_typ", f"typ {header.get('typ')!r} is not {CERTIFICATE_TYP}")
+    if not isinstance(header.get("kid"), str) or not header["kid"]:
+        raise VerificationError("malformed", "the JWS header has no kid")
+    return header
+
+
+def _find_key(keyset: KeySet, kid: str) -> OKPKey:
+    for key in keyset.keys:
+        if key.kid == kid:
+            if not isinstance(key, OKPKey) or key.curve_name != "Ed25519":
+                raise VerificationError("wrong_alg", f"key {kid} is not an Ed25519 key")
+            return key
+    raise VerificationError("unknown_kid", f"key {kid} is not in the key set")
+
+
+def _claims(payload: bytes) -> dict:
+    try:
+        claims = json.loads(payload)
+    except ValueError:
+        raise VerificationError("malformed", "the payload is not JSON") from None
+    ok = (isinstance(claims, dict) and claims.get("v") == CLAIMS_VERSION
+          and isinstance(claims.get("iat"), int) and not isinstance(claims.get("iat"), bool)
+          and all(isinstance(claims.get(k), dict) for k in ("certificate", "input", "model", "server"))
+          and all(f in claims["certificate"] for f in CERTIFIED_FIELDS)
+          and isinstance(claims["input"].get("sha256"), str) and isinstance(claims["server"].get("kid"), str))
+    if not ok:
+        raise VerificationError("malformed", "the payload lacks required certificate claims (or has another version)")
+    return claims
+
+
+def _check_input(claims: dict, image_bytes: bytes | None, image_tensor: np.ndarray | None) -> None:
+    if image_bytes is not None and hashlib.sha256(image_bytes).hexdigest() != claims["input"]["sha256"]:
+        raise VerificationError("image_mismatch", "the image is not the certified input (SHA-256 differs)")
+    if image_tensor is not None:
+        same_shape = list(image_tensor.shape) == claims["input"].get("tensor_shape")
+        if not same_shape or tensor_sha256(image_tensor) != claims["input"].get("tensor_sha256"):
+            raise VerificationError("tensor_mismatch", "the tensor is not the certified one (shape or SHA-256 differs)")
+
+
+def _check_age(iat: int, max_age: float | None, now: float) -> None:
+    if iat > now + CLOCK_SKEW_S:
+        raise VerificationError("not_yet_valid", f"issued {iat - now:.0f} s in the future")
+    if max_age is not None and now - iat > max_age:
+        raise VerificationError("expired", f"issued {now - iat:.0f} s ago; the maximum age is {max_age:g} s")
