@@ -42,7 +42,9 @@ COPY pyproject.toml README.md ./
 COPY smoothing ./smoothing
 COPY models ./models
 COPY calibration ./calibration
+COPY certification ./certification
 COPY server ./server
+COPY cli ./cli
 COPY bench ./bench
 
 # The versions are those of pyproject.toml (or of the wheelhouse); a non-default ORT_PACKAGE (onnxruntime-gpu)

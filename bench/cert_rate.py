@@ -40,7 +40,7 @@ def cohen_classic(backend, sigma: float, images: np.ndarray, num_classes: int, r
 
 def run_jobs(sampler, specs: list, concurrency: int, seed) -> tuple[list[dict], float]:
     """Submit ``specs`` to a fresh engine keeping ``concurrency`` in flight; wait for all. (results, seconds)."""
-    from server.worker import SequentialEngine
+    from models.engine import SequentialEngine
 
     engine = SequentialEngine(sampler, max_live_jobs=max(512, concurrency), seed=seed).start()
     results: list = [None] * len(specs)
@@ -75,7 +75,7 @@ def run_jobs(sampler, specs: list, concurrency: int, seed) -> tuple[list[dict], 
 
 
 def bench_certs(args, ctx) -> tuple[str, str, str, dict]:
-    from server.worker import JobSpec
+    from models.engine import JobSpec
 
     bundle, backend, source = load_sampler_backend(args)
     sampler = make_sampling_engine(args, bundle, backend)

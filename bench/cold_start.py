@@ -14,7 +14,7 @@ from bench.server_process import ServerProc
 def bench_coldstart(args, ctx, first: dict) -> tuple[str, str, str, dict]:
     spawns = [first]
     for k in range(1, args.cold_starts or (5 if args.full else 3)):
-        srv = ServerProc(args, ctx["workdir"], f"cold{k}")
+        srv = ServerProc.for_bench(args, ctx["workdir"], f"cold{k}")
         try:
             ready = srv.wait_ready()
             time.sleep(1.0)

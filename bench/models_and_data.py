@@ -56,7 +56,9 @@ def gpu_name() -> str:
 def make_sampling_engine(args, bundle, backend):
     from models.sampling import SamplingEngine
 
-    batch = args.batch_size or (16384 if backend.device == "cuda" else 1024)
+    from models.defaults import default_batch_size
+
+    batch = args.batch_size or default_batch_size(backend.device)
     return SamplingEngine(backend, sigma=bundle.manifest.sigma, num_classes=len(bundle.manifest.classes),
                           batch_size=batch)
 
@@ -66,11 +68,9 @@ def clean_argmax(backend, images: np.ndarray, chunk: int = 1000) -> np.ndarray:
 
 
 def server_class_and_prior(bundle, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The router's tested class (surrogate arg-max) and meta-learned Beta prior, from clean passes only."""
-    from models.priors import meta_features, softmax
+    """The service's tested class and Beta prior (:func:`models.priors.class_and_prior`), from clean passes only."""
+    from models.priors import class_and_prior
 
-    base = bundle.backend("base", threads=1, device="cpu")
-    sur = bundle.backend("surrogate", threads=1, device="cpu")
-    meta = bundle.backend("meta", threads=1, device="cpu")
-    feats, tested = meta_features(base.forward(images), softmax(sur.forward(images)))
-    return tested, meta.forward(feats)
+    base, sur, meta = (bundle.backend(role, threads=1, device="cpu") if bundle.path(role) else None
+                       for role in ("base", "surrogate", "meta"))
+    return class_and_prior(base, sur, meta, images)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     machine, code = machine_description(), code_version()
     meter = CpuMeter()
     started = time.perf_counter()
-    srv = ServerProc(args, workdir, "overload")
+    srv = ServerProc.for_bench(args, workdir, "overload")
     rss_samples: list[tuple[float, float]] = []
     crashed = None
     try:

@@ -124,7 +124,7 @@ def run(args) -> int:
         if served:
             spawn_meter = CpuMeter()
             t = time.perf_counter()
-            srv = ServerProc(args, workdir, "main")
+            srv = ServerProc.for_bench(args, workdir, "main")
             ctx["serve_cmd"] = srv.cmd
             first: dict = {}
             try:

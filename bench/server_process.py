@@ -1,7 +1,14 @@
-"""``certserve serve`` as a child process on a free loopback port: spawn, wait for /readyz, RSS, metrics, stop."""
+"""``certserve serve`` as a child process on a free loopback port: the one spawner of the benchmarks and the tests.
+
+Spawn (settings through ``CERTSERVE_*`` variables, as in production), wait for /readyz, read metrics and RSS, then
+SIGTERM (drain) or kill. Output goes to a log file (a full pipe would block the server). Every wait is bounded.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,52 +24,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProc:
-    """``certserve serve`` on 127.0.0.1:<free port> as a child process (stdout/stderr to a log file)."""
+def certserve_command() -> list[str]:
+    """The installed ``certserve`` console script, or the CLI module with this interpreter."""
+    exe = Path(sys.executable).parent / "certserve"
+    found = str(exe) if exe.exists() else shutil.which("certserve")
+    return [found] if found else [sys.executable, "-m", "cli.main"]
 
-    def __init__(self, args, workdir: Path, tag: str):
+
+class ServerProc:
+    """``certserve serve --host 127.0.0.1 --port <free> *args`` with ``env`` added to this process's environment."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, tag: str = "server"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "certserve"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
-        cmd += ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--device", args.serve_device]
-        if args.bundle:
-            cmd += ["--bundle", args.bundle]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        self.cmd = cmd
+        self.cmd = [*certserve_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"serve-{tag}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop()/close())
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(env or {})}, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         CpuMeter.pids.add(self.proc.pid)
+
+    @classmethod
+    def for_bench(cls, args, workdir: Path, tag: str) -> ServerProc:
+        """The server the benchmark sections measure: ``--serve-device``, ``--bundle`` and ``--threads`` of ``args``."""
+        extra = ["--device", args.serve_device]
+        extra += ["--bundle", args.bundle] if args.bundle else []
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        return cls(workdir, *extra, tag=tag)
 
     def wait_ready(self, timeout: float = 180.0) -> float:
         """Seconds from spawn to the first GET /readyz answered 200 (polled every 10 ms)."""
         import httpx
 
-        with httpx.Client(timeout=1.0) as client:
+        with httpx.Client(timeout=2.0) as client:
             while time.perf_counter() - self.t0 < timeout:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"certserve serve exited with {self.proc.returncode} before ready:\n"
-                                       f"{self.log_tail()}")
+                    raise AssertionError(f"certserve serve exited with {self.proc.returncode} before ready:\n"
+                                         f"{self.log_tail()}")
                 try:
                     if client.get(self.url + "/readyz").status_code == 200:
                         return time.perf_counter() - self.t0
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.01)
-        raise RuntimeError(f"certserve serve not ready after {timeout} s:\n{self.log_tail()}")
+        raise AssertionError(f"certserve serve not ready after {timeout} s:\n{self.log_tail()}")
+
+    def refused_start(self, what: str, timeout: float = 90.0) -> tuple[int, str]:
+        """Wait for a server that must refuse to start; (exit code, log). Fails if it keeps running."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise AssertionError(f"a server with {what} kept running") from None
+        return code, self.log()
+
+    def sigterm_and_wait(self, threads=(), drain: float = 0.0) -> tuple[int, float]:
+        """SIGTERM, let the client threads finish, wait for the exit; (exit code, seconds from signal to exit)."""
+        t_term = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=drain + 30)
+        try:
+            code = self.proc.wait(timeout=drain + 15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running {drain + 15}s after SIGTERM") from None
+        return code, time.monotonic() - t_term
 
     def rss(self) -> dict:
         return proc_status(self.proc.pid)
 
     def metrics(self) -> dict[str, float]:
+        """Every ``certserve_*`` sample of /metrics by its full name (labels included)."""
         import httpx
 
-        text = httpx.get(self.url + "/metrics", timeout=5).text
         out = {}
-        for line in text.splitlines():
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
             if line.startswith("certserve_") and " " in line:
                 name, _, value = line.rpartition(" ")
                 try:
@@ -71,8 +109,11 @@ class ServerProc:
                     pass
         return out
 
+    def metric(self, name: str) -> float:
+        return self.metrics()[name]
+
     def stop(self) -> float:
-        """SIGTERM; seconds until the process exited."""
+        """SIGTERM (kill after 60 s); seconds until the process exited."""
         t = time.perf_counter()
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -81,12 +122,23 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        CpuMeter.pids.discard(self.proc.pid)
-        self._log.close()
+        self.close()
         return time.perf_counter() - t
 
-    def log_tail(self, n: int = 20) -> str:
+    def close(self) -> None:
+        """Kill if still running (no drain) and release the log file."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        CpuMeter.pids.discard(self.proc.pid)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, n: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-n:])

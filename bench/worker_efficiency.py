@@ -74,7 +74,7 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
     alternate ``cycles`` times: ``w_slice`` s of worker time, then with the engine parked: the raw model at the
     worker's running mean batch (size and number of chunks) for ``r_slice`` s, an exact replay of (a strided subset
     of) the model calls of the worker slice just run, and one call at the full batch size."""
-    from server.worker import EngineStopped, JobSpec, QueueFull, SequentialEngine
+    from models.engine import EngineStopped, JobSpec, QueueFull, SequentialEngine
 
     gated = _gated(sampler)
     rec = _Recorder()

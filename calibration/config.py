@@ -26,7 +26,7 @@ class PipelineConfig:
     meta_fraction: float = 0.2  # held-out part of surrogate-train used to fit the meta-learner
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 0  # 0: 8192 on GPU, 1024 on CPU
+    batch_size: int = 0  # 0: models.defaults.default_batch_size(device)
     limit: int | None = None  # use only this many images of each split (smoke tests)
     overwrite: bool = False
     progress: bool = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ class Splits:
     base_train: np.ndarray
     surrogate_train: np.ndarray
     calibration: np.ndarray
-    extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
         """JSON-able description: sizes, seed and a sha256 of the exact index lists."""

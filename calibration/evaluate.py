@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from models.priors import meta_features, softmax
+from models.defaults import AUTO_MAX_SAMPLES, default_batch_size
+from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
 from smoothing.stopping import DEFAULT_FRACTION
 from smoothing import (best_radius_decision, certified_radius, certify, checkpoint_schedule, clopper_pearson_upper,
@@ -76,15 +77,14 @@ def evaluate(args) -> dict:
     x, y = ds.x_test[: args.images], ds.y_test[: args.images]
     base = bundle.backend("base", device="cpu")
     sampler = load_backend(args.sampler, device=args.device) if args.sampler else bundle.backend("base", device=args.device)
-    batch = args.batch_size or (16384 if getattr(sampler, "device", "cpu") == "cuda" else 1024)
+    batch = args.batch_size or default_batch_size(getattr(sampler, "device", "cpu"))
     engine = SamplingEngine(sampler, sigma=m.sigma, num_classes=len(m.classes), batch_size=batch)
     rng = np.random.default_rng(args.seed)
 
     # clean forward passes (fixed before any noise): surrogate class + probability, meta prior
-    base_logits = base.forward(x)
-    sur_probs = softmax(bundle.backend("surrogate", device="cpu").forward(x)) if bundle.path("surrogate") else None
-    feats, c_seq = meta_features(base_logits, sur_probs)
-    prior = bundle.backend("meta", device="cpu").forward(feats) if bundle.path("meta") else np.full((len(x), 2), 0.5)
+    surrogate, meta = (bundle.backend(role, device="cpu") if bundle.path(role) else None for role in ("surrogate", "meta"))
+    sur_probs = softmax(surrogate.forward(x)) if surrogate is not None else None
+    c_seq, prior = class_and_prior(base, surrogate, meta, x, sur_probs)
     latency = _clean_latency(bundle, x[:200])
 
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def evaluate(args) -> dict:
                               "violations_vs_point_estimate": int(np.sum(use_sur & (lower > k_c / args.n))),
                               "certified": int(use_sur.sum())}
         # auto = the server's auto mode: surrogate, else the meta-prior sequential path with the auto budget
-        auto_budget = min(args.n, getattr(args, "auto_budget", None) or _server_auto_budget())
+        auto_budget = min(args.n, getattr(args, "auto_budget", None) or AUTO_MAX_SAMPLES)
         used, radius = _replay_sequential(hits[:, :auto_budget], prior[:, 0], prior[:, 1], args.alpha, m.sigma,
                                           auto_budget, args.fraction)
         seq = (np.where(radius > 0, c_seq, -1), radius, used, per_sample * used + clean_cost)
@@ -139,14 +139,8 @@ def evaluate(args) -> dict:
         "images": int(len(x)), "n": args.n, "n0": args.n0, "alpha": args.alpha, "fraction": args.fraction,
         "sampler": sampler.name, "sampling_seconds": round(sampling_seconds, 1),
         "samples_per_second": round(1 / per_sample), "latency_ms": {k_: round(v * 1e3, 3) for k_, v in latency.items()},
-        "clean_accuracy": float((base_logits.argmax(axis=1) == y).mean()), "methods": methods, "plots": plots,
+        "clean_accuracy": float((base.forward(x).argmax(axis=1) == y).mean()), "methods": methods, "plots": plots,
     }
-
-
-def _server_auto_budget() -> int:
-    from server.settings import Settings
-
-    return int(Settings.model_fields["auto_max_samples"].default)
 
 
 def _short(n: int) -> str:

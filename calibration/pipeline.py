@@ -24,6 +24,7 @@ from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
 from models.bundle import create_bundle, sha256_file
+from models.defaults import default_batch_size
 from models.export import export_onnx
 from models.priors import FEATURE_NAMES, meta_features, softmax
 from models.sampling import SamplingEngine
@@ -40,7 +41,7 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    batch = cfg.batch_size or (8192 if device == "cuda" else 1024)
+    batch = cfg.batch_size or default_batch_size(device)
     need = min_calibration_size(cfg.delta)
     if min(cfg.calibration_size, cfg.limit or cfg.calibration_size) < need:
         raise ValueError(f"delta={cfg.delta} needs at least {need} calibration images "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.priors import FEATURE_NAMES
+
 
 class SmallCNN(nn.Module):
     """Two 3x3 conv blocks + two dense layers; per-channel normalization built in. Used for base and surrogate."""
@@ -30,8 +32,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features((x - self.mean) / self.std))
 
 
-#: Feature names of the meta-learner, in input order. All computed from the CLEAN input only.
-META_FEATURES = ("surrogate_top_prob", "base_margin", "base_entropy", "base_agrees")
 
 
 class MetaPrior(nn.Module):
@@ -42,7 +42,7 @@ class MetaPrior(nn.Module):
     Output (N, 2) = (a, b) = (mu * kappa, (1 - mu) * kappa).
     """
 
-    def __init__(self, num_features: int = len(META_FEATURES), hidden: int = 32, min_strength: float = 1.0,
+    def __init__(self, num_features: int = len(FEATURE_NAMES), hidden: int = 32, min_strength: float = 1.0,
                  max_strength: float = 2000.0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(num_features, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),

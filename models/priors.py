@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from smoothing import KT_PRIOR
+
+#: Feature names of the meta-learner, in input order (the bundle's ``meta_features``). All from the CLEAN input only.
 FEATURE_NAMES = ("surrogate_top_prob", "base_margin", "base_entropy", "base_agrees")
 
 
@@ -35,3 +38,19 @@ def meta_features(base_logits: np.ndarray, surrogate_probs: np.ndarray | None) -
                 else p_base[np.arange(len(c)), c])
     agrees = (p_base.argmax(axis=1) == c).astype(np.float64)
     return np.stack([top_prob, margin, entropy, agrees], axis=1).astype(np.float32), c
+
+
+def class_and_prior(base, surrogate, meta, images: np.ndarray,
+                    surrogate_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tested class (N,) and Beta prior (N, 2) of each clean image, from clean forward passes only.
+
+    ``base``, ``surrogate`` and ``meta`` are backends with ``forward`` (``surrogate`` and ``meta`` may be None); pass
+    ``surrogate_probs`` when the surrogate already ran on these images. Without a meta model the prior is KT. The one
+    implementation used by the certification service, the offline evaluation and the benchmarks: the class and prior
+    a request is tested with are exactly the ones evaluated offline.
+    """
+    if surrogate_probs is None and surrogate is not None:
+        surrogate_probs = softmax(surrogate.forward(images))
+    feats, tested = meta_features(base.forward(images), surrogate_probs)
+    prior = meta.forward(feats) if meta is not None else np.tile(np.asarray(KT_PRIOR, dtype=np.float64), (len(feats), 1))
+    return tested, np.asarray(prior, dtype=np.float64)

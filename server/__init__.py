@@ -1,1 +1,1 @@
-"""certserve's entry points. For now only the command-line dispatcher (:mod:`server.cli`)."""
+"""certserve's HTTP layer: FastAPI app, error contract, settings, metrics, image decoding, uvicorn entry, client."""

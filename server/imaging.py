@@ -18,12 +18,18 @@ from PIL import Image, UnidentifiedImageError
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class ImageError(ValueError):
-    """Bad image input; ``status`` is the HTTP status to answer with (413 or 422)."""
+# The pixel count is checked against ``max_pixels`` from the header before anything is decoded (below). PIL's own
+# decompression-bomb guard would refuse a large image at open time with an error that names no limit of ours, so the
+# server's limit replaces it: Image.open reads the header only, and nothing is decoded before our check.
+Image.MAX_IMAGE_PIXELS = None
 
-    def __init__(self, message: str, status: int = 422):
+
+class ImageError(ValueError):
+    """Bad image input; ``code`` is ``bad_image`` or ``image_too_large`` (the service's error codes)."""
+
+    def __init__(self, message: str, code: str = "bad_image"):
         super().__init__(message)
-        self.status = status
+        self.code = code
 
 
 def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_pixels: int, resize: bool = False,
@@ -53,12 +59,13 @@ def _from_pil(raw: bytes, max_pixels: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(raw))
         width, height = img.size  # header only, nothing decoded yet
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError):
         raise ImageError("could not read the image: expected PNG, JPEG or .npy bytes") from None
     if img.format not in ("PNG", "JPEG"):
         raise ImageError(f"image format {img.format} is not accepted: send PNG, JPEG or .npy")
     if width * height > max_pixels:
-        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413)
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+                         "image_too_large")
     try:
         img.load()  # decoding is bounded by the pixel check above
         if img.mode not in ("L", "RGB"):
@@ -83,7 +90,7 @@ def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
     if dtype.kind not in "uif" or dtype.hasobject:
         raise ImageError(f".npy dtype {dtype} is not accepted: use uint8 (0-255) or float (0-1)")
     if int(np.prod(dims, dtype=np.int64)) > 4 * max_pixels:
-        raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", 413)
+        raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", "image_too_large")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError):
@@ -99,7 +106,7 @@ def _from_nested(data: list, max_pixels: int) -> np.ndarray:
     except (ValueError, TypeError):
         raise ImageError("image array must be a rectangular nested list of numbers") from None
     if arr.size > 4 * max_pixels:
-        raise ImageError(f"image array of shape {arr.shape} exceeds the pixel limit {max_pixels}", 413)
+        raise ImageError(f"image array of shape {arr.shape} exceeds the pixel limit {max_pixels}", "image_too_large")
     return _check_range(arr)
 
 

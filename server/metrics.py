@@ -11,7 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from server.worker import EngineObserver
+from certification.errors import CODES
+from models.engine import EngineObserver
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SAMPLE_BUCKETS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -32,8 +33,10 @@ class Metrics(EngineObserver):
                                                  buckets=SAMPLE_BUCKETS, registry=r)
         self.fallbacks = Counter("certserve_fallbacks", "Auto-mode requests not answered by the surrogate, by reason",
                                  ["reason"], registry=r)
-        self.rejected = Counter("certserve_rejected_requests", "Requests refused before certification, by reason",
+        self.rejected = Counter("certserve_rejected_requests", "Requests answered with an error, by error code",
                                 ["reason"], registry=r)
+        self.internal_errors = Counter("certserve_internal_errors", "Unexpected exceptions answered with a 500",
+                                       registry=r)
         self.batch_size = Histogram("certserve_worker_batch_size", "Noise samples per worker model call",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_fill = Histogram("certserve_worker_batch_fill_ratio", "Worker batch size / capacity",
@@ -53,8 +56,9 @@ class Metrics(EngineObserver):
         for reason in ("no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
                        "below_target_radius"):
             self.fallbacks.labels(reason)
-        for reason in ("queue_full", "draining", "bad_image", "inflight_limit"):
-            self.rejected.labels(reason)
+        for code in CODES:
+            if code != "internal":  # counted by certserve_internal_errors_total
+                self.rejected.labels(code)
 
     # EngineObserver (called from the engine thread; prometheus-client is thread-safe)
     def on_batch(self, samples: int, capacity: int, jobs: int, seconds: float) -> None:
@@ -66,6 +70,14 @@ class Metrics(EngineObserver):
     def on_queue(self, waiting: int, live: int) -> None:
         self.queue_depth.set(waiting)
         self.live_jobs.set(live)
+
+    def observe_certificate(self, cert) -> None:
+        """Count one answered certificate: outcome, latency, samples, and the auto-mode fallback reason if any."""
+        self.requests.labels(cert.method, "certified" if cert.certified else "abstained").inc()
+        self.latency.labels(cert.method).observe(cert.timings.total_ms / 1e3)
+        self.samples_per_certificate.labels(cert.method).observe(cert.samples)
+        if cert.fallback_reason is not None:
+            self.fallbacks.labels(cert.fallback_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,39 +1,20 @@
-"""The HTTP contract: request parameters and the certificate response (pydantic models, shown in OpenAPI)."""
+"""The HTTP request bodies and their OpenAPI description (responses are the service's pydantic models).
+
+The multipart form and the JSON body carry the same parameters (:class:`certification.plan.CertifyParams`); the
+OpenAPI document describes both exactly: typed fields with their enums and ranges, and the JSON request schemas in
+``components/schemas``.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from certification.certificate import Certificate, ModelCard
+from certification.plan import CertifyParams
 
-Mode = Literal["auto", "surrogate", "sequential", "cohen"]
-Method = Literal["surrogate", "sequential", "cohen"]
-GuaranteeKind = Literal["conformal-marginal", "anytime-valid", "clopper-pearson"]
-StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"]
-FallbackReason = Literal["no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
-                         "below_target_radius"]
-
-
-class CertifyParams(BaseModel):
-    """Parameters of a certification (form fields or JSON keys)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001)")
-    mode: Mode = "auto"
-    target_radius: float | None = Field(None, ge=0, le=100, description="certify at least this L2 radius; stop as soon as it is")
-    max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples)")
-    deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
-    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate)")
-    resize: bool = Field(False, description="resize to the model's input size instead of rejecting")
-    convert: bool = Field(False, description="convert colour mode (RGB<->grey) instead of rejecting")
-
-    @field_validator("alpha", "target_radius")
-    @classmethod
-    def _finite(cls, v):
-        if v is not None and v != v:
-            raise ValueError("must be a finite number")
-        return v
+__all__ = ["BatchResponse", "Certificate", "CertifyParams", "ErrorResponse", "JSONBatchRequest", "JSONCertifyRequest",
+           "ModelCard", "request_body_doc"]
 
 
 class JSONCertifyRequest(CertifyParams):
@@ -42,44 +23,6 @@ class JSONCertifyRequest(CertifyParams):
 
 class JSONBatchRequest(CertifyParams):
     images: list[str | list] = Field(min_length=1, description="several images; same parameters for all")
-
-
-class Guarantee(BaseModel):
-    kind: GuaranteeKind
-    alpha: float = Field(description="probability that the certificate is wrong (marginal or per input, see kind)")
-    statement: str
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    sha256: str
-
-
-class Timings(BaseModel):
-    decode_ms: float
-    surrogate_ms: float | None = None
-    prior_ms: float | None = None
-    queue_ms: float | None = None
-    sampling_ms: float | None = None
-    total_ms: float
-
-
-class Certificate(BaseModel):
-    request_id: str
-    class_index: int = Field(description="predicted class; -1 when abstaining")
-    class_name: str | None
-    certified: bool
-    radius: float = Field(description="certified L2 radius in [0,1]-pixel units; 0 = abstain")
-    method: Method
-    guarantee: Guarantee
-    samples: int = Field(description="base-model evaluations under noise spent on this request")
-    p_lower: float | None = Field(description="lower bound on P(f(x+e) = class), where defined")
-    fallback_reason: FallbackReason | None = None
-    stopped_by: StoppedBy
-    preprocessing: list[str] = Field(default_factory=list, description="what was done to the image, if asked")
-    timings: Timings
-    model: ModelInfo
 
 
 class BatchResponse(BaseModel):
@@ -96,15 +39,37 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class ModelCard(BaseModel):
-    name: str
-    version: str
-    sha256: str
-    sigma: float
-    input_shape: tuple[int, int, int]
-    classes: list[str]
-    has_surrogate: bool
-    has_meta_prior: bool
-    alpha_cal: float | None
-    default_alpha: float
-    max_samples: int
+_REF = "#/components/schemas/{model}"
+
+
+def request_schemas() -> dict:
+    """JSON schemas of the request bodies, to be merged into ``components/schemas``."""
+    _, top = models_json_schema([(JSONCertifyRequest, "validation"), (JSONBatchRequest, "validation")],
+                                ref_template=_REF)
+    return top.get("$defs", {})
+
+
+def _form_fields() -> dict:
+    """The parameters as multipart fields: the same types, enums and ranges as in JSON (a form cannot send null, so
+    an optional field is described by its non-null type and is simply left out when unused)."""
+    fields = {}
+    for name, prop in CertifyParams.model_json_schema(ref_template=_REF)["properties"].items():
+        prop = dict(prop)
+        options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+        if options:
+            prop.update(options[0])
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        fields[name] = prop
+    return fields
+
+
+def request_body_doc(*, batch: bool) -> dict:
+    """``openapi_extra`` of POST /certify (one image) or /certify/batch (``images``, repeated)."""
+    binary = {"type": "string", "format": "binary", "description": "PNG, JPEG or .npy"}
+    field, file_schema = ("images", {"type": "array", "items": binary}) if batch else ("image", binary)
+    model = "JSONBatchRequest" if batch else "JSONCertifyRequest"
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": [field], "additionalProperties": False,
+                                           "properties": {field: file_schema, **_form_fields()}}},
+        "application/json": {"schema": {"$ref": _REF.format(model=model)}}}}}

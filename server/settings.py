@@ -8,7 +8,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from certification.config import ServiceConfig
 from models.bundle import DEFAULT_BUNDLE_DIR
+from models.defaults import AUTO_MAX_SAMPLES, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
 
 
 class Settings(BaseSettings):
@@ -21,10 +23,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
-    default_alpha: float = Field(0.001, gt=0, lt=1, description="request alpha when the client sends none")
-    max_samples: int = Field(10_000, ge=100, description="cap on a request's sample budget (also the default)")
-    auto_max_samples: int = Field(4_000, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
-    cohen_n0: int = Field(100, ge=1, description="selection samples of cohen mode")
+    default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none")
+    max_samples: int = Field(MAX_SAMPLES, ge=100, description="cap on a request's sample budget (also the default)")
+    auto_max_samples: int = Field(AUTO_MAX_SAMPLES, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
+    cohen_n0: int = Field(COHEN_N0, ge=1, description="selection samples of cohen mode")
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
     max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
@@ -36,6 +38,10 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated; empty = no authentication")
     log_level: str = "info"
+
+    def service_config(self) -> ServiceConfig:
+        """The certification service's part of the settings."""
+        return ServiceConfig(**{name: getattr(self, name) for name in ServiceConfig.__dataclass_fields__})
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -130,7 +130,7 @@ def test_sigterm_under_mixed_load_answers_every_request_and_exits_0(tmp_path):
         for data, status, body in answers:
             assert status == 200, (data, status, body)
             assert body["method"] in ("cohen", "sequential") and body["samples"] > 0
-        assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.stderr()[-2000:]}"
+        assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.log()[-2000:]}"
     finally:
         srv.close()
 

@@ -21,7 +21,7 @@ from server.app import create_app
 from server.settings import Settings
 
 EASY = 2
-WARM_UP_SAMPLES = 64  # the lifespan's warm-up job (documented in Certifier.warm_up)
+WARM_UP_SAMPLES = 64  # the lifespan's warm-up job (documented in CertificationService.start)
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
 
@@ -183,7 +183,7 @@ def test_idle_server_reports_no_live_or_queued_jobs():
             "idle after warm-up, but the gauges say a job is live/queued"
         r = c.post("/certify", json={"image": x[EASY].tolist(), "mode": "cohen", "max_samples": 200})
         assert r.status_code == 200
-        engine = c.app.state.certifier.engine
+        engine = c.app.state.service.engine
         for _ in range(500):  # the engine retires the job right after answering it
             if engine.live_jobs == 0:
                 break
@@ -197,7 +197,7 @@ def test_live_jobs_gauge_counts_jobs_in_flight():
     """While sequential jobs run, certserve_live_jobs reports them."""
     x = load_fashion_mnist().x_test
     with TestClient(create_app(Settings(max_samples=10**6, drain_seconds=0), seed=8)) as c:
-        engine = c.app.state.certifier.engine
+        engine = c.app.state.service.engine
         results = []
 
         def go():

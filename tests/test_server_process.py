@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,95 +21,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.server_process import ServerProc, certserve_command, free_port  # noqa: F401 (free_port: ops suites)
 from calibration.data import load_fashion_mnist
 from models.bundle import DEFAULT_BUNDLE_DIR
 from server.client import CertserveClient, CertserveError
 
 API_KEY = "proc-key-1"
 EASY = 2  # a trouser: certified by the surrogate at the default alpha
-START_TIMEOUT = 90.0
 
 
-def certserve_executable() -> str:
-    exe = Path(sys.executable).parent / "certserve"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("certserve")
-    if found is None:
-        pytest.skip("the certserve console script is not installed in this environment")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A ``certserve serve`` subprocess; stdout/stderr go to files (a full pipe would block the server)."""
-
-
-    def refused_start(self, what: str) -> tuple[int, str]:
-        """Wait for a server that must refuse to start; (exit code, stderr). Fails if it keeps running."""
-        try:
-            code = self.proc.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.close()
-            pytest.fail(f"a server with {what} kept running")
-        return code, self.stderr()
-
-    def sigterm_and_wait(self, threads, drain: float) -> tuple[int, float]:
-        """SIGTERM, let the request threads finish, wait for the exit; (exit code, seconds from signal to exit)."""
-        t_term = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(timeout=drain + 30)
-        try:
-            code = self.proc.wait(timeout=drain + 15)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"server still running {drain + 15}s after SIGTERM")
-        return code, time.monotonic() - t_term
-    def __init__(self, tmp: Path, env: dict[str, str], *args: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.out_path, self.err_path = tmp / "server.out", tmp / "server.err"
-        self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in close(); the server outlives any block
-        self._err = open(self.err_path, "wb")  # noqa: SIM115
-        full_env = {**os.environ, "CERTSERVE_DEVICE": "cpu", "CERTSERVE_THREADS": "2", **env}
-        self.proc = subprocess.Popen([certserve_executable(), "serve", "--port", str(self.port), *args],
-                                     env=full_env, stdout=self._out, stderr=self._err)
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode} before ready:\n"
-                                     f"{self.stderr()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.stderr()[-3000:]}")
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-        raise KeyError(name)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self._out.close()
-        self._err.close()
+def Server(tmp: Path, env: dict[str, str], *args: str) -> ServerProc:  # noqa: N802 (reads as the class it makes)
+    """``certserve serve`` on CPU with 2 threads (the CI machine), settings from ``env``: the shared spawner."""
+    return ServerProc(tmp, *args, env={"CERTSERVE_DEVICE": "cpu", "CERTSERVE_THREADS": "2", **env})
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -142,7 +62,7 @@ def server(tmp_path_factory):
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([certserve_executable(), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([*certserve_command(), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ}, check=False)
 
 
@@ -237,7 +157,7 @@ def test_sigterm_drains_in_flight_cohen_requests_and_exits_0(tmp_path, images):
             assert status == 200, body
             assert body["method"] == "cohen" and body["stopped_by"] == "budget" and body["samples"] == 4100
         assert elapsed < drain + 15
-        assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.stderr()[-2000:]}"
+        assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.log()[-2000:]}"
     finally:
         srv.close()
 

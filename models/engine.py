@@ -1,26 +1,31 @@
-"""The sequential worker: one engine per process batches the noise samples of every live job into shared model calls.
+"""The batching engine: one per process (per replica) batches the noise samples of every live job into shared model calls.
 
-Usable without HTTP (the benchmarks and tests drive it directly). Each step it
-1. admits new jobs, drops cancelled ones, and retires jobs whose deadline passed (with the anytime-valid certificate
-   reached so far),
+No HTTP here (the certification service, the benchmarks and the tests drive it directly). Each step it
+1. admits new jobs and drops cancelled or finished ones,
 2. fills ONE batch of up to ``batch_size`` noisy inputs with chunks from many jobs, earliest deadline first (every
    job has a deadline, so an old job always reaches the front: no starvation); a sequential job asks for the samples
-   up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a Cohen job for its remaining n0 or n,
+   up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a fixed-n job for its remaining n0 or n,
 3. runs the model once through :class:`models.sampling.SamplingEngine` (noise drawn where the model runs),
 4. adds the per-job counts, evaluates the stopping policy of every job that reached a checkpoint in one vectorized
    call, and resolves the futures of finished jobs (``concurrent.futures.Future``: thread-safe, and awaitable from
    asyncio through ``asyncio.wrap_future``).
+The engine is the one owner of deadlines: a watcher thread answers each job at its deadline with the certificate of
+the samples counted so far, even while a batch that includes the job is still running.
 
-Statistics: a sequential job tests X_t = 1{f(x + e_t) = c} with c and the Beta prior fixed by the caller before the
-job is submitted; e_t are i.i.d. across all samples. Its certificate is the confidence-sequence bound at the stopping
-time, valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown). A Cohen job selects c
-from n0 samples and bounds it with fresh samples (Clopper-Pearson); the number of estimation samples is fixed (n) or
-cut by the deadline, which does not depend on the outcomes, so the bound stays valid.
+Statistics: a sequential job tests X_t = 1{f(x + e_t) = c} with c and the Beta prior fixed by the caller from the
+clean input before the job is submitted; e_t are i.i.d. across all samples. Its certificate is the confidence-sequence
+bound at the stopping time, valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown).
+A fixed-n job bounds the hit rate of a class fixed before its estimation samples with a one-sided Clopper-Pearson
+bound: ``cohen`` selects the class from n0 separate samples (Cohen et al. 2019), ``fixed`` takes the caller's class
+from the clean input. The number of estimation samples is n, or fewer when the deadline or a shutdown cuts it; that
+cut depends on the clock only, never on the outcomes, so the samples counted are a fixed-size i.i.d. sample given the
+cut and the Clopper-Pearson bound stays valid for them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import itertools
 import threading
 import time
@@ -30,14 +35,14 @@ from typing import Literal
 import numpy as np
 
 from models.sampling import SamplingEngine
-from smoothing import (Stop, best_radius_decision, certify, checkpoint_schedule, lower_bound, radius_from_probability,
-                       target_radius_decision)
+from smoothing import (KT_PRIOR, Stop, best_radius_decision, checkpoint_schedule, clopper_pearson_lower, lower_bound,
+                       radius_from_probability, target_radius_decision)
 
 _STOP_NAMES = {Stop.TARGET: "target", Stop.CERTIFIED: "certified", Stop.FUTILITY: "futility", Stop.BUDGET: "budget"}
 
 
 class QueueFull(RuntimeError):
-    """The engine holds ``max_live_jobs`` jobs; the caller should retry later (HTTP 503 + Retry-After)."""
+    """The engine holds ``max_live_jobs`` jobs; the caller should retry later."""
 
 
 class EngineStopped(RuntimeError):
@@ -46,15 +51,15 @@ class EngineStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to certify. For ``sequential``, ``tested_class`` and ``prior`` must be fixed from the clean input."""
+    """What to certify. ``tested_class`` and ``prior`` (sequential, fixed) must be fixed from the clean input."""
 
     image: np.ndarray  # (C, H, W) float32 in [0, 1]
     alpha: float
-    budget: int
-    deadline: float  # time.monotonic() seconds
-    kind: Literal["sequential", "cohen"] = "sequential"
+    budget: int  # sequential: most samples; cohen / fixed: n, the estimation samples
+    deadline: float  # time.monotonic() seconds; the engine answers then with the certificate reached so far
+    kind: Literal["sequential", "cohen", "fixed"] = "sequential"
     tested_class: int = 0
-    prior: tuple[float, float] = (0.5, 0.5)
+    prior: tuple[float, float] = KT_PRIOR
     target_radius: float | None = None  # None: best-radius policy
     n0: int = 100  # cohen selection samples
 
@@ -78,19 +83,19 @@ class _Job:
     order: int
     checkpoints: np.ndarray | None = None
     next_checkpoint: int = 0
-    hits: int = 0  # sequential: hits of the tested class; cohen: hits of the selected class in phase 2
+    hits: int = 0  # hits of the tested (sequential, fixed) or selected (cohen, after selection) class
     trials: int = 0
     selection: np.ndarray | None = None  # cohen phase-1 class counts
-    selected: int = -1
+    selected: int = -1  # the class whose hits are counted; -1 while a cohen job is still selecting
     started: float | None = None
 
     def wanted(self) -> int:
         spec = self.spec
-        if spec.kind == "cohen":
-            if self.selected < 0:
-                return spec.n0 - int(self.selection.sum())
-            return spec.budget - self.trials
-        return int(self.checkpoints[self.next_checkpoint]) - self.trials
+        if spec.kind == "sequential":
+            return int(self.checkpoints[self.next_checkpoint]) - self.trials
+        if self.selected < 0:
+            return spec.n0 - int(self.selection.sum())
+        return spec.budget - self.trials
 
 
 class EngineObserver:
@@ -112,13 +117,14 @@ class SequentialEngine:
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Condition()
-        self._state = threading.Lock()  # guards job counters between the engine thread and finish_now()
-        self._by_future: dict[concurrent.futures.Future, _Job] = {}
+        self._state = threading.Lock()  # guards job counters between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
         self._jobs: list[_Job] = []
+        self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
         self._accepting = True
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._order = itertools.count()
         self.samples_processed = 0
         self.batches = 0
@@ -127,7 +133,9 @@ class SequentialEngine:
     def start(self) -> SequentialEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="certserve-engine", daemon=True)
+            self._watcher = threading.Thread(target=self._watch_deadlines, name="certserve-deadlines", daemon=True)
             self._thread.start()
+            self._watcher.start()
         return self
 
     @property
@@ -136,45 +144,32 @@ class SequentialEngine:
             return len(self._pending) + len(self._jobs)
 
     @property
-    def accepting(self) -> bool:
-        return self._accepting
-
-    @property
     def alive(self) -> bool:
         """True while the engine thread runs (readiness depends on it)."""
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, spec: JobSpec) -> concurrent.futures.Future:
         """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
-        if spec.kind == "sequential" and spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
+        if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
             raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
         if spec.kind == "sequential":
             job.checkpoints = checkpoint_schedule(spec.budget)
-        else:
+        if spec.kind == "cohen":
             job.selection = np.zeros(self.sampler.num_classes, dtype=np.int64)
+        else:
+            job.selected = spec.tested_class
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the certification engine is draining and accepts no new work")
             if len(self._pending) + len(self._jobs) >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
             self._pending.append(job)
-            self._by_future[fut] = job
+            heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             self.observer.on_queue(len(self._pending), len(self._pending) + len(self._jobs))
-            self._lock.notify()
+            self._lock.notify_all()
         return fut
-
-    def finish_now(self, future: concurrent.futures.Future, reason: str = "deadline") -> None:
-        """Answer a job at once with the certificate of the samples counted so far (any thread).
-
-        Valid because the confidence sequence holds at any stopping time and this one depends on the clock only;
-        samples of a batch still running for the job are simply not counted.
-        """
-        with self._state:
-            job = self._by_future.get(future)
-            if job is not None:
-                self._finish(job, reason)
 
     def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
         """Stop accepting; let live jobs run up to ``grace`` seconds, then answer the rest with their current
@@ -182,17 +177,35 @@ class SequentialEngine:
         with self._lock:
             self._accepting = False
             self._stop_at = time.monotonic() + max(0.0, grace)
-            self._lock.notify()
+            self._lock.notify_all()
             never_started = self._thread is None
             leftover = self._pending + self._jobs if never_started else []
             if never_started:
                 self._pending, self._jobs = [], []
         if never_started:  # nobody will sample them: answer with what they have (nothing), marked shutdown
-            with self._state:
-                for job in leftover:
-                    self._finish(job, "shutdown")
+            self._finish_all(leftover, "shutdown")
         elif wait:
             self._thread.join()
+            self._watcher.join()
+
+    # ----------------------------------------------------------------- deadline watcher thread
+    def _watch_deadlines(self) -> None:
+        """Answer every job at its deadline (valid: the stopping time depends on the clock only, see the module
+        docstring); samples of a batch still running for the job are simply not counted."""
+        while True:
+            with self._lock:
+                while self._deadlines and self._deadlines[0][2].future.done():
+                    heapq.heappop(self._deadlines)  # answered or cancelled meanwhile
+                if self._stop_at is not None and not self.alive:
+                    return
+                now = time.monotonic()
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    wait = self._deadlines[0][0] - now if self._deadlines else None
+                    self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
+                    continue
+                job = heapq.heappop(self._deadlines)[2]
+            with self._state:
+                self._finish(job, "deadline")
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -203,55 +216,29 @@ class SequentialEngine:
                 self._jobs.extend(self._pending)
                 self._pending.clear()
                 stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._jobs)
+                if stopping:
+                    leftover, self._jobs, self._pending = self._jobs + self._pending, [], []
             if stopping:
-                with self._state:
-                    for job in self._jobs:
-                        self._finish(job, "shutdown")
+                self._finish_all(leftover, "shutdown")
                 with self._lock:
-                    self._jobs.clear()
-                    leftover, self._pending = self._pending, []
-                with self._state:
-                    for job in leftover:
-                        self._finish(job, "shutdown")
+                    self._lock.notify_all()  # wake the deadline watcher so that it exits
                 return
             try:
                 self._step()
             except Exception as exc:  # a broken model call must not hang the callers, nor kill this thread
                 with self._state:
                     for job in self._jobs:
-                        self._by_future.pop(job.future, None)
                         _fail(job.future, exc)
                     self._jobs.clear()
 
     def _step(self) -> None:
-        now = time.monotonic()
-        keep = []
-        with self._state:
-            for job in self._jobs:
-                if job.future.done():  # cancelled by the caller, or answered early by finish_now()
-                    self._by_future.pop(job.future, None)
-                    continue
-                if now >= job.spec.deadline:
-                    self._finish(job, "deadline")
-                    continue
-                keep.append(job)
-        self._jobs = keep
-        self.observer.on_queue(sum(1 for job in keep if job.started is None), len(keep))
-        if not keep:
-            return
-        # earliest deadline first; arrival order breaks ties
-        keep.sort(key=lambda j: (j.spec.deadline, j.order))
-        capacity = self.sampler.batch_size
-        chosen, sizes = [], []
-        for job in keep:
-            if capacity == 0:
-                break
-            take = min(job.wanted(), capacity)
-            if take > 0:
-                chosen.append(job)
-                sizes.append(take)
-                capacity -= take
+        self._jobs = [job for job in self._jobs if not job.future.done()]  # cancelled, or answered at deadline
+        self.observer.on_queue(sum(1 for job in self._jobs if job.started is None), len(self._jobs))
+        chosen, sizes = self._fill_batch()
         if not chosen:
+            with self._lock:  # every live job is waiting for its deadline answer: do not spin
+                if not self._pending:
+                    self._lock.wait(timeout=0.01)
             return
         t0 = time.monotonic()
         for job in chosen:
@@ -267,26 +254,36 @@ class SequentialEngine:
         with self._state:
             self._update(chosen, sizes, counts)
 
+    def _fill_batch(self) -> tuple[list[_Job], list[int]]:
+        """Chunks of the live jobs for one model call, earliest deadline first (arrival order breaks ties)."""
+        capacity = self.sampler.batch_size
+        chosen, sizes = [], []
+        for job in sorted(self._jobs, key=lambda j: (j.spec.deadline, j.order)):
+            if capacity == 0:
+                break
+            take = min(job.wanted(), capacity)
+            if take > 0:
+                chosen.append(job)
+                sizes.append(take)
+                capacity -= take
+        return chosen, sizes
+
     def _update(self, chosen: list[_Job], sizes: list[int], counts: np.ndarray) -> None:
         due: list[_Job] = []
         for job, size, row in zip(chosen, sizes, counts):
             if job.future.done():
                 continue
-            spec = job.spec
-            if spec.kind == "cohen":
-                if job.selected < 0:
-                    job.selection += row
-                    if job.selection.sum() >= spec.n0:
-                        job.selected = int(np.argmax(job.selection))
-                else:
-                    job.hits += int(row[job.selected])
-                    job.trials += size
-                    if job.trials >= spec.budget:
-                        self._finish(job, "budget")
+            if job.selected < 0:  # cohen selection phase: these samples choose the class, they are not counted
+                job.selection += row
+                if job.selection.sum() >= job.spec.n0:
+                    job.selected = int(np.argmax(job.selection))
                 continue
-            job.hits += int(row[spec.tested_class])
+            job.hits += int(row[job.selected])
             job.trials += size
-            if job.trials >= job.checkpoints[job.next_checkpoint]:
+            if job.spec.kind != "sequential":
+                if job.trials >= job.spec.budget:
+                    self._finish(job, "budget")
+            elif job.trials >= job.checkpoints[job.next_checkpoint]:
                 job.next_checkpoint = min(job.next_checkpoint + 1, len(job.checkpoints) - 1)
                 due.append(job)
         if due:
@@ -316,13 +313,10 @@ class SequentialEngine:
                         decision.append(int(self._policy(targeted, *(x[k:k + 1] for x in (s, t, radius, alpha,
                                                                                            budget, a, b)))[0]))
                     except ValueError as exc:
-                        self._by_future.pop(job.future, None)
                         _fail(job.future, exc)
                         decision.append(Stop.CONTINUE)
             for job, d in zip(group, np.atleast_1d(decision)):
-                if job.future.done():
-                    continue
-                if d != Stop.CONTINUE:
+                if not job.future.done() and d != Stop.CONTINUE:
                     self._finish(job, _STOP_NAMES[Stop(int(d))])
 
     def _policy(self, targeted, s, t, radius, alpha, budget, a, b):
@@ -331,31 +325,36 @@ class SequentialEngine:
                                           a=a, b=b)
         return best_radius_decision(s, t, sigma=self.sigma, alpha=alpha, budget=budget, a=a, b=b)
 
+    def _finish_all(self, jobs: list[_Job], stopped_by: str) -> None:
+        with self._state:
+            for job in jobs:
+                self._finish(job, stopped_by)
+
     def _finish(self, job: _Job, stopped_by: str) -> None:
-        self._by_future.pop(job.future, None)
+        """Resolve the job's future with its certificate from the samples counted so far (caller holds _state).
+
+        Sequential: the confidence-sequence bound L_t (prior fixed before sampling), valid per input at level alpha
+        at any stopping time. Cohen / fixed: the one-sided (1 - alpha) Clopper-Pearson bound of the counted hits of the
+        class fixed before them, valid per input because n (or its clock-only truncation) does not depend on them.
+        Certified only where the bound exceeds 1/2; the radius is sigma * Phi^-1(bound), rounded down.
+        """
         if job.future.done():
             return
         spec = job.spec
         now = time.monotonic()
         queue_s = (job.started or now) - job.submitted
         sampling_s = now - job.started if job.started is not None else 0.0
-        if spec.kind == "cohen":
-            samples = int(job.selection.sum()) + job.trials
-            if job.selected < 0 or job.trials == 0:
-                result = JobResult(-1, 0.0, None, samples, stopped_by, queue_s, sampling_s)
-            else:
-                estimation = np.zeros_like(job.selection)
-                estimation[job.selected] = job.hits
-                estimation[(job.selected + 1) % len(estimation)] = job.trials - job.hits
-                cert = certify(job.selection, estimation, spec.alpha, self.sigma)
-                result = JobResult(int(cert.class_index), float(cert.radius), float(cert.p_lower), samples,
-                                   stopped_by, queue_s, sampling_s)
+        samples = job.trials + (int(job.selection.sum()) if job.selection is not None else 0)
+        if job.trials == 0:
+            p_lower = None if spec.kind == "cohen" else 0.0
+        elif spec.kind == "sequential":
+            p_lower = float(lower_bound(job.hits, job.trials, spec.alpha, *spec.prior))
         else:
-            p_lower = float(lower_bound(job.hits, job.trials, spec.alpha, *spec.prior)) if job.trials else 0.0
-            radius = float(radius_from_probability(p_lower, self.sigma))
-            certified = p_lower > 0.5
-            result = JobResult(spec.tested_class if certified else -1, radius if certified else 0.0, p_lower,
-                               job.trials, stopped_by, queue_s, sampling_s)
+            p_lower = float(clopper_pearson_lower(job.hits, job.trials, spec.alpha))
+        certified = p_lower is not None and p_lower > 0.5
+        radius = float(radius_from_probability(p_lower, self.sigma)) if certified else 0.0
+        result = JobResult(job.selected if certified else -1, radius, p_lower, samples, stopped_by, queue_s,
+                           sampling_s)
         try:
             job.future.set_result(result)
         except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
@@ -365,7 +364,7 @@ class SequentialEngine:
 def _fail(future: concurrent.futures.Future, exc: BaseException) -> None:
     try:
         future.set_exception(exc)
-    except concurrent.futures.InvalidStateError:  # answered (finish_now) or cancelled meanwhile
+    except concurrent.futures.InvalidStateError:  # answered at its deadline or cancelled meanwhile
         pass
 
 

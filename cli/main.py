@@ -1,4 +1,8 @@
-"""The ``certserve`` command: one dispatcher; each package registers the subcommands it owns."""
+"""The ``certserve`` command root: one dispatcher; each package registers the subcommands it owns.
+
+This is the only module that imports both the product (``server``, ``certification``) and the offline pipeline
+(``calibration``) and the development benchmarks (``bench``); none of them imports it, nor each other.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub)
     add_certify_command(sub)
+    from certification.commands import add_keys_command, add_verify_command
+
+    add_keys_command(sub)
+    add_verify_command(sub)
 
     from calibration.cli import add_bundle_commands, add_calibrate_commands
 

@@ -1,0 +1,92 @@
+"""The certificate and the model card (pydantic; also the HTTP contract) and the one certificate builder."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from certification.plan import FallbackReason, Route
+
+GuaranteeKind = Literal["conformal-marginal", "anytime-valid", "clopper-pearson"]
+StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"]
+
+GUARANTEE_OF_ROUTE: dict[str, GuaranteeKind] = {"surrogate": "conformal-marginal", "sequential": "anytime-valid",
+                                                "cohen": "clopper-pearson"}
+STATEMENTS = {
+    "conformal-marginal": "over inputs exchangeable with the calibration split, P(radius exceeds the smoothed "
+                          "classifier's true radius for this class) <= alpha, unconditionally over all inputs (not "
+                          "given that the surrogate answered); not a per-input guarantee",
+    "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
+    "clopper-pearson": "for this input, P(certificate wrong) <= alpha (Cohen et al. 2019, fixed n)",
+}
+
+
+class Guarantee(BaseModel):
+    kind: GuaranteeKind
+    alpha: float = Field(description="probability that the certificate is wrong (marginal or per input, see kind)")
+    statement: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    surrogate_ms: float | None = None
+    prior_ms: float | None = None
+    queue_ms: float | None = None
+    sampling_ms: float | None = None
+    total_ms: float
+
+
+class Certificate(BaseModel):
+    request_id: str
+    class_index: int = Field(description="predicted class; -1 when abstaining")
+    class_name: str | None
+    certified: bool
+    radius: float = Field(description="certified L2 radius in [0,1]-pixel units; 0 = abstain")
+    method: Route
+    guarantee: Guarantee
+    samples: int = Field(description="base-model evaluations under noise spent on this request")
+    p_lower: float | None = Field(description="lower bound on P(f(x+e) = class), where defined")
+    fallback_reason: FallbackReason | None = None
+    stopped_by: StoppedBy
+    preprocessing: list[str] = Field(default_factory=list, description="what was done to the image, if asked")
+    timings: Timings
+    model: ModelInfo
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    sigma: float
+    input_shape: tuple[int, int, int]
+    classes: list[str]
+    has_surrogate: bool
+    has_meta_prior: bool
+    alpha_cal: float | None
+    default_alpha: float
+    max_samples: int
+
+
+def build_certificate(*, route: Route, class_index: int, radius: float, p_lower: float | None, samples: int,
+                      stopped_by: StoppedBy, guarantee_alpha: float, classes: list[str], timings: Timings,
+                      model: ModelInfo, request_id: str, preprocessing: list[str],
+                      fallback_reason: FallbackReason | None = None) -> Certificate:
+    """The certificate of one image; ``class_index`` -1 (abstain) makes it uncertified with radius 0.
+
+    ``guarantee_alpha`` is the level the route's guarantee holds at: the request's alpha (per input) for the engine
+    routes, the calibrated level alpha_cal (marginal) for the surrogate."""
+    certified = class_index >= 0
+    kind = GUARANTEE_OF_ROUTE[route]
+    return Certificate(
+        class_index=class_index, class_name=classes[class_index] if certified else None, certified=certified,
+        radius=radius if certified else 0.0, method=route,
+        guarantee=Guarantee(kind=kind, alpha=guarantee_alpha, statement=STATEMENTS[kind]),
+        samples=samples, p_lower=p_lower, fallback_reason=fallback_reason, stopped_by=stopped_by,
+        preprocessing=preprocessing, timings=timings, model=model, request_id=request_id)

@@ -1,0 +1,21 @@
+"""What the certification service needs to know from the settings (the HTTP layer's ``Settings`` builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from models.defaults import AUTO_MAX_SAMPLES, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    default_alpha: float = DEFAULT_ALPHA  # request alpha when the client sends none
+    max_samples: int = MAX_SAMPLES  # cap and default of a request's sample budget
+    auto_max_samples: int = AUTO_MAX_SAMPLES  # budget of an auto-mode fallback that sets no max_samples
+    cohen_n0: int = COHEN_N0  # selection samples of cohen mode
+    default_deadline_ms: int = 30_000  # deadline (from arrival) of a job whose request sets none
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # the engine's device
+    threads: int = 0  # onnxruntime threads of the engine's sampler (0: all cores)
+    batch_size: int = 0  # noise samples per model call (0: models.defaults.default_batch_size(device))
+    max_live_jobs: int = 512  # engine jobs in flight; beyond, ServiceError("queue_full")

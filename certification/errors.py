@@ -1,0 +1,42 @@
+"""The service's errors: a stable machine-readable code and a message that says what was expected. No HTTP here.
+
+The HTTP layer owns the one table from code to status (``server.errors.STATUS``); a client branches on ``code``.
+"""
+
+from __future__ import annotations
+
+#: Every code the service (and the HTTP layer above it) may answer with, and what it means.
+CODES = {
+    "unauthorized": "a valid API key is required",
+    "bad_request": "a parameter is missing, of the wrong type or out of range",
+    "bad_json": "the body is not valid JSON",
+    "bad_multipart": "the multipart body could not be parsed",
+    "missing_image": "the image field is missing",
+    "too_many_images": "more images than a batch request may carry",
+    "bad_image": "the image could not be decoded or does not fit the model's input",
+    "image_too_large": "the image has more pixels than the server accepts",
+    "body_too_large": "the request body exceeds the server's limit",
+    "unsupported_media_type": "the content type is neither multipart/form-data nor application/json",
+    "no_surrogate": "mode=surrogate on a bundle without a surrogate",
+    "per_input_unavailable": "mode=surrogate with per_input=true (the surrogate's guarantee is marginal)",
+    "alpha_below_alpha_cal": "mode=surrogate with alpha below the lowest calibrated level",
+    "queue_full": "the engine holds its limit of live jobs; retry later",
+    "inflight_limit": "the server holds its limit of requests in flight; retry later",
+    "draining": "the server is shutting down; retry on another replica",
+    "starting": "the bundle is still loading",
+    "client_closed_request": "the client closed the connection before the answer",
+    "not_found": "no such route",
+    "method_not_allowed": "the route does not take this method",
+    "internal": "an unexpected error inside the server (logged with its request id)",
+}
+
+
+class ServiceError(Exception):
+    """A request that cannot be served as asked: ``code`` is one of :data:`CODES`, ``message`` says what was expected,
+    ``retry_after`` (seconds) is set where retrying later can succeed."""
+
+    def __init__(self, code: str, message: str, *, retry_after: int | None = None):
+        if code not in CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(message)
+        self.code, self.message, self.retry_after = code, message, retry_after

@@ -1,0 +1,107 @@
+"""The one conversion from a request to what the service will do: parameters + config + calibration -> :class:`Plan`.
+
+Pure (no ONNX, no engine, no clock): :func:`make_plan` is tested on its own. Routing of ``auto``: the surrogate's
+certificate when the bundle has a surrogate, the caller did not ask for a per-input guarantee, the request's alpha >=
+alpha_cal, and the calibrated radius is > 0 and >= ``target_radius``; otherwise a sequential job (``fallback_reason``
+says why). ``sequential`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from certification.config import ServiceConfig
+from certification.errors import ServiceError
+
+Mode = Literal["auto", "surrogate", "sequential", "cohen"]
+Route = Literal["surrogate", "sequential", "cohen"]
+FallbackReason = Literal["no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
+                         "below_target_radius"]
+
+
+class CertifyParams(BaseModel):
+    """Parameters of a certification (form fields or JSON keys)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001)")
+    mode: Mode = "auto"
+    target_radius: float | None = Field(None, ge=0, le=100,
+                                        description="certify at least this L2 radius; stop as soon as it is")
+    max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples)")
+    deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
+    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate)")
+    resize: bool = Field(False, description="resize to the model's input size instead of rejecting")
+    convert: bool = Field(False, description="convert colour mode (RGB<->grey) instead of rejecting")
+
+    @field_validator("alpha", "target_radius")
+    @classmethod
+    def _finite(cls, v):
+        if v is not None and v != v:
+            raise ValueError("must be a finite number")
+        return v
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the service does with one image: the route, the alpha it tests at, the engine budget and deadline."""
+
+    route: Route
+    alpha: float  # the request's alpha (the surrogate's certificate reports the calibrated level instead)
+    budget: int  # engine samples (sequential: at most; cohen: n)
+    deadline: float  # time.monotonic() seconds: arrival + deadline_ms
+    target_radius: float | None
+    fallback_reason: FallbackReason | None = None
+
+
+def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None,
+              surrogate_radius: float | None, arrival: float) -> Plan:
+    """Turn a request into a plan. ``alpha_cal``: the bundle's calibrated level (None without a surrogate);
+    ``surrogate_radius``: the calibrated radius of this image (None when the surrogate did not run);
+    ``arrival``: time.monotonic() at arrival, which anchors the deadline. Raises ServiceError for mode=surrogate
+    requests that the surrogate cannot answer."""
+    alpha = params.alpha if params.alpha is not None else config.default_alpha
+    mode = params.mode
+    if mode == "surrogate":
+        _check_surrogate_request(params, alpha, alpha_cal, surrogate_radius)
+    fallback = None
+    if mode == "auto":
+        fallback = _fallback_reason(params, alpha, alpha_cal, surrogate_radius)
+    default_budget = config.auto_max_samples if mode == "auto" else config.max_samples
+    budget = min(params.max_samples or default_budget, config.max_samples)
+    deadline = arrival + (params.deadline_ms or config.default_deadline_ms) / 1e3
+    if mode == "surrogate" or mode == "auto" and fallback is None:
+        route: Route = "surrogate"
+    else:
+        route = "cohen" if mode == "cohen" else "sequential"
+    return Plan(route, alpha, budget, deadline, params.target_radius, fallback)
+
+
+def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: float | None,
+                             surrogate_radius: float | None) -> None:
+    if surrogate_radius is None or alpha_cal is None:
+        raise ServiceError("no_surrogate", "this bundle has no surrogate; use mode=sequential or cohen")
+    if params.per_input:
+        raise ServiceError("per_input_unavailable", "the surrogate's guarantee is marginal, not per input; use "
+                                                    "mode=auto or sequential")
+    if alpha < alpha_cal:
+        raise ServiceError("alpha_below_alpha_cal", f"the surrogate is calibrated at alpha_cal = {alpha_cal}; "
+                                                    f"alpha = {alpha} needs mode=auto or sequential")
+
+
+def _fallback_reason(params: CertifyParams, alpha: float, alpha_cal: float | None,
+                     surrogate_radius: float | None) -> FallbackReason | None:
+    if surrogate_radius is None or alpha_cal is None:
+        return "no_surrogate"
+    if params.per_input:
+        return "per_input_requested"
+    if alpha < alpha_cal:
+        return "alpha_below_alpha_cal"
+    if surrogate_radius <= 0:
+        return "surrogate_abstained"
+    if params.target_radius is not None and surrogate_radius < params.target_radius:
+        return "below_target_radius"
+    return None

@@ -1,0 +1,149 @@
+"""The certification service: one decoded image + request parameters -> a certificate. No HTTP here.
+
+One service per process (per replica) owns the bundle's clean-pass sessions and the batching engine. A request:
+surrogate forward pass (when the mode can use it) -> :func:`certification.plan.make_plan` -> either the surrogate's
+calibrated certificate, or a job for the engine whose tested class and Beta prior are computed from the CLEAN image
+(:func:`models.priors.class_and_prior`) before it is submitted, i.e. before any noise sample exists. The engine owns
+the deadline: it answers the job then with the certificate reached so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from certification.certificate import Certificate, ModelCard, ModelInfo, Timings, build_certificate
+from certification.config import ServiceConfig
+from certification.errors import ServiceError
+from certification.plan import CertifyParams, Plan, make_plan
+from models.bundle import Bundle
+from models.defaults import default_batch_size
+from models.engine import EngineObserver, EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
+from models.priors import class_and_prior, softmax
+from models.sampling import SamplingEngine
+from smoothing import rrise_lower, rrise_radius
+
+
+class CertificationService:
+    """Owns the bundle's sessions and the engine of this process; ``certify`` is safe to call concurrently."""
+
+    def __init__(self, bundle: Bundle, config: ServiceConfig, *, observer: EngineObserver | None = None,
+                 seed: int | None = None):
+        self.bundle, self.config = bundle, config
+        m = self.manifest = bundle.manifest
+        self.classes = list(m.classes)
+        self.shape = tuple(m.input.shape)
+        # clean forward passes run on the request path: small, single-threaded CPU sessions
+        self.base = bundle.backend("base", threads=1, device="cpu")
+        self.surrogate = bundle.backend("surrogate", threads=1, device="cpu") if bundle.path("surrogate") else None
+        self.meta = bundle.backend("meta", threads=1, device="cpu") if bundle.path("meta") else None
+        sampler = bundle.backend("base", threads=config.threads or None, device=config.device)
+        sampling = SamplingEngine(sampler, sigma=m.sigma, num_classes=len(self.classes),
+                                  batch_size=config.batch_size or default_batch_size(sampler.device))
+        self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
+        self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256)
+
+    def card(self) -> ModelCard:
+        m = self.manifest
+        return ModelCard(name=m.name, version=m.version, sha256=self.bundle.model_sha256, sigma=m.sigma,
+                         input_shape=self.shape, classes=self.classes, has_surrogate=self.surrogate is not None,
+                         has_meta_prior=self.meta is not None,
+                         alpha_cal=m.calibration.alpha_cal if m.calibration else None,
+                         default_alpha=self.config.default_alpha, max_samples=self.config.max_samples)
+
+    def start(self) -> None:
+        """Start the engine and run every session once (one tiny job), so the first request pays no setup."""
+        x = np.full((1, *self.shape), 0.5, dtype=np.float32)
+        class_and_prior(self.base, self.surrogate, self.meta, x)
+        self.engine.start()
+        self.engine.submit(JobSpec(x[0], 0.5, 64, time.monotonic() + 60)).result(timeout=120)
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; live ones get up to ``grace`` seconds, then their certificate so far."""
+        self.engine.stop(grace)
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
+
+    async def certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
+                      preprocessing: list[str] | None = None, received: float | None = None) -> Certificate:
+        """Certify one decoded (C, H, W) image; ``received`` (time.monotonic() at arrival) anchors the deadline.
+
+        Guarantee of the result (stated in its ``guarantee`` field): surrogate route, marginal over inputs
+        exchangeable with the calibration split and over the calibration draw, at the bundle's alpha_cal; sequential
+        route, per input at the request's alpha at whatever time sampling stopped; cohen route, per input at the
+        request's alpha (Clopper-Pearson with separate selection samples)."""
+        started = time.perf_counter()
+        probs, surrogate_ms = self._surrogate_probs(image, params)
+        proposal = _proposal(probs, self.manifest) if probs is not None and params.mode in ("auto", "surrogate") \
+            else None
+        cal = self.manifest.calibration
+        plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
+                         surrogate_radius=proposal[2] if proposal else None,
+                         arrival=received if received is not None else time.monotonic())
+        common = dict(classes=self.classes, model=self.model_info, request_id=request_id,
+                      preprocessing=preprocessing or [], fallback_reason=plan.fallback_reason)
+        if plan.route == "surrogate":
+            c_sur, p_lower, radius = proposal
+            certified = radius > 0
+            return build_certificate(
+                route="surrogate", class_index=c_sur if certified else -1, radius=radius, p_lower=p_lower, samples=0,
+                stopped_by="certified" if certified else "abstained", guarantee_alpha=cal.alpha_cal,
+                timings=Timings(decode_ms=decode_ms, surrogate_ms=surrogate_ms,
+                                total_ms=decode_ms + (time.perf_counter() - started) * 1e3), **common)
+        t0 = time.perf_counter()
+        spec = self._job_spec(image, plan, probs)
+        prior_ms = (time.perf_counter() - t0) * 1e3
+        result = await self._run_job(spec)
+        return build_certificate(
+            route=plan.route, class_index=result.class_index, radius=result.radius, p_lower=result.p_lower,
+            samples=result.samples, stopped_by=result.stopped_by, guarantee_alpha=plan.alpha,
+            timings=Timings(decode_ms=decode_ms, surrogate_ms=surrogate_ms, prior_ms=prior_ms,
+                            queue_ms=result.queue_seconds * 1e3, sampling_ms=result.sampling_seconds * 1e3,
+                            total_ms=decode_ms + (time.perf_counter() - started) * 1e3), **common)
+
+    def _surrogate_probs(self, image: np.ndarray, params: CertifyParams) -> tuple[np.ndarray | None, float | None]:
+        """The surrogate's class probabilities of the clean image, where the mode uses them (routing or class)."""
+        if self.surrogate is None or params.mode == "cohen":
+            return None, None
+        t0 = time.perf_counter()
+        probs = softmax(self.surrogate.forward(image[None]))[0]
+        return probs, (time.perf_counter() - t0) * 1e3
+
+    def _job_spec(self, image: np.ndarray, plan: Plan, probs: np.ndarray | None) -> JobSpec:
+        """The engine job; for sequential, class and prior come from clean forward passes only (before any noise)."""
+        if plan.route == "cohen":
+            return JobSpec(image, plan.alpha, plan.budget, plan.deadline, kind="cohen", n0=self.config.cohen_n0)
+        tested, prior = class_and_prior(self.base, self.surrogate, self.meta, image[None],
+                                        None if probs is None else probs[None])
+        return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=int(tested[0]),
+                       prior=(float(prior[0, 0]), float(prior[0, 1])), target_radius=plan.target_radius)
+
+    async def _run_job(self, spec: JobSpec) -> JobResult:
+        try:
+            fut = self.engine.submit(spec)
+        except QueueFull as exc:
+            raise ServiceError("queue_full", f"server busy: {exc}; retry later", retry_after=1) from None
+        except EngineStopped as exc:
+            raise ServiceError("draining", str(exc), retry_after=5) from None
+        try:
+            return await asyncio.wrap_future(fut)  # the engine answers by the deadline at the latest
+        except asyncio.CancelledError:
+            fut.cancel()  # client gone: the engine drops the job at its next step
+            raise
+
+
+def _proposal(probs: np.ndarray, manifest) -> tuple[int, float, float]:
+    """(class, calibrated lower bound on pA, calibrated radius) of the surrogate for this image.
+
+    Guarantee: marginal over inputs exchangeable with the calibration split (and the calibration draw), P(radius >
+    the smoothed classifier's true radius for this class) <= alpha_cal = delta + alpha_1 (see smoothing.conformal);
+    not per input, and not conditional on the surrogate having answered."""
+    cal = manifest.calibration
+    c_sur = int(np.argmax(probs))
+    p_hat = float(probs[c_sur])
+    return (c_sur, float(rrise_lower(p_hat, cal.q_hat, cal.score_epsilon)),
+            float(rrise_radius(p_hat, cal.q_hat, manifest.sigma, cal.score_epsilon)))

@@ -1,0 +1,62 @@
+"""The HTTP error contract: one table from the service's stable error codes to HTTP statuses, one JSON envelope.
+
+Every error answer is ``{"error": {"code", "message", "request_id"}}`` with the ``X-Request-ID`` header; 503s carry
+``Retry-After``. Unexpected exceptions are turned into ``500 internal`` by :class:`server.middleware.RequestContext`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from certification.errors import CODES, ServiceError
+
+STATUS = {
+    "unauthorized": 401, "bad_request": 422, "bad_json": 422, "bad_multipart": 422, "missing_image": 422,
+    "too_many_images": 422, "bad_image": 422, "image_too_large": 413, "body_too_large": 413,
+    "unsupported_media_type": 415, "no_surrogate": 422, "per_input_unavailable": 422, "alpha_below_alpha_cal": 422,
+    "queue_full": 503, "inflight_limit": 503, "draining": 503, "starting": 503, "client_closed_request": 499,
+    "not_found": 404, "method_not_allowed": 405, "internal": 500,
+}
+assert set(STATUS) == set(CODES), "every service error code needs exactly one HTTP status"
+
+
+def error_body(code: str, message: str, request_id: str | None) -> dict:
+    return {"error": {"code": code, "message": message, "request_id": request_id}}
+
+
+def error_bytes(code: str, message: str, request_id: str | None) -> bytes:
+    return json.dumps(error_body(code, message, request_id)).encode()
+
+
+def error_response(exc: ServiceError, request_id: str | None) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return JSONResponse(error_body(exc.code, exc.message, request_id), status_code=STATUS[exc.code], headers=headers)
+
+
+def install_error_handlers(app: FastAPI, on_error=None) -> None:
+    """ServiceError -> its status; Starlette's 404/405/400 and FastAPI's validation errors -> the same envelope.
+    ``on_error(code)`` is called for every error answered here (metrics)."""
+
+    def request_id(request: Request) -> str | None:
+        return getattr(request.state, "request_id", None)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        if on_error is not None:
+            on_error(exc.code)
+        return error_response(exc, request_id(request))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return JSONResponse(error_body(code, str(exc.detail), request_id(request)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body("bad_request", str(exc.errors()[:5]), request_id(request)), status_code=422)

@@ -1,0 +1,285 @@
+"""Scale-out on Ray Serve: one certification service (bundle + batching engine) per replica, behind the same app.
+
+Each replica is one Ray actor process that builds its :class:`CertificationService` in the constructor (verify the
+bundle, start and warm up the engine) and then serves :func:`server.app.create_app` over that service through
+``@serve.ingress``: same routes, schemas and error contract as ``certserve serve``. The engine batches the requests of
+its own replica only, so ``max_ongoing_requests`` is sized to let it fill its batches (Ray's default of 5 would not).
+
+- ``check_health`` follows the engine's liveness: a replica whose engine died is replaced by Serve.
+- Shutdown (scale-down, redeploy, ``serve shutdown``, SIGTERM of ``certserve serve --replicas N``): Serve stops routing
+  to the replica and waits for its ongoing requests (``graceful_shutdown_timeout_s``), then ``__del__`` stops the
+  engine with the server's ``drain_seconds`` grace, like SIGTERM does for a single process.
+- Every response carries ``X-Certserve-Replica`` (the Serve replica id, also the ``replica`` label of its metrics).
+- Metrics: :class:`MetricsBridge` copies the replica's prometheus-client registry into Ray's metrics API, so Ray's
+  metrics endpoint on every node exports ``ray_certserve_*`` series with ``application``/``deployment``/``replica``
+  labels next to Ray's own ``ray_serve_*`` (deploy/ray/prometheus.yml strips the ``ray_`` prefix for the dashboard).
+- :func:`proxy_middlewares` (set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.ray_serve:proxy_middlewares``
+  where Ray starts) turns the proxy's own bare 500 for a request whose replica died mid-flight into the JSON envelope
+  ``503 replica_unavailable`` with ``Retry-After``: the request can be retried, nothing was certified.
+
+Entry points: :func:`build_app` (``import_path`` of deploy/ray/serve.yaml, args = settings fields) and
+:func:`run_local` (``certserve serve --replicas N``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+
+from ray import serve
+from ray.serve import metrics as serve_metrics
+
+from certification.service import CertificationService
+from models.bundle import load_bundle
+from models.defaults import default_batch_size
+from server.app import create_app
+from server.errors import error_bytes
+from server.settings import Settings
+
+log = logging.getLogger("certserve")
+APP_NAME = "certserve"
+DEPLOYMENT_NAME = "Certserve"
+REPLICA_HEADER = b"x-certserve-replica"
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "server.ray_serve:proxy_middlewares"
+NOT_ARGS = {"host", "port"}  # the Serve proxy listens, per http_options of the Serve config
+#: A sequential job asks the engine for tens to a few hundred samples per step (its next checkpoint), so a batch of
+#: B samples is full with about B / 32 jobs in flight: the replica's concurrency limit.
+SAMPLES_PER_ONGOING_REQUEST = 32
+
+
+def settings_from_args(args: dict | None) -> Settings:
+    """The replica settings of a Serve config's ``args`` (fields of :class:`Settings`); ValueError on an unknown key
+    (Settings alone would ignore a misspelled one) or on host/port (the Serve proxy's, not the replica's)."""
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(Settings.model_fields) | set(args) & NOT_ARGS)
+    if unknown:
+        accepted = ", ".join(sorted(set(Settings.model_fields) - NOT_ARGS))
+        raise ValueError(f"unknown certserve args {unknown} (host/port belong to http_options); accepted: {accepted}")
+    return Settings(**args)
+
+
+def replica_options(settings: Settings, *, replicas: int | None = None, cpus: float | None = None,
+                    gpus: float = 0.0) -> dict:
+    """Deployment options sized to the engine: concurrency that fills a batch, half of it as the autoscaling target,
+    a shutdown budget that covers the drain. The Serve config's ``deployments`` section overrides any of them."""
+    capacity = settings.batch_size or default_batch_size("cuda" if gpus else "cpu")
+    ongoing = max(8, min(settings.max_live_jobs, capacity // SAMPLES_PER_ONGOING_REQUEST))
+    options = {
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": 2 * ongoing,
+        "graceful_shutdown_timeout_s": settings.drain_seconds + 10,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 10,
+        "ray_actor_options": {"num_cpus": cpus if cpus is not None else max(1, settings.threads), "num_gpus": gpus},
+    }
+    if replicas is None:
+        options["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": ongoing // 2}
+    else:
+        options["num_replicas"] = replicas
+    return options
+
+
+def build_app(args: dict | None = None, *, replicas: int | None = None, cpus: float | None = None,
+              gpus: float = 0.0) -> serve.Application:
+    """The Serve application (application builder of deploy/ray/serve.yaml: ``import_path:
+    server.ray_serve:build_app`` with ``args`` = settings fields)."""
+    settings = settings_from_args(args)
+    options = replica_options(settings, replicas=replicas, cpus=cpus, gpus=gpus)
+    return CertserveDeployment.options(**options).bind(dict(args or {}))
+
+
+class ReplicaHeader:
+    """Outermost middleware of a replica's app: ``X-Certserve-Replica`` on every response (errors included).
+
+    Ray's proxy adds ``X-Request-ID`` itself (the same id, which the app took from the request), so the app's copy
+    is dropped here instead of being sent twice."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.replica = app, replica.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = [*headers, (REPLICA_HEADER, self.replica)]
+            await send(message)
+
+        await self.app(scope, receive, send_tagged)
+
+
+class MetricsBridge:
+    """Copy a prometheus-client registry into Ray Serve gauges every ``interval`` seconds (a daemon thread).
+
+    One gauge per exported sample name (``certserve_requests_total``, ``..._bucket`` with its ``le`` label, ...),
+    set to the sample's current value; Ray adds the application/deployment/replica labels and exports them as
+    ``ray_<name>`` on the node's metrics port. Counters and histogram buckets stay cumulative, so ``rate()`` and
+    ``histogram_quantile()`` work on them unchanged; a replacement replica starts new series under its own label.
+    Values lag by up to ``interval`` plus Ray's report interval (a few seconds)."""
+
+    def __init__(self, registry, interval: float = 2.0):
+        self.registry, self.interval = registry, interval
+        self._gauges: dict[str, serve_metrics.Gauge] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="certserve-metrics-bridge", daemon=True)
+
+    def start(self) -> MetricsBridge:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.copy_once()  # the last values before the replica goes away
+
+    def copy_once(self) -> None:
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                gauge = self._gauges.get(sample.name)
+                if gauge is None:
+                    gauge = self._gauges[sample.name] = serve_metrics.Gauge(
+                        sample.name, description=family.documentation, tag_keys=tuple(sorted(sample.labels)))
+                gauge.set(float(sample.value), tags={k: str(v) for k, v in sample.labels.items()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.copy_once()
+            except Exception:  # a metrics hiccup must never take the replica down
+                log.exception("copying metrics to Ray failed")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class CertserveDeployment:
+    """One replica: the certification service is built (and warmed up) here, before Serve routes any request."""
+
+    def __init__(self, args: dict):
+        self._settings = settings_from_args(args)
+        logging.getLogger("certserve").setLevel(self._settings.log_level.upper())
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        bundle = load_bundle(self._settings.bundle)  # verifies hashes and shapes; a bad bundle fails the replica
+        self._service = CertificationService(bundle, self._settings.service_config())
+        self._service.start()
+        self._app = None
+        self._bridge: MetricsBridge | None = None
+        log.info("certserve replica %s ready: bundle %s, sampler %s", self._replica, bundle.manifest.name,
+                 self._service.engine.sampler.backend.name)
+
+    def __serve_build_asgi_app__(self):
+        app = create_app(self._settings, service=self._service)
+        self._service.engine.observer = app.state.metrics  # the engine's batch/queue metrics land in this app's registry
+        app.add_middleware(ReplicaHeader, replica=self._replica)
+        self._bridge = MetricsBridge(app.state.metrics.registry).start()
+        self._app = app
+        return app
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it."""
+        if not self._service.alive:
+            raise RuntimeError(f"replica {self._replica}: the certification engine is not running")
+
+    async def __del__(self):
+        """Serve has stopped routing here and waited for the ongoing requests; stop the engine like SIGTERM does."""
+        if self._app is not None:
+            self._app.state.draining = True
+        await asyncio.to_thread(self._service.stop, self._settings.drain_seconds)
+        if self._bridge is not None:
+            self._bridge.stop()
+        log.info("certserve replica %s stopped", self._replica)
+
+
+class ProxyErrors:
+    """In Ray's HTTP proxy: a 5xx that no replica produced becomes certserve's JSON envelope, 503 + Retry-After.
+
+    The app marks every response it produces (:class:`ReplicaHeader`), so a 5xx without the mark is the proxy's own:
+    a replica that died with the request in flight (Ray answers a bare ``500 Internal Server Error``) or Serve's
+    backpressure (``503``). Neither certified anything; the client should retry, possibly on another replica."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        replaced = False
+
+        async def checked_send(message):
+            nonlocal replaced
+            if replaced:
+                return  # the proxy's own body of the replaced answer
+            if message["type"] == "http.response.start" and message["status"] >= 500:
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if REPLICA_HEADER not in headers:
+                    replaced = True
+                    await send_unavailable(send, message["status"], headers)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, checked_send)
+
+
+async def send_unavailable(send, status: int, headers: dict[bytes, bytes]) -> None:
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1") or None
+    retry_after = headers.get(b"retry-after", b"1")
+    if status == 503:
+        code, message = "overloaded", "all replicas are busy; retry later"
+    else:
+        code, message = "replica_unavailable", "the replica serving this request stopped; nothing was certified, retry"
+    body = error_bytes(code, message, request_id)
+    out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"retry-after", retry_after)]
+    if request_id:
+        out.append((b"x-request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": 503, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list:
+    """Ray's HTTP proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.ray_serve:proxy_middlewares``)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyErrors)]
+
+
+def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None) -> int:
+    """``certserve serve --replicas N``: a local Ray cluster (this machine's cores, no dashboard), N replicas behind
+    Serve's proxy on host:port; SIGTERM/SIGINT -> Serve drains the replicas, everything stops, exit 0."""
+    import ray
+
+    settings = settings_from_args(args)
+    load_bundle(settings.bundle)  # fail fast and clearly, before any Ray process starts
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by the proxy actor
+    cores = os.cpu_count() or 1
+    stop = threading.Event()
+    try:
+        ray.init(num_cpus=cores, include_dashboard=False, _metrics_export_port=metrics_port,
+                 logging_level=logging.WARNING)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
+        gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
+        if not args.get("threads"):
+            args = {**args, "threads": max(1, cores // replicas)}
+        app = build_app(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        log.warning("certserve: %d replicas ready on http://%s:%d (Ray metrics on port %s)", replicas, host, port,
+                    ray._private.worker.global_worker.node.metrics_export_port)
+        while not stop.wait(0.5):
+            pass
+        log.warning("certserve: stopping (replicas drain their ongoing requests)")
+    finally:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    return 0

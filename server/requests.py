@@ -1,0 +1,84 @@
+"""Decode stage of a request: multipart or JSON body -> (raw images, :class:`CertifyParams`), then raw -> tensor."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from certification.errors import ServiceError
+from certification.plan import CertifyParams
+from server.imaging import ImageError, decode_image
+from server.schemas import JSONBatchRequest, JSONCertifyRequest
+
+
+async def parse_request(request: Request, *, batch: bool) -> tuple[list, CertifyParams]:
+    """(raw images, params) from multipart form data or JSON; ServiceError (422/415) otherwise."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        return await _parse_json(request, batch)
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        return await _parse_form(request, batch)
+    raise ServiceError("unsupported_media_type", "send multipart/form-data (field 'image') or application/json")
+
+
+async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParams]:
+    field = "images" if batch else "image"
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ServiceError("bad_json", "the body is not valid JSON") from None
+    try:
+        req = (JSONBatchRequest if batch else JSONCertifyRequest).model_validate(body)
+    except ValidationError as exc:
+        raise ServiceError("bad_request", pydantic_message(exc)) from None
+    params = CertifyParams.model_validate(req.model_dump(exclude={field}))
+    return (req.images if batch else [req.image]), params
+
+
+async def _parse_form(request: Request, batch: bool) -> tuple[list, CertifyParams]:
+    field = "images" if batch else "image"
+    try:
+        form = await request.form(max_files=256, max_fields=64)
+    except (StarletteHTTPException, MultiPartException) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise ServiceError("bad_multipart", f"could not parse the multipart body: {detail}") from None
+    files = form.getlist(field)
+    if not files:
+        raise ServiceError("missing_image", f"multipart field '{field}' (the image file) is required")
+    images = [await f.read() if isinstance(f, UploadFile) else f for f in files]
+    extra = {k: v for k, v in form.multi_items() if k != field}
+    try:
+        params = CertifyParams.model_validate(extra)
+    except ValidationError as exc:
+        raise ServiceError("bad_request", pydantic_message(exc)) from None
+    return images, params
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg += f" (accepted: image or images, {', '.join(CertifyParams.model_fields)})"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def decode(raw, params: CertifyParams, *, shape: tuple[int, int, int],
+           max_pixels: int) -> tuple[np.ndarray, list[str], float]:
+    """(image (C, H, W) float32, preprocessing steps, decode milliseconds); ServiceError for bad input."""
+    t0 = time.perf_counter()
+    try:
+        image, steps = decode_image(raw, shape=shape, max_pixels=max_pixels, resize=params.resize,
+                                    convert=params.convert)
+    except ImageError as exc:
+        raise ServiceError(exc.code, str(exc)) from None
+    return image, steps, (time.perf_counter() - t0) * 1e3

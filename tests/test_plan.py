@@ -1,0 +1,70 @@
+"""The one conversion from a request to a plan (:func:`certification.plan.make_plan`), without ONNX or an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from certification.config import ServiceConfig
+from certification.errors import ServiceError
+from certification.plan import CertifyParams, make_plan
+
+CONFIG = ServiceConfig(default_alpha=0.001, max_samples=10_000, auto_max_samples=4_000, default_deadline_ms=30_000)
+ALPHA_CAL = 0.001
+
+
+def plan(radius=0.3, alpha_cal=ALPHA_CAL, arrival=100.0, **params):
+    return make_plan(CertifyParams(**params), CONFIG, alpha_cal=alpha_cal, surrogate_radius=radius, arrival=arrival)
+
+
+def test_auto_answers_from_the_surrogate_when_it_certifies():
+    p = plan()
+    assert (p.route, p.fallback_reason, p.alpha) == ("surrogate", None, 0.001)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(radius=None, alpha_cal=None), "no_surrogate"),
+    (dict(per_input=True), "per_input_requested"),
+    (dict(alpha=0.0001), "alpha_below_alpha_cal"),
+    (dict(radius=0.0), "surrogate_abstained"),
+    (dict(target_radius=0.5), "below_target_radius"),
+    (dict(per_input=True, alpha=0.0001, radius=0.0), "per_input_requested"),  # first reason in order
+])
+def test_auto_falls_back_with_its_reason(kwargs, reason):
+    p = plan(**kwargs)
+    assert (p.route, p.fallback_reason) == ("sequential", reason)
+    assert p.budget == CONFIG.auto_max_samples  # auto's latency-oriented budget
+
+
+def test_budget_is_capped_and_explicit_modes_get_max_samples():
+    assert plan(mode="sequential").budget == 10_000
+    assert plan(mode="cohen").budget == 10_000
+    assert plan(mode="sequential", max_samples=50_000).budget == 10_000
+    assert plan(mode="sequential", max_samples=700).budget == 700
+    assert plan(per_input=True, max_samples=700).budget == 700
+
+
+def test_deadline_counts_from_arrival():
+    assert plan(mode="sequential", arrival=5.0).deadline == pytest.approx(35.0)
+    assert plan(mode="sequential", arrival=5.0, deadline_ms=250).deadline == pytest.approx(5.25)
+
+
+def test_alpha_defaults_to_the_configured_one_and_explicit_modes_keep_theirs():
+    assert plan(mode="sequential").alpha == CONFIG.default_alpha
+    p = plan(mode="cohen", alpha=0.05, target_radius=0.2)
+    assert (p.route, p.alpha, p.target_radius, p.fallback_reason) == ("cohen", 0.05, 0.2, None)
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    (dict(radius=None, alpha_cal=None), "no_surrogate"),
+    (dict(per_input=True), "per_input_unavailable"),
+    (dict(alpha=0.0005), "alpha_below_alpha_cal"),
+])
+def test_surrogate_mode_refuses_what_it_cannot_certify(kwargs, code):
+    with pytest.raises(ServiceError) as info:
+        plan(mode="surrogate", **kwargs)
+    assert info.value.code == code
+
+
+def test_surrogate_mode_answers_even_when_the_surrogate_abstains():
+    p = plan(mode="surrogate", radius=0.0)
+    assert (p.route, p.fallback_reason) == ("surrogate", None)
