@@ -64,7 +64,14 @@ class AuditLog:
 
     def append(self, record: dict) -> None:
         """Write ``record`` as one line; return only once it is in the file (raise :class:`AuditError` if not)."""
-        line = canonical_json({**record, "logged_at": round(time.time(), 3)}) + b"\n"
+        self.append_json(canonical_json(record))
+
+    def append_json(self, obj: bytes) -> None:
+        """Like :meth:`append`, for a record already encoded as one JSON object (no newline), e.g. by pydantic."""
+        obj = obj.strip()
+        if not (obj.startswith(b"{") and obj.endswith(b"}")) or b"\n" in obj:
+            raise ValueError("an audit record must be one JSON object on one line")
+        line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
         with self._lock:
             try:
                 self._reopen_if_moved()

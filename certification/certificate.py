@@ -43,6 +43,15 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class InputInfo(BaseModel):
+    sha256: str | None = Field(description="SHA-256 of the image as received: the uploaded file's bytes (multipart), "
+                                           "the bytes a base64 string decodes to, or a nested array as compact JSON")
+    encoding: Literal["file", "base64", "array"] | None = Field(description="what sha256 hashes (see sha256)")
+    tensor_sha256: str = Field(description="SHA-256 of the tensor the model saw: float32 little-endian, C order, "
+                                           "(C, H, W), after any resize/convert")
+    tensor_shape: list[int]
+
+
 class Certificate(BaseModel):
     request_id: str
     class_index: int = Field(description="predicted class; -1 when abstaining")
@@ -58,6 +67,10 @@ class Certificate(BaseModel):
     preprocessing: list[str] = Field(default_factory=list, description="what was done to the image, if asked")
     timings: Timings
     model: ModelInfo
+    input: InputInfo | None = Field(None, description="hashes of the input as received and as seen by the model")
+    signature: str | None = Field(None, description="compact JWS (EdDSA/Ed25519) over the certificate's claims, its "
+                                                    "input hashes, the model and the key id; null when the server "
+                                                    "has no signing key (see /.well-known/jwks.json)")
 
 
 class ModelCard(BaseModel):

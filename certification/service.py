@@ -18,6 +18,7 @@ from certification.certificate import Certificate, ModelCard, ModelInfo, Timings
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
 from certification.plan import CertifyParams, Plan, make_plan
+from certification.seal import Sealer
 from models.bundle import Bundle
 from models.defaults import default_batch_size
 from models.engine import EngineObserver, EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
@@ -44,6 +45,8 @@ class CertificationService:
                                   batch_size=config.batch_size or default_batch_size(sampler.device))
         self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
         self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256)
+        # input hashes, signature, audit record of every certificate
+        self.sealer = Sealer.from_config(bundle, config, on_audit_failure=getattr(observer, "on_audit_failure", None))
 
     def card(self) -> ModelCard:
         m = self.manifest
@@ -63,13 +66,24 @@ class CertificationService:
     def stop(self, grace: float) -> None:
         """Stop taking jobs; live ones get up to ``grace`` seconds, then their certificate so far."""
         self.engine.stop(grace)
+        self.sealer.close()
 
     @property
     def alive(self) -> bool:
         return self.engine.alive
 
     async def certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
-                      preprocessing: list[str] | None = None, received: float | None = None) -> Certificate:
+                      preprocessing: list[str] | None = None, received: float | None = None,
+                      input_sha256: str | None = None, input_encoding: str | None = None) -> Certificate:
+        """Certify one decoded (C, H, W) image (guarantee: see :meth:`_certify`), then seal the certificate: input
+        hashes (``input_sha256`` of the image as received, computed where it was received), signature, audit record.
+        Raises ``ServiceError("audit_unavailable")`` instead of answering a certificate that has no audit record."""
+        cert = await self._certify(image, params, request_id=request_id, decode_ms=decode_ms,
+                                   preprocessing=preprocessing, received=received)
+        return self.sealer.seal(cert, image, input_sha256=input_sha256, input_encoding=input_encoding)
+
+    async def _certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
+                       preprocessing: list[str] | None = None, received: float | None = None) -> Certificate:
         """Certify one decoded (C, H, W) image; ``received`` (time.monotonic() at arrival) anchors the deadline.
 
         Guarantee of the result (stated in its ``guarantee`` field): surrogate route, marginal over inputs

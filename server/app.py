@@ -133,10 +133,11 @@ async def _certify_one(request: Request, raw, params: CertifyParams) -> Certific
     """decode -> certify (cancelled when the client goes away) -> count."""
     state = request.app.state
     service: CertificationService = state.service
-    image, steps, decode_ms = decode(raw, params, shape=service.shape, max_pixels=state.settings.max_pixels)
-    work = asyncio.ensure_future(service.certify(image, params, request_id=request.state.request_id,
-                                                 decode_ms=decode_ms, preprocessing=steps,
-                                                 received=request.state.received))
+    d = decode(raw, params, shape=service.shape, max_pixels=state.settings.max_pixels)
+    work = asyncio.ensure_future(service.certify(d.image, params, request_id=request.state.request_id,
+                                                 decode_ms=d.decode_ms, preprocessing=d.steps,
+                                                 received=request.state.received, input_sha256=d.input_sha256,
+                                                 input_encoding=d.input_encoding))
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, work))
     try:
         cert = await work
@@ -176,6 +177,14 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ready"})
     status = "draining" if state.draining else "engine_down" if state.ready else "starting"
     return JSONResponse(error_body(status, f"not ready: {status}", request.state.request_id), status_code=503)
+
+
+@router.get("/.well-known/jwks.json", summary="Public keys that verify signed certificates (JWKS, RFC 7517)")
+async def jwks(request: Request) -> JSONResponse:
+    service = request.app.state.service
+    if service is None or not request.app.state.ready:
+        raise ServiceError("starting", "the bundle is still loading", retry_after=1)
+    return JSONResponse(service.sealer.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
 
 @router.get("/v1/models", response_model=list[ModelCard], summary="The served bundle")

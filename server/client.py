@@ -21,13 +21,19 @@ class CertserveClient:
     """``CertserveClient("http://127.0.0.1:8000").certify("shoe.png", alpha=0.001)`` -> certificate dict.
 
     Retries 503 answers (overload, draining) after their Retry-After, up to ``retries`` times.
+    ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
+    the image sent (and its age, with ``max_age`` seconds); a failure raises
+    :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
+    or dict: pin them for independence from the server) or else the server's ``/.well-known/jwks.json``.
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 120.0,
-                 retries: int = 3):
+                 retries: int = 3, verify: bool = False, jwks: str | Path | dict | None = None,
+                 max_age: float | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries = retries
+        self.verify, self.max_age, self._jwks_source, self._keyset = verify, max_age, jwks, None
 
     def __enter__(self):
         return self
@@ -42,12 +48,34 @@ class CertserveClient:
         """Certify one image (a path or raw PNG/JPEG/.npy bytes); params: alpha, mode, target_radius, ..."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
-        return self._post("/certify", files={"image": ("image", data)}, data=fields)
+        return self._checked(self._post("/certify", files={"image": ("image", data)}, data=fields), data)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
-        return self._post("/certify/batch", files=files, data=fields)["results"]
+        results = self._post("/certify/batch", files=files, data=fields)["results"]
+        return [self._checked(cert, data) for cert, (_, (_, data)) in zip(results, files)]
+
+    def jwks(self) -> dict:
+        """The server's public key set."""
+        return self._get("/.well-known/jwks.json")
+
+    def _checked(self, cert: dict, image: bytes) -> dict:
+        if not self.verify:
+            return cert
+        from certification.verify import VerificationError, load_jwks, verify_document
+
+        for attempt in (0, 1):
+            if self._keyset is None:
+                self._keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
+            try:
+                verify_document(cert, self._keyset, image_bytes=image, max_age=self.max_age)
+                return cert
+            except VerificationError as exc:  # a key rotated since the set was fetched: fetch it once more
+                if exc.reason != "unknown_kid" or self._jwks_source is not None or attempt:
+                    raise
+                self._keyset = None
+        raise AssertionError("unreachable")
 
     def model(self) -> dict:
         return self._get("/v1/models")[0]
@@ -96,6 +124,8 @@ def add_certify_command(sub) -> None:
     p.add_argument("--per-input", action="store_true", default=None)
     p.add_argument("--resize", action="store_true", default=None)
     p.add_argument("--convert", action="store_true", default=None)
+    p.add_argument("--verify", action="store_true", help="check each certificate's signature and image hash")
+    p.add_argument("--jwks", default=None, help="key set (file or URL) for --verify; default: the server's")
     p.set_defaults(func=_run_certify)
 
 
@@ -103,10 +133,15 @@ def _run_certify(args) -> int:
     params = {k: getattr(args, k) for k in ("alpha", "mode", "target_radius", "max_samples", "deadline_ms",
                                             "per_input", "resize", "convert")}
     failed = 0
-    with CertserveClient(args.url, api_key=args.api_key) as client:
+    from certification.verify import VerificationError
+
+    with CertserveClient(args.url, api_key=args.api_key, verify=args.verify, jwks=args.jwks) as client:
         for path in args.images:
             try:
                 print(json.dumps({"image": path, **client.certify(path, **params)}))
+            except VerificationError as exc:
+                failed += 1
+                print(json.dumps({"image": path, "error": f"INVALID ({exc.reason}): {exc}"}), file=sys.stderr)
             except (CertserveError, OSError, httpx.HTTPError) as exc:
                 failed += 1
                 print(json.dumps({"image": path, "error": str(exc)}), file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +45,20 @@ def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_p
             raise ImageError("the image is empty (0 bytes)")
         arr = _from_npy(raw, max_pixels) if raw.startswith(_NPY_MAGIC) else _from_pil(raw, max_pixels)
     return _conform(arr, shape, resize, convert, steps), steps
+
+
+def received_input(data: bytes | str | list) -> tuple[bytes | list, bytes, str]:
+    """(what to decode, the bytes a certificate's ``input.sha256`` hashes, their encoding) of a request image.
+
+    ``file``: multipart bytes as received. ``base64``: the bytes the string decodes to (a ``data:`` URL prefix
+    dropped), so the same file hashes alike in both encodings. ``array``: a nested list hashes as compact JSON,
+    ``json.dumps(array, separators=(",", ":"))`` of the numbers as parsed (Python's shortest round-trip floats)."""
+    if isinstance(data, list):
+        return data, json.dumps(data, separators=(",", ":")).encode(), "array"
+    if isinstance(data, str):
+        raw = _b64(data)
+        return raw, raw, "base64"
+    return data, data, "file"
 
 
 def _b64(text: str) -> bytes:

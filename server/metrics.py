@@ -47,6 +47,8 @@ class Metrics(EngineObserver):
         self.inference = Histogram("certserve_model_inference_seconds", "Model call duration by model",
                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ready = Gauge("certserve_ready", "1 when the server is ready to take traffic", registry=r)
+        self.audit_failures = Counter("certserve_audit_write_failures", "Certificates refused (503) because their "
+                                      "audit record could not be written", registry=r)
         # create the labelled series at 0, so rate()/increase() see the first requests too
         for method in ("surrogate", "sequential", "cohen"):
             for outcome in ("certified", "abstained"):
@@ -78,6 +80,10 @@ class Metrics(EngineObserver):
         self.samples_per_certificate.labels(cert.method).observe(cert.samples)
         if cert.fallback_reason is not None:
             self.fallbacks.labels(cert.fallback_reason).inc()
+
+    def on_audit_failure(self) -> None:
+        """One certificate refused because its audit record could not be written (called by the service)."""
+        self.audit_failures.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

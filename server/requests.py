@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from typing import NamedTuple
 
 import numpy as np
 from fastapi import Request
@@ -14,7 +16,7 @@ from starlette.formparsers import MultiPartException
 
 from certification.errors import ServiceError
 from certification.plan import CertifyParams
-from server.imaging import ImageError, decode_image
+from server.imaging import ImageError, decode_image, received_input
 from server.schemas import JSONBatchRequest, JSONCertifyRequest
 
 
@@ -72,13 +74,22 @@ def pydantic_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode(raw, params: CertifyParams, *, shape: tuple[int, int, int],
-           max_pixels: int) -> tuple[np.ndarray, list[str], float]:
-    """(image (C, H, W) float32, preprocessing steps, decode milliseconds); ServiceError for bad input."""
+class Decoded(NamedTuple):
+    image: np.ndarray  # (C, H, W) float32, what the model sees
+    steps: list[str]  # preprocessing done (resize, convert)
+    decode_ms: float
+    input_sha256: str  # of the image as received (see server.imaging.received_input)
+    input_encoding: str  # file | base64 | array
+
+
+def decode(raw, params: CertifyParams, *, shape: tuple[int, int, int], max_pixels: int) -> Decoded:
+    """The decoded image, its preprocessing, the decode time and the hash of what was received; ServiceError for
+    bad input."""
     t0 = time.perf_counter()
     try:
-        image, steps = decode_image(raw, shape=shape, max_pixels=max_pixels, resize=params.resize,
+        data, received, encoding = received_input(raw)
+        image, steps = decode_image(data, shape=shape, max_pixels=max_pixels, resize=params.resize,
                                     convert=params.convert)
     except ImageError as exc:
         raise ServiceError(exc.code, str(exc)) from None
-    return image, steps, (time.perf_counter() - t0) * 1e3
+    return Decoded(image, steps, (time.perf_counter() - t0) * 1e3, hashlib.sha256(received).hexdigest(), encoding)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from certification.config import ServiceConfig
@@ -38,10 +38,24 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated; empty = no authentication")
     log_level: str = "info"
+    signing_key: str | None = Field(None, description="Ed25519 PEM key file, directory or comma-separated list: sign "
+                                                      "every certificate (README: Verifying certificates)")
+    require_signing: bool = Field(False, description="refuse to start without a signing key")
+    audit_log: str | None = Field(None, description="append every certificate to this JSON-lines file before "
+                                                    "answering; if it cannot be written, answer 503")
+    audit_max_bytes: int = Field(100 * 2**20, ge=0, description="rotate the audit log beyond this size (0: never)")
+    audit_backups: int = Field(10, ge=1, description="rotated audit log files kept (PATH.1 ... PATH.N)")
 
     def service_config(self) -> ServiceConfig:
         """The certification service's part of the settings."""
         return ServiceConfig(**{name: getattr(self, name) for name in ServiceConfig.__dataclass_fields__})
+
+    @model_validator(mode="after")
+    def _signing_required(self):
+        if self.require_signing and not (self.signing_key or "").strip():
+            raise ValueError("CERTSERVE_REQUIRE_SIGNING is true but no signing key is configured: set "
+                             "CERTSERVE_SIGNING_KEY (create one with `certserve keys generate --out DIR`)")
+        return self
 
     @field_validator("api_keys", mode="before")
     @classmethod

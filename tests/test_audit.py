@@ -40,6 +40,17 @@ def test_append_writes_one_parseable_line_per_record(tmp_path):
     assert (tmp_path / "audit.jsonl").stat().st_mode & 0o077 == 0
 
 
+def test_append_json_takes_encoded_objects_and_refuses_anything_else(tmp_path):
+    with AuditLog(tmp_path / "audit.jsonl") as log:
+        log.append_json(b'{"certificate":{"radius":0.5}}')
+        log.append_json(b"{}")
+        for bad in (b"[1]", b'{"a":\n1}', b'"x"', b""):
+            with pytest.raises(ValueError, match="one JSON object"):
+                log.append_json(bad)
+    records = read_records(tmp_path / "audit.jsonl")
+    assert records[0]["certificate"] == {"radius": 0.5} and set(records[1]) == {"logged_at"} and len(records) == 2
+
+
 def test_rotation_by_size_keeps_order_and_bounded_backups(tmp_path):
     path = tmp_path / "audit.jsonl"
     with AuditLog(path, max_bytes=2000, backups=100) as log:

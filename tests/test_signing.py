@@ -179,7 +179,8 @@ def test_claims_bind_the_documented_fields_and_not_the_timings():
     claims = sample_claims("kid-1")
     assert set(claims) == {"v", "iat", "certificate", "input", "model", "server"}
     assert tuple(claims["certificate"]) == CERTIFIED_FIELDS and "timings" not in claims["certificate"]
-    assert claims["input"] == {"sha256": "a" * 64, "tensor_sha256": "b" * 64, "tensor_shape": [1, 28, 28],
+    assert claims["input"] == {"sha256": "a" * 64, "encoding": "file", "tensor_sha256": "b" * 64,
+                               "tensor_shape": [1, 28, 28],
                                "tensor_layout": {"dtype": "float32", "byteorder": "little", "order": "C",
                                                  "axes": "CHW"}, "preprocessing": []}
     assert claims["model"] == {"name": "fmnist", "version": "1", "manifest_sha256": "c" * 64, "sigma": 0.25}

@@ -1,0 +1,87 @@
+"""Sealing an issued certificate: input hashes, signature (when a key is configured), audit record (when a log is).
+
+The certification service calls :meth:`Sealer.seal` on every certificate it issues, single or batch, after the
+certificate is built and before it is returned. The order is fixed: hash -> sign -> audit; if the audit record cannot
+be written, the certificate is NOT returned (``ServiceError("audit_unavailable")``, 503): no certificate leaves the
+server without its record.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from certification.audit import AuditError, AuditLog
+from certification.certificate import Certificate, InputInfo
+from certification.config import ServiceConfig
+from certification.errors import ServiceError
+from certification.signing import Signer, certificate_claims, tensor_sha256
+from models.bundle import Bundle, sha256_file
+
+log = logging.getLogger("certserve.seal")
+
+
+def certserve_version() -> str:
+    try:
+        return importlib.metadata.version("certserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Sealer:
+    """Hashes, signs and records the certificates of one service (one bundle)."""
+
+    def __init__(self, bundle: Bundle, *, signer: Signer | None = None, audit: AuditLog | None = None,
+                 on_audit_failure: Callable[[], None] | None = None):
+        self.signer, self.audit, self.on_audit_failure = signer, audit, on_audit_failure
+        m = bundle.manifest
+        self.model = {"model_name": m.name, "model_version": m.version, "sigma": float(m.sigma),
+                      "manifest_sha256": sha256_file(bundle.root / "manifest.json")}
+        self.version = certserve_version()
+
+    @classmethod
+    def from_config(cls, bundle: Bundle, config: ServiceConfig, *,
+                    on_audit_failure: Callable[[], None] | None = None) -> Sealer:
+        """Keys from ``config.signing_key`` (see :mod:`certification.signing`), the log from ``config.audit_log``."""
+        signer = Signer.from_paths(config.signing_key) if config.signing_key else None
+        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
+                         backups=config.audit_backups) if config.audit_log else None
+        if signer is not None:
+            log.info("signing certificates with key %s (%d key(s) published)", signer.kid, len(signer.kids))
+        return cls(bundle, signer=signer, audit=audit, on_audit_failure=on_audit_failure)
+
+    def jwks(self) -> dict:
+        """The public key set (empty when certificates are not signed)."""
+        return self.signer.jwks() if self.signer is not None else {"keys": []}
+
+    def seal(self, cert: Certificate, image: np.ndarray, *, input_sha256: str | None,
+             input_encoding: str | None) -> Certificate:
+        """Attach the input hashes and the signature to ``cert``, then write its audit record.
+
+        Changes nothing the certificate claims (class, radius, guarantee): its guarantee is the one stated in its
+        ``guarantee`` field. Raises ``ServiceError("audit_unavailable")`` when the record cannot be written."""
+        cert.input = InputInfo(sha256=input_sha256, encoding=input_encoding, tensor_sha256=tensor_sha256(image),
+                               tensor_shape=list(image.shape))
+        if self.signer is not None:
+            claims = certificate_claims(cert.model_dump(), input_sha256=input_sha256 or "",
+                                        input_encoding=input_encoding or "", tensor_sha256=cert.input.tensor_sha256,
+                                        tensor_shape=image.shape, preprocessing=cert.preprocessing,
+                                        kid=self.signer.kid, server_version=self.version, **self.model)
+            cert.signature = self.signer.sign(claims)
+        if self.audit is not None:
+            try:
+                self.audit.append_json(b'{"certificate":' + cert.model_dump_json().encode() + b"}")
+            except AuditError as exc:
+                log.error("certificate %s refused: %s", cert.request_id, exc)
+                if self.on_audit_failure is not None:
+                    self.on_audit_failure()
+                raise ServiceError("audit_unavailable", "the audit log cannot be written, so no certificate is "
+                                   "issued; retry later", retry_after=5) from None
+        return cert
+
+    def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
