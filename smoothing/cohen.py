@@ -73,7 +73,10 @@ def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertifica
     ``selection_counts`` and ``estimation_counts`` have shape (..., K): per-class counts from two *independent*
     sets of noise samples (n0 and n). The class is ``argmax`` of the selection counts (first index on ties, as the
     reference), ``p_lower`` the one-sided (1 - alpha) Clopper-Pearson bound of its estimation count out of n.
-    Abstain (class -1, radius 0) when p_lower < 1/2, else radius = sigma * Phi^-1(p_lower).
+    Abstain (class -1, radius 0) when p_lower <= 1/2, else radius = sigma * Phi^-1(p_lower). (Strict: the reference
+    abstains only when p_lower < 1/2 and so certifies the class at radius 0 when p_lower == 1/2, where pA = pB = 1/2 -
+    a tie, under which the smoothed classifier need not return that class - is not excluded. The sequential and
+    fixed-n routes use the same strict rule.)
 
     Guarantee (per input): with probability >= 1 - alpha over the estimation samples, the smoothed classifier g
     returns the reported class at every point within the reported radius (or the procedure abstains).
@@ -88,7 +91,7 @@ def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertifica
     c_hat = np.argmax(sel, axis=-1)
     n_a = np.take_along_axis(est, c_hat[..., None], axis=-1)[..., 0]
     p_lower = np.asarray(clopper_pearson_lower(n_a, est.sum(axis=-1), alpha))
-    certified = p_lower >= 0.5  # the reference's `pABar < 0.5 -> abstain` (parity; p_lower == 0.5 gives radius 0)
+    certified = p_lower > 0.5  # strict (see docstring); the reference's `pABar < 0.5 -> abstain` differs only at 1/2
     radius = np.where(certified, radius_from_probability(p_lower, sigma), 0.0)
     cls = np.where(certified, c_hat, ABSTAIN)
     return CohenCertificate(_scalar(cls), _scalar(radius), _scalar(p_lower), _scalar(certified))

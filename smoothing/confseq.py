@@ -2,13 +2,14 @@
 
 L_t = inf{p0 : H0: pA <= p0 not rejected at time t} and, symmetrically, U_t = sup{p0 : H0: pA >= p0 not rejected}.
 Guarantee (per input): P(exists t: L_t > pA) <= alpha, and likewise P(exists t: U_t < pA) <= alpha, for any prior
-(a, b) fixed before sampling. Because the bound holds uniformly over t, it is valid at *any* stopping time: a
-target, a budget, a deadline or a futility rule may end sampling without touching the guarantee.
+(a, b) and mixture weight ``kt_weight`` fixed before sampling (:mod:`smoothing.priors`). Because the bound holds
+uniformly over t, it is valid at *any* stopping time: a target, a budget, a deadline, a futility rule or the
+marginal-gain rule may end sampling without touching the guarantee.
 
 Root finding (hand-written: the kernel must be vectorized over thousands of jobs per model batch, which scipy's
 scalar root finders are not). For fixed (S, t) the rejection condition on p0 <= S/t reads g(v) >= 0 with v = log p0 and
 
-    g(v) = betaln(a+S, b+F) - betaln(a, b) - log(1/alpha) - S v - F log(1 - e^v),   F = t - S,
+    g(v) = log m(S, F) - log(1/alpha) - S v - F log(1 - e^v),   F = t - S,   m = the prior-predictive mixture,
 
 which is convex and decreasing in v on (-inf, log(S/t)]. Newton's method started left of the root therefore moves
 monotonically right and never passes the root: *every iterate is itself a valid (conservative) lower bound*.
@@ -18,55 +19,59 @@ The threshold carries a floating-point margin, so the reported L_t is rounded do
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import betaln
-
 from smoothing._checks import check_alpha, check_counts, check_prior
-from smoothing.eprocess import _ULP_MARGIN, _lgamma_scale, log_e_excess
+from smoothing.eprocess import _ULP_MARGIN, log_e_excess
+from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight, log_marginal
 from smoothing.radius import radius_from_probability
 
 _LOG_P_FLOOR = np.log(1e-300)  # bounds below this are reported as 0
 _MAX_NEWTON = 60
 
 
-def lower_bound(successes, trials, alpha, a=0.5, b=0.5):
+def lower_bound(successes, trials, alpha, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
     """Anytime-valid lower confidence bound L_t on pA from S_t hits in t draws.
 
-    Guarantee (per input, anytime-valid at level alpha): P(exists t: L_t > pA) <= alpha for any prior (a, b) fixed
-    before sampling. Returns 0 where S_t = 0 or t = 0. Rounded down (see module docstring). Vectorized.
+    Prior: (1 - kt_weight) Beta(a, b) + kt_weight KT (:mod:`smoothing.priors`; for a = b = 1/2 simply KT).
+    Guarantee (per input, anytime-valid at level alpha): P(exists t: L_t > pA) <= alpha for any prior ((a, b) and
+    ``kt_weight``) fixed before sampling. Returns 0 where S_t = 0 or t = 0. Rounded down (see module docstring).
+    Vectorized over (S, t, alpha, a, b) by broadcasting.
     """
     s, t = check_counts(successes, trials)
     alpha = check_alpha(alpha)
     a, b = check_prior(a, b)
+    w = check_kt_weight(kt_weight)
     s, t, alpha, a, b = np.broadcast_arrays(s, t, alpha, a, b)
-    out = _lower_bound_kernel(s.ravel(), t.ravel(), alpha.ravel(), a.ravel(), b.ravel()).reshape(s.shape)
+    out = _lower_bound_kernel(s.ravel(), t.ravel(), alpha.ravel(), a.ravel(), b.ravel(), w).reshape(s.shape)
     return out if out.ndim else float(out)
 
 
-def upper_bound(successes, trials, alpha, a=0.5, b=0.5):
+def upper_bound(successes, trials, alpha, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
     """Anytime-valid upper confidence bound U_t on pA (used for futility stopping).
 
     Guarantee (per input, anytime-valid at level alpha): P(exists t: U_t < pA) <= alpha. Obtained by symmetry:
-    U_t(S, t; a, b) = 1 - L_t(t - S, t; b, a). Returns 1 where S_t = t. Rounded up. Vectorized.
+    U_t(S, t; a, b) = 1 - L_t(t - S, t; b, a) (the mixture with KT mirrors to itself, KT being symmetric). Returns 1
+    where S_t = t. Rounded up. Vectorized.
     """
     s, t = check_counts(successes, trials)
     alpha = check_alpha(alpha)
     a, b = check_prior(a, b)
+    w = check_kt_weight(kt_weight)
     s, t, alpha, a, b = np.broadcast_arrays(s, t, alpha, a, b)
-    low = _lower_bound_kernel((t - s).ravel(), t.ravel(), alpha.ravel(), b.ravel(), a.ravel())
+    low = _lower_bound_kernel((t - s).ravel(), t.ravel(), alpha.ravel(), b.ravel(), a.ravel(), w)
     out = np.minimum(1.0, np.nextafter(1.0 - low, 2.0)).reshape(s.shape)
     return out if out.ndim else float(out)
 
 
-def certified_radius(successes, trials, alpha, sigma, a=0.5, b=0.5):
+def certified_radius(successes, trials, alpha, sigma, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
     """Certified L2 radius sigma * Phi^-1(L_t), or 0 (abstain) where L_t <= 1/2.
 
     Guarantee (per input, anytime-valid at level alpha): with probability >= 1 - alpha, simultaneously for all t,
     the smoothed classifier returns the tested class within the returned radius. Valid at any stopping time.
     """
-    return radius_from_probability(lower_bound(successes, trials, alpha, a, b), sigma)
+    return radius_from_probability(lower_bound(successes, trials, alpha, a, b, kt_weight=kt_weight), sigma)
 
 
-def _lower_bound_kernel(s, t, alpha, a, b):
+def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     """Flat-array Newton iteration described in the module docstring. Inputs are validated 1-d arrays."""
     s = s.astype(np.float64)
     f = t.astype(np.float64) - s
@@ -76,15 +81,12 @@ def _lower_bound_kernel(s, t, alpha, a, b):
         return out
     s, f = s[live], f[live]
     log_threshold = -np.log(alpha[live])
-    a, b = a[live], b[live]
-    mix = betaln(a + s, b + f)
-    prior = betaln(a, b)
+    mix, magnitude = log_marginal(s, f, a[live], b[live], kt_weight)
     log_phat = np.log(s / (s + f))
     # Same margin as eprocess.rejects: with M = 64 ulp, rejection at p0 = e^v means
-    #   g(v) = [mix - prior - lt - M(|mix| + |prior| + lt)] - (1 - M) (S v + F log(1 - e^v)) >= 0,
+    #   g(v) = [mix - lt - M(magnitude + lt)] - (1 - M) (S v + F log(1 - e^v)) >= 0,
     # still convex and decreasing in v on (-inf, log p_hat].
-    const = mix - prior - log_threshold - _ULP_MARGIN * (np.abs(mix) + np.abs(prior) + log_threshold
-                                                         + _lgamma_scale(s + f, a, b))
+    const = mix - log_threshold - _ULP_MARGIN * (magnitude + log_threshold)
     shrink = 1.0 - _ULP_MARGIN
 
     def g_and_slope(v):
@@ -108,13 +110,13 @@ def _lower_bound_kernel(s, t, alpha, a, b):
     # taken from the right of the root of a convex decreasing function lands left of it, plus a growing margin.
     t_live = s + f
     for attempt in range(40):
-        slipped = ok & (log_e_excess(s, t_live, np.exp(v), a, b, log_threshold, mix, prior) < 0)
+        slipped = ok & (log_e_excess(s, t_live, np.exp(v), log_threshold, mix, magnitude) < 0)
         if not np.any(slipped):
             break
         gv, slope = g_and_slope(v)
         back = np.where(slope < 0, np.minimum(gv, 0.0) / slope, 0.0) + np.maximum(1e-12 * np.abs(v), 1e-15) * 4.0**attempt
         v = np.where(slipped, v - back, v)
     else:  # never seen in testing; report 0 (abstain) rather than an unverified bound
-        ok &= log_e_excess(s, t_live, np.exp(v), a, b, log_threshold, mix, prior) >= 0
+        ok &= log_e_excess(s, t_live, np.exp(v), log_threshold, mix, magnitude) >= 0
     out[live] = np.where(ok, np.exp(v), 0.0)
     return out

@@ -15,34 +15,39 @@ import numpy as np
 from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
 from smoothing.confseq import lower_bound, upper_bound
 from smoothing.eprocess import rejects
+from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR
 from smoothing.radius import probability_for_radius, radius_from_probability
 
 
-#: Default of the best-radius rule (stop at this fraction of the projected full-budget radius) and of the checkpoint
-#: growth. Chosen on held-out Fashion-MNIST dev streams (not the test set): with the meta prior they gave ~11x fewer
-#: samples than Cohen-10k at ~0.78x its mean radius. Any value keeps validity; they only trade samples for radius.
+#: Defaults of the best-radius rules. ``DEFAULT_MIN_GAIN`` (radius units per sample) is the marginal-gain rule's
+#: lambda: the largest lambda whose mean radius on held-out dev streams (the bundle's calibration split, never the
+#: test set) is >= the previous default's + 0.005; docs/smoothing-benchmark.md section 3
+#: (``python -m bench.smoothing_bench --full``). ``DEFAULT_FRACTION`` is the older fraction rule's default, kept for
+#: comparison (pass ``fraction=``). Any value keeps validity; they only trade samples for radius.
+DEFAULT_MIN_GAIN = 5e-5
 DEFAULT_FRACTION = 0.775
 DEFAULT_GROWTH = 1.1
 
 
 class Stop(enum.IntEnum):
-    """Why a job stopped. ``DEADLINE`` and ``CANCELLED`` are set by the worker, never by a policy."""
+    """Why a policy stopped a job (``CONTINUE`` while sampling should go on)."""
 
     CONTINUE = 0
     TARGET = 1  # target radius certified
-    CERTIFIED = 2  # best-radius rule: more samples would improve the radius by less than the tolerance
-    FUTILITY = 3  # the upper confidence bound rules out the goal
+    CERTIFIED = 2  # best-radius rule: more samples would improve the radius too little
+    FUTILITY = 3  # the upper confidence bound (or the projection) rules out the goal
     BUDGET = 4  # sample budget spent
-    DEADLINE = 5
-    CANCELLED = 6
 
 
-def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, budget, a=0.5, b=0.5, alpha_futility=None):
+def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, budget, a=KT_PRIOR[0], b=KT_PRIOR[1],
+                           alpha_futility=None, kt_weight=DEFAULT_KT_WEIGHT):
     """Policy (i): certify at least ``target_radius``, as cheaply as possible.
 
     TARGET when H0: pA <= Phi(r/sigma) is rejected at level alpha (then L_t >= Phi(r/sigma), so the certified radius
     is >= r); FUTILITY when the upper bound U_t (level ``alpha_futility``, default alpha) falls below Phi(r/sigma),
-    i.e. the target is (with high probability) out of reach; BUDGET when t >= budget. Checked in that order.
+    i.e. the target is (with high probability) out of reach; BUDGET when t >= budget. Checked in that order. The
+    prior is (1 - kt_weight) Beta(a, b) + kt_weight KT, as in :func:`smoothing.confseq.lower_bound`; the certificate
+    must be computed with the same prior.
     Guarantee: none needed, the certificate's validity comes from the confidence sequence at any stopping time;
     ``alpha_futility`` only controls how often a reachable target is given up (<= alpha_futility).
     """
@@ -50,9 +55,7 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
     check_sigma(sigma)
     check_prior(a, b)
     check_alpha(alpha)
-    budget = check_nonneg_int(budget, "budget")
-    if np.any(budget < 1):
-        raise ValueError(f"budget must be >= 1, got {budget!r}")
+    budget = _check_budget(budget)
     p_target = np.maximum(probability_for_radius(target_radius, sigma), 0.5)
     # A target beyond ~8.3 sigma has Phi(r/sigma) == 1.0 in floating point: unreachable by any finite sample, so it
     # can never be certified; test at the largest probability below 1 only to keep the arrays well-formed.
@@ -61,53 +64,76 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
     af = alpha if alpha_futility is None else alpha_futility
     out = np.full(np.broadcast(s, t, p_target).shape, Stop.CONTINUE, dtype=np.int8)
     out[np.broadcast_to(t >= budget, out.shape)] = Stop.BUDGET
-    futile = np.broadcast_to(upper_bound(s, t, af, a, b) < p_target, out.shape)
+    futile = np.broadcast_to(upper_bound(s, t, af, a, b, kt_weight=kt_weight) < p_target, out.shape)
     out[futile] = Stop.FUTILITY
-    hit = np.broadcast_to(reachable & (t > 0) & rejects(s, np.maximum(t, 1), p_test, alpha, a, b), out.shape)
-    out[hit] = Stop.TARGET
+    hit = reachable & (t > 0) & rejects(s, np.maximum(t, 1), p_test, alpha, a, b, kt_weight=kt_weight)
+    out[np.broadcast_to(hit, out.shape)] = Stop.TARGET
     return out if out.ndim else Stop(int(out))
 
 
-def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=0.5, b=0.5, fraction=DEFAULT_FRACTION,
+def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[0], b=KT_PRIOR[1],
+                         kt_weight=DEFAULT_KT_WEIGHT, min_gain=DEFAULT_MIN_GAIN, fraction=None,
                          min_futility_trials=200):
-    """Policy (ii): stop once the radius is a good fraction of what the whole budget would plausibly give.
+    """Policy (ii): no target; stop when more samples would buy too little radius. Two rules (same futility part).
 
-    Rule (a function of past samples only): r_now = sigma Phi^-1(L_t); r_budget = the radius the confidence sequence
-    would give at the full budget B if the observed hit rate persisted (plug-in: L at (floor(S_t B / t), B)).
-    CERTIFIED when r_now > 0 and r_now >= ``fraction`` * r_budget: the remaining samples could add at most about
-    (1 - fraction) of the radius. FUTILITY when U_t < 1/2 (no radius is reachable, at level alpha), or, after
-    ``min_futility_trials`` samples, when even r_budget is 0 (the plug-in projection says the budget cannot certify).
-    BUDGET when t >= B. Why this rule: the radius of an anytime bound grows only like sqrt(log t) once the hit rate is
-    near 1, so the last 90% of a budget buys the last ~25% of radius; ``fraction`` states that trade directly in
-    radius units. On held-out Fashion-MNIST dev streams the default (0.775) with the meta prior used ~11x fewer samples
-    than Cohen-10k at ~0.78x its mean radius; test-set figures are in docs/results.md. Its cost in samples per pA is in docs/smoothing-benchmark.md.
-    Guarantee: as for every policy, validity comes from the confidence sequence at any stopping time.
+    Notation (functions of past samples only): r_now = sigma Phi^-1(L_t); r(S', t') = the radius the confidence
+    sequence would give with S' hits in t' draws; projections are plug-in (the observed hit rate persists):
+    S' = floor(S_t t' / t).
+
+    * Marginal-gain rule (default; ``fraction`` None): with t' = min(2t, budget), CERTIFIED when r_now > 0 and
+      (r(S', t') - r_now) / (t' - t) < ``min_gain`` (lambda, radius units per sample). Stopping each input where its
+      marginal radius per sample falls below one common lambda is the allocation that maximizes the mean radius for
+      a given mean number of samples (a Lagrangian argument): confident inputs, whose radius grows ~ sqrt(log t), stop
+      early; near-converged mid-pA inputs stop as soon as the bound is close to pA.
+    * Fraction rule (``fraction`` in (0, 1]; the previous default, kept for comparison): CERTIFIED when r_now > 0 and
+      r_now >= fraction * r(S_B, B), the projection at the full budget B.
+
+    FUTILITY (both rules) when r_now = 0 and either U_t < 1/2 (no radius reachable, at level alpha) or, after
+    ``min_futility_trials`` samples, the projection at the budget certifies nothing. BUDGET when t >= B.
+    Prior: (1 - kt_weight) Beta(a, b) + kt_weight KT; the certificate must use the same prior.
+    Guarantee: as for every policy, validity comes from the confidence sequence at any stopping time; lambda and the
+    fraction only trade samples for radius.
     """
     s, t = check_counts(successes, trials)
-    check_sigma(sigma)
-    if not 0.0 < fraction <= 1.0:
+    if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    if not (np.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
+    budget = _check_budget(budget)
+    s, t, alpha, a, b, budget, sig = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget,
+                                                         check_sigma(sigma))
+    t_safe = np.maximum(t, 1)
+
+    def radius(hits, draws, where=Ellipsis):
+        p = lower_bound(hits[where], draws[where], alpha[where], a[where], b[where], kt_weight=kt_weight)
+        return np.asarray(radius_from_probability(p, sig[where]))
+
+    r_now = radius(s, t_safe)
+    if fraction is None:
+        t_next = np.minimum(2 * t_safe, np.maximum(budget, t_safe))
+        gain = radius((s * t_next) // t_safe, t_next) - r_now  # exact integers: S_t = t projects to t' hits
+        settled = (r_now > 0) & (gain < min_gain * np.maximum(t_next - t, 1))
+    else:
+        settled = (r_now > 0) & (r_now >= fraction * radius((s * budget) // t_safe, budget))
+    # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
+    futile = np.zeros(s.shape, dtype=bool)
+    low = (r_now <= 0) & (t > 0)
+    if np.any(low):
+        upper = upper_bound(s[low], t_safe[low], alpha[low], a[low], b[low], kt_weight=kt_weight)
+        r_budget = radius((s * budget) // t_safe, budget, low)
+        futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
+    out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
+    out[t >= budget] = Stop.BUDGET
+    out[futile] = Stop.FUTILITY
+    out[settled & (t > 0)] = Stop.CERTIFIED
+    return out if out.ndim else Stop(int(out))
+
+
+def _check_budget(budget):
     budget = check_nonneg_int(budget, "budget")
     if np.any(budget < 1):
         raise ValueError(f"budget must be >= 1, got {budget!r}")
-    s, t, alpha, a, b, budget = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget)
-    t_safe = np.maximum(t, 1)
-    p_now = np.asarray(lower_bound(s, t_safe, alpha, a, b))
-    r_now = np.asarray(radius_from_probability(p_now, sigma))
-    proj_s = (s * budget) // t_safe  # exact integer arithmetic: S_t = t must project to exactly B hits
-    r_budget = np.asarray(radius_from_probability(lower_bound(proj_s, budget, alpha, a, b), sigma))
-    # U_t < 1/2 is impossible where L_t > 1/2 (L_t <= S_t/t <= U_t): solve for U only where it can matter
-    upper = np.ones(s.shape)
-    low = p_now <= 0.5
-    if np.any(low):
-        upper[low] = upper_bound(s[low], t_safe[low], alpha[low], a[low], b[low])
-    out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
-    out[t >= budget] = Stop.BUDGET
-    futile = (upper < 0.5) | ((t >= min_futility_trials) & (r_budget <= 0))
-    out[futile & (t > 0)] = Stop.FUTILITY
-    settled = (t > 0) & (r_now > 0) & (r_now >= fraction * r_budget)
-    out[settled] = Stop.CERTIFIED
-    return out if out.ndim else Stop(int(out))
+    return budget
 
 
 def checkpoint_schedule(budget: int, *, first: int = 64, growth: float = DEFAULT_GROWTH) -> np.ndarray:

@@ -3,7 +3,8 @@
 * ``size``: a parametrized fixture with a fast variant (default run) and a big variant marked ``slow``
   (``pytest -m slow``), so that every simulation test has one body and two sizes.
 * ``sim``: the Monte-Carlo / exact harness (Bernoulli paths monitored after every sample, exact dynamic programs,
-  rate assertions with binomial standard errors).
+  rate assertions with binomial standard errors, and an independent mpmath computation of the e-process's
+  rejection region, so that exact rates can be compared with an independent reference, not only with alpha).
 * ``record_rate``: every observed error rate is recorded and printed in the terminal summary (and as a junit
   property), so the numbers of a run can be quoted without ``-s``.
 """
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import mpmath as mp
 import numpy as np
 import pytest
 
@@ -93,6 +95,115 @@ def exact_ever_probability(fn, p: float, horizon: int) -> float:
     return absorbed
 
 
+def exact_ever_probability_boundary(boundary: np.ndarray, p: float) -> float:
+    """Exact P(exists t <= len(boundary): S_t >= boundary[t-1]) for a Bernoulli(p) walk (rejection region = up-set)."""
+    mass = np.array([1.0])
+    absorbed = 0.0
+    for t in range(1, len(boundary) + 1):
+        new = np.zeros(t + 1)
+        new[:-1] += mass * (1.0 - p)
+        new[1:] += mass * p
+        lo = int(boundary[t - 1])
+        absorbed += float(new[lo:].sum())
+        new[lo:] = 0.0
+        mass = new
+    return absorbed
+
+
+def mp_log_e(s: int, t: int, p0, alpha, components) -> mp.mpf:
+    """Exact (mpmath) log E_t(p0) - log(1/alpha) for the mixture sum_k w_k Beta(a_k, b_k) (``components`` = list of
+    (w, a, b)): log sum_k w_k B(a_k + S, b_k + F) / B(a_k, b_k) - S log p0 - F log(1 - p0) + log alpha.
+    Written from the definition (mp.beta), sharing no code with smoothing."""
+    f = t - s
+    p0 = mp.mpf(p0)
+    m = mp.fsum(mp.mpf(w) * mp.beta(mp.mpf(a) + s, mp.mpf(b) + f) / mp.beta(mp.mpf(a), mp.mpf(b))
+                for w, a, b in components if w > 0)
+    return mp.log(m) - s * mp.log(p0) - f * mp.log1p(-p0) + mp.log(mp.mpf(alpha))
+
+
+def mp_rejection_boundary(p0: float, alpha: float, components, horizon: int, dps: int = 30) -> np.ndarray:
+    """For t = 1..horizon, the smallest S in the exact rejection region {S >= p0 t and log E_t(p0) >= log(1/alpha)}
+    (t + 1 where it is empty), in mpmath. The region is an up-set in S: log E_t(p0) is convex in S (log-gamma terms
+    are convex, a log-sum-exp of convex functions is convex, the null terms are linear) and below log(1/alpha) at
+    S = ceil(p0 t) (the marginal likelihood never exceeds the maximized one, which is within a factor ~e^(1/t) of
+    the null's there), so a walk from the previous boundary finds the exact one."""
+    with mp.workdps(dps):
+        inside = lambda s, t: s >= p0 * t and mp_log_e(s, t, p0, alpha, components) >= 0  # noqa: E731
+        out = np.empty(horizon, dtype=np.int64)
+        c = 1
+        for t in range(1, horizon + 1):
+            lo = max(0, math.ceil(p0 * t - 1e-12))
+            c = min(max(c, lo), t + 1)
+            while c > lo and inside(c - 1, t):
+                c -= 1
+            while c <= t and not inside(c, t):
+                c += 1
+            out[t - 1] = c
+        return out
+
+
+def mp_rejection_boundary_at(p0: float, alpha: float, components, ts, dps: int = 30) -> dict[int, int]:
+    """{t: smallest S in the exact mpmath rejection region at t} for the given t's, by bisection over the up-set (see
+    :func:`mp_rejection_boundary`); t + 1 where the region is empty."""
+    out = {}
+    with mp.workdps(dps):
+        for t in (int(x) for x in ts):
+            lo, hi = max(0, math.ceil(p0 * t - 1e-12)), t + 1  # region is [answer, t]; hi = t + 1 means empty
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if mid >= p0 * t and mp_log_e(mid, t, p0, alpha, components) >= 0:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[t] = lo
+    return out
+
+
+def implementation_boundary(fn, horizon: int) -> np.ndarray:
+    """For t = 1..horizon, the smallest S with fn(S, t) True (t + 1 if none), checking that fn's set is an up-set."""
+    out = np.empty(horizon, dtype=np.int64)
+    for t in range(1, horizon + 1):
+        hit = np.asarray(fn(np.arange(t + 1), t), dtype=bool)
+        first = int(np.argmax(hit)) if hit.any() else t + 1
+        assert hit[first:].all(), f"rejection set at t={t} is not an up-set in S"
+        out[t - 1] = first
+    return out
+
+
+def exact_policy_violation(decide, bound, p: float, checkpoints, envelope=None) -> tuple[float, float, float]:
+    """Exact (P(stopped with bound(S, t) > p), P(stopped by the last checkpoint), P(stopped after ``envelope`` has
+    exceeded p at some checkpoint up to and including the stop)) for a policy evaluated at ``checkpoints`` on a
+    Bernoulli(p) walk: dynamic program over (S, crossed yet) with binomial steps between checkpoints. ``envelope``
+    (default ``bound``) is the confidence sequence: a certificate that IS the sequence at the stopping time can only be
+    wrong on paths where the sequence has crossed, so the first value can never exceed the third.
+    ``decide(S, t)``, ``bound(S, t)`` receive the array of all reachable S at checkpoint t."""
+    from scipy.stats import binom
+
+    envelope = bound if envelope is None else envelope
+    fresh, crossed, prev = np.array([1.0]), np.array([0.0]), 0
+    violated = stopped = crossed_stopped = 0.0
+    for c in (int(x) for x in checkpoints):
+        step = binom.pmf(np.arange(c - prev + 1), c - prev, p)
+        fresh, crossed, prev = np.convolve(fresh, step), np.convolve(crossed, step), c
+        s = np.arange(len(fresh))
+        over = np.asarray(envelope(s, np.full_like(s, c))) > p
+        crossed[over] += fresh[over]
+        fresh[over] = 0.0
+        stop = np.asarray(decide(s, np.full_like(s, c))) != 0
+        wrong = stop & (np.asarray(bound(s, np.full_like(s, c))) > p)
+        violated += float(fresh[wrong].sum() + crossed[wrong].sum())
+        stopped += float(fresh[stop].sum() + crossed[stop].sum())
+        crossed_stopped += float(crossed[stop].sum())
+        fresh[stop] = crossed[stop] = 0.0
+    return violated, stopped, crossed_stopped
+
+
+def exact_crossing(bound, p: float, checkpoints) -> float:
+    """Exact P(exists checkpoint t: bound(S_t, t) > p): the envelope of the violation rate of ANY stopping rule that
+    reports ``bound`` at one of these checkpoints (a valid certificate can never exceed it)."""
+    return exact_policy_violation(lambda s, t: np.asarray(bound(s, t)) > p, bound, p, checkpoints)[0]
+
+
 def assert_rate_at_most(rate: float, bound: float, runs: int, what: str) -> None:
     """rate <= bound + 3 binomial standard errors computed at the bound (the null-hypothesis rate)."""
     limit = bound + 3.0 * binomial_se(bound, runs)
@@ -105,6 +216,13 @@ def sim():
         ever_rate=ever_rate,
         tabulated=tabulated,
         exact_ever_probability=exact_ever_probability,
+        exact_ever_probability_boundary=exact_ever_probability_boundary,
+        mp_log_e=mp_log_e,
+        mp_rejection_boundary=mp_rejection_boundary,
+        mp_rejection_boundary_at=mp_rejection_boundary_at,
+        implementation_boundary=implementation_boundary,
+        exact_policy_violation=exact_policy_violation,
+        exact_crossing=exact_crossing,
         assert_rate_at_most=assert_rate_at_most,
         binomial_se=binomial_se,
     )

@@ -218,3 +218,48 @@ def test_valid_edge_arguments_are_accepted():
     assert sm.clopper_pearson_lower(np.int32(10), np.int64(10), 0.999) > 0.0
     assert sm.certify(np.array([3.0, 1.0]), np.array([100.0, 0.0]), 0.001, 0.25).certified
     assert sm.target_radius_decision(0, 0, target_radius=0.0, **POLICY) == sm.Stop.CONTINUE
+
+
+KT_WEIGHT_CALLS = {
+    "log_e_value": lambda w: sm.log_e_value(5, 10, 0.3, 2.0, 3.0, kt_weight=w),
+    "rejects": lambda w: sm.rejects(5, 10, 0.3, 0.01, 2.0, 3.0, kt_weight=w),
+    "lower_bound": lambda w: sm.lower_bound(5, 10, 0.01, 2.0, 3.0, kt_weight=w),
+    "upper_bound": lambda w: sm.upper_bound(5, 10, 0.01, 2.0, 3.0, kt_weight=w),
+    "certified_radius": lambda w: sm.certified_radius(5, 10, 0.01, 0.25, 2.0, 3.0, kt_weight=w),
+    "best_radius_decision": lambda w: sm.best_radius_decision(5, 10, kt_weight=w, **POLICY),
+    "target_radius_decision": lambda w: sm.target_radius_decision(5, 10, target_radius=0.1, kt_weight=w, **POLICY),
+    "planned_sample_size": lambda w: sm.planned_sample_size(2.0, 3.0, sigma=0.25, alpha=0.01, budget=100,
+                                                            kt_weight=w),
+}
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan, "half", None], ids=repr)
+@pytest.mark.parametrize("name", list(KT_WEIGHT_CALLS))
+def test_kt_weight_outside_unit_interval(name, bad):
+    with pytest.raises(ValueError, match=r"kt_weight must be a number in \[0, 1\]"):
+        KT_WEIGHT_CALLS[name](bad)
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: sm.best_radius_decision(5, 10, min_gain=-1e-4, **POLICY), r"min_gain must be a finite number >= 0"),
+    (lambda: sm.best_radius_decision(5, 10, min_gain=math.inf, **POLICY), r"min_gain must be a finite number >= 0"),
+    (lambda: sm.planned_sample_size(2.0, 3.0, sigma=0.25, alpha=0.01, budget=100, min_gain=-1.0),
+     r"min_gain must be a finite number >= 0"),
+    (lambda: sm.planned_sample_size(2.0, 3.0, sigma=0.25, alpha=0.01, budget=0), r"budget must be >= 1"),
+    (lambda: sm.planned_sample_size(0.0, 3.0, sigma=0.25, alpha=0.01, budget=100), r"Beta prior parameter a"),
+    (lambda: sm.planned_sample_size(2.0, 3.0, sigma=0.0, alpha=0.01, budget=100), r"sigma must be a finite number"),
+    (lambda: sm.planned_sample_size(2.0, 3.0, sigma=0.25, alpha=1.0, budget=100), r"alpha.*strictly between"),
+    (lambda: sm.fixed_n_certificate(11, 10, 0.01, 0.25), r"successes must not exceed trials"),
+    (lambda: sm.fixed_n_certificate(5, 10, 0.0, 0.25), r"alpha.*strictly between"),
+    (lambda: sm.fixed_n_certificate(5, 10, 0.01, -1.0), r"sigma must be a finite number"),
+], ids=["gain<0", "gain inf", "plan gain<0", "plan budget=0", "plan a=0", "plan sigma=0", "plan alpha=1",
+        "fixed s>t", "fixed alpha=0", "fixed sigma<0"])
+def test_new_route_bad_arguments(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def test_fixed_n_certificate_without_samples_abstains():
+    """A fixed-n job cut by its deadline before any sample: bound 0, radius 0 (abstain), no error."""
+    p_lower, radius = sm.fixed_n_certificate(0, 0, 0.01, 0.25)
+    assert p_lower == 0.0 and radius == 0.0

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis, derandomized) over the whole valid input domain of :mod:`smoothing`:
-t up to 1e7, a and b in [1e-3, 1e3], alpha in [1e-10, 0.5].
+t up to 1e7, a and b in [1e-3, 1e3], alpha in [1e-10, 0.5], the KT-mixture weight in {0, default, 1/2, 1}.
 
 Each property runs ~60 examples in the default suite and ~1500 in the slow one (same body).
 """
@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smoothing import (
+    DEFAULT_KT_WEIGHT,
     Stop,
     best_radius_decision,
     certified_radius,
@@ -31,6 +32,7 @@ fractions = st.floats(0.0, 1.0)
 alphas = st.floats(1e-10, 0.5)
 prior_params = st.floats(-3.0, 3.0).map(lambda x: float(10.0**x))
 sigmas = st.floats(0.01, 2.0)
+weights = st.sampled_from([0.0, DEFAULT_KT_WEIGHT, 0.5, 1.0])
 
 
 def run(size, test, *strategies):
@@ -50,49 +52,49 @@ def _successes(t, fracs):
 def test_bounds_monotone_in_successes(size):
     """For fixed t, L_t, U_t and the certified radius are non-decreasing in S_t (more hits never certify less)."""
 
-    def prop(t, fracs, alpha, a, b):
+    def prop(t, fracs, alpha, a, b, w):
         s = _successes(t, fracs)
-        L, U = lower_bound(s, t, alpha, a, b), upper_bound(s, t, alpha, a, b)
-        r = certified_radius(s, t, alpha, 0.25, a, b)
+        L, U = lower_bound(s, t, alpha, a, b, kt_weight=w), upper_bound(s, t, alpha, a, b, kt_weight=w)
+        r = certified_radius(s, t, alpha, 0.25, a, b, kt_weight=w)
         assert np.all(np.diff(L) >= 0), (s[1:][np.diff(L) < 0], t)
         assert np.all(np.diff(U) >= 0), (s[1:][np.diff(U) < 0], t)
         assert np.all(np.diff(r) >= 0), (s[1:][np.diff(r) < 0], t)
 
-    run(size, prop, trials, st.lists(fractions, min_size=1, max_size=20), alphas, prior_params, prior_params)
+    run(size, prop, trials, st.lists(fractions, min_size=1, max_size=20), alphas, prior_params, prior_params, weights)
 
 
 def test_bounds_bracket_the_hit_rate_and_are_finite(size):
     """0 <= L_t <= S_t/t <= U_t <= 1, L_t <= U_t, no NaN / inf anywhere (also in log_e_value and the radius)."""
 
-    def prop(t, frac, alpha, a, b, p0):
+    def prop(t, frac, alpha, a, b, p0, w):
         s = round(frac * t)
-        L, U = lower_bound(s, t, alpha, a, b), upper_bound(s, t, alpha, a, b)
+        L, U = lower_bound(s, t, alpha, a, b, kt_weight=w), upper_bound(s, t, alpha, a, b, kt_weight=w)
         assert np.isfinite(L) and np.isfinite(U)
         assert 0.0 <= L <= s / t <= U <= 1.0, (s, t, L, U)
         assert L <= U
-        r = certified_radius(s, t, alpha, 0.25, a, b)
+        r = certified_radius(s, t, alpha, 0.25, a, b, kt_weight=w)
         assert np.isfinite(r) and r >= 0 and (r > 0) == (L > 0.5 and L < 1.0)
-        assert np.isfinite(log_e_value(s, t, p0, a, b))
-        assert isinstance(rejects(s, t, p0, alpha, a, b), bool)
+        assert np.isfinite(log_e_value(s, t, p0, a, b, kt_weight=w))
+        assert isinstance(rejects(s, t, p0, alpha, a, b, kt_weight=w), bool)
 
-    run(size, prop, trials, fractions, alphas, prior_params, prior_params, st.floats(1e-6, 1 - 1e-6))
+    run(size, prop, trials, fractions, alphas, prior_params, prior_params, st.floats(1e-6, 1 - 1e-6), weights)
 
 
 def test_rejects_and_lower_bound_agree(size):
     """rejects(S, t, p0) is True exactly for p0 at or below L_t (up to a 1e-9 relative band around L_t):
     the confidence sequence is the inversion of the e-process test."""
 
-    def prop(t, frac, alpha, a, b, rel):
+    def prop(t, frac, alpha, a, b, rel, w):
         s = round(frac * t)
-        L = lower_bound(s, t, alpha, a, b)
+        L = lower_bound(s, t, alpha, a, b, kt_weight=w)
         if L <= 1e-290:
             return
         p0 = L * rel
         if abs(rel - 1.0) > 1e-9 and p0 < 1.0:
-            assert rejects(s, t, p0, alpha, a, b) == (p0 < L), (s, t, alpha, a, b, L, p0)
-        assert rejects(s, t, L, alpha, a, b), (s, t, alpha, a, b, L)
+            assert rejects(s, t, p0, alpha, a, b, kt_weight=w) == (p0 < L), (s, t, alpha, a, b, w, L, p0)
+        assert rejects(s, t, L, alpha, a, b, kt_weight=w), (s, t, alpha, a, b, w, L)
 
-    run(size, prop, trials, fractions, alphas, prior_params, prior_params, st.floats(0.5, 1.5))
+    run(size, prop, trials, fractions, alphas, prior_params, prior_params, st.floats(0.5, 1.5), weights)
 
 
 def test_radius_monotone_in_lower_bound(size):
@@ -113,17 +115,20 @@ def test_vectorized_equals_scalar(size):
     the Newton loop and its back-off run until ALL jobs of the batch are done, so a job's last digits depend on its
     batch-mates: differences of 2e-12 relative were seen, e.g. S=273, t=1387, alpha=0.4377, a=40.15, b=42.17.)"""
 
-    def prop(ts, fracs, alpha, a, b):
+    def prop(ts, fracs, alpha, a, b, w):
         t = np.array(ts)
         s = np.array([round(f * x) for f, x in zip(fracs, ts)])
-        L = lower_bound(s, t, alpha, a, b)
-        U = upper_bound(s, t, alpha, a, b)
+        a, b = np.array(a), np.array(b)  # a different prior per job, as the worker's meta priors
+        L = lower_bound(s, t, alpha, a, b, kt_weight=w)
+        U = upper_bound(s, t, alpha, a, b, kt_weight=w)
         for i in range(len(t)):
-            assert L[i] == pytest.approx(lower_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-9, abs=0)
-            assert U[i] == pytest.approx(upper_bound(int(s[i]), int(t[i]), alpha, a, b), rel=1e-9, abs=0)
+            one = (int(s[i]), int(t[i]), alpha, a[i], b[i])
+            assert L[i] == pytest.approx(lower_bound(*one, kt_weight=w), rel=1e-9, abs=0)
+            assert U[i] == pytest.approx(upper_bound(*one, kt_weight=w), rel=1e-9, abs=0)
 
-    run(size, prop, st.lists(trials, min_size=5, max_size=5), st.lists(fractions, min_size=5, max_size=5),
-        alphas, prior_params, prior_params)
+    five = {"min_size": 5, "max_size": 5}
+    run(size, prop, st.lists(trials, **five), st.lists(fractions, **five), alphas, st.lists(prior_params, **five),
+        st.lists(prior_params, **five), weights)
 
 
 TARGET_CODES = {Stop.CONTINUE, Stop.TARGET, Stop.FUTILITY, Stop.BUDGET}
@@ -131,8 +136,8 @@ BEST_CODES = {Stop.CONTINUE, Stop.CERTIFIED, Stop.FUTILITY, Stop.BUDGET}
 
 
 def test_stopping_policies_return_valid_codes(size):
-    """Both policies return only their documented codes (scalar: a Stop; batched: int codes), never DEADLINE or
-    CANCELLED, and TARGET / CERTIFIED only where the current bound certifies a positive radius."""
+    """Both policies return only their documented codes (scalar: a Stop; batched: int codes), and TARGET /
+    CERTIFIED only where the current bound certifies a positive radius."""
 
     def prop(t, frac, alpha, a, b, sigma, radius_in_sigmas, budget):
         s = round(frac * t)

@@ -3,8 +3,8 @@
 * Clopper-Pearson vs ``scipy.stats.beta.ppf`` and ``statsmodels.proportion_confint(method="beta")`` (rtol 1e-10),
   rounded in the conservative direction.
 * ``certify`` vs the reference semantics of locuslab/smoothing ``core.py`` (/work/shared/anchors.md): argmax selection,
-  nA from the estimation counts, statsmodels CP bound at alpha=2*alpha, abstain when p_lower < 1/2,
-  radius sigma * norm.ppf(p_lower).
+  nA from the estimation counts, statsmodels CP bound at alpha=2*alpha, abstain when p_lower < 1/2 (ours: <= 1/2,
+  see ``test_certify_abstains_when_the_bound_is_exactly_one_half``), radius sigma * norm.ppf(p_lower).
 * ``predict`` vs the reference: top-2 counts, ``scipy.stats.binomtest(nA, nA+nB, 0.5).pvalue > alpha`` -> abstain.
 * Radius conversions vs ``scipy.stats.norm``; conformal rank vs exact rational arithmetic.
 * The reference points of design.md ("Statistics") and anchors.md, within +-0.01.
@@ -99,11 +99,12 @@ def test_clopper_pearson_scalar_and_vector_agree():
 
 
 def reference_certify(sel, est, alpha, sigma):
-    """locuslab/smoothing core.py CERTIFY given the two count vectors (anchors.md)."""
+    """locuslab/smoothing core.py CERTIFY given the two count vectors (anchors.md), with the abstain rule made strict
+    (p_lower <= 1/2; the reference has < 1/2, which differs only where the bound is exactly 1/2)."""
     c_a = int(sel.argmax())
     n_a, n = int(est[c_a]), int(est.sum())
     p_a_bar = proportion_confint(n_a, n, alpha=2 * alpha, method="beta")[0]
-    if p_a_bar < 0.5:
+    if p_a_bar <= 0.5:
         return ABSTAIN, 0.0, p_a_bar
     return c_a, sigma * norm.ppf(p_a_bar), p_a_bar
 
@@ -132,6 +133,20 @@ def test_certify_parity_with_reference(alpha, sigma):
         one = certify(sel[i], est[i], alpha, sigma)
         assert (one.class_index, one.radius) == (cert.class_index[i], cert.radius[i])
     assert 50 < n_certified < rows - 50, "the sample must contain both certified and abstaining rows"
+
+
+def test_certify_abstains_when_the_bound_is_exactly_one_half():
+    """p_lower == 1/2 only says pA >= 1/2: a tie pA = pB = 1/2 is not excluded, so the class is not certified even at
+    radius 0 (abstain), as on the sequential path (L_t > 1/2). alpha = 0.5000000000005 makes the bound of 1 hit in 1
+    trial exactly 0.5 after the conservative rounding. Run against the bug once (2026-12-04): with the reference's
+    rule (abstain only when p_lower < 1/2) it failed (class 0 certified at radius 0.0)."""
+    alpha = 0.5000000000005
+    assert clopper_pearson_lower(1, 1, alpha) == 0.5
+    cert = certify(np.array([1, 0]), np.array([1, 0]), alpha, 0.25)
+    assert cert.p_lower == 0.5
+    assert cert.class_index == ABSTAIN and not cert.certified and cert.radius == 0.0
+    above = certify(np.array([1, 0]), np.array([1, 0]), np.nextafter(alpha, 1.0), 0.25)
+    assert above.p_lower > 0.5 and above.certified and above.class_index == 0  # just above 1/2: certified
 
 
 def test_certify_selection_is_independent_of_estimation_argmax():

@@ -1,0 +1,125 @@
+"""The clean-class fixed-n route: class from the clean image, n fixed before sampling, one Clopper-Pearson bound.
+
+For callers who want a radius and no target, a single fixed-n Clopper-Pearson (CP) bound is tighter than an
+anytime-valid one (no price for monitoring) and, unlike Cohen et al.'s CERTIFY, spends no selection samples: the
+tested class c comes from the clean image's forward pass. The number of samples n may differ per input, as long as it
+is a function of the clean input only: :func:`planned_sample_size` chooses it from the clean-image prior (the
+meta-learner's Beta(a, b), mixed with KT) so that every input spends samples where they buy radius.
+
+Why it is valid (per input, at level alpha). Let X_1, X_2, ... = 1{f(x + e_i) = c} with e_i i.i.d. N(0, sigma^2 I).
+c and n are functions of x alone, so they are independent of the e_i and S_n ~ Binomial(n, pA(c)) exactly; the CP
+bound then satisfies P(CP(S_n, n) > pA) <= alpha. Deadline truncation by a clock-only rule stays valid: if the job is
+cut at N' = min(n, samples drawn before the deadline), N' depends on the clock and on the engine's scheduling (other
+jobs, batch sizes), never on this job's outcomes X_i, so N' is independent of (X_i); given N' = m the first m
+outcomes are still i.i.d. Bernoulli(pA) and P(CP(S_N', N') > pA) = sum_m P(N' = m) P(CP(S_m, m) > pA) <= alpha.
+What would break it: any rule that looks at this job's hits to decide when to stop (a target, futility, "stop once
+the bound is good") - for those, use the e-process (:mod:`smoothing.stopping`), which is valid at any stopping time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy.special import betaln, gammaln
+
+from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
+from smoothing.cohen import clopper_pearson_lower
+from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
+from smoothing.radius import radius_from_probability
+
+#: Lambda of :func:`planned_sample_size` (expected radius per sample at the margin): the largest lambda whose mean
+#: radius on held-out dev streams (the bundle's calibration split, never the test set) is >= the previous sequential
+#: default's + 0.005; docs/smoothing-benchmark.md, section 3 (``python -m bench.smoothing_bench --full``).
+DEFAULT_PLAN_GAIN = 8e-5
+#: Candidate sample sizes: geometric from MIN_PLANNED with growth 1.1 (rounded), up to the budget.
+MIN_PLANNED = 64
+_PLAN_GROWTH = 1.1
+
+
+def fixed_n_certificate(successes, trials, alpha, sigma):
+    """(p_lower, radius) of the clean-class fixed-n route: one-sided (1 - alpha) CP bound of S hits in n trials.
+
+    Guarantee (per input, at level alpha): if the tested class c and the planned n were fixed from the clean input
+    before sampling, and sampling was stopped only at n or by a clock-only deadline (see the module docstring), then
+    P(p_lower > pA(c)) <= alpha, so with probability >= 1 - alpha the smoothed classifier returns c within the radius.
+    radius = sigma Phi^-1(p_lower), 0 (abstain) where p_lower <= 1/2 (strict, as everywhere in smoothing).
+    Rounded down. Vectorized. Where trials == 0 (cut before any sample) the bound is 0: abstain.
+    """
+    s, t = check_counts(successes, trials)
+    check_sigma(sigma)
+    p_lower = np.where(t > 0, clopper_pearson_lower(s, np.maximum(t, 1), alpha), 0.0)
+    radius = radius_from_probability(p_lower, sigma)
+    return (p_lower if p_lower.ndim else float(p_lower)), radius
+
+
+def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, min_gain=DEFAULT_PLAN_GAIN,
+                        kt_weight=DEFAULT_KT_WEIGHT):
+    """Sample size n per input for :func:`fixed_n_certificate`, from its clean-image prior only.
+
+    n maximizes E[r_CP(S_n, n)] - min_gain * n over the candidates (geometric from 64, growth 1.1, capped at
+    ``budget``), where S_n follows the prior predictive of the mixture (1 - kt_weight) Beta(a, b) + kt_weight KT
+    (a beta-binomial mixture) and r_CP is the certified radius of the CP bound. Stopping each input where its
+    expected marginal radius per sample falls to a common lambda maximizes the expected mean radius for the mean
+    number of samples spent. A wrong prior misallocates samples but cannot make a certificate invalid: n depends on
+    the clean input only. Vectorized over (a, b); returns int64 (scalar for scalar input).
+    """
+    a, b = check_prior(a, b)
+    check_sigma(sigma)
+    alpha_f = float(check_alpha(alpha))
+    budget = int(check_nonneg_int(budget, "budget"))
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget!r}")
+    if not (np.isfinite(min_gain) and min_gain >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
+    w = check_kt_weight(kt_weight)
+    a, b = np.broadcast_arrays(a, b)
+    flat_a, flat_b = a.ravel(), b.ravel()
+    best = np.full(flat_a.shape, -np.inf)
+    choice = np.zeros(flat_a.shape, dtype=np.int64)
+    candidates = _candidates(budget)
+    # pruning: no expected radius at m can exceed the all-hits radius sigma Phi^-1(alpha^(1/m)), so once that bound
+    # minus lambda m is below every input's best objective for all remaining m, no later candidate can win
+    ceiling = np.asarray(radius_from_probability(alpha_f ** (1.0 / np.asarray(candidates, np.float64)), sigma))
+    reachable = np.maximum.accumulate((ceiling - min_gain * np.asarray(candidates))[::-1])[::-1]
+    for j, n in enumerate(candidates):
+        if reachable[j] < best.min():
+            break
+        gain = expected_radius(flat_a, flat_b, n, float(sigma), alpha_f, w) - min_gain * n
+        better = gain > best
+        best[better], choice[better] = gain[better], n
+    out = choice.reshape(a.shape)
+    return out if out.ndim else int(out)
+
+
+def expected_radius(a, b, n: int, sigma: float, alpha: float, kt_weight: float) -> np.ndarray:
+    """E[r_CP(S, n)] for S ~ (1 - w) BetaBinomial(n, a, b) + w BetaBinomial(n, 1/2, 1/2); a, b 1-d arrays."""
+    k, radius = _cp_radius_table(n, sigma, alpha)
+    if not len(k):
+        return np.zeros(len(a))
+    log_choose = gammaln(n + 1.0) - gammaln(k + 1.0) - gammaln(n - k + 1.0)
+
+    def predictive(pa, pb):
+        pa, pb = np.asarray(pa, np.float64)[:, None], np.asarray(pb, np.float64)[:, None]
+        return np.exp(log_choose + betaln(k + pa, n - k + pb) - betaln(pa, pb)) @ radius
+
+    own = predictive(a, b)
+    if kt_weight == 0.0:
+        return own
+    return (1.0 - kt_weight) * own + kt_weight * predictive([KT_PRIOR[0]], [KT_PRIOR[1]])
+
+
+@lru_cache(maxsize=512)
+def _cp_radius_table(n: int, sigma: float, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(hit counts k with a positive CP radius, their radii) for n trials; cached per (n, sigma, alpha)."""
+    k = np.arange(n + 1)
+    radius = np.asarray(radius_from_probability(clopper_pearson_lower(k, n, alpha), sigma))
+    keep = radius > 0
+    return k[keep].astype(np.float64), radius[keep]
+
+
+def _candidates(budget: int) -> list[int]:
+    out = [min(MIN_PLANNED, budget)]
+    while out[-1] < budget:
+        out.append(min(budget, max(out[-1] + 1, int(np.ceil(out[-1] * _PLAN_GROWTH)))))
+    return out
