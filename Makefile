@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0  # the CPU build; a bare `torch` requirement would pull CUDA wheels
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps 'onnx2torch>=1.5.15'  # torch GPU backend's converter; no torchvision (models/torch_backend.py)
 	touch $@
 
 run: setup

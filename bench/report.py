@@ -58,6 +58,11 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
             measured = (f"{d['mean_samples']:.1f} samples/request over {d['images']} images ({mix}); "
                         f"cert. acc {d['cert_acc']:.3f}")
             rows.append(["(d) auto mode", measured, f"<= {TARGET_AUTO_SAMPLES:g} samples/request", d["verdict"], when])
+        elif base == "engine":
+            r = d["at512"]
+            rows.append(["(g) engine ceiling, null sampler", f"512 sequential jobs: {r['samples_per_s'] / 1e6:.2f} M "
+                         f"samples/s, bookkeeping {r['bookkeeping_ms']:.2f} ms/step ({r.get('cpu_ms', 0):.2f} ms CPU)",
+                         ">= 20 M samples/s, <= 0.8 ms/step", d["verdict"], when])
         elif base == "coldstart":
             al = d.get("after_load") or {}
             rss = f"; RSS idle {d['idle_rss_mib'][0]:.0f} MiB" + (f", after load {al.get('VmRSS', 0):.0f} MiB "

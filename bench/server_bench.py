@@ -17,6 +17,8 @@ its own part of the report; every section records the exact command, date, machi
 ``auto``      (d) N test images through the real server in auto mode at the default alpha: base-model evaluations
               per request, method mix, fallback reasons, certified accuracy.
 ``coldstart`` (e) process spawn of ``certserve serve`` -> GET /readyz 200, and RSS (VmRSS, VmHWM) idle and after load.
+``engine``    (g) the engine's own ceiling with a null sampler (labels from a precomputed table, no model): samples/s
+              and bookkeeping per step at 64 / 512 / 2,048 live jobs, 16,384-sample batches (``bench.engine_bench``).
 
 Run as ``certserve bench server [--only worker,http,...] [--full]`` or ``python -m bench.server_bench``. With
 ``--sampler model.pt --device cuda`` the worker and certs sections use a TorchScript base model on the GPU, e.g.
@@ -45,6 +47,7 @@ from pathlib import Path
 from bench.auto_mode import bench_auto
 from bench.cert_rate import bench_certs
 from bench.cold_start import bench_coldstart
+from bench.engine_bench import bench_engine
 from bench.http_load import bench_http
 from bench.machine import CpuMeter, code_version, combine_loads, describe_load, machine_description
 from bench.report import PENDING_TOTAL, command_line, read_sections, section_text, summary_table, write_report
@@ -120,6 +123,8 @@ def run(args) -> int:
             record(bench_worker)
         if "certs" in only:
             record(bench_certs)
+        if "engine" in only:
+            record(bench_engine)
         served = [s for s in ("http", "auto", "coldstart") if s in only]
         if served:
             spawn_meter = CpuMeter()

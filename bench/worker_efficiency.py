@@ -26,9 +26,10 @@ class _Recorder:
 
 
 def _gated(sampler):
-    """A SamplingEngine that logs each call's chunk sizes and can park the engine thread at the start of its next
-    model call (``pause()`` returns once parked; ``resume()``), so the raw model can be timed in the same
-    process between slices of worker time. Parked intervals are logged and excluded from the worker's time."""
+    """A SamplingEngine that logs each launch's chunk sizes and can park the engine thread at its next launch
+    (``pause()`` returns once it is parked AND every batch it launched has finished, so the model is idle;
+    ``resume()``), so the raw model can be timed in the same process between slices of worker time. Parked
+    intervals are logged and excluded from the worker's time."""
     from models.sampling import SamplingEngine
 
     class Gated(SamplingEngine):
@@ -37,23 +38,23 @@ def _gated(sampler):
                              batch_size=sampler.batch_size)
             self.sizes_log: list[np.ndarray] = []
             self.parked_log: list[tuple[float, float]] = []
-            self.model_log: list[tuple[float, float]] = []  # (end, seconds) of each model call, parking excluded
+            self._launched: list = []
             self._gate = threading.Event()
             self._gate.set()
             self._parked = threading.Event()
-            self._closed = False
 
-        def count_chunks(self, images, sizes, rng):
+        def launch(self, images, sizes, rng):
             if not self._gate.is_set():
                 t = time.perf_counter()
+                for pending in self._launched:  # the model finishes what is in flight; nothing new starts
+                    pending.wait()
                 self._parked.set()
                 self._gate.wait()
                 self.parked_log.append((t, time.perf_counter()))
             self.sizes_log.append(np.array(sizes, dtype=np.int64))
-            t = time.perf_counter()
-            out = super().count_chunks(images, sizes, rng)
-            self.model_log.append((time.perf_counter(), time.perf_counter() - t))
-            return out
+            pending = super().launch(images, sizes, rng)
+            self._launched = [p for p in self._launched if not p.done()] + [pending]
+            return pending
 
         def pause(self) -> float:
             self._parked.clear()
@@ -110,9 +111,9 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
         submit_one()
     time.sleep(warm)
     t_start = gated.pause()
-    n_batches0, n_sizes0, n_model0 = len(rec.batches), len(gated.sizes_log), len(gated.model_log)
+    n_batches0, n_sizes0 = len(rec.batches), len(gated.sizes_log)
     for _ in range(cycles):
-        b0, s0, g0 = len(rec.batches), len(gated.sizes_log), len(gated.model_log)
+        b0, s0 = len(rec.batches), len(gated.sizes_log)
         t_resumed = gated.resume()
         time.sleep(w_slice)
         t_parked = gated.pause()
@@ -123,7 +124,7 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
         mean_b = sum(b[1] for b in since) / len(since)
         mean_j = sum(b[2] for b in since) / len(since)
         m = raw_rate(sampler, images, [split_sizes(round(mean_b), round(mean_j))], r_slice, rng)
-        model = sum(sec for _, sec in gated.model_log[g0:])
+        model = sum(b[3] for b in sl)
         sizes = gated.sizes_log[s0:]
         stride = max(1, math.ceil(model / (r_slice / 2))) if model > 0 else 1
         r = raw_rate(sampler, images, sizes[::stride], 0.0, rng, cycle=False) if sizes else (0, 0.0)
@@ -140,7 +141,7 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
     parked = sum(min(b, t_end) - max(a, t_start) for a, b in gated.parked_log if b > t_start and a < t_end)
     active = (t_end - t_start) - parked
     certs = [s for t, s in finished if t_start < t <= t_end]
-    model = sum(sec for t, sec in gated.model_log[n_model0:] if t <= t_end)
+    model = sum(b[3] for b in batches)
     return {"samples": sum(b[1] for b in batches), "active": active, "batches": len(batches),
             "jobs": sum(b[2] for b in batches), "model": model, "certs": len(certs),
             "cert_samples": sum(certs), "raw": raw, "sizes_logged": len(gated.sizes_log) - n_sizes0,

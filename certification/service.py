@@ -40,9 +40,11 @@ class CertificationService:
         self.base = bundle.backend("base", threads=1, device="cpu")
         self.surrogate = bundle.backend("surrogate", threads=1, device="cpu") if bundle.path("surrogate") else None
         self.meta = bundle.backend("meta", threads=1, device="cpu") if bundle.path("meta") else None
-        sampler = bundle.backend("base", threads=config.threads or None, device=config.device)
+        sampler = bundle.backend("base", threads=config.threads or None, device=config.device,
+                                 nice=config.sampler_nice)
         sampling = SamplingEngine(sampler, sigma=m.sigma, num_classes=len(self.classes),
-                                  batch_size=config.batch_size or default_batch_size(sampler.device))
+                                  batch_size=config.batch_size or default_batch_size(sampler.device),
+                                  runner_nice=config.sampler_nice)
         self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
         self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256)
         # input hashes, signature, audit record of every certificate

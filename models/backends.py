@@ -1,4 +1,5 @@
-"""Inference backends: onnxruntime (CUDA provider when present, CPU otherwise) and TorchScript on a GPU.
+"""Inference backends: onnxruntime (CUDA provider when present, CPU otherwise) and PyTorch (:mod:`models.torch_backend`:
+the ONNX graph converted by onnx2torch, or TorchScript) on a GPU. :func:`onnx_backend` picks the best for a device.
 
 A backend does two things: ``forward`` (clean logits for a batch) and ``noisy_predictions`` (arg-max classes of
 ``x_j + N(0, sigma^2 I)`` for a batch assembled from several images, noise drawn where the model runs). The noise
@@ -18,7 +19,10 @@ class OnnxBackend:
     """onnxruntime session over an ONNX classifier with input (N, C, H, W) float32 pixels in [0, 1]."""
 
     def __init__(self, path: str | os.PathLike | bytes, *, threads: int | None = None, device: str = "auto",
-                 noise_sigma: float | None = None, noise_in_graph: bool | None = None, seed: int | None = None):
+                 noise_sigma: float | None = None, noise_in_graph: bool | None = None, seed: int | None = None,
+                 nice: int = 0):
+        """``nice`` > 0: the session's intra-op threads run at that lower priority (they are created by a thread
+        that lowered its own; Linux threads inherit it), so the request path keeps the CPU when both want it."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -29,9 +33,10 @@ class OnnxBackend:
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         if device == "cuda" and not want_cuda:
             raise RuntimeError("device='cuda' requested but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
-        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        # use_tf32=0: the certificate is about the bundle's fp32 model, not a lower-precision twin
+        providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] if want_cuda else []) + ["CPUExecutionProvider"]
         source = str(path) if isinstance(path, (str, os.PathLike)) else path
-        self.session = ort.InferenceSession(source, opts, providers=providers)
+        self.session = in_thread_with_nice(lambda: ort.InferenceSession(source, opts, providers=providers), nice)
         self.device = "cuda" if want_cuda else "cpu"
         self.name = f"onnxruntime-{self.device}"
         inp = self.session.get_inputs()[0]
@@ -47,7 +52,8 @@ class OnnxBackend:
             if noise_sigma is None:
                 raise ValueError("noise_sigma is required to draw the noise inside the graph")
             model = noisy_argmax_model(source, noise_sigma, seed=seed)
-            self._noisy_session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+            self._noisy_session = in_thread_with_nice(
+                lambda: ort.InferenceSession(model.SerializeToString(), opts, providers=providers), nice)
             self._noise_sigma = float(noise_sigma)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -68,35 +74,6 @@ class OnnxBackend:
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
         batch += rng.standard_normal(batch.shape, dtype=np.float32) * np.float32(sigma)
         return self.forward(batch).argmax(axis=1)
-
-
-class TorchScriptBackend:
-    """A TorchScript classifier on CUDA (or CPU); noise is generated on the device with torch's generator."""
-
-    def __init__(self, path: str | os.PathLike, *, device: str = "auto"):
-        import torch
-
-        self.torch = torch
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.name = f"torch-{device}"
-        self.module = torch.jit.load(str(path), map_location=device).eval()
-        self.num_outputs = None
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.module(self.torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)).float().cpu().numpy()
-
-    def noisy_predictions(self, images: np.ndarray, repeats: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-        torch = self.torch
-        gen = torch.Generator(device=self.device).manual_seed(int(rng.integers(0, 2**63 - 1)))
-        with torch.inference_mode():
-            x = torch.as_tensor(np.asarray(images, dtype=np.float32), device=self.device)
-            idx = torch.as_tensor(np.repeat(np.arange(len(images)), repeats), device=self.device)
-            batch = x[idx]
-            batch += torch.randn(batch.shape, generator=gen, device=self.device) * sigma
-            return self.module(batch).argmax(dim=1).cpu().numpy()
 
 
 def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
@@ -138,11 +115,87 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     return model
 
 
+def onnx_backend(path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+                 noise_sigma: float | None = None, seed: int | None = None, nice: int = 0):
+    """The best backend for the ONNX model ``path`` on ``device``.
+
+    ``cpu``: onnxruntime on the CPU. ``cuda``: onnxruntime's CUDA provider when onnxruntime-gpu is installed (noise
+    drawn in the graph), else PyTorch on CUDA (:class:`models.torch_backend.TorchBackend`, the graph converted by
+    onnx2torch; noise, arg-max and per-chunk counts on the device); an error if neither can run. ``auto``: ``cuda``
+    where a GPU is usable, else ``cpu``; torch is imported only when an NVIDIA driver is present."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device != "cpu" and _ort_has_cuda():
+        return OnnxBackend(path, threads=threads, device="cuda", noise_sigma=noise_sigma, seed=seed, nice=nice)
+    if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
+        reason = _torch_cuda_missing()
+        if reason is None:
+            from models.torch_backend import TorchBackend
+
+            return TorchBackend.from_onnx(path, device="cuda")
+        if device == "cuda":
+            raise RuntimeError(f"device='cuda' requested, but onnxruntime has no CUDAExecutionProvider (install "
+                               f"onnxruntime-gpu) and PyTorch cannot run it either ({reason})")
+    return OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed, nice=nice)
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _torch_cuda_missing() -> str | None:
+    """None when torch (with onnx2torch) can run on a CUDA device, else why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch.cuda.is_available() is False"
+    import importlib.util
+
+    return None if importlib.util.find_spec("onnx2torch") else "onnx2torch is not installed"
+
+
+def in_thread_with_nice(make, nice: int):
+    """``make()``, called in a short-lived thread whose nice value is raised by ``nice`` when ``nice`` > 0 (threads
+    created inside it, such as onnxruntime's pool, inherit it); called directly otherwise."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return make()
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass
+        try:
+            box["value"] = make()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="certserve-session-init")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def load_backend(path: str | os.PathLike, *, device: str = "auto", threads: int | None = None):
-    """Backend for ``path``: ``.onnx`` -> onnxruntime, ``.pt``/``.ts`` (TorchScript) -> torch."""
+    """Backend for ``path``: ``.onnx`` -> :func:`onnx_backend`, ``.pt``/``.ts`` (TorchScript) -> torch."""
     suffix = Path(path).suffix.lower()
     if suffix == ".onnx":
-        return OnnxBackend(path, threads=threads, device=device)
+        return onnx_backend(path, threads=threads, device=device)
     if suffix in (".pt", ".ts"):
-        return TorchScriptBackend(path, device=device)
+        from models.torch_backend import TorchBackend
+
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return TorchBackend.from_torchscript(path, device=device)
     raise ValueError(f"unknown model format {suffix!r} for {path}: expected .onnx (onnxruntime) or .pt (TorchScript)")

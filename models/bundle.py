@@ -112,14 +112,16 @@ class Bundle:
         return self.manifest.artifacts["base"].sha256
 
     def backend(self, role: str = "base", **kwargs):
-        from models.backends import OnnxBackend
+        from models.backends import OnnxBackend, onnx_backend
 
         path = self.path(role)
         if path is None:
             raise BundleError(f"bundle {self.manifest.name!r} has no {role} model")
         if role == "base":
             kwargs.setdefault("noise_sigma", self.manifest.sigma)
-        return OnnxBackend(path, **kwargs)
+        if kwargs.get("device", "auto") == "cpu" or "noise_in_graph" in kwargs:
+            return OnnxBackend(path, **kwargs)
+        return onnx_backend(path, **kwargs)  # auto / cuda: onnxruntime-gpu, else PyTorch on the GPU
 
 
 def sha256_file(path: Path) -> str:

@@ -1,44 +1,49 @@
 """The batching engine: one per process (per replica) batches the noise samples of every live job into shared model calls.
 
-No HTTP here (the certification service, the benchmarks and the tests drive it directly). Each step it
-1. admits new jobs and drops cancelled or finished ones,
-2. fills ONE batch of up to ``batch_size`` noisy inputs with chunks from many jobs, earliest deadline first (every
-   job has a deadline, so an old job always reaches the front: no starvation); a sequential job asks for the samples
-   up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a fixed-n job for its remaining n0 or n,
-3. runs the model once through :class:`models.sampling.SamplingEngine` (noise drawn where the model runs),
-4. adds the per-job counts, evaluates the stopping policy of every job that reached a checkpoint in one vectorized
-   call, and resolves the futures of finished jobs (``concurrent.futures.Future``: thread-safe, and awaitable from
-   asyncio through ``asyncio.wrap_future``).
+No HTTP here (the certification service, the benchmarks and the tests drive it directly). The engine thread runs a
+pipeline of ``depth`` batches (default 2: double buffering). Each turn it
+1. admits new jobs into the job table (:mod:`models.jobs`: all job state as arrays) and frees finished ones,
+2. fills the next batch of up to ``batch_size`` noisy inputs with chunks from many jobs, earliest deadline first
+   (no starvation: every job has a deadline), from what each job still wants *given what is in flight*: a sequential
+   job the samples up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a fixed-n job its remaining
+   n0 or n; spare capacity lets best-radius jobs run one checkpoint ahead of their pending decision
+   (:meth:`models.jobs.JobTable.speculative`); and launches it (:meth:`models.sampling.SamplingEngine.launch`:
+   asynchronous), so the next model call never waits for the current batch's bookkeeping,
+3. takes the OLDEST batch in flight, adds its per-job counts (one vectorized update), evaluates the policy of every
+   job at a checkpoint in one call per policy and the certificates of all finished jobs in one call
+   (:mod:`models.decisions`), and resolves their futures (thread-safe; awaitable via ``asyncio.wrap_future``).
 The engine is the one owner of deadlines: a watcher thread answers each job at its deadline with the certificate of
-the samples counted so far, even while a batch that includes the job is still running.
+the samples counted so far (batches that have landed only), even while a batch that includes the job is running.
 
 Statistics: a sequential job tests X_t = 1{f(x + e_t) = c} with c and the Beta prior fixed by the caller from the
 clean input before the job is submitted; e_t are i.i.d. across all samples. Its certificate is the confidence-sequence
 bound at the stopping time, valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown).
 A fixed-n job bounds the hit rate of a class fixed before its estimation samples with a one-sided Clopper-Pearson
-bound: ``cohen`` selects the class from n0 separate samples (Cohen et al. 2019), ``fixed`` takes the caller's class
-from the clean input. The number of estimation samples is n, or fewer when the deadline or a shutdown cuts it; that
-cut depends on the clock only, never on the outcomes, so the samples counted are a fixed-size i.i.d. sample given the
-cut and the Clopper-Pearson bound stays valid for them.
+bound: ``cohen`` selects the class from n0 separate samples (Cohen et al. 2019; its estimation samples may be drawn
+while the selection batch is still in flight: they are independent of it, and the class is read from the selection
+counts only), ``fixed`` takes the caller's class from the clean input. The number of estimation samples is n, or
+fewer when the deadline or a shutdown cuts it; that cut depends on the clock only, never on the outcomes, so the
+samples counted are a fixed-size i.i.d. sample given the cut and the Clopper-Pearson bound stays valid for them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from models.decisions import STOP_NAMES, certificates, policy_decisions
+from models.jobs import KINDS, SEQUENTIAL, Batch, JobTable
 from models.sampling import SamplingEngine
-from smoothing import (KT_PRIOR, Stop, best_radius_decision, checkpoint_schedule, clopper_pearson_lower, lower_bound,
-                       radius_from_probability, target_radius_decision)
-
-_STOP_NAMES = {Stop.TARGET: "target", Stop.CERTIFIED: "certified", Stop.FUTILITY: "futility", Stop.BUDGET: "budget"}
+from smoothing import KT_PRIOR, Stop, checkpoint_schedule
 
 
 class QueueFull(RuntimeError):
@@ -81,21 +86,9 @@ class _Job:
     future: concurrent.futures.Future
     submitted: float
     order: int
-    checkpoints: np.ndarray | None = None
-    next_checkpoint: int = 0
-    hits: int = 0  # hits of the tested (sequential, fixed) or selected (cohen, after selection) class
-    trials: int = 0
-    selection: np.ndarray | None = None  # cohen phase-1 class counts
-    selected: int = -1  # the class whose hits are counted; -1 while a cohen job is still selecting
+    slot: int = -1  # its slot in the job table once admitted
     started: float | None = None
-
-    def wanted(self) -> int:
-        spec = self.spec
-        if spec.kind == "sequential":
-            return int(self.checkpoints[self.next_checkpoint]) - self.trials
-        if self.selected < 0:
-            return spec.n0 - int(self.selection.sum())
-        return spec.budget - self.trials
+    finished: bool = False  # set under the state lock by whoever answers it (engine thread or deadline watcher)
 
 
 class EngineObserver:
@@ -110,16 +103,19 @@ class SequentialEngine:
     """Batches the noise samples of all live jobs into shared model calls on one backend (see module docstring)."""
 
     def __init__(self, sampler: SamplingEngine, *, max_live_jobs: int = 512, seed: int | None = None,
-                 observer: EngineObserver | None = None):
+                 observer: EngineObserver | None = None, depth: int = 2, speculate: bool = True):
         self.sampler = sampler
         self.sigma = sampler.sigma
         self.max_live_jobs = int(max_live_jobs)
+        self.depth = max(1, int(depth))
+        self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Condition()
-        self._state = threading.Lock()  # guards job counters between the engine thread and the deadline watcher
+        self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at
+        self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
-        self._jobs: list[_Job] = []
+        self._cancelled: deque[_Job] = deque()
+        self._table: JobTable | None = None
         self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
         self._accepting = True
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
@@ -128,6 +124,9 @@ class SequentialEngine:
         self._order = itertools.count()
         self.samples_processed = 0
         self.batches = 0
+        self.bookkeeping_seconds = 0.0  # engine-thread time outside waiting for the model (benchmarks)
+        self.decision_seconds = 0.0  # of which policies and certificates of finished jobs
+        self.thread_cpu_seconds = 0.0  # CPU time of the engine thread (as of its latest turn)
 
     # ----------------------------------------------------------------- public API (any thread)
     def start(self) -> SequentialEngine:
@@ -141,7 +140,7 @@ class SequentialEngine:
     @property
     def live_jobs(self) -> int:
         with self._lock:
-            return len(self._pending) + len(self._jobs)
+            return len(self._pending) + (self._table.occupied if self._table is not None else 0)
 
     @property
     def alive(self) -> bool:
@@ -152,23 +151,20 @@ class SequentialEngine:
         """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
         if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
             raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
+        if spec.kind not in KINDS:
+            raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
-        if spec.kind == "sequential":
-            job.checkpoints = checkpoint_schedule(spec.budget)
-        if spec.kind == "cohen":
-            job.selection = np.zeros(self.sampler.num_classes, dtype=np.int64)
-        else:
-            job.selected = spec.tested_class
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the certification engine is draining and accepts no new work")
-            if len(self._pending) + len(self._jobs) >= self.max_live_jobs:
+            if self.live_jobs >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
             self._pending.append(job)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
-            self.observer.on_queue(len(self._pending), len(self._pending) + len(self._jobs))
+            self.observer.on_queue(len(self._pending), self.live_jobs)
             self._lock.notify_all()
+        fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
         return fut
 
     def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
@@ -179,11 +175,11 @@ class SequentialEngine:
             self._stop_at = time.monotonic() + max(0.0, grace)
             self._lock.notify_all()
             never_started = self._thread is None
-            leftover = self._pending + self._jobs if never_started else []
-            if never_started:
-                self._pending, self._jobs = [], []
+            leftover, self._pending = (self._pending, []) if never_started else ([], self._pending)
         if never_started:  # nobody will sample them: answer with what they have (nothing), marked shutdown
-            self._finish_all(leftover, "shutdown")
+            with self._state:
+                answers = [self._answer_unadmitted(job, "shutdown") for job in leftover]
+            _resolve(answers)
         elif wait:
             self._thread.join()
             self._watcher.join()
@@ -204,168 +200,194 @@ class SequentialEngine:
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
                     continue
                 job = heapq.heappop(self._deadlines)[2]
-            with self._state:
-                self._finish(job, "deadline")
+            with self._state:  # a job not finished still owns its slot (slots are freed only after finishing)
+                if job.finished:
+                    answers = []
+                elif job.slot >= 0:
+                    answers = self._answer(np.array([job.slot]), "deadline")
+                else:
+                    answers = [self._answer_unadmitted(job, "deadline")]
+            _resolve(answers)
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._pending and not self._jobs and self._stop_at is None:
-                    self._lock.wait()
-                self._jobs.extend(self._pending)
-                self._pending.clear()
-                stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._jobs)
-                if stopping:
-                    leftover, self._jobs, self._pending = self._jobs + self._pending, [], []
-            if stopping:
-                self._finish_all(leftover, "shutdown")
-                with self._lock:
-                    self._lock.notify_all()  # wake the deadline watcher so that it exits
-                return
-            try:
-                self._step()
-            except Exception as exc:  # a broken model call must not hang the callers, nor kill this thread
-                with self._state:
-                    for job in self._jobs:
-                        _fail(job.future, exc)
-                    self._jobs.clear()
-
-    def _step(self) -> None:
-        self._jobs = [job for job in self._jobs if not job.future.done()]  # cancelled, or answered at deadline
-        self.observer.on_queue(sum(1 for job in self._jobs if job.started is None), len(self._jobs))
-        chosen, sizes = self._fill_batch()
-        if not chosen:
-            with self._lock:  # every live job is waiting for its deadline answer: do not spin
-                if not self._pending:
-                    self._lock.wait(timeout=0.01)
-            return
-        t0 = time.monotonic()
-        for job in chosen:
-            if job.started is None:
-                job.started = t0
-        images = np.stack([job.spec.image for job in chosen])
-        counts = self.sampler.count_chunks(images, np.asarray(sizes), self._rng)
-        seconds = time.monotonic() - t0
-        total = int(sum(sizes))
-        self.samples_processed += total
-        self.batches += 1
-        self.observer.on_batch(total, self.sampler.batch_size, len(chosen), seconds)
-        with self._state:
-            self._update(chosen, sizes, counts)
-
-    def _fill_batch(self) -> tuple[list[_Job], list[int]]:
-        """Chunks of the live jobs for one model call, earliest deadline first (arrival order breaks ties)."""
-        capacity = self.sampler.batch_size
-        chosen, sizes = [], []
-        for job in sorted(self._jobs, key=lambda j: (j.spec.deadline, j.order)):
-            if capacity == 0:
-                break
-            take = min(job.wanted(), capacity)
-            if take > 0:
-                chosen.append(job)
-                sizes.append(take)
-                capacity -= take
-        return chosen, sizes
-
-    def _update(self, chosen: list[_Job], sizes: list[int], counts: np.ndarray) -> None:
-        due: list[_Job] = []
-        for job, size, row in zip(chosen, sizes, counts):
-            if job.future.done():
-                continue
-            if job.selected < 0:  # cohen selection phase: these samples choose the class, they are not counted
-                job.selection += row
-                if job.selection.sum() >= job.spec.n0:
-                    job.selected = int(np.argmax(job.selection))
-                continue
-            job.hits += int(row[job.selected])
-            job.trials += size
-            if job.spec.kind != "sequential":
-                if job.trials >= job.spec.budget:
-                    self._finish(job, "budget")
-            elif job.trials >= job.checkpoints[job.next_checkpoint]:
-                job.next_checkpoint = min(job.next_checkpoint + 1, len(job.checkpoints) - 1)
-                due.append(job)
-        if due:
-            self._decide(due)
-        self._jobs = [job for job in self._jobs if not job.future.done()]
-        self.observer.on_queue(sum(1 for job in self._jobs if job.started is None), len(self._jobs))
-
-    def _decide(self, due: list[_Job]) -> None:
-        """One vectorized policy evaluation per policy over every job that reached a checkpoint."""
-        for targeted in (True, False):
-            group = [job for job in due if (job.spec.target_radius is not None) == targeted]
-            if not group:
-                continue
-            s = np.array([j.hits for j in group])
-            t = np.array([j.trials for j in group])
-            a = np.array([j.spec.prior[0] for j in group])
-            b = np.array([j.spec.prior[1] for j in group])
-            alpha = np.array([j.spec.alpha for j in group])
-            budget = np.array([j.spec.budget for j in group])
-            radius = np.array([j.spec.target_radius if targeted else 0.0 for j in group])
-            try:
-                decision = self._policy(targeted, s, t, radius, alpha, budget, a, b)
-            except ValueError:  # isolate the job(s) at fault instead of failing every live job
-                decision = []
-                for k, job in enumerate(group):
-                    try:
-                        decision.append(int(self._policy(targeted, *(x[k:k + 1] for x in (s, t, radius, alpha,
-                                                                                           budget, a, b)))[0]))
-                    except ValueError as exc:
-                        _fail(job.future, exc)
-                        decision.append(Stop.CONTINUE)
-            for job, d in zip(group, np.atleast_1d(decision)):
-                if not job.future.done() and d != Stop.CONTINUE:
-                    self._finish(job, _STOP_NAMES[Stop(int(d))])
-
-    def _policy(self, targeted, s, t, radius, alpha, budget, a, b):
-        if targeted:
-            return target_radius_decision(s, t, sigma=self.sigma, target_radius=radius, alpha=alpha, budget=budget,
-                                          a=a, b=b)
-        return best_radius_decision(s, t, sigma=self.sigma, alpha=alpha, budget=budget, a=a, b=b)
-
-    def _finish_all(self, jobs: list[_Job], stopped_by: str) -> None:
-        with self._state:
-            for job in jobs:
-                self._finish(job, stopped_by)
-
-    def _finish(self, job: _Job, stopped_by: str) -> None:
-        """Resolve the job's future with its certificate from the samples counted so far (caller holds _state).
-
-        Sequential: the confidence-sequence bound L_t (prior fixed before sampling), valid per input at level alpha
-        at any stopping time. Cohen / fixed: the one-sided (1 - alpha) Clopper-Pearson bound of the counted hits of the
-        class fixed before them, valid per input because n (or its clock-only truncation) does not depend on them.
-        Certified only where the bound exceeds 1/2; the radius is sigma * Phi^-1(bound), rounded down.
-        """
-        if job.future.done():
-            return
-        spec = job.spec
-        now = time.monotonic()
-        queue_s = (job.started or now) - job.submitted
-        sampling_s = now - job.started if job.started is not None else 0.0
-        samples = job.trials + (int(job.selection.sum()) if job.selection is not None else 0)
-        if job.trials == 0:
-            p_lower = None if spec.kind == "cohen" else 0.0
-        elif spec.kind == "sequential":
-            p_lower = float(lower_bound(job.hits, job.trials, spec.alpha, *spec.prior))
-        else:
-            p_lower = float(clopper_pearson_lower(job.hits, job.trials, spec.alpha))
-        certified = p_lower is not None and p_lower > 0.5
-        radius = float(radius_from_probability(p_lower, self.sigma)) if certified else 0.0
-        result = JobResult(job.selected if certified else -1, radius, p_lower, samples, stopped_by, queue_s,
-                           sampling_s)
+        inflight: deque[tuple[Batch, object]] = deque()
         try:
-            job.future.set_result(result)
+            while True:
+                t0 = time.perf_counter()
+                self.thread_cpu_seconds = time.thread_time()
+                if self._prepare(inflight):
+                    return
+                while len(inflight) < self.depth and self._launch_next(inflight):
+                    pass
+                self.bookkeeping_seconds += time.perf_counter() - t0
+                if inflight:
+                    self._land_oldest(inflight)
+                else:
+                    self._idle()
+        finally:
+            self.sampler.close()
+
+    def _land_oldest(self, inflight: deque) -> None:
+        try:
+            counts = inflight[0][1].result()
+            batch, pending = inflight.popleft()
+            t0 = time.perf_counter()
+            self._land(batch, counts, pending.model_seconds)
+            self.bookkeeping_seconds += time.perf_counter() - t0
+        except Exception as exc:  # a broken model call must not hang the callers, nor kill this thread
+            self._fail_all(exc, inflight)
+
+    def _prepare(self, inflight: deque) -> bool:
+        """Admit pending jobs, drop cancelled and finished ones; at shutdown answer everyone. True: stop the loop."""
+        with self._lock:
+            admit, self._pending = self._pending, []
+            table = self._table
+            stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not admit and (
+                table is None or not table.running.any()))
+        with self._state:
+            table = self._table_for(admit)
+            if table is None:  # nothing was ever admitted
+                return stopping
+            for job in admit:
+                if not job.finished and not job.future.done():
+                    spec = job.spec
+                    table.admit(job, KINDS[spec.kind], _schedule(spec.budget) if spec.kind == "sequential" else None)
+            while self._cancelled:
+                job = self._cancelled.popleft()
+                job.finished = True
+                if job.slot >= 0 and table.gen[job.slot] == job.order:
+                    table.running[job.slot] = False
+        while stopping and inflight:  # let the launched batches land (their samples count), then answer everyone
+            self._land_oldest(inflight)
+        with self._state:
+            answers = self._answer(np.flatnonzero(table.running), "shutdown") if stopping else []
+            table.release_idle()
+            self.observer.on_queue(table.waiting(), table.occupied)
+        _resolve(answers)
+        if stopping:
+            with self._lock:
+                self._lock.notify_all()  # wake the deadline watcher so that it exits
+        return stopping
+
+    def _table_for(self, admit: list[_Job]) -> JobTable:
+        if self._table is None and admit:
+            self._table = JobTable(admit[0].spec.image.shape, self.sampler.num_classes,
+                                   capacity=min(self.max_live_jobs, 64))
+        return self._table
+
+    def _idle(self) -> None:
+        """Nothing to launch: every live job waits for its deadline answer, or there is no job."""
+        with self._lock:
+            if not self._pending and not self._cancelled and self._stop_at is None:
+                self._lock.wait(timeout=0.5)
+
+    def _launch_next(self, inflight: deque) -> bool:
+        with self._state:
+            table = self._table
+            batch = table.allocate(self.sampler.batch_size, self.speculate) if table is not None else None
+            if batch is None:
+                return False
+            now = time.monotonic()
+            for slot in table.mark_started(batch.slots):
+                table.jobs[slot].started = now
+        inflight.append((batch, self.sampler.launch(batch.images, batch.sizes, self._rng)))
+        return True
+
+    def _land(self, batch: Batch, counts: np.ndarray, model_seconds: float) -> None:
+        """Count a finished batch, decide every job at a checkpoint, answer the finished ones."""
+        self.samples_processed += batch.samples
+        self.batches += 1
+        self.observer.on_batch(batch.samples, self.sampler.batch_size, len(batch.slots), model_seconds)
+        table = self._table
+        with self._state:
+            landed = table.land(batch, counts)
+            t0 = time.perf_counter()
+            done = table.completed_fixed(landed)
+            answers = self._answer(done, "budget") if len(done) else []
+            settled = table.settled(landed)  # stopped by their policy earlier, last samples now counted
+            if len(settled):
+                answers += self._answer(settled, [STOP_NAMES[int(c)] for c in table.stop_code[settled]])
+            due = table.at_checkpoint(landed)
+            if len(due):
+                codes, failures = policy_decisions(table, due, self.sigma)
+                stop = codes != int(Stop.CONTINUE)
+                table.advance_checkpoint(due[~stop])
+                now = table.settle(due[stop], codes[stop])
+                if len(now):
+                    answers += self._answer(now, [STOP_NAMES[int(c)] for c in table.stop_code[now]])
+                for slot, exc in failures.items():
+                    answers.append(self._fail_slot(slot, exc))
+            self.decision_seconds += time.perf_counter() - t0
+        _resolve(answers)
+
+    def _fail_all(self, exc: Exception, inflight: deque) -> None:
+        with self._state:
+            table = self._table
+            while inflight:
+                batch, _ = inflight.popleft()
+                table.inflight[batch.slots] -= batch.sizes  # the runner finishes or dropped them: nothing lands
+            answers = [self._fail_slot(int(s), exc) for s in np.flatnonzero(table.running)]
+        _resolve(answers)
+
+    # ----------------------------------------------------------------- answers (caller holds _state)
+    def _answer(self, slots: np.ndarray, stopped_by) -> list:
+        """The certificates of ``slots`` from their counted samples (see :func:`models.decisions.certificates`);
+        marks the jobs finished. Returns (future, result) pairs to resolve once the state lock is released."""
+        table = self._table
+        slots = np.asarray(slots, dtype=np.int64)
+        names = [stopped_by] * len(slots) if isinstance(stopped_by, str) else stopped_by
+        keep = [k for k, s in enumerate(slots) if not table.jobs[s].finished]
+        table.running[slots] = False
+        if not keep:
+            return []
+        slots = slots[keep]
+        cls, radius, p = certificates(table, slots, self.sigma)
+        samples = table.sel_done[slots] + table.est_done[slots]
+        table.running[slots] = False
+        now = time.monotonic()
+        out = []
+        for k, slot in enumerate(slots):
+            job = table.jobs[slot]
+            job.finished = True
+            queue_s = (job.started or now) - job.submitted
+            sampling_s = now - job.started if job.started is not None else 0.0
+            out.append((job.future, JobResult(int(cls[k]), float(radius[k]), None if np.isnan(p[k]) else float(p[k]),
+                                              int(samples[k]), names[keep[k]], queue_s, sampling_s)))
+        return out
+
+    def _answer_unadmitted(self, job: _Job, stopped_by: str) -> tuple:
+        """A job that never reached the table: no samples; sequential and fixed bound 0, Cohen none."""
+        if job.finished:
+            return (job.future, None)
+        job.finished = True
+        return (job.future, JobResult(-1, 0.0, None if job.spec.kind == "cohen" else 0.0, 0, stopped_by,
+                                      time.monotonic() - job.submitted, 0.0))
+
+    def _fail_slot(self, slot: int, exc: Exception) -> tuple:
+        table = self._table
+        table.running[slot] = False
+        table.jobs[slot].finished = True
+        return (table.jobs[slot].future, exc)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(budget: int) -> np.ndarray:
+    return checkpoint_schedule(budget)
+
+
+def _resolve(answers: list) -> None:
+    """Resolve futures outside the engine's locks (their done callbacks may submit new jobs)."""
+    for future, outcome in answers:
+        if outcome is None:
+            continue
+        try:
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
         except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
             pass
-
-
-def _fail(future: concurrent.futures.Future, exc: BaseException) -> None:
-    try:
-        future.set_exception(exc)
-    except concurrent.futures.InvalidStateError:  # answered at its deadline or cancelled meanwhile
-        pass
 
 
 __all__ = ["EngineObserver", "EngineStopped", "JobResult", "JobSpec", "QueueFull", "SequentialEngine"]

@@ -1,24 +1,54 @@
 """The one implementation of "Gaussian noise -> base model -> per-class counts", shared by the calibration pipeline,
-the evaluation, the benchmarks and the server's sequential worker.
+the evaluation, the benchmarks and the batching engine.
 
 A batch is assembled from *chunks*: chunk j asks for ``sizes[j]`` noisy copies of image j. The backend draws
-e ~ N(0, sigma^2 I) i.i.d. for every copy (on the device that runs the model) and returns arg-max classes; counts are
-tallied per chunk with one ``np.bincount`` over offset labels. Samples of different chunks are independent, and
-so are the samples of successive calls (the generator advances), so any set of chunks of one image forms an
-i.i.d. sample of f(x + e).
+e ~ N(0, sigma^2 I) i.i.d. for every copy (on the device that runs the model) and the arg-max classes are tallied per
+chunk: on the device (a backend with ``launch_counts``: only the (J, K) counts cross the bus) or on the host with one
+``np.bincount`` over offset labels. Samples of different chunks are independent, and so are the samples of successive
+calls (the generator advances), so any set of chunks of one image forms an i.i.d. sample of f(x + e).
+
+:meth:`SamplingEngine.launch` starts a batch and returns at once (the engine overlaps its bookkeeping with the model):
+a device backend queues asynchronous kernels; a host backend (onnxruntime) runs in the sampler's one runner thread,
+which releases the GIL inside the model call. Batches run in launch order.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
 
 
-class SamplingEngine:
-    """Batched Monte-Carlo sampler over a backend with ``noisy_predictions(images, repeats, sigma, rng)``."""
+class PendingCounts:
+    """Counts of one launched batch. ``result()`` blocks until they are on the host; ``model_seconds`` is then the
+    time the model call took (runner thread: its own wall time; device: launch to completion)."""
 
-    def __init__(self, backend, *, sigma: float, num_classes: int, batch_size: int = 1024):
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+        self.model_seconds = 0.0
+
+    def result(self) -> np.ndarray:
+        counts, self.model_seconds = self._future.result()
+        return counts
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> None:
+        """Block until the batch has finished (successfully or not), without raising."""
+        concurrent.futures.wait([self._future])
+
+
+class SamplingEngine:
+    """Batched Monte-Carlo sampler over a backend with ``noisy_predictions(images, repeats, sigma, rng)`` (and,
+    optionally, ``launch_counts(images, sizes, sigma, rng, num_classes)`` for device-side counts)."""
+
+    def __init__(self, backend, *, sigma: float, num_classes: int, batch_size: int = 1024,
+                 runner_nice: int = 0):
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         if batch_size < 1:
@@ -27,18 +57,51 @@ class SamplingEngine:
         self.sigma = float(sigma)
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
+        self.runner_nice = int(runner_nice)  # > 0: the runner thread yields the CPU to the request path
+        self._runner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._runner_lock = threading.Lock()
 
+    # ------------------------------------------------------------------------------------------ asynchronous
+    def launch(self, images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> PendingCounts:
+        """Start one model call over the chunks (images[j], sizes[j]); returns at once. Noise is drawn from ``rng``
+        at launch (device) or in launch order (runner), so a seeded generator reproduces the same batches."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        backend = self.backend
+        if hasattr(backend, "launch_counts"):
+            return backend.launch_counts(images, sizes, self.sigma, rng, self.num_classes)
+        return PendingCounts(self._pool().submit(self._timed_host_counts, backend, images, sizes, rng))
+
+    def close(self) -> None:
+        """Stop the runner thread (after the batches already launched); a later launch starts a new one."""
+        with self._runner_lock:
+            runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.shutdown(wait=True)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="certserve-sampler", initializer=_lower_priority,
+                    initargs=(self.runner_nice,))
+            return self._runner
+
+    def _timed_host_counts(self, backend, images, sizes, rng) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        counts = self._host_counts(backend, images, sizes, rng)
+        return counts, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------ synchronous
     def count_chunks(self, images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One model call: counts (J, K) of classes over sizes[j] noisy copies of images[j] (sum(sizes) samples)."""
         sizes = np.asarray(sizes, dtype=np.int64)
-        preds = np.asarray(self.backend.noisy_predictions(images, sizes, self.sigma, rng))
-        if preds.size and (preds.min() < 0 or preds.max() >= self.num_classes):
-            # a class index outside [0, K) would be counted for the NEXT chunk's job: refuse, never misattribute
-            raise ValueError(f"the model predicted class {int(preds.max())}, but the bundle declares "
-                             f"{self.num_classes} classes")
-        owner = np.repeat(np.arange(len(sizes)), sizes)
-        flat = np.bincount(owner * self.num_classes + preds, minlength=len(sizes) * self.num_classes)
-        return flat.reshape(len(sizes), self.num_classes)
+        if hasattr(self.backend, "launch_counts"):
+            return self.launch(images, sizes, rng).result()
+        return self._host_counts(self.backend, images, sizes, rng)
+
+    def _host_counts(self, backend, images, sizes, rng) -> np.ndarray:
+        preds = np.asarray(backend.noisy_predictions(images, sizes, self.sigma, rng))
+        return tally_chunks(preds, sizes, self.num_classes)
 
     def predictions(self, image: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
         """The ordered stream of num_samples noisy predictions for one image (used by the offline evaluation)."""
@@ -70,3 +133,24 @@ class SamplingEngine:
             if on_batch is not None:
                 on_batch(stop - start)
         return counts
+
+
+def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (J, K) of the labels ``preds`` (chunk j owns the next sizes[j] of them), with one bincount.
+
+    A class index outside [0, K) would be counted for the NEXT chunk's job: refused, never misattributed."""
+    if preds.size and (preds.min() < 0 or preds.max() >= num_classes):
+        bad = int(preds.max()) if preds.max() >= num_classes else int(preds.min())
+        raise ValueError(f"the model predicted class {bad}, but the bundle declares {num_classes} classes")
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    flat = np.bincount(owner * num_classes + preds, minlength=len(sizes) * num_classes)
+    return flat.reshape(len(sizes), num_classes)
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value (Linux: per thread; threads it creates inherit it). Never fails the caller."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            pass

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     cohen_n0: int = Field(COHEN_N0, ge=1, description="selection samples of cohen mode")
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
     max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")
+    sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads, so the "
+                                                           "event loop and clean passes keep the CPU (0: same)")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
     default_deadline_ms: int = Field(30_000, ge=1, description="deadline of a sequential job that sets none")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)

@@ -1,0 +1,153 @@
+"""Section (g): the engine's own ceiling, with a null sampler (no model): samples/s and bookkeeping per step.
+
+The null sampler stands in for the model: each job's "image" is a row index into a table of labels drawn once in
+advance (row r: i.i.d. labels with P(class 0) = pA_r, the other classes uniform), and a batch's counts are that
+table's next labels for each chunk, tallied per chunk with one bincount: the (J, K) counts a device-side reduction
+returns. Everything else is the real :class:`models.engine.SequentialEngine` (job table, allocation, pipelining,
+policies, certificates, futures, deadline watcher). N jobs are kept live (a finished job is replaced at once from its
+future's done callback). Reported per N: samples/s over the whole engine (null sampler included), the engine
+thread's bookkeeping time per step (everything but the null sampler's own time), and how much of it is policy
+decisions and certificates.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import numpy as np
+
+from bench.server_common import markdown_table
+
+TARGET_SAMPLES_PER_S = 20e6  # at 512 live jobs
+TARGET_BOOKKEEPING_MS = 0.8  # per 16,384-sample step
+NUM_CLASSES = 10
+ROWS, ROW_LEN = 256, 1 << 16
+
+
+class NullSampler:
+    """The SamplingEngine interface over a precomputed label table (see module docstring); no model, no noise."""
+
+    def __init__(self, batch_size: int, seed: int):
+        rng = np.random.default_rng(seed)
+        # pA spread like a real test stream: most images easy, some hard, a few near the boundary or below
+        self.p_a = np.concatenate([rng.uniform(0.97, 1.0, ROWS // 2), rng.uniform(0.75, 0.97, ROWS // 4),
+                                   rng.uniform(0.3, 0.75, ROWS - ROWS // 2 - ROWS // 4)])
+        u = rng.random((ROWS, ROW_LEN))
+        other = rng.integers(1, NUM_CLASSES, (ROWS, ROW_LEN))
+        self.labels = np.where(u < self.p_a[:, None], 0, other).astype(np.int64)
+        self.cursor = np.zeros(ROWS, dtype=np.int64)
+        self.batch_size, self.sigma, self.num_classes = batch_size, 0.25, NUM_CLASSES
+        self.seconds = self.cpu_seconds = 0.0
+        self.calls = 0
+
+    def launch(self, images, sizes, rng):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        rows = images[:, 0].astype(np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        owner = np.repeat(np.arange(len(sizes)), sizes)
+        starts = self.cursor[rows]
+        within = np.arange(len(owner)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        labels = self.labels[rows[owner], (starts[owner] + within) % ROW_LEN]
+        self.cursor[rows] = (starts + sizes) % ROW_LEN  # a row shared by two chunks draws twice: tables reused, fine
+        flat = np.bincount(owner * NUM_CLASSES + labels, minlength=len(sizes) * NUM_CLASSES)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.cpu_seconds += time.thread_time() - c0
+        self.calls += 1
+        fut.set_result((flat.reshape(len(sizes), NUM_CLASSES), seconds))
+        from models.sampling import PendingCounts
+
+        return PendingCounts(fut)
+
+    def close(self) -> None:
+        pass
+
+
+def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int) -> dict:
+    """Keep ``n_jobs`` jobs of ``kind`` live on a fresh engine over a NullSampler for ``seconds``; measure."""
+    from models.engine import EngineStopped, JobSpec, QueueFull, SequentialEngine
+
+    null = NullSampler(batch_size, seed)
+    engine = SequentialEngine(null, max_live_jobs=n_jobs, seed=seed)
+    state = {"next": 0, "open": True}
+    finished: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def submit_one():
+        with lock:
+            i = state["next"]
+            state["next"] += 1
+        image = np.array([i % ROWS], dtype=np.float32)
+        spec = (JobSpec(image, 0.001, 10_000, time.monotonic() + 3600, tested_class=0) if kind == "sequential"
+                else JobSpec(image, 0.001, 10_000, time.monotonic() + 3600, kind="fixed", tested_class=0))
+        engine.submit(spec).add_done_callback(on_done)
+
+    def on_done(fut):
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        finished.append((time.perf_counter(), fut.result().samples))
+        if state["open"]:
+            try:
+                submit_one()
+            except (EngineStopped, QueueFull):
+                pass
+
+    engine.start()
+    for _ in range(n_jobs):
+        submit_one()
+    time.sleep(min(1.0, seconds / 3))  # warm-up: jobs at all stages of their lives
+    snap = lambda: (time.perf_counter(), engine.samples_processed, engine.batches, engine.bookkeeping_seconds,  # noqa
+                    engine.decision_seconds, null.seconds, null.calls, engine.thread_cpu_seconds, null.cpu_seconds)
+    t0, s0, b0, k0, d0, n0, c0, u0, v0 = snap()
+    time.sleep(seconds)
+    t1, s1, b1, k1, d1, n1, c1, u1, v1 = snap()
+    state["open"] = False
+    engine.stop(0.0)
+    steps = max(b1 - b0, 1)
+    certs = [s for t, s in finished if t0 < t <= t1]
+    book = (k1 - k0) - (n1 - n0)  # the engine thread's own time: its bookkeeping minus the null sampler calls
+    return {"jobs": n_jobs, "kind": kind, "samples_per_s": (s1 - s0) / (t1 - t0), "steps": b1 - b0,
+            "mean_batch": (s1 - s0) / steps, "bookkeeping_ms": 1e3 * book / steps,
+            "decision_ms": 1e3 * (d1 - d0) / steps, "cpu_ms": 1e3 * ((u1 - u0) - (v1 - v0)) / steps, "null_ms": 1e3 * (n1 - n0) / max(c1 - c0, 1),
+            "engine_ceiling": (s1 - s0) / book if book > 0 else float("inf"),
+            "certs_per_s": len(certs) / (t1 - t0), "samples_per_cert": float(np.mean(certs)) if certs else 0.0,
+            "seconds": t1 - t0}
+
+
+def bench_engine(args, ctx) -> tuple[str, str, str, dict]:
+    batch = args.batch_size or 16_384
+    seconds = 6.0 if args.full else 3.0
+    rows, data_rows = [], []
+    for kind in ("sequential", "fixed"):
+        for n_jobs in (64, 512, 2048):
+            d = run_null(n_jobs, kind, batch, seconds, seed=args.seed + n_jobs)
+            data_rows.append(d)
+            rows.append([kind, f"{n_jobs:,}", f"{d['mean_batch']:,.0f}", f"**{d['samples_per_s'] / 1e6:.2f} M**",
+                         f"**{d['bookkeeping_ms']:.3f}**", f"{d['decision_ms']:.3f}", f"{d['null_ms']:.3f}",
+                         f"{d['engine_ceiling'] / 1e6:.1f} M", f"{d['certs_per_s']:,.0f}",
+                         f"{d['samples_per_cert']:,.0f}"])
+            print(f"  engine {kind:>10} {n_jobs:>5} jobs: {d['samples_per_s'] / 1e6:.2f} M samples/s, bookkeeping "
+                  f"{d['bookkeeping_ms']:.3f} ms/step (decisions {d['decision_ms']:.3f})", flush=True)
+    at512 = next(d for d in data_rows if d["kind"] == "sequential" and d["jobs"] == 512)
+    ok = at512["samples_per_s"] >= TARGET_SAMPLES_PER_S and at512["bookkeeping_ms"] <= TARGET_BOOKKEEPING_MS
+    verdict = "PASS" if ok else "FAIL"
+    table = markdown_table(["jobs", "live jobs", "mean batch", "**samples/s** (null sampler included)",
+                            "**bookkeeping ms/step**", "of which decisions + certificates ms", "null sampler ms/step",
+                            "engine ceiling (samples / bookkeeping s)", "certificates/s", "samples/certificate"], rows)
+    body = f"""{__doc__.split(chr(10), 2)[2].strip()}
+
+Jobs: `sequential` = best-radius policy, KT prior, alpha 0.001, budget 10,000 (the server's defaults); `fixed` =
+fixed-n Clopper-Pearson jobs with n = 10,000 (no policy: the engine's machinery alone). Batch {batch:,} samples,
+pipeline depth 2; {seconds:g} s measured per row after a warm-up. pA of the {ROWS} table rows: half in [0.97, 1],
+a quarter in [0.75, 0.97], a quarter in [0.3, 0.75].
+
+{table}
+
+**Target: >= {TARGET_SAMPLES_PER_S / 1e6:g} M samples/s and <= {TARGET_BOOKKEEPING_MS} ms of bookkeeping per step at
+512 live sequential jobs: {verdict}** ({at512['samples_per_s'] / 1e6:.2f} M samples/s, {at512['bookkeeping_ms']:.3f} ms).
+"""
+    data = {"batch_size": batch, "rows": data_rows, "verdict": verdict, "at512": at512}
+    return "engine", "(g) Engine ceiling (null sampler)", body, data

@@ -1,0 +1,224 @@
+"""The engine's job table: every live job's state as arrays over slots, so that each step's bookkeeping (chunk
+allocation, per-job counts, checkpoint detection, retirement) is a handful of numpy operations over all jobs.
+
+Slots and generations: an admitted job takes a free slot and a fresh generation number (its ``order``). A batch
+records the (slot, generation) of each chunk; its counts are added only where the slot still holds that generation
+and the job is still running, so counts can never reach another job. A finished job keeps its slot (a *zombie*)
+until no chunk of it is in flight, so a slot is never reused while a batch still refers to it.
+
+Counts: selection samples (Cohen's n0) go to ``sel_counts``, estimation samples to ``est_counts``; both are added
+only when the batch that drew them has landed, so whoever reads them (the deadline watcher) sees finished batches
+only. The engine holds its state lock around every call here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SEQUENTIAL, COHEN, FIXED = 0, 1, 2
+KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
+
+
+@dataclass
+class Batch:
+    """One model call's chunks: chunk i draws sizes[i] samples of the job in slots[i] (generation gens[i])."""
+
+    slots: np.ndarray
+    gens: np.ndarray
+    sizes: np.ndarray
+    selection: np.ndarray  # bool: the chunk's samples are Cohen selection samples
+    images: np.ndarray
+
+    @property
+    def samples(self) -> int:
+        return int(self.sizes.sum())
+
+
+class JobTable:
+    """Arrays over slots (see module docstring); grows by doubling."""
+
+    _INT = ("gen", "kind", "n0", "budget", "assigned", "inflight", "sel_done", "est_done", "cls", "cp", "cp_idx",
+            "stop_code")
+    _FLOAT = ("deadline", "alpha", "a", "b", "target")
+    _BOOL = ("live", "running", "started", "stopping")
+
+    def __init__(self, image_shape: tuple[int, ...], num_classes: int, capacity: int = 64):
+        self.image_shape, self.num_classes, self.capacity = tuple(image_shape), int(num_classes), 0
+        self.jobs: list = []
+        self.schedules = np.zeros((0, 1), dtype=np.int64)
+        self.occupied = 0
+        self._grow(max(1, int(capacity)))
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+
+        def grown(arr, fill):
+            out = np.full((capacity, *arr.shape[1:]), fill, dtype=arr.dtype)
+            out[:old] = arr[:old]
+            return out
+
+        for name in self._INT:
+            setattr(self, name, grown(getattr(self, name, np.zeros(0, np.int64)), -1 if name == "gen" else 0))
+        for name in self._FLOAT:
+            setattr(self, name, grown(getattr(self, name, np.zeros(0)), 0.0))
+        for name in self._BOOL:
+            setattr(self, name, grown(getattr(self, name, np.zeros(0, bool)), False))
+        k = self.num_classes
+        self.sel_counts = grown(getattr(self, "sel_counts", np.zeros((0, k), np.int64)), 0)
+        self.est_counts = grown(getattr(self, "est_counts", np.zeros((0, k), np.int64)), 0)
+        self.images = grown(getattr(self, "images", np.zeros((0, *self.image_shape), np.float32)), 0.0)
+        self.schedules = grown(self.schedules, 0)
+        self.jobs.extend([None] * (capacity - old))
+        self.capacity = capacity
+
+    # ----------------------------------------------------------------------------------------- admission
+    def admit(self, job, kind: int, schedule: np.ndarray | None) -> int:
+        """Put ``job`` (an engine job with .spec and .order) in a free slot; returns the slot."""
+        if self.occupied >= self.capacity:
+            self._grow(2 * self.capacity)
+        slot = int(np.argmin(self.live))  # the first free slot
+        spec = job.spec
+        if schedule is not None and len(schedule) > self.schedules.shape[1]:
+            wide = np.zeros((self.capacity, len(schedule)), dtype=np.int64)
+            wide[:, :self.schedules.shape[1]] = self.schedules
+            self.schedules = wide
+        self.live[slot], self.running[slot], self.started[slot], self.stopping[slot] = True, True, False, False
+        self.gen[slot], self.kind[slot] = job.order, kind
+        self.n0[slot] = spec.n0 if kind == COHEN else 0
+        self.budget[slot] = spec.budget
+        self.assigned[slot] = self.inflight[slot] = self.sel_done[slot] = self.est_done[slot] = 0
+        self.cls[slot] = -1 if kind == COHEN else spec.tested_class
+        self.deadline[slot], self.alpha[slot] = spec.deadline, spec.alpha
+        self.a[slot], self.b[slot] = spec.prior
+        self.target[slot] = np.nan if spec.target_radius is None else spec.target_radius
+        self.cp_idx[slot] = 0
+        if schedule is not None:
+            self.schedules[slot, :len(schedule)] = schedule
+            self.schedules[slot, len(schedule):] = schedule[-1]
+            self.cp[slot] = schedule[0]
+        self.sel_counts[slot] = 0
+        self.est_counts[slot] = 0
+        self.images[slot] = spec.image
+        self.jobs[slot] = job
+        self.occupied += 1
+        job.slot = slot
+        return slot
+
+    def release_idle(self) -> int:
+        """Free the slots of finished jobs that have no chunk in flight; returns how many."""
+        idle = np.flatnonzero(self.live & ~self.running & (self.inflight == 0))
+        if len(idle):
+            self.live[idle] = False
+            self.gen[idle] = -1
+            for slot in idle:
+                self.jobs[slot] = None
+            self.occupied -= len(idle)
+        return len(idle)
+
+    # ----------------------------------------------------------------------------------------- one batch
+    def wanted(self) -> np.ndarray:
+        """Samples each slot wants in the next batch (0 for free, finished, or waiting on a decision)."""
+        selecting = self.assigned < self.n0
+        goal = np.where(selecting, self.n0, np.where(self.kind == SEQUENTIAL, self.cp, self.n0 + self.budget))
+        return np.where(self.running & ~self.stopping, np.maximum(goal - self.assigned, 0), 0)
+
+    def speculative(self) -> np.ndarray:
+        """Samples a best-radius job waiting on its decision at checkpoint c_i may draw ahead, up to c_{i+1}.
+
+        If its policy then stops it at c_i, these samples still count: its certificate is the confidence sequence
+        at the samples counted when they have landed, valid at any (even data-dependent) time; it only stops up to
+        one checkpoint interval later. Target-radius jobs never run ahead (their stop must certify the target)."""
+        last = self.schedules.shape[1] - 1
+        ahead = self.schedules[np.arange(self.capacity), np.minimum(self.cp_idx + 1, last)]
+        ok = (self.running & ~self.stopping & (self.kind == SEQUENTIAL) & np.isnan(self.target)
+              & (self.assigned == self.cp))
+        return np.where(ok, np.maximum(ahead - self.assigned, 0), 0)
+
+    def allocate(self, capacity: int, speculate: bool = True) -> Batch | None:
+        """Chunks for one model call: earliest deadline first (admission order breaks ties), each job up to what it
+        wants, until ``capacity`` samples; then, with ``speculate``, capacity left over goes to best-radius jobs
+        waiting on a decision (:meth:`speculative`). Marks the chunks assigned and in flight."""
+        slots, sizes = _edf_take(self.wanted(), self.gen, self.deadline, capacity)
+        spare = capacity - int(sizes.sum())
+        if speculate and spare > 0:
+            more, more_sizes = _edf_take(self.speculative(), self.gen, self.deadline, spare)
+            slots, sizes = np.concatenate([slots, more]), np.concatenate([sizes, more_sizes])
+        if not len(slots):
+            return None
+        selection = self.assigned[slots] < self.n0[slots]
+        self.assigned[slots] += sizes
+        self.inflight[slots] += sizes
+        return Batch(slots, self.gen[slots].copy(), sizes, selection, self.images[slots])
+
+    def land(self, batch: Batch, counts: np.ndarray) -> np.ndarray:
+        """Add a finished batch's counts (J, K) to the jobs that still own its chunks; returns those slots."""
+        slots = batch.slots
+        self.inflight[slots] -= batch.sizes
+        ok = (self.gen[slots] == batch.gens) & self.running[slots]
+        sel, est = ok & batch.selection, ok & ~batch.selection
+        if sel.any():
+            s = slots[sel]
+            self.sel_counts[s] += counts[sel]
+            self.sel_done[s] += batch.sizes[sel]
+            chosen = s[(self.sel_done[s] >= self.n0[s]) & (self.cls[s] < 0)]
+            self.cls[chosen] = np.argmax(self.sel_counts[chosen], axis=1)  # Cohen: class from selection only
+        if est.any():
+            s = slots[est]
+            self.est_counts[s] += counts[est]
+            self.est_done[s] += batch.sizes[est]
+        return slots[ok]
+
+    def hits(self, slots: np.ndarray) -> np.ndarray:
+        """Estimation hits of each job's tested (sequential, fixed) or selected (Cohen) class; 0 before selection."""
+        cls = self.cls[slots]
+        return np.where(cls >= 0, self.est_counts[slots, np.maximum(cls, 0)], 0)
+
+    def completed_fixed(self, slots: np.ndarray) -> np.ndarray:
+        """Fixed-n and Cohen jobs among ``slots`` whose n estimation samples are all counted."""
+        return slots[(self.kind[slots] != SEQUENTIAL) & (self.est_done[slots] >= self.budget[slots])]
+
+    def at_checkpoint(self, slots: np.ndarray) -> np.ndarray:
+        """Sequential jobs among ``slots`` whose counted samples reached their checkpoint (a policy decision is due)."""
+        return slots[(self.kind[slots] == SEQUENTIAL) & (self.est_done[slots] >= self.cp[slots])
+                     & ~self.stopping[slots]]
+
+    def settle(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Jobs whose policy stopped them: those with no chunk in flight are returned (answer them now), the others
+        stop drawing and are answered once their in-flight samples have landed (:meth:`settled`)."""
+        self.stop_code[slots] = codes
+        busy = self.inflight[slots] > 0
+        self.stopping[slots[busy]] = True
+        return slots[~busy]
+
+    def settled(self, slots: np.ndarray) -> np.ndarray:
+        """Stopping jobs among ``slots`` whose last samples have landed."""
+        return slots[self.stopping[slots] & self.running[slots] & (self.inflight[slots] == 0)]
+
+    def advance_checkpoint(self, slots: np.ndarray) -> None:
+        """Sequential jobs that continue: their next chunk runs to the next checkpoint of their schedule."""
+        last = self.schedules.shape[1] - 1
+        self.cp_idx[slots] = np.minimum(self.cp_idx[slots] + 1, last)
+        self.cp[slots] = self.schedules[slots, self.cp_idx[slots]]
+
+    def mark_started(self, slots: np.ndarray) -> np.ndarray:
+        """Flag the jobs of a batch as started; returns the slots that start now."""
+        new = slots[~self.started[slots]]
+        self.started[new] = True
+        return new
+
+    def waiting(self) -> int:
+        return int(np.count_nonzero(self.running & ~self.started))
+
+
+def _edf_take(want: np.ndarray, order: np.ndarray, deadline: np.ndarray, capacity: int):
+    """(slots, sizes): slots with want > 0 by (deadline, order), each taking up to its want, within ``capacity``."""
+    idx = np.flatnonzero(want)
+    if not len(idx):
+        return idx, idx
+    idx = idx[np.lexsort((order[idx], deadline[idx]))]
+    w = want[idx]
+    take = np.minimum(w, np.maximum(capacity - (np.cumsum(w) - w), 0))
+    keep = take > 0
+    return idx[keep], take[keep]

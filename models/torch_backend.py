@@ -1,0 +1,147 @@
+"""PyTorch backend for any bundle: the bundle's ``base.onnx`` converted to a torch module (onnx2torch), or a
+TorchScript file, on a CUDA device (or the CPU, where the tests check it against onnxruntime).
+
+On the device, one batch is: gather the chunk images, draw e ~ N(0, sigma^2 I) with the device generator, run the
+model in float32 (TF32 off: the certificate is about the bundle's fp32 model, not a lower-precision twin), arg-max,
+and reduce the labels to per-chunk counts with one ``scatter_add``; only the (J, K) counts are copied back, into
+pinned memory, asynchronously. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its
+bookkeeping with the device and reads the counts when it needs them.
+
+torch is optional for serving (the CPU image has none): it is imported when this backend is built, never before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import types
+
+import numpy as np
+
+
+class TorchBackend:
+    """A torch module on ``device``; see the module docstring. ``name`` is ``torch-<device>``."""
+
+    def __init__(self, module, *, device: str):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.name = f"torch-{device}"
+        self.num_outputs = None
+        if device.startswith("cuda"):
+            torch.backends.cudnn.allow_tf32 = False  # exact fp32 convolutions and matmuls: the bundle's model
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+        self.module = module.to(device).eval()
+        self._gen = torch.Generator(device=device)
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, *, device: str = "cuda") -> TorchBackend:
+        """The ONNX graph converted op by op by onnx2torch (a well-kept converter); weights are copied exactly."""
+        convert = _onnx2torch_convert()
+        return cls(convert(str(path)), device=device)
+
+    @classmethod
+    def from_torchscript(cls, path: str | os.PathLike, *, device: str = "cuda") -> TorchBackend:
+        import torch
+
+        return cls(torch.jit.load(str(path), map_location=device), device=device)
+
+    # ------------------------------------------------------------------------------------------ inference
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.module(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device))
+            return out.float().cpu().numpy()
+
+    def noisy_predictions(self, images: np.ndarray, repeats: np.ndarray, sigma: float, rng) -> np.ndarray:
+        """Arg-max class of each of sum(repeats) noisy copies (images[j] repeated repeats[j] times, in order)."""
+        with self.torch.inference_mode():
+            _, labels = self._noisy_labels(images, np.asarray(repeats, dtype=np.int64), sigma, rng)
+            return labels.cpu().numpy()
+
+    def launch_counts(self, images: np.ndarray, sizes: np.ndarray, sigma: float, rng, num_classes: int):
+        """Start one batch; returns a pending whose ``result()`` is the (J, K) counts. A label outside [0, K) is
+        tallied in an extra column and refused at ``result()`` (never counted for another chunk's job)."""
+        torch = self.torch
+        cuda = self.device.startswith("cuda")
+        t0 = time.perf_counter()
+        start = end = None
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        with torch.inference_mode():
+            owner, labels = self._noisy_labels(images, sizes, sigma, rng)
+            k = int(num_classes)
+            flat = owner * (k + 1) + torch.clamp(labels, 0, k)
+            counts = torch.zeros(len(sizes) * (k + 1), dtype=torch.int64, device=self.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+            host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=cuda)
+            host.copy_(counts, non_blocking=cuda)
+        if cuda:
+            end.record()
+        return _TorchPending(host, (len(sizes), k), end, start, time.perf_counter() - t0)
+
+    def _noisy_labels(self, images, sizes, sigma, rng):
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        if self.device.startswith("cuda"):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        total = int(sizes.sum())
+        owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
+                                        torch.from_numpy(sizes).to(self.device), output_size=total)
+        seed = int(rng.integers(0, 2**63 - 1)) if rng is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._gen.manual_seed(seed)  # read at launch: reseeding for the next batch never alters this one
+        noise = torch.randn((total, *x.shape[1:]), generator=self._gen, device=self.device)
+        batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
+        return owner, self.module(batch).argmax(dim=1)
+
+
+class _TorchPending:
+    """Counts on their way to pinned host memory; ``result()`` waits for the copy (CUDA event) and checks them."""
+
+    def __init__(self, host, shape, end, start, launch_seconds: float):
+        self._host, self._shape, self._end, self._start = host, shape, end, start
+        self.model_seconds = launch_seconds
+
+    def done(self) -> bool:
+        return self._end is None or self._end.query()
+
+    def wait(self) -> None:
+        if self._end is not None:
+            self._end.synchronize()
+
+    def result(self) -> np.ndarray:
+        self.wait()
+        if self._end is not None:
+            self.model_seconds = self._start.elapsed_time(self._end) / 1e3
+        j, k = self._shape
+        counts = self._host.numpy().reshape(j, k + 1)
+        if counts[:, k].any():
+            raise ValueError(f"the model predicted a class >= {k}, but the bundle declares {k} classes")
+        return np.ascontiguousarray(counts[:, :k])
+
+
+def _onnx2torch_convert():
+    """onnx2torch's ``convert``. onnx2torch imports torchvision at module level only for its NMS and RoiAlign
+    converters; where no torchvision matching the installed torch exists (the CPU development machine), a stand-in
+    module lets it import, and those two ops (never in a classifier) raise if ever used."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or built for another torch: it raises RuntimeError, not ImportError
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        stand_in, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+
+        def _unsupported(*args, **kwargs):
+            raise NotImplementedError("torchvision ops (NMS, RoiAlign) are not available without torchvision")
+
+        ops.nms = ops.roi_align = ops.box_convert = _unsupported
+        stand_in.ops = ops
+        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stand_in, ops
+    from onnx2torch import convert
+
+    return convert

@@ -1,0 +1,247 @@
+"""The pipelined, vectorized engine: what pipelining and the job table must never break.
+
+Real components: the default bundle's base model in a real onnxruntime session behind the real
+:class:`models.sampling.SamplingEngine`, real Fashion-MNIST test images, the real :class:`models.jobs.JobTable`.
+The only wrapper is ``Recording``: a SamplingEngine that logs every launch and every result read, and can hold a
+batch's result back (a gate) to make "a batch still running" happen on purpose; it changes no count.
+
+Each soundness test says which bug it was run against (by editing the code once) and that it failed then.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from calibration.data import load_fashion_mnist
+from models.bundle import load_bundle
+from models.engine import JobSpec, SequentialEngine
+from models.jobs import FIXED, JobTable
+from models.sampling import SamplingEngine
+from smoothing import checkpoint_schedule, clopper_pearson_lower, lower_bound
+
+SIGMA = 0.25
+K = 10
+EASY = 2  # a trouser: pA ~ 1 for class 1
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_bundle().backend("base", device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_fashion_mnist().x_test[:64].copy()
+
+
+class Recording(SamplingEngine):
+    """Logs ("launch", n) / ("result", n) events; ``hold`` keeps results back until ``release()``."""
+
+    def __init__(self, backend, batch_size: int):
+        super().__init__(backend, sigma=SIGMA, num_classes=K, batch_size=batch_size)
+        self.events: list[tuple[str, int]] = []
+        self.sizes: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def launch(self, images, sizes, rng):
+        n = len(self.sizes)
+        self.sizes.append([int(s) for s in sizes])
+        self.events.append(("launch", n))
+        inner = super().launch(images, sizes, rng)
+        outer = self
+
+        class Held:
+            model_seconds = 0.0
+
+            def result(self):
+                outer.gate.wait()
+                counts = inner.result()
+                self.model_seconds = inner.model_seconds
+                outer.events.append(("result", n))
+                return counts
+
+        return Held()
+
+
+def start(sampler, **kw) -> SequentialEngine:
+    return SequentialEngine(sampler, seed=kw.pop("seed", 0), **kw).start()
+
+
+def bound_hits(p_lower: float, trials: int, bound) -> int:
+    """The integer hit count whose bound equals p_lower (fails if none does)."""
+    values = np.asarray(bound(np.arange(trials + 1)), dtype=np.float64)
+    s = int(np.argmin(np.abs(values - p_lower)))
+    assert float(bound(s)) == pytest.approx(p_lower, rel=1e-12, abs=1e-15)
+    return s
+
+
+# ------------------------------------------------------------------------------------------- job table
+def test_counts_never_reach_a_job_that_reuses_a_slot(images):
+    """A finished job's slot is not reused while a batch of it is in flight, and a stale batch's counts are
+    dropped by the generation check. Run against two bugs: (1) release_idle without the ``inflight == 0`` term:
+    job B took A's slot and received A's counts; (2) land() without the generation check: job C received the
+    stale batch's counts. Both made this test fail."""
+    table = JobTable(images.shape[1:], K, capacity=2)
+
+    class J:
+        def __init__(self, order, image):
+            self.spec = JobSpec(image, 0.01, 100, time.monotonic() + 60, kind="fixed", tested_class=1)
+            self.order, self.slot = order, -1
+
+    a = J(0, images[EASY])
+    table.admit(a, FIXED, None)
+    batch = table.allocate(64)
+    assert batch.slots.tolist() == [a.slot] and batch.sizes.tolist() == [64]
+    table.running[a.slot] = False  # A answered (deadline) while its batch runs
+    assert table.release_idle() == 0, "a slot with samples in flight must not be freed"
+    b = J(1, images[0])
+    table.admit(b, FIXED, None)
+    assert b.slot != a.slot
+    counts = np.zeros((1, K), dtype=np.int64)
+    counts[0, 1] = 64
+    assert table.land(batch, counts).size == 0  # A finished: nothing counted, for nobody
+    assert table.est_counts.sum() == 0
+    assert table.release_idle() == 1
+    c = J(2, images[1])
+    table.admit(c, FIXED, None)
+    assert c.slot == a.slot
+    table.inflight[c.slot] += 64  # a copy of A's batch landing late (the same slot, A's generation)
+    assert table.land(batch, counts).size == 0
+    assert table.est_counts[c.slot].sum() == 0 and table.est_done[c.slot] == 0
+
+
+def test_allocation_is_earliest_deadline_first_and_fills_the_capacity(images):
+    table = JobTable(images.shape[1:], K, capacity=4)
+    now = time.monotonic()
+
+    class J:
+        def __init__(self, order, deadline, budget):
+            self.spec = JobSpec(images[order], 0.01, budget, now + deadline, kind="fixed", tested_class=0)
+            self.order, self.slot = order, -1
+
+    jobs = [J(0, 30, 500), J(1, 10, 300), J(2, 20, 400)]
+    for j in jobs:
+        table.admit(j, FIXED, None)
+    batch = table.allocate(600)
+    assert [int(s) for s in batch.slots] == [jobs[1].slot, jobs[2].slot]  # deadlines 10 s, 20 s; 30 s gets none
+    assert batch.sizes.tolist() == [300, 300]
+    assert table.wanted()[jobs[2].slot] == 100 and table.wanted()[jobs[1].slot] == 0
+
+
+# ------------------------------------------------------------------------------------------- the engine
+def test_next_batch_is_launched_before_the_current_one_lands(backend, images):
+    """Double buffering: launch k+1 happens before the engine reads the counts of batch k."""
+    sampler = Recording(backend, batch_size=256)
+    engine = start(sampler)
+    try:
+        futs = [engine.submit(JobSpec(images[i], 0.01, 2000, time.monotonic() + 60, kind="fixed",
+                                      tested_class=0)) for i in range(4)]
+        for f in futs:
+            f.result(timeout=60)
+    finally:
+        engine.stop(0.0)
+    order = {e: i for i, e in enumerate(sampler.events)}
+    overlapped = [k for k in range(len(sampler.sizes) - 1) if order[("launch", k + 1)] < order.get(("result", k), -1)]
+    assert len(overlapped) >= len(sampler.sizes) // 2, sampler.events[:20]
+    assert engine.samples_processed == 4 * 2000
+
+
+def test_deadline_never_reads_counts_of_a_batch_still_running(backend, images):
+    """The first batch is held back past the job's deadline: the answer must count nothing (0 samples, abstain).
+    Run against the bug of answering with the samples *assigned* (in flight) instead of those counted
+    (``_answer`` reading ``table.assigned``): it reported 256 samples for a bound on 0; this test failed."""
+    sampler = Recording(backend, batch_size=256)
+    sampler.gate.clear()
+    engine = start(sampler)
+    try:
+        fut = engine.submit(JobSpec(images[EASY], 0.01, 256, time.monotonic() + 0.3, kind="fixed", tested_class=1))
+        res = fut.result(timeout=30)
+        assert res.stopped_by == "deadline" and res.samples == 0 and res.class_index == -1 and res.p_lower == 0.0
+        sampler.gate.set()
+        spec = JobSpec(images[EASY], 0.01, 256, time.monotonic() + 60, kind="fixed", tested_class=1)
+        later = engine.submit(spec).result(timeout=60)
+        assert later.stopped_by == "budget" and later.samples == 256 and later.class_index == 1
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+
+
+def test_a_job_stopped_with_samples_in_flight_counts_them(backend, images):
+    """A best-radius job alone runs ahead of its decision (speculative chunk to the next checkpoint). When its
+    policy stops it, the samples in flight are counted and its bound is the confidence sequence at ALL its
+    counted samples (valid at any time): samples is a checkpoint, p_lower = L(S, samples) for an integer S, and
+    every sample the engine drew is in the answer. Run against the bug of answering at once and dropping the
+    chunk in flight: samples_processed exceeded the answer's samples; this test failed."""
+    sampler = Recording(backend, batch_size=1024)
+    engine = start(sampler)
+    try:
+        spec = JobSpec(images[EASY], 0.001, 10_000, time.monotonic() + 60, tested_class=1)
+        res = engine.submit(spec).result(timeout=60)
+    finally:
+        engine.stop(0.0)
+    assert res.stopped_by == "certified" and res.class_index == 1
+    assert res.samples in set(checkpoint_schedule(10_000).tolist())
+    bound_hits(res.p_lower, res.samples, lambda s: lower_bound(s, res.samples, 0.001, 0.5, 0.5))
+    assert engine.samples_processed == res.samples
+    ahead = [k for k in range(len(sampler.sizes) - 1)
+             if sampler.events.index(("launch", k + 1)) < sampler.events.index(("result", k))]
+    assert ahead, "the lone job never ran ahead of its decision"
+
+
+def test_target_radius_jobs_stop_at_their_checkpoint(backend, images):
+    """Target-radius jobs never run ahead: a 'target' answer certifies at least the target."""
+    engine = start(SamplingEngine(backend, sigma=SIGMA, num_classes=K, batch_size=1024))
+    try:
+        specs = [JobSpec(images[i], 0.001, 5000, time.monotonic() + 60, tested_class=1, target_radius=0.3)
+                 for i in (EASY, EASY, EASY)]
+        results = [engine.submit(s).result(timeout=60) for s in specs]
+    finally:
+        engine.stop(0.0)
+    for res in results:
+        assert res.stopped_by == "target" and res.radius >= 0.3
+        assert res.samples in set(checkpoint_schedule(5000).tolist())
+    assert engine.samples_processed == sum(r.samples for r in results)
+
+
+def test_cohen_estimation_may_start_while_selection_runs(backend, images):
+    """Cohen's selection chunk (n0) and estimation chunk are separate batches, the second launched before the
+    first lands; the class comes from the selection counts only and the bound is Clopper-Pearson on n."""
+    sampler = Recording(backend, batch_size=4096)
+    engine = start(sampler)
+    try:
+        res = engine.submit(JobSpec(images[EASY], 0.001, 1000, time.monotonic() + 60, kind="cohen",
+                                    n0=100)).result(timeout=60)
+    finally:
+        engine.stop(0.0)
+    assert sampler.sizes[:2] == [[100], [1000]]
+    assert sampler.events.index(("launch", 1)) < sampler.events.index(("result", 0))
+    assert res.samples == 1100 and res.class_index == 1 and res.stopped_by == "budget"
+    bound_hits(res.p_lower, 1000, lambda s: clopper_pearson_lower(s, 1000, 0.001))
+
+
+def test_kinds_share_batches_and_all_resolve(backend, images):
+    engine = start(SamplingEngine(backend, sigma=SIGMA, num_classes=K, batch_size=512), max_live_jobs=64)
+    rng = np.random.default_rng(3)
+    try:
+        specs = []
+        for i in range(48):
+            kind = ("sequential", "cohen", "fixed")[i % 3]
+            specs.append(JobSpec(images[i], float(rng.choice([0.01, 0.001])), 300, time.monotonic() + 120,
+                                 kind=kind, n0=32, tested_class=int(rng.integers(K)) if kind != "cohen" else 0))
+        results = [f.result(timeout=120) for f in [engine.submit(s) for s in specs]]
+    finally:
+        engine.stop(0.0)
+    for res, spec in zip(results, specs):
+        assert res.stopped_by in {"certified", "futility", "budget"}
+        if spec.kind == "sequential":
+            assert res.samples <= 300
+        else:
+            assert res.samples == 300 + (32 if spec.kind == "cohen" else 0)
+    assert engine.samples_processed == sum(r.samples for r in results)
+    assert engine.batches < sum(r.samples for r in results) / 100  # chunks of many jobs per model call
+
