@@ -6,11 +6,15 @@
 #   docker run --rm --network host certserve            # listens on 0.0.0.0:8000
 #   docker run --rm --network host -v /path/bundle:/bundle:ro -e CERTSERVE_BUNDLE=/bundle certserve
 #
-# GPU image: a CUDA runtime base that has python3 + venv (installed below when INSTALL_PYTHON=1) and onnxruntime-gpu:
+# GPU image: a CUDA runtime base that has python3 + venv (installed below when INSTALL_PYTHON=1) and onnxruntime-gpu
+# (CERTSERVE_DEVICE=cuda then runs the sampler on onnxruntime's CUDA provider, noise drawn in the graph):
 #   docker build -t certserve:gpu \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
 #     --build-arg INSTALL_PYTHON=1 --build-arg ORT_PACKAGE=onnxruntime-gpu .
 #   docker run --rm --gpus all --network host -e CERTSERVE_DEVICE=cuda certserve:gpu
+# Add --build-arg EXTRAS=gpu for the PyTorch backend as well (torch + onnx2torch, several GB: models/torch_backend.py;
+# used when onnxruntime has no CUDA provider). docker/smoke-test.sh builds the onnxruntime-gpu variant on its local
+# Debian base (no CUDA base can be pulled there) and checks that it imports its GPU backend; it cannot run it.
 #
 # Offline builds: put wheels in a `wheels/` directory of the build context (e.g. `pip download -d wheels ...` on a
 # host with the base image's Python); they are then installed with `pip install --no-index --find-links`, otherwise
@@ -23,6 +27,7 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS build
 ARG INSTALL_PYTHON=0
 ARG ORT_PACKAGE=onnxruntime
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 
 SHELL ["/bin/sh", "-eu", "-c"]
@@ -55,7 +60,7 @@ RUN python3 -m venv /opt/venv && \
     else \
         set --; \
     fi && \
-    /opt/venv/bin/pip install --no-cache-dir "$@" . && \
+    /opt/venv/bin/pip install --no-cache-dir "$@" ".${EXTRAS:+[$EXTRAS]}" && \
     if [ "$ORT_PACKAGE" != onnxruntime ]; then \
         /opt/venv/bin/pip uninstall -y onnxruntime && \
         /opt/venv/bin/pip install --no-cache-dir --no-deps "$@" "$ORT_PACKAGE"; \

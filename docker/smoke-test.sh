@@ -3,7 +3,9 @@
 #   dockerd (started here when not running: --bridge=none, no iptables) -> local Debian bookworm base image with
 #   python3 (debootstrap + docker import; no registry pulls) -> wheelhouse downloaded on the host (pip inside the
 #   build cannot verify TLS here) -> docker build -> docker run --network host on a free loopback port -> /readyz ->
-#   POST /certify a real Fashion-MNIST PNG -> /metrics moved -> non-root -> HEALTHCHECK healthy -> cleanup.
+#   POST /certify a real Fashion-MNIST PNG -> /metrics moved -> non-root -> HEALTHCHECK healthy -> graceful stop ->
+#   the CUDA variant (ORT_PACKAGE=onnxruntime-gpu on the same local base: no CUDA base image can be pulled here) builds
+#   and imports its GPU backend (it cannot run without a GPU) -> cleanup. SMOKE_GPU=0 skips the CUDA variant.
 # The base rootfs and the wheelhouse are cached in $CERTSERVE_DOCKER_CACHE (default /var/tmp/certserve-docker), so a
 # second run skips them. Needs root (debootstrap, dockerd). Exits non-zero on any failure.
 #
@@ -14,6 +16,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${CERTSERVE_DOCKER_CACHE:-/var/tmp/certserve-docker}
 BASE_IMAGE=${BASE_IMAGE:-local/debian-python:bookworm}
 IMAGE=${IMAGE:-certserve:smoke}
+GPU_IMAGE=${GPU_IMAGE:-certserve:smoke-gpu}
+SMOKE_GPU=${SMOKE_GPU:-1}
 KEEP_IMAGE=${KEEP_IMAGE:-1}
 FMNIST=/usr/share/datasets/fashion-mnist
 # The Debian client matches Debian's dockerd 20.10 (a newer client would want the missing buildx plugin).
@@ -51,8 +55,8 @@ cleanup() {
         fi
         "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1
     fi
-    [ "$KEEP_IMAGE" = 1 ] || "$DOCKER" rmi -f "$IMAGE" >/dev/null 2>&1
-    rm -rf "$CONTEXT"
+    [ "$KEEP_IMAGE" = 1 ] || "$DOCKER" rmi -f "$IMAGE" "$GPU_IMAGE" >/dev/null 2>&1
+    rm -rf "$CONTEXT" "$CONTEXT-gpu"
     if [ -n "$DOCKERD_PID" ]; then
         log "stopping the dockerd this script started (pid $DOCKERD_PID)"
         kill "$DOCKERD_PID" 2>/dev/null
@@ -238,3 +242,33 @@ EXIT=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$CONTAINER")
 [ "$EXIT" = 0 ] || die "container exited $EXIT after SIGTERM"
 log "SIGTERM -> exit $EXIT"
 phase_done graceful-stop
+
+# ---------------------------------------------------------------- 10. the CUDA variant builds and imports its GPU backend
+if [ "$SMOKE_GPU" = 1 ]; then
+    GPU_WHEELS="$CACHE/wheels-gpu"
+    if ! ls "$GPU_WHEELS"/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
+        log "pip download onnxruntime-gpu into $GPU_WHEELS"
+        rm -rf "$GPU_WHEELS" && mkdir -p "$GPU_WHEELS"
+        "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 --implementation cp \
+            --abi cp311 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 -d "$GPU_WHEELS" \
+            onnxruntime-gpu >"$CACHE/pip-download-gpu.log" 2>&1 \
+            || { tail -20 "$CACHE/pip-download-gpu.log"; die "pip download onnxruntime-gpu failed"; }
+    fi
+    rm -rf "$CONTEXT-gpu" && mkdir -p "$CONTEXT-gpu"
+    (cd "$REPO" && git ls-files -co --exclude-standard -z | tar --null --ignore-failed-read -T - -cf -) | tar -C "$CONTEXT-gpu" -xf -
+    cp -al "$WHEELS" "$CONTEXT-gpu/wheels" 2>/dev/null || cp -a "$WHEELS" "$CONTEXT-gpu/wheels"
+    cp -al "$GPU_WHEELS"/*.whl "$CONTEXT-gpu/wheels/" 2>/dev/null || cp -a "$GPU_WHEELS"/*.whl "$CONTEXT-gpu/wheels/"
+    log "docker build -t $GPU_IMAGE --build-arg BASE_IMAGE=$BASE_IMAGE --build-arg ORT_PACKAGE=onnxruntime-gpu"
+    "$DOCKER" build -t "$GPU_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg ORT_PACKAGE=onnxruntime-gpu \
+        "$CONTEXT-gpu" >"$CACHE/build-gpu.log" 2>&1 || { tail -40 "$CACHE/build-gpu.log"; die "GPU docker build failed"; }
+    log "size $("$DOCKER" image inspect -f '{{.Size}}' "$GPU_IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
+    "$DOCKER" run --rm --network host --entrypoint python3 "$GPU_IMAGE" -c '
+import importlib.metadata as md, onnxruntime as ort
+from models.backends import _ort_has_cuda, onnx_backend  # the backend chooser CERTSERVE_DEVICE=cuda uses
+assert md.version("onnxruntime-gpu"), "onnxruntime-gpu is not installed"
+assert "CUDAExecutionProvider" in ort.get_available_providers(), ort.get_available_providers()
+assert _ort_has_cuda(), "the backend chooser does not see the CUDA provider"
+print("GPU image:", "onnxruntime-gpu", md.version("onnxruntime-gpu"), "providers", ort.get_available_providers())
+' || die "the CUDA image does not import its GPU backend"
+    phase_done gpu-variant
+fi

@@ -87,17 +87,25 @@ class TorchBackend:
 
     def _noisy_labels(self, images, sizes, sigma, rng):
         torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        if self.device.startswith("cuda"):
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = self._to_device(np.ascontiguousarray(images, dtype=np.float32))
         total = int(sizes.sum())
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
-                                        torch.from_numpy(sizes).to(self.device), output_size=total)
+                                        self._to_device(np.ascontiguousarray(sizes, dtype=np.int64)),
+                                        output_size=total)  # output_size: no device -> host sync
         seed = int(rng.integers(0, 2**63 - 1)) if rng is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._gen.manual_seed(seed)  # read at launch: reseeding for the next batch never alters this one
         noise = torch.randn((total, *x.shape[1:]), generator=self._gen, device=self.device)
         batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
         return owner, self.module(batch).argmax(dim=1)
+
+
+    def _to_device(self, array: np.ndarray):
+        """Host array -> device tensor without blocking the host: a pageable copy would wait for every kernel
+        already queued (the previous batch), so copies go through pinned memory, asynchronously."""
+        t = self.torch.from_numpy(array)
+        if self.device.startswith("cuda"):
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
 
 class _TorchPending:
