@@ -126,6 +126,7 @@ class SequentialEngine:
         self.batches = 0
         self.bookkeeping_seconds = 0.0  # engine-thread time outside waiting for the model (benchmarks)
         self.decision_seconds = 0.0  # of which policies and certificates of finished jobs
+        self.decided = 0  # policy evaluations (jobs at a checkpoint)
         self.thread_cpu_seconds = 0.0  # CPU time of the engine thread (as of its latest turn)
 
     # ----------------------------------------------------------------- public API (any thread)
@@ -310,6 +311,7 @@ class SequentialEngine:
                 answers += self._answer(settled, [STOP_NAMES[int(c)] for c in table.stop_code[settled]])
             due = table.at_checkpoint(landed)
             if len(due):
+                self.decided += len(due)
                 codes, failures = policy_decisions(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])

@@ -80,7 +80,7 @@ def _openapi(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
     keys = request.app.state.settings.api_keys
     if not keys:
         return
