@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -35,23 +36,25 @@ class Sealer:
     """Hashes, signs and records the certificates of one service (one bundle)."""
 
     def __init__(self, bundle: Bundle, *, signer: Signer | None = None, audit: AuditLog | None = None,
-                 on_audit_failure: Callable[[], None] | None = None):
-        self.signer, self.audit, self.on_audit_failure = signer, audit, on_audit_failure
+                 observer: object | None = None):
+        """``observer`` (the server's metrics) may have ``on_seal(seconds)`` and ``on_audit_failure()``."""
+        self.signer, self.audit = signer, audit
+        self._on_seal: Callable[[float], None] | None = getattr(observer, "on_seal", None)
+        self._on_audit_failure: Callable[[], None] | None = getattr(observer, "on_audit_failure", None)
         m = bundle.manifest
         self.model = {"model_name": m.name, "model_version": m.version, "sigma": float(m.sigma),
                       "manifest_sha256": sha256_file(bundle.root / "manifest.json")}
         self.version = certserve_version()
 
     @classmethod
-    def from_config(cls, bundle: Bundle, config: ServiceConfig, *,
-                    on_audit_failure: Callable[[], None] | None = None) -> Sealer:
+    def from_config(cls, bundle: Bundle, config: ServiceConfig, *, observer: object | None = None) -> Sealer:
         """Keys from ``config.signing_key`` (see :mod:`certification.signing`), the log from ``config.audit_log``."""
         signer = Signer.from_paths(config.signing_key) if config.signing_key else None
         audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
                          backups=config.audit_backups) if config.audit_log else None
         if signer is not None:
             log.info("signing certificates with key %s (%d key(s) published)", signer.kid, len(signer.kids))
-        return cls(bundle, signer=signer, audit=audit, on_audit_failure=on_audit_failure)
+        return cls(bundle, signer=signer, audit=audit, observer=observer)
 
     def jwks(self) -> dict:
         """The public key set (empty when certificates are not signed)."""
@@ -63,6 +66,7 @@ class Sealer:
 
         Changes nothing the certificate claims (class, radius, guarantee): its guarantee is the one stated in its
         ``guarantee`` field. Raises ``ServiceError("audit_unavailable")`` when the record cannot be written."""
+        started = time.perf_counter()
         cert.input = InputInfo(sha256=input_sha256, encoding=input_encoding, tensor_sha256=tensor_sha256(image),
                                tensor_shape=list(image.shape))
         if self.signer is not None:
@@ -76,10 +80,12 @@ class Sealer:
                 self.audit.append_json(b'{"certificate":' + cert.model_dump_json().encode() + b"}")
             except AuditError as exc:
                 log.error("certificate %s refused: %s", cert.request_id, exc)
-                if self.on_audit_failure is not None:
-                    self.on_audit_failure()
+                if self._on_audit_failure is not None:
+                    self._on_audit_failure()
                 raise ServiceError("audit_unavailable", "the audit log cannot be written, so no certificate is "
                                    "issued; retry later", retry_after=5) from None
+        if self._on_seal is not None:
+            self._on_seal(time.perf_counter() - started)
         return cert
 
     def close(self) -> None:

@@ -48,7 +48,7 @@ class CertificationService:
         self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
         self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256)
         # input hashes, signature, audit record of every certificate
-        self.sealer = Sealer.from_config(bundle, config, on_audit_failure=getattr(observer, "on_audit_failure", None))
+        self.sealer = Sealer.from_config(bundle, config, observer=observer)
 
     def card(self) -> ModelCard:
         m = self.manifest

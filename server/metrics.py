@@ -17,6 +17,7 @@ from models.engine import EngineObserver
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SAMPLE_BUCKETS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 BATCH_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
+SEAL_BUCKETS = (25e-6, 50e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3, 0.01, 0.05)
 FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -49,6 +50,8 @@ class Metrics(EngineObserver):
         self.ready = Gauge("certserve_ready", "1 when the server is ready to take traffic", registry=r)
         self.audit_failures = Counter("certserve_audit_write_failures", "Certificates refused (503) because their "
                                       "audit record could not be written", registry=r)
+        self.seal = Histogram("certserve_seal_duration_seconds", "Time to hash, sign and audit-log one certificate",
+                              buckets=SEAL_BUCKETS, registry=r)
         # create the labelled series at 0, so rate()/increase() see the first requests too
         for method in ("surrogate", "sequential", "cohen"):
             for outcome in ("certified", "abstained"):
@@ -80,6 +83,10 @@ class Metrics(EngineObserver):
         self.samples_per_certificate.labels(cert.method).observe(cert.samples)
         if cert.fallback_reason is not None:
             self.fallbacks.labels(cert.fallback_reason).inc()
+
+    def on_seal(self, seconds: float) -> None:
+        """One certificate sealed (input hashes, signature, audit line) in ``seconds`` (called by the service)."""
+        self.seal.observe(seconds)
 
     def on_audit_failure(self) -> None:
         """One certificate refused because its audit record could not be written (called by the service)."""

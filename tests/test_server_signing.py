@@ -137,6 +137,10 @@ def test_every_answered_certificate_is_in_the_audit_log_and_verifies(signed, x):
     for doc in answered:
         assert by_id[doc["request_id"]] == doc  # the record IS the answer (timings and all)
         verify_document({"certificate": by_id[doc["request_id"]]}, jwks)
+    metrics = signed.get("/metrics").text
+    sealed = next(float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("certserve_seal_duration_seconds_count"))
+    assert sealed == len(records)  # every sealed certificate was logged, and every logged one sealed
 
 
 def test_unwritable_audit_log_refuses_with_503_and_counts(tmp_path, x):
