@@ -75,6 +75,12 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
                         f"{load['signed+audit']['mean_us']:.0f} us with the audit line; HTTP p50 "
                         f"{s['signed']['delta_p50_ms']:+.2f} ms signed vs unsigned ({d['ab']})")
             rows.append(["(g) signed certificates", measured, "<= 0.3 ms on the p50", d["verdict"], when])
+        elif base == "ray":
+            for name, p in d["phases"].items():
+                measured = (f"{name}: added p50 {p['added_p50_ms']:+.1f} ms, p99 {p['added_p99_ms']:+.1f} ms at "
+                            f"{d['rate']:g} req/s; sequential certs/s 2 replicas / 1 process {p['throughput_ratio']:.2f}")
+                rows.append([f"(h) Ray Serve, 2 replicas ({name})", measured, "p99 added <= 5 ms; ratio >= 0.9",
+                             f"{p['latency_verdict']}; {p['throughput_verdict']}", when])
     return markdown_table(["benchmark", "measured", "target", "verdict", "run (UTC)"], rows)
 
 

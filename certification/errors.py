@@ -23,6 +23,7 @@ CODES = {
     "queue_full": "the engine holds its limit of live jobs; retry later",
     "inflight_limit": "the server holds its limit of requests in flight; retry later",
     "draining": "the server is shutting down; retry on another replica",
+    "replica_unavailable": "the Ray Serve replica serving the request stopped before answering; retry",
     "audit_unavailable": "the audit log cannot be written, so no certificate is issued; retry later",
     "starting": "the bundle is still loading",
     "client_closed_request": "the client closed the connection before the answer",

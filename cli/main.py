@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv = bench_sub.add_parser("server", help="worker efficiency, HTTP latency, certificates/s, auto mode, cold start")
     server_bench.add_arguments(sv)
     sv.set_defaults(func=server_bench.run)
+    from bench import ray_bench  # imports no Ray itself: it runs `certserve serve --replicas 2` as a subprocess
+
+    rb = bench_sub.add_parser("ray", help="Ray Serve (2 replicas) vs one process: added latency, certificates/s")
+    ray_bench.add_arguments(rb)
+    rb.set_defaults(func=ray_bench.run)
 
     from server.client import add_certify_command
     from server.serve import add_serve_command

@@ -32,19 +32,25 @@ VERSION = "0.1.0"
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 415, 422, 500, 503)}
 
 
+def build_service(settings: Settings, *, observer=None, seed: int | None = None) -> CertificationService:
+    """The certification service of ``settings`` (not started): the one constructor of the app's lifespan and of a
+    Ray Serve replica (server/ray_serve.py)."""
+    bundle = load_bundle(settings.bundle)  # verifies hashes, shapes and schema; raises BundleError
+    return CertificationService(bundle, settings.service_config(), observer=observer, seed=seed)
+
+
 def create_app(settings: Settings | None = None, *, service: CertificationService | None = None,
-               seed: int | None = None) -> FastAPI:
+               metrics: Metrics | None = None, seed: int | None = None) -> FastAPI:
     """The app. Without ``service`` the lifespan builds one from ``settings.bundle`` and stops it on shutdown; with
-    one (e.g. built by a Ray Serve replica), its owner starts and stops it."""
+    one (e.g. built by a Ray Serve replica, with ``metrics`` as its engine observer), its owner starts and stops it."""
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = metrics if metrics is not None else Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         owned = service is None  # the app builds its own service on every start-up and stops it on shutdown
         if owned:
-            bundle = load_bundle(settings.bundle)  # verifies hashes, shapes and schema; raises BundleError
-            app.state.service = CertificationService(bundle, settings.service_config(), observer=metrics, seed=seed)
+            app.state.service = build_service(settings, observer=metrics, seed=seed)
             await asyncio.to_thread(app.state.service.start)
         app.state.ready = True
         metrics.ready.set(1)

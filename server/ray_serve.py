@@ -28,15 +28,16 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 from ray import serve
 from ray.serve import metrics as serve_metrics
 
-from certification.service import CertificationService
 from models.bundle import load_bundle
 from models.defaults import default_batch_size
-from server.app import create_app
+from server.app import build_service, create_app
 from server.errors import error_bytes
+from server.metrics import Metrics
 from server.settings import Settings
 
 log = logging.getLogger("certserve")
@@ -62,11 +63,20 @@ def settings_from_args(args: dict | None) -> Settings:
     return Settings(**args)
 
 
+def replica_settings(settings: Settings, replica: str) -> Settings:
+    """One process writes one audit log (rotation and torn-tail repair assume it): each replica appends to its own
+    file next to the configured one, ``audit.jsonl`` -> ``audit.replica-<id>.jsonl``."""
+    if not settings.audit_log:
+        return settings
+    path = Path(settings.audit_log)
+    return settings.model_copy(update={"audit_log": str(path.with_name(f"{path.stem}.replica-{replica}{path.suffix}"))})
+
+
 def replica_options(settings: Settings, *, replicas: int | None = None, cpus: float | None = None,
                     gpus: float = 0.0) -> dict:
     """Deployment options sized to the engine: concurrency that fills a batch, half of it as the autoscaling target,
     a shutdown budget that covers the drain. The Serve config's ``deployments`` section overrides any of them."""
-    capacity = settings.batch_size or default_batch_size("cuda" if gpus else "cpu")
+    capacity = settings.batch_size or default_batch_size("cuda" if gpus or settings.device == "cuda" else "cpu")
     ongoing = max(8, min(settings.max_live_jobs, capacity // SAMPLES_PER_ONGOING_REQUEST))
     options = {
         "max_ongoing_requests": ongoing,
@@ -84,10 +94,15 @@ def replica_options(settings: Settings, *, replicas: int | None = None, cpus: fl
     return options
 
 
-def build_app(args: dict | None = None, *, replicas: int | None = None, cpus: float | None = None,
-              gpus: float = 0.0) -> serve.Application:
-    """The Serve application (application builder of deploy/ray/serve.yaml: ``import_path:
-    server.ray_serve:build_app`` with ``args`` = settings fields)."""
+def build_app(args: dict) -> serve.Application:
+    """The application builder of deploy/ray/serve.yaml (``import_path: server.ray_serve:build_app``; Ray calls it
+    with the config's ``args``, which are settings fields). Deployment options come from the config."""
+    return build_deployment(args)
+
+
+def build_deployment(args: dict | None, *, replicas: int | None = None, cpus: float | None = None,
+                     gpus: float = 0.0) -> serve.Application:
+    """The bound deployment with options sized to the settings (:func:`replica_options`)."""
     settings = settings_from_args(args)
     options = replica_options(settings, replicas=replicas, cpus=cpus, gpus=gpus)
     return CertserveDeployment.options(**options).bind(dict(args or {}))
@@ -163,22 +178,22 @@ class CertserveDeployment:
     """One replica: the certification service is built (and warmed up) here, before Serve routes any request."""
 
     def __init__(self, args: dict):
-        self._settings = settings_from_args(args)
-        logging.getLogger("certserve").setLevel(self._settings.log_level.upper())
         self._replica = serve.get_replica_context().replica_id.unique_id
-        bundle = load_bundle(self._settings.bundle)  # verifies hashes and shapes; a bad bundle fails the replica
-        self._service = CertificationService(bundle, self._settings.service_config())
+        self._settings = replica_settings(settings_from_args(args), self._replica)
+        logging.getLogger("certserve").setLevel(self._settings.log_level.upper())
+        self._metrics = Metrics()
+        # verifies the bundle's hashes and shapes: a bad bundle fails the replica's start (Serve retries, then reports)
+        self._service = build_service(self._settings, observer=self._metrics)
         self._service.start()
         self._app = None
         self._bridge: MetricsBridge | None = None
-        log.info("certserve replica %s ready: bundle %s, sampler %s", self._replica, bundle.manifest.name,
+        log.info("certserve replica %s ready: bundle %s, sampler %s", self._replica, self._service.manifest.name,
                  self._service.engine.sampler.backend.name)
 
     def __serve_build_asgi_app__(self):
-        app = create_app(self._settings, service=self._service)
-        self._service.engine.observer = app.state.metrics  # the engine's batch/queue metrics land in this app's registry
-        app.add_middleware(ReplicaHeader, replica=self._replica)
-        self._bridge = MetricsBridge(app.state.metrics.registry).start()
+        app = create_app(self._settings, service=self._service, metrics=self._metrics)
+        app.add_middleware(ReplicaHeader, replica=self._replica)  # added last: outermost, sees every response
+        self._bridge = MetricsBridge(self._metrics.registry).start()
         self._app = app
         return app
 
@@ -188,21 +203,25 @@ class CertserveDeployment:
             raise RuntimeError(f"replica {self._replica}: the certification engine is not running")
 
     async def __del__(self):
-        """Serve has stopped routing here and waited for the ongoing requests; stop the engine like SIGTERM does."""
-        if self._app is not None:
+        """Serve has stopped routing here and waited for the ongoing requests; stop the engine like SIGTERM does.
+        (Also called when the constructor failed half-way: stop only what exists.)"""
+        if getattr(self, "_app", None) is not None:
             self._app.state.draining = True
-        await asyncio.to_thread(self._service.stop, self._settings.drain_seconds)
-        if self._bridge is not None:
+        if getattr(self, "_service", None) is not None:
+            await asyncio.to_thread(self._service.stop, self._settings.drain_seconds)
+        if getattr(self, "_bridge", None) is not None:
             self._bridge.stop()
-        log.info("certserve replica %s stopped", self._replica)
+        log.info("certserve replica %s stopped", getattr(self, "_replica", "?"))
 
 
 class ProxyErrors:
-    """In Ray's HTTP proxy: a 5xx that no replica produced becomes certserve's JSON envelope, 503 + Retry-After.
+    """In Ray's HTTP proxy: an answer that no replica produced, and that is an error, becomes certserve's JSON
+    envelope, 503 + Retry-After.
 
-    The app marks every response it produces (:class:`ReplicaHeader`), so a 5xx without the mark is the proxy's own:
-    a replica that died with the request in flight (Ray answers a bare ``500 Internal Server Error``) or Serve's
-    backpressure (``503``). Neither certified anything; the client should retry, possibly on another replica."""
+    The app marks every response it produces (:class:`ReplicaHeader`). When a replica dies with the request in flight
+    the proxy sends nothing at all (uvicorn would then answer a bare ``500 Internal Server Error``); Serve's
+    backpressure answers an unmarked ``503``. Neither certified anything: the client should retry, possibly on another
+    replica, and this says so."""
 
     def __init__(self, app):
         self.app = app
@@ -210,28 +229,36 @@ class ProxyErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        replaced = False
+        started = replaced = False
 
         async def checked_send(message):
-            nonlocal replaced
+            nonlocal started, replaced
             if replaced:
                 return  # the proxy's own body of the replaced answer
-            if message["type"] == "http.response.start" and message["status"] >= 500:
+            if message["type"] == "http.response.start":
+                started = True
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if REPLICA_HEADER not in headers:
+                if message["status"] >= 500 and REPLICA_HEADER not in headers:
                     replaced = True
                     await send_unavailable(send, message["status"], headers)
                     return
             await send(message)
 
-        await self.app(scope, receive, checked_send)
+        try:
+            await self.app(scope, receive, checked_send)
+        except Exception:
+            if started:
+                raise
+            log.warning("Ray's proxy failed before any response; answering 503", exc_info=True)
+        if not started:
+            await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
 
 
 async def send_unavailable(send, status: int, headers: dict[bytes, bytes]) -> None:
     request_id = headers.get(b"x-request-id", b"").decode("latin-1") or None
     retry_after = headers.get(b"retry-after", b"1")
-    if status == 503:
-        code, message = "overloaded", "all replicas are busy; retry later"
+    if status == 503:  # Serve's back-pressure: max_queued_requests waiting for a replica
+        code, message = "inflight_limit", "every replica holds its limit of requests and the queue is full; retry later"
     else:
         code, message = "replica_unavailable", "the replica serving this request stopped; nothing was certified, retry"
     body = error_bytes(code, message, request_id)
@@ -262,13 +289,13 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
     stop = threading.Event()
     try:
         ray.init(num_cpus=cores, include_dashboard=False, _metrics_export_port=metrics_port,
-                 logging_level=logging.WARNING)
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # one machine: the loopback address
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
         gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
         if not args.get("threads"):
             args = {**args, "threads": max(1, cores // replicas)}
-        app = build_app(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
+        app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
         log.warning("certserve: %d replicas ready on http://%s:%d (Ray metrics on port %s)", replicas, host, port,
@@ -276,6 +303,9 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         while not stop.wait(0.5):
             pass
         log.warning("certserve: stopping (replicas drain their ongoing requests)")
+        # delete the application first, with the proxy still up: each replica leaves the routing table, finishes its
+        # ongoing requests (graceful_shutdown_timeout_s) and the proxy delivers their answers; only then stop Serve
+        serve.delete(APP_NAME)
     finally:
         if ray.is_initialized():
             try:

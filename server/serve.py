@@ -36,6 +36,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--log-level", default=None)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="N > 1: a local Ray Serve application with N replicas, one engine each (needs certserve[ray])")
+    p.add_argument("--ray-metrics-port", type=int, default=None,
+                   help="with --replicas: the port of Ray's Prometheus endpoint (default: Ray picks one)")
     p.set_defaults(func=run_serve)
 
 
@@ -44,6 +48,16 @@ def run_serve(args) -> int:
                  if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "replicas", 1) < 1:
+        raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
+    if getattr(args, "replicas", 1) > 1:
+        try:
+            from server.ray_serve import run_local  # Ray is an optional extra: imported only here
+        except ImportError as exc:
+            raise ValueError(f"--replicas needs Ray Serve: pip install 'certserve[ray]' ({exc})") from None
+        replica_args = {k: v for k, v in overrides.items() if k not in ("host", "port")}
+        return run_local(replica_args, replicas=args.replicas, host=settings.host, port=settings.port,
+                         metrics_port=args.ray_metrics_port)
     from server.app import create_app
 
     server_class, uvicorn = _draining_server_class()

@@ -1,0 +1,332 @@
+"""Scale-out on a real local Ray cluster: ``certserve serve --replicas 2`` (Ray Serve, one engine per replica).
+
+The module-scoped fixture runs the real command in a subprocess, inside a private network namespace with only
+loopback (bench/netns.py: Ray would otherwise listen on all interfaces and talk over the host's address), on a
+2-CPU cluster without the dashboard. The tests then check what a user relies on: both replicas answer and say so
+(``X-Certserve-Replica``); the surrogate path gives the same certificates and errors as the single-process server;
+each replica's certserve metrics reach a real Prometheus with a ``replica`` label next to Ray's ``ray_serve_*``; a
+SIGKILLed replica is replaced while its in-flight requests get 503 + Retry-After (never 500); SIGTERM drains the
+in-flight requests, exits 0 and leaves no process behind (the namespace is empty afterwards).
+
+Every wait is a bounded poll; the bounds are generous for a slow, shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from bench import netns
+from bench.server_process import ServerProc, free_port
+from calibration.data import load_fashion_mnist
+from server.app import build_service, create_app
+from server.ray_serve import CertserveDeployment, replica_settings
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+NETNS_OK, NETNS_WHY = netns.available()
+PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+REPLICA = "x-certserve-replica"
+ENV = {"CERTSERVE_THREADS": "1", "CERTSERVE_DRAIN_SECONDS": "5", "RAY_USAGE_STATS_ENABLED": "0",
+       "RAY_metrics_report_interval_ms": "1000"}
+SEQUENTIAL = {"mode": "sequential", "max_samples": "10000", "alpha": "0.000001"}  # ~0.5-2 s of engine time each
+
+
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.rint(image[0] * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Cluster:
+    """``certserve serve --replicas 2`` in the private namespace this thread is in; its Ray files in a temp dir."""
+
+    def __init__(self, workdir: Path, namespace: str):
+        self.namespace = namespace
+        self.metrics_port = free_port()
+        self.ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's unix socket paths must fit 107 bytes
+        env = {**ENV, "RAY_TMPDIR": self.ray_tmp}
+        self.t0 = time.monotonic()
+        self.server = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(self.metrics_port),
+                                 env=env, tag="ray")
+        self.url = self.server.url
+        self.started_s = None
+
+    def wait_ready(self, timeout: float = 240.0) -> set[str]:
+        """/readyz through the proxy, then both replicas answering; the set of replica ids."""
+        self.server.wait_ready(timeout=timeout)
+        seen: set[str] = set()
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            end = time.monotonic() + 60
+            while len(seen) < 2 and time.monotonic() < end:
+                seen.add(client.get("/readyz").headers.get(REPLICA, ""))
+        seen.discard("")
+        self.started_s = time.monotonic() - self.t0
+        return seen
+
+    def replica_pids(self) -> list[int]:
+        pids = []
+        for pid in netns.processes_in(self.namespace):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"ServeReplica:certserve:Certserve" in cmdline:
+                pids.append(pid)
+        return pids
+
+    def close(self) -> None:
+        """Last resort (a failed test): stop the command, then kill whatever is left in the namespace."""
+        if self.server.proc.poll() is None:
+            self.server.stop()
+        for pid in netns.processes_in(self.namespace):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.server.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not NETNS_OK:
+        pytest.skip(f"no private network namespace for the Ray cluster here ({NETNS_WHY}); run as root")
+    with netns.private_network() as namespace:
+        c = Cluster(tmp_path_factory.mktemp("ray"), namespace)
+        try:
+            c.replicas = c.wait_ready()
+            yield c
+        finally:
+            c.close()
+
+
+@pytest.fixture(scope="module")
+def images():
+    x = load_fashion_mnist().x_test
+    return [png(x[i]) for i in range(12)]
+
+
+def test_both_replicas_answer_and_mark_their_responses(cluster, images):
+    assert len(cluster.replicas) == 2, cluster.server.log_tail(40)
+    seen, results = set(), []
+
+    def one(i):
+        with httpx.Client(base_url=cluster.url, timeout=60) as client:
+            results.append(client.post("/certify", files={"image": ("x.png", images[i % 12], "image/png")}))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [r.status_code for r in results] == [200] * 24, [r.text for r in results if r.status_code != 200]
+    for r in results:
+        seen.add(r.headers[REPLICA])
+        # one X-Request-ID (Ray's proxy sets it; the app's copy is dropped), the id the certificate carries
+        assert r.headers.get_list("x-request-id") == [r.json()["request_id"]]
+    assert seen == cluster.replicas
+    print(f"cluster ready {cluster.started_s:.1f} s after `certserve serve --replicas 2`")
+
+
+def test_certificates_and_errors_match_the_single_process_server(cluster, images):
+    """The surrogate path is deterministic: the same image gives the same certificate through Ray Serve as from the
+    single-process app (everything but the request id and the timings); errors keep their status and code."""
+    volatile = {"request_id", "timings"}
+    with TestClient(create_app(Settings(threads=1))) as single, httpx.Client(base_url=cluster.url, timeout=60) as ray:
+        compared = 0
+        for image in images:
+            files = {"image": ("x.png", image, "image/png")}
+            a, b = single.post("/certify", files=files), ray.post("/certify", files=files)
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            if a.json()["method"] != "surrogate":
+                continue  # a sequential fallback draws random noise: not comparable
+            assert {k: v for k, v in b.json().items() if k not in volatile} == \
+                   {k: v for k, v in a.json().items() if k not in volatile}
+            compared += 1
+        assert compared >= 3
+        assert ray.get("/v1/models").json() == single.get("/v1/models").json()
+        for files, data in (({"image": ("x.png", b"not an image", "image/png")}, {}),
+                            ({"image": ("x.png", images[0], "image/png")}, {"alpha": "2"}),
+                            ({}, {"mode": "surrogate"})):
+            a, b = single.post("/certify", files=files or None, data=data), ray.post("/certify", files=files or None,
+                                                                                       data=data)
+            assert b.status_code == a.status_code and b.json()["error"]["code"] == a.json()["error"]["code"]
+            assert REPLICA in b.headers
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not installed (apt-get install prometheus)")
+def test_metrics_reach_prometheus_with_a_replica_label(cluster, images, tmp_path):
+    """A real Prometheus scrapes Ray's metrics endpoint with deploy/ray/prometheus.yml's relabelling: each replica's
+    certserve_requests_total arrives under its own ``replica`` label with the value that replica's own /metrics
+    shows, next to Ray's own ray_serve_* series."""
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{cluster.metrics_port}"]}]
+    job["scrape_interval"], job["scrape_timeout"] = "1s", "900ms"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prom = subprocess.Popen([PROMETHEUS, f"--web.listen-address=127.0.0.1:{port}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--config.file={tmp_path / 'prometheus.yml'}"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            with httpx.Client(base_url=cluster.url, timeout=60) as client:
+                for i in range(20):
+                    assert client.post("/certify", files={"image": ("x.png", images[i % 12], "image/png")}
+                                       ).status_code == 200
+                truth = requests_per_replica(client, cluster.replicas)
+            assert sum(truth.values()) >= 20
+            seen = wait_for(base, 'sum by (replica) (certserve_requests_total{application="certserve"})',
+                            lambda v: v == truth)
+            assert seen == truth
+            ray_own = 'sum by (replica) (ray_serve_deployment_request_counter_total{deployment="Certserve"})'
+            assert set(wait_for(base, ray_own, lambda v: set(v) == cluster.replicas)) == cluster.replicas
+            assert wait_for(base, "certserve_ready", lambda v: set(v) == cluster.replicas and all(v.values()))
+        finally:
+            prom.terminate()
+            prom.wait(timeout=30)
+
+
+def requests_per_replica(client: httpx.Client, replicas: set[str]) -> dict[str, float]:
+    """sum(certserve_requests_total) of each replica, from its own /metrics (reached through the proxy)."""
+    truth: dict[str, float] = {}
+    end = time.monotonic() + 60
+    while set(truth) != replicas and time.monotonic() < end:
+        r = client.get("/metrics")
+        truth[r.headers[REPLICA]] = sum(float(line.rpartition(" ")[2]) for line in r.text.splitlines()
+                                        if line.startswith("certserve_requests_total{"))
+    return truth
+
+
+def query(base: str, expr: str) -> dict[str, float] | None:
+    """The instant vector of ``expr`` by replica label, or None when Prometheus cannot answer yet."""
+    try:
+        body = httpx.get(base + "/api/v1/query", params={"query": expr}, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if body.get("status") != "success":
+        return None
+    return {r["metric"].get("replica", ""): float(r["value"][1]) for r in body["data"]["result"]}
+
+
+def wait_for(base: str, expr: str, predicate, timeout: float = 60.0) -> dict[str, float]:
+    end, last = time.monotonic() + timeout, None
+    while time.monotonic() < end:
+        last = query(base, expr)
+        if last and predicate(last):
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"{expr!r} did not reach the expected value within {timeout} s (last: {last})")
+
+
+def test_a_killed_replica_is_replaced_and_its_requests_get_503_never_500(cluster, images):
+    """SIGKILL one replica process while every replica holds sequential requests. The requests it held get
+    503 replica_unavailable + Retry-After (the proxy's bare 500, rewritten by server.ray_serve.ProxyErrors; checked
+    against the bug: without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH this test fails with 500s); later requests go
+    to the survivor or the replacement; a new replica id appears and serves."""
+    stop, results, errors, lock = threading.Event(), [], [], threading.Lock()
+
+    def load(i):
+        with httpx.Client(base_url=cluster.url, timeout=120) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post("/certify", files={"image": ("x.png", images[i], "image/png")}, data=SEQUENTIAL)
+                except httpx.HTTPError as exc:  # a dropped connection is a failure too, not a silent thread death
+                    errors.append(repr(exc))
+                    continue
+                with lock:
+                    results.append(r)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0)  # every replica holds requests now
+        victim = cluster.replica_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        end, new = killed_at + 120, set()
+        while not new and time.monotonic() < end:
+            time.sleep(0.5)
+            with lock:
+                new = {r.headers.get(REPLICA) for r in results if r.status_code == 200} - cluster.replicas - {None}
+        replaced_after = time.monotonic() - killed_at
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
+    assert not errors, errors
+    codes = [r.status_code for r in results]
+    assert 500 not in codes and set(codes) <= {200, 503}, sorted(set(codes))
+    unavailable = [r for r in results if r.status_code == 503]
+    assert unavailable, "the SIGKILL should have cut requests in flight"
+    for r in unavailable:
+        assert r.headers.get("retry-after") and r.json()["error"]["code"] in ("replica_unavailable", "inflight_limit")
+    assert new, f"no replacement replica answered within 120 s: {cluster.server.log_tail(40)}"
+    assert victim not in cluster.replica_pids()
+    print(f"replacement replica answered {replaced_after:.1f} s after the SIGKILL; "
+          f"{len(unavailable)} requests got 503, {codes.count(200)} got 200")
+
+
+def test_sigterm_drains_in_flight_requests_and_leaves_no_process(cluster, images):
+    """SIGTERM to ``certserve serve --replicas 2`` with sequential requests in flight: they complete (200), the
+    command exits 0, and within 30 s no process is left in the cluster's network namespace."""
+    results = []
+
+    def one(i):
+        with httpx.Client(base_url=cluster.url, timeout=120) as client:
+            results.append(client.post("/certify", files={"image": ("x.png", images[i], "image/png")},
+                                       data=SEQUENTIAL))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    code, seconds = cluster.server.sigterm_and_wait(threads, drain=30)
+    assert [r.status_code for r in results] == [200] * 3, [r.text[:200] for r in results]
+    assert code == 0, cluster.server.log_tail(40)
+    end = time.monotonic() + 30
+    while netns.processes_in(cluster.namespace) and time.monotonic() < end:
+        time.sleep(0.5)
+    left = netns.processes_in(cluster.namespace)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()]
+    print(f"SIGTERM to exit: {seconds:.1f} s")
+
+
+def test_check_health_follows_the_engine():
+    """Serve's health probe of a replica (CertserveDeployment.check_health) on a real service: passes while the
+    engine runs, raises once it stopped (Serve then replaces the replica)."""
+    service = build_service(Settings(threads=1))
+    service.start()
+    replica = SimpleNamespace(_service=service, _replica="test")
+    check = CertserveDeployment.func_or_class.check_health
+    check(replica)
+    service.stop(0.0)
+    with pytest.raises(RuntimeError, match="engine is not running"):
+        check(replica)
+
+
+def test_each_replica_appends_to_its_own_audit_log():
+    """One process writes one audit log (rotation and torn-tail repair assume it): replicas get sibling files."""
+    settings = replica_settings(Settings(audit_log="/var/log/certserve/audit.jsonl"), "ab12cd34")
+    assert settings.audit_log == "/var/log/certserve/audit.replica-ab12cd34.jsonl"
+    assert replica_settings(Settings(), "ab12cd34").audit_log is None
