@@ -1,4 +1,4 @@
-"""Section (g): the engine's own ceiling, with a null sampler (no model): samples/s and bookkeeping per step.
+"""Section (i): the engine's own ceiling, with a null sampler (no model): samples/s and bookkeeping per step.
 
 The null sampler stands in for the model: each job's "image" is a row index into a table of labels drawn once in
 advance (row r: i.i.d. labels with P(class 0) = pA_r, the other classes uniform), and a batch's counts are that
@@ -154,4 +154,4 @@ a quarter in [0.75, 0.97], a quarter in [0.3, 0.75].
 512 live sequential jobs: {verdict}** ({at512['samples_per_s'] / 1e6:.2f} M samples/s, {at512['bookkeeping_ms']:.3f} ms).
 """
     data = {"batch_size": batch, "rows": data_rows, "verdict": verdict, "at512": at512}
-    return "engine", "(g) Engine ceiling (null sampler)", body, data
+    return "engine", "(i) Engine ceiling (null sampler)", body, data

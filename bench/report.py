@@ -60,7 +60,7 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
             rows.append(["(d) auto mode", measured, f"<= {TARGET_AUTO_SAMPLES:g} samples/request", d["verdict"], when])
         elif base == "engine":
             r = d["at512"]
-            rows.append(["(g) engine ceiling, null sampler", f"512 sequential jobs: {r['samples_per_s'] / 1e6:.2f} M "
+            rows.append(["(i) engine ceiling, null sampler", f"512 sequential jobs: {r['samples_per_s'] / 1e6:.2f} M "
                          f"samples/s, bookkeeping {r['bookkeeping_ms']:.2f} ms/step ({r.get('cpu_ms', 0):.2f} ms CPU)",
                          ">= 20 M samples/s, <= 0.8 ms/step", d["verdict"], when])
         elif base == "coldstart":

@@ -17,7 +17,7 @@ its own part of the report; every section records the exact command, date, machi
 ``auto``      (d) N test images through the real server in auto mode at the default alpha: base-model evaluations
               per request, method mix, fallback reasons, certified accuracy.
 ``coldstart`` (e) process spawn of ``certserve serve`` -> GET /readyz 200, and RSS (VmRSS, VmHWM) idle and after load.
-``engine``    (g) the engine's own ceiling with a null sampler (labels from a precomputed table, no model): samples/s
+``engine``    (i) the engine's own ceiling with a null sampler (labels from a precomputed table, no model): samples/s
               and bookkeeping per step at 64 / 512 / 2,048 live jobs, 16,384-sample batches (``bench.engine_bench``).
 
 Run as ``certserve bench server [--only worker,http,...] [--full]`` or ``python -m bench.server_bench``. With

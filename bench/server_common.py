@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-SECTIONS = ("worker", "http", "certs", "auto", "coldstart", "engine")  # report order (a)-(e), (g); (f) overload.py
+SECTIONS = ("worker", "http", "certs", "auto", "coldstart", "engine")  # report order (a)-(e), (i); (f) overload.py
 ALPHA = 0.001  # the server's default request alpha
 BUDGET = 10_000  # the server's default max_samples; Cohen-10k's n
 TARGET_EFFICIENCY = 0.9

@@ -45,9 +45,9 @@ def _gated(sampler):
 
         def launch(self, images, sizes, rng):
             if not self._gate.is_set():
-                t = time.perf_counter()
-                for pending in self._launched:  # the model finishes what is in flight; nothing new starts
+                for pending in self._launched:  # the model finishes what is in flight (worker time); nothing new
                     pending.wait()
+                t = time.perf_counter()  # parked from here: the model is idle
                 self._parked.set()
                 self._gate.wait()
                 self.parked_log.append((t, time.perf_counter()))
