@@ -343,8 +343,11 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
         mixed_txt = (f"\nWith the worker busy (8 closed-loop clients posting `mode=sequential` requests, "
                      f"{mx['sequential_done']} of them answered during the run, status codes {mx['sequential_codes']}, "
                      f"worker about {mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 "
-                     f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms: the sampler's onnxruntime pool uses every core "
-                     f"(threads = 0), so the event loop competes with it for CPU.\n")
+                     f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core "
+                     f"(threads = 0) but runs at nice +10 (`CERTSERVE_SAMPLER_NICE`, default), so the event loop "
+                     f"and the clean forward passes get the CPU first; measured alternatives on this machine: nice 0 "
+                     f"(the sampler takes the cores from the event loop) and one sampler thread (a core left free, "
+                     f"half the sampling rate), both with a higher p99.\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart

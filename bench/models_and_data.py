@@ -24,13 +24,14 @@ def load_sampler_backend(args):
     threads = args.threads or None
     if args.sampler and Path(args.sampler).suffix.lower() == ".onnx":
         # not load_backend(): it does not pass noise_sigma, which the CUDA provider's in-graph noise requires
-        backend = OnnxBackend(args.sampler, threads=threads, device=args.device, noise_sigma=bundle.manifest.sigma)
+        backend = OnnxBackend(args.sampler, threads=threads, device=args.device, noise_sigma=bundle.manifest.sigma,
+                              spin=False)  # as the server's sampler
         source = args.sampler
     elif args.sampler:
         backend = load_backend(args.sampler, device=args.device, threads=threads)
         source = args.sampler
     else:
-        backend = bundle.backend("base", device=args.device, threads=threads)
+        backend = bundle.backend("base", device=args.device, threads=threads, spin=False)  # as the server's sampler
         source = f"{bundle.root.name}/base.onnx"
     if backend.device == "cuda":
         source += f"` on `{gpu_name()}"

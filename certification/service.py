@@ -41,7 +41,7 @@ class CertificationService:
         self.surrogate = bundle.backend("surrogate", threads=1, device="cpu") if bundle.path("surrogate") else None
         self.meta = bundle.backend("meta", threads=1, device="cpu") if bundle.path("meta") else None
         sampler = bundle.backend("base", threads=config.threads or None, device=config.device,
-                                 nice=config.sampler_nice)
+                                 nice=config.sampler_nice, spin=False)  # bookkeeping overlaps the model call
         sampling = SamplingEngine(sampler, sigma=m.sigma, num_classes=len(self.classes),
                                   batch_size=config.batch_size or default_batch_size(sampler.device),
                                   runner_nice=config.sampler_nice)

@@ -20,15 +20,19 @@ class OnnxBackend:
 
     def __init__(self, path: str | os.PathLike | bytes, *, threads: int | None = None, device: str = "auto",
                  noise_sigma: float | None = None, noise_in_graph: bool | None = None, seed: int | None = None,
-                 nice: int = 0):
+                 nice: int = 0, spin: bool = True):
         """``nice`` > 0: the session's intra-op threads run at that lower priority (they are created by a thread
-        that lowered its own; Linux threads inherit it), so the request path keeps the CPU when both want it."""
+        that lowered its own; Linux threads inherit it), so the request path keeps the CPU when both want it.
+        ``spin=False``: its pool threads sleep instead of spinning between runs, leaving the cores to the engine's
+        bookkeeping, which overlaps the model call (on 2 cores: worker efficiency 0.85 -> 0.94 at 8 jobs)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         if device == "cuda" and not want_cuda:
@@ -116,7 +120,7 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
 
 
 def onnx_backend(path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
-                 noise_sigma: float | None = None, seed: int | None = None, nice: int = 0):
+                 noise_sigma: float | None = None, seed: int | None = None, nice: int = 0, spin: bool = True):
     """The best backend for the ONNX model ``path`` on ``device``.
 
     ``cpu``: onnxruntime on the CPU. ``cuda``: onnxruntime's CUDA provider when onnxruntime-gpu is installed (noise
@@ -126,7 +130,8 @@ def onnx_backend(path: str | os.PathLike, *, device: str = "auto", threads: int 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if device != "cpu" and _ort_has_cuda():
-        return OnnxBackend(path, threads=threads, device="cuda", noise_sigma=noise_sigma, seed=seed, nice=nice)
+        return OnnxBackend(path, threads=threads, device="cuda", noise_sigma=noise_sigma, seed=seed, nice=nice,
+                           spin=spin)
     if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
         reason = _torch_cuda_missing()
         if reason is None:
@@ -136,7 +141,7 @@ def onnx_backend(path: str | os.PathLike, *, device: str = "auto", threads: int 
         if device == "cuda":
             raise RuntimeError(f"device='cuda' requested, but onnxruntime has no CUDAExecutionProvider (install "
                                f"onnxruntime-gpu) and PyTorch cannot run it either ({reason})")
-    return OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed, nice=nice)
+    return OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed, nice=nice, spin=spin)
 
 
 def _ort_has_cuda() -> bool:

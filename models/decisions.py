@@ -43,13 +43,7 @@ def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[
 
 def _policy(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
     """The policy of ``slots`` (all targeted or all best-radius) at (hits, counted samples)."""
-    s, t = table.hits(slots), table.est_done[slots]
-    common = dict(sigma=sigma, alpha=table.alpha[slots], budget=table.budget[slots], a=table.a[slots],
-                  b=table.b[slots])
-    target = table.target[slots]
-    if not np.isnan(target[0]):
-        return np.atleast_1d(target_radius_decision(s, t, target_radius=target, **common))
-    return np.atleast_1d(best_radius_decision(s, t, **common))
+    return _policy_at(table, slots, table.hits(slots), table.est_done[slots], sigma)
 
 
 def certificates(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,3 +70,77 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.n
     if certified.any():
         radius[certified] = radius_from_probability(p[certified], sigma)
     return np.where(certified, cls, -1), radius, p
+
+
+class DecisionTables:
+    """Policy decisions computed ahead, while a job's chunk up to its checkpoint is still in the model.
+
+    For a sequential job whose samples up to its checkpoint cp are all in flight, with S hits counted so far, the
+    code at cp is tabulated for every possible hit count S + h (h = 0 .. the samples in flight), in one call per
+    policy. When the chunk lands, the decision is a lookup. The policies are pure functions of (S_t, t) and the job's
+    fixed parameters, so the looked-up code is exactly what a direct evaluation at landing would give; the point is
+    that the work overlaps the model call instead of following it (it matters at low concurrency, where the model
+    would wait for the decision). Used only while the tables stay small (``max_points`` per call)."""
+
+    def __init__(self, max_points: int = 1024):
+        self.max_points = int(max_points)
+        self._tables: dict[int, tuple[int, int, int, np.ndarray]] = {}  # slot -> (generation, cp, hits then, codes)
+
+    def precompute(self, table: JobTable, sigma: float) -> None:
+        t = table
+        ready = np.flatnonzero(t.running & ~t.stopping & (t.kind == SEQUENTIAL) & (t.est_done < t.cp)
+                               & (t.assigned >= t.cp) & (t.inflight >= t.cp - t.est_done))
+        ready = np.array([s for s in ready if self._tables.get(int(s), (-1,))[0] != t.gen[s]], dtype=np.int64)
+        if not len(ready):
+            return
+        width = t.cp[ready] - t.est_done[ready] + 1
+        if int(width.sum()) > self.max_points:
+            return
+        owner = np.repeat(np.arange(len(ready)), width)
+        slots = ready[owner]
+        hits = t.hits(ready)
+        s = hits[owner] + (np.arange(len(owner)) - np.repeat(np.cumsum(width) - width, width))
+        codes = np.empty(len(owner), dtype=np.int8)
+        targeted = ~np.isnan(t.target[slots])
+        try:
+            for mask in (targeted, ~targeted):
+                if mask.any():
+                    codes[mask] = _policy_at(t, slots[mask], s[mask], t.cp[slots[mask]], sigma)
+        except ValueError:  # a job at fault: leave it to the direct evaluation, which isolates it
+            return
+        ends = np.cumsum(width)
+        for k, slot in enumerate(ready):
+            self._tables[int(slot)] = (int(t.gen[slot]), int(t.cp[slot]), int(hits[k]), codes[ends[k] - width[k]:ends[k]])
+
+    def lookup(self, table: JobTable, due: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, found) for the jobs ``due`` at their checkpoint; found=False where no valid table exists."""
+        codes = np.zeros(len(due), dtype=np.int8)
+        found = np.zeros(len(due), dtype=bool)
+        hits = table.hits(due)
+        for k, slot in enumerate(due):
+            entry = self._tables.pop(int(slot), None)
+            if entry is None:
+                continue
+            gen, cp, base, tab = entry
+            h = int(hits[k]) - base
+            if gen == table.gen[slot] and cp == table.cp[slot] == table.est_done[slot] and 0 <= h < len(tab):
+                codes[k], found[k] = tab[h], True
+        return codes, found
+
+    def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> tuple[np.ndarray, dict[int, Exception]]:
+        """:func:`policy_decisions` of ``due``, from the precomputed tables where they exist."""
+        codes, found = self.lookup(table, due)
+        failures: dict[int, Exception] = {}
+        if not found.all():
+            codes[~found], failures = policy_decisions(table, due[~found], sigma)
+        return codes, failures
+
+
+def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
+    """The policy of ``slots`` (all targeted or all best-radius) at hits ``s`` in ``t`` samples."""
+    common = dict(sigma=sigma, alpha=table.alpha[slots], budget=table.budget[slots], a=table.a[slots],
+                  b=table.b[slots])
+    target = table.target[slots]
+    if not np.isnan(target[0]):
+        return np.atleast_1d(target_radius_decision(s, t, target_radius=target, **common))
+    return np.atleast_1d(best_radius_decision(s, t, **common))

@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.decisions import STOP_NAMES, certificates, policy_decisions
+from models.decisions import STOP_NAMES, DecisionTables, certificates
 from models.jobs import KINDS, SEQUENTIAL, Batch, JobTable
 from models.sampling import SamplingEngine
 from smoothing import KT_PRIOR, Stop, checkpoint_schedule
@@ -109,6 +109,7 @@ class SequentialEngine:
         self.max_live_jobs = int(max_live_jobs)
         self.depth = max(1, int(depth))
         self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
+        self.precompute, self._tables = True, DecisionTables()
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at
@@ -221,6 +222,9 @@ class SequentialEngine:
                     return
                 while len(inflight) < self.depth and self._launch_next(inflight):
                     pass
+                if inflight and self.precompute:  # decisions ahead, while the model runs (low concurrency)
+                    with self._state:
+                        self._tables.precompute(self._table, self.sigma)
                 self.bookkeeping_seconds += time.perf_counter() - t0
                 if inflight:
                     self._land_oldest(inflight)
@@ -312,7 +316,7 @@ class SequentialEngine:
             due = table.at_checkpoint(landed)
             if len(due):
                 self.decided += len(due)
-                codes, failures = policy_decisions(table, due, self.sigma)
+                codes, failures = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
                 now = table.settle(due[stop], codes[stop])

@@ -245,3 +245,51 @@ def test_kinds_share_batches_and_all_resolve(backend, images):
     assert engine.samples_processed == sum(r.samples for r in results)
     assert engine.batches < sum(r.samples for r in results) / 100  # chunks of many jobs per model call
 
+
+
+def test_precomputed_decisions_equal_direct_evaluation(images):
+    """Decisions tabulated while a chunk is in flight must equal the policy at landing: every table entry against a
+    direct evaluation, and the lookup with hits placed right at a change of decision (target reached / not).
+    Run against an off-by-one in the lookup (``h = hits - base - 1``): the codes differed; this test failed."""
+    from models.decisions import DecisionTables, _policy_at, policy_decisions
+    from models.jobs import SEQUENTIAL
+
+    rng = np.random.default_rng(8)
+    table = JobTable(images.shape[1:], K, capacity=8)
+
+    class J:
+        def __init__(self, order, spec):
+            self.spec, self.order, self.slot = spec, order, -1
+
+    for i in range(6):
+        spec = JobSpec(images[i], float(rng.choice([0.1, 0.01])), 3000, time.monotonic() + 60, tested_class=1,
+                       prior=(float(rng.uniform(0.5, 30)), float(rng.uniform(0.5, 3))),
+                       target_radius=0.1 if i % 2 == 0 else None)
+        table.admit(J(i, spec), SEQUENTIAL, checkpoint_schedule(spec.budget))
+    tables, compared, boundaries = DecisionTables(max_points=10_000), 0, 0
+    for _ in range(12):
+        batch = table.allocate(100_000, speculate=False)
+        if batch is None:
+            break
+        tables.precompute(table, SIGMA)
+        hits = np.empty(len(batch.slots), dtype=np.int64)
+        for k, slot in enumerate(batch.slots):
+            gen, cp, base, tab = tables._tables[int(slot)]
+            direct = _policy_at(table, np.full(len(tab), slot), base + np.arange(len(tab)), np.full(len(tab), cp),
+                                SIGMA)
+            assert np.array_equal(tab, direct)
+            change = np.flatnonzero(np.diff(tab))
+            boundaries += bool(len(change))
+            hits[k] = change[0] + 1 if len(change) else rng.integers(len(tab))
+        counts = np.zeros((len(batch.slots), K), dtype=np.int64)
+        counts[:, 1], counts[:, 0] = hits, batch.sizes - hits
+        landed = table.land(batch, counts)
+        due = table.at_checkpoint(landed)
+        direct, _ = policy_decisions(table, due, SIGMA)
+        looked, found = tables.lookup(table, due)
+        assert found.all() and np.array_equal(looked, direct)
+        compared += len(due)
+        stop = direct != 0
+        table.running[due[stop]] = False
+        table.advance_checkpoint(due[~stop])
+    assert compared >= 12 and boundaries >= 3
