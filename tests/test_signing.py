@@ -17,9 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from joserfc import jws
 
-from certification.signing import (CERTIFICATE_TYP, CERTIFIED_FIELDS, Signer, SigningKeyError, canonical_json,
-                                   certificate_claims, generate_key_files, key_files, tensor_sha256)
+from certification.signing import (CERTIFICATE_TYP, CERTIFIED_FIELDS, REGISTRY, Signer, SigningKeyError,
+                                   canonical_json, certificate_claims, generate_key_files, key_files, tensor_sha256)
 
 
 def b64u_decode(text: str) -> bytes:
@@ -79,6 +80,16 @@ def test_signature_verifies_with_cryptography_and_header_is_as_documented(keydir
     (public,) = keydir.glob("*.pub.pem")
     key = serialization.load_pem_public_key(public.read_bytes())
     key.verify(b64u_decode(s), f"{h}.{p}".encode())  # raises InvalidSignature if wrong
+
+
+def test_hand_written_jws_is_byte_for_byte_joserfc_serialize_compact(keydir):
+    """Signer.sign writes the compact JWS itself (speed); Ed25519 is deterministic, so joserfc must agree exactly."""
+    signer = Signer.from_paths(keydir)
+    for radius in (0.0, 0.61234, 1e-300):
+        claims = sample_claims(signer.kid, radius=radius, class_name="T-shirt/top \u00e9")
+        header = {"alg": "EdDSA", "kid": signer.kid, "typ": CERTIFICATE_TYP}
+        expected = jws.serialize_compact(header, canonical_json(claims), signer._active.private, registry=REGISTRY)
+        assert signer.sign(claims) == expected
 
 
 def test_jwks_publishes_every_key_public_part_only(tmp_path):
