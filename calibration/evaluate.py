@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration import front
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from models.defaults import AUTO_MAX_SAMPLES, default_batch_size
 from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
-from smoothing.stopping import DEFAULT_FRACTION
-from smoothing import (best_radius_decision, certified_radius, certify, checkpoint_schedule, clopper_pearson_upper,
-                       rrise_lower, rrise_radius)
+from smoothing import (DEFAULT_MIN_GAIN, best_radius_decision, certified_radius, certify, checkpoint_schedule,
+                       clopper_pearson_upper, rrise_lower, rrise_radius)
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 METHODS = ("cohen-10k", "cohen-1k", "sequential-kt", "sequential-meta", "surrogate", "auto")  # at the default n
@@ -44,7 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--n", type=int, default=10000, help="samples per image (Cohen-10k's n, sequential budget)")
     p.add_argument("--n0", type=int, default=100, help="Cohen selection samples")
     p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--fraction", type=float, default=DEFAULT_FRACTION, help="best-radius rule: stop at this fraction of the projected budget radius")
+    p.add_argument("--fraction", type=float, default=None, help="sequential methods: the fraction rule at this "
+                   "fraction instead of smoothing's default marginal-gain rule")
     p.add_argument("--auto-budget", type=int, default=None,
                    help="budget of auto-mode fallbacks (default: the server's auto_max_samples)")
     p.add_argument("--data", default="fashion-mnist")
@@ -131,16 +132,32 @@ def evaluate(args) -> dict:
         extra["auto"] = {"surrogate_share": float(use_sur.mean()), "fallback_budget": int(auto_budget)}
     methods = {name: {**_metrics(y, *vals), **extra.get(name, {})} for name, vals in raw.items()}
     plots = _plots(y, raw, Path(args.out).parent, Path(args.out).stem)
+    # the radius-samples front of every best-radius method (calibration/front.py), defaults marked
+    selected = selection.argmax(axis=1)
+    front_rows, front_marks = front.evaluation_points(
+        hits, c_seq == y, prior, selected == y, np.cumsum(stream == selected[:, None], axis=1, dtype=np.int64),
+        n0=args.n0, alpha=args.alpha, sigma=m.sigma, budget=args.n)
+    plots["front"] = f"{Path(args.out).stem}-front.png"
+    front.plot(front_rows, front_marks, Path(args.out).parent / plots["front"],
+               f"{len(x)} test images: mean radius vs mean samples (alpha={args.alpha}, sigma={m.sigma})")
     return {
         "bundle": {"name": m.name, "sha256": bundle.model_sha256, "sigma": m.sigma,
                    "alpha_cal": m.calibration.alpha_cal if m.calibration else None,
                    "q_hat": m.calibration.q_hat if m.calibration else None,
                    "score_epsilon": m.calibration.score_epsilon if m.calibration else None},
         "images": int(len(x)), "n": args.n, "n0": args.n0, "alpha": args.alpha, "fraction": args.fraction,
+        "min_gain": DEFAULT_MIN_GAIN,
         "sampler": sampler.name, "sampling_seconds": round(sampling_seconds, 1),
         "samples_per_second": round(1 / per_sample), "latency_ms": {k_: round(v * 1e3, 3) for k_, v in latency.items()},
         "clean_accuracy": float((base.forward(x).argmax(axis=1) == y).mean()), "methods": methods, "plots": plots,
+        "front": front_rows, "front_defaults": front_marks,
     }
+
+
+def _rule(res: dict) -> str:
+    if res.get("fraction") is None:
+        return f"best-radius marginal-gain rule (lambda = {res.get('min_gain', DEFAULT_MIN_GAIN):g})"
+    return f"best-radius fraction rule (fraction = {res['fraction']})"
 
 
 def _short(n: int) -> str:
@@ -156,8 +173,9 @@ def _replay_sequential(hits, a, b, alpha, sigma, budget, fraction):
         idx = np.flatnonzero(live)
         if not len(idx):
             break
+        rule = {} if fraction is None else {"fraction": fraction}  # None: smoothing's default (marginal gain)
         d = best_radius_decision(hits[idx, t - 1], t, sigma=sigma, alpha=alpha, budget=budget, a=a[idx], b=b[idx],
-                                 fraction=fraction)
+                                 **rule)
         done = idx[np.asarray(d) != 0]
         stop_t[done] = t
         live[done] = False
@@ -265,7 +283,7 @@ def write_report(res: dict, path: Path) -> None:
              f"Command: `certserve calibrate evaluate {res.get('command_args', '')}`".rstrip(), "",
              f"{res['images']} Fashion-MNIST test images (the first of the official test set), sigma = {res['bundle']['sigma']}, "
              f"request alpha = {res['alpha']}, n = {res['n']} samples per image (Cohen n0 = {res['n0']}), sequential "
-             f"methods: best-radius rule (fraction = {res['fraction']}) at the worker's checkpoints, budget n. "
+             f"methods: {_rule(res)} with smoothing's default prior mixture, at the worker's checkpoints, budget n. "
              f"Base model clean accuracy on these images: {res['clean_accuracy']:.3f}. Sampler: {res['sampler']} "
              f"({res['samples_per_second']:,} samples/s, {res['sampling_seconds']} s for all sampling). Conformal "
              f"q_hat = {res['bundle']['q_hat']:.4f} (score weight epsilon = {res['bundle']['score_epsilon']}), alpha_cal = {res['bundle']['alpha_cal']:g}.", "",
@@ -293,5 +311,7 @@ def write_report(res: dict, path: Path) -> None:
     lines += [f"| {t} | {m_} | {'yes' if ok else 'NO'} |" for t, m_, ok in targets(res)]
     lines += ["", f"![certified accuracy]({res['plots']['certified_accuracy']})", "",
               f"![samples per image]({res['plots']['samples']})", ""]
+    if res.get("front"):
+        lines += front.report_lines(res["front"], res["front_defaults"], res["plots"]["front"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
