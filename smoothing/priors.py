@@ -55,23 +55,28 @@ def log_marginal(s, f, a, b, kt_weight):
 
     ``magnitude`` bounds the size of the floating-point terms summed into log m (the betaln values, the log-gamma
     terms inside them, ~ (t + a + b) log(t + a + b), and log of the weights): the e-process's rounding margin is a
-    multiple of it. A job whose (a, b) is KT itself gets the single KT term (the mixture equals KT exactly).
+    multiple of it. A job whose (a, b) is KT itself gets the single KT term (the mixture equals KT exactly), and the
+    KT term is computed once for it, not twice.
     """
     s, f, a, b = np.broadcast_arrays(np.asarray(s, np.float64), np.asarray(f, np.float64), a, b)
-    t = s + f
-    num, den = betaln(a + s, b + f), betaln(a, b)
-    own = num - den
-    magnitude = np.abs(num) + np.abs(den) + _lgamma_scale(t, a, b)
     w = float(kt_weight)
     if w == 0.0:
-        return own, magnitude
+        return _beta_term(s, f, a, b)
     kt_a, kt_b = KT_PRIOR
-    kt_num, kt_den = betaln(kt_a + s, kt_b + f), betaln(kt_a, kt_b)
-    kt = kt_num - kt_den
-    kt_magnitude = np.abs(kt_num) + abs(kt_den) + _lgamma_scale(t, kt_a, kt_b)
+    kt, kt_magnitude = _beta_term(s, f, kt_a, kt_b)
     if w == 1.0:
         return kt, kt_magnitude
-    is_kt = (a == kt_a) & (b == kt_b)
-    mixed = np.logaddexp(np.log1p(-w) + own, np.log(w) + kt)
-    mixed_magnitude = magnitude + kt_magnitude + abs(np.log(w)) + abs(np.log1p(-w))
-    return np.where(is_kt, kt, mixed), np.where(is_kt, kt_magnitude, mixed_magnitude)
+    mix, magnitude = np.array(kt, ndmin=1), np.array(kt_magnitude, ndmin=1)  # copies, writable even for scalars
+    other = np.atleast_1d(~((a == kt_a) & (b == kt_b)))
+    if np.any(other):
+        s1, f1, a1, b1 = (np.atleast_1d(x)[other] for x in (s, f, a, b))
+        own, own_magnitude = _beta_term(s1, f1, a1, b1)
+        mix[other] = np.logaddexp(np.log1p(-w) + own, np.log(w) + mix[other])
+        magnitude[other] += own_magnitude + abs(np.log(w)) + abs(np.log1p(-w))
+    return mix.reshape(s.shape), magnitude.reshape(s.shape)
+
+
+def _beta_term(s, f, a, b):
+    """(log B(a + S, b + F) - log B(a, b), magnitude of the terms) for one Beta component."""
+    num, den = betaln(a + s, b + f), betaln(a, b)
+    return num - den, np.abs(num) + np.abs(den) + _lgamma_scale(s + f, a, b)
