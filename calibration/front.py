@@ -123,28 +123,37 @@ def label(row: dict) -> str:
 
 
 def plot(rows: list[dict], defaults: list[dict], path, title: str) -> None:
-    """Mean radius against mean samples (log x), one line per method family, defaults circled."""
+    """Mean radius against mean samples (log x), one line per method family (line style = method, colour = prior),
+    defaults circled, legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    keys = sorted({(r["method"], r["prior"]) for r in rows})
-    for method, prior in keys:
-        pts = sorted(family(rows, method, prior), key=lambda r: r["samples"])
-        ax.plot([p["samples"] for p in pts], [p["radius"] for p in pts], marker="o", ms=3, lw=1.2,
-                label=label(pts[0]))
-    for d in defaults:
-        ax.scatter([d["samples"]], [d["radius"]], s=140, facecolors="none", edgecolors="black", lw=1.5, zorder=5)
+    styles = {"cohen": ("black", "--"), "fixed": ("grey", "-"), "planned": (None, "-"), "gain": (None, "-."),
+              "fraction": (None, ":")}
+    palette = plt.get_cmap("tab10").colors
+    priors = sorted({r["prior"] for r in rows if r["prior"] != "-"})
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for method in styles:
+        for prior in ["-", *priors]:
+            pts = sorted(family(rows, method, prior), key=lambda r: r["samples"])
+            if not pts:
+                continue
+            colour, style = styles[method]
+            colour = colour or palette[priors.index(prior) % len(palette)]
+            ax.plot([p["samples"] for p in pts], [p["radius"] for p in pts], ls=style, color=colour, marker="o",
+                    ms=3, lw=1.4, label=label(pts[0]))
+    for k, d in enumerate(defaults):
+        ax.scatter([d["samples"]], [d["radius"]], s=160, facecolors="none", edgecolors="red", lw=1.8, zorder=5)
         ax.annotate(d.get("note", "default"), (d["samples"], d["radius"]), textcoords="offset points",
-                    xytext=(6, -12), fontsize=8)
+                    xytext=(10, -16 - 11 * k), fontsize=8, color="red")
     ax.set_xscale("log")
     ax.set_xlabel("mean samples per image")
     ax.set_ylabel("mean certified radius (0 if abstain or wrong)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
