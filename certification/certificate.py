@@ -12,13 +12,15 @@ GuaranteeKind = Literal["conformal-marginal", "anytime-valid", "clopper-pearson"
 StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"]
 
 GUARANTEE_OF_ROUTE: dict[str, GuaranteeKind] = {"surrogate": "conformal-marginal", "sequential": "anytime-valid",
-                                                "cohen": "clopper-pearson"}
+                                                "fixed": "clopper-pearson", "cohen": "clopper-pearson"}
 STATEMENTS = {
     "conformal-marginal": "over inputs exchangeable with the calibration split, P(radius exceeds the smoothed "
                           "classifier's true radius for this class) <= alpha, unconditionally over all inputs (not "
                           "given that the surrogate answered); not a per-input guarantee",
     "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
-    "clopper-pearson": "for this input, P(certificate wrong) <= alpha (Cohen et al. 2019, fixed n)",
+    "clopper-pearson": "for this input, P(certificate wrong) <= alpha (one-sided Clopper-Pearson bound on a number "
+                       "of samples fixed before sampling, for a class fixed before them: from separate selection "
+                       "samples (cohen, Cohen et al. 2019) or from the clean image (fixed))",
 }
 
 

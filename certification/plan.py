@@ -3,7 +3,8 @@
 Pure (no ONNX, no engine, no clock): :func:`make_plan` is tested on its own. Routing of ``auto``: the surrogate's
 certificate when the bundle has a surrogate, the caller did not ask for a per-input guarantee, the request's alpha >=
 alpha_cal, and the calibrated radius is > 0 and >= ``target_radius``; otherwise a sequential job (``fallback_reason``
-says why). ``sequential`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify.
+says why). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot
+certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
 
-Mode = Literal["auto", "surrogate", "sequential", "cohen"]
-Route = Literal["surrogate", "sequential", "cohen"]
+Mode = Literal["auto", "surrogate", "sequential", "fixed", "cohen"]
+Route = Literal["surrogate", "sequential", "fixed", "cohen"]
 FallbackReason = Literal["no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
                          "below_target_radius"]
 
@@ -51,7 +52,7 @@ class Plan:
 
     route: Route
     alpha: float  # the request's alpha (the surrogate's certificate reports the calibrated level instead)
-    budget: int  # engine samples (sequential: at most; cohen: n)
+    budget: int  # engine samples (sequential: at most; fixed: the cap of the planned n; cohen: n)
     deadline: float  # time.monotonic() seconds: arrival + deadline_ms
     target_radius: float | None
     fallback_reason: FallbackReason | None = None
@@ -67,6 +68,9 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
     mode = params.mode
     if mode == "surrogate":
         _check_surrogate_request(params, alpha, alpha_cal, surrogate_radius)
+    if mode == "fixed" and params.target_radius is not None:
+        raise ServiceError("bad_request", "mode=fixed draws a sample size fixed in advance and cannot stop at a "
+                                          "target_radius; use mode=sequential with target_radius")
     fallback = None
     if mode == "auto":
         fallback = _fallback_reason(params, alpha, alpha_cal, surrogate_radius)
@@ -76,7 +80,7 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
     if mode == "surrogate" or mode == "auto" and fallback is None:
         route: Route = "surrogate"
     else:
-        route = "cohen" if mode == "cohen" else "sequential"
+        route = mode if mode in ("cohen", "fixed") else "sequential"
     return Plan(route, alpha, budget, deadline, params.target_radius, fallback)
 
 

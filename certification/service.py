@@ -24,7 +24,7 @@ from models.defaults import default_batch_size
 from models.engine import EngineObserver, EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
 from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
-from smoothing import rrise_lower, rrise_radius
+from smoothing import planned_sample_size, rrise_lower, rrise_radius
 
 
 class CertificationService:
@@ -90,8 +90,10 @@ class CertificationService:
 
         Guarantee of the result (stated in its ``guarantee`` field): surrogate route, marginal over inputs
         exchangeable with the calibration split and over the calibration draw, at the bundle's alpha_cal; sequential
-        route, per input at the request's alpha at whatever time sampling stopped; cohen route, per input at the
-        request's alpha (Clopper-Pearson with separate selection samples)."""
+        route, per input at the request's alpha at whatever time sampling stopped; fixed route, per input at the
+        request's alpha (Clopper-Pearson on n planned from the clean image, class from the clean image; a deadline
+        cut depends on the clock only); cohen route, per input at the request's alpha (Clopper-Pearson with
+        separate selection samples)."""
         started = time.perf_counter()
         probs, surrogate_ms = self._surrogate_probs(image, params)
         proposal = _proposal(probs, self.manifest) if probs is not None and params.mode in ("auto", "surrogate") \
@@ -135,6 +137,11 @@ class CertificationService:
             return JobSpec(image, plan.alpha, plan.budget, plan.deadline, kind="cohen", n0=self.config.cohen_n0)
         tested, prior = class_and_prior(self.base, self.surrogate, self.meta, image[None],
                                         None if probs is None else probs[None])
+        if plan.route == "fixed":  # n from the clean-image prior only: fixed before any noise sample exists
+            n = int(planned_sample_size(prior[0, 0], prior[0, 1], sigma=self.manifest.sigma, alpha=plan.alpha,
+                                        budget=plan.budget))
+            return JobSpec(image, plan.alpha, n, plan.deadline, kind="fixed", tested_class=int(tested[0]),
+                           prior=(float(prior[0, 0]), float(prior[0, 1])))
         return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=int(tested[0]),
                        prior=(float(prior[0, 0]), float(prior[0, 1])), target_radius=plan.target_radius)
 

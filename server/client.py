@@ -117,7 +117,7 @@ def add_certify_command(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--mode", choices=["auto", "surrogate", "sequential", "cohen"], default=None)
+    p.add_argument("--mode", choices=["auto", "surrogate", "sequential", "fixed", "cohen"], default=None)
     p.add_argument("--target-radius", type=float, default=None)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--deadline-ms", type=int, default=None)

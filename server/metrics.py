@@ -53,7 +53,7 @@ class Metrics(EngineObserver):
         self.seal = Histogram("certserve_seal_duration_seconds", "Time to hash, sign and audit-log one certificate",
                               buckets=SEAL_BUCKETS, registry=r)
         # create the labelled series at 0, so rate()/increase() see the first requests too
-        for method in ("surrogate", "sequential", "cohen"):
+        for method in ("surrogate", "sequential", "fixed", "cohen"):
             for outcome in ("certified", "abstained"):
                 self.requests.labels(method, outcome)
             self.latency.labels(method)

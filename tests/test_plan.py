@@ -68,3 +68,11 @@ def test_surrogate_mode_refuses_what_it_cannot_certify(kwargs, code):
 def test_surrogate_mode_answers_even_when_the_surrogate_abstains():
     p = plan(mode="surrogate", radius=0.0)
     assert (p.route, p.fallback_reason) == ("surrogate", None)
+
+
+def test_fixed_mode_routes_to_the_fixed_n_engine_job_and_refuses_a_target():
+    p = plan(mode="fixed", max_samples=3000)
+    assert (p.route, p.budget, p.fallback_reason) == ("fixed", 3000, None)
+    with pytest.raises(ServiceError) as info:
+        plan(mode="fixed", target_radius=0.3)
+    assert info.value.code == "bad_request" and "target_radius" in info.value.message

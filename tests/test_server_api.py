@@ -26,6 +26,7 @@ from server.app import create_app
 from server.schemas import Certificate, ModelCard
 from server.settings import Settings
 from smoothing import radius_from_probability
+from test_server_worker import SlowModel
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot"]
@@ -85,7 +86,8 @@ def check_certificate(body: dict, *, sigma: float = SIGMA, classes=FMNIST_CLASSE
         assert cert.class_name is None and cert.radius == 0.0
     if cert.p_lower is not None:
         assert 0.0 <= cert.p_lower <= 1.0
-    expected_kind = {"surrogate": "conformal-marginal", "sequential": "anytime-valid", "cohen": "clopper-pearson"}
+    expected_kind = {"surrogate": "conformal-marginal", "sequential": "anytime-valid", "fixed": "clopper-pearson",
+                     "cohen": "clopper-pearson"}
     assert cert.guarantee.kind == expected_kind[cert.method]
     assert 0 < cert.guarantee.alpha < 1 and cert.guarantee.statement
     if cert.method == "surrogate":
@@ -326,6 +328,27 @@ def test_mode_sequential(client, easy):
     assert cert.stopped_by in {"certified", "budget", "futility"}
 
 
+def test_mode_fixed_spends_the_planned_n_and_reports_its_clopper_pearson_bound(client, easy):
+    """mode=fixed: n planned from the clean image's prior alone, class from the clean image, one CP bound on the n
+    samples (p_lower is exactly clopper_pearson_lower(S, n) for an integer S)."""
+    from models.priors import class_and_prior
+    from smoothing import clopper_pearson_lower, planned_sample_size
+
+    service = client.app.state.service
+    tested, prior = class_and_prior(service.base, service.surrogate, service.meta, easy[None])
+    n = int(planned_sample_size(prior[0, 0], prior[0, 1], sigma=SIGMA, alpha=0.001, budget=MAX_SAMPLES))
+    r = client.post("/certify", json={"image": easy.tolist(), "mode": "fixed"})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert cert.method == "fixed" and cert.guarantee.kind == "clopper-pearson" and cert.guarantee.alpha == 0.001
+    assert cert.samples == n and cert.stopped_by == "budget" and cert.class_index == int(tested[0]) == 1
+    s = np.arange(n + 1)
+    k = int(np.argmin(np.abs(clopper_pearson_lower(s, n, 0.001) - cert.p_lower)))
+    assert cert.p_lower == clopper_pearson_lower(k, n, 0.001)
+    assert client.post("/certify", json={"image": easy.tolist(), "mode": "fixed", "target_radius": 0.2}
+                       ).json()["error"]["code"] == "bad_request"
+
+
 @pytest.mark.parametrize("budget", [300, None])
 def test_mode_cohen_spends_n0_plus_budget(client, easy, budget):
     payload = {"image": easy.tolist(), "mode": "cohen"} | ({"max_samples": budget} if budget else {})
@@ -470,6 +493,8 @@ def test_http_deadline_returns_the_anytime_bound_at_the_counts_reached(base_only
 
     settings = Settings(bundle=str(base_only_bundle), max_samples=10**7, drain_seconds=0)
     with TestClient(create_app(settings, seed=3)) as c:
+        sampler = c.app.state.service.engine.sampler
+        sampler.backend, sampler.batch_size = SlowModel(sampler.backend), 64  # the deadline comes first
         r = c.post("/certify", json={"image": easy.tolist(), "mode": "sequential", "alpha": 0.001,
                                      "max_samples": 10**7, "deadline_ms": 700})
     assert r.status_code == 200, r.text

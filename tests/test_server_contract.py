@@ -118,7 +118,7 @@ def test_openapi_document_validates_and_describes_the_bodies(client):
         form = content["multipart/form-data"]["schema"]
         assert form["required"] == [field]
         props = form["properties"]
-        assert props["mode"]["enum"] == ["auto", "surrogate", "sequential", "cohen"]
+        assert props["mode"]["enum"] == ["auto", "surrogate", "sequential", "fixed", "cohen"]
         assert props["alpha"]["type"] == "number" and props["alpha"]["exclusiveMinimum"] == 0
         assert props["alpha"]["exclusiveMaximum"] == 1
         assert props["max_samples"]["type"] == "integer" and props["max_samples"]["minimum"] == 1

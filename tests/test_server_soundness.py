@@ -213,6 +213,18 @@ def test_cohen_certificates_are_sound(client, inputs):
     assert_useful(results, inputs, "cohen", min_ratio=0.7)
 
 
+def test_fixed_certificates_are_sound(client, inputs):
+    """mode=fixed (class from the clean image, n planned from the clean-image prior, one Clopper-Pearson bound) on
+    the linear model with exactly known radii. Run once against a bug (the engine's CP bound computed at 5 * alpha):
+    violation rate 0.487 against the limit 0.173, and this test failed."""
+    results = certify_all(client, inputs["x"], mode="fixed", alpha=ALPHA, max_samples=1000)
+    for res in results:
+        assert res["method"] == "fixed" and res["guarantee"]["kind"] == "clopper-pearson"
+        assert 0 < res["samples"] <= 1000 and res["stopped_by"] in ("budget", "deadline")
+    assert_sound(results, inputs, "fixed")
+    assert_useful(results, inputs, "fixed", min_ratio=0.5)
+
+
 def test_near_boundary_inputs_abstain_rather_than_guess(client, model):
     """Inputs exactly on and very near the decision boundary (pA ~ 1/2): certifying them at a radius beyond the
     tiny exact one would be a violation; the answers must abstain or stay below it."""

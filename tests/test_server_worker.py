@@ -73,6 +73,21 @@ def make_engine(backend):
             engine.stop(0.0)
 
 
+class SlowModel:
+    """The real base model, answering each call ``delay`` seconds late (a model much slower than this machine's): a
+    deadline then comes long before the default stopping rule (~1,000 samples for an easy image) would stop."""
+
+    def __init__(self, real, delay: float = 0.1):
+        self.real, self.delay, self.device, self.name = real, delay, real.device, real.name
+
+    def forward(self, x):
+        return self.real.forward(x)
+
+    def noisy_predictions(self, *args):
+        time.sleep(self.delay)
+        return self.real.noisy_predictions(*args)
+
+
 def deadline(seconds: float) -> float:
     return time.monotonic() + seconds
 
@@ -252,8 +267,8 @@ def test_job_cancelled_before_the_engine_starts_never_samples(make_engine, image
 
 
 def test_deadline_returns_a_valid_partial_certificate(make_engine, images):
-    engine = make_engine(batch_size=256, seed=17)
-    # best radius at budget 1e7 needs ~1e5+ samples; the deadline comes long before
+    engine = make_engine(batch_size=64, seed=17)
+    engine.sampler.backend = SlowModel(engine.sampler.backend)  # <= 64 samples per 0.1 s: < 700 by the deadline
     spec = JobSpec(images[EASY], 0.001, 10**7, deadline(1.0), tested_class=1, prior=(0.5, 0.5))
     t0 = time.monotonic()
     res = engine.submit(spec).result(timeout=60)
