@@ -13,12 +13,11 @@ decisions and certificates.
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 import time
 
 import numpy as np
 
-from bench.server_common import markdown_table
+from bench.server_common import LiveJobs, markdown_table
 
 TARGET_SAMPLES_PER_S = 20e6  # at 512 live jobs
 TARGET_BOOKKEEPING_MS = 0.8  # per 16,384-sample step
@@ -68,46 +67,23 @@ class NullSampler:
 
 def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int) -> dict:
     """Keep ``n_jobs`` jobs of ``kind`` live on a fresh engine over a NullSampler for ``seconds``; measure."""
-    from models.engine import EngineStopped, JobSpec, QueueFull, SequentialEngine
+    from models.engine import JobSpec, SequentialEngine
 
     null = NullSampler(batch_size, seed)
     engine = SequentialEngine(null, max_live_jobs=n_jobs, seed=seed)
-    state = {"next": 0, "open": True}
-    finished: list[tuple[float, int]] = []
-    lock = threading.Lock()
-
-    def submit_one():
-        with lock:
-            i = state["next"]
-            state["next"] += 1
-        image = np.array([i % ROWS], dtype=np.float32)
-        spec = (JobSpec(image, 0.001, 10_000, time.monotonic() + 3600, tested_class=0) if kind == "sequential"
-                else JobSpec(image, 0.001, 10_000, time.monotonic() + 3600, kind="fixed", tested_class=0))
-        engine.submit(spec).add_done_callback(on_done)
-
-    def on_done(fut):
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        finished.append((time.perf_counter(), fut.result().samples))
-        if state["open"]:
-            try:
-                submit_one()
-            except (EngineStopped, QueueFull):
-                pass
-
-    engine.start()
-    for _ in range(n_jobs):
-        submit_one()
+    live = LiveJobs(engine, lambda i: JobSpec(np.array([i % ROWS], dtype=np.float32), 0.001, 10_000,
+                                              time.monotonic() + 3600, kind=kind, tested_class=0))
+    live.start(n_jobs)
     time.sleep(min(1.0, seconds / 3))  # warm-up: jobs at all stages of their lives
     snap = lambda: (time.perf_counter(), engine.samples_processed, engine.batches, engine.bookkeeping_seconds,  # noqa
                     engine.decision_seconds, null.seconds, null.calls, engine.thread_cpu_seconds, null.cpu_seconds, engine.decided)
     t0, s0, b0, k0, d0, n0, c0, u0, v0, e0 = snap()
     time.sleep(seconds)
     t1, s1, b1, k1, d1, n1, c1, u1, v1, e1 = snap()
-    state["open"] = False
+    live.close()
     engine.stop(0.0)
     steps = max(b1 - b0, 1)
-    certs = [s for t, s in finished if t0 < t <= t1]
+    certs = live.samples_between(t0, t1)
     book = (k1 - k0) - (n1 - n0)  # the engine thread's own time: its bookkeeping minus the null sampler calls
     return {"jobs": n_jobs, "kind": kind, "samples_per_s": (s1 - s0) / (t1 - t0), "steps": b1 - b0,
             "mean_batch": (s1 - s0) / steps, "bookkeeping_ms": 1e3 * book / steps,

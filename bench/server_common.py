@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 
@@ -49,3 +51,42 @@ def multipart_body(png: bytes, **fields: str) -> bytes:
     head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"image.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode()
     return b"".join(parts) + head + png + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+class LiveJobs:
+    """Keep engine jobs live: every finished job is replaced at once (from its done callback) by ``make_spec(i)``,
+    the i-th job, until :meth:`close`. ``finished`` holds (time.perf_counter(), samples) of every answered job."""
+
+    def __init__(self, engine, make_spec):
+        self.engine, self.make_spec = engine, make_spec
+        self.finished: list[tuple[float, int]] = []
+        self._next, self._open = 0, True
+        self._lock = threading.Lock()
+
+    def start(self, n_jobs: int) -> None:
+        self.engine.start()
+        for _ in range(n_jobs):
+            self._submit_one()
+
+    def close(self) -> None:
+        self._open = False
+
+    def samples_between(self, t0: float, t1: float) -> list[int]:
+        return [s for t, s in self.finished if t0 < t <= t1]
+
+    def _submit_one(self) -> None:
+        with self._lock:
+            i, self._next = self._next, self._next + 1
+        self.engine.submit(self.make_spec(i)).add_done_callback(self._on_done)
+
+    def _on_done(self, fut) -> None:
+        from models.engine import EngineStopped, QueueFull
+
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self.finished.append((time.perf_counter(), fut.result().samples))
+        if self._open:
+            try:
+                self._submit_one()
+            except (EngineStopped, QueueFull):
+                pass

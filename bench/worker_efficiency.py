@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from bench.models_and_data import clean_argmax, load_sampler_backend, load_test_images, make_sampling_engine
-from bench.server_common import ALPHA, BUDGET, TARGET_EFFICIENCY, markdown_table, pct
+from bench.server_common import ALPHA, BUDGET, TARGET_EFFICIENCY, LiveJobs, markdown_table, pct
 
 
 class _Recorder:
@@ -75,40 +75,19 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
     alternate ``cycles`` times: ``w_slice`` s of worker time, then with the engine parked: the raw model at the
     worker's running mean batch (size and number of chunks) for ``r_slice`` s, an exact replay of (a strided subset
     of) the model calls of the worker slice just run, and one call at the full batch size."""
-    from models.engine import EngineStopped, JobSpec, QueueFull, SequentialEngine
+    from models.engine import JobSpec, SequentialEngine
 
     gated = _gated(sampler)
     rec = _Recorder()
     engine = SequentialEngine(gated, max_live_jobs=max(512, n_jobs), seed=seed, observer=rec)
-    state = {"next": 0, "open": True}
-    finished: list[tuple[float, int]] = []
-    lock = threading.Lock()
-
-    def submit_one():
-        with lock:
-            i = state["next"]
-            state["next"] += 1
-        k = i % len(images)
-        fut = engine.submit(JobSpec(images[k], ALPHA, BUDGET, time.monotonic() + 3600, tested_class=int(classes[k])))
-        fut.add_done_callback(on_done)
-
-    def on_done(fut):
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        finished.append((time.perf_counter(), fut.result().samples))
-        if state["open"]:
-            try:
-                submit_one()
-            except (EngineStopped, QueueFull):
-                pass
+    live = LiveJobs(engine, lambda i: JobSpec(images[i % len(images)], ALPHA, BUDGET, time.monotonic() + 3600,
+                                              tested_class=int(classes[i % len(images)])))
 
     raw = {"mean": [0, 0.0], "replay": [0, 0.0], "full": [0, 0.0]}
     per_cycle = []
     full_sizes = split_sizes(sampler.batch_size, 4)
     sampler.count_chunks(images[:4], full_sizes, rng)  # warm the session up once
-    engine.start()
-    for _ in range(n_jobs):
-        submit_one()
+    live.start(n_jobs)
     time.sleep(warm)
     t_start = gated.pause()
     n_batches0, n_sizes0 = len(rec.batches), len(gated.sizes_log)
@@ -134,13 +113,13 @@ def interleaved_worker(sampler, images, classes, n_jobs: int, *, warm: float, cy
             raw[key][1] += val[1]
         per_cycle.append((sum(b[1] for b in sl), t_parked - t_resumed, m))
     t_end = time.perf_counter()
-    state["open"] = False
+    live.close()
     gated.resume()
     engine.stop(0.0)
     batches = [b for b in rec.batches[n_batches0:] if b[0] <= t_end]
     parked = sum(min(b, t_end) - max(a, t_start) for a, b in gated.parked_log if b > t_start and a < t_end)
     active = (t_end - t_start) - parked
-    certs = [s for t, s in finished if t_start < t <= t_end]
+    certs = live.samples_between(t_start, t_end)
     model = sum(b[3] for b in batches)
     return {"samples": sum(b[1] for b in batches), "active": active, "batches": len(batches),
             "jobs": sum(b[2] for b in batches), "model": model, "certs": len(certs),
