@@ -41,7 +41,7 @@ from bench.machine import (CpuMeter, code_version, describe_load, ensure_tool, m
 from bench.models_and_data import load_test_images
 from bench.report import section_text, write_report
 from bench.server_common import BOUNDARY, markdown_table, multipart_body, png_bytes
-from bench.server_process import ServerProc, free_port
+from bench.server_process import ServerProc, free_ports
 
 TARGET_ADDED_P99_MS = 5.0
 TARGET_THROUGHPUT_RATIO = 0.9
@@ -107,8 +107,9 @@ def measure(args, hey: str, workdir: Path, namespace: str, ingress: str) -> dict
     try:
         servers["A"] = ServerProc(workdir, "--threads", "2", tag="single")
         data["startup_s"]["A"] = servers["A"].wait_ready()
-        servers["B"] = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(free_port()),
-                                  env={**RAY_ENV, **INGRESS[ingress][1]}, tag="ray")
+        port, metrics_port = free_ports(2)  # distinct: a port chosen twice in a row can repeat
+        servers["B"] = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(metrics_port),
+                                  env={**RAY_ENV, **INGRESS[ingress][1]}, tag="ray", port=port)
         data["startup_s"]["B"] = servers["B"].wait_ready(timeout=300)
         pids = {"A": [servers["A"].proc.pid],
                 "B": [p for p in netns.processes_in(namespace) if p != servers["A"].proc.pid]}  # all of Ray's

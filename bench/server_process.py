@@ -6,7 +6,9 @@ SIGTERM (drain) or kill. Output goes to a log file (a full pipe would block the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,9 +21,28 @@ from bench.machine import CpuMeter, proc_status
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+# Below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999): a port chosen here is never
+# handed out by a later bind(0) or connect() of another process (e.g. one of Ray's own servers) before ours binds it.
+_PORT_RANGE = (20000, 32767)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that are free now, outside the ephemeral range (see ``_PORT_RANGE``)."""
+    rng = random.Random()
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            port = rng.randint(*_PORT_RANGE)
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+        return ports
 
 
 def certserve_command() -> list[str]:
@@ -34,8 +55,9 @@ def certserve_command() -> list[str]:
 class ServerProc:
     """``certserve serve --host 127.0.0.1 --port <free> *args`` with ``env`` added to this process's environment."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, tag: str = "server"):
-        self.port = free_port()
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, tag: str = "server",
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [*certserve_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         workdir.mkdir(parents=True, exist_ok=True)

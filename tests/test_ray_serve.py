@@ -31,7 +31,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from bench import netns
-from bench.server_process import ServerProc, free_port
+from bench.server_process import ServerProc, free_port, free_ports
 from calibration.data import load_fashion_mnist
 from server.app import build_service, create_app
 from server.ray_serve import CertserveDeployment, replica_settings
@@ -59,12 +59,12 @@ class Cluster:
 
     def __init__(self, workdir: Path, namespace: str):
         self.namespace = namespace
-        self.metrics_port = free_port()
+        port, self.metrics_port = free_ports(2)  # distinct: a port chosen twice in a row can repeat
         self.ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's unix socket paths must fit 107 bytes
         env = {**ENV, "RAY_TMPDIR": self.ray_tmp}
         self.t0 = time.monotonic()
         self.server = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(self.metrics_port),
-                                 env=env, tag="ray")
+                                 env=env, tag="ray", port=port)
         self.url = self.server.url
         self.started_s = None
 
