@@ -135,15 +135,14 @@ class CertificationService:
         """The engine job; for sequential, class and prior come from clean forward passes only (before any noise)."""
         if plan.route == "cohen":
             return JobSpec(image, plan.alpha, plan.budget, plan.deadline, kind="cohen", n0=self.config.cohen_n0)
-        tested, prior = class_and_prior(self.base, self.surrogate, self.meta, image[None],
-                                        None if probs is None else probs[None])
+        tested, priors = class_and_prior(self.base, self.surrogate, self.meta, image[None],
+                                         None if probs is None else probs[None])
+        c, prior = int(tested[0]), (float(priors[0, 0]), float(priors[0, 1]))
         if plan.route == "fixed":  # n from the clean-image prior only: fixed before any noise sample exists
-            n = int(planned_sample_size(prior[0, 0], prior[0, 1], sigma=self.manifest.sigma, alpha=plan.alpha,
-                                        budget=plan.budget))
-            return JobSpec(image, plan.alpha, n, plan.deadline, kind="fixed", tested_class=int(tested[0]),
-                           prior=(float(prior[0, 0]), float(prior[0, 1])))
-        return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=int(tested[0]),
-                       prior=(float(prior[0, 0]), float(prior[0, 1])), target_radius=plan.target_radius)
+            n = int(planned_sample_size(*prior, sigma=self.manifest.sigma, alpha=plan.alpha, budget=plan.budget))
+            return JobSpec(image, plan.alpha, n, plan.deadline, kind="fixed", tested_class=c, prior=prior)
+        return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=c, prior=prior,
+                       target_radius=plan.target_radius)
 
     async def _run_job(self, spec: JobSpec) -> JobResult:
         try:

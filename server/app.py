@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from certification.errors import ServiceError
+from certification.seal import certserve_version
 from certification.service import CertificationService
 from models.bundle import load_bundle
 from server.errors import error_body, install_error_handlers
@@ -28,7 +29,6 @@ from server.schemas import BatchResponse, Certificate, CertifyParams, ErrorRespo
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("certserve")
-VERSION = "0.1.0"
 _ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 415, 422, 500, 503)}
 
 
@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
             if owned:
                 await asyncio.to_thread(app.state.service.stop, settings.drain_seconds)
 
-    app = FastAPI(title="certserve", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="certserve", version=certserve_version(), lifespan=lifespan,
                   description="Certified robustness (randomized smoothing) for image classifiers: a calibrated "
                               "surrogate in one forward pass, an anytime-valid sequential test when needed.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
