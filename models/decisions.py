@@ -11,6 +11,7 @@ import numpy as np
 from models.jobs import COHEN, SEQUENTIAL, JobTable
 from smoothing import (Stop, best_radius_decision, clopper_pearson_lower, lower_bound, radius_from_probability,
                        target_radius_decision)
+from smoothing.stopping import proposal_decision
 
 STOP_NAMES = {int(Stop.TARGET): "target", int(Stop.CERTIFIED): "certified", int(Stop.FUTILITY): "futility",
               int(Stop.BUDGET): "budget"}
@@ -18,12 +19,11 @@ STOP_NAMES = {int(Stop.TARGET): "target", int(Stop.CERTIFIED): "certified", int(
 
 def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.ndarray, dict[int, Exception]]:
     """Stop codes (:class:`smoothing.Stop`) of the sequential jobs in ``slots`` at their current counts: one call
-    per policy (target radius, best radius). A job whose parameters make its policy raise ValueError is isolated
-    (evaluated alone) and reported in the returned {slot: error} instead of failing the others."""
+    per policy (target radius, proposal, best radius). A job whose parameters make its policy raise ValueError is
+    isolated (evaluated alone) and reported in the returned {slot: error} instead of failing the others."""
     codes = np.full(len(slots), int(Stop.CONTINUE), dtype=np.int8)
     failures: dict[int, Exception] = {}
-    targeted = ~np.isnan(table.target[slots])
-    for mask in (targeted, ~targeted):
+    for mask in policy_groups(table, slots):
         if not mask.any():
             continue
         group = slots[mask]
@@ -41,8 +41,16 @@ def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[
     return codes, failures
 
 
+def policy_groups(table: JobTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Masks over ``slots``: the jobs under the target-radius, the proposal and the best-radius policy (a job with
+    both a target and a proposal, which submit refuses, would count as targeted)."""
+    targeted = ~np.isnan(table.target[slots])
+    proposed = ~targeted & ~np.isnan(table.proposal[slots])
+    return targeted, proposed, ~targeted & ~proposed
+
+
 def _policy(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
-    """The policy of ``slots`` (all targeted or all best-radius) at (hits, counted samples)."""
+    """The policy of ``slots`` (all in one group of :func:`policy_groups`) at (hits, counted samples)."""
     return _policy_at(table, slots, table.hits(slots), table.est_done[slots], sigma)
 
 
@@ -101,9 +109,8 @@ class DecisionTables:
         hits = t.hits(ready)
         s = hits[owner] + (np.arange(len(owner)) - np.repeat(np.cumsum(width) - width, width))
         codes = np.empty(len(owner), dtype=np.int8)
-        targeted = ~np.isnan(t.target[slots])
         try:
-            for mask in (targeted, ~targeted):
+            for mask in policy_groups(t, slots):
                 if mask.any():
                     codes[mask] = _policy_at(t, slots[mask], s[mask], t.cp[slots[mask]], sigma)
         except ValueError:  # a job at fault: leave it to the direct evaluation, which isolates it
@@ -137,10 +144,13 @@ class DecisionTables:
 
 
 def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
-    """The policy of ``slots`` (all targeted or all best-radius) at hits ``s`` in ``t`` samples."""
+    """The policy of ``slots`` (all in one group of :func:`policy_groups`) at hits ``s`` in ``t`` samples, with each
+    job's own alpha, budget and prior: the ones its certificate uses (:func:`certificates`)."""
     common = dict(sigma=sigma, alpha=table.alpha[slots], budget=table.budget[slots], a=table.a[slots],
                   b=table.b[slots])
-    target = table.target[slots]
+    target, proposal = table.target[slots], table.proposal[slots]
     if not np.isnan(target[0]):
         return np.atleast_1d(target_radius_decision(s, t, target_radius=target, **common))
+    if not np.isnan(proposal[0]):
+        return np.atleast_1d(proposal_decision(s, t, proposal_radius=proposal, **common))
     return np.atleast_1d(best_radius_decision(s, t, **common))

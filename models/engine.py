@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, SEQUENTIAL, Batch, JobTable
+from models.jobs import KINDS, SEQUENTIAL, Batch, JobTable, check_spec
 from models.sampling import SamplingEngine
 from smoothing import KT_PRIOR, Stop, checkpoint_schedule
 
@@ -56,7 +56,7 @@ class EngineStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What to certify. ``tested_class`` and ``prior`` (sequential, fixed) must be fixed from the clean input."""
+    """What to certify. ``tested_class``, ``prior`` and ``proposal_radius`` must be fixed from the clean input."""
 
     image: np.ndarray  # (C, H, W) float32 in [0, 1]
     alpha: float
@@ -66,6 +66,7 @@ class JobSpec:
     tested_class: int = 0
     prior: tuple[float, float] = KT_PRIOR
     target_radius: float | None = None  # None: best-radius policy
+    proposal_radius: float | None = None  # stop once verified, else best radius (smoothing.proposal_decision)
     n0: int = 100  # cohen selection samples
 
 
@@ -151,10 +152,7 @@ class SequentialEngine:
 
     def submit(self, spec: JobSpec) -> concurrent.futures.Future:
         """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
-        if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
-            raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
-        if spec.kind not in KINDS:
-            raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+        check_spec(spec)  # ValueError for a spec the engine cannot run (models.jobs.check_spec)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
         with self._lock:

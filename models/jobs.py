@@ -13,6 +13,8 @@ only. The engine holds its state lock around every call here.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +43,7 @@ class JobTable:
 
     _INT = ("gen", "kind", "n0", "budget", "assigned", "inflight", "sel_done", "est_done", "cls", "cp", "cp_idx",
             "stop_code")
-    _FLOAT = ("deadline", "alpha", "a", "b", "target")
+    _FLOAT = ("deadline", "alpha", "a", "b", "target", "proposal")  # target, proposal: NaN = none
     _BOOL = ("live", "running", "started", "stopping")
 
     def __init__(self, image_shape: tuple[int, ...], num_classes: int, capacity: int = 64):
@@ -93,6 +95,7 @@ class JobTable:
         self.deadline[slot], self.alpha[slot] = spec.deadline, spec.alpha
         self.a[slot], self.b[slot] = spec.prior
         self.target[slot] = np.nan if spec.target_radius is None else spec.target_radius
+        self.proposal[slot] = np.nan if spec.proposal_radius is None else spec.proposal_radius
         self.cp_idx[slot] = 0
         if schedule is not None:
             self.schedules[slot, :len(schedule)] = schedule
@@ -129,11 +132,12 @@ class JobTable:
 
         If its policy then stops it at c_i, these samples still count: its certificate is the confidence sequence
         at the samples counted when they have landed, valid at any (even data-dependent) time; it only stops up to
-        one checkpoint interval later. Target-radius jobs never run ahead (their stop must certify the target)."""
+        one checkpoint interval later. Target-radius and proposal jobs never run ahead (a 'target' stop must certify
+        the target or proposal: its certificate is the bound at the very checkpoint where it was verified)."""
         last = self.schedules.shape[1] - 1
         ahead = self.schedules[np.arange(self.capacity), np.minimum(self.cp_idx + 1, last)]
         ok = (self.running & ~self.stopping & (self.kind == SEQUENTIAL) & np.isnan(self.target)
-              & (self.assigned == self.cp))
+              & np.isnan(self.proposal) & (self.assigned == self.cp))
         return np.where(ok, np.maximum(ahead - self.assigned, 0), 0)
 
     def allocate(self, capacity: int, speculate: bool = True) -> Batch | None:
@@ -210,6 +214,24 @@ class JobTable:
 
     def waiting(self) -> int:
         return int(np.count_nonzero(self.running & ~self.started))
+
+
+def check_spec(spec) -> None:
+    """ValueError, with a message saying what was expected, for a job spec the engine cannot run (at submit)."""
+    if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
+        raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
+    if spec.kind not in KINDS:
+        raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+    r = spec.proposal_radius
+    if r is None:
+        return
+    if spec.target_radius is not None:
+        raise ValueError("a job takes target_radius (certify at least that radius) or proposal_radius (stop once "
+                         "that radius is verified, else best radius), not both")
+    if spec.kind != "sequential":
+        raise ValueError(f"proposal_radius applies to sequential jobs only, not to kind {spec.kind!r}")
+    if not (isinstance(r, numbers.Real) and math.isfinite(r) and r >= 0):
+        raise ValueError(f"proposal_radius must be a finite number >= 0, got {r!r}")
 
 
 def _edf_take(want: np.ndarray, order: np.ndarray, deadline: np.ndarray, capacity: int):

@@ -28,6 +28,9 @@ DEFAULT_MIN_GAIN = 5e-5
 DEFAULT_FRACTION = 0.775
 DEFAULT_GROWTH = 1.1
 
+#: Shrink factor of :func:`proposal_radius` (proposal = shrink * sigma * z_hat). PLACEHOLDER until tuned.
+DEFAULT_PROPOSAL_SHRINK = 0.8
+
 
 class Stop(enum.IntEnum):
     """Why a policy stopped a job (``CONTINUE`` while sampling should go on)."""
@@ -57,18 +60,22 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
     check_alpha(alpha)
     budget = _check_budget(budget)
     p_target = np.maximum(probability_for_radius(target_radius, sigma), 0.5)
-    # A target beyond ~8.3 sigma has Phi(r/sigma) == 1.0 in floating point: unreachable by any finite sample, so it
-    # can never be certified; test at the largest probability below 1 only to keep the arrays well-formed.
-    reachable = p_target < 1.0
-    p_test = np.minimum(p_target, np.nextafter(1.0, 0.0))
     af = alpha if alpha_futility is None else alpha_futility
     out = np.full(np.broadcast(s, t, p_target).shape, Stop.CONTINUE, dtype=np.int8)
     out[np.broadcast_to(t >= budget, out.shape)] = Stop.BUDGET
     futile = np.broadcast_to(upper_bound(s, t, af, a, b, kt_weight=kt_weight) < p_target, out.shape)
     out[futile] = Stop.FUTILITY
-    hit = reachable & (t > 0) & rejects(s, np.maximum(t, 1), p_test, alpha, a, b, kt_weight=kt_weight)
-    out[np.broadcast_to(hit, out.shape)] = Stop.TARGET
+    out[np.broadcast_to(_radius_verified(s, t, p_target, alpha, a, b, kt_weight), out.shape)] = Stop.TARGET
     return out if out.ndim else Stop(int(out))
+
+
+def _radius_verified(s, t, p_target, alpha, a, b, kt_weight):
+    """True where H0: pA <= p_target is rejected at alpha (then L_t >= p_target); validated arrays, p_target >= 1/2.
+
+    A radius beyond ~8.3 sigma has Phi(r/sigma) == 1.0 in floating point: unreachable by any finite sample, so it is
+    never verified; the test runs at the largest probability below 1 only to keep the arrays well-formed."""
+    p_test = np.minimum(p_target, np.nextafter(1.0, 0.0))
+    return (p_target < 1.0) & (t > 0) & rejects(s, np.maximum(t, 1), p_test, alpha, a, b, kt_weight=kt_weight)
 
 
 def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[0], b=KT_PRIOR[1],
@@ -127,6 +134,52 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     out[futile] = Stop.FUTILITY
     out[settled & (t > 0)] = Stop.CERTIFIED
     return out if out.ndim else Stop(int(out))
+
+
+def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budget, a=KT_PRIOR[0], b=KT_PRIOR[1],
+                      kt_weight=DEFAULT_KT_WEIGHT, min_gain=DEFAULT_MIN_GAIN):
+    """Policy (iii): stop as soon as a proposed radius is verified; otherwise the best-radius policy (ii).
+
+    TARGET where H0: pA <= Phi(r/sigma), r = ``proposal_radius``, is rejected at level alpha by the e-process of the
+    certificate's confidence sequence (same prior (1 - kt_weight) Beta(a, b) + kt_weight KT): then L_t >=
+    Phi(r/sigma), so the certificate issued at these (S_t, t) has radius >= r (up to the rounding down of
+    :func:`smoothing.radius_from_probability`). Elsewhere exactly the code of :func:`best_radius_decision` with the
+    same arguments (CERTIFIED / FUTILITY / BUDGET / CONTINUE). So a job never stops later than under (ii); it stops
+    at the proposal when that is verified, and otherwise keeps the best anytime-valid certificate (ii) reaches. A
+    proposal beyond ~8.3 sigma (Phi == 1 in floating point) is never verified: the job runs policy (ii).
+    Guarantee: per input at level alpha, from the confidence sequence, valid at any stopping time: P(the certified
+    radius exceeds the true radius) <= alpha whatever the proposal, PROVIDED the proposal (like the tested class and
+    the prior) is fixed from the clean input before any noise sample is drawn; the certificate must be computed with
+    the same prior and ``kt_weight``. The proposal only decides when to spend fewer samples.
+    """
+    s, t = check_counts(successes, trials)
+    r = np.asarray(proposal_radius, dtype=np.float64)
+    if r.size == 0 or not np.all(np.isfinite(r)) or np.any(r < 0):
+        raise ValueError(f"proposal_radius must be a finite number >= 0, got {proposal_radius!r}")
+    best = np.asarray(best_radius_decision(s, t, sigma=sigma, alpha=alpha, budget=budget, a=a, b=b,
+                                           kt_weight=kt_weight, min_gain=min_gain), dtype=np.int8)
+    p_target = np.maximum(probability_for_radius(r, sigma), 0.5)
+    verified = _radius_verified(s, t, p_target, check_alpha(alpha), *check_prior(a, b), kt_weight)
+    out = np.where(verified, np.int8(Stop.TARGET), best).astype(np.int8)
+    return out if out.ndim else Stop(int(out))
+
+
+def proposal_radius(z_hat, *, sigma, shrink=DEFAULT_PROPOSAL_SHRINK):
+    """The radius a job proposes to verify: ``shrink * sigma * max(z_hat, 0)``.
+
+    ``z_hat`` is a point estimate of Phi^-1(pA) computed from the clean input only (e.g. the surrogate's,
+    Phi^-1(clip(p_hat, 1/2, 1 - 1e-7)) with p_hat its top softmax probability), so the proposal is fixed before
+    sampling, as :func:`proposal_decision` requires. ``shrink`` < 1 proposes less than the point estimate, which is
+    verified sooner and more often; DEFAULT_PROPOSAL_SHRINK is chosen on held-out dev streams (see its comment).
+    No guarantee of its own: the proposal is a stopping heuristic, the certificate's validity does not depend on it.
+    """
+    z = np.asarray(z_hat, dtype=np.float64)
+    if z.size == 0 or not np.all(np.isfinite(z)):
+        raise ValueError(f"z_hat must be finite numbers (a point estimate of Phi^-1(pA)), got {z_hat!r}")
+    if not (np.isfinite(shrink) and shrink > 0):
+        raise ValueError(f"shrink must be a finite number > 0, got {shrink!r}")
+    r = shrink * check_sigma(sigma) * np.maximum(z, 0.0)
+    return r if r.ndim else float(r)
 
 
 def _check_budget(budget):
