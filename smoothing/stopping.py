@@ -28,8 +28,11 @@ DEFAULT_MIN_GAIN = 5e-5
 DEFAULT_FRACTION = 0.775
 DEFAULT_GROWTH = 1.1
 
-#: Shrink factor of :func:`proposal_radius` (proposal = shrink * sigma * z_hat). PLACEHOLDER until tuned.
-DEFAULT_PROPOSAL_SHRINK = 0.8
+#: Shrink of :func:`proposal_radius` (proposal = shrink * sigma * z_hat of the surrogate): the shrink with the largest
+#: mean radius among those with mean samples <= 300 at DEFAULT_MIN_GAIN, on held-out dev streams (the bundle's
+#: calibration split, never the test set): docs/proposal-tuning.md (``python -m bench.proposal_tuning``). Any value
+#: keeps validity; it only trades samples for radius.
+DEFAULT_PROPOSAL_SHRINK = 0.48
 
 
 class Stop(enum.IntEnum):
