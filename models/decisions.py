@@ -145,12 +145,14 @@ class DecisionTables:
 
 def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
     """The policy of ``slots`` (all in one group of :func:`policy_groups`) at hits ``s`` in ``t`` samples, with each
-    job's own alpha, budget and prior: the ones its certificate uses (:func:`certificates`)."""
+    job's own alpha, budget and prior (the ones its certificate uses, :func:`certificates`) and, for best-radius and
+    proposal jobs, its own min_gain (fixed at admission, so a tabulated code stays that job's code)."""
     common = dict(sigma=sigma, alpha=table.alpha[slots], budget=table.budget[slots], a=table.a[slots],
                   b=table.b[slots])
     target, proposal = table.target[slots], table.proposal[slots]
     if not np.isnan(target[0]):
         return np.atleast_1d(target_radius_decision(s, t, target_radius=target, **common))
     if not np.isnan(proposal[0]):
-        return np.atleast_1d(proposal_decision(s, t, proposal_radius=proposal, **common))
-    return np.atleast_1d(best_radius_decision(s, t, **common))
+        return np.atleast_1d(proposal_decision(s, t, proposal_radius=proposal, min_gain=table.min_gain[slots],
+                                               **common))
+    return np.atleast_1d(best_radius_decision(s, t, min_gain=table.min_gain[slots], **common))

@@ -67,6 +67,7 @@ class JobSpec:
     prior: tuple[float, float] = KT_PRIOR
     target_radius: float | None = None  # None: best-radius policy
     proposal_radius: float | None = None  # stop once verified, else best radius (smoothing.proposal_decision)
+    min_gain: float | None = None  # best-radius / proposal lambda; None: smoothing.DEFAULT_MIN_GAIN
     n0: int = 100  # cohen selection samples
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from smoothing import DEFAULT_MIN_GAIN
+
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
 
@@ -43,7 +45,7 @@ class JobTable:
 
     _INT = ("gen", "kind", "n0", "budget", "assigned", "inflight", "sel_done", "est_done", "cls", "cp", "cp_idx",
             "stop_code")
-    _FLOAT = ("deadline", "alpha", "a", "b", "target", "proposal")  # target, proposal: NaN = none
+    _FLOAT = ("deadline", "alpha", "a", "b", "target", "proposal", "min_gain")  # target, proposal: NaN = none
     _BOOL = ("live", "running", "started", "stopping")
 
     def __init__(self, image_shape: tuple[int, ...], num_classes: int, capacity: int = 64):
@@ -96,6 +98,7 @@ class JobTable:
         self.a[slot], self.b[slot] = spec.prior
         self.target[slot] = np.nan if spec.target_radius is None else spec.target_radius
         self.proposal[slot] = np.nan if spec.proposal_radius is None else spec.proposal_radius
+        self.min_gain[slot] = DEFAULT_MIN_GAIN if spec.min_gain is None else spec.min_gain
         self.cp_idx[slot] = 0
         if schedule is not None:
             self.schedules[slot, :len(schedule)] = schedule
@@ -222,6 +225,7 @@ def check_spec(spec) -> None:
         raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
     if spec.kind not in KINDS:
         raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+    _check_min_gain(spec)
     r = spec.proposal_radius
     if r is None:
         return
@@ -232,6 +236,18 @@ def check_spec(spec) -> None:
         raise ValueError(f"proposal_radius applies to sequential jobs only, not to kind {spec.kind!r}")
     if not (isinstance(r, numbers.Real) and math.isfinite(r) and r >= 0):
         raise ValueError(f"proposal_radius must be a finite number >= 0, got {r!r}")
+
+
+def _check_min_gain(spec) -> None:
+    """min_gain (the marginal-gain rule's lambda) belongs to the best-radius and proposal policies only."""
+    g = spec.min_gain
+    if g is None:
+        return
+    if not (isinstance(g, numbers.Real) and not isinstance(g, bool) and math.isfinite(g) and g >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {g!r}")
+    if spec.kind != "sequential" or spec.target_radius is not None:
+        raise ValueError("min_gain applies to sequential best-radius and proposal jobs only, not to "
+                         + (f"kind {spec.kind!r}" if spec.kind != "sequential" else "a target_radius job"))
 
 
 def _edf_take(want: np.ndarray, order: np.ndarray, deadline: np.ndarray, capacity: int):

@@ -28,11 +28,15 @@ DEFAULT_MIN_GAIN = 5e-5
 DEFAULT_FRACTION = 0.775
 DEFAULT_GROWTH = 1.1
 
-#: Shrink of :func:`proposal_radius` (proposal = shrink * sigma * z_hat of the surrogate): the shrink with the largest
-#: mean radius among those with mean samples <= 300 at DEFAULT_MIN_GAIN, on held-out dev streams (the bundle's
-#: calibration split, never the test set): docs/proposal-tuning.md (``python -m bench.proposal_tuning``). Any value
-#: keeps validity; it only trades samples for radius.
-DEFAULT_PROPOSAL_SHRINK = 0.48
+#: The per-input path (the server's auto fallbacks and per_input=true jobs), tuned jointly on held-out dev streams
+#: (the bundle's calibration split, never the test set; replayed at budget 2,048, the streams' length, while the
+#: server's auto budget is 4,000): the pair (shrink, lambda) with the largest mean radius among those with mean samples
+#: <= 300, over shrink 0 (no proposal) .. 1.0 x lambda 5e-5 .. 4e-4, proposals from the surrogate's calibrated point
+#: estimate: docs/proposal-tuning.md (``python -m bench.proposal_tuning``). It chose lambda = PER_INPUT_MIN_GAIN and
+#: no proposal; DEFAULT_PROPOSAL_SHRINK is the best shrink > 0 at that lambda by the same rule (the proposal adds
+#: nothing over the marginal-gain rule there: < 1% of samples at equal radius). Any value keeps validity.
+PER_INPUT_MIN_GAIN = 2e-4
+DEFAULT_PROPOSAL_SHRINK = 1.0
 
 
 class Stop(enum.IntEnum):
@@ -91,10 +95,10 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     S' = floor(S_t t' / t).
 
     * Marginal-gain rule (default; ``fraction`` None): with t' = min(2t, budget), CERTIFIED when r_now > 0 and
-      (r(S', t') - r_now) / (t' - t) < ``min_gain`` (lambda, radius units per sample). Stopping each input where its
-      marginal radius per sample falls below one common lambda is the allocation that maximizes the mean radius for
-      a given mean number of samples (a Lagrangian argument): confident inputs, whose radius grows ~ sqrt(log t), stop
-      early; near-converged mid-pA inputs stop as soon as the bound is close to pA.
+      (r(S', t') - r_now) / (t' - t) < ``min_gain`` (lambda, radius units per sample; one, or one per job).
+      Stopping each input where its marginal radius per sample falls below one common lambda is the allocation that
+      maximizes the mean radius for a given mean number of samples (a Lagrangian argument): confident inputs, whose
+      radius grows ~ sqrt(log t), stop early; near-converged mid-pA inputs stop as soon as the bound is close to pA.
     * Fraction rule (``fraction`` in (0, 1]; the previous default, kept for comparison): CERTIFIED when r_now > 0 and
       r_now >= fraction * r(S_B, B), the projection at the full budget B.
 
@@ -107,11 +111,12 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     s, t = check_counts(successes, trials)
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
-    if not (np.isfinite(min_gain) and min_gain >= 0):
+    gain_per_sample = np.asarray(min_gain, dtype=np.float64)
+    if gain_per_sample.size == 0 or not np.all(np.isfinite(gain_per_sample) & (gain_per_sample >= 0)):
         raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
     budget = _check_budget(budget)
-    s, t, alpha, a, b, budget, sig = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget,
-                                                         check_sigma(sigma))
+    s, t, alpha, a, b, budget, sig, gain_per_sample = np.broadcast_arrays(
+        s, t, check_alpha(alpha), *check_prior(a, b), budget, check_sigma(sigma), gain_per_sample)
     t_safe = np.maximum(t, 1)
 
     def radius(hits, draws, where=Ellipsis):
@@ -122,7 +127,7 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     if fraction is None:
         t_next = np.minimum(2 * t_safe, np.maximum(budget, t_safe))
         gain = radius((s * t_next) // t_safe, t_next) - r_now  # exact integers: S_t = t projects to t' hits
-        settled = (r_now > 0) & (gain < min_gain * np.maximum(t_next - t, 1))
+        settled = (r_now > 0) & (gain < gain_per_sample * np.maximum(t_next - t, 1))
     else:
         settled = (r_now > 0) & (r_now >= fraction * radius((s * budget) // t_safe, budget))
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
@@ -170,10 +175,11 @@ def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budge
 def proposal_radius(z_hat, *, sigma, shrink=DEFAULT_PROPOSAL_SHRINK):
     """The radius a job proposes to verify: ``shrink * sigma * max(z_hat, 0)``.
 
-    ``z_hat`` is a point estimate of Phi^-1(pA) computed from the clean input only (e.g. the surrogate's,
-    Phi^-1(clip(p_hat, 1/2, 1 - 1e-7)) with p_hat its top softmax probability), so the proposal is fixed before
-    sampling, as :func:`proposal_decision` requires. ``shrink`` < 1 proposes less than the point estimate, which is
-    verified sooner and more often; DEFAULT_PROPOSAL_SHRINK is chosen on held-out dev streams (see its comment).
+    ``z_hat`` is a point estimate of Phi^-1(pA) computed from the clean input only (the server's: the surrogate's
+    calibrated point map of its log-odds, ``models.surrogate.surrogate_answers(...).z_hat``), so the proposal is fixed
+    before sampling, as :func:`proposal_decision` requires. ``shrink`` < 1 proposes less than the point estimate,
+    which is verified sooner and more often; DEFAULT_PROPOSAL_SHRINK is chosen on held-out dev streams (see its
+    comment), jointly with the lambda the job runs (PER_INPUT_MIN_GAIN).
     No guarantee of its own: the proposal is a stopping heuristic, the certificate's validity does not depend on it.
     """
     z = np.asarray(z_hat, dtype=np.float64)

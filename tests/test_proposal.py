@@ -7,7 +7,10 @@ verified by the certificate's own e-process, and otherwise behaves exactly like 
 * a 'target' answer for a proposal above the true radius is given with probability <= alpha (exact);
 * in the real engine (real onnxruntime session of the default bundle): a small proposal stops at 'target' at the
   checkpoint where it is verified (no sample drawn ahead), an unreachable one gives the best-radius answer, and a
-  'target' answer's radius is >= the proposal with p_lower the job-prior bound of its counted samples.
+  'target' answer's radius is >= the proposal with p_lower the job-prior bound of its counted samples;
+* per-job min_gain (JobSpec.min_gain, the marginal-gain rule's lambda of best-radius and proposal jobs): each job's
+  decisions are the policy called with its own lambda (real engine, and the precomputed decision tables), a larger
+  lambda stops earlier on the same noise, and submit refuses a bad one with a message saying what was expected.
 Each soundness test names the bug it was run against (by editing the code once) and says that it failed then.
 """
 
@@ -24,8 +27,8 @@ from calibration.data import load_fashion_mnist
 from models.bundle import load_bundle
 from models.engine import JobSpec, SequentialEngine
 from models.sampling import SamplingEngine
-from smoothing import (KT_PRIOR, Stop, best_radius_decision, certified_radius, checkpoint_schedule, lower_bound,
-                       probability_for_radius, rejects)
+from smoothing import (DEFAULT_MIN_GAIN, KT_PRIOR, Stop, best_radius_decision, certified_radius, checkpoint_schedule,
+                       lower_bound, probability_for_radius, rejects)
 from smoothing.stopping import DEFAULT_PROPOSAL_SHRINK, proposal_decision, proposal_radius
 
 SIGMA, K, EASY = 0.25, 10, 2  # test image 2 is a trouser: pA ~ 1 for class 1
@@ -143,12 +146,20 @@ def test_proposal_decision_is_vectorized_over_jobs():
     t = rng.integers(0, 2500, n)
     s = rng.binomial(t, rng.uniform(0.4, 1.0, n))
     args = {"alpha": rng.choice([0.1, 0.01, 0.001], n), "budget": rng.choice([100, 1000, 2048], n),
-            "a": rng.uniform(0.3, 40, n), "b": rng.uniform(0.01, 5, n), "proposal_radius": rng.uniform(0, 0.8, n)}
+            "a": rng.uniform(0.3, 40, n), "b": rng.uniform(0.01, 5, n), "proposal_radius": rng.uniform(0, 0.8, n),
+            "min_gain": rng.choice([0.0, 5e-5, 2e-4, 1e-3], n)}
     vec = proposal_decision(s, t, sigma=SIGMA, **args)
     one = [proposal_decision(int(s[i]), int(t[i]), sigma=SIGMA, **{k: v[i] for k, v in args.items()})
            for i in range(n)]
     assert vec.dtype == np.int8 and vec.tolist() == [int(c) for c in one]
     assert len(set(vec.tolist())) >= 3
+    del args["proposal_radius"]
+    vec = best_radius_decision(s, t, sigma=SIGMA, **args)
+    one = [best_radius_decision(int(s[i]), int(t[i]), sigma=SIGMA, **{k: v[i] for k, v in args.items()})
+           for i in range(n)]
+    assert vec.tolist() == [int(c) for c in one]
+    one_gain = best_radius_decision(s, t, sigma=SIGMA, **{**args, "min_gain": 5e-5})
+    assert not np.array_equal(vec, one_gain)  # the per-job lambdas matter
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -161,6 +172,7 @@ def test_proposal_decision_is_vectorized_over_jobs():
     ({"a": -1.0}, r"Beta prior parameter a must be finite and > 0"),
     ({"kt_weight": 1.5}, r"kt_weight must be a number in \[0, 1\]"),
     ({"min_gain": -1.0}, r"min_gain must be a finite number >= 0"),
+    ({"min_gain": np.array([1e-4, math.nan])}, r"min_gain must be a finite number >= 0"),
     ({"successes": 11}, r"successes must not exceed trials"),
 ])
 def test_proposal_decision_bad_arguments(kwargs, pattern):
@@ -199,10 +211,16 @@ class Launches(SamplingEngine):
     def __init__(self, backend, batch_size: int = 4096):
         super().__init__(backend, sigma=SIGMA, num_classes=K, batch_size=batch_size)
         self.sizes: list[list[int]] = []
+        self.pending: list = []
 
     def launch(self, images, sizes, rng):
         self.sizes.append([int(x) for x in sizes])
-        return super().launch(images, sizes, rng)
+        self.pending.append(super().launch(images, sizes, rng))
+        return self.pending[-1]
+
+    def counts(self) -> list[np.ndarray]:
+        """The (chunks, K) class counts of every model call so far (all finished once the engine has stopped)."""
+        return [p.result() for p in self.pending]
 
 
 def _run(sampler, specs, **kw):
@@ -241,16 +259,18 @@ def test_small_proposal_stops_at_target_where_verified(backend, images):
     assert proposal_decision(s, 64, sigma=SIGMA, proposal_radius=0.1, alpha=0.001, budget=2048) == Stop.TARGET
 
 
-@pytest.mark.parametrize("tested_class,prior", [(1, KT_PRIOR), (1, (30.0, 0.5)), (0, (30.0, 0.5))])
-def test_unreachable_proposal_gives_the_best_radius_answer(backend, images, tested_class, prior):
+@pytest.mark.parametrize("tested_class,prior,min_gain", [(1, KT_PRIOR, None), (1, (30.0, 0.5), None),
+                                                         (0, (30.0, 0.5), None), (1, KT_PRIOR, 1e-3)])
+def test_unreachable_proposal_gives_the_best_radius_answer(backend, images, tested_class, prior, min_gain):
     """A proposal of 2.0 = 8 sigma (needs pA >= 1 - 6e-16: never verified within 2,048 samples) answers exactly as
-    the best-radius job on the same seeded noise (speculation off in both, so the model calls match): same class,
-    radius, bound, samples and stop reason; the trouser's own class settles ('certified'), a wrong class is futile."""
+    the best-radius job with the same min_gain on the same seeded noise (speculation off in both, so the model calls
+    match): same class, radius, bound, samples and stop reason; the trouser's own class settles ('certified'), a
+    wrong class is futile."""
     results = []
     for proposal in (2.0, None):
         sampler = Launches(backend)
         (res,), _ = _run(sampler, [_spec(images[EASY], proposal_radius=proposal, tested_class=tested_class,
-                                         prior=prior)], speculate=False)
+                                         prior=prior, min_gain=min_gain)], speculate=False)
         results.append((res.class_index, res.radius, res.p_lower, res.samples, res.stopped_by, sampler.sizes))
     assert results[0] == results[1]
     assert results[0][4] == ("certified" if tested_class == 1 else "futility")
@@ -274,6 +294,60 @@ def test_target_answer_certifies_the_proposal_under_the_jobs_prior(backend, imag
     assert res.radius == certified_radius(s, res.samples, 0.001, SIGMA, *prior)
 
 
+@pytest.mark.parametrize("index,tested_class,proposal", [(EASY, 1, None), (4, 6, None), (EASY, 1, 2.0)])
+def test_a_larger_min_gain_stops_earlier_by_its_own_policy(backend, images, index, tested_class, proposal):
+    """Per-job lambda in the real engine: on the same seeded noise (speculation off: one model call per checkpoint),
+    a job with min_gain = 1e-3 stops ('certified') before the job with the default lambda, and at every checkpoint
+    each job's decision is exactly best_radius_decision (or proposal_decision) called with ITS min_gain at the counts
+    the model returned: CONTINUE before its stop, the stop code there. Image 4 is a shirt (class 6) of mid pA
+    (radius ~0.18 at the default lambda). A proposal of 2.0 (never verified) runs the same rule.
+    Run once against decisions that ignore the job's lambda (``min_gain=`` dropped from the two calls in
+    models/decisions.py::_policy_at): the min_gain = 1e-3 jobs ran on like the default ones (1,449 samples on the
+    trouser), past checkpoints where their own policy says CERTIFIED; all three cases failed (and so did
+    test_precomputed_decisions_follow_each_jobs_policy)."""
+    runs = {}
+    for min_gain in (None, 1e-3):
+        sampler = Launches(backend)
+        (res,), _ = _run(sampler, [_spec(images[index], tested_class=tested_class, proposal_radius=proposal,
+                                         min_gain=min_gain)], speculate=False)
+        hits = np.cumsum([int(c[0, tested_class]) for c in sampler.counts()])
+        draws = np.cumsum([sizes[0] for sizes in sampler.sizes])
+        assert draws[-1] == res.samples and list(draws) == list(checkpoint_schedule(2048)[:len(draws)])
+        kw = {"sigma": SIGMA, "alpha": 0.001, "budget": 2048, "min_gain": min_gain or DEFAULT_MIN_GAIN}
+        if proposal is None:
+            codes = best_radius_decision(hits, draws, **kw)
+        else:
+            codes = proposal_decision(hits, draws, proposal_radius=proposal, **kw)
+        assert res.stopped_by == "certified" and codes[-1] == Stop.CERTIFIED, (min_gain, res)
+        assert np.all(codes[:-1] == Stop.CONTINUE), (min_gain, codes)
+        assert res.p_lower == pytest.approx(lower_bound(hits[-1], draws[-1], 0.001, *KT_PRIOR), rel=1e-12)
+        runs[min_gain] = (res, hits, draws)
+    (default, hits, draws), (greedy, _, greedy_draws) = runs[None], runs[1e-3]
+    assert greedy.samples < default.samples and np.array_equal(draws[:len(greedy_draws)], greedy_draws)
+    assert best_radius_decision(hits[len(greedy_draws) - 1], greedy.samples, sigma=SIGMA, alpha=0.001,
+                                budget=2048) == Stop.CONTINUE  # the default lambda would have gone on there
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"min_gain": -1e-4}, r"min_gain must be a finite number >= 0 \(radius per sample\), got -0.0001"),
+    ({"min_gain": math.inf}, r"min_gain must be a finite number >= 0 .*got inf"),
+    ({"min_gain": math.nan}, r"min_gain must be a finite number >= 0 .*got nan"),
+    ({"min_gain": True}, r"min_gain must be a finite number >= 0 .*got True"),
+    ({"min_gain": "1e-4"}, r"min_gain must be a finite number >= 0 .*got '1e-4'"),
+    ({"min_gain": 1e-4, "kind": "fixed"}, r"min_gain applies to sequential best-radius and proposal jobs only, "
+                                          r"not to kind 'fixed'"),
+    ({"min_gain": 1e-4, "target_radius": 0.2}, r"min_gain applies .* not to a target_radius job"),
+])
+def test_submit_refuses_a_bad_min_gain(backend, images, kwargs, pattern):
+    engine = SequentialEngine(Launches(backend), seed=0)
+    try:
+        with pytest.raises(ValueError, match=pattern):
+            engine.submit(_spec(images[EASY], **kwargs))
+        assert engine.live_jobs == 0
+    finally:
+        engine.stop(0.0)
+
+
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"proposal_radius": 0.2, "target_radius": 0.2}, r"target_radius .* or proposal_radius .* not both"),
     ({"proposal_radius": -0.1}, r"proposal_radius must be a finite number >= 0, got -0.1"),
@@ -292,8 +366,8 @@ def test_submit_refuses_bad_proposal_jobs(backend, images, kwargs, pattern):
 
 def test_precomputed_decisions_follow_each_jobs_policy(images):
     """Target, proposal and best-radius jobs in one table: every entry of the decisions tabulated while a chunk is in
-    flight equals the job's own policy from smoothing at its own parameters (so the grouping sends each job to its
-    policy), and the lookup at landing equals the direct evaluation."""
+    flight equals the job's own policy from smoothing at its own parameters, min_gain included (so the grouping
+    sends each job to its policy with its lambda), and the lookup at landing equals the direct evaluation."""
     from models.decisions import DecisionTables, policy_decisions
     from models.jobs import SEQUENTIAL, JobTable
     from smoothing import target_radius_decision
@@ -310,7 +384,8 @@ def test_precomputed_decisions_follow_each_jobs_policy(images):
         spec = _spec(images[i % len(images)], alpha=float(rng.choice([0.1, 0.01])), budget=3000,
                      prior=(float(rng.uniform(0.5, 30)), float(rng.uniform(0.5, 3))),
                      target_radius=0.1 if kind == "target" else None,
-                     proposal_radius=float(rng.uniform(0.05, 0.3)) if kind == "proposal" else None)
+                     proposal_radius=float(rng.uniform(0.05, 0.3)) if kind == "proposal" else None,
+                     min_gain=None if kind == "target" or i % 2 else float(rng.choice([0.0, 2e-4, 1e-3])))
         table.admit(Job(i, spec), SEQUENTIAL, checkpoint_schedule(spec.budget))
     tables, seen = DecisionTables(max_points=20_000), set()
     for _ in range(10):
@@ -324,12 +399,13 @@ def test_precomputed_decisions_follow_each_jobs_policy(images):
             spec = table.jobs[slot].spec
             s = base + np.arange(len(tab))
             kw = {"sigma": SIGMA, "alpha": spec.alpha, "budget": spec.budget, "a": spec.prior[0], "b": spec.prior[1]}
+            lam = DEFAULT_MIN_GAIN if spec.min_gain is None else spec.min_gain
             if spec.target_radius is not None:
                 own = target_radius_decision(s, cp, target_radius=spec.target_radius, **kw)
             elif spec.proposal_radius is not None:
-                own = proposal_decision(s, cp, proposal_radius=spec.proposal_radius, **kw)
+                own = proposal_decision(s, cp, proposal_radius=spec.proposal_radius, min_gain=lam, **kw)
             else:
-                own = best_radius_decision(s, cp, **kw)
+                own = best_radius_decision(s, cp, min_gain=lam, **kw)
             assert np.array_equal(tab, own), (slot, spec.target_radius, spec.proposal_radius)
             seen.update(int(c) for c in tab)
             hits[k] = rng.integers(max(0, len(tab) - 8), len(tab))  # mostly hits: proposals get verified
