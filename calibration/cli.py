@@ -23,6 +23,8 @@ def add_calibrate_commands(sub) -> None:
             all_.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             continue
         conv = int if type_name.startswith("int") else float if type_name.startswith("float") else str
+        if type_name.startswith("tuple"):
+            conv = _float_list
         if "None" in type_name:
             conv = _optional(conv)
         all_.add_argument(flag, type=conv, default=f.default, help=f"({type_name})")
@@ -44,10 +46,35 @@ def add_calibrate_commands(sub) -> None:
     counts.add_argument("--out", required=True, help="directory of count shards (rerun to resume)")
     counts.set_defaults(func=_run_counts)
 
+    conf = cal_sub.add_parser("conformal", help="(re)calibrate a bundle's surrogate from Monte-Carlo counts of the "
+                              "calibration split (probit scores, Mondrian bins, a ladder of risk levels)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    conf.add_argument("bundle", help="bundle with base, surrogate (and meta) models; its models are copied")
+    conf.add_argument("--counts", required=True, help="count shards of `certserve calibrate counts --split "
+                      "calibration` made with this bundle's base model (full 10k+ samples per image)")
+    conf.add_argument("--data", default="fashion-mnist")
+    conf.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
+    conf.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
+    conf.add_argument("--split-seed", type=int, default=0)
+    conf.add_argument("--tune-size", type=int, required=True, help="the first N counted images tune the maps and "
+                      "bin edges; the rest calibrate")
+    conf.add_argument("--levels", default=",".join(str(a) for a in PipelineConfig.levels), help="risk levels")
+    conf.add_argument("--max-bins", type=int, default=PipelineConfig.max_bins)
+    conf.add_argument("--scale", choices=["spread", "unit"], default=PipelineConfig.calibration_scale)
+    conf.add_argument("--gamma", type=float, default=None, help="training-conditional (PAC) quantiles at this gamma")
+    conf.add_argument("--out", required=True)
+    conf.add_argument("--overwrite", action="store_true")
+    conf.set_defaults(func=_run_conformal)
+
     ev = cal_sub.add_parser("evaluate", help="side-by-side evaluation of all certification methods on test images")
     from calibration.evaluate import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. 0.1,0.05,0.01."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
 def _optional(conv):
@@ -109,6 +136,17 @@ def _run_counts(args) -> int:
     top = counts.max(axis=1) / args.n
     print(json.dumps({"images": len(counts), "samples_per_image": args.n, "mean_top_rate": round(float(np.mean(top)), 4),
                       "out": args.out}))
+    return 0
+
+
+def _run_conformal(args) -> int:
+    from calibration.pipeline import recalibrate
+
+    levels = _float_list(args.levels)
+    recalibrate(args.bundle, counts_dir=args.counts, data=args.data, calibration_size=args.calibration_size,
+                surrogate_size=args.surrogate_size, split_seed=args.split_seed, tune_size=args.tune_size, out=args.out,
+                overwrite=args.overwrite, levels=levels, max_bins=args.max_bins, scale=args.scale, gamma=args.gamma,
+                command=getattr(args, "command_line", None))
     return 0
 
 

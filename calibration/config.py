@@ -19,10 +19,12 @@ class PipelineConfig:
     base_epochs: int = 12
     surrogate_epochs: int = 15
     train_samples: int = 256  # Monte-Carlo samples per surrogate-train image
-    cal_samples: int = 1000  # Monte-Carlo samples per calibration image
-    delta: float = 0.0009
-    alpha_1: float = 0.0001
-    score_epsilon: float | None = 0.03  # normalized conformal score; None for RRISE's additive score
+    cal_samples: int = 10000  # Monte-Carlo samples per calibration image (the labels' cap: r <= 0.78 at 10k)
+    tune_size: int = 1600  # the first images of the calibration split tune maps and bin edges; the rest calibrate
+    levels: tuple[float, ...] = (0.1, 0.05, 0.01, 0.005, 0.001)  # risk ladder (smoothing.DEFAULT_LEVELS)
+    max_bins: int = 2  # Mondrian bins per level, at most (chosen with the scale: bench/conformal_knobs.py)
+    calibration_scale: str = "spread"  # normalized ("spread") or additive ("unit") probit scores; see max_bins
+    gamma: float | None = None  # training-conditional (PAC) quantiles at this gamma; None: marginal
     meta_fraction: float = 0.2  # held-out part of surrogate-train used to fit the meta-learner
     seed: int = 0
     device: str = "auto"

@@ -119,7 +119,7 @@ def family(rows: list[dict], method: str, prior: str = "-") -> list[dict]:
 def label(row: dict) -> str:
     names = {"cohen": "Cohen-n", "fixed": "clean-class fixed-n", "planned": "planned fixed-n",
              "gain": "e-process, marginal gain", "fraction": "e-process, fraction rule"}
-    return names[row["method"]] + ("" if row["prior"] == "-" else f" ({row['prior']})")
+    return names.get(row["method"], row["method"]) + ("" if row["prior"] == "-" else f" ({row['prior']})")
 
 
 def plot(rows: list[dict], defaults: list[dict], path, title: str) -> None:
@@ -145,8 +145,8 @@ def plot(rows: list[dict], defaults: list[dict], path, title: str) -> None:
             ax.plot([p["samples"] for p in pts], [p["radius"] for p in pts], ls=style, color=colour, marker="o",
                     ms=3, lw=1.4, label=label(pts[0]))
     for k, d in enumerate(defaults):
-        ax.scatter([d["samples"]], [d["radius"]], s=160, facecolors="none", edgecolors="red", lw=1.8, zorder=5)
-        ax.annotate(d.get("note", "default"), (d["samples"], d["radius"]), textcoords="offset points",
+        ax.scatter([max(d["samples"], 1.0)], [d["radius"]], s=160, facecolors="none", edgecolors="red", lw=1.8, zorder=5)
+        ax.annotate(d.get("note", "default"), (max(d["samples"], 1.0), d["radius"]), textcoords="offset points",
                     xytext=(10, -16 - 11 * k), fontsize=8, color="red")
     ax.set_xscale("log")
     ax.set_xlabel("mean samples per image")

@@ -1,4 +1,4 @@
-"""``certserve calibrate all``: data -> base model -> counts -> surrogate -> conformal q_hat -> meta prior -> bundle.
+"""``certserve calibrate all``: data -> base model -> counts -> surrogate -> conformal calibration -> meta prior -> bundle.
 
 Every expensive step leaves its result in the work directory (trained base model, resumable count shards), so a
 rerun resumes instead of starting over. The bundle's manifest records the provenance: dataset, split sizes and
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from calibration.config import PipelineConfig
+from calibration.conformal_fit import calibrate_surrogate, describe
 from calibration.counts import compute_counts
 from calibration.data import Splits, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
@@ -28,7 +29,7 @@ from models.defaults import default_batch_size
 from models.export import export_onnx
 from models.priors import FEATURE_NAMES, meta_features, softmax
 from models.sampling import SamplingEngine
-from smoothing import conformal_quantile, min_calibration_size, rrise_scores
+from smoothing import level_split, min_calibration_size
 
 
 def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) -> Path:
@@ -42,10 +43,11 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     work.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     batch = cfg.batch_size or default_batch_size(device)
-    need = min_calibration_size(cfg.delta)
-    if min(cfg.calibration_size, cfg.limit or cfg.calibration_size) < need:
-        raise ValueError(f"delta={cfg.delta} needs at least {need} calibration images "
-                         f"(ceil((m+1)(1-delta)) <= m); got {min(cfg.calibration_size, cfg.limit or cfg.calibration_size)}")
+    usable = min(cfg.calibration_size, cfg.limit or cfg.calibration_size)
+    need, tune = min_calibration_size(level_split(max(cfg.levels))[0]), min(cfg.tune_size, usable // 2)
+    if usable - tune < need:  # refuse before hours of work, not after
+        raise ValueError(f"the largest level {max(cfg.levels)} needs at least {need} calibration images besides the "
+                         f"tuning ones; got {usable} of which {tune} tune (tune_size is capped at half the split)")
 
     ds = load_dataset(cfg.data)
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
@@ -102,18 +104,16 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     surrogate_onnx = export_onnx(surrogate.cpu(), example, work / "surrogate.onnx")
     timings["surrogate_seconds"] = time.time() - t0
 
-    # 4. conformal calibration on the calibration split (disjoint from everything above)
+    # 4. conformal calibration on the calibration split (disjoint from everything above): tune, then calibrate
     t0 = time.time()
     cal_counts = compute_counts(engine, ds.x_train[cal_idx], cfg.cal_samples, out_dir=work / "counts-calibration",
                                 seed=cfg.seed + 3, model_sha256=base_sha, progress=cfg.progress)
     sur_backend = OnnxBackend(surrogate_onnx, device="cpu")
-    p_cal = softmax(sur_backend.forward(ds.x_train[cal_idx]))
-    c_cal = p_cal.argmax(axis=1)
-    scores = rrise_scores(p_cal[np.arange(len(c_cal)), c_cal], cal_counts[np.arange(len(c_cal)), c_cal],
-                          cfg.cal_samples, cfg.alpha_1, cfg.score_epsilon)
-    q_hat = conformal_quantile(scores, cfg.delta)
+    calibration = calibrate_surrogate(sur_backend, ds.x_train[cal_idx], cal_counts, cfg.cal_samples,
+                                      tune_size=tune, levels=cfg.levels,
+                                      max_bins=cfg.max_bins, scale=cfg.calibration_scale, gamma=cfg.gamma)
     timings["calibration_seconds"] = time.time() - t0
-    log(f"conformal: q_hat = {q_hat:.5f} from {len(scores)} scores (delta={cfg.delta}, alpha_1={cfg.alpha_1})")
+    log(f"conformal calibration ({len(cal_idx)} images, {calibration['num_tuning']} tune):\n{describe(calibration)}")
 
     # 5. meta-learned priors on the held-out part of surrogate-train
     t0 = time.time()
@@ -139,12 +139,50 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     bundle = create_bundle(
         cfg.out, base=base_onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,
         input_shape=ds.input_shape, classes=ds.classes, name=cfg.name or Path(cfg.out).name,
-        calibration={"alpha_cal": cfg.delta + cfg.alpha_1, "delta": cfg.delta, "alpha_1": cfg.alpha_1,
-                     "q_hat": q_hat, "score_epsilon": cfg.score_epsilon, "num_calibration": len(cal_idx), "samples_per_image": cfg.cal_samples},
+        calibration=calibration,
         meta_features=list(FEATURE_NAMES), provenance=provenance, overwrite=cfg.overwrite)
     log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
     (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))
     return bundle.root
+
+
+def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, surrogate_size: int, split_seed: int,
+                tune_size: int, out, overwrite: bool = False, command: str | None = None, log=print,
+                **options) -> Path:
+    """A copy of a bundle whose surrogate calibration is refitted from count shards of its calibration split
+    (``certserve calibrate counts --split calibration`` with the bundle's base model; their ``meta.json`` must name
+    its sha256 and the images counted). The models are copied unchanged; the provenance records both runs."""
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, for_recalibration=True)
+    m = bundle.manifest
+    counts_meta = json.loads((Path(counts_dir) / "meta.json").read_text())
+    if counts_meta["model_sha256"] != bundle.model_sha256:
+        raise ValueError(f"{counts_dir} holds counts of another base model ({counts_meta['model_sha256'][:12]}...), "
+                         f"not this bundle's ({bundle.model_sha256[:12]}...)")
+    if bundle.path("surrogate") is None:
+        raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
+    ds = load_dataset(data)
+    splits = make_splits(len(ds.x_train), calibration=calibration_size, surrogate_train=surrogate_size,
+                         seed=split_seed)
+    images = ds.x_train[splits.calibration][:counts_meta["num_images"]]
+    from calibration.counts import images_digest, load_counts
+
+    if images_digest(images) != counts_meta["images_sha256"]:
+        raise ValueError(f"{counts_dir} counted other images than the first {len(images)} of this calibration split")
+    calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), images, load_counts(counts_dir),
+                                      counts_meta["num_samples"], tune_size=tune_size, **options)
+    log(describe(calibration))
+    provenance = {**m.provenance, "recalibration": {
+        "from_bundle": m.name, "counts": {k: counts_meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
+        "splits": splits.record(), "tune_size": tune_size, "options": options, "code_version": _code_version(),
+        "created_unix": int(time.time()), "command": command}}
+    new = create_bundle(out, base=bundle.path("base"), surrogate=bundle.path("surrogate"), meta=bundle.path("meta"),
+                        sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
+                        version=m.version, calibration=calibration, meta_features=m.meta_features,
+                        provenance=provenance, overwrite=overwrite)
+    log(f"bundle written to {new.root}")
+    return new.root
 
 
 def _base_quality(backend, x, y, sigma, seed) -> dict:

@@ -14,9 +14,11 @@ StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "ab
 GUARANTEE_OF_ROUTE: dict[str, GuaranteeKind] = {"surrogate": "conformal-marginal", "sequential": "anytime-valid",
                                                 "fixed": "clopper-pearson", "cohen": "clopper-pearson"}
 STATEMENTS = {
-    "conformal-marginal": "over inputs exchangeable with the calibration split, P(radius exceeds the smoothed "
-                          "classifier's true radius for this class) <= alpha, unconditionally over all inputs (not "
-                          "given that the surrogate answered); not a per-input guarantee",
+    "conformal-marginal": "marginal, not per input: over inputs exchangeable with the calibration inputs whose "
+                          "surrogate confidence falls in the same bin, and over the draw of the calibration split, "
+                          "P(radius exceeds the smoothed classifier's true radius for this class) <= alpha, within "
+                          "each bin and hence over all inputs; alpha is the calibrated level used (the largest <= "
+                          "the request's); not conditional on the surrogate having certified",
     "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
     "clopper-pearson": "for this input, P(certificate wrong) <= alpha (one-sided Clopper-Pearson bound on a number "
                        "of samples fixed before sampling, for a class fixed before them: from separate selection "
@@ -84,7 +86,9 @@ class ModelCard(BaseModel):
     classes: list[str]
     has_surrogate: bool
     has_meta_prior: bool
-    alpha_cal: float | None
+    alpha_cal: float | None = Field(description="the surrogate's lowest calibrated risk level (None: no surrogate)")
+    calibrated_levels: list[float] = Field(default_factory=list, description="the surrogate's risk ladder: a request's "
+                                           "alpha uses the largest level <= alpha")
     default_alpha: float
     max_samples: int
 
@@ -96,7 +100,7 @@ def build_certificate(*, route: Route, class_index: int, radius: float, p_lower:
     """The certificate of one image; ``class_index`` -1 (abstain) makes it uncertified with radius 0.
 
     ``guarantee_alpha`` is the level the route's guarantee holds at: the request's alpha (per input) for the engine
-    routes, the calibrated level alpha_cal (marginal) for the surrogate."""
+    routes, the calibrated level the request's alpha selected (marginal) for the surrogate."""
     certified = class_index >= 0
     kind = GUARANTEE_OF_ROUTE[route]
     return Certificate(

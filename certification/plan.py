@@ -2,8 +2,10 @@
 
 Pure (no ONNX, no engine, no clock): :func:`make_plan` is tested on its own. Routing of ``auto``: the surrogate's
 certificate when the bundle has a surrogate, the caller did not ask for a per-input guarantee, the request's alpha >=
-alpha_cal, and the calibrated radius is > 0 and >= ``target_radius``; otherwise a sequential job (``fallback_reason``
-says why). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot
+alpha_cal (the bundle's lowest calibrated level; the certificate reports the largest level <= alpha it used), and the
+calibrated radius is > 0 and >= ``target_radius``; otherwise a sequential job (``fallback_reason`` says why) that,
+without a caller's target radius, takes the surrogate's proposed radius as its target (``Plan.proposal``: stop as soon
+as it is verified at the request's alpha, else the best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot
 certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
 """
 
@@ -28,13 +30,16 @@ class CertifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001)")
+    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001). The "
+                                "surrogate answers at the largest calibrated level <= alpha (the certificate's "
+                                "guarantee.alpha says which); below the lowest level, auto falls back to sequential")
     mode: Mode = "auto"
     target_radius: float | None = Field(None, ge=0, le=100,
                                         description="certify at least this L2 radius; stop as soon as it is")
     max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples)")
     deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
-    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate)")
+    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate): the "
+                            "e-process job targets the surrogate's proposed radius, stops once it is verified at alpha")
     resize: bool = Field(False, description="resize to the model's input size instead of rejecting")
     convert: bool = Field(False, description="convert colour mode (RGB<->grey) instead of rejecting")
 
@@ -56,6 +61,7 @@ class Plan:
     deadline: float  # time.monotonic() seconds: arrival + deadline_ms
     target_radius: float | None
     fallback_reason: FallbackReason | None = None
+    proposal: bool = False  # sequential: target the surrogate's proposed radius (auto fallbacks without a target)
 
 
 def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None,
@@ -81,7 +87,9 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
         route: Route = "surrogate"
     else:
         route = mode if mode in ("cohen", "fixed") else "sequential"
-    return Plan(route, alpha, budget, deadline, params.target_radius, fallback)
+    proposal = (mode == "auto" and route == "sequential" and params.target_radius is None
+                and fallback not in (None, "no_surrogate"))
+    return Plan(route, alpha, budget, deadline, params.target_radius, fallback, proposal)
 
 
 def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: float | None,
@@ -92,7 +100,7 @@ def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: flo
         raise ServiceError("per_input_unavailable", "the surrogate's guarantee is marginal, not per input; use "
                                                     "mode=auto or sequential")
     if alpha < alpha_cal:
-        raise ServiceError("alpha_below_alpha_cal", f"the surrogate is calibrated at alpha_cal = {alpha_cal}; "
+        raise ServiceError("alpha_below_alpha_cal", f"the surrogate is calibrated down to alpha_cal = {alpha_cal}; "
                                                     f"alpha = {alpha} needs mode=auto or sequential")
 
 

@@ -24,7 +24,8 @@ from models.defaults import default_batch_size
 from models.engine import EngineObserver, EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
 from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
-from smoothing import planned_sample_size, rrise_lower, rrise_radius
+from models.surrogate import SurrogateAnswer, surrogate_answer
+from smoothing import PER_INPUT_MIN_GAIN, planned_sample_size, proposal_radius
 
 
 class CertificationService:
@@ -56,6 +57,7 @@ class CertificationService:
                          input_shape=self.shape, classes=self.classes, has_surrogate=self.surrogate is not None,
                          has_meta_prior=self.meta is not None,
                          alpha_cal=m.calibration.alpha_cal if m.calibration else None,
+                         calibrated_levels=[lv.alpha for lv in m.calibration.levels] if m.calibration else [],
                          default_alpha=self.config.default_alpha, max_samples=self.config.max_samples)
 
     def start(self) -> None:
@@ -89,31 +91,32 @@ class CertificationService:
         """Certify one decoded (C, H, W) image; ``received`` (time.monotonic() at arrival) anchors the deadline.
 
         Guarantee of the result (stated in its ``guarantee`` field): surrogate route, marginal over inputs
-        exchangeable with the calibration split and over the calibration draw, at the bundle's alpha_cal; sequential
+        exchangeable with the calibration inputs of the same Mondrian bin and over the calibration draw, at the
+        bundle's largest calibrated level <= the request's alpha (``guarantee.alpha``; models.surrogate); sequential
         route, per input at the request's alpha at whatever time sampling stopped; fixed route, per input at the
         request's alpha (Clopper-Pearson on n planned from the clean image, class from the clean image; a deadline
         cut depends on the clock only); cohen route, per input at the request's alpha (Clopper-Pearson with
         separate selection samples)."""
         started = time.perf_counter()
-        probs, surrogate_ms = self._surrogate_probs(image, params)
-        proposal = _proposal(probs, self.manifest) if probs is not None and params.mode in ("auto", "surrogate") \
-            else None
+        logits, surrogate_ms = self._surrogate_logits(image, params)
         cal = self.manifest.calibration
+        alpha = params.alpha if params.alpha is not None else self.config.default_alpha
+        answer = surrogate_answer(logits, cal, self.manifest.sigma, alpha) if logits is not None else None
         plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
-                         surrogate_radius=proposal[2] if proposal else None,
+                         surrogate_radius=answer.radius if answer else None,
                          arrival=received if received is not None else time.monotonic())
         common = dict(classes=self.classes, model=self.model_info, request_id=request_id,
                       preprocessing=preprocessing or [], fallback_reason=plan.fallback_reason)
         if plan.route == "surrogate":
-            c_sur, p_lower, radius = proposal
-            certified = radius > 0
+            certified = answer.radius > 0
             return build_certificate(
-                route="surrogate", class_index=c_sur if certified else -1, radius=radius, p_lower=p_lower, samples=0,
-                stopped_by="certified" if certified else "abstained", guarantee_alpha=cal.alpha_cal,
-                timings=Timings(decode_ms=decode_ms, surrogate_ms=surrogate_ms,
-                                total_ms=decode_ms + (time.perf_counter() - started) * 1e3), **common)
+                route="surrogate", class_index=answer.class_index if certified else -1, radius=answer.radius,
+                p_lower=answer.p_lower, samples=0, stopped_by="certified" if certified else "abstained",
+                guarantee_alpha=answer.level, timings=Timings(decode_ms=decode_ms, surrogate_ms=surrogate_ms,
+                                                              total_ms=decode_ms + (time.perf_counter() - started) * 1e3),
+                **common)
         t0 = time.perf_counter()
-        spec = self._job_spec(image, plan, probs)
+        spec = self._job_spec(image, plan, logits, answer)
         prior_ms = (time.perf_counter() - t0) * 1e3
         result = await self._run_job(spec)
         return build_certificate(
@@ -123,26 +126,32 @@ class CertificationService:
                             queue_ms=result.queue_seconds * 1e3, sampling_ms=result.sampling_seconds * 1e3,
                             total_ms=decode_ms + (time.perf_counter() - started) * 1e3), **common)
 
-    def _surrogate_probs(self, image: np.ndarray, params: CertifyParams) -> tuple[np.ndarray | None, float | None]:
-        """The surrogate's class probabilities of the clean image, where the mode uses them (routing or class)."""
+    def _surrogate_logits(self, image: np.ndarray, params: CertifyParams) -> tuple[np.ndarray | None, float | None]:
+        """The surrogate's logits (1, K) of the clean image, where the mode uses them (routing, class, proposal)."""
         if self.surrogate is None or params.mode == "cohen":
             return None, None
         t0 = time.perf_counter()
-        probs = softmax(self.surrogate.forward(image[None]))[0]
-        return probs, (time.perf_counter() - t0) * 1e3
+        logits = self.surrogate.forward(image[None])
+        return logits, (time.perf_counter() - t0) * 1e3
 
-    def _job_spec(self, image: np.ndarray, plan: Plan, probs: np.ndarray | None) -> JobSpec:
-        """The engine job; for sequential, class and prior come from clean forward passes only (before any noise)."""
+    def _job_spec(self, image: np.ndarray, plan: Plan, logits: np.ndarray | None,
+                  answer: SurrogateAnswer | None) -> JobSpec:
+        """The engine job; for sequential, class, prior and the proposed radius (an auto fallback's target: the
+        surrogate's shrunk point estimate) come from clean forward passes only, before any noise sample exists.
+        Auto fallbacks (the per-input path) also stop by the latency-oriented lambda PER_INPUT_MIN_GAIN."""
         if plan.route == "cohen":
             return JobSpec(image, plan.alpha, plan.budget, plan.deadline, kind="cohen", n0=self.config.cohen_n0)
         tested, priors = class_and_prior(self.base, self.surrogate, self.meta, image[None],
-                                         None if probs is None else probs[None])
+                                         None if logits is None else softmax(logits))
         c, prior = int(tested[0]), (float(priors[0, 0]), float(priors[0, 1]))
         if plan.route == "fixed":  # n from the clean-image prior only: fixed before any noise sample exists
             n = int(planned_sample_size(*prior, sigma=self.manifest.sigma, alpha=plan.alpha, budget=plan.budget))
             return JobSpec(image, plan.alpha, n, plan.deadline, kind="fixed", tested_class=c, prior=prior)
+        proposal = (float(proposal_radius(answer.z_hat, sigma=self.manifest.sigma))
+                    if plan.proposal and answer is not None else None)
         return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=c, prior=prior,
-                       target_radius=plan.target_radius)
+                       target_radius=plan.target_radius, proposal_radius=proposal,
+                       min_gain=PER_INPUT_MIN_GAIN if plan.proposal else None)
 
     async def _run_job(self, spec: JobSpec) -> JobResult:
         try:
@@ -157,15 +166,3 @@ class CertificationService:
             fut.cancel()  # client gone: the engine drops the job at its next step
             raise
 
-
-def _proposal(probs: np.ndarray, manifest) -> tuple[int, float, float]:
-    """(class, calibrated lower bound on pA, calibrated radius) of the surrogate for this image.
-
-    Guarantee: marginal over inputs exchangeable with the calibration split (and the calibration draw), P(radius >
-    the smoothed classifier's true radius for this class) <= alpha_cal = delta + alpha_1 (see smoothing.conformal);
-    not per input, and not conditional on the surrogate having answered."""
-    cal = manifest.calibration
-    c_sur = int(np.argmax(probs))
-    p_hat = float(probs[c_sur])
-    return (c_sur, float(rrise_lower(p_hat, cal.q_hat, cal.score_epsilon)),
-            float(rrise_radius(p_hat, cal.q_hat, manifest.sigma, cal.score_epsilon)))

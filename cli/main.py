@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["certserve", *(sys.argv[1:] if argv is None else argv)])  # for provenance records
     from models.bundle import BundleError
 
     try:

@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ARTIFACT_FILES = {"base": "base.onnx", "surrogate": "surrogate.onnx", "meta": "meta.onnx"}
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "fmnist-sigma0.25"
 
@@ -47,30 +47,80 @@ class Artifact(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class Calibration(_Strict):
-    """Split-conformal calibration of the surrogate: alpha_cal = delta + alpha_1 (marginal guarantee)."""
+class ConformalLevel(_Strict):
+    """One risk level of the surrogate's calibration (smoothing.conformal): alpha = delta + alpha_1, the point-estimate
+    map (knots -> values), the scale map (knots -> scale), the Mondrian bin edges on the log-odds and one quantile
+    per bin (null: the bin has too few calibration scores at this level and abstains)."""
 
-    alpha_cal: float = Field(gt=0, lt=1)
+    alpha: float = Field(gt=0, lt=1)
     delta: float = Field(gt=0, lt=1)
     alpha_1: float = Field(gt=0, lt=1)
-    q_hat: float
-    score_epsilon: float | None = Field(default=None, gt=0, description="None: additive score; else normalized")
-    num_calibration: int = Field(ge=1)
-    samples_per_image: int = Field(ge=1)
-
-    @field_validator("q_hat")
-    @classmethod
-    def _finite_q(cls, v):
-        if not math.isfinite(v):
-            raise ValueError("q_hat must be a finite number (an infinite quantile means the calibration split was "
-                             "too small for delta)")
-        return v
+    knots: list[float] = Field(min_length=1)
+    values: list[float] = Field(min_length=1)
+    scale: list[float] = Field(min_length=1)
+    edges: list[float]
+    q_hat: list[float | None] = Field(min_length=1)
+    bin_sizes: list[int]
 
     @model_validator(mode="after")
     def _consistent(self):
-        if not math.isclose(self.alpha_cal, self.delta + self.alpha_1, rel_tol=1e-9):
-            raise ValueError(f"alpha_cal ({self.alpha_cal}) must equal delta + alpha_1 ({self.delta + self.alpha_1})")
+        if not math.isclose(self.alpha, self.delta + self.alpha_1, rel_tol=1e-9):
+            raise ValueError(f"level alpha ({self.alpha}) must equal delta + alpha_1 ({self.delta + self.alpha_1})")
+        if not (len(self.knots) == len(self.values) == len(self.scale)):
+            raise ValueError("knots, values and scale must have the same length")
+        finite = all(map(math.isfinite, [*self.knots, *self.values, *self.scale, *self.edges]))
+        if not finite or any(b <= a for a, b in zip(self.knots, self.knots[1:])):
+            raise ValueError("knots must be finite and strictly increasing; values, scale and edges finite")
+        if any(b <= a for a, b in zip(self.edges, self.edges[1:])) or min(self.scale) <= 0:
+            raise ValueError("bin edges must be strictly increasing and every scale > 0")
+        if not (len(self.q_hat) == len(self.bin_sizes) == len(self.edges) + 1):
+            raise ValueError("q_hat and bin_sizes need one entry per bin (len(edges) + 1)")
+        if any(q is not None and not math.isfinite(q) for q in self.q_hat):
+            raise ValueError("a bin's q_hat must be a finite number or null (the bin abstains)")
         return self
+
+    def as_arguments(self) -> dict:
+        """Keyword arguments of smoothing.conformal_certificate (null quantiles become +inf: the bin abstains)."""
+        return {"knots": self.knots, "values": self.values, "scale": self.scale, "edges": self.edges,
+                "q_hat": [math.inf if q is None else q for q in self.q_hat]}
+
+
+class Calibration(_Strict):
+    """Conformal calibration of the surrogate in probit units with Mondrian bins, at a ladder of risk levels."""
+
+    method: Literal["probit-mondrian"] = "probit-mondrian"
+    guarantee: Literal["marginal", "training-conditional"] = "marginal"
+    gamma: float | None = Field(None, gt=0, lt=1, description="training-conditional: P(realised miss rate > level)")
+    samples_per_image: int = Field(ge=1)
+    num_calibration: int = Field(ge=1)
+    num_tuning: int = Field(ge=1)
+    levels: list[ConformalLevel] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_old_block(cls, data):
+        if isinstance(data, dict) and "q_hat" in data:
+            raise ValueError("this is the calibration block of certserve < 0.3 (one q_hat in probability units); "
+                             "recalibrate the bundle with `certserve calibrate conformal`")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        alphas = [lv.alpha for lv in self.levels]
+        if alphas != sorted(set(alphas), reverse=True):
+            raise ValueError(f"levels must have distinct alphas, largest first; got {alphas}")
+        if (self.guarantee == "training-conditional") != (self.gamma is not None):
+            raise ValueError("gamma is required with (and only with) the training-conditional guarantee")
+        return self
+
+    @property
+    def alpha_cal(self) -> float:
+        """The smallest calibrated level: requests with a smaller alpha cannot use the surrogate."""
+        return self.levels[-1].alpha
+
+    def level_for(self, alpha: float) -> ConformalLevel | None:
+        """The largest calibrated level <= ``alpha`` (None below the smallest level)."""
+        return next((lv for lv in self.levels if lv.alpha <= alpha), None)
 
 
 class Manifest(_Strict):
@@ -86,10 +136,11 @@ class Manifest(_Strict):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _consistent(self, info: ValidationInfo):
         if "base" not in self.artifacts:
             raise ValueError("artifacts must include 'base' (the base classifier)")
-        if "surrogate" in self.artifacts and self.calibration is None:
+        recalibrating = bool(info.context and info.context.get("recalibrating"))
+        if "surrogate" in self.artifacts and self.calibration is None and not recalibrating:
             raise ValueError("a surrogate needs its conformal 'calibration' block")
         if "meta" in self.artifacts and not self.meta_features:
             raise ValueError("a meta model needs 'meta_features' (its input order)")
@@ -132,8 +183,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = True) -> Bundle:
-    """Load and verify a bundle directory; raise BundleError saying exactly what is wrong."""
+def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = True,
+                for_recalibration: bool = False) -> Bundle:
+    """Load and verify a bundle directory; raise BundleError saying exactly what is wrong.
+
+    ``for_recalibration``: the surrogate's calibration block is dropped unread (any version), so that a bundle whose
+    calibration is old or missing can be recalibrated (``certserve calibrate conformal``); never for serving."""
     root = Path(root)
     manifest_path = root / "manifest.json"
     if not root.is_dir():
@@ -144,11 +199,19 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    found = raw.get("schema_version") if isinstance(raw, dict) else None
+    if for_recalibration and found in (1, SCHEMA_VERSION):
+        raw = {**raw, "calibration": None}
+    if found == 1 and raw.get("calibration") is None:
+        raw = {**raw, "schema_version": SCHEMA_VERSION}  # version 2 changed only the calibration block
+    if found == 1 and raw.get("calibration") is not None:
+        raise BundleError(f"{manifest_path}: schema_version 1 holds the old surrogate calibration (one q_hat in "
+                          f"probability units); recalibrate it with `certserve calibrate conformal` (expected "
+                          f"{SCHEMA_VERSION})")
     if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
-        found = raw.get("schema_version") if isinstance(raw, dict) else None
         raise BundleError(f"{manifest_path}: schema_version {found!r} is not supported (expected {SCHEMA_VERSION})")
     try:
-        manifest = Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw, context={"recalibrating": for_recalibration})
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} does not match the bundle schema: {exc}") from None
     for role, art in manifest.artifacts.items():

@@ -1,21 +1,30 @@
-"""Split-conformal calibration of the RRISE surrogate (one forward pass -> a conservative radius).
+"""Conformal calibration of the surrogate in radius (probit) units: Mondrian bins, a ladder of risk levels.
 
-Calibration: for each calibration image i (never seen by the surrogate's training), the surrogate gives its class
-c_i and probability p_hat_i; n Monte-Carlo noise samples of the base model give the count k_i of class c_i, and
-l_i = Clopper-Pearson lower bound (alpha_1) of k_i / n. Score s_i = (p_hat_i - l_i) / w(p_hat_i); q_hat = the
-ceil((m+1)(1-delta))-th smallest of the m scores. Deployment: lower bound p_hat - q_hat * w(p_hat), radius
-sigma * Phi^-1(that) when it exceeds 1/2.
+Construction (split conformal, Vovk et al. 2005; Mondrian / group-conditional conformal, Vovk 2003; the Monte-Carlo
+label correction of RRISE). For an input x the surrogate's forward pass gives its class c(x) and the log-odds
+g(x) = log p_hat - log(1 - p_hat) of that class (:func:`surrogate_log_odds`); everything below is a fixed function
+of g, i.e. of the CLEAN input:
 
-Weights: w = 1 is RRISE's additive score. w(p) = 1 - p + epsilon ("normalized", locally weighted conformal) scales
-the margin with the surrogate's own uncertainty: at an extreme quantile such as delta = 0.0005 the additive q_hat is
-set by a few ambiguous images on which the surrogate is overconfident (p_hat ~ 0.8, pA ~ 0.4), and would be
-subtracted from every image; with weights, confident images pay a small margin and uncertain ones a large one.
-Any weight that is a fixed function of the clean input is allowed; epsilon is chosen on data disjoint from the
-calibration split and recorded in the bundle.
+* point estimate z_hat(x) = h(g(x)) of Phi^-1(pA), h a non-decreasing piecewise-linear map fitted on tuning data
+  (disjoint from the calibration split) and capped at the labels' largest value;
+* scale u(x) = v(g(x)) > 0, the local spread of the residuals on the tuning data (normalized / locally weighted
+  conformal, Lei et al. 2018), so one calibration covers both the surrogate's error and the label slack;
+* bin b(x) = the interval of ``edges`` that g(x) falls in (edges fixed on the tuning data).
 
-Guarantee (marginal, over exchangeable calibration and test inputs and the Monte-Carlo noise), for either weight:
-P(p_hat - q_hat w > pA(c)) <= P(s_test > q_hat) + P(l_test > pA(c)) <= delta + alpha_1 = alpha_cal, hence
-P(deployed radius > true radius of class c) <= alpha_cal. It is NOT a per-input guarantee.
+Label of calibration image i: n Monte-Carlo samples of the base model (n fixed in advance) give k_i hits of c_i;
+l_i = one-sided Clopper-Pearson lower bound at alpha_1, and z_i = max(Phi^-1(l_i), 0). Score s_i = (z_hat_i - z_i) /
+u_i. Per bin, q_b = the ceil((m_b + 1)(1 - delta))-th smallest of the m_b scores in the bin (+inf when that rank
+exceeds m_b: the bin abstains). Deployed: z_lower = z_hat - q_b u, radius sigma * z_lower when z_lower > 0.
+
+Guarantee (marginal, per bin): for a test input exchangeable with the calibration inputs of its bin, over the draw of
+the test input, the calibration split and all Monte-Carlo noise,
+    P(radius > sigma Phi^-1(pA) | b(x) = b) <= delta + alpha_1 = alpha (the level),
+hence also unconditionally. Proof: if the radius is > 0 and exceeds the true radius, z_lower > max(Phi^-1(pA), 0);
+on the event l <= pA (probability >= 1 - alpha_1) that gives z_lower > z, i.e. s > q_b (probability <= delta within
+the bin). Clipping labels at 0 only lowers scores of inputs the surrogate must abstain on anyway. It is NOT a
+per-input guarantee, it is not conditional on the surrogate having certified (answered), and it holds on average over
+calibration draws: a given bundle's realised miss rate can exceed alpha (see :func:`training_conditional_rank` for the
+PAC version, which bounds that too).
 """
 
 from __future__ import annotations
@@ -24,10 +33,24 @@ import math
 from fractions import Fraction
 
 import numpy as np
+from scipy.special import logsumexp, ndtr, ndtri
+from scipy.stats import beta as beta_dist
 
 from smoothing._checks import check_alpha, check_sigma
 from smoothing.cohen import clopper_pearson_lower
-from smoothing.radius import radius_from_probability
+from smoothing.radius import RADIUS_ROUNDING
+
+#: Risk levels a bundle is calibrated at (where its split is large enough), largest first.
+DEFAULT_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001)
+#: Share of a level spent on the Monte-Carlo labels: alpha_1 = alpha / 10, delta = alpha - alpha_1.
+LABEL_SHARE = 0.1
+
+
+def level_split(alpha: float) -> tuple[float, float]:
+    """(delta, alpha_1) of the level ``alpha``: alpha_1 = alpha * LABEL_SHARE for the labels, delta the rest."""
+    check_alpha(alpha)
+    alpha_1 = float(alpha) * LABEL_SHARE
+    return float(alpha) - alpha_1, alpha_1
 
 
 def conformal_rank(num_scores: int, delta: float) -> int:
@@ -36,6 +59,19 @@ def conformal_rank(num_scores: int, delta: float) -> int:
         raise ValueError(f"need at least one calibration score, got {num_scores}")
     check_alpha(delta, "delta")
     return math.ceil((num_scores + 1) * (1 - Fraction(float(delta))))
+
+
+def training_conditional_rank(num_scores: int, delta: float, gamma: float) -> int:
+    """The smallest rank k with P(coverage of the k-th smallest score < 1 - delta) <= gamma (PAC / training-
+    conditional conformal, Vovk 2012): the coverage of the k-th order statistic of m continuous exchangeable scores is
+    Beta(k, m + 1 - k). Returns m + 1 (no finite quantile) when even the largest score does not suffice."""
+    if num_scores < 1:
+        raise ValueError(f"need at least one calibration score, got {num_scores}")
+    check_alpha(delta, "delta")
+    check_alpha(gamma, "gamma")
+    k = np.arange(1, num_scores + 1)
+    ok = beta_dist.cdf(1.0 - delta, k, num_scores + 1 - k) <= gamma
+    return int(k[ok][0]) if ok.any() else num_scores + 1
 
 
 def min_calibration_size(delta: float) -> int:
@@ -47,63 +83,89 @@ def min_calibration_size(delta: float) -> int:
     return m
 
 
-def conformal_quantile(scores, delta: float) -> float:
-    """Split-conformal quantile: the ceil((m+1)(1-delta))-th smallest score, +inf when that rank exceeds m.
-
-    Guarantee (marginal): for a new score exchangeable with the m calibration scores, P(s_new > q_hat) <= delta.
-    """
+def conformal_quantile(scores, delta: float, *, gamma: float | None = None) -> float:
+    """Split-conformal quantile: the k-th smallest score, +inf when k exceeds m. k = ceil((m+1)(1-delta)) (marginal:
+    P(s_new > q) <= delta over the calibration draw and s_new) or, with ``gamma``, the training-conditional rank
+    (P over the calibration draw that P(s_new > q | calibration) > delta is <= gamma)."""
     arr = np.asarray(scores, dtype=np.float64).ravel()
     if arr.size == 0 or not np.all(np.isfinite(arr)):
         raise ValueError("scores must be a non-empty array of finite numbers")
-    k = conformal_rank(arr.size, delta)
+    k = conformal_rank(arr.size, delta) if gamma is None else training_conditional_rank(arr.size, delta, gamma)
     if k > arr.size:
         return math.inf
     return float(np.partition(arr, k - 1)[k - 1])
 
 
-def score_weight(p_hat, epsilon: float | None):
-    """w(p_hat): 1 (additive score) when epsilon is None, else 1 - p_hat + epsilon (normalized score)."""
-    if epsilon is None:
-        return np.ones_like(np.asarray(p_hat, dtype=np.float64))
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"epsilon must be a finite number > 0 (or None for the additive score), got {epsilon!r}")
-    return 1.0 - np.asarray(p_hat, dtype=np.float64) + epsilon
+def surrogate_log_odds(logits) -> tuple[np.ndarray, np.ndarray]:
+    """(class (N,), log-odds (N,)) of the surrogate's top class from its logits (N, K): g = z_c - logsumexp(z_-c),
+    computed without forming 1 - p_hat (which rounds to 0 for confident inputs)."""
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2 or not np.all(np.isfinite(z)):
+        raise ValueError(f"logits must be a finite (N, K) array with K >= 2, got shape {z.shape}")
+    c = z.argmax(axis=1)
+    rows = np.arange(len(z))
+    others = z.copy()
+    others[rows, c] = -np.inf
+    return c, z[rows, c] - logsumexp(others, axis=1)
 
 
-def rrise_scores(p_hat, class_counts, num_samples, alpha_1, epsilon: float | None = None):
-    """Nonconformity scores s_i = (p_hat_i - CP_lower(k_i, n; alpha_1)) / w(p_hat_i) for the surrogate's class c_i.
+def probit_labels(class_counts, num_samples, alpha_1) -> np.ndarray:
+    """Labels z_i = max(Phi^-1(l_i), 0), l_i the one-sided (1 - alpha_1) Clopper-Pearson lower bound of k_i / n.
 
-    ``p_hat``: surrogate probability of its top class; ``class_counts``: Monte-Carlo count of that same class out of
-    ``num_samples`` noise samples of the base model. The class must be fixed by the surrogate before the counts are
-    looked at (it is, when taken from the surrogate's forward pass).
-    """
-    p = np.asarray(p_hat, dtype=np.float64)
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
-        raise ValueError("p_hat must be probabilities in [0, 1]")
-    return (p - np.asarray(clopper_pearson_lower(class_counts, num_samples, alpha_1))) / score_weight(p, epsilon)
+    ``class_counts``: Monte-Carlo count of the surrogate's class out of ``num_samples`` (fixed in advance) noise
+    samples of the base model; the class must be fixed (by the surrogate's clean forward pass) before the counts.
+    P(l_i > pA_i) <= alpha_1 per image."""
+    lower = np.asarray(clopper_pearson_lower(class_counts, num_samples, alpha_1), dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.maximum(ndtri(lower), 0.0)
 
 
-def rrise_lower(p_hat, q_hat: float, epsilon: float | None = None):
-    """Calibrated lower bound p_hat - q_hat * w(p_hat), clipped to [0, 1]; marginally valid at delta + alpha_1.
-
-    Must be called with the epsilon the scores were computed with (the bundle records it).
-    """
-    p = np.asarray(p_hat, dtype=np.float64)
-    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
-        raise ValueError("p_hat must be probabilities in [0, 1]")
-    if math.isfinite(q_hat):
-        out = np.clip(p - q_hat * score_weight(p, epsilon), 0.0, 1.0)
-    else:
-        out = np.zeros_like(p)
-    return out if out.ndim else float(out)
+def piecewise(g, knots, values) -> np.ndarray:
+    """The piecewise-linear map through (knots, values), constant beyond the end knots (np.interp)."""
+    knots, values = np.asarray(knots, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if knots.ndim != 1 or knots.shape != values.shape or knots.size < 1 or np.any(np.diff(knots) <= 0):
+        raise ValueError("knots must be strictly increasing and as many as values")
+    return np.interp(np.asarray(g, dtype=np.float64), knots, values)
 
 
-def rrise_radius(p_hat, q_hat: float, sigma, epsilon: float | None = None):
-    """Deployed surrogate radius sigma * Phi^-1(p_hat - q_hat * w(p_hat)), 0 (abstain) when that is <= 1/2.
+def bin_index(g, edges) -> np.ndarray:
+    """Bin of each log-odds value: 0 below edges[0], i where edges[i-1] <= g < edges[i], len(edges) above."""
+    edges = np.asarray(edges, dtype=np.float64)
+    if edges.ndim != 1 or np.any(np.diff(edges) <= 0):
+        raise ValueError("bin edges must be a strictly increasing 1-d array")
+    return np.searchsorted(edges, np.asarray(g, dtype=np.float64), side="right")
 
-    Guarantee (marginal, level alpha_cal = delta + alpha_1 of the calibration that produced q_hat): over
-    exchangeable inputs, P(returned radius > the smoothed classifier's true radius for the surrogate's class)
-    <= alpha_cal. Rounded down.
-    """
+
+def mondrian_quantiles(scores, bins, num_bins: int, delta: float, *, gamma: float | None = None) -> np.ndarray:
+    """Per-bin conformal quantiles (num_bins,): bin b's quantile of the scores whose ``bins`` entry is b (+inf for a
+    bin with too few scores). Guarantee (per bin): P(s_new > q_b | new input in bin b) <= delta (marginal) or the
+    training-conditional version with ``gamma``; see :func:`conformal_quantile`."""
+    s, b = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(bins).ravel()
+    if s.shape != b.shape:
+        raise ValueError(f"scores and bins differ in length ({s.size} vs {b.size})")
+    if b.size and (b.min() < 0 or b.max() >= num_bins):
+        raise ValueError(f"bin indices must lie in [0, {num_bins})")
+    return np.array([conformal_quantile(s[b == i], delta, gamma=gamma) if np.any(b == i) else math.inf
+                     for i in range(num_bins)])
+
+
+def conformal_lower(g, *, knots, values, scale, edges, q_hat) -> np.ndarray:
+    """z_lower = h(g) - q_b v(g) (-inf where the bin's quantile is infinite); ``scale`` are v's values at ``knots``."""
+    q = np.asarray(q_hat, dtype=np.float64)[bin_index(g, edges)]
+    z_hat, u = piecewise(g, knots, values), piecewise(g, knots, scale)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(q), z_hat - q * u, -np.inf)
+
+
+def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarray]:
+    """(p_lower, radius) of the calibrated surrogate for log-odds ``g`` at one level's ``calibration`` (the keyword
+    arguments of :func:`conformal_lower`).
+
+    Guarantee (marginal, per bin; module docstring): over inputs exchangeable with the calibration inputs of their
+    bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
+    <= the level (delta + alpha_1); not per input, not conditional on certifying. radius = sigma z_lower rounded
+    down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) (0 where the bin abstains)."""
     check_sigma(sigma)
-    return radius_from_probability(rrise_lower(p_hat, q_hat, epsilon), sigma)
+    z = conformal_lower(g, **calibration)
+    radius = np.where(z > 0, sigma * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
+    return ndtr(z), radius

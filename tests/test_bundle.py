@@ -61,6 +61,8 @@ def test_default_bundle_loads_and_verifies():
     assert m.classes == FMNIST_CLASSES
     assert set(m.artifacts) == {"base", "surrogate", "meta"}
     assert m.calibration.alpha_cal == 0.001  # the server's default request alpha answers from the surrogate
+    assert [lv.alpha for lv in m.calibration.levels] == [0.1, 0.05, 0.01, 0.005, 0.001]  # the whole risk ladder
+    assert m.calibration.samples_per_image >= 10_000  # labels strong enough not to cap the radius below Cohen-10k's
     assert m.meta_features == list(FEATURE_NAMES)  # the order models.priors computes the features in
     assert load_bundle().manifest == m  # the default call is the embedded bundle too
 
@@ -138,7 +140,7 @@ def test_single_class_is_refused(bundle_copy):
     _refused(bundle_copy, "does not match the bundle schema", "classes")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", None])
 def test_unsupported_schema_version_is_refused(bundle_copy, version):
     manifest = _read_manifest(bundle_copy)
     manifest["schema_version"] = version
@@ -198,11 +200,32 @@ def test_meta_without_features_is_refused(bundle_copy):
     _refused(bundle_copy, "meta model needs 'meta_features'")
 
 
-def test_alpha_cal_not_delta_plus_alpha_1_is_refused(bundle_copy):
+def test_level_alpha_not_delta_plus_alpha_1_is_refused(bundle_copy):
     manifest = _read_manifest(bundle_copy)
-    manifest["calibration"]["alpha_cal"] = 0.002  # delta + alpha_1 = 0.001
+    manifest["calibration"]["levels"][0]["alpha"] = 0.2  # delta + alpha_1 = 0.1
     _write_manifest(bundle_copy, manifest)
-    _refused(bundle_copy, "alpha_cal (0.002) must equal delta + alpha_1")
+    _refused(bundle_copy, "level alpha (0.2) must equal delta + alpha_1")
+
+
+def test_old_calibration_block_is_refused_and_can_be_recalibrated(bundle_copy):
+    """A schema-1 bundle with the old probability-unit calibration is refused for serving with the command that
+    fixes it; ``for_recalibration`` loads it (models verified, calibration dropped) for that command."""
+    manifest = _read_manifest(bundle_copy)
+    manifest["schema_version"] = 1
+    manifest["calibration"] = {"alpha_cal": 0.001, "delta": 0.0009, "alpha_1": 0.0001, "q_hat": 2.475,
+                               "score_epsilon": 0.03, "num_calibration": 8000, "samples_per_image": 1000}
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "schema_version 1 holds the old surrogate calibration", "certserve calibrate conformal")
+    old = load_bundle(bundle_copy, for_recalibration=True)
+    assert old.manifest.calibration is None and set(old.manifest.artifacts) == {"base", "surrogate", "meta"}
+
+
+def test_schema_1_bundle_without_surrogate_still_loads(bundle_copy):
+    manifest = _read_manifest(bundle_copy)
+    manifest.update(schema_version=1, calibration=None, meta_features=None)
+    manifest["artifacts"] = {"base": manifest["artifacts"]["base"]}
+    _write_manifest(bundle_copy, manifest)
+    assert load_bundle(bundle_copy).manifest.schema_version == SCHEMA_VERSION
 
 
 def test_missing_base_artifact_entry_is_refused(bundle_copy):

@@ -29,13 +29,13 @@ from models.backends import OnnxBackend
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle, sha256_file
 from models.export import export_onnx
 from models.networks import MetaPrior, SmallCNN
-from models.priors import FEATURE_NAMES, softmax
-from smoothing import conformal_quantile, min_calibration_size, rrise_scores
+from models.priors import FEATURE_NAMES
+from calibration.conformal_fit import calibrate_surrogate
+from smoothing import level_split, min_calibration_size
 from smoothing.stopping import DEFAULT_FRACTION
 
 TINY = dict(calibration_size=40, surrogate_size=100, limit=300, base_epochs=1, surrogate_epochs=1, train_samples=16,
-            cal_samples=32, delta=0.05, alpha_1=0.01, score_epsilon=0.03, device="cpu", progress=False, seed=0,
-            split_seed=0)
+            cal_samples=32, levels=(0.1,), tune_size=20, device="cpu", progress=False, seed=0, split_seed=0)
 
 
 def _seed_everything(seed: int = 0) -> None:
@@ -87,23 +87,25 @@ def test_pipeline_builds_a_verified_full_bundle(pipeline_run):
     # the log says what happened
     text = "\n".join(lines)
     assert "base-train 300, surrogate-train 100, calibration 40" in text
-    assert "conformal: q_hat =" in text and "from 40 scores" in text and "bundle written to" in text
+    assert "conformal calibration (40 images, 20 tune)" in text and "alpha=0.1: 1 bins of [20] scores" in text
+    assert "bundle written to" in text
 
 
 def test_pipeline_calibration_block_is_consistent(pipeline_run):
     cfg, out, _ = pipeline_run
     cal = load_bundle(out).manifest.calibration
-    assert cal.delta == cfg.delta and cal.alpha_1 == cfg.alpha_1
-    assert cal.alpha_cal == pytest.approx(0.06)
-    assert cal.score_epsilon == cfg.score_epsilon
-    assert cal.num_calibration == 40 >= min_calibration_size(cfg.delta)
+    assert cal.method == "probit-mondrian" and cal.guarantee == "marginal" and cal.gamma is None
+    assert [lv.alpha for lv in cal.levels] == [0.1] and cal.alpha_cal == 0.1
+    level = cal.levels[0]
+    assert (level.delta, level.alpha_1) == level_split(0.1)
+    assert cal.num_tuning == 20 and cal.num_calibration == 20 >= min_calibration_size(level.delta)
     assert cal.samples_per_image == cfg.cal_samples
-    assert math.isfinite(cal.q_hat)
+    assert level.bin_sizes == [20] and level.q_hat[0] is not None and math.isfinite(level.q_hat[0])
 
 
-def test_pipeline_q_hat_recomputes_from_the_work_directory(pipeline_run):
-    """q_hat equals the conformal quantile of scores recomputed from the stored counts, the exported surrogate and
-    the recorded calibration split (so the manifest, the shards and the split record agree)."""
+def test_pipeline_calibration_recomputes_from_the_work_directory(pipeline_run):
+    """The calibration block equals the one refitted from the stored counts, the exported surrogate and the recorded
+    calibration split (so the manifest, the shards and the split record agree)."""
     cfg, out, _ = pipeline_run
     m = load_bundle(out).manifest
     ds = load_dataset("fashion-mnist")
@@ -118,11 +120,10 @@ def test_pipeline_q_hat_recomputes_from_the_work_directory(pipeline_run):
     counts = load_counts(Path(cfg.work) / "counts-calibration")
     assert counts.shape == (40, 10)
     np.testing.assert_array_equal(counts.sum(axis=1), np.full(40, cfg.cal_samples))
-    p = softmax(OnnxBackend(out / "surrogate.onnx", threads=1, device="cpu").forward(ds.x_train[cal_idx]))
-    c = p.argmax(axis=1)
-    scores = rrise_scores(p[np.arange(40), c], counts[np.arange(40), c], cfg.cal_samples, cfg.alpha_1,
-                          cfg.score_epsilon)
-    assert conformal_quantile(scores, cfg.delta) == pytest.approx(m.calibration.q_hat, rel=1e-6, abs=1e-9)
+    surrogate = OnnxBackend(out / "surrogate.onnx", threads=1, device="cpu")
+    again = calibrate_surrogate(surrogate, ds.x_train[cal_idx], counts, cfg.cal_samples, tune_size=cfg.tune_size,
+                                levels=cfg.levels, max_bins=cfg.max_bins, scale=cfg.calibration_scale)
+    assert again == m.calibration.model_dump(mode="json")
     sur = load_counts(Path(cfg.work) / "counts-surrogate-train")
     np.testing.assert_array_equal(sur.sum(axis=1), np.full(100, cfg.train_samples))
     assert not list(Path(cfg.work).rglob("*.tmp"))
@@ -152,7 +153,7 @@ def test_pipeline_provenance(pipeline_run):
     assert all(v >= 0 for v in timings.values())
     assert timings["total_seconds"] >= max(v for k, v in timings.items() if k != "total_seconds")
     assert prov["command"] is None  # run from code; the CLI passes its own command line
-    assert prov["config"]["limit"] == 300 and prov["config"]["delta"] == 0.05
+    assert prov["config"]["limit"] == 300 and prov["config"]["levels"] == [0.1]
     assert isinstance(prov["code_version"], str) and prov["code_version"]
     assert isinstance(prov["created_unix"], int)
     # the work directory keeps the same record
@@ -164,11 +165,11 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
     report = tmp_path / "r.md"
     args = argparse.Namespace(bundle=str(out), images=20, n=200, n0=20, alpha=0.001, fraction=DEFAULT_FRACTION,
                               data="fashion-mnist", sampler=None, device="cpu", batch_size=256, seed=1,
-                              out=str(report), json=None)
+                              out=str(report), json=None, streams=str(tmp_path / "streams.npz"))
     res = evaluate(args)
     assert res["images"] == 20 and res["n"] == 200 and res["n0"] == 20
     assert set(res["methods"]) == set(method_names(200)) == {"cohen-200", "cohen-20", "sequential-kt",
-                                                                "sequential-meta", "surrogate", "auto"}
+                                                                "sequential-meta", "surrogate", "auto", "per-input"}
     for name, v in res["methods"].items():
         acc = [v["certified_accuracy"][f"{r:g}"] for r in RADII]
         assert all(0.0 <= a <= 1.0 for a in acc), name
@@ -177,10 +178,17 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
     assert res["methods"]["surrogate"]["samples_mean"] == 0.0
     assert res["methods"]["cohen-200"]["samples_mean"] == 220.0  # n + n0
     assert res["methods"]["cohen-20"]["samples_mean"] == 40.0
-    for name in ("sequential-kt", "sequential-meta"):
+    for name in ("sequential-kt", "sequential-meta", "per-input"):
         assert 1 <= res["methods"][name]["samples_mean"] <= 200
     assert 0 <= res["methods"]["surrogate"]["violations_vs_cp_upper"] <= res["methods"]["surrogate"]["certified"]
-    assert res["bundle"]["q_hat"] == load_bundle(out).manifest.calibration.q_hat
+    assert res["bundle"]["levels"] == [0.1] and set(res["surrogate_levels"]) == {"0.1"}
+    assert res["methods"]["surrogate"]["level"] is None  # alpha 0.001 is below the bundle's only level
+    assert res["methods"]["surrogate"]["certified"] == 0 and res["methods"]["auto"]["surrogate_share"] == 0.0
+    again = evaluate(args)  # the streams come from the cache: identical results, no new noise
+    def strip(methods):  # ms/image holds this run's measured clean-pass latency
+        return {k: {f: v for f, v in m.items() if f != "ms_per_image"} for k, m in methods.items()}
+
+    assert strip(again["methods"]) == strip(res["methods"]) and (tmp_path / "streams.npz").is_file()
     json.dumps(res)  # `--json` writes exactly this: it must be plain JSON
 
     write_report(res, report)
@@ -188,8 +196,8 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
     for name in method_names(200):
         assert f"| {name} |" in text, name
     assert "## Targets" in text and "| target | measured | met |" in text
-    for target in ("meta samples <= 0.8 x KT", "meta sequential >= 10x fewer samples than Cohen-200",
-                   "surrogate within 1 pp of Cohen-200", "surrogate violation rate <= alpha_cal"):
+    for target in ("surrogate: within 1 pp of Cohen-200", "auto: within 1 pp of Cohen-200",
+                   "per-input: within 1 pp of Cohen-200", "surrogate at level 0.1: violation rate"):
         assert target in text
     for png in ("r-certified-accuracy.png", "r-samples.png"):
         path = tmp_path / png
@@ -199,7 +207,7 @@ def test_evaluation_report_on_the_tiny_bundle(pipeline_run, tmp_path):
 
 def test_pipeline_rerun_resumes_from_the_work_directory(pipeline_run, tmp_path):
     """A second run over the same work directory reuses the trained base model (TorchScript reload path) and the
-    complete count shards: same base, same counts, hence the same q_hat."""
+    complete count shards: same base, same counts, hence the same calibration."""
     cfg, out, _ = pipeline_run
     work = Path(cfg.work)
     shards_before = {p: p.stat().st_mtime_ns for p in work.rglob("shard-*.npy")}
@@ -210,7 +218,7 @@ def test_pipeline_rerun_resumes_from_the_work_directory(pipeline_run, tmp_path):
     m1, m2 = load_bundle(out).manifest, load_bundle(out2).manifest
     assert m2.artifacts["base"].sha256 == base_sha == m1.artifacts["base"].sha256
     assert {p: p.stat().st_mtime_ns for p in work.rglob("shard-*.npy")} == shards_before
-    assert m2.calibration.q_hat == pytest.approx(m1.calibration.q_hat, rel=1e-5, abs=1e-7)
+    assert m2.calibration.levels[0].q_hat == pytest.approx(m1.calibration.levels[0].q_hat, rel=1e-5, abs=1e-7)
 
 
 def test_pipeline_refuses_to_overwrite_a_bundle(pipeline_run):
@@ -225,7 +233,7 @@ def test_pipeline_refuses_to_overwrite_a_bundle(pipeline_run):
 def test_pipeline_with_users_own_base_model(tmp_path):
     """Bring-your-own-model: --base skips training; the surrogate is trained from scratch on its counts."""
     cfg = PipelineConfig(out=str(tmp_path / "b"), work=str(tmp_path / "w"), base=str(DEFAULT_BUNDLE_DIR / "base.onnx"),
-                         **{**TINY, "limit": 60, "surrogate_size": 40, "calibration_size": 20})
+                         **{**TINY, "limit": 60, "surrogate_size": 40, "calibration_size": 30, "tune_size": 15})
     _seed_everything(1)
     out = run_pipeline(cfg, log=lambda *_: None)
     m = load_bundle(out).manifest
@@ -233,15 +241,16 @@ def test_pipeline_with_users_own_base_model(tmp_path):
     assert not (Path(cfg.work) / "base.pt").exists()
     assert m.provenance["base_trained_here"] is False
     assert m.provenance["base_quality"]["clean_test_accuracy"] > 0.8  # the embedded, fully trained base model
-    assert m.calibration.num_calibration == 20 and math.isfinite(m.calibration.q_hat)
+    assert m.calibration.num_calibration == 15 and m.calibration.levels[0].q_hat[0] is not None
 
 
 def test_too_small_calibration_split_fails_before_training(tmp_path):
-    need = min_calibration_size(0.05)
-    assert need == 19
-    for sizes in ({"calibration_size": need - 1}, {"calibration_size": 40, "limit": need - 1}):
+    need = min_calibration_size(level_split(0.1)[0])
+    assert need == 11
+    for sizes in ({"calibration_size": 2 * need - 2}, {"calibration_size": 40, "limit": 2 * need - 2}):
         cfg = PipelineConfig(out=str(tmp_path / "b"), work=str(tmp_path / "w"), **{**TINY, **sizes})
-        with pytest.raises(ValueError, match=r"delta=0.05 needs at least 19 calibration images.*got 18"):
+        with pytest.raises(ValueError, match=r"level 0.1 needs at least 11 calibration images besides the tuning "
+                                             r"ones; got 20 of which 10 tune"):
             run_pipeline(cfg, log=lambda *_: pytest.fail("must fail before logging any step"))
     assert not (tmp_path / "w" / "base.onnx").exists() and not (tmp_path / "b").exists()
 

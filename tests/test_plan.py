@@ -76,3 +76,19 @@ def test_fixed_mode_routes_to_the_fixed_n_engine_job_and_refuses_a_target():
     with pytest.raises(ServiceError) as info:
         plan(mode="fixed", target_radius=0.3)
     assert info.value.code == "bad_request" and "target_radius" in info.value.message
+
+
+@pytest.mark.parametrize("kwargs, proposal", [
+    (dict(), False),  # answered by the surrogate
+    (dict(per_input=True), True),
+    (dict(alpha=0.0001), True),
+    (dict(radius=0.0), True),
+    (dict(target_radius=0.5), False),  # the caller's target wins
+    (dict(radius=None, alpha_cal=None), False),  # no surrogate: nothing to propose
+    (dict(mode="sequential"), False),  # explicit sequential: the best-radius rule
+    (dict(mode="fixed"), False),
+])
+def test_auto_fallbacks_target_the_surrogates_proposal(kwargs, proposal):
+    """An auto request that falls back (per_input, alpha below the ladder, surrogate abstained) targets the
+    surrogate's proposed radius; an explicit target, an explicit mode or a bundle without surrogate does not."""
+    assert plan(**kwargs).proposal is proposal

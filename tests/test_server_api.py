@@ -115,6 +115,18 @@ def client():
 
 
 @pytest.fixture(scope="module")
+def medium(client, fmnist) -> tuple[np.ndarray, Certificate]:
+    """The first test image (of 200) that the surrogate certifies, for its true class, with a radius in (0.15, 0.4): a
+    target a little above it is out of the surrogate's reach but (for a correct class) within the engine's."""
+    for i in range(200):
+        img = quantized(fmnist.x_test[i])
+        cert = check_certificate(client.post("/certify", json={"image": img.tolist(), "mode": "surrogate"}).json())
+        if cert.class_index == fmnist.y_test[i] and 0.15 < cert.radius < 0.4:
+            return img, cert
+    pytest.fail("no test image among the first 200 has a surrogate radius in (0.15, 0.4)")
+
+
+@pytest.fixture(scope="module")
 def surrogate_cert(client, easy) -> Certificate:
     r = post_file(client, png_bytes(easy))
     assert r.status_code == 200, r.text
@@ -138,7 +150,7 @@ def test_models_card_describes_the_served_bundle(client):
     manifest = load_bundle(DEFAULT_BUNDLE_DIR, check_models=False).manifest
     assert card.name == manifest.name == "fmnist-sigma0.25"
     assert card.sigma == SIGMA
-    assert card.alpha_cal == ALPHA_CAL
+    assert card.alpha_cal == ALPHA_CAL and card.calibrated_levels == [0.1, 0.05, 0.01, 0.005, 0.001]
     assert card.classes == FMNIST_CLASSES
     assert tuple(card.input_shape) == (1, 28, 28)
     assert card.has_surrogate and card.has_meta_prior
@@ -262,10 +274,14 @@ def test_mode_surrogate_at_alpha_cal(client, easy, surrogate_cert):
     assert cert.method == "surrogate" and cert.radius == pytest.approx(surrogate_cert.radius, rel=1e-9)
 
 
-def test_alpha_looser_than_alpha_cal_still_uses_the_surrogate_at_alpha_cal(client, easy):
-    r = client.post("/certify", json={"image": easy.tolist(), "alpha": 0.05})
-    cert = check_certificate(r.json())
-    assert cert.method == "surrogate" and cert.guarantee.alpha == ALPHA_CAL <= 0.05
+@pytest.mark.parametrize("alpha, level", [(0.05, 0.05), (0.02, 0.01), (0.002, 0.001), (0.3, 0.1)])
+def test_a_looser_alpha_uses_the_largest_calibrated_level_below_it(client, easy, alpha, level):
+    """The risk ladder: the certificate reports the level it used (<= the request's alpha), and a looser level
+    never certifies less than a tighter one for the same image."""
+    cert = check_certificate(client.post("/certify", json={"image": easy.tolist(), "alpha": alpha}).json())
+    tight = check_certificate(client.post("/certify", json={"image": easy.tolist(), "alpha": ALPHA_CAL}).json())
+    assert cert.method == "surrogate" and cert.guarantee.alpha == level <= alpha
+    assert cert.radius >= tight.radius and cert.class_index == tight.class_index
 
 
 def test_alpha_below_alpha_cal_falls_back_to_sequential(client, easy):
@@ -286,17 +302,19 @@ def test_per_input_falls_back_to_sequential(client, easy):
     cert = check_certificate(r.json())
     assert cert.method == "sequential" and cert.fallback_reason == "per_input_requested"
     assert cert.guarantee.kind == "anytime-valid" and cert.guarantee.alpha == 0.001
+    assert cert.stopped_by in {"target", "certified", "futility", "budget"}  # target: the surrogate's proposal
 
 
-def test_target_radius_above_surrogate_radius_goes_sequential(client, easy, surrogate_cert):
-    target = round(surrogate_cert.radius + 0.05, 3)  # ~0.41: out of the surrogate's reach, in the engine's
-    r = client.post("/certify", json={"image": easy.tolist(), "target_radius": target})
+def test_target_radius_above_surrogate_radius_goes_sequential(client, medium):
+    image, sur = medium
+    target = round(sur.radius + 0.05, 3)  # out of the surrogate's reach, in the engine's
+    r = client.post("/certify", json={"image": image.tolist(), "target_radius": target})
     assert r.status_code == 200, r.text
     cert = check_certificate(r.json())
     assert cert.method == "sequential" and cert.fallback_reason == "below_target_radius"
     assert cert.stopped_by in {"target", "futility", "budget"}
-    assert cert.stopped_by == "target", f"a reachable target ({target}) on an easy image was not certified: {cert}"
-    assert cert.radius >= target and cert.class_index == 1
+    assert cert.stopped_by == "target", f"a reachable target ({target}) was not certified: {cert}"
+    assert cert.radius >= target and cert.class_index == sur.class_index
     assert cert.samples < MAX_SAMPLES  # the target policy stops as soon as the target is certified
 
 

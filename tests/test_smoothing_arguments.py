@@ -27,7 +27,8 @@ ALPHA_CALLS = {
     "lower_bound": lambda x: sm.lower_bound(5, 10, x),
     "upper_bound": lambda x: sm.upper_bound(5, 10, x),
     "certified_radius": lambda x: sm.certified_radius(5, 10, x, 0.25),
-    "rrise_scores": lambda x: sm.rrise_scores([0.9], [90], 100, x),
+    "probit_labels": lambda x: sm.probit_labels([90], 100, x),
+    "level_split": lambda x: sm.level_split(x),
     "target_radius_decision": lambda x: sm.target_radius_decision(
         5, 10, sigma=0.25, target_radius=0.1, alpha=x, budget=1000),
     "target_radius_decision(alpha_futility)": lambda x: sm.target_radius_decision(
@@ -62,7 +63,8 @@ SIGMA_CALLS = {
     "certified_radius": lambda s: sm.certified_radius(5, 10, 0.01, s),
     "radius_from_probability": lambda s: sm.radius_from_probability(0.9, s),
     "probability_for_radius": lambda s: sm.probability_for_radius(0.5, s),
-    "rrise_radius": lambda s: sm.rrise_radius(0.9, 0.1, s),
+    "conformal_certificate": lambda s: sm.conformal_certificate(
+        np.array([1.0]), s, knots=[0.0, 1.0], values=[0.0, 1.0], scale=[1.0, 1.0], edges=[], q_hat=[0.1]),
     "target_radius_decision": lambda s: sm.target_radius_decision(
         5, 10, sigma=s, target_radius=0.1, alpha=0.01, budget=1000),
     "best_radius_decision": lambda s: sm.best_radius_decision(5, 10, sigma=s, alpha=0.01, budget=1000),
@@ -85,7 +87,7 @@ COUNT_CALLS = {
     "lower_bound": lambda s, t: sm.lower_bound(s, t, 0.01),
     "upper_bound": lambda s, t: sm.upper_bound(s, t, 0.01),
     "certified_radius": lambda s, t: sm.certified_radius(s, t, 0.01, 0.25),
-    "rrise_scores": lambda s, t: sm.rrise_scores(0.9, s, t, 0.01),
+    "probit_labels": lambda s, t: sm.probit_labels(s, t, 0.01),
     "target_radius_decision": lambda s, t: sm.target_radius_decision(s, t, target_radius=0.1, **POLICY),
     "best_radius_decision": lambda s, t: sm.best_radius_decision(s, t, **POLICY),
 }
@@ -178,15 +180,12 @@ def test_conformal_rank_needs_a_score():
         sm.conformal_rank(0, 0.1)
 
 
-@pytest.mark.parametrize("p_hat", [1.5, -0.1, math.nan])
-def test_rrise_probabilities_outside_unit_interval(p_hat):
-    """A surrogate probability outside [0, 1] (or NaN) is refused by every RRISE function, naming p_hat."""
-    with pytest.raises(ValueError, match=r"p_hat"):
-        sm.rrise_scores(p_hat, 90, 100, 0.01)
-    with pytest.raises(ValueError, match=r"p_hat"):
-        sm.rrise_lower(p_hat, 0.05)
-    with pytest.raises(ValueError, match=r"p_hat"):
-        sm.rrise_radius(p_hat, 0.05, 0.25)
+@pytest.mark.parametrize("logits", [np.array([[1.0, math.nan]]), np.array([1.0, 2.0]), np.array([[1.0]])],
+                         ids=["nan", "1-d", "one class"])
+def test_surrogate_logits_must_be_a_finite_matrix(logits):
+    """The surrogate's log-odds need finite (N, K >= 2) logits; anything else is refused, naming the logits."""
+    with pytest.raises(ValueError, match=r"logits must be a finite \(N, K\) array"):
+        sm.surrogate_log_odds(logits)
 
 
 @pytest.mark.parametrize("call,pattern", [
@@ -200,11 +199,17 @@ def test_rrise_probabilities_outside_unit_interval(p_hat):
     (lambda: sm.best_radius_decision(5, 10, sigma=0.25, alpha=0.01, budget=0), r"budget must be >= 1"),
     (lambda: sm.checkpoint_schedule(0), r"budget >= 1"),
     (lambda: sm.checkpoint_schedule(100, growth=1.0), r"growth > 1"),
-    (lambda: sm.rrise_scores(0.9, 90, 100, 0.01, epsilon=0.0), r"epsilon must be a finite number > 0"),
-    (lambda: sm.rrise_lower(0.9, 0.05, epsilon=-1.0), r"epsilon must be a finite number > 0"),
-    (lambda: sm.rrise_radius(0.9, 0.05, 0.25, epsilon=math.nan), r"epsilon must be a finite number > 0"),
+    (lambda: sm.conformal_lower([1.0], knots=[1.0, 0.0], values=[0.0, 1.0], scale=[1.0, 1.0], edges=[], q_hat=[0.1]),
+     r"knots must be strictly increasing"),
+    (lambda: sm.bin_index([1.0], [2.0, 1.0]), r"bin edges must be a strictly increasing"),
+    (lambda: sm.mondrian_quantiles([0.1, 0.2], [0, 2], 2, 0.1), r"bin indices must lie in \[0, 2\)"),
+    (lambda: sm.mondrian_quantiles([0.1, 0.2], [0], 1, 0.1), r"scores and bins differ in length"),
+    (lambda: sm.conformal_quantile([0.1, math.nan], 0.1), r"scores must be a non-empty array of finite numbers"),
+    (lambda: sm.training_conditional_rank(100, 0.1, 0.0), r"gamma must lie strictly between 0 and 1"),
+    (lambda: sm.training_conditional_rank(100, 1.0, 0.1), r"delta must lie strictly between 0 and 1"),
 ], ids=["p>1", "p nan", "radius<0", "target<0", "target nan", "fraction=0", "fraction>1", "budget=0",
-        "schedule budget=0", "schedule growth=1", "epsilon=0", "epsilon<0", "epsilon nan"])
+        "schedule budget=0", "schedule growth=1", "knots", "edges", "bin range", "bin length", "nan score", "gamma=0",
+        "delta=1"])
 def test_other_bad_arguments(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()

@@ -1,0 +1,130 @@
+"""Fitting the surrogate's conformal calibration (:mod:`smoothing.conformal`) from Monte-Carlo labels.
+
+The calibration split is cut in two disjoint parts, in a seeded order fixed before any label is read:
+
+* TUNING fits every knob: the point-estimate map h (isotonic regression of the probit labels on the surrogate's
+  log-odds, capped at the largest label), the scale map v (the local mean absolute residual, floored), and the
+  Mondrian bin edges (quantiles of the log-odds);
+* CALIBRATION gives only the per-bin conformal quantiles. Nothing fitted on it is tuned, so its scores are
+  exchangeable with a new input's and the guarantee of :mod:`smoothing.conformal` holds.
+
+One such fit per risk level of the ladder (each level has its own label share alpha_1 = alpha / 10 and its own
+number of bins: as many as keep >= ``bin_slack`` x the minimum calibration size in each, at most ``max_bins``).
+Levels whose calibration part is too small for even one bin are left out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.optimize import isotonic_regression
+from scipy.special import expit, ndtri
+
+from smoothing import clopper_pearson_lower
+from smoothing.conformal import (DEFAULT_LEVELS, bin_index, level_split, min_calibration_size, mondrian_quantiles,
+                                 piecewise, probit_labels)
+
+SCALE_FLOOR = 0.05  # probit units: no bin may claim a spread below this (about 0.0125 in radius at sigma 0.25)
+
+
+def fit_calibration(g_tune, hits_tune, g_cal, hits_cal, num_samples: int, *, levels=DEFAULT_LEVELS,
+                    max_bins: int = 8, num_knots: int = 48, bin_slack: float = 1.05, gamma: float | None = None,
+                    scale: str = "spread", point: str = "isotonic") -> dict:
+    """The bundle's ``calibration`` block: one fitted level per alpha of ``levels`` that the split supports.
+
+    ``g_*``: the surrogate's log-odds of its class; ``hits_*``: Monte-Carlo count of that class out of
+    ``num_samples``; ``scale``: "spread" (normalized scores) or "unit" (additive probit scores); ``point``:
+    "isotonic" (h fitted to the tuning labels) or "raw" (h = Phi^-1 of the surrogate's own probability, capped)."""
+    g_tune, g_cal = np.asarray(g_tune, np.float64), np.asarray(g_cal, np.float64)
+    fitted = []
+    for alpha in sorted(levels, reverse=True):
+        level = fit_level(g_tune, hits_tune, g_cal, hits_cal, num_samples, alpha, max_bins=max_bins,
+                          num_knots=num_knots, bin_slack=bin_slack, gamma=gamma, scale=scale, point=point)
+        if level is not None:
+            fitted.append(level)
+    if not fitted:
+        raise ValueError(f"{len(g_cal)} calibration images are too few for any level of {list(levels)} "
+                         f"(level {max(levels)} needs {min_calibration_size(level_split(max(levels))[0])})")
+    return {"method": "probit-mondrian", "guarantee": "marginal" if gamma is None else "training-conditional",
+            "gamma": gamma, "samples_per_image": int(num_samples), "num_calibration": int(len(g_cal)),
+            "num_tuning": int(len(g_tune)), "levels": fitted}
+
+
+def fit_level(g_tune, hits_tune, g_cal, hits_cal, num_samples, alpha, *, max_bins, num_knots, bin_slack, gamma,
+              scale, point="isotonic") -> dict | None:
+    """One level: maps and edges from the tuning part, per-bin quantiles from the calibration part (None: too few)."""
+    delta, alpha_1 = level_split(alpha)
+    need = min_calibration_size(delta)
+    num_bins = min(max_bins, int(len(g_cal) // math.ceil(bin_slack * need)))
+    if num_bins < 1:
+        return None
+    z_tune = probit_labels(hits_tune, num_samples, alpha_1)
+    cap = float(ndtri(clopper_pearson_lower(num_samples, num_samples, alpha_1)))  # the largest possible label
+    knots, values = point_map(g_tune, z_tune, num_knots, cap)
+    if point == "raw":  # the surrogate's own probability, p = sigmoid(g), in probit units (for comparison)
+        values = np.clip(ndtri(expit(knots)), 0.0, cap)
+    spread = (scale_map(g_tune, z_tune - piecewise(g_tune, knots, values), knots) if scale == "spread"
+              else np.ones_like(knots))
+    edges = bin_edges(g_tune, num_bins)
+    z_cal = probit_labels(hits_cal, num_samples, alpha_1)
+    scores = (piecewise(g_cal, knots, values) - z_cal) / piecewise(g_cal, knots, spread)
+    bins = bin_index(g_cal, edges)
+    q = mondrian_quantiles(scores, bins, len(edges) + 1, delta, gamma=gamma)
+    return {"alpha": float(alpha), "delta": delta, "alpha_1": alpha_1, "knots": knots.tolist(),
+            "values": values.tolist(), "scale": spread.tolist(), "edges": edges.tolist(),
+            "q_hat": [float(v) if math.isfinite(v) else None for v in q],
+            "bin_sizes": np.bincount(bins, minlength=len(edges) + 1).tolist()}
+
+
+def point_map(g, z, num_knots: int, cap: float) -> tuple[np.ndarray, np.ndarray]:
+    """h: the isotonic (non-decreasing) regression of labels z on log-odds g, read off at ``num_knots`` quantiles
+    of g and capped at ``cap``; a fixed function of the clean input once fitted."""
+    order = np.argsort(g, kind="stable")
+    fit = isotonic_regression(np.asarray(z, np.float64)[order]).x
+    knots = np.unique(np.quantile(g, np.linspace(0, 1, num_knots)))
+    values = np.interp(knots, np.asarray(g)[order], fit)
+    return knots, np.clip(np.maximum.accumulate(values), 0.0, cap)
+
+
+def scale_map(g, residual, knots, *, window: float = 0.1) -> np.ndarray:
+    """v: the mean absolute residual of the ``window`` share of tuning points nearest in log-odds rank to each knot,
+    floored at SCALE_FLOOR (normalized conformal scores; any fixed positive function keeps validity)."""
+    order = np.argsort(g, kind="stable")
+    g_sorted, r_sorted = np.asarray(g)[order], np.abs(np.asarray(residual))[order]
+    half = max(5, int(window * len(g_sorted) / 2))
+    at = np.clip(np.searchsorted(g_sorted, knots), 0, len(g_sorted) - 1)
+    spread = np.array([r_sorted[max(0, i - half): i + half + 1].mean() for i in at])
+    return np.maximum(spread, SCALE_FLOOR)
+
+
+def bin_edges(g, num_bins: int) -> np.ndarray:
+    """Interior edges at the j / num_bins quantiles of the tuning log-odds (duplicates from ties dropped)."""
+    if num_bins <= 1:
+        return np.zeros(0)
+    return np.unique(np.quantile(g, np.arange(1, num_bins) / num_bins))
+
+
+def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_size: int, **options) -> dict:
+    """The calibration block of ``surrogate`` (a backend with ``forward``) from full Monte-Carlo class counts
+    (N, K) of ``images``: the first ``tune_size`` images tune, the rest calibrate (a cut fixed before the labels are
+    read). The surrogate's class is taken from its clean forward pass, then its count is read."""
+    from smoothing import surrogate_log_odds
+
+    if not 0 < tune_size < len(images):
+        raise ValueError(f"tune_size must lie in (0, {len(images)}), got {tune_size}")
+    if len(counts) != len(images):
+        raise ValueError(f"{len(counts)} count rows for {len(images)} images")
+    cls, g = surrogate_log_odds(surrogate.forward(images))
+    hits = np.asarray(counts)[np.arange(len(cls)), cls]
+    tune, cal = slice(0, tune_size), slice(tune_size, len(images))
+    return fit_calibration(g[tune], hits[tune], g[cal], hits[cal], num_samples, **options)
+
+
+def describe(block: dict) -> str:
+    """One line per level: alpha, bins, bin sizes, quantiles (for logs)."""
+    rows = []
+    for lv in block["levels"]:
+        q = ", ".join("inf" if v is None else f"{v:.3f}" for v in lv["q_hat"])
+        rows.append(f"alpha={lv['alpha']:g}: {len(lv['q_hat'])} bins of {lv['bin_sizes']} scores, q_hat [{q}]")
+    return "\n".join(rows)

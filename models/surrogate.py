@@ -1,0 +1,65 @@
+"""The calibrated surrogate's answer for clean images: class, point estimate, and the conformal certificate at the
+risk level a request's alpha selects (the bundle's ladder: the largest calibrated level <= alpha).
+
+Shared by the certification service (one image per request) and the offline evaluation (a batch), so the served and
+the evaluated surrogate certificates are the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.bundle import Calibration
+from smoothing import conformal_certificate, surrogate_log_odds
+from smoothing.conformal import piecewise
+
+
+@dataclass(frozen=True)
+class SurrogateAnswers:
+    """Per image: the surrogate's class, its log-odds, the point estimate z_hat of Phi^-1(pA) (uncalibrated: a
+    proposal, never a certificate), and the calibrated p_lower / radius at ``level`` (None: alpha below every
+    calibrated level; then radius 0 and p_lower None)."""
+
+    class_index: np.ndarray
+    log_odds: np.ndarray
+    z_hat: np.ndarray
+    p_lower: np.ndarray | None
+    radius: np.ndarray
+    level: float | None
+
+
+def surrogate_answers(logits: np.ndarray, calibration: Calibration, sigma: float, alpha: float) -> SurrogateAnswers:
+    """The surrogate's answers for a batch of logits (N, K) at the request level ``alpha``.
+
+    Guarantee of ``radius`` (smoothing.conformal_certificate): marginal, per Mondrian bin, at the selected level
+    (delta + alpha_1 <= alpha): over inputs exchangeable with the calibration inputs of their bin and over the
+    calibration draw, P(radius > the smoothed classifier's true radius for ``class_index``) <= level. Not per input
+    and not conditional on the surrogate having certified."""
+    cls, g = surrogate_log_odds(logits)
+    level = calibration.level_for(alpha)
+    point = level or calibration.levels[-1]  # the point estimate exists at every alpha (it only guides sampling)
+    z_hat = piecewise(g, point.knots, point.values)
+    if level is None:
+        return SurrogateAnswers(cls, g, z_hat, None, np.zeros(len(cls)), None)
+    p_lower, radius = conformal_certificate(g, sigma, **level.as_arguments())
+    return SurrogateAnswers(cls, g, z_hat, p_lower, radius, level.alpha)
+
+
+@dataclass(frozen=True)
+class SurrogateAnswer:
+    """One image's :class:`SurrogateAnswers` row."""
+
+    class_index: int
+    z_hat: float
+    p_lower: float | None
+    radius: float
+    level: float | None
+
+
+def surrogate_answer(logits: np.ndarray, calibration: Calibration, sigma: float, alpha: float) -> SurrogateAnswer:
+    """:func:`surrogate_answers` for one image's logits (1, K); same guarantee."""
+    a = surrogate_answers(logits, calibration, sigma, alpha)
+    return SurrogateAnswer(int(a.class_index[0]), float(a.z_hat[0]),
+                           None if a.p_lower is None else float(a.p_lower[0]), float(a.radius[0]), a.level)

@@ -1,0 +1,134 @@
+"""The surrogate's conformal calibration (smoothing.conformal, calibration.conformal_fit), by seeded simulation.
+
+* A perfect surrogate (z_hat = Phi^-1(pA), pA in [0.99, 0.999]) with few Monte-Carlo samples per label: end-to-end
+  validity, the score-level coverage (two-sided: catches a wrong rank) and the labels' own coverage (catches a label
+  that is not a lower bound).
+* Mondrian bins: the guarantee holds in each bin, including a bin where the surrogate is badly overconfident.
+* The training-conditional (PAC) rank bounds the probability, over calibration draws, of a realised miss rate > delta.
+* The fitting code: tuning and calibration parts stay separate; levels and bins sized as documented.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.special import ndtr, ndtri
+
+import smoothing as sm
+from calibration.conformal_fit import fit_calibration
+
+IDENTITY = dict(knots=[-10.0, 10.0], values=[-10.0, 10.0], scale=[1.0, 1.0])
+
+
+def _calibrate(z_hat, z_label, g, edges, delta, **kw):
+    """Per-bin quantiles of scores z_hat - z_label with the bins of g (one row of a simulation)."""
+    bins = sm.bin_index(g, edges)
+    return sm.mondrian_quantiles(z_hat - z_label, bins, len(edges) + 1, delta, **kw)
+
+
+def test_perfect_surrogate_end_to_end(size, sim, record_rate):
+    """Perfect surrogate, n = 50 Monte-Carlo samples per label, m = 200, delta = alpha_1 = 0.05. Checks, over
+    fresh calibration draws: (1) P(deployed radius > true radius) <= delta + alpha_1; (2) the score coverage
+    P(s_test > q) in [delta - 1/(m+1), delta] (+-3 SE) with the test inputs' own labels; (3) P(label > pA) <= alpha_1.
+    Run against two bugs once (2026-12-04, fast size): the rank one too low (ceil(m (1 - delta)) - 1) broke (2): 0.0587
+    > 0.05 + 3 SE; labels at the point estimate k/n instead of the Clopper-Pearson lower bound broke (3): 0.766 > 0.05.
+    Check (1) alone passed both bugs (with a perfect surrogate a miss needs q < 0), which is why (2) and (3) are here."""
+    rng = np.random.default_rng(900)
+    reps, m, n_test, n, delta, alpha_1, sigma = size.reps, 200, 50, 50, 0.05, 0.05, 0.25
+    p_a = rng.uniform(0.99, 0.999, (reps, m))
+    z_label = sm.probit_labels(rng.binomial(n, p_a), n, alpha_1)
+    q = np.array([_calibrate(ndtri(pa), zl, pa, [], delta)[0] for pa, zl in zip(p_a, z_label)])
+    t_pa = rng.uniform(0.99, 0.999, (reps, n_test))
+    radius = np.stack([sm.conformal_certificate(ndtri(row), sigma, **IDENTITY, edges=[], q_hat=[qi])[1]
+                       for row, qi in zip(t_pa, q)])
+    miss = (radius > sigma * ndtri(t_pa)).mean(axis=1)
+    bound = delta + alpha_1
+    record_rate(float(miss.mean()), bound, reps, "perfect surrogate, deployed radius above the truth")
+    sim.assert_rate_at_most(float(miss.mean()), bound, reps, "perfect surrogate")
+    t_label = sm.probit_labels(rng.binomial(n, t_pa), n, alpha_1)
+    over = ((ndtri(t_pa) - t_label) > q[:, None]).mean(axis=1)
+    o_mean, o_se = float(over.mean()), float(over.std(ddof=1) / math.sqrt(reps))
+    assert delta - 1 / (m + 1) - 3 * o_se <= o_mean <= delta + 3 * o_se, (o_mean, delta, m)
+    label_over = float(np.mean(t_label > ndtri(t_pa)))
+    sim.assert_rate_at_most(label_over, alpha_1, reps * n_test, "labels above the truth")
+    assert np.mean(radius > 0) > 0.5, "the calibrated perfect surrogate must certify most inputs"
+
+
+def _population(rng, shape):
+    """Two groups by the sign of the log-odds g: g >= 0 accurate, g < 0 (about 16%) overconfident by +0.8 probit."""
+    g = rng.normal(1.5, 1.5, shape)
+    z_true = np.clip(1.5 + 0.8 * g + 0.3 * rng.standard_normal(shape), -1.0, 3.5)
+    z_hat = z_true + np.where(g < 0, 0.8 + 0.6 * rng.standard_normal(shape), 0.1 * rng.standard_normal(shape))
+    return g, z_true, z_hat
+
+
+def test_mondrian_bins_hold_in_each_bin(size, sim, record_rate):
+    """Two bins (edge g = 0), the surrogate overconfident in the lower one: P(radius > truth | bin) <= delta +
+    alpha_1 in each bin (labels from n = 1,000 samples). Run against the bug once (2026-12-04, fast size): one quantile
+    for all inputs (every input in bin 0) gave a miss rate of 0.255 in the overconfident bin > 0.1 + 3 SE (0.128);
+    with the bins it is 0.032."""
+    rng = np.random.default_rng(901)
+    reps, m, n_test, n, delta, alpha_1, sigma = size.reps // 2, 300, 60, 1000, 0.05, 0.05, 0.25
+    edges = [0.0]
+    g, z_true, z_hat = _population(rng, (reps, m))
+    z_label = sm.probit_labels(rng.binomial(n, ndtr(z_true)), n, alpha_1)
+    q = np.stack([_calibrate(zh, zl, gg, edges, delta) for zh, zl, gg in zip(z_hat, z_label, g)])
+    tg, tz, tzh = _population(rng, (reps, n_test))
+    radius = _deploy(tg, tzh, q, edges, sigma)
+    miss = radius > sigma * np.maximum(tz, 0)
+    for name, in_bin in (("g < 0 (overconfident)", tg < 0), ("g >= 0", tg >= 0)):
+        rate = float(miss[in_bin].mean())
+        record_rate(rate, delta + alpha_1, int(in_bin.sum()), f"Mondrian bin {name}")
+        sim.assert_rate_at_most(rate, delta + alpha_1, reps, f"bin {name}")
+
+
+def _deploy(g, z_hat, q, edges, sigma):
+    """Radius of each test input: z_hat - q[bin(g)] (the bins are on g, the point estimate is z_hat)."""
+    bins = sm.bin_index(g, edges)
+    z_lower = z_hat - np.take_along_axis(q, bins, axis=1)
+    return np.where(z_lower > 0, sigma * z_lower, 0.0)
+
+
+def test_training_conditional_rank_bounds_the_realised_miss_rate(size):
+    """Over calibration draws of m = 500 uniform scores, the realised miss rate 1 - q of the PAC quantile exceeds
+    delta = 0.05 in at most gamma = 0.1 of draws (+3 SE); the marginal rank exceeds it in far more (about half).
+    Run against the bug once (2026-12-04, fast size): the marginal rank in place of the PAC one gave 0.4625 > 0.1."""
+    rng = np.random.default_rng(902)
+    reps, m, delta, gamma = size.reps, 500, 0.05, 0.1
+    scores = rng.random((reps, m))
+    pac = np.array([sm.conformal_quantile(row, delta, gamma=gamma) for row in scores])
+    marginal = np.array([sm.conformal_quantile(row, delta) for row in scores])
+    over_pac, over_marginal = float(np.mean(1 - pac > delta)), float(np.mean(1 - marginal > delta))
+    assert over_pac <= gamma + 3 * math.sqrt(gamma * (1 - gamma) / reps), over_pac
+    assert over_marginal > 0.3, over_marginal
+    assert sm.training_conditional_rank(20, 0.05, 0.1) == 21  # too few scores: no finite quantile
+
+
+def test_fit_keeps_tuning_and_calibration_apart():
+    """Maps and bin edges depend on the tuning part only; the calibration part moves only the quantiles. Levels
+    whose calibration part is too small are left out; each bin keeps >= the minimum calibration size."""
+    rng = np.random.default_rng(903)
+    n = 10_000
+    g_t, g_c = rng.normal(6, 3, 1000), rng.normal(6, 3, 2500)
+    p_t, p_c = (ndtr(np.clip(0.4 * g, -1, 4)) for g in (g_t, g_c))
+    h_t, h_c = rng.binomial(n, p_t), rng.binomial(n, p_c)
+    block = fit_calibration(g_t, h_t, g_c, h_c, n, levels=(0.1, 0.01, 0.001), max_bins=8)
+    alphas = [lv["alpha"] for lv in block["levels"]]
+    assert alphas == [0.1, 0.01, 0.001]
+    other = fit_calibration(g_t, h_t, g_c, rng.binomial(n, p_c), n, levels=(0.1, 0.01, 0.001), max_bins=8)
+    for a, b in zip(block["levels"], other["levels"]):
+        assert a["knots"] == b["knots"] and a["values"] == b["values"] and a["edges"] == b["edges"]
+        assert a["scale"] == b["scale"]
+    for lv in block["levels"]:
+        need = sm.min_calibration_size(lv["delta"])
+        assert len(lv["q_hat"]) == len(lv["edges"]) + 1 <= 8
+        assert sum(lv["bin_sizes"]) == 2500
+        assert all(q is not None for q, s in zip(lv["q_hat"], lv["bin_sizes"]) if s >= need)
+        assert np.all(np.diff(lv["values"]) >= 0) and min(lv["scale"]) > 0
+    assert len(block["levels"][-1]["q_hat"]) == 2  # 2500 // ceil(1.05 * 1111) bins at 0.001
+    small = fit_calibration(g_t, h_t, g_c[:500], h_c[:500], n, levels=(0.1, 0.001))
+    assert [lv["alpha"] for lv in small["levels"]] == [0.1]
+    with pytest.raises(ValueError, match="too few for any level"):
+        fit_calibration(g_t, h_t, g_c[:50], h_c[:50], n, levels=(0.001,))
