@@ -4,7 +4,8 @@ Per image: one ordered stream of n noisy predictions of the base model (plus n0 
 Cohen). Cohen-10k/1k use the stream's first 10k/1k samples; the sequential methods replay it through the worker's
 checkpoint schedule; the surrogate needs one forward pass (at every calibrated risk level); per-input = the server's
 ``auto`` + ``per_input=true`` (the e-process targeting the surrogate's proposed radius, auto budget); auto = the
-surrogate where it certifies, else that per-input path. ``--streams`` caches the sampled streams (keyed by bundle,
+surrogate where its radius is >= AUTO_MIN_SURROGATE_Z sigmas (models.surrogate.auto_uses_surrogate, the server's
+rule), else that per-input path. ``--streams`` caches the sampled streams (keyed by bundle,
 data, images, n, n0, seed), so re-evaluating a recalibrated bundle draws no new noise.
 Sharing the noise across methods (common random numbers) makes the comparison sharper; each method on its own
 uses samples that are i.i.d. and independent of its class selection, so each is valid on its own.
@@ -22,10 +23,10 @@ import numpy as np
 from calibration import front
 from calibration.report import RADII, plots, short_n, write_report
 from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from models.defaults import AUTO_MAX_SAMPLES, default_batch_size
+from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, default_batch_size
 from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
-from models.surrogate import surrogate_answers
+from models.surrogate import auto_uses_surrogate, surrogate_answers
 from smoothing import (DEFAULT_MIN_GAIN, PER_INPUT_MIN_GAIN, best_radius_decision, certified_radius, certify,
                        clopper_pearson_upper, proposal_decision, proposal_radius)
 
@@ -52,6 +53,8 @@ def add_arguments(p) -> None:
                    "fraction instead of smoothing's default marginal-gain rule")
     p.add_argument("--auto-budget", type=int, default=None,
                    help="budget of auto-mode fallbacks (default: the server's auto_max_samples)")
+    p.add_argument("--auto-min-surrogate-z", type=float, default=None,
+                   help="auto answers with the surrogate at radius >= this many sigmas (default: the server's)")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--sampler", default=None, help="sample with this copy of the base model instead (e.g. TorchScript on GPU)")
     p.add_argument("--device", default="auto")
@@ -111,11 +114,14 @@ def evaluate(args) -> dict:
                             np.full(len(x), latency["surrogate"]))
         extra["surrogate"] = {**_violations(ans, counts[args.n], args.n), "level": ans.level}
         r_prop = np.asarray(proposal_radius(ans.z_hat, sigma=m.sigma))
-        used, radius = _replay_proposal(hits[:, :auto_budget], prior, r_prop, args.alpha, m.sigma, auto_budget)
+        used, radius = replay_per_input(hits[:, :auto_budget], prior, r_prop, args.alpha, m.sigma, auto_budget)
         raw["per-input"] = (np.where(radius > 0, c_seq, -1), radius, used, per_sample * used + clean_cost)
-        use_sur = ans.radius > 0
+        min_z = getattr(args, "auto_min_surrogate_z", None)
+        min_z = AUTO_MIN_SURROGATE_Z if min_z is None else min_z
+        use_sur = auto_uses_surrogate(ans.radius, m.sigma, min_z)
         raw["auto"] = tuple(np.where(use_sur, s_, q_) for s_, q_ in zip(raw["surrogate"], raw["per-input"]))
-        extra["auto"] = {"surrogate_share": float(use_sur.mean()), "fallback_budget": int(auto_budget)}
+        extra["auto"] = {"surrogate_share": float(use_sur.mean()), "fallback_budget": int(auto_budget),
+                         "min_surrogate_z": min_z}
         extra["per-input"] = {"budget": int(auto_budget)}
         for lv in m.calibration.levels:
             a_l = surrogate_answers(logits, m.calibration, m.sigma, lv.alpha)
@@ -206,7 +212,7 @@ def _replay_sequential(hits, a, b, alpha, sigma, budget, fraction):
     return stop_t, np.asarray(certified_radius(s, stop_t, alpha, sigma, a, b))
 
 
-def _replay_proposal(hits, prior, r_prop, alpha, sigma, budget):
+def replay_per_input(hits, prior, r_prop, alpha, sigma, budget):
     """Replay the per-input path as the server runs it: the e-process stops when the surrogate's proposed radius is
     verified, otherwise by the best-radius rule at PER_INPUT_MIN_GAIN (smoothing.proposal_decision); radius of the
     bound at the stop (per input, anytime-valid)."""

@@ -112,6 +112,7 @@ def write_report(res: dict, path: Path) -> None:
               "| method | " + " | ".join(f"r={r:g}" for r in RADII) + " |", "|---|" + "---|" * len(RADII)]
     for name, v in res["methods"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v['certified_accuracy'][f'{r:g}']:.3f}" for r in RADII) + " |")
+    lines += _route_lines(res)
     lines += _level_lines(res)
     lines += ["", "Mean radius counts 0 for abstentions and wrong classes. Samples include Cohen's n0 selection "
               "samples. ms/image: measured clean forward latency (batch 1, CPU onnxruntime) plus samples x the "
@@ -124,6 +125,18 @@ def write_report(res: dict, path: Path) -> None:
         lines += front.report_lines(res["front"], res["front_defaults"], res["plots"]["front"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def _route_lines(res: dict) -> list[str]:
+    """How the routes were run: per-input budget, auto's threshold and the share the surrogate answered."""
+    auto = res["methods"].get("auto")
+    if not auto or "min_surrogate_z" not in auto:
+        return []
+    z = auto["min_surrogate_z"]
+    return ["", f"Routes: per-input = the e-process targeting the surrogate's proposed radius (budget "
+            f"{auto['fallback_budget']:,}); auto = the surrogate where its calibrated radius is >= {z:g} sigma "
+            f"(= {z * res['bundle']['sigma']:.3f}; {auto['surrogate_share']:.1%} of the images here), else the "
+            "per-input path (docs/auto-routing.md chose the threshold on held-out tuning images)."]
 
 
 def _level_lines(res: dict) -> list[str]:

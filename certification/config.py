@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from models.defaults import AUTO_MAX_SAMPLES, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
+from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -13,6 +13,7 @@ class ServiceConfig:
     default_alpha: float = DEFAULT_ALPHA  # request alpha when the client sends none
     max_samples: int = MAX_SAMPLES  # cap and default of a request's sample budget
     auto_max_samples: int = AUTO_MAX_SAMPLES  # budget of an auto-mode fallback that sets no max_samples
+    auto_min_surrogate_z: float = AUTO_MIN_SURROGATE_Z  # auto: surrogate only at radius >= this x sigma
     cohen_n0: int = COHEN_N0  # selection samples of cohen mode
     default_deadline_ms: int = 30_000  # deadline (from arrival) of a job whose request sets none
     device: Literal["auto", "cpu", "cuda"] = "auto"  # the engine's device

@@ -3,7 +3,8 @@
 Pure (no ONNX, no engine, no clock): :func:`make_plan` is tested on its own. Routing of ``auto``: the surrogate's
 certificate when the bundle has a surrogate, the caller did not ask for a per-input guarantee, the request's alpha >=
 alpha_cal (the bundle's lowest calibrated level; the certificate reports the largest level <= alpha it used), and the
-calibrated radius is > 0 and >= ``target_radius``; otherwise a sequential job (``fallback_reason`` says why) that,
+calibrated radius is > 0 and >= ``target_radius`` (without a target: >= ``auto_min_surrogate_z`` x sigma, where the
+per-input path certifies more for a few hundred samples, models.surrogate.auto_uses_surrogate); otherwise a sequential job (``fallback_reason`` says why) that,
 without a caller's target radius, takes the surrogate's proposed radius as its target (``Plan.proposal``: stop as soon
 as it is verified at the request's alpha, else the best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot
 certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
@@ -22,7 +23,7 @@ from certification.errors import ServiceError
 Mode = Literal["auto", "surrogate", "sequential", "fixed", "cohen"]
 Route = Literal["surrogate", "sequential", "fixed", "cohen"]
 FallbackReason = Literal["no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
-                         "below_target_radius"]
+                         "below_target_radius", "below_auto_min_radius"]
 
 
 class CertifyParams(BaseModel):
@@ -65,9 +66,10 @@ class Plan:
 
 
 def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None,
-              surrogate_radius: float | None, arrival: float) -> Plan:
+              surrogate_radius: float | None, sigma: float, arrival: float) -> Plan:
     """Turn a request into a plan. ``alpha_cal``: the bundle's calibrated level (None without a surrogate);
-    ``surrogate_radius``: the calibrated radius of this image (None when the surrogate did not run);
+    ``surrogate_radius``: the calibrated radius of this image (None when the surrogate did not run); ``sigma``: the
+    bundle's noise level (auto's threshold is ``config.auto_min_surrogate_z`` sigmas);
     ``arrival``: time.monotonic() at arrival, which anchors the deadline. Raises ServiceError for mode=surrogate
     requests that the surrogate cannot answer."""
     alpha = params.alpha if params.alpha is not None else config.default_alpha
@@ -79,7 +81,8 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
                                           "target_radius; use mode=sequential with target_radius")
     fallback = None
     if mode == "auto":
-        fallback = _fallback_reason(params, alpha, alpha_cal, surrogate_radius)
+        fallback = _fallback_reason(params, alpha, alpha_cal, surrogate_radius,
+                                    min_radius=config.auto_min_surrogate_z * sigma)
     default_budget = config.auto_max_samples if mode == "auto" else config.max_samples
     budget = min(params.max_samples or default_budget, config.max_samples)
     deadline = arrival + (params.deadline_ms or config.default_deadline_ms) / 1e3
@@ -104,8 +107,8 @@ def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: flo
                                                     f"alpha = {alpha} needs mode=auto or sequential")
 
 
-def _fallback_reason(params: CertifyParams, alpha: float, alpha_cal: float | None,
-                     surrogate_radius: float | None) -> FallbackReason | None:
+def _fallback_reason(params: CertifyParams, alpha: float, alpha_cal: float | None, surrogate_radius: float | None,
+                     *, min_radius: float) -> FallbackReason | None:
     if surrogate_radius is None or alpha_cal is None:
         return "no_surrogate"
     if params.per_input:
@@ -114,6 +117,6 @@ def _fallback_reason(params: CertifyParams, alpha: float, alpha_cal: float | Non
         return "alpha_below_alpha_cal"
     if surrogate_radius <= 0:
         return "surrogate_abstained"
-    if params.target_radius is not None and surrogate_radius < params.target_radius:
-        return "below_target_radius"
-    return None
+    if params.target_radius is not None:
+        return "below_target_radius" if surrogate_radius < params.target_radius else None
+    return "below_auto_min_radius" if surrogate_radius < min_radius else None

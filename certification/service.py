@@ -103,7 +103,7 @@ class CertificationService:
         alpha = params.alpha if params.alpha is not None else self.config.default_alpha
         answer = surrogate_answer(logits, cal, self.manifest.sigma, alpha) if logits is not None else None
         plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
-                         surrogate_radius=answer.radius if answer else None,
+                         surrogate_radius=answer.radius if answer else None, sigma=self.manifest.sigma,
                          arrival=received if received is not None else time.monotonic())
         common = dict(classes=self.classes, model=self.model_info, request_id=request_id,
                       preprocessing=preprocessing or [], fallback_reason=plan.fallback_reason)

@@ -13,6 +13,11 @@ MAX_SAMPLES = 10_000
 #: Budget of an ``auto`` request that falls back to the sequential path and sets no ``max_samples``: auto is the
 #: latency-oriented path (on held-out images ~40% fewer samples than the full budget for -0.001 mean radius).
 AUTO_MAX_SAMPLES = 4_000
+#: ``auto`` answers with the surrogate only where its calibrated radius is >= this many sigmas (and > 0); below, the
+#: per-input path (a few hundred samples) usually certifies more. Chosen on the calibration's held-out tuning images
+#: by the per-input path's own exchange rate (mean radius - PER_INPUT_MIN_GAIN x mean samples, mean samples <= 150):
+#: docs/auto-routing.md (``python -m bench.auto_routing``).
+AUTO_MIN_SURROGATE_Z = 1.6
 #: Selection samples of ``cohen`` mode (Cohen et al.'s n0).
 COHEN_N0 = 100
 #: Noise samples per model call: a GPU needs large batches to be busy; CPU onnxruntime peaks around 1k.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.bundle import Calibration
+from models.defaults import AUTO_MIN_SURROGATE_Z
 from smoothing import conformal_certificate, surrogate_log_odds
 from smoothing.conformal import piecewise
 
@@ -63,3 +64,13 @@ def surrogate_answer(logits: np.ndarray, calibration: Calibration, sigma: float,
     a = surrogate_answers(logits, calibration, sigma, alpha)
     return SurrogateAnswer(int(a.class_index[0]), float(a.z_hat[0]),
                            None if a.p_lower is None else float(a.p_lower[0]), float(a.radius[0]), a.level)
+
+
+def auto_uses_surrogate(radius, sigma: float, min_z: float = AUTO_MIN_SURROGATE_Z):
+    """Whether ``auto`` answers with the surrogate's certificate of calibrated ``radius`` (else the per-input path):
+    it certifies (radius > 0) and radius >= min_z * sigma. A routing rule on the clean image only (no noise sample
+    exists yet), so it changes neither guarantee: the per-input path holds for every input, and the surrogate's
+    marginal statement was never conditional on its having answered. Vectorized."""
+    r = np.asarray(radius, dtype=np.float64)
+    out = (r > 0) & (r >= min_z * sigma)
+    return out if out.ndim else bool(out)

@@ -8,10 +8,13 @@ workers would split the batches and the GPU. Scale out with replicas behind a lo
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from certification.errors import CODES
+from certification.plan import FallbackReason
 from models.engine import EngineObserver
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,8 +61,7 @@ class Metrics(EngineObserver):
                 self.requests.labels(method, outcome)
             self.latency.labels(method)
             self.samples_per_certificate.labels(method)
-        for reason in ("no_surrogate", "alpha_below_alpha_cal", "per_input_requested", "surrogate_abstained",
-                       "below_target_radius"):
+        for reason in get_args(FallbackReason):
             self.fallbacks.labels(reason)
         for code in CODES:
             if code != "internal":  # counted by certserve_internal_errors_total

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from certification.config import ServiceConfig
 from models.bundle import DEFAULT_BUNDLE_DIR
-from models.defaults import AUTO_MAX_SAMPLES, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
+from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
 
 
 class Settings(BaseSettings):
@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none")
     max_samples: int = Field(MAX_SAMPLES, ge=100, description="cap on a request's sample budget (also the default)")
     auto_max_samples: int = Field(AUTO_MAX_SAMPLES, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
+    auto_min_surrogate_z: float = Field(AUTO_MIN_SURROGATE_Z, ge=0, le=10, allow_inf_nan=False, description=(
+        "auto answers with the surrogate only where its calibrated radius is >= this many sigmas (else the "
+        "per-input path, a few hundred samples); 0: whenever the surrogate certifies"))
     cohen_n0: int = Field(COHEN_N0, ge=1, description="selection samples of cohen mode")
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
     max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")

@@ -7,13 +7,17 @@ import pytest
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
 from certification.plan import CertifyParams, make_plan
+from models.surrogate import auto_uses_surrogate
 
-CONFIG = ServiceConfig(default_alpha=0.001, max_samples=10_000, auto_max_samples=4_000, default_deadline_ms=30_000)
+CONFIG = ServiceConfig(default_alpha=0.001, max_samples=10_000, auto_max_samples=4_000, default_deadline_ms=30_000,
+                       auto_min_surrogate_z=1.6)
 ALPHA_CAL = 0.001
+SIGMA = 0.25  # auto's threshold: 1.6 sigmas = radius 0.4
 
 
-def plan(radius=0.3, alpha_cal=ALPHA_CAL, arrival=100.0, **params):
-    return make_plan(CertifyParams(**params), CONFIG, alpha_cal=alpha_cal, surrogate_radius=radius, arrival=arrival)
+def plan(radius=0.45, alpha_cal=ALPHA_CAL, arrival=100.0, config=CONFIG, **params):
+    return make_plan(CertifyParams(**params), config, alpha_cal=alpha_cal, surrogate_radius=radius, sigma=SIGMA,
+                     arrival=arrival)
 
 
 def test_auto_answers_from_the_surrogate_when_it_certifies():
@@ -27,12 +31,27 @@ def test_auto_answers_from_the_surrogate_when_it_certifies():
     (dict(alpha=0.0001), "alpha_below_alpha_cal"),
     (dict(radius=0.0), "surrogate_abstained"),
     (dict(target_radius=0.5), "below_target_radius"),
+    (dict(radius=0.39), "below_auto_min_radius"),
     (dict(per_input=True, alpha=0.0001, radius=0.0), "per_input_requested"),  # first reason in order
 ])
 def test_auto_falls_back_with_its_reason(kwargs, reason):
     p = plan(**kwargs)
     assert (p.route, p.fallback_reason) == ("sequential", reason)
     assert p.budget == CONFIG.auto_max_samples  # auto's latency-oriented budget
+
+
+def test_auto_threshold_is_the_shared_routing_rule_and_a_target_overrides_it():
+    """Auto answers with the surrogate exactly where models.surrogate.auto_uses_surrogate says so (the rule the
+    offline evaluation replays); a caller's target_radius replaces the threshold; 0 sigmas = whenever it certifies.
+    Fails if the plan's threshold drifts from the evaluated one (e.g. radius instead of sigmas, or > instead of >=)."""
+    for radius in (0.0, 0.1, 0.3999, 0.4, 0.41, 0.9):
+        assert (plan(radius=radius).route == "surrogate") == auto_uses_surrogate(radius, SIGMA, 1.6), radius
+    assert plan(radius=0.3, target_radius=0.25).route == "surrogate"  # the caller's target is met
+    p = plan(radius=0.3)
+    assert (p.route, p.fallback_reason, p.proposal) == ("sequential", "below_auto_min_radius", True)
+    zero = ServiceConfig(auto_min_surrogate_z=0.0)
+    assert plan(radius=0.01, config=zero).route == "surrogate"
+    assert plan(radius=0.0, config=zero).fallback_reason == "surrogate_abstained"
 
 
 def test_budget_is_capped_and_explicit_modes_get_max_samples():

@@ -318,6 +318,19 @@ def test_target_radius_above_surrogate_radius_goes_sequential(client, medium):
     assert cert.samples < MAX_SAMPLES  # the target policy stops as soon as the target is certified
 
 
+def test_auto_sends_a_weak_surrogate_certificate_to_the_per_input_path(client, medium):
+    """auto without a target: a surrogate radius below auto_min_surrogate_z sigmas (default 1.6 x 0.25 = 0.4; the
+    ``medium`` image's is in (0.15, 0.4)) goes to the per-input path, which certifies it anytime-validly; the
+    surrogate's own certificate is what mode=surrogate still answers."""
+    image, sur = medium
+    r = client.post("/certify", json={"image": image.tolist()})
+    assert r.status_code == 200, r.text
+    cert = check_certificate(r.json())
+    assert (cert.method, cert.fallback_reason) == ("sequential", "below_auto_min_radius")
+    assert cert.guarantee.kind == "anytime-valid" and cert.guarantee.alpha == 0.001
+    assert 0 < cert.samples <= 4000 and cert.class_index == sur.class_index
+
+
 def test_target_radius_below_surrogate_radius_stays_on_the_surrogate(client, easy, surrogate_cert):
     r = client.post("/certify", json={"image": easy.tolist(), "target_radius": surrogate_cert.radius / 2})
     cert = check_certificate(r.json())
@@ -399,7 +412,7 @@ def test_short_deadline_returns_a_valid_answer(client, easy):
 def test_batch_json_list(client, fmnist):
     imgs = [quantized(fmnist.x_test[i]) for i in (EASY, 0, 1)]
     images = [base64.b64encode(png_bytes(imgs[0])).decode(), imgs[1].tolist(), imgs[2][0].tolist()]
-    r = client.post("/certify/batch", json={"images": images})
+    r = client.post("/certify/batch", json={"images": images, "mode": "surrogate"})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 3
@@ -407,7 +420,7 @@ def test_batch_json_list(client, fmnist):
     assert certs[0].class_index == 1  # order preserved: the trouser first
     # each agrees with the single-image endpoint (surrogate path: deterministic)
     for img, cert in zip(imgs, certs):
-        single = check_certificate(client.post("/certify", json={"image": img.tolist()}).json())
+        single = check_certificate(client.post("/certify", json={"image": img.tolist(), "mode": "surrogate"}).json())
         assert (single.class_index, single.method) == (cert.class_index, cert.method)
         assert single.radius == pytest.approx(cert.radius, rel=1e-9)
     assert len({c.request_id for c in certs}) == 1  # one request, one id
