@@ -13,8 +13,6 @@ from bench.server_process import ServerProc
 
 
 def bench_auto(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
-    import httpx
-
     from server.settings import Settings
 
     n = args.auto_images or (1000 if args.full else 500)
@@ -26,27 +24,7 @@ def bench_auto(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     pngs = [png_bytes(x) for x in images]
 
     rss_marks: dict[int, float] = {}  # server VmRSS (MiB) when 25/50/75/100% of the answers were in
-
-    async def main():
-        sem = asyncio.Semaphore(conc)
-        out: list = [None] * n
-        done = [0]
-        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120.0) as client:
-            async def one(i):
-                async with sem:
-                    t = time.perf_counter()
-                    r = await client.post("/certify", files={"image": ("image.png", pngs[i], "image/png")})
-                    out[i] = (r.status_code, r.json(), (time.perf_counter() - t) * 1e3)
-                done[0] += 1
-                for q in (25, 50, 75, 100):
-                    if q not in rss_marks and done[0] >= n * q / 100:
-                        rss_marks[q] = server.rss().get("VmRSS", float("nan"))
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(n)))
-            return out, time.perf_counter() - t0
-
-    responses, seconds = asyncio.run(main())
+    responses, seconds = _stream(server, pngs, {}, conc, rss_marks)
     ok = [(i, r[1], r[2]) for i, r in enumerate(responses) if r[0] == 200]
     codes = {}
     for r in responses:
@@ -107,4 +85,95 @@ every run, so this mean varies between runs).
             "methods": methods, "fallback_reasons": reasons,
             "cert_acc": float(correct.mean()), "by_method": by_method, "verdict": verdict, "seconds": seconds,
             "codes": codes, "rss_marks_mib": rss_marks}
+    routes_txt, routes = _route_comparison(args, server, pngs, labels, responses, seconds, conc, alpha)
+    body += routes_txt
+    data["routes"] = routes
     return "auto", "(d) Auto mode on the Fashion-MNIST test stream", body, data
+
+
+ROUTES = (("`mode=surrogate`", {"mode": "surrogate"}), ("`auto` (default)", None),
+          ("`auto` + `per_input=true`", {"per_input": "true"}))
+
+
+def _stream(server: ServerProc, pngs: list[bytes], fields: dict, conc: int, rss_marks: dict | None = None):
+    """POST every PNG (multipart, with ``fields``) with ``conc`` requests in flight: ([(status, body, ms)], seconds)."""
+    import httpx
+
+    n = len(pngs)
+
+    async def main():
+        sem = asyncio.Semaphore(conc)
+        out: list = [None] * n
+        done = [0]
+        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120.0) as client:
+            async def one(i):
+                async with sem:
+                    t = time.perf_counter()
+                    r = await client.post("/certify", files={"image": ("image.png", pngs[i], "image/png")},
+                                          data=fields)
+                    out[i] = (r.status_code, r.json(), (time.perf_counter() - t) * 1e3)
+                done[0] += 1
+                for q in (25, 50, 75, 100):
+                    if rss_marks is not None and q not in rss_marks and done[0] >= n * q / 100:
+                        rss_marks[q] = server.rss().get("VmRSS", float("nan"))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return out, time.perf_counter() - t0
+
+    return asyncio.run(main())
+
+
+def _route_comparison(args, server, pngs, labels, auto_responses, auto_seconds, conc, alpha) -> tuple[str, list]:
+    """Issue 9's table measured black-box: the same images through each route, side by side, as ratios to Cohen-10k
+    on the same images where ``--auto-streams`` (the evaluation's cached streams) gives it."""
+    ref = _cohen_reference(getattr(args, "auto_streams", None), len(pngs), labels, alpha)
+    rows, data = [], []
+    for name, fields in ROUTES:
+        responses, seconds = ((auto_responses, auto_seconds) if fields is None
+                              else _stream(server, pngs, fields, conc))
+        ok = [r[1] for r in responses if r[0] == 200]
+        cls = np.array([c["class_index"] for c in ok])
+        lab = np.asarray(labels[:len(pngs)])[[i for i, r in enumerate(responses) if r[0] == 200]]
+        rad = np.where((cls == lab) & (cls >= 0), [c["radius"] for c in ok], 0.0)
+        d = {"route": name, "ok": len(ok), "acc0": float(np.mean(rad > 0)), "acc05": float(np.mean(rad >= 0.5)),
+             "radius": float(rad.mean()), "samples": float(np.mean([c["samples"] for c in ok])),
+             "surrogate_share": float(np.mean([c["method"] == "surrogate" for c in ok])),
+             "p99_ms": latency_summary([r[2] for r in responses if r[0] == 200])["p99"], "seconds": seconds}
+        data.append(d)
+        rows.append([name, f"{d['acc0']:.3f}" + (f" ({(d['acc0'] - ref['acc0']) * 100:+.1f} pp)" if ref else ""),
+                     f"{d['radius']:.3f}" + (f" ({d['radius'] / ref['radius']:.2f}x)" if ref else ""),
+                     f"{d['acc05']:.3f}" + (f" ({d['acc05'] / ref['acc05']:.2f}x)" if ref else ""),
+                     f"{d['samples']:,.1f}", f"{d['surrogate_share']:.1%}", f"{d['p99_ms']:.0f}"])
+    if ref:
+        rows.insert(0, ["Cohen-10k (evaluation streams, same images)", f"{ref['acc0']:.3f}", f"{ref['radius']:.3f}",
+                        f"{ref['acc05']:.3f}", "10,100", "-", "-"])
+    table = markdown_table(["route", "cert. acc r=0", "mean radius (x Cohen-10k)", "cert. acc r=0.5",
+                            "mean samples", "surrogate answered", "p99 ms"], rows)
+    note = ("Cohen-10k from the evaluation's cached streams of the same images (`--auto-streams`), class from n0 = 100 "
+            "selection samples, Clopper-Pearson at the default alpha." if ref else
+            "No Cohen-10k reference (pass `--auto-streams` with `certserve calibrate evaluate`'s cached streams).")
+    return (f"\n### The routes side by side (issue 9, black-box)\n\nThe same {len(pngs)} images through each route "
+            f"of the running server, {conc} in flight, default alpha. {note}\n\n{table}\n"), data
+
+
+def _cohen_reference(path, n: int, labels, alpha: float) -> dict | None:
+    """Cohen-10k (class from the n0 selection counts, CP bound on the stream) on the first ``n`` cached images."""
+    if not path:
+        return None
+    import json
+
+    from models.bundle import load_bundle
+    from smoothing import certify
+
+    bundle = load_bundle()
+    with np.load(path, allow_pickle=False) as d:
+        info, selection, stream = json.loads(str(d["info"])), d["selection"][:n], d["stream"][:n]
+    if len(stream) < n or info["key"]["n"] != 10_000 or info["key"]["model"] != bundle.model_sha256:
+        return None  # not Cohen-10k streams of the served model for these images
+    m = bundle.manifest
+    counts = np.stack([(stream == c).sum(axis=1) for c in range(len(m.classes))], axis=1)
+    cert = certify(selection, counts, alpha, m.sigma)
+    correct = (cert.class_index == np.asarray(labels[:n])) & (cert.class_index >= 0)
+    rad = np.where(correct, cert.radius, 0.0)
+    return {"acc0": float(np.mean(rad > 0)), "radius": float(rad.mean()), "acc05": float(np.mean(rad >= 0.5))}

@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-jobs", type=int, default=64, help="certs section: concurrent worker jobs")
     parser.add_argument("--auto-images", type=int, default=None, help="auto section: test images (default 500, "
                                                                        "--full 1000)")
+    parser.add_argument("--auto-streams", default=None, help="auto section: `certserve calibrate evaluate`'s cached "
+                        "streams (.npz) of the same images, for a Cohen-10k reference next to the routes")
     parser.add_argument("--cold-starts", type=int, default=None, help="coldstart section: spawns (default 3, "
                                                                        "--full 5)")
 
