@@ -16,7 +16,7 @@ Rule: among thresholds whose auto route spends <= 150 mean samples (issue 9's au
 mean radius - PER_INPUT_MIN_GAIN x mean samples (the per-input path's own exchange rate of radius for samples).
 Radii count 0 for a wrong class. Reference: the clean-class fixed-n Clopper-Pearson bound at all 10^4 samples.
 
-Run: ``python -m bench.auto_routing --counts runs/fmnist-sigma0.25/counts-calibration-10k`` (about 30 s);
+Run: ``python -m bench.auto_routing --counts runs/fmnist-sigma0.25/counts-calibration-10k-8000`` (a few seconds);
 writes docs/auto-routing.md.
 """
 

@@ -8,7 +8,7 @@ lower bound exceeds the truth, estimated two ways from the held-out image's own 
 k/n (slightly over-counts: k/n is itself noisy) and above a (1 - 0.001) Clopper-Pearson upper bound (clear misses).
 The guarantee says: mean over splits <= level (marginal over the calibration draw and the inputs).
 
-    python -m bench.conformal_check --counts runs/fmnist-sigma0.25/counts-calibration-10k --tune 1024
+    python -m bench.conformal_check --counts runs/fmnist-sigma0.25/counts-calibration-10k-8000 --tune 1024 --levels 0.1,0.05,0.01,0.005
 """
 
 from __future__ import annotations
