@@ -5,6 +5,7 @@
 * ``sim``: the Monte-Carlo / exact harness (Bernoulli paths monitored after every sample, exact dynamic programs,
   rate assertions with binomial standard errors, and an independent mpmath computation of the e-process's
   rejection region, so that exact rates can be compared with an independent reference, not only with alpha).
+* ``backend``: the embedded bundle's base model (CPU onnxruntime) for the engine and sampler tests.
 * ``record_rate``: every observed error rate is recorded and printed in the terminal summary (and as a junit
   property), so the numbers of a run can be quoted without ``-s``.
 """
@@ -208,6 +209,14 @@ def assert_rate_at_most(rate: float, bound: float, runs: int, what: str) -> None
     """rate <= bound + 3 binomial standard errors computed at the bound (the null-hypothesis rate)."""
     limit = bound + 3.0 * binomial_se(bound, runs)
     assert rate <= limit, f"{what}: observed rate {rate:.5f} > {bound} + 3 SE = {limit:.5f} over {runs} runs"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The embedded bundle's base model on CPU onnxruntime, 2 threads (engine and sampler tests)."""
+    from models.bundle import load_bundle
+
+    return load_bundle().backend("base", device="cpu", threads=2)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from calibration.data import load_fashion_mnist
-from models.bundle import load_bundle
 from models.engine import JobSpec, SequentialEngine
 from models.jobs import FIXED, JobTable
 from models.sampling import SamplingEngine
@@ -26,11 +25,6 @@ from smoothing import checkpoint_schedule, clopper_pearson_lower, lower_bound
 SIGMA = 0.25
 K = 10
 EASY = 2  # a trouser: pA ~ 1 for class 1
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return load_bundle().backend("base", device="cpu", threads=2)
 
 
 @pytest.fixture(scope="module")

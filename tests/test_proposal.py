@@ -24,7 +24,6 @@ import pytest
 from scipy.stats import norm
 
 from calibration.data import load_fashion_mnist
-from models.bundle import load_bundle
 from models.engine import JobSpec, SequentialEngine
 from models.sampling import SamplingEngine
 from smoothing import (DEFAULT_MIN_GAIN, KT_PRIOR, Stop, best_radius_decision, certified_radius, checkpoint_schedule,
@@ -195,11 +194,6 @@ def test_proposal_radius_is_the_shrunk_point_estimate():
 
 
 # ------------------------------------------------------------------------------------------------ the engine
-@pytest.fixture(scope="module")
-def backend():
-    return load_bundle().backend("base", device="cpu", threads=2)
-
-
 @pytest.fixture(scope="module")
 def images():
     return load_fashion_mnist().x_test[:8].copy()
