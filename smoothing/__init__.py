@@ -23,7 +23,7 @@ from smoothing.confseq import certified_radius, lower_bound, upper_bound
 from smoothing.eprocess import log_e_value, rejects
 from smoothing.fixed import DEFAULT_PLAN_GAIN, fixed_n_certificate, planned_sample_size
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR
-from smoothing.radius import probability_for_radius, radius_from_probability
+from smoothing.radius import probability_for_radius, radius_from_probability, radius_from_probit
 from smoothing.stopping import (
     DEFAULT_MIN_GAIN,
     DEFAULT_PROPOSAL_SHRINK,
@@ -43,6 +43,6 @@ __all__ = [
     "conformal_rank", "level_split", "mondrian_quantiles", "probit_labels", "surrogate_log_odds",
     "training_conditional_rank", "fixed_n_certificate", "log_e_value",
     "lower_bound", "min_calibration_size", "planned_sample_size", "predict", "probability_for_radius", "proposal_decision", "proposal_radius",
-    "radius_from_probability", "rejects", "target_radius_decision",
+    "radius_from_probability", "radius_from_probit", "rejects", "target_radius_decision",
     "upper_bound",
 ]

@@ -36,9 +36,9 @@ import numpy as np
 from scipy.special import logsumexp, ndtr, ndtri
 from scipy.stats import beta as beta_dist
 
-from smoothing._checks import check_alpha, check_sigma
+from smoothing._checks import check_alpha
 from smoothing.cohen import clopper_pearson_lower
-from smoothing.radius import RADIUS_ROUNDING
+from smoothing.radius import radius_from_probit
 
 #: Risk levels a bundle is calibrated at (where its split is large enough), largest first.
 DEFAULT_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -165,7 +165,5 @@ def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarr
     bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
     <= the level (delta + alpha_1); not per input, not conditional on certifying. radius = sigma z_lower rounded
     down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) (0 where the bin abstains)."""
-    check_sigma(sigma)
     z = conformal_lower(g, **calibration)
-    radius = np.where(z > 0, sigma * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
-    return ndtr(z), radius
+    return ndtr(z), radius_from_probit(z, sigma)

@@ -24,11 +24,20 @@ def radius_from_probability(p_lower, sigma):
     the same sense. The value is rounded down (relative 1e-10) so floating-point error never enlarges it.
     """
     p = check_probability(p_lower, "p_lower", open_interval=False)
-    s = check_sigma(sigma)
     with np.errstate(divide="ignore"):
-        z = ndtri(np.where(p > 0.5, p, 0.5))
-    r = np.where(p > 0.5, s * z * (1.0 - RADIUS_ROUNDING), 0.0)
-    r = np.where(np.isfinite(r), r, 0.0)  # p_lower == 1 cannot come from a finite sample; refuse to certify infinity
+        return radius_from_probit(ndtri(np.where(p > 0.5, p, 0.5)), sigma)
+
+
+def radius_from_probit(z_lower, sigma):
+    """Certified L2 radius sigma * z_lower for a lower bound z_lower on Phi^-1(pA), 0.0 (abstain) where z_lower <= 0.
+
+    Guarantee: inherits the one of ``z_lower`` (as :func:`radius_from_probability`). Rounded down (relative 1e-10);
+    an infinite bound (p_lower == 1, which no finite sample gives) certifies nothing rather than infinity.
+    """
+    z = np.asarray(z_lower, dtype=np.float64)
+    s = check_sigma(sigma)
+    r = np.where(z > 0, s * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
+    r = np.where(np.isfinite(r), r, 0.0)
     return r if r.ndim else float(r)
 
 
