@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from pathlib import Path
 
@@ -41,24 +40,18 @@ MAX_MEAN_SAMPLES = 150.0
 
 def load_tuning(bundle_dir: str, counts_dir: str):
     """(bundle, tuning images, labels, 10^4-sample counts (N, K), samples per image) after checking that the counts
-    belong to this bundle's base model and these images."""
-    from calibration.counts import images_digest, load_counts
-    from calibration.data import load_dataset, make_splits
+    belong to this bundle's base model and its calibration split (calibration.counts.labelled_calibration_images)."""
+    from calibration.counts import labelled_calibration_images
     from models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    meta = json.loads((Path(counts_dir) / "meta.json").read_text())
-    if meta["model_sha256"] != bundle.model_sha256:
-        raise SystemExit(f"{counts_dir} holds counts of another base model than this bundle's")
     rec = m.provenance.get("recalibration", {}).get("splits") or m.provenance["splits"]
-    ds = load_dataset(m.provenance.get("dataset", "fashion-mnist"))
-    cal = make_splits(len(ds.x_train), calibration=rec["calibration"], surrogate_train=rec["surrogate_train"],
-                      seed=rec["seed"]).calibration
-    if images_digest(ds.x_train[cal][:meta["num_images"]]) != meta["images_sha256"]:
-        raise SystemExit(f"{counts_dir} counted other images than this bundle's calibration split")
-    tune = cal[:m.calibration.num_tuning]
-    return bundle, ds.x_train[tune], ds.y_train[tune], load_counts(counts_dir)[:len(tune)], meta["num_samples"]
+    lab = labelled_calibration_images(counts_dir, m.provenance.get("dataset", "fashion-mnist"),
+                                      calibration_size=rec["calibration"], surrogate_size=rec["surrogate_train"],
+                                      split_seed=rec["seed"], model_sha256=bundle.model_sha256)
+    tune = slice(0, m.calibration.num_tuning)
+    return bundle, lab.images[tune], lab.labels[tune], lab.counts[tune], lab.meta["num_samples"]
 
 
 def ordered_hits(counts: np.ndarray, tested: np.ndarray, length: int, rng) -> np.ndarray:

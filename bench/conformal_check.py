@@ -14,15 +14,13 @@ The guarantee says: mean over splits <= level (marginal over the calibration dra
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 from scipy.special import ndtri
 
 from calibration.conformal_fit import fit_level
-from calibration.counts import load_counts
-from calibration.data import load_dataset, make_splits
+from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
 from smoothing import clopper_pearson_upper, conformal_lower, surrogate_log_odds
 
@@ -42,12 +40,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/conformal-check.md")
     args = p.parse_args(argv)
-    meta = json.loads((Path(args.counts) / "meta.json").read_text())
-    ds = load_dataset(args.data)
-    splits = make_splits(len(ds.x_train), calibration=args.calibration_size, surrogate_train=args.surrogate_size)
-    images = ds.x_train[splits.calibration][: meta["num_images"]]
-    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(images))
-    hits = load_counts(args.counts)[np.arange(len(cls)), cls]
+    lab = labelled_calibration_images(args.counts, args.data, calibration_size=args.calibration_size,
+                                      surrogate_size=args.surrogate_size)
+    meta = lab.meta
+    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(lab.images))
+    hits = lab.counts[np.arange(len(cls)), cls]
     rows = [check_level(float(a), g, hits, meta["num_samples"], args) for a in args.levels.split(",")]
     write(rows, args, meta)
     return 0
@@ -81,7 +78,7 @@ def check_level(alpha, g, hits, n, args) -> dict:
 
 def write(rows, args, meta) -> None:
     lines = ["# Empirical miscoverage of the surrogate's calibration", "",
-             f"Command: `python -m bench.conformal_check --counts {args.counts} --tune {args.tune}` "
+             f"Command: `python -m bench.conformal_check --counts {args.counts} --tune {args.tune} --levels {args.levels}` "
              f"({args.repeats} random splits; labels: {meta['num_samples']:,} samples per image, "
              f"{meta['num_images']:,} labelled calibration images, the first {args.tune} tune).", "",
              "| level | calibration images | held-out images | bins | miss rate vs k/n (mean +- SE) | clear misses "

@@ -12,14 +12,12 @@ residual spread) and the most Mondrian bins per level. The rule: the largest mea
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from calibration.conformal_fit import fit_calibration
-from calibration.counts import load_counts
-from calibration.data import load_dataset, make_splits
+from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
 from smoothing import conformal_certificate, surrogate_log_odds
 
@@ -38,13 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--out", default="docs/conformal-knobs.md")
     args = p.parse_args(argv)
-    meta = json.loads((Path(args.counts) / "meta.json").read_text())
-    ds = load_dataset(args.data)
-    splits = make_splits(len(ds.x_train), calibration=args.calibration_size, surrogate_train=args.surrogate_size)
-    idx = splits.calibration[: args.tune]
-    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(ds.x_train[idx]))
-    hits = load_counts(args.counts)[: args.tune][np.arange(len(cls)), cls]
-    correct = cls == ds.y_train[idx]
+    lab = labelled_calibration_images(args.counts, args.data, calibration_size=args.calibration_size,
+                                      surrogate_size=args.surrogate_size)
+    meta = lab.meta
+    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(lab.images[: args.tune]))
+    hits = lab.counts[: args.tune][np.arange(len(cls)), cls]
+    correct = cls == lab.labels[: args.tune]
     results = {}
     for rep in range(args.repeats):
         perm = np.random.default_rng(rep).permutation(args.tune)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,38 @@ def compute_counts(engine: SamplingEngine, images: np.ndarray, num_samples: int,
         _atomic_write(_shard_path(out_dir, s), buf)
     bar.close()
     return load_counts(out_dir)
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """The calibration-split images counted in a counts directory, with their labels and counts (N, K)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    counts: np.ndarray
+    meta: dict  # the counts run's meta.json (num_samples, seed, sigma, model_sha256, ...)
+    splits: object  # calibration.data.Splits of the training pool
+
+
+def labelled_calibration_images(counts_dir: str | Path, data: str, *, calibration_size: int, surrogate_size: int,
+                                split_seed: int = 0, model_sha256: str | None = None) -> LabelledImages:
+    """The first ``meta["num_images"]`` images of the calibration split of ``data`` (splits seeded as in
+    calibration.data.make_splits) with the count shards of ``counts_dir``, after checking that the shards counted
+    exactly these images and, where ``model_sha256`` is given, that base model. Raises ValueError otherwise."""
+    from calibration.data import load_dataset, make_splits
+
+    counts_dir = Path(counts_dir)
+    meta = json.loads((counts_dir / "meta.json").read_text())
+    if model_sha256 is not None and meta["model_sha256"] != model_sha256:
+        raise ValueError(f"{counts_dir} holds counts of another base model ({meta['model_sha256'][:12]}...), "
+                         f"not this bundle's ({model_sha256[:12]}...)")
+    ds = load_dataset(data)
+    splits = make_splits(len(ds.x_train), calibration=calibration_size, surrogate_train=surrogate_size,
+                         seed=split_seed)
+    index = splits.calibration[:meta["num_images"]]
+    if images_digest(ds.x_train[index]) != meta["images_sha256"]:
+        raise ValueError(f"{counts_dir} counted other images than the first {len(index)} of this calibration split")
+    return LabelledImages(ds.x_train[index], ds.y_train[index], load_counts(counts_dir), meta, splits)
 
 
 def load_counts(out_dir: str | Path) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 
 from calibration.config import PipelineConfig
 from calibration.conformal_fit import calibrate_surrogate, describe
-from calibration.counts import compute_counts
+from calibration.counts import compute_counts, labelled_calibration_images
 from calibration.data import Splits, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
@@ -156,26 +156,18 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
 
     bundle = load_bundle(bundle_dir, for_recalibration=True)
     m = bundle.manifest
-    counts_meta = json.loads((Path(counts_dir) / "meta.json").read_text())
-    if counts_meta["model_sha256"] != bundle.model_sha256:
-        raise ValueError(f"{counts_dir} holds counts of another base model ({counts_meta['model_sha256'][:12]}...), "
-                         f"not this bundle's ({bundle.model_sha256[:12]}...)")
+    labelled = labelled_calibration_images(counts_dir, data, calibration_size=calibration_size,
+                                           surrogate_size=surrogate_size, split_seed=split_seed,
+                                           model_sha256=bundle.model_sha256)
     if bundle.path("surrogate") is None:
         raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
-    ds = load_dataset(data)
-    splits = make_splits(len(ds.x_train), calibration=calibration_size, surrogate_train=surrogate_size,
-                         seed=split_seed)
-    images = ds.x_train[splits.calibration][:counts_meta["num_images"]]
-    from calibration.counts import images_digest, load_counts
-
-    if images_digest(images) != counts_meta["images_sha256"]:
-        raise ValueError(f"{counts_dir} counted other images than the first {len(images)} of this calibration split")
-    calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), images, load_counts(counts_dir),
-                                      counts_meta["num_samples"], tune_size=tune_size, **options)
+    calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
+                                      labelled.meta["num_samples"], tune_size=tune_size, **options)
     log(describe(calibration))
     provenance = {**m.provenance, "recalibration": {
-        "from_bundle": m.name, "counts": {k: counts_meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
-        "splits": splits.record(), "tune_size": tune_size, "options": options, "code_version": _code_version(),
+        "from_bundle": m.name,
+        "counts": {k: labelled.meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
+        "splits": labelled.splits.record(), "tune_size": tune_size, "options": options, "code_version": _code_version(),
         "created_unix": int(time.time()), "command": command}}
     new = create_bundle(out, base=bundle.path("base"), surrogate=bundle.path("surrogate"), meta=bundle.path("meta"),
                         sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
