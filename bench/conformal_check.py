@@ -22,6 +22,7 @@ from scipy.special import ndtri
 from calibration.conformal_fit import fit_level
 from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
+from models.bundle import ConformalLevel
 from smoothing import clopper_pearson_upper, conformal_lower, surrogate_log_odds
 
 
@@ -62,9 +63,7 @@ def check_level(alpha, g, hits, n, args) -> dict:
         test, cal = perm[: args.held_out], perm[args.held_out:]
         lv = fit_level(g[tune], hits[tune], g[cal], hits[cal], n, alpha, max_bins=args.max_bins, num_knots=48,
                        bin_slack=1.05, gamma=None, scale="spread")
-        q = [np.inf if v is None else v for v in lv["q_hat"]]
-        z = conformal_lower(g[test], knots=lv["knots"], values=lv["values"], scale=lv["scale"], edges=lv["edges"],
-                            q_hat=q)
+        z = conformal_lower(g[test], **ConformalLevel(**lv).as_arguments())
         ok = z > 0
         point.append(np.mean(ok & (z > z_point[test])))
         clear.append(np.mean(ok & (z > z_upper[test])))

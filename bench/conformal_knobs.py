@@ -19,6 +19,7 @@ import numpy as np
 from calibration.conformal_fit import fit_calibration
 from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
+from models.bundle import ConformalLevel
 from smoothing import conformal_certificate, surrogate_log_odds
 
 LEVELS = (0.05, 0.01)
@@ -51,9 +52,7 @@ def main(argv=None) -> int:
                 block = fit_calibration(g[fit], hits[fit], g[held], hits[held], meta["num_samples"], levels=LEVELS,
                                         max_bins=bins, scale=scale, point=point)
                 for lv in block["levels"]:
-                    q = [np.inf if v is None else v for v in lv["q_hat"]]
-                    _, r = conformal_certificate(g[held], args.sigma, knots=lv["knots"], values=lv["values"],
-                                                 scale=lv["scale"], edges=lv["edges"], q_hat=q)
+                    _, r = conformal_certificate(g[held], args.sigma, **ConformalLevel(**lv).as_arguments())
                     key = (f"{scale}" if point == "isotonic" else f"{scale}, raw p_hat", bins, lv["alpha"])
                     results.setdefault(key, []).append(float(np.mean(np.where(correct[held], r, 0))))
     rows = sorted(((np.mean([np.mean(results[(s, b, a)]) for a in LEVELS]), s, b) for s, b, _ in results), reverse=True)
