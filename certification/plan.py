@@ -4,10 +4,11 @@ Pure (no ONNX, no engine, no clock): :func:`make_plan` is tested on its own. Rou
 certificate when the bundle has a surrogate, the caller did not ask for a per-input guarantee, the request's alpha >=
 alpha_cal (the bundle's lowest calibrated level; the certificate reports the largest level <= alpha it used), and the
 calibrated radius is > 0 and >= ``target_radius`` (without a target: >= ``auto_min_surrogate_z`` x sigma, where the
-per-input path certifies more for a few hundred samples, models.surrogate.auto_uses_surrogate); otherwise a sequential job (``fallback_reason`` says why) that,
-without a caller's target radius, takes the surrogate's proposed radius as its target (``Plan.proposal``: stop as soon
-as it is verified at the request's alpha, else the best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot
-certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
+per-input path certifies more for a few hundred samples, models.surrogate.auto_uses_surrogate); otherwise a
+sequential job (``fallback_reason`` says why) that, without a caller's target radius, takes the surrogate's proposed
+radius as its target (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else the best-radius
+rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify;
+``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class Plan:
     proposal: bool = False  # sequential: target the surrogate's proposed radius (auto fallbacks without a target)
 
 
+def request_alpha(params: CertifyParams, config: ServiceConfig) -> float:
+    """The alpha a request is certified at: its own, else the server's default."""
+    return params.alpha if params.alpha is not None else config.default_alpha
+
+
 def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None,
               surrogate_radius: float | None, sigma: float, arrival: float) -> Plan:
     """Turn a request into a plan. ``alpha_cal``: the bundle's calibrated level (None without a surrogate);
@@ -72,7 +78,7 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
     bundle's noise level (auto's threshold is ``config.auto_min_surrogate_z`` sigmas);
     ``arrival``: time.monotonic() at arrival, which anchors the deadline. Raises ServiceError for mode=surrogate
     requests that the surrogate cannot answer."""
-    alpha = params.alpha if params.alpha is not None else config.default_alpha
+    alpha = request_alpha(params, config)
     mode = params.mode
     if mode == "surrogate":
         _check_surrogate_request(params, alpha, alpha_cal, surrogate_radius)

@@ -17,7 +17,7 @@ import numpy as np
 from certification.certificate import Certificate, ModelCard, ModelInfo, Timings, build_certificate
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
-from certification.plan import CertifyParams, Plan, make_plan
+from certification.plan import CertifyParams, Plan, make_plan, request_alpha
 from certification.seal import Sealer
 from models.bundle import Bundle
 from models.defaults import default_batch_size
@@ -100,8 +100,8 @@ class CertificationService:
         started = time.perf_counter()
         logits, surrogate_ms = self._surrogate_logits(image, params)
         cal = self.manifest.calibration
-        alpha = params.alpha if params.alpha is not None else self.config.default_alpha
-        answer = surrogate_answer(logits, cal, self.manifest.sigma, alpha) if logits is not None else None
+        answer = (surrogate_answer(logits, cal, self.manifest.sigma, request_alpha(params, self.config))
+                  if logits is not None and params.mode in ("auto", "surrogate") else None)
         plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
                          surrogate_radius=answer.radius if answer else None, sigma=self.manifest.sigma,
                          arrival=received if received is not None else time.monotonic())
