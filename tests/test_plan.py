@@ -43,7 +43,8 @@ def test_auto_falls_back_with_its_reason(kwargs, reason):
 def test_auto_threshold_is_the_shared_routing_rule_and_a_target_overrides_it():
     """Auto answers with the surrogate exactly where models.surrogate.auto_uses_surrogate says so (the rule the
     offline evaluation replays); a caller's target_radius replaces the threshold; 0 sigmas = whenever it certifies.
-    Fails if the plan's threshold drifts from the evaluated one (e.g. radius instead of sigmas, or > instead of >=)."""
+    Fails if the plan's threshold drifts from the evaluated one (e.g. radius instead of sigmas, or > instead of >=):
+    run once (2026-12-04) with ``<=`` in place of ``<`` in plan._fallback_reason, it failed at radius 0.4."""
     for radius in (0.0, 0.1, 0.3999, 0.4, 0.41, 0.9):
         assert (plan(radius=radius).route == "surrogate") == auto_uses_surrogate(radius, SIGMA, 1.6), radius
     assert plan(radius=0.3, target_radius=0.25).route == "surrogate"  # the caller's target is met
