@@ -38,6 +38,7 @@ from models.defaults import default_batch_size
 from server.app import build_service, create_app
 from server.errors import error_bytes
 from server.metrics import Metrics
+from server.serve import freeze_startup_heap
 from server.settings import Settings
 
 log = logging.getLogger("certserve")
@@ -185,6 +186,7 @@ class CertserveDeployment:
         # verifies the bundle's hashes and shapes: a bad bundle fails the replica's start (Serve retries, then reports)
         self._service = build_service(self._settings, observer=self._metrics)
         self._service.start()
+        freeze_startup_heap()  # as `certserve serve` does after start-up (server.serve)
         self._app = None
         self._bridge: MetricsBridge | None = None
         log.info("certserve replica %s ready: bundle %s, sampler %s", self._replica, self._service.manifest.name,

