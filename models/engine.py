@@ -111,7 +111,11 @@ class SequentialEngine:
         self.max_live_jobs = int(max_live_jobs)
         self.depth = max(1, int(depth))
         self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
-        self.precompute, self._tables = True, DecisionTables()
+        # decisions tabulated ahead while the model runs (models.decisions.DecisionTables): free on a GPU, whose host
+        # thread would wait anyway; on a CPU the tables (one policy evaluation per possible hit count) take the cores
+        # the model runs on, so there the decision is evaluated at landing instead (docs/benchmarks.md (a))
+        device = getattr(getattr(sampler, "backend", None), "device", "cpu")
+        self.precompute, self._tables = device != "cpu", DecisionTables()
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at
@@ -143,8 +147,11 @@ class SequentialEngine:
 
     @property
     def live_jobs(self) -> int:
+        """Jobs submitted and not yet answered (pending admission, or running). An answered job whose slot waits for
+        its last in-flight chunk (a zombie, :mod:`models.jobs`) no longer counts: its future is already resolved,
+        so a caller replacing it from the future's callback is not refused with QueueFull."""
         with self._lock:
-            return len(self._pending) + (self._table.occupied if self._table is not None else 0)
+            return len(self._pending) + (self._table.unanswered() if self._table is not None else 0)
 
     @property
     def alive(self) -> bool:
@@ -267,7 +274,7 @@ class SequentialEngine:
         with self._state:
             answers = self._answer(np.flatnonzero(table.running), "shutdown") if stopping else []
             table.release_idle()
-            self.observer.on_queue(table.waiting(), table.occupied)
+            self.observer.on_queue(table.waiting(), table.unanswered())
         _resolve(answers)
         if stopping:
             with self._lock:

@@ -218,6 +218,10 @@ class JobTable:
     def waiting(self) -> int:
         return int(np.count_nonzero(self.running & ~self.started))
 
+    def unanswered(self) -> int:
+        """Admitted jobs not yet answered (slots of answered jobs still in flight, zombies, excluded)."""
+        return int(np.count_nonzero(self.running))
+
 
 def check_spec(spec) -> None:
     """ValueError, with a message saying what was expected, for a job spec the engine cannot run (at submit)."""
