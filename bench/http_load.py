@@ -247,20 +247,25 @@ def http_row(name: str, r: dict) -> list[str]:
             if other else ""), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"**{r['p99']:.1f}**", f"{r['max']:.1f}"]
 
 
+def first_surrogate_image(url: str, pngs: list[bytes]) -> tuple[int, dict]:
+    """(index, certificate) of the first image that auto mode answers from the surrogate (the surrogate path's
+    request); RuntimeError when none is (auto routes low-radius images to the per-input path)."""
+    import httpx
+
+    for i, png in enumerate(pngs):
+        r = httpx.post(url + "/certify", files={"image": ("image.png", png, "image/png")}, timeout=60)
+        if r.status_code == 200 and r.json()["method"] == "surrogate":
+            return i, r.json()
+    raise RuntimeError(f"no test image among the first {len(pngs)} is answered by the surrogate in auto mode")
+
+
 def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     import httpx
 
     duration = args.duration or (30.0 if args.full else 25.0)
     rate = args.rate
     images, labels = load_test_images(200)
-    pick, answer = None, None
-    for i, x in enumerate(images):  # the first test image that auto mode answers from the surrogate
-        r = httpx.post(server.url + "/certify", files={"image": ("image.png", png_bytes(x), "image/png")}, timeout=30)
-        if r.status_code == 200 and r.json()["method"] == "surrogate":
-            pick, answer = i, r.json()
-            break
-    if pick is None:
-        raise RuntimeError("no test image among the first 200 is answered by the surrogate in auto mode")
+    pick, answer = first_surrogate_image(server.url, [png_bytes(x) for x in images])
     png = png_bytes(images[pick])
     body_path = ctx["workdir"] / "body.bin"
     body_path.write_bytes(multipart_body(png))

@@ -35,7 +35,7 @@ import httpx
 import numpy as np
 
 from bench import netns
-from bench.http_load import run_hey_staggered
+from bench.http_load import first_surrogate_image, run_hey_staggered
 from bench.machine import (CpuMeter, code_version, describe_load, ensure_tool, machine_description, proc_cpu_seconds,
                            proc_status)
 from bench.models_and_data import load_test_images
@@ -102,7 +102,6 @@ def measure(args, hey: str, workdir: Path, namespace: str, ingress: str) -> dict
     images = [png_bytes(img) for img in x]
     workdir.mkdir(parents=True, exist_ok=True)
     body_path = workdir / "body.bin"
-    body_path.write_bytes(multipart_body(images[0]))
     servers, data = {}, {"startup_s": {}, "rss_mib": {}}
     try:
         servers["A"] = ServerProc(workdir, "--threads", "2", tag="single")
@@ -114,12 +113,14 @@ def measure(args, hey: str, workdir: Path, namespace: str, ingress: str) -> dict
         pids = {"A": [servers["A"].proc.pid],
                 "B": [p for p in netns.processes_in(namespace) if p != servers["A"].proc.pid]}  # all of Ray's
         CpuMeter.pids.update(pids["B"])
-        first = httpx.post(servers["A"].url + "/certify", files={"image": ("x.png", images[0], "image/png")}).json()
-        data["latency_image"] = {"index": 0, "label": int(y[0]), "method": first["method"], "radius": first["radius"]}
+        pick, first = first_surrogate_image(servers["A"].url, images)  # the surrogate path's request
+        body_path.write_bytes(multipart_body(images[pick]))
+        data["latency_image"] = {"index": pick, "label": int(y[pick]), "method": first["method"],
+                                 "radius": first["radius"]}
         data["latency"] = {"A": [], "B": []}
         for _ in range(args.rounds):
             for key in ("A", "B"):
-                warm_up(servers[key].url, images[0])
+                warm_up(servers[key].url, images[pick])
                 cpu0 = sum(proc_cpu_seconds(p) for p in pids[key])
                 res = run_hey_staggered(hey, servers[key].url, body_path, args.rate, args.latency_window, 4,
                                         workdir, f"{key}{len(data['latency'][key])}")
