@@ -260,10 +260,9 @@ class SequentialEngine:
             table = self._table_for(admit)
             if table is None:  # nothing was ever admitted
                 return stopping
-            for job in admit:
-                if not job.finished and not job.future.done():
-                    spec = job.spec
-                    table.admit(job, KINDS[spec.kind], _schedule(spec.budget) if spec.kind == "sequential" else None)
+            admit = [job for job in admit if not job.finished and not job.future.done()]
+            table.admit_many(admit, [KINDS[job.spec.kind] for job in admit],
+                        [_schedule(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit])
             while self._cancelled:
                 job = self._cancelled.popleft()
                 job.finished = True

@@ -79,38 +79,52 @@ class JobTable:
 
     # ----------------------------------------------------------------------------------------- admission
     def admit(self, job, kind: int, schedule: np.ndarray | None) -> int:
-        """Put ``job`` (an engine job with .spec and .order) in a free slot; returns the slot."""
-        if self.occupied >= self.capacity:
+        """Put one job in a free slot (:meth:`admit_many`); returns the slot."""
+        return int(self.admit_many([job], [kind], [schedule])[0])
+
+    def admit_many(self, jobs: list, kinds: list[int], schedules: list) -> np.ndarray:
+        """Put ``jobs`` (engine jobs with .spec and .order) in free slots, all in one vectorized update; ``schedules``
+        holds each job's checkpoint schedule (None for fixed-n kinds). Returns their slots (also set as job.slot)."""
+        n = len(jobs)
+        if not n:
+            return np.zeros(0, dtype=np.int64)
+        while self.occupied + n > self.capacity:
             self._grow(2 * self.capacity)
-        slot = int(np.argmin(self.live))  # the first free slot
-        spec = job.spec
-        if schedule is not None and len(schedule) > self.schedules.shape[1]:
-            wide = np.zeros((self.capacity, len(schedule)), dtype=np.int64)
+        slots = np.flatnonzero(~self.live)[:n]  # the first free slots
+        specs = [job.spec for job in jobs]
+        kind = np.asarray(kinds, dtype=np.int64)
+        widest = max((len(sc) for sc in schedules if sc is not None), default=0)
+        if widest > self.schedules.shape[1]:
+            wide = np.zeros((self.capacity, widest), dtype=np.int64)
             wide[:, :self.schedules.shape[1]] = self.schedules
             self.schedules = wide
-        self.live[slot], self.running[slot], self.started[slot], self.stopping[slot] = True, True, False, False
-        self.gen[slot], self.kind[slot] = job.order, kind
-        self.n0[slot] = spec.n0 if kind == COHEN else 0
-        self.budget[slot] = spec.budget
-        self.assigned[slot] = self.inflight[slot] = self.sel_done[slot] = self.est_done[slot] = 0
-        self.cls[slot] = -1 if kind == COHEN else spec.tested_class
-        self.deadline[slot], self.alpha[slot] = spec.deadline, spec.alpha
-        self.a[slot], self.b[slot] = spec.prior
-        self.target[slot] = np.nan if spec.target_radius is None else spec.target_radius
-        self.proposal[slot] = np.nan if spec.proposal_radius is None else spec.proposal_radius
-        self.min_gain[slot] = DEFAULT_MIN_GAIN if spec.min_gain is None else spec.min_gain
-        self.cp_idx[slot] = 0
-        if schedule is not None:
-            self.schedules[slot, :len(schedule)] = schedule
-            self.schedules[slot, len(schedule):] = schedule[-1]
-            self.cp[slot] = schedule[0]
-        self.sel_counts[slot] = 0
-        self.est_counts[slot] = 0
-        self.images[slot] = spec.image
-        self.jobs[slot] = job
-        self.occupied += 1
-        job.slot = slot
-        return slot
+        self.live[slots], self.running[slots], self.started[slots], self.stopping[slots] = True, True, False, False
+        self.gen[slots] = [job.order for job in jobs]
+        self.kind[slots] = kind
+        self.n0[slots] = np.where(kind == COHEN, [sp.n0 for sp in specs], 0)
+        self.budget[slots] = [sp.budget for sp in specs]
+        self.assigned[slots] = self.inflight[slots] = self.sel_done[slots] = self.est_done[slots] = 0
+        self.cls[slots] = np.where(kind == COHEN, -1, [sp.tested_class for sp in specs])
+        self.deadline[slots] = [sp.deadline for sp in specs]
+        self.alpha[slots] = [sp.alpha for sp in specs]
+        self.a[slots], self.b[slots] = np.array([sp.prior for sp in specs], dtype=np.float64).T
+        self.target[slots] = [np.nan if sp.target_radius is None else sp.target_radius for sp in specs]
+        self.proposal[slots] = [np.nan if sp.proposal_radius is None else sp.proposal_radius for sp in specs]
+        self.min_gain[slots] = [DEFAULT_MIN_GAIN if sp.min_gain is None else sp.min_gain for sp in specs]
+        self.cp_idx[slots] = 0
+        for slot, schedule in zip(slots, schedules):
+            if schedule is not None:
+                self.schedules[slot, :len(schedule)] = schedule
+                self.schedules[slot, len(schedule):] = schedule[-1]
+                self.cp[slot] = schedule[0]
+        self.sel_counts[slots] = 0
+        self.est_counts[slots] = 0
+        self.images[slots] = np.stack([sp.image for sp in specs])
+        for slot, job in zip(slots, jobs):
+            self.jobs[slot] = job
+            job.slot = int(slot)
+        self.occupied += n
+        return slots
 
     def release_idle(self) -> int:
         """Free the slots of finished jobs that have no chunk in flight; returns how many."""

@@ -13,9 +13,9 @@ import enum
 import numpy as np
 
 from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
-from smoothing.confseq import lower_bound, upper_bound
+from smoothing.confseq import upper_bound, validated_lower_bound
 from smoothing.eprocess import rejects
-from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR
+from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
 from smoothing.radius import probability_for_radius, radius_from_probability
 
 
@@ -115,33 +115,59 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     if gain_per_sample.size == 0 or not np.all(np.isfinite(gain_per_sample) & (gain_per_sample >= 0)):
         raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
     budget = _check_budget(budget)
-    s, t, alpha, a, b, budget, sig, gain_per_sample = np.broadcast_arrays(
-        s, t, check_alpha(alpha), *check_prior(a, b), budget, check_sigma(sigma), gain_per_sample)
+    arrays = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget, check_sigma(sigma),
+                                 gain_per_sample)
+    shape = arrays[0].shape
+    s, t, alpha, a, b, budget, sig, gain_per_sample = (np.ravel(x) for x in arrays)
     t_safe = np.maximum(t, 1)
-
-    def radius(hits, draws, where=Ellipsis):
-        p = lower_bound(hits[where], draws[where], alpha[where], a[where], b[where], kt_weight=kt_weight)
-        return np.asarray(radius_from_probability(p, sig[where]))
-
-    r_now = radius(s, t_safe)
+    bounds = _BoundBatch(alpha, a, b, check_kt_weight(kt_weight))
+    every = np.arange(s.size)
+    # projections are exact integers: S_t = t projects to t' hits
     if fraction is None:
         t_next = np.minimum(2 * t_safe, np.maximum(budget, t_safe))
-        gain = radius((s * t_next) // t_safe, t_next) - r_now  # exact integers: S_t = t projects to t' hits
-        settled = (r_now > 0) & (gain < gain_per_sample * np.maximum(t_next - t, 1))
+        p_now, p_next = bounds.lower([(s, t_safe, every), ((s * t_next) // t_safe, t_next, every)])
+        r_now, r_next = radius_from_probability(p_now, sig), radius_from_probability(p_next, sig)
+        settled = (r_now > 0) & (r_next - r_now < gain_per_sample * np.maximum(t_next - t, 1))
     else:
-        settled = (r_now > 0) & (r_now >= fraction * radius((s * budget) // t_safe, budget))
+        p_now, p_full = bounds.lower([(s, t_safe, every), ((s * budget) // t_safe, budget, every)])
+        r_now = radius_from_probability(p_now, sig)
+        settled = (r_now > 0) & (r_now >= fraction * radius_from_probability(p_full, sig))
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
     futile = np.zeros(s.shape, dtype=bool)
-    low = (r_now <= 0) & (t > 0)
-    if np.any(low):
-        upper = upper_bound(s[low], t_safe[low], alpha[low], a[low], b[low], kt_weight=kt_weight)
-        r_budget = radius((s * budget) // t_safe, budget, low)
+    low = np.flatnonzero((r_now <= 0) & (t > 0))
+    if len(low):
+        sl, tl, bl = s[low], t_safe[low], budget[low]
+        p_mirror, p_budget = bounds.lower([(tl - sl, tl, low, "mirrored"), ((sl * bl) // tl, bl, low)])
+        upper = np.minimum(1.0, np.nextafter(1.0 - p_mirror, 2.0))  # U_t, exactly as confseq.upper_bound
+        r_budget = radius_from_probability(p_budget, sig[low])
         futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
     out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
     out[t >= budget] = Stop.BUDGET
     out[futile] = Stop.FUTILITY
     out[settled & (t > 0)] = Stop.CERTIFIED
+    out = out.reshape(shape)
     return out if out.ndim else Stop(int(out))
+
+
+class _BoundBatch:
+    """Several confidence-sequence bounds of the same jobs in ONE kernel call (smoothing.confseq.validated_lower_bound:
+    the arguments are validated by the policy first). The engine decides hundreds of jobs per step and each call has
+    a fixed cost of a few hundred microseconds, so the policies gather their bounds instead of calling per bound."""
+
+    def __init__(self, alpha, a, b, kt_weight):
+        self.alpha, self.a, self.b, self.kt_weight = alpha, a, b, kt_weight
+
+    def lower(self, points):
+        """L_t at each point (hits, draws, jobs[, "mirrored"]): jobs index the validated per-job arrays. Mirrored:
+        L of the misses with the prior mirrored, L(F, t; b, a), whose 1 - L is the upper bound U_t."""
+        jobs = [p[2] for p in points]
+        mirrored = [len(p) > 3 for p in points]
+        index = np.concatenate(jobs)
+        a = np.concatenate([(self.b if m else self.a)[j] for j, m in zip(jobs, mirrored)])
+        b = np.concatenate([(self.a if m else self.b)[j] for j, m in zip(jobs, mirrored)])
+        p = validated_lower_bound(np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points]),
+                                  self.alpha[index], a, b, self.kt_weight)
+        return np.split(p, np.cumsum([len(j) for j in jobs])[:-1])
 
 
 def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budget, a=KT_PRIOR[0], b=KT_PRIOR[1],

@@ -131,6 +131,29 @@ def test_best_radius_decision_follows_its_rule(alpha, a, b, w):
     assert np.array_equal(best_radius_decision(s, t, **kw), best_radius_decision(s, t, min_gain=DEFAULT_MIN_GAIN, **kw))
 
 
+def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
+    """One call over jobs with their own alpha, prior, budget and lambda (as the engine makes it: the policy gathers
+    all its bounds of all jobs into one kernel call) == the documented rule job by job. Run once against two bugs
+    of that gathering: the mirrored prior of the upper bound not swapped (a, b kept), and the bounds of one job read
+    with another job's parameters (index off by one): both fail here."""
+    rng = np.random.default_rng(11)
+    s, t = _grid(300)
+    n = s.size
+    alpha = rng.choice([0.1, 0.01, 0.001], n)
+    a, b = rng.choice([0.5, 3.0, 29.0], n), rng.choice([0.5, 0.01, 7.0], n)
+    budget, lam = rng.choice([400, 2000], n), rng.choice([1e-5, 1e-4, 1e-3], n)
+    d = best_radius_decision(s, t, sigma=SIGMA, alpha=alpha, budget=budget, a=a, b=b, min_gain=lam,
+                             kt_weight=DEFAULT_KT_WEIGHT)
+    want = np.full(n, -1)
+    params = np.stack([alpha, a, b, budget, lam], axis=1)
+    for row in np.unique(params, axis=0):  # the rule, per group of jobs sharing their parameters
+        jobs = np.flatnonzero(np.all(params == row, axis=1))
+        want[jobs] = _best_rule(s[jobs], t[jobs], row[0], int(row[3]), row[1], row[2], DEFAULT_KT_WEIGHT,
+                                min_gain=row[4])
+    assert np.array_equal(d, want)
+    assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
+
+
 def test_best_radius_decision_easy_and_hard_cases():
     """Picked by computing (alpha = 0.001, sigma = 0.25, budget 10k, KT): with S = t = 1000 the radius is 0.574 and
     2000/2000 would give 0.634, i.e. 6.0e-5 per sample: stop at lambda = 1e-4, continue at 1e-5; S = t = 100 (0.330)
