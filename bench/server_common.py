@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 
@@ -57,22 +58,30 @@ def multipart_body(png: bytes, **fields: str) -> bytes:
 
 
 class LiveJobs:
-    """Keep engine jobs live: every finished job is replaced at once (from its done callback) by ``make_spec(i)``,
-    the i-th job, until :meth:`close`. ``finished`` holds (time.perf_counter(), samples) of every answered job."""
+    """Keep engine jobs live: every finished job is replaced at once by ``make_spec(i)``, the i-th job, until
+    :meth:`close`. ``finished`` holds (time.perf_counter(), samples) of every answered job.
+
+    The replacement is submitted by a feeder thread, not from the future's done callback: the callback runs in the
+    engine thread, and a submit there would be counted as engine bookkeeping, whereas in the server the requests'
+    submits run on the event loop's thread (the engine only resolves a future, which wakes the loop)."""
 
     def __init__(self, engine, make_spec):
         self.engine, self.make_spec = engine, make_spec
         self.finished: list[tuple[float, int]] = []
         self._next, self._open = 0, True
         self._lock = threading.Lock()
+        self._due: queue.SimpleQueue = queue.SimpleQueue()
+        self._feeder = threading.Thread(target=self._feed, name="bench-live-jobs", daemon=True)
 
     def start(self, n_jobs: int) -> None:
         self.engine.start()
         for _ in range(n_jobs):
             self._submit_one()
+        self._feeder.start()
 
     def close(self) -> None:
         self._open = False
+        self._due.put(None)
 
     def samples_between(self, t0: float, t1: float) -> list[int]:
         return [s for t, s in self.finished if t0 < t <= t1]
@@ -83,12 +92,15 @@ class LiveJobs:
         self.engine.submit(self.make_spec(i)).add_done_callback(self._on_done)
 
     def _on_done(self, fut) -> None:
-        from models.engine import EngineStopped, QueueFull
-
         if fut.cancelled() or fut.exception() is not None:
             return
         self.finished.append((time.perf_counter(), fut.result().samples))
-        if self._open:
+        self._due.put(True)
+
+    def _feed(self) -> None:
+        from models.engine import EngineStopped, QueueFull
+
+        while self._due.get() and self._open:
             try:
                 self._submit_one()
             except (EngineStopped, QueueFull):

@@ -123,6 +123,8 @@ class DecisionTables:
         """(codes, found) for the jobs ``due`` at their checkpoint; found=False where no valid table exists."""
         codes = np.zeros(len(due), dtype=np.int8)
         found = np.zeros(len(due), dtype=bool)
+        if not self._tables:  # nothing tabulated (e.g. a CPU sampler, where the engine does not precompute)
+            return codes, found
         hits = table.hits(due)
         for k, slot in enumerate(due):
             entry = self._tables.pop(int(slot), None)

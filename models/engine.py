@@ -166,11 +166,12 @@ class SequentialEngine:
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the certification engine is draining and accepts no new work")
-            if self.live_jobs >= self.max_live_jobs:
+            live = self.live_jobs
+            if live >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
             self._pending.append(job)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
-            self.observer.on_queue(len(self._pending), self.live_jobs)
+            self.observer.on_queue(len(self._pending), live + 1)
             self._lock.notify_all()
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
         return fut
