@@ -381,6 +381,12 @@ sequential/cohen ones; mean in-handler time (decode + surrogate + response model
 `certserve_request_duration_seconds`) {server_mean:.2f} ms per request: the rest of the latency is HTTP parsing,
 multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
+The server freezes its start-up heap after start-up (`server.serve.freeze_startup_heap`, `gc.freeze`): before,
+a generation-2 collection of the ~130k start-up objects paused the event loop for up to ~120 ms every few seconds,
+which was the whole p99 of the burst row (127-167 ms; 46-53 ms since). Under bursts every request of a burst
+finishes near the end of the burst (the event loop interleaves them), so the burst p99 is about 20 x the server's
+CPU time per request on its core, with the load generator on the other one.
+
 How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
 with one connection each at {rate / 4:g} req/s, started {1e3 / rate:g} ms apart, i.e. one request every
