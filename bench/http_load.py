@@ -248,22 +248,20 @@ def http_row(name: str, r: dict) -> list[str]:
 
 
 def first_surrogate_image(url: str, pngs: list[bytes]) -> tuple[int, dict]:
-    """(index, certificate) of the first image that auto mode answers from the surrogate (the surrogate path's
-    request); RuntimeError when none is (auto routes low-radius images to the per-input path)."""
+    """(index, certificate) of the first image auto answers from the surrogate; RuntimeError when none is."""
     import httpx
 
     for i, png in enumerate(pngs):
         r = httpx.post(url + "/certify", files={"image": ("image.png", png, "image/png")}, timeout=60)
         if r.status_code == 200 and r.json()["method"] == "surrogate":
             return i, r.json()
-    raise RuntimeError(f"no test image among the first {len(pngs)} is answered by the surrogate in auto mode")
+    raise RuntimeError(f"none of the first {len(pngs)} test images is answered by the surrogate in auto mode")
 
 
 def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     import httpx
 
-    duration = args.duration or (30.0 if args.full else 25.0)
-    rate = args.rate
+    duration, rate = args.duration or (30.0 if args.full else 25.0), args.rate
     images, labels = load_test_images(200)
     pick, answer = first_surrogate_image(server.url, [png_bytes(x) for x in images])
     png = png_bytes(images[pick])
@@ -327,8 +325,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     if "hey_even" in results:
         rows.append(http_row("**hey, 4 evenly phased streams (primary)**", results["hey_even"]))
     if "hey_burst" in results:
-        rows.append(http_row("hey -c 20 -q 10 (20 synchronized workers: bursts of 20 every 100 ms)",
-                             results["hey_burst"]))
+        rows.append(http_row("hey -c 20 -q 10 (bursts of 20 every 100 ms)", results["hey_burst"]))
     if "hey_mixed" in results:
         rows.append(http_row("hey, 4 evenly phased streams, with 8 sequential requests in flight",
                              results["hey_mixed"]))
@@ -381,11 +378,8 @@ sequential/cohen ones; mean in-handler time (decode + surrogate + response model
 `certserve_request_duration_seconds`) {server_mean:.2f} ms per request: the rest of the latency is HTTP parsing,
 multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
-The server freezes its start-up heap after start-up (`server.serve.freeze_startup_heap`, `gc.freeze`): before,
-a generation-2 collection of the ~130k start-up objects paused the event loop for up to ~120 ms every few seconds,
-which was the whole p99 of the burst row (127-167 ms; 46-53 ms since). Under bursts every request of a burst
-finishes near the end of the burst (the event loop interleaves them), so the burst p99 is about 20 x the server's
-CPU time per request on its core, with the load generator on the other one.
+Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) no gen-2 collection pauses the loop
+(~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request.
 
 How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes

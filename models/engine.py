@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, SEQUENTIAL, Batch, JobTable, check_spec
+from models.jobs import KINDS, Batch, JobTable, check_spec
 from models.sampling import SamplingEngine
 from smoothing import KT_PRIOR, Stop, checkpoint_schedule
 
@@ -106,14 +106,10 @@ class SequentialEngine:
 
     def __init__(self, sampler: SamplingEngine, *, max_live_jobs: int = 512, seed: int | None = None,
                  observer: EngineObserver | None = None, depth: int = 2, speculate: bool = True):
-        self.sampler = sampler
-        self.sigma = sampler.sigma
-        self.max_live_jobs = int(max_live_jobs)
-        self.depth = max(1, int(depth))
+        self.sampler, self.sigma = sampler, sampler.sigma
+        self.max_live_jobs, self.depth = int(max_live_jobs), max(1, int(depth))
         self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
-        # decisions tabulated ahead while the model runs (models.decisions.DecisionTables): free on a GPU, whose host
-        # thread would wait anyway; on a CPU the tables (one policy evaluation per possible hit count) take the cores
-        # the model runs on, so there the decision is evaluated at landing instead (docs/benchmarks.md (a))
+        # decisions tabulated while the model runs (DecisionTables): free on a GPU; on a CPU they take the model's cores
         device = getattr(getattr(sampler, "backend", None), "device", "cpu")
         self.precompute, self._tables = device != "cpu", DecisionTables()
         self.observer = observer or EngineObserver()
@@ -147,9 +143,8 @@ class SequentialEngine:
 
     @property
     def live_jobs(self) -> int:
-        """Jobs submitted and not yet answered (pending admission, or running). An answered job whose slot waits for
-        its last in-flight chunk (a zombie, :mod:`models.jobs`) no longer counts: its future is already resolved,
-        so a caller replacing it from the future's callback is not refused with QueueFull."""
+        """Jobs submitted, not yet answered. An answered job whose slot is not yet freed (a zombie, models.jobs) does
+        not count: a caller replacing it from its future's callback is not refused with QueueFull."""
         with self._lock:
             return len(self._pending) + (self._table.unanswered() if self._table is not None else 0)
 
