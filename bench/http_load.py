@@ -17,9 +17,8 @@ from bench.models_and_data import load_test_images
 from bench.server_common import (
     ALPHA,
     BOUNDARY,
-    TARGET_BURST_P99_MS,
-    TARGET_MIXED_P99_MS,
     TARGET_P99_MS,
+    UNDER_LOAD_TARGETS,
     latency_summary,
     markdown_table,
     multipart_body,
@@ -335,12 +334,9 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     primary = results.get("hey_even", results["open_loop"])
     verdict = "PASS" if primary["p99"] <= TARGET_P99_MS and primary["codes"].get("200", 0) == primary["n"] else "FAIL"
     under_load = {name: ("PASS" if r["p99"] <= target and r["codes"].get("200", 0) == r["n"] else "FAIL")
-                  for name, target in (("hey_burst", TARGET_BURST_P99_MS), ("hey_mixed", TARGET_MIXED_P99_MS))
-                  if (r := results.get(name))}
-    load_txt = "".join(f"\n**Target: p99 <= {target:g} ms {what}: {under_load[name]}** (p99 {results[name]['p99']:.1f} ms)."
-                       for name, target, what in (("hey_burst", TARGET_BURST_P99_MS, "under bursts of 20 (issue 11)"),
-                                                  ("hey_mixed", TARGET_MIXED_P99_MS,
-                                                   "with 8 sequential requests in flight (issue 11)"))
+                  for name, _, target in UNDER_LOAD_TARGETS if (r := results.get(name))}
+    load_txt = "".join(f"\n**Target: p99 <= {target:g} ms, {what} (issue 11): {under_load[name]}** "
+                       f"(p99 {results[name]['p99']:.1f} ms)." for name, what, target in UNDER_LOAD_TARGETS
                        if name in under_load)
     wrk_txt = ""
     if "wrk" in results:
@@ -392,8 +388,8 @@ arrivals in advance and measures from the scheduled time, so its latency include
 Commands:
 {commands}
 {chr(10).join('- ' + n for n in notes)}"""
-    data = {"rate": rate, "duration": duration, "verdict": verdict, "under_load_verdicts": under_load, "primary": {k: v for k, v in primary.items()
-                                                                                 if k != "raw"},
+    data = {"rate": rate, "duration": duration, "verdict": verdict, "under_load_verdicts": under_load,
+            "primary": {k: v for k, v in primary.items() if k != "raw"},
             "results": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()},
             "server_mean_ms": server_mean, "hey": tool_version("hey") if hey else None,
             "wrk": tool_version("wrk") if wrk else None}

@@ -9,9 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_BURST_P99_MS, TARGET_EFFICIENCY,
-                                 TARGET_EFFICIENCY_MANY,
-                                 TARGET_MIXED_P99_MS, TARGET_P99_MS, markdown_table)
+from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_EFFICIENCY_MANY, TARGET_EFFICIENCY_ONE,
+                                 TARGET_P99_MS, UNDER_LOAD_TARGETS, markdown_table)
 
 SECTION_RE = re.compile(r"<!-- section:(\S+) -->\n(.*?)<!-- /section:\1 -->\n?", re.DOTALL)
 PENDING_TOTAL = "(whole invocation: still running)"
@@ -42,7 +41,8 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
         if base == "worker":
             effs = ", ".join(f"{r['jobs']}: {r['efficiency']:.2f}" for r in d["rows"])
             rows.append([f"(a) worker efficiency, {d['sampler']}", f"by concurrent jobs: {effs}",
-                         f">= {TARGET_EFFICIENCY} at 1 job, >= {TARGET_EFFICIENCY_MANY} at >= 8 jobs", d["verdict"], when])
+                         f">= {TARGET_EFFICIENCY_ONE} at 1 job, >= {TARGET_EFFICIENCY_MANY} at >= 8 jobs", d["verdict"],
+                         when])
         elif base == "http":
             p = d["primary"]
             w = d["results"].get("wrk", {})
@@ -50,8 +50,7 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
             measured = f"p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms at {p['n'] / p['span_s']:.0f} req/s{extra}"
             target, verdict = f"p99 <= {TARGET_P99_MS:g} ms at {d['rate']:g} req/s", d["verdict"]
             loads = d.get("under_load_verdicts", {})
-            for name, what, bound in (("hey_burst", "bursts of 20", TARGET_BURST_P99_MS),
-                                      ("hey_mixed", "with 8 sequential", TARGET_MIXED_P99_MS)):
+            for name, what, bound in UNDER_LOAD_TARGETS:
                 if name in loads:
                     measured += f"; {what}: p99 {d['results'][name]['p99']:.1f} ms"
                     target += f"; {what} <= {bound:g} ms"

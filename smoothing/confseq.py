@@ -67,8 +67,14 @@ def upper_bound(successes, trials, alpha, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_we
     w = check_kt_weight(kt_weight)
     s, t, alpha, a, b = np.broadcast_arrays(s, t, alpha, a, b)
     low = _lower_bound_kernel((t - s).ravel(), t.ravel(), alpha.ravel(), b.ravel(), a.ravel(), w)
-    out = np.minimum(1.0, np.nextafter(1.0 - low, 2.0)).reshape(s.shape)
+    out = upper_from_mirrored(low).reshape(s.shape)
     return out if out.ndim else float(out)
+
+
+def upper_from_mirrored(mirrored_lower):
+    """U_t from the mirrored lower bound L_t(t - S, t; b, a): 1 - L rounded up (the symmetry of :func:`upper_bound`;
+    also used by the stopping policies, which compute the mirrored bound together with their other bounds)."""
+    return np.minimum(1.0, np.nextafter(1.0 - mirrored_lower, 2.0))
 
 
 def certified_radius(successes, trials, alpha, sigma, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
@@ -98,27 +104,24 @@ def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     const = mix - log_threshold - _ULP_MARGIN * (magnitude + log_threshold)
     shrink = 1.0 - _ULP_MARGIN
 
-    def g_and_slope(v):
+    def g_and_slope(v, at=slice(None)):  # g and g' at v for the entries ``at``
         one_minus = -np.expm1(v)  # 1 - p0, accurate when p0 is close to 1
-        g = const - shrink * (s * v + f * np.log(one_minus))
-        slope = -shrink * (s - f * np.exp(v) / one_minus)  # < 0 left of the MLE
+        g = const[at] - shrink * (s[at] * v + f[at] * np.log(one_minus))
+        slope = -shrink * (s[at] - f[at] * np.exp(v) / one_minus)  # < 0 left of the MLE
         return g, slope
 
     ok = g_and_slope(np.full(s.shape, _LOG_P_FLOOR))[0] >= 0  # else even p0 = 1e-300 is not rejected: L_t = 0
     # Start at v1 = const / (shrink S), clipped to [floor, log p_hat]: as F log(1 - e^v) <= 0, g(v1) >= const -
-    # shrink S v1 = 0, so v1 is left of the root (it is the root when F = 0), much closer than the floor (about
-    # a third fewer Newton steps). Where rounding put it a hair right of the root, Newton does not move it (the
-    # step is taken only where g > 0) and the check below steps back.
+    # shrink S v1 = 0, so v1 is left of the root (it is the root when F = 0) and closer than the floor. Where
+    # rounding put it a hair right of the root, Newton does not move it (the step is taken only where g > 0) and the
+    # check below steps back.
     v = np.where(ok, np.clip(const / (shrink * s), _LOG_P_FLOOR, log_phat), _LOG_P_FLOOR)
     active = np.flatnonzero(ok)  # Newton runs on the entries still moving only
     for _ in range(_MAX_NEWTON):
         if not len(active):
             break
         va = v[active]
-        one_minus = -np.expm1(va)
-        sa, fa = s[active], f[active]
-        gv = const[active] - shrink * (sa * va + fa * np.log(one_minus))
-        slope = -shrink * (sa - fa * np.exp(va) / one_minus)
+        gv, slope = g_and_slope(va, active)
         step = np.where((slope < 0) & (gv > 0), -gv / slope, 0.0)
         v_new = np.minimum(va + step, log_phat[active])
         v[active] = v_new

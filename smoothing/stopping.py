@@ -13,7 +13,7 @@ import enum
 import numpy as np
 
 from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
-from smoothing.confseq import upper_bound, validated_lower_bound
+from smoothing.confseq import upper_bound, upper_from_mirrored, validated_lower_bound
 from smoothing.eprocess import rejects
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
 from smoothing.radius import probability_for_radius, radius_from_probability
@@ -138,7 +138,7 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     if len(low):
         sl, tl, bl = s[low], t_safe[low], budget[low]
         p_mirror, p_budget = bounds.lower([(tl - sl, tl, low, "mirrored"), ((sl * bl) // tl, bl, low)])
-        upper = np.minimum(1.0, np.nextafter(1.0 - p_mirror, 2.0))  # U_t, exactly as confseq.upper_bound
+        upper = upper_from_mirrored(p_mirror)  # U_t, exactly as confseq.upper_bound
         r_budget = radius_from_probability(p_budget, sig[low])
         futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
     out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
