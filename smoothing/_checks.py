@@ -12,7 +12,7 @@ import numpy as np
 def check_alpha(alpha, name: str = "alpha") -> np.ndarray:
     """Return ``alpha`` as a float array; every entry must lie strictly inside (0, 1)."""
     arr = np.asarray(alpha, dtype=np.float64)
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0) or np.any(arr >= 1.0):
+    if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any() or (arr >= 1.0).any():
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {_show(alpha)}")
     return arr
 
@@ -20,7 +20,7 @@ def check_alpha(alpha, name: str = "alpha") -> np.ndarray:
 def check_sigma(sigma) -> np.ndarray:
     """Return ``sigma`` (the noise level) as a float array; every entry must be finite and > 0."""
     arr = np.asarray(sigma, dtype=np.float64)
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0):
+    if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any():
         raise ValueError(f"sigma must be a finite number > 0, got {_show(sigma)}")
     return arr
 
@@ -30,7 +30,7 @@ def check_prior(a, b) -> tuple[np.ndarray, np.ndarray]:
     a_arr = np.asarray(a, dtype=np.float64)
     b_arr = np.asarray(b, dtype=np.float64)
     for name, arr, raw in (("a", a_arr, a), ("b", b_arr, b)):
-        if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0.0):
+        if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any():
             raise ValueError(f"Beta prior parameter {name} must be finite and > 0, got {_show(raw)}")
     return a_arr, b_arr
 
@@ -40,7 +40,7 @@ def check_probability(p, name: str, *, open_interval: bool = True) -> np.ndarray
     arr = np.asarray(p, dtype=np.float64)
     bad = ~np.isfinite(arr)
     bad |= (arr <= 0.0) | (arr >= 1.0) if open_interval else (arr < 0.0) | (arr > 1.0)
-    if arr.size == 0 or np.any(bad):
+    if arr.size == 0 or bad.any():
         interval = "strictly between 0 and 1" if open_interval else "in [0, 1]"
         raise ValueError(f"{name} must lie {interval}, got {_show(p)}")
     return arr
@@ -50,7 +50,7 @@ def check_counts(successes, trials) -> tuple[np.ndarray, np.ndarray]:
     """Return (successes, trials) as int64 arrays; both must be whole numbers with 0 <= successes <= trials."""
     s = _as_count(successes, "successes")
     t = _as_count(trials, "trials")
-    if np.any(s > t):
+    if (s > t).any():
         raise ValueError(f"successes must not exceed trials, got successes={_show(successes)}, trials={_show(trials)}")
     return s, t
 
@@ -66,12 +66,12 @@ def _as_count(value, name: str) -> np.ndarray:
         out = arr.astype(np.int64, copy=False)
     elif arr.dtype.kind in "fb":
         f = arr.astype(np.float64, copy=False)
-        if not np.all(np.isfinite(f)) or np.any(f != np.round(f)):
+        if not np.isfinite(f).all() or (f != np.round(f)).any():
             raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
         out = f.astype(np.int64)
     else:
         raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
-    if np.any(out < 0):
+    if (out < 0).any():
         raise ValueError(f"{name} must be >= 0, got {_show(value)}")
     return out
 

@@ -23,9 +23,8 @@ def radius_from_probability(p_lower, sigma):
     probability 1 - alpha (per input or marginally), the returned radius is certified with the same probability and in
     the same sense. The value is rounded down (relative 1e-10) so floating-point error never enlarges it.
     """
-    p = check_probability(p_lower, "p_lower", open_interval=False)
-    with np.errstate(divide="ignore"):
-        return radius_from_probit(ndtri(np.where(p > 0.5, p, 0.5)), sigma)
+    r = validated_radius(check_probability(p_lower, "p_lower", open_interval=False), check_sigma(sigma))
+    return r if r.ndim else float(r)
 
 
 def radius_from_probit(z_lower, sigma):
@@ -34,11 +33,21 @@ def radius_from_probit(z_lower, sigma):
     Guarantee: inherits the one of ``z_lower`` (as :func:`radius_from_probability`). Rounded down (relative 1e-10);
     an infinite bound (p_lower == 1, which no finite sample gives) certifies nothing rather than infinity.
     """
-    z = np.asarray(z_lower, dtype=np.float64)
-    s = check_sigma(sigma)
-    r = np.where(z > 0, s * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
-    r = np.where(np.isfinite(r), r, 0.0)
+    r = _radius_of_probit(np.asarray(z_lower, dtype=np.float64), check_sigma(sigma))
     return r if r.ndim else float(r)
+
+
+def validated_radius(p_lower, sigma):
+    """:func:`radius_from_probability` (same guarantee, same values, always an array) for arguments the caller has
+    already validated: float arrays, p_lower in [0, 1], sigma > 0. The stopping policies convert several bounds per
+    job per engine step, where the repeated checks cost more than the conversion."""
+    with np.errstate(divide="ignore"):
+        return _radius_of_probit(ndtri(np.where(p_lower > 0.5, p_lower, 0.5)), sigma)
+
+
+def _radius_of_probit(z, sigma):
+    r = np.where(z > 0, sigma * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
+    return np.where(np.isfinite(r), r, 0.0)
 
 
 def probability_for_radius(radius, sigma):

@@ -16,7 +16,7 @@ from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check
 from smoothing.confseq import upper_bound, upper_from_mirrored, validated_lower_bound
 from smoothing.eprocess import rejects
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
-from smoothing.radius import probability_for_radius, radius_from_probability
+from smoothing.radius import probability_for_radius, validated_radius
 
 
 #: Defaults of the best-radius rules. ``DEFAULT_MIN_GAIN`` (radius units per sample) is the marginal-gain rule's
@@ -112,7 +112,7 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
     gain_per_sample = np.asarray(min_gain, dtype=np.float64)
-    if gain_per_sample.size == 0 or not np.all(np.isfinite(gain_per_sample) & (gain_per_sample >= 0)):
+    if gain_per_sample.size == 0 or not (np.isfinite(gain_per_sample) & (gain_per_sample >= 0)).all():
         raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
     budget = _check_budget(budget)
     arrays = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), budget, check_sigma(sigma),
@@ -126,12 +126,12 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     if fraction is None:
         t_next = np.minimum(2 * t_safe, np.maximum(budget, t_safe))
         p_now, p_next = bounds.lower([(s, t_safe, every), ((s * t_next) // t_safe, t_next, every)])
-        r_now, r_next = radius_from_probability(p_now, sig), radius_from_probability(p_next, sig)
+        r_now, r_next = validated_radius(p_now, sig), validated_radius(p_next, sig)
         settled = (r_now > 0) & (r_next - r_now < gain_per_sample * np.maximum(t_next - t, 1))
     else:
         p_now, p_full = bounds.lower([(s, t_safe, every), ((s * budget) // t_safe, budget, every)])
-        r_now = radius_from_probability(p_now, sig)
-        settled = (r_now > 0) & (r_now >= fraction * radius_from_probability(p_full, sig))
+        r_now = validated_radius(p_now, sig)
+        settled = (r_now > 0) & (r_now >= fraction * validated_radius(p_full, sig))
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
     futile = np.zeros(s.shape, dtype=bool)
     low = np.flatnonzero((r_now <= 0) & (t > 0))
@@ -139,7 +139,7 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
         sl, tl, bl = s[low], t_safe[low], budget[low]
         p_mirror, p_budget = bounds.lower([(tl - sl, tl, low, "mirrored"), ((sl * bl) // tl, bl, low)])
         upper = upper_from_mirrored(p_mirror)  # U_t, exactly as confseq.upper_bound
-        r_budget = radius_from_probability(p_budget, sig[low])
+        r_budget = validated_radius(p_budget, sig[low])
         futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
     out = np.full(s.shape, Stop.CONTINUE, dtype=np.int8)
     out[t >= budget] = Stop.BUDGET

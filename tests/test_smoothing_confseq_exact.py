@@ -189,3 +189,18 @@ def test_all_hits_give_a_positive_monotone_bound():
         full, one_miss = lower_bound(t, t, alpha, a, b), lower_bound(t - 1, t, alpha, a, b)
         assert np.all(full >= one_miss), t[full < one_miss][:10]
         assert np.all(upper_bound(0, t, alpha, a, b) <= upper_bound(1, t, alpha, a, b)), alpha
+
+
+def test_scalar_and_vectorized_newton_give_the_same_bounds(size):
+    """A call with a few entries runs the Newton iterations on Python floats (confseq._newton_scalar), a larger one
+    on numpy arrays; the exact-root tests above call one point at a time, so they check the scalar loop. Here the
+    whole grid in ONE call (the vectorized loop) must give bit-identical bounds, lower and upper, so both loops carry
+    those tests' guarantees. Ran once against a scalar loop with a looser stopping test (1e-12 for 1e-15): fails."""
+    pts = np.array(_grid(size.name))
+    s, t = pts[:, 0].astype(np.int64), pts[:, 1].astype(np.int64)
+    for w in WEIGHTS:
+        for bound in (lower_bound, upper_bound):
+            together = bound(s, t, pts[:, 2], pts[:, 3], pts[:, 4], kt_weight=w)
+            one_by_one = np.array([bound(*p[:2].astype(np.int64), *p[2:5], kt_weight=w) for p in pts])
+            differ = np.flatnonzero(together != one_by_one)
+            assert not len(differ), (bound.__name__, w, pts[differ[:3]], together[differ[:3]], one_by_one[differ[:3]])
