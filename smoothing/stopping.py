@@ -36,6 +36,7 @@ DEFAULT_GROWTH = 1.1
 #: no proposal; DEFAULT_PROPOSAL_SHRINK is the best shrink > 0 at that lambda by the same rule (the proposal adds
 #: nothing over the marginal-gain rule there: < 1% of samples at equal radius). Any value keeps validity.
 PER_INPUT_MIN_GAIN = 2e-4
+_EAGER_FUTILITY_JOBS = 2  # best_radius_decision: up to this many jobs, one kernel call computes every bound
 DEFAULT_PROPOSAL_SHRINK = 1.0
 
 
@@ -123,21 +124,28 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     bounds = _BoundBatch(alpha, a, b, check_kt_weight(kt_weight))
     every = np.arange(s.size)
     # projections are exact integers: S_t = t projects to t' hits
+    t_proj = np.minimum(2 * t_safe, np.maximum(budget, t_safe)) if fraction is None else budget
+    points = [(s, t_safe, every), ((s * t_proj) // t_safe, t_proj, every)]
+    # The futility bounds are needed where nothing is certified yet. For a few jobs they are computed for all of them
+    # in the same kernel call (cheaper than a second call); for many, only for the uncertified ones, afterwards.
+    eager = np.flatnonzero(t > 0) if s.size <= _EAGER_FUTILITY_JOBS else None
+    if eager is not None:
+        points += _futility_points(s, t_safe, budget, eager)
+    p = bounds.lower(points)
+    r_now, r_proj = validated_radius(p[0], sig), validated_radius(p[1], sig)
     if fraction is None:
-        t_next = np.minimum(2 * t_safe, np.maximum(budget, t_safe))
-        p_now, p_next = bounds.lower([(s, t_safe, every), ((s * t_next) // t_safe, t_next, every)])
-        r_now, r_next = validated_radius(p_now, sig), validated_radius(p_next, sig)
-        settled = (r_now > 0) & (r_next - r_now < gain_per_sample * np.maximum(t_next - t, 1))
+        settled = (r_now > 0) & (r_proj - r_now < gain_per_sample * np.maximum(t_proj - t, 1))
     else:
-        p_now, p_full = bounds.lower([(s, t_safe, every), ((s * budget) // t_safe, budget, every)])
-        r_now = validated_radius(p_now, sig)
-        settled = (r_now > 0) & (r_now >= fraction * validated_radius(p_full, sig))
+        settled = (r_now > 0) & (r_now >= fraction * r_proj)
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
     futile = np.zeros(s.shape, dtype=bool)
     low = np.flatnonzero((r_now <= 0) & (t > 0))
     if len(low):
-        sl, tl, bl = s[low], t_safe[low], budget[low]
-        p_mirror, p_budget = bounds.lower([(tl - sl, tl, low, "mirrored"), ((sl * bl) // tl, bl, low)])
+        if eager is not None:
+            at = np.searchsorted(eager, low)
+            p_mirror, p_budget = p[2][at], p[3][at]
+        else:
+            p_mirror, p_budget = bounds.lower(_futility_points(s, t_safe, budget, low))
         upper = upper_from_mirrored(p_mirror)  # U_t, exactly as confseq.upper_bound
         r_budget = validated_radius(p_budget, sig[low])
         futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
@@ -147,6 +155,13 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
     out[settled & (t > 0)] = Stop.CERTIFIED
     out = out.reshape(shape)
     return out if out.ndim else Stop(int(out))
+
+
+def _futility_points(s, t_safe, budget, jobs):
+    """The bounds of the futility rule for ``jobs`` (as :meth:`_BoundBatch.lower` points): the mirrored lower bound
+    (whose 1 - L is U_t) and the plug-in projection at the budget."""
+    sj, tj, bj = s[jobs], t_safe[jobs], budget[jobs]
+    return [(tj - sj, tj, jobs, "mirrored"), ((sj * bj) // tj, bj, jobs)]
 
 
 class _BoundBatch:
