@@ -1,8 +1,10 @@
 """Cost of one best-radius policy call (the engine's per-step decision) by number of jobs, this checkout against
 another one, side by side in one run.
 
-Each checkout runs in its own subprocess (its own ``smoothing`` on ``sys.path``), alternately, ``--rounds`` times; per
-checkout and job count the median over rounds of the mean call time is reported, and the ratio this / other. The
+Each checkout runs in its own subprocess (its own ``smoothing`` on ``sys.path``), alternately (which one goes first
+alternates too), ``--rounds`` times; per checkout and job count the median over rounds of the mean call time is
+reported, and the ratio this / other as the median of the per-round ratios (each round's two runs see about the same
+machine load) with their range. The
 jobs are random (seeded): counts t in [1, 3000), hit rates from 0.52 to 0.999, alpha 0.001 or 0.01, Beta priors with
 a in [0.3, 20] and b in [0.3, 5], budget 10,000, lambda 5e-5; the decision codes of both checkouts are compared too
 (they must be equal: the policy is the same function of (S_t, t)).
@@ -62,8 +64,11 @@ def main(argv=None) -> int:
     here = str(Path(__file__).resolve().parents[1])
     times: dict[str, dict[int, list[float]]] = {"this": {n: [] for n in JOB_COUNTS}, "other": {n: [] for n in JOB_COUNTS}}
     equal = True
-    for _ in range(args.rounds):  # alternate, so that both see the same machine load
-        this, other = run_checkout(here), run_checkout(args.against)
+    for r in range(args.rounds):  # alternate, so that both see the same machine load
+        if r % 2:
+            other, this = run_checkout(args.against), run_checkout(here)
+        else:
+            this, other = run_checkout(here), run_checkout(args.against)
         for n in JOB_COUNTS:
             times["this"][n].append(this[n][0])
             times["other"][n].append(other[n][0])
@@ -71,7 +76,8 @@ def main(argv=None) -> int:
     rows = []
     for n in JOB_COUNTS:
         a, b = float(np.median(times["this"][n])), float(np.median(times["other"][n]))
-        rows.append(f"| {n:,} | {b:.3f} | {a:.3f} | **{a / b:.2f}** |")
+        ratios = np.array(times["this"][n]) / np.array(times["other"][n])
+        rows.append(f"| {n:,} | {b:.3f} | {a:.3f} | **{np.median(ratios):.2f}** | {ratios.min():.2f} - {ratios.max():.2f} |")
     commit = subprocess.run(["git", "-C", args.against, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or args.against
     text = f"""# Cost of one best-radius policy call (the engine's per-step decision)
@@ -79,10 +85,10 @@ def main(argv=None) -> int:
 {__doc__.split(chr(10), 2)[2].strip()}
 
 Command: `python -m bench.decision_cost --against <checkout of {commit}> --rounds {args.rounds}`; this checkout vs
-{commit}, {args.rounds} alternating rounds, median of the per-round mean call time.
+{commit}, {args.rounds} alternating rounds: median of the per-round mean call time, and of the per-round ratios.
 
-| jobs in the call | {commit} ms | this checkout ms | **ratio** |
-|---|---|---|---|
+| jobs in the call | {commit} ms | this checkout ms | **ratio** (median over rounds) | ratio range over rounds |
+|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Decision codes identical in every call: **{'yes' if equal else 'NO'}**.

@@ -36,8 +36,10 @@ DEFAULT_GROWTH = 1.1
 #: no proposal; DEFAULT_PROPOSAL_SHRINK is the best shrink > 0 at that lambda by the same rule (the proposal adds
 #: nothing over the marginal-gain rule there: < 1% of samples at equal radius). Any value keeps validity.
 PER_INPUT_MIN_GAIN = 2e-4
-_EAGER_FUTILITY_JOBS = 2  # best_radius_decision: up to this many jobs, one kernel call computes every bound
 DEFAULT_PROPOSAL_SHRINK = 1.0
+
+#: best_radius_decision: up to this many jobs, one kernel call computes every bound (futility ones included).
+_EAGER_FUTILITY_JOBS = 2
 
 
 class Stop(enum.IntEnum):

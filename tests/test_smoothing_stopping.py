@@ -154,6 +154,26 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
     assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
 
 
+def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
+    """For one or two jobs the policy computes the futility rule's bounds in its first kernel call, for every job
+    (smoothing.stopping._EAGER_FUTILITY_JOBS), and picks those of the jobs with no radius; calls of one and of two
+    jobs must give the documented rule's codes, FUTILITY included. Run once against a bug of that picking (the
+    mirrored bound and the budget projection swapped): fails."""
+    rng = np.random.default_rng(12)
+    s, t = _grid(300)
+    pick = rng.choice(s.size, 120, replace=False)
+    s, t = s[pick], t[pick]
+    alpha, a, b = rng.choice([0.1, 0.001], s.size), rng.choice([0.5, 29.0], s.size), rng.choice([0.5, 7.0], s.size)
+    want = np.array([_best_rule(s[i:i + 1], t[i:i + 1], alpha[i], 2000, a[i], b[i], DEFAULT_KT_WEIGHT,
+                                min_gain=1e-4)[0] for i in range(s.size)])
+    for width in (1, 2):
+        got = np.concatenate([best_radius_decision(s[i:i + width], t[i:i + width], sigma=SIGMA, alpha=alpha[i:i + width],
+                                                   budget=2000, a=a[i:i + width], b=b[i:i + width], min_gain=1e-4)
+                              for i in range(0, s.size, width)])
+        assert np.array_equal(got, want), width
+    assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
+
+
 def test_best_radius_decision_easy_and_hard_cases():
     """Picked by computing (alpha = 0.001, sigma = 0.25, budget 10k, KT): with S = t = 1000 the radius is 0.574 and
     2000/2000 would give 0.634, i.e. 6.0e-5 per sample: stop at lambda = 1e-4, continue at 1e-5; S = t = 100 (0.330)
