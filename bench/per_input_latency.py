@@ -7,8 +7,10 @@ seed and certifies the first ``--images`` test images one at a time through ``Ce
 service the HTTP app calls: plan, e-process job on the engine, certificate, seal), after a warm-up. Reported per
 checkout: the median over rounds of the mean request latency and of the mean samples per request, and the ratio
 this / other as the median of the per-round ratios (each round's two runs see about the same machine load) with
-their range. At one request in flight the engine's per-step bookkeeping (mostly the stopping policy) runs next to
-every model call of the job, so it shows up in the latency directly.
+their range, also per sample (the seeded noise stream is shared by consecutive requests, so a change in how many
+samples the engine draws moves later requests onto other noise and other sample counts). At one request in flight
+the engine's per-step bookkeeping (mostly the stopping policy) runs between the job's model calls, so it shows up in
+the latency directly.
 
     python -m bench.per_input_latency --against DIR   # DIR: another checkout, e.g. git worktree add /tmp/before e827423
 """
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
             print(f"  round {r + 1}: {name} {runs[name][-1]['ms']:.1f} ms, {runs[name][-1]['samples']:.0f} samples",
                   flush=True)
     ratios = np.array([a["ms"] / b["ms"] for a, b in zip(runs["this"], runs["other"])])
+    per_sample = np.array([(a["ms"] / a["samples"]) / (b["ms"] / b["samples"])
+                           for a, b in zip(runs["this"], runs["other"])])
     commit = subprocess.run(["git", "-C", args.against, "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or args.against
     med = {k: (float(np.median([x["ms"] for x in v])), float(np.median([x["samples"] for x in v])))
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
           f"| checkout | mean latency ms | mean samples |\n|---|---|---|\n"
           f"| {commit} | {med['other'][0]:.1f} | {med['other'][1]:.0f} |\n| this | {med['this'][0]:.1f} | "
           f"{med['this'][1]:.0f} |\n\nlatency ratio this / {commit}: **{np.median(ratios):.2f}** (per-round range "
-          f"{ratios.min():.2f} - {ratios.max():.2f})")
+          f"{ratios.min():.2f} - {ratios.max():.2f}); per sample: **{np.median(per_sample):.2f}** ({per_sample.min():.2f}"
+          f" - {per_sample.max():.2f})")
     return 0
 
 
