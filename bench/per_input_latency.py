@@ -88,8 +88,8 @@ def main(argv=None) -> int:
           f"| checkout | mean latency ms | mean samples |\n|---|---|---|\n"
           f"| {commit} | {med['other'][0]:.1f} | {med['other'][1]:.0f} |\n| this | {med['this'][0]:.1f} | "
           f"{med['this'][1]:.0f} |\n\nlatency ratio this / {commit}: **{np.median(ratios):.2f}** (per-round range "
-          f"{ratios.min():.2f} - {ratios.max():.2f}); per sample: **{np.median(per_sample):.2f}** ({per_sample.min():.2f}"
-          f" - {per_sample.max():.2f})")
+          f"{ratios.min():.2f} - {ratios.max():.2f}); per sample: **{np.median(per_sample):.2f}** "
+          f"({per_sample.min():.2f} - {per_sample.max():.2f})")
     return 0
 
 
