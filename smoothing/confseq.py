@@ -125,16 +125,16 @@ def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     if len(active) <= _SCALAR_NEWTON_MAX:  # a few jobs: plain floats beat numpy's per-call cost ~20x
         for i in active:
             v[i] = _newton_scalar(float(v[i]), float(const[i]), float(s[i]), float(f[i]), shrink, float(log_phat[i]))
-        active = active[:0]
-    for _ in range(_MAX_NEWTON):
-        if not len(active):
-            break
-        va = v[active]
-        gv, slope = g_and_slope(va, active)
-        step = np.where((slope < 0) & (gv > 0), -gv / slope, 0.0)
-        v_new = np.minimum(va + step, log_phat[active])
-        v[active] = v_new
-        active = active[v_new - va > 1e-15 * np.abs(va)]
+    else:
+        for _ in range(_MAX_NEWTON):
+            if not len(active):
+                break
+            va = v[active]
+            gv, slope = g_and_slope(va, active)
+            step = np.where((slope < 0) & (gv > 0), -gv / slope, 0.0)
+            v_new = np.minimum(va + step, log_phat[active])
+            v[active] = v_new
+            active = active[v_new - va > 1e-15 * np.abs(va)]
     # Convexity keeps every iterate left of the root in exact arithmetic; rounding in a long first jump can still
     # land a few ulp past it. Verify with the very function `rejects` uses and step back where needed: a Newton step
     # taken from the right of the root of a convex decreasing function lands left of it, plus a growing margin.
