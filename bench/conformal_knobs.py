@@ -44,17 +44,12 @@ def main(argv=None) -> int:
     hits = lab.counts[: args.tune][np.arange(len(cls)), cls]
     correct = cls == lab.labels[: args.tune]
     results = {}
-    for rep in range(args.repeats):
-        perm = np.random.default_rng(rep).permutation(args.tune)
-        fit, held = perm[: args.tune // 2], perm[args.tune // 2:]
-        for scale, point in (("unit", "isotonic"), ("spread", "isotonic"), ("spread", "raw")):
-            for bins in (1, 2, 3, 4):
-                block = fit_calibration(g[fit], hits[fit], g[held], hits[held], meta["num_samples"], levels=LEVELS,
-                                        max_bins=bins, scale=scale, point=point)
-                for lv in block["levels"]:
-                    _, r = conformal_certificate(g[held], args.sigma, **ConformalLevel(**lv).as_arguments())
-                    key = (f"{scale}" if point == "isotonic" else f"{scale}, raw p_hat", bins, lv["alpha"])
-                    results.setdefault(key, []).append(float(np.mean(np.where(correct[held], r, 0))))
+    for scale, point in (("unit", "isotonic"), ("spread", "isotonic"), ("spread", "raw")):
+        for bins in (1, 2, 3, 4):
+            per_level = tuning_fold_radius(g, hits, correct, meta["num_samples"], args.sigma, repeats=args.repeats,
+                                           max_bins=bins, scale=scale, point=point)
+            for alpha, radii in per_level.items():
+                results[(f"{scale}" if point == "isotonic" else f"{scale}, raw p_hat", bins, alpha)] = radii
     rows = sorted(((np.mean([np.mean(results[(s, b, a)]) for a in LEVELS]), s, b) for s, b, _ in results), reverse=True)
     lines = ["# Choosing the calibration's knobs (tuning part only)", "",
              f"Command: `python -m bench.conformal_knobs --counts {args.counts} --tune {args.tune}` ({args.repeats} "
@@ -67,6 +62,21 @@ def main(argv=None) -> int:
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def tuning_fold_radius(g, hits, correct, num_samples: int, sigma: float, *, repeats: int, **options) -> dict:
+    """Per level of LEVELS, the mean certified radius (0 for wrong or abstained) on the held-out half of each of
+    ``repeats`` seeded 2-fold splits of tuning images (log-odds ``g``, label ``hits``, class ``correct``): maps, bins
+    and quantiles fitted on one half (``options``: fit_calibration's knobs), radii scored on the other."""
+    results: dict[float, list[float]] = {}
+    for rep in range(repeats):
+        perm = np.random.default_rng(rep).permutation(len(g))
+        fit, held = perm[: len(g) // 2], perm[len(g) // 2:]
+        block = fit_calibration(g[fit], hits[fit], g[held], hits[held], num_samples, levels=LEVELS, **options)
+        for lv in block["levels"]:
+            _, r = conformal_certificate(g[held], sigma, **ConformalLevel(**lv).as_arguments())
+            results.setdefault(lv["alpha"], []).append(float(np.mean(np.where(correct[held], r, 0))))
+    return results
 
 
 if __name__ == "__main__":

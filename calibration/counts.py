@@ -64,6 +64,21 @@ def compute_counts(engine: SamplingEngine, images: np.ndarray, num_samples: int,
     return load_counts(out_dir)
 
 
+def refine_confident_counts(engine: SamplingEngine, images: np.ndarray, counts: np.ndarray, extra_samples: int, *,
+                            min_hits: int, out_dir: str | Path, seed: int, model_sha256: str,
+                            progress: bool = True) -> np.ndarray:
+    """``counts`` (N, K) plus ``extra_samples`` fresh noisy predictions (their own seed, so independent noise) for
+    every image whose top count is at least ``min_hits``: training labels only (the surrogate's soft labels). A
+    one-hot 256-sample label cannot tell pA = 0.999 from 0.99, which is where the calibration's largest scores come
+    from. Resumable like :func:`compute_counts` (the refined images' shards live in ``out_dir``)."""
+    confident = np.flatnonzero(np.asarray(counts).max(axis=1) >= min_hits)
+    refined = np.asarray(counts, dtype=np.int64).copy()
+    if len(confident):
+        refined[confident] += compute_counts(engine, images[confident], extra_samples, out_dir=out_dir, seed=seed,
+                                             model_sha256=model_sha256, progress=progress)
+    return refined
+
+
 @dataclass(frozen=True)
 class LabelledImages:
     """The calibration-split images counted in a counts directory, with their labels and counts (N, K)."""

@@ -69,13 +69,14 @@ def train_base(x: np.ndarray, y: np.ndarray, *, num_classes: int, sigma: float, 
 
 
 def train_surrogate(x: np.ndarray, counts: np.ndarray, *, init: nn.Module | None = None, epochs: int = 15,
-                    batch_size: int = 256, lr: float = 2e-3, seed: int = 1, device: str = "auto") -> SmallCNN:
+                    batch_size: int = 256, lr: float = 2e-3, seed: int = 1, device: str = "auto",
+                    width_mult: int = 32) -> SmallCNN:
     """Surrogate of the smoothed classifier: soft-label cross-entropy against counts / counts.sum(1) on clean x."""
     device = pick_device(device)
     c, h, w = x.shape[1:]
     num_classes = counts.shape[1]
     torch.manual_seed(seed)
-    model = SmallCNN(c, num_classes, h, w)
+    model = SmallCNN(c, num_classes, h, w, width_mult=width_mult)
     if init is not None:
         model.load_state_dict({k: v.detach().cpu() for k, v in init.state_dict().items()})
     soft = (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from calibration.counts import compute_counts, images_digest, load_counts
+from calibration.counts import compute_counts, images_digest, load_counts, refine_confident_counts
 from calibration.data import load_fashion_mnist
 from models.backends import OnnxBackend
 from models.bundle import DEFAULT_BUNDLE_DIR, sha256_file
@@ -194,6 +194,27 @@ def test_resume_after_interruption_gives_identical_totals(backend, test_images, 
     spy = Spy(backend)
     again = compute_counts(_engine(spy), x, 50, out_dir=part, **kw)
     np.testing.assert_array_equal(again, full)
+    assert spy.batches == []
+
+
+def test_refined_counts_add_fresh_samples_to_confident_images_only(backend, test_images, base_sha, tmp_path):
+    """Only images whose top count reaches ``min_hits`` get the extra samples, from their own seed (not a replay of
+    the first counts' noise), and a rerun reuses the shards. Run against a bug that refines every image, the totals
+    check fails."""
+    x = test_images[0][:12]
+    first = compute_counts(_engine(backend), x, 16, out_dir=tmp_path / "first", seed=1, model_sha256=base_sha,
+                           shard_size=4, progress=False)
+    confident = first.max(axis=1) >= 16
+    assert 0 < confident.sum() < len(x)  # the case is informative: some images are refined, some are not
+    kw = dict(min_hits=16, out_dir=tmp_path / "extra", seed=5, model_sha256=base_sha, progress=False)
+    refined = refine_confident_counts(_engine(backend), x, first, 48, **kw)
+    np.testing.assert_array_equal(refined.sum(axis=1), np.where(confident, 64, 16))
+    np.testing.assert_array_equal(refined[~confident], first[~confident])
+    extra = compute_counts(_engine(backend), x[confident], 48, out_dir=tmp_path / "direct", seed=5,
+                           model_sha256=base_sha, progress=False)
+    np.testing.assert_array_equal(refined[confident], first[confident] + extra)
+    spy = Spy(backend)
+    np.testing.assert_array_equal(refine_confident_counts(_engine(spy), x, first, 48, **kw), refined)
     assert spy.batches == []
 
 
