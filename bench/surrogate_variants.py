@@ -175,6 +175,12 @@ def _write(args, rows, seconds: float) -> None:
         ensemble = next(r["folds"] for r in rows if r["name"].startswith(f"{kind}, ensemble"))
         lines.append(f"{kind}: the ensemble {ensemble:.4f} on tuning folds vs its members {min(members):.4f}-"
                      f"{max(members):.4f} (mean {np.mean(members):.4f}).")
+    by_name = {r["name"]: r["folds"] for r in rows}
+    for row in rows:
+        if "refined labels" in row["name"]:
+            seed = row["name"].rsplit("seed ", 1)[1]
+            lines.append(f"Refined labels, seed {seed}: {row['folds']:.4f} on tuning folds vs "
+                         f"{by_name[f'base-init, seed {seed}']:.4f} with the same seed on the 256-sample labels.")
     lines.append("")
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
