@@ -9,36 +9,22 @@ from __future__ import annotations
 import numpy as np
 
 from models.jobs import COHEN, SEQUENTIAL, JobTable
-from smoothing import (Stop, best_radius_decision, clopper_pearson_lower, lower_bound, radius_from_probability,
-                       target_radius_decision)
-from smoothing.stopping import proposal_decision
+from smoothing import Stop, clopper_pearson_lower, lower_bound, radius_from_probability
+from smoothing.stopping import validated_best_radius_codes, validated_proposal_codes, validated_target_codes
 
 STOP_NAMES = {int(Stop.TARGET): "target", int(Stop.CERTIFIED): "certified", int(Stop.FUTILITY): "futility",
               int(Stop.BUDGET): "budget"}
 
 
-def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.ndarray, dict[int, Exception]]:
+def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
     """Stop codes (:class:`smoothing.Stop`) of the sequential jobs in ``slots`` at their current counts: one call
-    per policy (target radius, proposal, best radius). A job whose parameters make its policy raise ValueError is
-    isolated (evaluated alone) and reported in the returned {slot: error} instead of failing the others."""
-    codes = np.full(len(slots), int(Stop.CONTINUE), dtype=np.int8)
-    failures: dict[int, Exception] = {}
+    per policy (target radius, proposal, best radius), on the job table's parameters as validated at submission
+    (:func:`models.jobs.check_spec`)."""
+    codes = np.zeros(len(slots), dtype=np.int8)  # Stop.CONTINUE
     for mask in policy_groups(table, slots):
-        if not mask.any():
-            continue
-        group = slots[mask]
-        try:
-            codes[mask] = _policy(table, group, sigma)
-        except ValueError:
-            sub = np.empty(len(group), dtype=np.int8)
-            for k, slot in enumerate(group):
-                try:
-                    sub[k] = _policy(table, group[k:k + 1], sigma)[0]
-                except ValueError as exc:
-                    failures[int(slot)] = exc
-                    sub[k] = int(Stop.CONTINUE)
-            codes[mask] = sub
-    return codes, failures
+        if mask.any():
+            codes[mask] = _policy(table, slots[mask], sigma)
+    return codes
 
 
 def policy_groups(table: JobTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,12 +95,9 @@ class DecisionTables:
         hits = t.hits(ready)
         s = hits[owner] + (np.arange(len(owner)) - np.repeat(np.cumsum(width) - width, width))
         codes = np.empty(len(owner), dtype=np.int8)
-        try:
-            for mask in policy_groups(t, slots):
-                if mask.any():
-                    codes[mask] = _policy_at(t, slots[mask], s[mask], t.cp[slots[mask]], sigma)
-        except ValueError:  # a job at fault: leave it to the direct evaluation, which isolates it
-            return
+        for mask in policy_groups(t, slots):
+            if mask.any():
+                codes[mask] = _policy_at(t, slots[mask], s[mask], t.cp[slots[mask]], sigma)
         ends = np.cumsum(width)
         for k, slot in enumerate(ready):
             self._tables[int(slot)] = (int(t.gen[slot]), int(t.cp[slot]), int(hits[k]), codes[ends[k] - width[k]:ends[k]])
@@ -136,25 +119,25 @@ class DecisionTables:
                 codes[k], found[k] = tab[h], True
         return codes, found
 
-    def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> tuple[np.ndarray, dict[int, Exception]]:
+    def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> np.ndarray:
         """:func:`policy_decisions` of ``due``, from the precomputed tables where they exist."""
         codes, found = self.lookup(table, due)
-        failures: dict[int, Exception] = {}
         if not found.all():
-            codes[~found], failures = policy_decisions(table, due[~found], sigma)
-        return codes, failures
+            codes[~found] = policy_decisions(table, due[~found], sigma)
+        return codes
 
 
 def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
     """The policy of ``slots`` (all in one group of :func:`policy_groups`) at hits ``s`` in ``t`` samples, with each
     job's own alpha, budget and prior (the ones its certificate uses, :func:`certificates`) and, for best-radius and
-    proposal jobs, its own min_gain (fixed at admission, so a tabulated code stays that job's code)."""
-    common = dict(sigma=sigma, alpha=table.alpha[slots], budget=table.budget[slots], a=table.a[slots],
-                  b=table.b[slots])
+    proposal jobs, its own min_gain (fixed at admission, so a tabulated code stays that job's code). The validated
+    entry points of :mod:`smoothing.stopping` give the same codes as the public policies; the parameters were
+    checked once, at submission."""
+    common = (s, t, table.alpha[slots], table.a[slots], table.b[slots], table.budget[slots],
+              np.repeat(float(sigma), len(slots)))
     target, proposal = table.target[slots], table.proposal[slots]
     if not np.isnan(target[0]):
-        return np.atleast_1d(target_radius_decision(s, t, target_radius=target, **common))
+        return validated_target_codes(*common, target)
     if not np.isnan(proposal[0]):
-        return np.atleast_1d(proposal_decision(s, t, proposal_radius=proposal, min_gain=table.min_gain[slots],
-                                               **common))
-    return np.atleast_1d(best_radius_decision(s, t, min_gain=table.min_gain[slots], **common))
+        return validated_proposal_codes(*common, table.min_gain[slots], proposal)
+    return validated_best_radius_codes(*common, table.min_gain[slots])

@@ -317,14 +317,12 @@ class SequentialEngine:
             due = table.at_checkpoint(landed)
             if len(due):
                 self.decided += len(due)
-                codes, failures = self._tables.decide(table, due, self.sigma)
+                codes = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
                 now = table.settle(due[stop], codes[stop])
                 if len(now):
                     answers += self._answer(now, [STOP_NAMES[int(c)] for c in table.stop_code[now]])
-                for slot, exc in failures.items():
-                    answers.append(self._fail_slot(slot, exc))
             self.decision_seconds += time.perf_counter() - t0
         _resolve(answers)
 

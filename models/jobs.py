@@ -238,11 +238,21 @@ class JobTable:
 
 
 def check_spec(spec) -> None:
-    """ValueError, with a message saying what was expected, for a job spec the engine cannot run (at submit)."""
+    """ValueError, with a message saying what was expected, for a job spec the engine cannot run (at submit).
+
+    These are all the checks of the stopping policies and the certificate's bound on a job's own parameters: the
+    engine runs the validated entry points of :mod:`smoothing.stopping` at every step, so a job must be valid here."""
     if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
         raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
     if spec.kind not in KINDS:
         raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+    if not (_is_real(spec.alpha) and 0.0 < spec.alpha < 1.0):
+        raise ValueError(f"alpha must lie strictly between 0 and 1, got {spec.alpha!r}")
+    if len(spec.prior) != 2 or not all(_is_real(x) and math.isfinite(x) and x > 0 for x in spec.prior):
+        raise ValueError(f"the Beta prior must be two finite numbers > 0, got {spec.prior!r}")
+    if spec.target_radius is not None and not (_is_real(spec.target_radius) and math.isfinite(spec.target_radius)
+                                               and spec.target_radius >= 0):
+        raise ValueError(f"target_radius must be a finite number >= 0, got {spec.target_radius!r}")
     _check_min_gain(spec)
     r = spec.proposal_radius
     if r is None:
@@ -252,8 +262,12 @@ def check_spec(spec) -> None:
                          "that radius is verified, else best radius), not both")
     if spec.kind != "sequential":
         raise ValueError(f"proposal_radius applies to sequential jobs only, not to kind {spec.kind!r}")
-    if not (isinstance(r, numbers.Real) and math.isfinite(r) and r >= 0):
+    if not (_is_real(r) and math.isfinite(r) and r >= 0):
         raise ValueError(f"proposal_radius must be a finite number >= 0, got {r!r}")
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_min_gain(spec) -> None:
@@ -261,7 +275,7 @@ def _check_min_gain(spec) -> None:
     g = spec.min_gain
     if g is None:
         return
-    if not (isinstance(g, numbers.Real) and not isinstance(g, bool) and math.isfinite(g) and g >= 0):
+    if not (_is_real(g) and math.isfinite(g) and g >= 0):
         raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {g!r}")
     if spec.kind != "sequential" or spec.target_radius is not None:
         raise ValueError("min_gain applies to sequential best-radius and proposal jobs only, not to "

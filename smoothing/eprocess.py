@@ -57,10 +57,18 @@ def rejects(successes, trials, p0, alpha, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_we
     s, t = check_counts(successes, trials)
     p = check_probability(p0, "p0")
     a, b = check_prior(a, b)
-    log_threshold = -np.log(check_alpha(alpha))
-    mix, magnitude = log_marginal(s, t - s, a, b, check_kt_weight(kt_weight))
-    out = (log_e_excess(s, t, p, log_threshold, mix, magnitude) >= 0) & (s >= p * t)
+    out = validated_rejects(s, t, p, check_alpha(alpha), a, b, check_kt_weight(kt_weight))
     return out if out.ndim else bool(out)
+
+
+def validated_rejects(s, t, p0, alpha, a, b, kt_weight):
+    """:func:`rejects` (same guarantee, same answers, always an array) for arguments the caller has validated: int64
+    counts 0 <= s <= t, p0 in (0, 1), alpha in (0, 1), a, b > 0 (arrays broadcasting together), ``kt_weight`` a
+    float in [0, 1]. The stopping policies use it on the engine's job table, whose parameters are checked once at
+    submission (models.jobs.check_spec), not at every step."""
+    log_threshold = -np.log(alpha)
+    mix, magnitude = log_marginal(s, t - s, a, b, kt_weight)
+    return (log_e_excess(s, t, p0, log_threshold, mix, magnitude) >= 0) & (s >= p0 * t)
 
 
 def log_e_excess(s, t, p, log_threshold, mix, magnitude):

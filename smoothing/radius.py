@@ -40,9 +40,17 @@ def radius_from_probit(z_lower, sigma):
 def validated_radius(p_lower, sigma):
     """:func:`radius_from_probability` (same guarantee, same values, always an array) for arguments the caller has
     already validated: float arrays, p_lower in [0, 1], sigma > 0. The stopping policies convert several bounds per
-    job per engine step, where the repeated checks cost more than the conversion."""
-    with np.errstate(divide="ignore"):
-        return _radius_of_probit(ndtri(np.where(p_lower > 0.5, p_lower, 0.5)), sigma)
+    job per engine step, where the repeated checks cost more than the conversion. (ndtri(1) = inf raises no
+    floating-point flag, so no errstate is needed: the infinite radius is mapped to 0 below.)"""
+    return _radius_of_probit(ndtri(np.where(p_lower > 0.5, p_lower, 0.5)), sigma)
+
+
+def validated_radius_one(p_lower: float, sigma: float) -> float:
+    """:func:`validated_radius` of one bound on Python floats: the same operations in the same order (bit-identical;
+    the one-job policy decision uses it, tests/test_smoothing_stopping.py compares it with the array path)."""
+    z = ndtri(p_lower if p_lower > 0.5 else 0.5)
+    r = sigma * z * (1.0 - RADIUS_ROUNDING) if z > 0 else 0.0
+    return float(r) if np.isfinite(r) else 0.0
 
 
 def _radius_of_probit(z, sigma):

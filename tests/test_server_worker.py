@@ -332,11 +332,18 @@ def test_decisions_are_not_tabulated_ahead_on_a_cpu_sampler(make_engine):
 
 
 def test_invalid_job_is_refused(make_engine, images):
+    """Refused at submit with a message saying what was expected. The engine evaluates the validated entry points of
+    smoothing.stopping at every step, so alpha, the prior and the target must be checked here: run once without
+    those checks, the NaN prior and alpha = 1.5 jobs were accepted (and would have been decided on NaN bounds)."""
     engine = make_engine(start=False)
-    with pytest.raises(ValueError):
-        engine.submit(JobSpec(images[0], 0.01, 0, deadline(60)))
-    with pytest.raises(ValueError):
-        engine.submit(JobSpec(images[0], 0.01, 100, deadline(60), kind="cohen", n0=0))
+    bad = [(dict(budget=0), "budget"), (dict(kind="cohen", n0=0), "n0"), (dict(alpha=0.0), "alpha"),
+           (dict(alpha=1.5), "alpha"), (dict(alpha=float("nan")), "alpha"), (dict(prior=(float("nan"), 1.0)), "prior"),
+           (dict(prior=(0.5, -1.0)), "prior"), (dict(prior=(0.5,)), "prior"),
+           (dict(target_radius=-0.1), "target_radius"), (dict(target_radius=float("inf")), "target_radius")]
+    for change, expected in bad:
+        spec = dict(image=images[0], alpha=0.01, budget=100, deadline=deadline(60)) | change
+        with pytest.raises(ValueError, match=expected):
+            engine.submit(JobSpec(**spec))
     assert engine.live_jobs == 0
 
 

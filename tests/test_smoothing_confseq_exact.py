@@ -192,10 +192,12 @@ def test_all_hits_give_a_positive_monotone_bound():
 
 
 def test_scalar_and_vectorized_newton_give_the_same_bounds(size):
-    """A call with a few entries runs the Newton iterations on Python floats (confseq._newton_scalar), a larger one
-    on numpy arrays; the exact-root tests above call one point at a time, so they check the scalar loop. Here the
-    whole grid in ONE call (the vectorized loop) must give bit-identical bounds, lower and upper, so both loops carry
-    those tests' guarantees. Ran once against a scalar loop with a looser stopping test (1e-12 for 1e-15): fails."""
+    """A call with a few entries runs entry by entry on Python floats (confseq._lower_bound_one: marginal likelihood,
+    Newton iterations, verification), a larger one on numpy arrays; the exact-root tests above call one point at a
+    time, so they check the float path. Here the whole grid in ONE call (the vectorized kernel) must give
+    bit-identical bounds, lower and upper, so both paths carry those tests' guarantees. Ran once against a scalar
+    loop with a looser stopping test (1e-12 for 1e-15), and once against a float path whose rounding margin left out
+    the threshold's term: both fail."""
     pts = np.array(_grid(size.name))
     s, t = pts[:, 0].astype(np.int64), pts[:, 1].astype(np.int64)
     for w in WEIGHTS:

@@ -155,17 +155,19 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
 
 
 def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
-    """For one or two jobs the policy computes the futility rule's bounds in its first kernel call, for every job
-    (smoothing.stopping._EAGER_FUTILITY_JOBS), and picks those of the jobs with no radius; calls of one and of two
-    jobs must give the documented rule's codes, FUTILITY included. Run once against a bug of that picking (the
-    mirrored bound and the budget projection swapped): fails."""
+    """A lone job's decision runs the whole rule on Python floats (smoothing.stopping._best_radius_code_one, the path
+    of a per-input request alone in the engine); for two jobs the rule runs on arrays with every bound computed on
+    floats (smoothing.confseq._lower_bound_one). Calls of one and of two jobs must give the documented rule's
+    codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs gives them. Run once against
+    each of three bugs: the prior's a and b swapped in the float bound's marginal likelihood, the mirrored prior
+    left unmirrored in the one-job futility bound, the one-job gain divided by t' instead of t' - t: each fails."""
     rng = np.random.default_rng(12)
     s, t = _grid(300)
-    pick = rng.choice(s.size, 120, replace=False)
+    pick = rng.choice(s.size, 600, replace=False)
     s, t = s[pick], t[pick]
     alpha, a, b = rng.choice([0.1, 0.001], s.size), rng.choice([0.5, 29.0], s.size), rng.choice([0.5, 7.0], s.size)
-    want = np.array([_best_rule(s[i:i + 1], t[i:i + 1], alpha[i], 2000, a[i], b[i], DEFAULT_KT_WEIGHT,
-                                min_gain=1e-4)[0] for i in range(s.size)])
+    # the reference in ONE call over all 600 jobs: its bounds come from the vectorized kernel
+    want = _best_rule(s, t, alpha, 2000, a, b, DEFAULT_KT_WEIGHT, min_gain=1e-4)
     for width in (1, 2):
         got = np.concatenate([best_radius_decision(s[i:i + width], t[i:i + width], sigma=SIGMA, alpha=alpha[i:i + width],
                                                    budget=2000, a=a[i:i + width], b=b[i:i + width], min_gain=1e-4)
