@@ -309,20 +309,20 @@ class SequentialEngine:
         with self._state:
             landed = table.land(batch, counts)
             t0 = time.perf_counter()
-            done = table.completed_fixed(landed)
-            answers = self._answer(done, "budget") if len(done) else []
+            done = table.completed_fixed(landed)  # fixed-n and Cohen jobs with all their samples counted
             settled = table.settled(landed)  # stopped by their policy earlier, last samples now counted
-            if len(settled):
-                answers += self._answer(settled, [STOP_NAMES[int(c)] for c in table.stop_code[settled]])
-            due = table.at_checkpoint(landed)
+            due = table.at_checkpoint(landed)  # neither of the above: those are not running a policy
+            now = due[:0]
             if len(due):
                 self.decided += len(due)
                 codes = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
                 now = table.settle(due[stop], codes[stop])
-                if len(now):
-                    answers += self._answer(now, [STOP_NAMES[int(c)] for c in table.stop_code[now]])
+            stopped = np.concatenate([settled, now])
+            finished = np.concatenate([done, stopped])  # one certificate call for all of them
+            names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
+            answers = self._answer(finished, names) if len(finished) else []
             self.decision_seconds += time.perf_counter() - t0
         _resolve(answers)
 

@@ -145,8 +145,14 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     every = np.arange(s.size)
     # projections are exact integers: S_t = t projects to t' hits
     t_proj = np.minimum(2 * t_safe, np.maximum(budget, t_safe)) if fraction is None else budget
-    p = bounds.lower([(s, t_safe, every), ((s * t_proj) // t_safe, t_proj, every)])
-    radii = validated_radius(np.concatenate(p), np.concatenate([sigma, sigma]))  # one call for both
+    # The futility rule needs two more bounds where nothing is certified (r_now = 0). Jobs that may be there are
+    # predicted by the e-value test at 1/2 + 1e-9 (no rejection: L_t may be <= 1/2; ~1/5 of a kernel call) and get
+    # them in the same kernel call; a job found without a radius but not predicted gets them in a second call below,
+    # so the codes are the rule's whatever the prediction.
+    maybe_low = np.flatnonzero((t > 0) & ~validated_rejects(s, t_safe, _HALF_AND_MARGIN, alpha, a, b, kt_weight))
+    p = bounds.lower([(s, t_safe, every), ((s * t_proj) // t_safe, t_proj, every),
+                      *_futility_points(s, t_safe, budget, maybe_low)])
+    radii = validated_radius(np.concatenate(p[:2]), np.concatenate([sigma, sigma]))  # one call for both
     r_now, r_proj = radii[:s.size], radii[s.size:]
     if fraction is None:
         settled = (r_now > 0) & (r_proj - r_now < min_gain * np.maximum(t_proj - t, 1))
@@ -155,8 +161,14 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
     futile = np.zeros(s.shape, dtype=bool)
     low = np.flatnonzero((r_now <= 0) & (t > 0))
-    if len(low):  # a second kernel call, for these jobs only (for a few jobs it runs on floats: ~15 us per bound)
-        p_mirror, p_budget = bounds.lower(_futility_points(s, t_safe, budget, low))
+    if len(low):
+        predicted = np.isin(low, maybe_low)
+        p_mirror, p_budget = np.empty(len(low)), np.empty(len(low))
+        at = np.searchsorted(maybe_low, low[predicted])
+        p_mirror[predicted], p_budget[predicted] = p[2][at], p[3][at]
+        if not predicted.all():
+            p_mirror[~predicted], p_budget[~predicted] = bounds.lower(_futility_points(s, t_safe, budget,
+                                                                                      low[~predicted]))
         upper = upper_from_mirrored(p_mirror)  # U_t, exactly as confseq.upper_bound
         r_budget = validated_radius(p_budget, sigma[low])
         futile[low] = (upper < 0.5) | ((t[low] >= min_futility_trials) & (r_budget <= 0))
@@ -165,6 +177,11 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     out[futile] = Stop.FUTILITY
     out[settled & (t > 0)] = Stop.CERTIFIED
     return out
+
+
+#: p0 of the test that predicts which jobs may have no radius (validated_best_radius_codes); the margin keeps the
+#: prediction a superset of them despite the rounding of the bound (and a miss would only cost a second call).
+_HALF_AND_MARGIN = 0.5 + 1e-9
 
 
 def _best_radius_code_one(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, min_futility_trials) -> int:

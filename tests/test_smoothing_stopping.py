@@ -154,6 +154,24 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
     assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
 
 
+@pytest.mark.parametrize("p0", [0.01, 0.5 + 1e-9, 0.999])
+def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(monkeypatch, p0):
+    """The futility bounds are computed in the first kernel call for the jobs an e-value test at p0 predicts may have
+    no radius (smoothing.stopping._HALF_AND_MARGIN, 1/2 + 1e-9), and in a second call for the others found without
+    one. With p0 = 0.01 only jobs with a hit rate near 0 are predicted (the others go to the second call), with 0.999
+    nearly every job is: the codes must be the rule's in each case. Run once against a bug of the merge (the mirrored bound and the budget
+    projection of the predicted jobs swapped): fails."""
+    import smoothing.stopping as stopping
+
+    monkeypatch.setattr(stopping, "_HALF_AND_MARGIN", p0)
+    rng = np.random.default_rng(13)
+    s, t = _grid(300)
+    alpha, a = rng.choice([0.1, 0.001], s.size), rng.choice([0.5, 29.0], s.size)
+    d = best_radius_decision(s, t, sigma=SIGMA, alpha=alpha, budget=2000, a=a, b=0.5, min_gain=1e-4)
+    assert np.array_equal(d, _best_rule(s, t, alpha, 2000, a, 0.5, DEFAULT_KT_WEIGHT, min_gain=1e-4))
+    assert Stop.FUTILITY in set(d.tolist())
+
+
 def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
     """A lone job's decision runs the whole rule on Python floats (smoothing.stopping._best_radius_code_one, the path
     of a per-input request alone in the engine); for two jobs the rule runs on arrays with every bound computed on
