@@ -154,16 +154,16 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
     assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
 
 
-@pytest.mark.parametrize("p0", [0.01, 0.5 + 1e-9, 0.999])
-def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(monkeypatch, p0):
-    """The futility bounds are computed in the first kernel call for the jobs an e-value test at p0 predicts may have
-    no radius (smoothing.stopping._HALF_AND_MARGIN, 1/2 + 1e-9), and in a second call for the others found without
-    one. With p0 = 0.01 only jobs with a hit rate near 0 are predicted (the others go to the second call), with 0.999
-    nearly every job is: the codes must be the rule's in each case. Run once against a bug of the merge (the mirrored bound and the budget
-    projection of the predicted jobs swapped): fails."""
+@pytest.mark.parametrize("cut", [-1e9, 0.5, 2.0])
+def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(monkeypatch, cut):
+    """The futility bounds are computed in the first kernel call for the jobs predicted to have no radius
+    (smoothing.stopping._rough_lower <= _LOW_PREDICTION, 1/2), and in a second call for the others found without
+    one. With the cut at -1e9 nothing is predicted (all go to the second call), at 2 every job is: the codes must be
+    the rule's in each case. Run once against a bug of the merge (the mirrored bound and the budget projection of
+    the predicted jobs swapped): fails."""
     import smoothing.stopping as stopping
 
-    monkeypatch.setattr(stopping, "_HALF_AND_MARGIN", p0)
+    monkeypatch.setattr(stopping, "_LOW_PREDICTION", cut)
     rng = np.random.default_rng(13)
     s, t = _grid(300)
     alpha, a = rng.choice([0.1, 0.001], s.size), rng.choice([0.5, 29.0], s.size)
