@@ -29,8 +29,8 @@ from smoothing.radius import radius_from_probability
 _LOG_P_FLOOR = np.log(1e-300)  # bounds below this are reported as 0
 _MAX_NEWTON = 60
 #: Up to this many entries the kernel runs entry by entry on Python floats (:func:`_lower_bound_one`: ~15 us per
-#: entry instead of ~170 us of numpy calls on tiny arrays, which is what a one-job policy decision would pay), and a
-#: larger call runs its Newton iterations on floats once no more than this many entries are still moving.
+#: entry instead of ~170 us of numpy calls on tiny arrays, which is what a one-job policy decision would pay); a
+#: larger call with no more live entries than this runs only its Newton iterations on floats.
 _SCALAR_NEWTON_MAX = 8
 
 

@@ -154,6 +154,20 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
     assert {Stop.CERTIFIED, Stop.FUTILITY, Stop.CONTINUE} <= set(want.tolist())
 
 
+def test_one_bound_radius_equals_the_array_radius():
+    """The one-job rule converts its bounds with smoothing.radius.validated_radius_one: bit-identical to the array
+    conversion on a grid that includes 0, 1/2, the ulps next to it and 1 (infinite probit: radius 0). Run once
+    against a float conversion that skipped the rounding down (1 - RADIUS_ROUNDING): fails."""
+    from smoothing.radius import validated_radius, validated_radius_one
+
+    p = np.concatenate([[0.0, 0.5, np.nextafter(0.5, 1.0), np.nextafter(1.0, 0.0), 1.0],
+                        np.random.default_rng(14).uniform(0.0, 1.0, 2000), 1.0 - np.logspace(-16, -1, 200)])
+    for sigma in (0.12, 0.25, 1.0):
+        want = validated_radius(p, np.full(p.size, sigma))
+        got = np.array([validated_radius_one(float(x), sigma) for x in p])
+        assert np.array_equal(got, want), sigma
+
+
 @pytest.mark.parametrize("cut", [-1e9, 0.5, 2.0])
 def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(monkeypatch, cut):
     """The futility bounds are computed in the first kernel call for the jobs predicted to have no radius
