@@ -7,6 +7,7 @@ expected). A bundle with only ``base.onnx`` is valid: it serves the sequential a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -14,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 SCHEMA_VERSION = 2
@@ -83,6 +85,12 @@ class ConformalLevel(_Strict):
         """Keyword arguments of smoothing.conformal_certificate (null quantiles become +inf: the bin abstains)."""
         return {"knots": self.knots, "values": self.values, "scale": self.scale, "edges": self.edges,
                 "q_hat": [math.inf if q is None else q for q in self.q_hat]}
+
+    @functools.cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """:meth:`as_arguments` as float64 arrays, built once: the arguments of
+        smoothing.conformal.validated_conformal_certificate (checked by the validator above when the bundle loads)."""
+        return {name: np.asarray(v, dtype=np.float64) for name, v in self.as_arguments().items()}
 
 
 class Calibration(_Strict):

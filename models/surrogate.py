@@ -13,8 +13,8 @@ import numpy as np
 
 from models.bundle import Calibration
 from models.defaults import AUTO_MIN_SURROGATE_Z
-from smoothing import conformal_certificate, surrogate_log_odds
-from smoothing.conformal import piecewise
+from smoothing import surrogate_log_odds
+from smoothing.conformal import validated_conformal_certificate
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,11 @@ def surrogate_answers(logits: np.ndarray, calibration: Calibration, sigma: float
     cls, g = surrogate_log_odds(logits)
     level = calibration.level_for(alpha)
     point = level or calibration.levels[-1]  # the point estimate exists at every alpha (it only guides sampling)
-    z_hat = piecewise(g, point.knots, point.values)
+    z_hat = np.interp(g, point.arrays["knots"], point.arrays["values"])  # smoothing.conformal.piecewise, checked
     if level is None:
         return SurrogateAnswers(cls, g, z_hat, None, np.zeros(len(cls)), None)
-    p_lower, radius = conformal_certificate(g, sigma, **level.as_arguments())
+    # smoothing.conformal_certificate on the level's arrays, checked once when the bundle loaded
+    p_lower, radius = validated_conformal_certificate(g, float(sigma), **level.arrays)
     return SurrogateAnswers(cls, g, z_hat, p_lower, radius, level.alpha)
 
 

@@ -38,7 +38,7 @@ from scipy.stats import beta as beta_dist
 
 from smoothing._checks import check_alpha
 from smoothing.cohen import clopper_pearson_lower
-from smoothing.radius import radius_from_probit
+from smoothing.radius import radius_from_probit, validated_radius_from_probit
 
 #: Risk levels a bundle is calibrated at (where its split is large enough), largest first.
 DEFAULT_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -169,3 +169,20 @@ def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarr
     down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) (0 where the bin abstains)."""
     z = conformal_lower(g, **calibration)
     return ndtr(z), radius_from_probit(z, sigma)
+
+
+def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_hat) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`conformal_certificate` (same guarantee, same values, bit for bit) for float64 arrays the caller has
+    validated: ``knots`` strictly increasing with as many ``values`` and ``scale`` (> 0), ``edges`` strictly
+    increasing, one ``q_hat`` per bin (+inf: the bin abstains), log-odds ``g``, ``sigma`` > 0. The served surrogate
+    answers every request from one bundle's calibration, which models.bundle checks when the bundle loads; checking
+    it again per request cost more than the answer itself.
+
+    Guarantee (marginal, per bin; module docstring): over inputs exchangeable with the calibration inputs of their
+    bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
+    <= the level; not per input, not conditional on certifying."""
+    q = q_hat[np.searchsorted(edges, g, side="right")]  # bin_index
+    z_hat, u = np.interp(g, knots, values), np.interp(g, knots, scale)  # piecewise
+    with np.errstate(invalid="ignore"):
+        z = np.where(np.isfinite(q), z_hat - q * u, -np.inf)  # conformal_lower
+    return ndtr(z), validated_radius_from_probit(z, sigma)

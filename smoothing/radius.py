@@ -37,6 +37,12 @@ def radius_from_probit(z_lower, sigma):
     return r if r.ndim else float(r)
 
 
+def validated_radius_from_probit(z_lower, sigma):
+    """:func:`radius_from_probit` (same guarantee, same values) for a float64 array ``z_lower`` and a ``sigma`` > 0
+    the caller has validated (the served surrogate's calibrated answer, once per request)."""
+    return _radius_of_probit(z_lower, sigma)
+
+
 def validated_radius(p_lower, sigma):
     """:func:`radius_from_probability` (same guarantee, same values, always an array) for arguments the caller has
     already validated: float arrays, p_lower in [0, 1], sigma > 0. The stopping policies convert several bounds per

@@ -95,3 +95,27 @@ def test_log_odds_match_scipys_logsumexp_including_extreme_logits():
         others = z.copy()
         others[rows, cls] = -np.inf
         np.testing.assert_allclose(g, z[rows, cls] - logsumexp(others, axis=1), rtol=1e-12, atol=1e-12)
+
+
+def test_served_answer_equals_the_checked_functions_bit_for_bit():
+    """models.surrogate answers from the calibration's arrays with smoothing.conformal.validated_conformal_certificate
+    (no per-request checks); on the embedded bundle's every level, at log-odds on and next to every knot and bin edge
+    and far outside them, point estimate, p_lower and radius must equal piecewise + conformal_certificate bit for
+    bit. Run once against a served path that put a log-odds equal to an edge in the lower bin (searchsorted
+    side='left'): fails."""
+    from models.bundle import load_bundle
+    from smoothing.conformal import piecewise
+
+    manifest = load_bundle().manifest
+    for level in manifest.calibration.levels:
+        marks = np.array([*level.knots, *level.edges, -50.0, 0.0, 50.0])
+        g = np.concatenate([marks, np.nextafter(marks, -np.inf), np.nextafter(marks, np.inf),
+                            np.random.default_rng(15).uniform(-5, 20, 500)])
+        logits = np.stack([g, np.zeros_like(g)], axis=1)  # two classes: log-odds |g|, on the marks exactly
+        cls, g = surrogate_log_odds(logits)
+        ans = surrogate_answers(logits, manifest.calibration, manifest.sigma, level.alpha)
+        p_lower, radius = conformal_certificate(g, manifest.sigma, **level.as_arguments())
+        assert ans.level == level.alpha
+        np.testing.assert_array_equal(ans.z_hat, piecewise(g, level.knots, level.values))
+        np.testing.assert_array_equal(ans.p_lower, p_lower)
+        np.testing.assert_array_equal(ans.radius, radius)
