@@ -124,18 +124,27 @@ def probit_labels(class_counts, num_samples, alpha_1) -> np.ndarray:
 
 def piecewise(g, knots, values) -> np.ndarray:
     """The piecewise-linear map through (knots, values), constant beyond the end knots (np.interp)."""
+    knots, values = _checked_knots(knots, values)
+    return np.interp(np.asarray(g, dtype=np.float64), knots, values)
+
+
+def _checked_knots(knots, values) -> tuple[np.ndarray, np.ndarray]:
     knots, values = np.asarray(knots, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if knots.ndim != 1 or knots.shape != values.shape or knots.size < 1 or np.any(np.diff(knots) <= 0):
         raise ValueError("knots must be strictly increasing and as many as values")
-    return np.interp(np.asarray(g, dtype=np.float64), knots, values)
+    return knots, values
 
 
 def bin_index(g, edges) -> np.ndarray:
     """Bin of each log-odds value: 0 below edges[0], i where edges[i-1] <= g < edges[i], len(edges) above."""
+    return np.searchsorted(_checked_edges(edges), np.asarray(g, dtype=np.float64), side="right")
+
+
+def _checked_edges(edges) -> np.ndarray:
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or np.any(np.diff(edges) <= 0):
         raise ValueError("bin edges must be a strictly increasing 1-d array")
-    return np.searchsorted(edges, np.asarray(g, dtype=np.float64), side="right")
+    return edges
 
 
 def mondrian_quantiles(scores, bins, num_bins: int, delta: float, *, gamma: float | None = None) -> np.ndarray:
@@ -153,8 +162,17 @@ def mondrian_quantiles(scores, bins, num_bins: int, delta: float, *, gamma: floa
 
 def conformal_lower(g, *, knots, values, scale, edges, q_hat) -> np.ndarray:
     """z_lower = h(g) - q_b v(g) (-inf where the bin's quantile is infinite); ``scale`` are v's values at ``knots``."""
-    q = np.asarray(q_hat, dtype=np.float64)[bin_index(g, edges)]
-    z_hat, u = piecewise(g, knots, values), piecewise(g, knots, scale)
+    edges = _checked_edges(edges)  # the checks of bin_index and piecewise, in their order
+    knots, values = _checked_knots(knots, values)
+    scale = _checked_knots(knots, scale)[1]
+    return _lower_of_checked(np.asarray(g, dtype=np.float64), knots, values, scale, edges,
+                             np.asarray(q_hat, dtype=np.float64))
+
+
+def _lower_of_checked(g, knots, values, scale, edges, q_hat) -> np.ndarray:
+    """:func:`conformal_lower` on float64 arrays already checked (:func:`bin_index`, then :func:`piecewise` twice)."""
+    q = q_hat[np.searchsorted(edges, g, side="right")]
+    z_hat, u = np.interp(g, knots, values), np.interp(g, knots, scale)
     with np.errstate(invalid="ignore"):
         return np.where(np.isfinite(q), z_hat - q * u, -np.inf)
 
@@ -181,8 +199,5 @@ def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_
     Guarantee (marginal, per bin; module docstring): over inputs exchangeable with the calibration inputs of their
     bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
     <= the level; not per input, not conditional on certifying."""
-    q = q_hat[np.searchsorted(edges, g, side="right")]  # bin_index
-    z_hat, u = np.interp(g, knots, values), np.interp(g, knots, scale)  # piecewise
-    with np.errstate(invalid="ignore"):
-        z = np.where(np.isfinite(q), z_hat - q * u, -np.inf)  # conformal_lower
+    z = _lower_of_checked(g, knots, values, scale, edges, q_hat)
     return ndtr(z), validated_radius_from_probit(z, sigma)
