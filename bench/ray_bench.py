@@ -5,10 +5,11 @@ would otherwise bind the host's address), and are measured in alternating window
 same machine load:
 
 - A: ``certserve serve --threads 2``: uvicorn, one process, one engine with a 2-thread onnxruntime pool;
-- B: ``certserve serve --replicas 2``: a local Ray cluster (2 CPUs, no dashboard), Serve's HTTP proxy, two replicas
-  with one engine and a 1-thread pool each;
-- C (a second phase, in its own namespace, again against A): the same with ``RAY_SERVE_ENABLE_HA_PROXY=1``, Ray's
-  HAProxy ingress that forwards to the replicas' own HTTP listeners instead of Serve's Python proxy.
+- B: ``certserve serve --replicas 2``: a local Ray cluster (2 CPUs, no dashboard), Ray's HAProxy ingress (the default
+  of ``--replicas``: HAProxy forwards to the replicas' own HTTP listeners), two replicas with one engine and a
+  1-thread pool each;
+- C (a second phase, in its own namespace, again against A): the same with ``--ingress proxy``, Serve's Python HTTP
+  proxy.
 
 ``latency``: POST /certify of a real test image that the surrogate answers (auto mode), 200 req/s from 4 evenly
 phased ``hey`` streams (the primary load of ``certserve bench server``), after 200 warm-up requests; added p50/p99 of
@@ -54,15 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-window", type=float, default=20.0, help="seconds per latency window")
     parser.add_argument("--throughput-window", type=float, default=30.0, help="seconds per throughput window")
     parser.add_argument("--rounds", type=int, default=2, help="A/B window pairs per measurement (default 2)")
-    parser.add_argument("--ingress", default="proxy,haproxy",
-                        help="Ray ingress phases to run: proxy (Serve's HTTP proxy, the default of --replicas) and/or "
-                             "haproxy (RAY_SERVE_ENABLE_HA_PROXY=1)")
+    parser.add_argument("--ingress", default="haproxy,proxy",
+                        help="Ray ingress phases to run (`certserve serve --replicas 2 --ingress ...`): haproxy (the "
+                             "default of --replicas) and/or proxy (Serve's Python HTTP proxy)")
     parser.add_argument("--out", default="docs/benchmarks.md", help="report to update (section 'ray')")
 
 
-INGRESS = {  # the Ray side of each phase: (label, extra environment of `certserve serve --replicas 2`)
-    "proxy": ("B: Ray Serve, 2 replicas (Serve's HTTP proxy)", {}),
-    "haproxy": ("C: Ray Serve, 2 replicas (HAProxy ingress)", {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+INGRESS = {  # the Ray side of each phase (`certserve serve --replicas 2 --ingress <key>`): its label
+    "haproxy": "B: Ray Serve, 2 replicas (HAProxy ingress, the default)",
+    "proxy": "C: Ray Serve, 2 replicas (Serve's Python HTTP proxy)",
 }
 
 
@@ -107,8 +108,8 @@ def measure(args, hey: str, workdir: Path, namespace: str, ingress: str) -> dict
         servers["A"] = ServerProc(workdir, "--threads", "2", tag="single")
         data["startup_s"]["A"] = servers["A"].wait_ready()
         port, metrics_port = free_ports(2)  # distinct: a port chosen twice in a row can repeat
-        servers["B"] = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(metrics_port),
-                                  env={**RAY_ENV, **INGRESS[ingress][1]}, tag="ray", port=port)
+        servers["B"] = ServerProc(workdir, "--replicas", "2", "--ingress", ingress, "--ray-metrics-port",
+                                  str(metrics_port), env=RAY_ENV, tag="ray", port=port)
         data["startup_s"]["B"] = servers["B"].wait_ready(timeout=300)
         pids = {"A": [servers["A"].proc.pid],
                 "B": [p for p in netns.processes_in(namespace) if p != servers["A"].proc.pid]}  # all of Ray's
@@ -205,7 +206,7 @@ def finalize(data: dict) -> dict:
 
 
 def phase_body(ingress: str, d: dict, args) -> str:
-    ray_name = INGRESS[ingress][0]
+    ray_name = INGRESS[ingress]
     names = {"A": "A: uvicorn, 1 process x 2 threads", "B": ray_name}
     lat_rows = [[names[key], i + 1, f"{w['n'] / w['span_s']:.1f}", f"{w['n']:,}", w["codes"], f"{w['p50']:.1f}",
                  f"{w['p90']:.1f}", f"**{w['p99']:.1f}**", f"{w['max']:.1f}", f"{w['cpu_ms_per_request']:.1f}"]
@@ -250,14 +251,14 @@ def report_body(data: dict, args) -> str:
 them in alternating windows (A, Ray, A, Ray), so that both see the same machine load; load generators share the 2
 cores with the servers. A: `certserve serve --threads 2` (uvicorn, one engine, 2-thread onnxruntime pool). Ray:
 `certserve serve --replicas 2` (local Ray cluster with 2 CPUs and no dashboard, 2 replicas with one engine and a
-1-thread pool each), behind Serve's default HTTP proxy (B) or with `RAY_SERVE_ENABLE_HA_PROXY=1`, Ray's HAProxy
-ingress that forwards to the replicas' own HTTP listeners (C).
+1-thread pool each), behind Ray's HAProxy ingress, which forwards to the replicas' own HTTP listeners (B, the default
+of `--replicas`), or with `--ingress proxy` behind Serve's Python HTTP proxy (C).
 """
     return intro + "\n" + "\n".join(phase_body(k, v, args) for k, v in data["phases"].items())
 
 
 def summary(data: dict) -> str:
-    return "\n".join(f"{INGRESS[k][0]}: added p50 {d['added_p50_ms']:+.1f} ms, p99 {d['added_p99_ms']:+.1f} ms "
+    return "\n".join(f"{INGRESS[k]}: added p50 {d['added_p50_ms']:+.1f} ms, p99 {d['added_p99_ms']:+.1f} ms "
                      f"(server CPU {d['latency_mean']['A']['cpu_ms_per_request']:.1f} -> "
                      f"{d['latency_mean']['B']['cpu_ms_per_request']:.1f} ms/request) "
                      f"({d['latency_verdict']}); certs/s ratio {d['throughput_ratio']:.2f} ({d['throughput_verdict']})"

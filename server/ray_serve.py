@@ -13,9 +13,10 @@ its own replica only, so ``max_ongoing_requests`` is sized to let it fill its ba
 - Metrics: :class:`MetricsBridge` copies the replica's prometheus-client registry into Ray's metrics API, so Ray's
   metrics endpoint on every node exports ``ray_certserve_*`` series with ``application``/``deployment``/``replica``
   labels next to Ray's own ``ray_serve_*`` (deploy/ray/prometheus.yml strips the ``ray_`` prefix for the dashboard).
-- :func:`proxy_middlewares` (set ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=server.ray_serve:proxy_middlewares``
-  where Ray starts) turns the proxy's own bare 500 for a request whose replica died mid-flight into the JSON envelope
-  ``503 replica_unavailable`` with ``Retry-After``: the request can be retried, nothing was certified.
+- Ingress (:func:`ingress_environment`, variables set where Ray starts): by default Ray's HAProxy ingress, which
+  forwards to HTTP listeners in the replicas and replays on another replica a request whose replica died before
+  answering; or Serve's Python proxy, where :func:`proxy_middlewares` turns the proxy's own bare 500 for such a request
+  into the JSON envelope ``503 replica_unavailable`` with ``Retry-After``.
 
 Entry points: :func:`build_app` (``import_path`` of deploy/ray/serve.yaml, args = settings fields) and
 :func:`run_local` (``certserve serve --replicas N``).
@@ -26,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -48,6 +51,13 @@ REPLICA_HEADER = b"x-certserve-replica"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "server.ray_serve:proxy_middlewares"
 NOT_ARGS = {"host", "port"}  # the Serve proxy listens, per http_options of the Serve config
+INGRESSES = ("haproxy", "proxy")  # `certserve serve --replicas N --ingress ...`; the first is the default
+#: HAProxy replays (L7 retries) only a request it holds whole in one buffer: the largest body the app accepts plus
+#: room for the request line and headers.
+HAPROXY_HEADER_ROOM = 64 * 1024
+#: Replays of one request at most: enough to get past a dead replica, and a request that itself kills replicas (a
+#: crash bug) takes at most this many more with it.
+HAPROXY_RETRIES = 2
 #: A sequential job asks the engine for tens to a few hundred samples per step (its next checkpoint), so a batch of
 #: B samples is full with about B / 32 jobs in flight: the replica's concurrency limit.
 SAMPLES_PER_ONGOING_REQUEST = 32
@@ -279,14 +289,62 @@ def proxy_middlewares() -> list:
     return [Middleware(ProxyErrors)]
 
 
-def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None) -> int:
+def ingress_environment(ingress: str, settings: Settings) -> dict[str, str]:
+    """The variables that configure Ray's ingress for ``ingress`` ("haproxy" or "proxy"). They act where Ray starts
+    (``ray start``, ``ray.init``; its processes inherit them): deploy/ray/ray.env and deploy/kuberay/rayservice.yaml
+    carry the same values (a test keeps them equal).
+
+    - Both: Serve's Python proxy (the whole ingress with "proxy", HAProxy's fallback server with "haproxy") answers
+      a request whose replica died mid-flight with 503 + Retry-After in the JSON envelope (:class:`ProxyErrors`).
+    - "haproxy": Ray's HAProxy ingress forwards to HTTP listeners in the replicas (about a quarter of the Python
+      proxy's CPU per request; docs/benchmarks.md (h)). A request whose replica closed the connection without an
+      answer (it died), or could not be reached, is replayed on another replica (``retry-on``, at most
+      :data:`HAPROXY_RETRIES` times; Ray's config sets ``option redispatch``). Replaying is sound: an unanswered
+      request certified nothing, and the replay draws fresh noise. HAProxy replays only what it holds whole in one
+      buffer, so ``tune.bufsize`` covers the largest body the app accepts (``max_body_bytes``); a buffer is held per
+      request in flight, not per connection slot.
+    """
+    if ingress not in INGRESSES:
+        raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}; got {ingress!r}")
+    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+    if ingress == "haproxy":
+        env.update({
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+            "RAY_SERVE_HAPROXY_RETRIES": str(HAPROXY_RETRIES),
+            "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(settings.max_body_bytes + HAPROXY_HEADER_ROOM),
+        })
+    return env
+
+
+def haproxy_private_files(directory: str) -> dict[str, str]:
+    """HAProxy's config, admin socket and server state default to the fixed /tmp/haproxy-serve, shared by every Ray
+    cluster on the machine; a local cluster keeps them in its own directory (Ray puts each file in a subdirectory
+    named after the node id: ``<directory>/<node id>/admin.sock``)."""
+    return {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{directory}/haproxy.cfg",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{directory}/admin.sock",
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{directory}/metrics.sock",
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": directory,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{directory}/server-state"}
+
+
+def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None,
+              ingress: str = INGRESSES[0]) -> int:
     """``certserve serve --replicas N``: a local Ray cluster (this machine's cores, no dashboard), N replicas behind
-    Serve's proxy on host:port; SIGTERM/SIGINT -> Serve drains the replicas, everything stops, exit 0."""
+    ``ingress`` (:func:`ingress_environment`) on host:port; SIGTERM/SIGINT -> Serve drains the replicas, everything
+    stops, exit 0. Variables already set in the environment win over these defaults."""
     import ray
 
     settings = settings_from_args(args)
     load_bundle(settings.bundle)  # fail fast and clearly, before any Ray process starts
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by the proxy actor
+    private = tempfile.mkdtemp(prefix="hap", dir="/tmp")  # short: Ray adds a 56-character node id, HAProxy's socket
+    # paths must fit 97 bytes
+    local = {**ingress_environment(ingress, settings), **haproxy_private_files(private),
+             # one HAProxy on this machine, reloaded by Ray within a second of a replica leaving: a stopping replica
+             # need not stay reachable for Ray's 30 s (meant for load balancers that learn of it later)
+             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+    for key, value in local.items():
+        os.environ.setdefault(key, value)  # inherited by every Ray process started below
     cores = os.cpu_count() or 1
     stop = threading.Event()
     try:
@@ -300,8 +358,8 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
-        log.warning("certserve: %d replicas ready on http://%s:%d (Ray metrics on port %s)", replicas, host, port,
-                    ray._private.worker.global_worker.node.metrics_export_port)
+        log.warning("certserve: %d replicas ready on http://%s:%d behind %s (Ray metrics on port %s)", replicas, host,
+                    port, ingress, ray._private.worker.global_worker.node.metrics_export_port)
         while not stop.wait(0.5):
             pass
         log.warning("certserve: stopping (replicas drain their ongoing requests)")
@@ -314,4 +372,5 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
                 serve.shutdown()
             finally:
                 ray.shutdown()
+        shutil.rmtree(private, ignore_errors=True)
     return 0

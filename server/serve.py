@@ -55,6 +55,9 @@ def add_serve_command(sub) -> None:
     p.add_argument("--log-level", default=None)
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: a local Ray Serve application with N replicas, one engine each (needs certserve[ray])")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+                   help="with --replicas: Ray's HAProxy ingress (default; replays a dead replica's requests on "
+                        "another) or Serve's Python proxy (answers them 503 + Retry-After)")
     p.add_argument("--ray-metrics-port", type=int, default=None,
                    help="with --replicas: the port of Ray's Prometheus endpoint (default: Ray picks one)")
     p.set_defaults(func=run_serve)
@@ -74,7 +77,7 @@ def run_serve(args) -> int:
             raise ValueError(f"--replicas needs Ray Serve: pip install 'certserve[ray]' ({exc})") from None
         replica_args = {k: v for k, v in overrides.items() if k not in ("host", "port")}
         return run_local(replica_args, replicas=args.replicas, host=settings.host, port=settings.port,
-                         metrics_port=args.ray_metrics_port)
+                         metrics_port=args.ray_metrics_port, ingress=args.ingress)
     from server.app import create_app
 
     server_class, uvicorn = _draining_server_class()

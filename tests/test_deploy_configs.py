@@ -15,6 +15,7 @@ Each check is shown to fail on a misspelled or mistyped key.
 from __future__ import annotations
 
 import copy
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -26,7 +27,8 @@ from ray.runtime_env import RuntimeEnv
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from server.ray_serve import DEPLOYMENT_NAME, build_app
+from server.ray_serve import DEPLOYMENT_NAME, build_app, ingress_environment
+from server.settings import Settings
 
 
 def build_from_config(app_config: dict):
@@ -39,6 +41,8 @@ def build_from_config(app_config: dict):
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_YAML = ROOT / "deploy" / "ray" / "serve.yaml"
 RAYSERVICE_YAML = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
+RAY_ENV_FILE = ROOT / "deploy" / "ray" / "ray.env"
+INGRESS_ENV = ingress_environment("haproxy", Settings())
 K8S_VERSION = "1.30.0"  # the oldest Kubernetes minor the manifest is checked against
 
 _STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -229,7 +233,19 @@ def test_rayservice_gives_each_replica_a_gpu_and_time_to_drain():
     for template in pod_templates(rs):
         assert template["spec"]["terminationGracePeriodSeconds"] > dep["graceful_shutdown_timeout_s"]
         env = {e["name"]: e.get("value") for c in template["spec"]["containers"] for e in c.get("env", [])}
-        assert env.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH") == "server.ray_serve:proxy_middlewares"
+        assert {k: env.get(k) for k in INGRESS_ENV} == INGRESS_ENV
+
+
+def test_ray_env_file_is_the_default_ingress_environment():
+    """deploy/ray/ray.env (sourced before `ray start` / `serve run`) carries exactly the variables that
+    `certserve serve --replicas` sets for its default ingress; the RayService's pods carry them too (above)."""
+    values = {}
+    for line in RAY_ENV_FILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key] = shlex.split(value)[0]
+    assert values == INGRESS_ENV
+    assert int(values["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"]) > Settings().max_body_bytes  # a whole request fits: replayable
 
 
 def _mutate(rs: dict, edit) -> dict:

@@ -5,8 +5,9 @@ loopback (bench/netns.py: Ray would otherwise listen on all interfaces and talk 
 2-CPU cluster without the dashboard. The tests then check what a user relies on: both replicas answer and say so
 (``X-Certserve-Replica``); the surrogate path gives the same certificates and errors as the single-process server;
 each replica's certserve metrics reach a real Prometheus with a ``replica`` label next to Ray's ``ray_serve_*``; a
-SIGKILLed replica is replaced while its in-flight requests get 503 + Retry-After (never 500); SIGTERM drains the
-in-flight requests, exits 0 and leaves no process behind (the namespace is empty afterwards).
+SIGKILLed replica is replaced while its in-flight requests are replayed on the other replica (HAProxy, the default
+ingress) or get 503 + Retry-After (Serve's Python proxy), never 500; SIGTERM drains the in-flight requests, exits 0
+and leaves no process behind (the namespace is empty afterwards). Every cluster test runs once per ingress.
 
 Every wait is a bounded poll; the bounds are generous for a slow, shared 2-core machine.
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -43,6 +46,7 @@ PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/
 REPLICA = "x-certserve-replica"
 ENV = {"CERTSERVE_THREADS": "1", "CERTSERVE_DRAIN_SECONDS": "5", "RAY_USAGE_STATS_ENABLED": "0",
        "RAY_metrics_report_interval_ms": "1000"}
+HTTPLOG_RETRIES = re.compile(r" \d+/\d+/\d+/\d+/(\+?\d+) \d+/\d+ ")
 SEQUENTIAL = {"mode": "sequential", "max_samples": "10000", "alpha": "0.000001"}  # ~0.5-2 s of engine time each
 
 
@@ -57,19 +61,25 @@ def png(image: np.ndarray) -> bytes:
 class Cluster:
     """``certserve serve --replicas 2`` in the private namespace this thread is in; its Ray files in a temp dir."""
 
-    def __init__(self, workdir: Path, namespace: str):
-        self.namespace = namespace
+    def __init__(self, workdir: Path, namespace: str, ingress: str):
+        self.namespace, self.ingress = namespace, ingress
         port, self.metrics_port = free_ports(2)  # distinct: a port chosen twice in a row can repeat
         self.ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's unix socket paths must fit 107 bytes
-        env = {**ENV, "RAY_TMPDIR": self.ray_tmp}
+        # HAProxy's access log (when it runs): syslog datagrams to a socket of this namespace, read by the tests
+        self.haproxy_log = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.haproxy_log.bind(("127.0.0.1", 0))
+        self.haproxy_lines: list[str] = []  # read as they come (a full socket buffer would drop lines)
+        threading.Thread(target=self._read_haproxy_log, daemon=True).start()
+        log_target = f"127.0.0.1:{self.haproxy_log.getsockname()[1]}"
+        env = {**ENV, "RAY_TMPDIR": self.ray_tmp, "RAY_SERVE_HAPROXY_LOG_TARGET": log_target}
         self.t0 = time.monotonic()
-        self.server = ServerProc(workdir, "--replicas", "2", "--ray-metrics-port", str(self.metrics_port),
-                                 env=env, tag="ray", port=port)
+        self.server = ServerProc(workdir, "--replicas", "2", "--ingress", ingress, "--ray-metrics-port",
+                                 str(self.metrics_port), env=env, tag="ray", port=port)
         self.url = self.server.url
         self.started_s = None
 
     def wait_ready(self, timeout: float = 240.0) -> set[str]:
-        """/readyz through the proxy, then both replicas answering; the set of replica ids."""
+        """/readyz through the ingress, then both replicas answering; the set of replica ids."""
         self.server.wait_ready(timeout=timeout)
         seen: set[str] = set()
         with httpx.Client(base_url=self.url, timeout=30) as client:
@@ -91,6 +101,13 @@ class Cluster:
                 pids.append(pid)
         return pids
 
+    def _read_haproxy_log(self) -> None:
+        while True:
+            try:
+                self.haproxy_lines.append(self.haproxy_log.recv(65536).decode(errors="replace"))
+            except OSError:  # closed
+                return
+
     def close(self) -> None:
         """Last resort (a failed test): stop the command, then kill whatever is left in the namespace."""
         if self.server.proc.poll() is None:
@@ -101,15 +118,17 @@ class Cluster:
             except OSError:
                 pass
         self.server.close()
+        self.haproxy_log.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@pytest.fixture(scope="module", params=["haproxy", "proxy"])
+def cluster(request, tmp_path_factory):
+    """One cluster per ingress of `certserve serve --replicas` (HAProxy, the default; Serve's Python proxy)."""
     if not NETNS_OK:
         pytest.skip(f"no private network namespace for the Ray cluster here ({NETNS_WHY}); run as root")
     with netns.private_network() as namespace:
-        c = Cluster(tmp_path_factory.mktemp("ray"), namespace)
+        c = Cluster(tmp_path_factory.mktemp("ray"), namespace, request.param)
         try:
             c.replicas = c.wait_ready()
             yield c
@@ -139,7 +158,7 @@ def test_both_replicas_answer_and_mark_their_responses(cluster, images):
     assert [r.status_code for r in results] == [200] * 24, [r.text for r in results if r.status_code != 200]
     for r in results:
         seen.add(r.headers[REPLICA])
-        # one X-Request-ID (Ray's proxy sets it; the app's copy is dropped), the id the certificate carries
+        # one X-Request-ID (Ray sets it; the app's copy is dropped), the id the certificate carries
         assert r.headers.get_list("x-request-id") == [r.json()["request_id"]]
     assert seen == cluster.replicas
     print(f"cluster ready {cluster.started_s:.1f} s after `certserve serve --replicas 2`")
@@ -207,7 +226,7 @@ def test_metrics_reach_prometheus_with_a_replica_label(cluster, images, tmp_path
 
 
 def requests_per_replica(client: httpx.Client, replicas: set[str]) -> dict[str, float]:
-    """sum(certserve_requests_total) of each replica, from its own /metrics (reached through the proxy)."""
+    """sum(certserve_requests_total) of each replica, from its own /metrics (reached through the ingress)."""
     truth: dict[str, float] = {}
     end = time.monotonic() + 60
     while set(truth) != replicas and time.monotonic() < end:
@@ -238,11 +257,40 @@ def wait_for(base: str, expr: str, predicate, timeout: float = 60.0) -> dict[str
     raise AssertionError(f"{expr!r} did not reach the expected value within {timeout} s (last: {last})")
 
 
-def test_a_killed_replica_is_replaced_and_its_requests_get_503_never_500(cluster, images):
-    """SIGKILL one replica process while every replica holds sequential requests. The requests it held get
-    503 replica_unavailable + Retry-After (the proxy's bare 500, rewritten by server.ray_serve.ProxyErrors; checked
-    against the bug: without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH this test fails with 500s); later requests go
-    to the survivor or the replacement; a new replica id appears and serves."""
+def test_a_killed_replica_is_replaced_and_its_requests_are_replayed_or_get_503_never_500(cluster, images):
+    """SIGKILL one replica process while every replica holds sequential requests; a new replica id appears and
+    serves, and no request gets a 500 or a cut connection. What happens to the requests the victim held:
+
+    - HAProxy (the default): they are replayed on the other replica (200); HAProxy's own counters show the retries.
+      Checked against the bug: with Ray's default ``retry-on conn-failure`` (RAY_SERVE_HAPROXY_RETRY_ON=conn-failure)
+      this test fails: connections closed without an answer (2 in one run; another run also got HAProxy's bare 500).
+    - Serve's Python proxy: 503 replica_unavailable + Retry-After (the proxy's bare 500, rewritten by
+      server.ray_serve.ProxyErrors). Checked against the bug: without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH this
+      test fails with 500s."""
+    log_from = len(cluster.haproxy_lines)
+    results, errors, victim, new, replaced_after = kill_a_replica_under_load(cluster, images)
+    assert not errors, errors
+    codes = [r.status_code for r in results]
+    assert 500 not in codes and set(codes) <= {200, 503}, sorted(set(codes))
+    unavailable = [r for r in results if r.status_code == 503]
+    for r in unavailable:
+        assert r.headers.get("retry-after") and r.json()["error"]["code"] in ("replica_unavailable", "inflight_limit")
+    if cluster.ingress == "haproxy":
+        replayed = haproxy_replays(cluster, log_from)
+        assert replayed >= 1, ("the SIGKILL should have cut requests in flight, and HAProxy replayed them",
+                               cluster.haproxy_lines[log_from:][-5:])
+    else:
+        replayed = 0
+        assert unavailable, "the SIGKILL should have cut requests in flight"
+    assert new, f"no replacement replica answered within 120 s: {cluster.server.log_tail(40)}"
+    assert victim not in cluster.replica_pids()
+    print(f"{cluster.ingress}: replacement replica answered {replaced_after:.1f} s after the SIGKILL; "
+          f"{replayed} replays, {len(unavailable)} requests got 503, {codes.count(200)} got 200")
+
+
+def kill_a_replica_under_load(cluster, images):
+    """4 clients post sequential requests back to back; after 2 s one replica process is SIGKILLed; the load runs
+    until a replica id not seen before has answered (or 120 s). (results, client errors, victim pid, new ids, s)."""
     stop, results, errors, lock = threading.Event(), [], [], threading.Lock()
 
     def load(i):
@@ -274,17 +322,18 @@ def test_a_killed_replica_is_replaced_and_its_requests_get_503_never_500(cluster
         stop.set()
         for t in threads:
             t.join(timeout=150)
-    assert not errors, errors
-    codes = [r.status_code for r in results]
-    assert 500 not in codes and set(codes) <= {200, 503}, sorted(set(codes))
-    unavailable = [r for r in results if r.status_code == 503]
-    assert unavailable, "the SIGKILL should have cut requests in flight"
-    for r in unavailable:
-        assert r.headers.get("retry-after") and r.json()["error"]["code"] in ("replica_unavailable", "inflight_limit")
-    assert new, f"no replacement replica answered within 120 s: {cluster.server.log_tail(40)}"
-    assert victim not in cluster.replica_pids()
-    print(f"replacement replica answered {replaced_after:.1f} s after the SIGKILL; "
-          f"{len(unavailable)} requests got 503, {codes.count(200)} got 200")
+    return results, errors, victim, new, replaced_after
+
+
+def haproxy_replays(cluster, since: int = 0) -> int:
+    """Requests in HAProxy's access log (from line ``since`` on) that it retried on a server: its httplog's retries
+    field, ``+N`` when redispatched to another server (HAProxy's own counters restart with every reload). 0 without
+    HAProxy."""
+    if cluster.ingress != "haproxy":
+        return 0
+    # ... %ac/%fc/%bc/%sc/%rc %sq/%bq ... : active/frontend/backend/server connections, then retries
+    matches = [HTTPLOG_RETRIES.search(line) for line in cluster.haproxy_lines[since:]]
+    return sum(1 for m in matches if m and m.group(1).lstrip("+") != "0")
 
 
 def test_sigterm_drains_in_flight_requests_and_leaves_no_process(cluster, images):
