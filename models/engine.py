@@ -122,6 +122,7 @@ class SequentialEngine:
         self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
         self._accepting = True
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
+        self._engine_idle = False  # the engine thread waits in _idle for a submission (guarded by _lock)
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._order = itertools.count()
@@ -167,7 +168,8 @@ class SequentialEngine:
             self._pending.append(job)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             self.observer.on_queue(len(self._pending), live + 1)
-            self._lock.notify_all()
+            if self._engine_idle or self._deadlines[0][2] is job:  # else nobody waits for this job: no wake-ups
+                self._lock.notify_all()  # (each one costs the engine thread a lock hand-over under load)
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
         return fut
 
@@ -286,7 +288,9 @@ class SequentialEngine:
         """Nothing to launch: every live job waits for its deadline answer, or there is no job."""
         with self._lock:
             if not self._pending and not self._cancelled and self._stop_at is None:
+                self._engine_idle = True
                 self._lock.wait(timeout=0.5)
+                self._engine_idle = False
 
     def _launch_next(self, inflight: deque) -> bool:
         with self._state:
