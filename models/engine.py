@@ -114,15 +114,14 @@ class SequentialEngine:
         self.precompute, self._tables = device != "cpu", DecisionTables()
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at
+        self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
         self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
         self._cancelled: deque[_Job] = deque()
         self._table: JobTable | None = None
         self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
-        self._accepting = True
+        self._accepting, self._engine_idle = True, False  # _engine_idle: the engine thread waits in _idle for work
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
-        self._engine_idle = False  # the engine thread waits in _idle for a submission (guarded by _lock)
         self._thread: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._order = itertools.count()
@@ -168,8 +167,8 @@ class SequentialEngine:
             self._pending.append(job)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             self.observer.on_queue(len(self._pending), live + 1)
-            if self._engine_idle or self._deadlines[0][2] is job:  # else nobody waits for this job: no wake-ups
-                self._lock.notify_all()  # (each one costs the engine thread a lock hand-over under load)
+            if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
+                self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
         return fut
 
@@ -353,7 +352,6 @@ class SequentialEngine:
         slots = slots[keep]
         cls, radius, p = certificates(table, slots, self.sigma)
         samples = table.sel_done[slots] + table.est_done[slots]
-        table.running[slots] = False
         now = time.monotonic()
         out = []
         for k, slot in enumerate(slots):
