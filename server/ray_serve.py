@@ -41,7 +41,7 @@ from models.defaults import default_batch_size
 from server.app import build_service, create_app
 from server.errors import error_bytes
 from server.metrics import Metrics
-from server.serve import freeze_startup_heap
+from server.serve import INGRESSES, freeze_startup_heap
 from server.settings import Settings
 
 log = logging.getLogger("certserve")
@@ -51,7 +51,6 @@ REPLICA_HEADER = b"x-certserve-replica"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "server.ray_serve:proxy_middlewares"
 NOT_ARGS = {"host", "port"}  # the Serve proxy listens, per http_options of the Serve config
-INGRESSES = ("haproxy", "proxy")  # `certserve serve --replicas N --ingress ...`; the first is the default
 #: HAProxy replays (L7 retries) only a request it holds whole in one buffer: the largest body the app accepts plus
 #: room for the request line and headers, up to a cap. Larger buffers cost latency on every request (measured on 2
 #: cores at 200 req/s: p50 3.9 / 4.1 / 5.0 / 13 ms with 16 KiB / 256 KiB / 1 MiB / 4 MiB buffers; 16-256 KiB alike).

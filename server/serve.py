@@ -7,6 +7,10 @@ import logging
 
 from server.settings import Settings
 
+#: Ray ingresses of `certserve serve --replicas N --ingress ...` (server.ray_serve.ingress_environment); the first is
+#: the default. Here, not in server.ray_serve, so that the CLI lists them without importing Ray.
+INGRESSES = ("haproxy", "proxy")
+
 
 def freeze_startup_heap() -> None:
     """Move every object alive after start-up (bundle, sessions, imported modules: ~130k objects) out of the cyclic
@@ -55,7 +59,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--log-level", default=None)
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: a local Ray Serve application with N replicas, one engine each (needs certserve[ray])")
-    p.add_argument("--ingress", choices=["haproxy", "proxy"], default="haproxy",
+    p.add_argument("--ingress", choices=INGRESSES, default=INGRESSES[0],
                    help="with --replicas: Ray's HAProxy ingress (default; replays a dead replica's requests on "
                         "another) or Serve's Python proxy (answers them 503 + Retry-After)")
     p.add_argument("--ray-metrics-port", type=int, default=None,
