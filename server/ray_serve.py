@@ -305,10 +305,10 @@ def ingress_environment(ingress: str, settings: Settings) -> dict[str, str]:
       buffer: ``tune.bufsize`` covers ``max_body_bytes`` + header room up to :data:`HAPROXY_MAX_BUFSIZE` (192 KiB of
       body: any single image of ordinary size). A larger request whose replica dies before answering gets HAProxy's
       bare 500; raise RAY_SERVE_HAPROXY_TUNE_BUFSIZE (at a latency cost) or use "proxy" where that matters.
-      With it, Ray's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED``, the pair Ray documents for high
-      throughput): the replica runs the app on its own event loop instead of a second thread, buffers Serve's
-      request log and freezes the start-up heap out of the GC; it cut the cluster's CPU per surrogate request by
-      about a fifth (docs/benchmarks.md (h)).
+      Not with Ray's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, about a fifth less CPU per request):
+      with it, or with ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` alone, HAProxy sent some requests of a
+      killed replica back as a 500 or a cut connection instead of replaying them (tests/test_ray_serve.py failed in
+      about two of three runs; 0 of 4 without).
     """
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}; got {ingress!r}")
@@ -316,7 +316,6 @@ def ingress_environment(ingress: str, settings: Settings) -> dict[str, str]:
     if ingress == "haproxy":
         env.update({
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
             "RAY_SERVE_HAPROXY_RETRIES": str(HAPROXY_RETRIES),
             "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(min(settings.max_body_bytes + HAPROXY_HEADER_ROOM,
