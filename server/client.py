@@ -20,7 +20,11 @@ class CertserveError(RuntimeError):
 class CertserveClient:
     """``CertserveClient("http://127.0.0.1:8000").certify("shoe.png", alpha=0.001)`` -> certificate dict.
 
-    Retries 503 answers (overload, draining) after their Retry-After, up to ``retries`` times.
+    Retries, up to ``retries`` times: 503 answers (overload, draining) after their Retry-After; and, after a short
+    back-off, what a replica dying under a request leaves behind in a scaled-out deployment (README "Scale out"): a
+    connection the server closed without answering, a refused connection, or a 500/502/504 that is not certserve's
+    JSON error (the ingress's own). A retry is safe: an unanswered request certified nothing the client saw, and the
+    retry is a new certificate with fresh noise, not chosen by its outcome. certserve's own errors are not retried.
     ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
     the image sent (and its age, with ``max_age`` seconds); a failure raises
     :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
@@ -94,14 +98,34 @@ class CertserveClient:
 
     def _post(self, path: str, **kwargs) -> dict:
         for attempt in range(self.retries + 1):
-            r = self._http.post(path, **kwargs)
-            if r.status_code == 503 and attempt < self.retries:
+            last = attempt == self.retries
+            try:
+                r = self._http.post(path, **kwargs)
+            except (httpx.ConnectError, httpx.RemoteProtocolError):  # refused, or closed without an answer
+                if last:
+                    raise
+                time.sleep(_backoff(attempt))
+                continue
+            if r.status_code == 503 and not last:
                 time.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            if r.status_code in (500, 502, 504) and not _is_certserve_error(r) and not last:
+                time.sleep(_backoff(attempt))  # the ingress's bare error: no replica answered this request
                 continue
             if r.status_code != 200:
                 raise CertserveError(r.status_code, _body(r))
             return r.json()
         raise AssertionError("unreachable")
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.1 * 2 ** attempt, 2.0)
+
+
+def _is_certserve_error(r: httpx.Response) -> bool:
+    """True for certserve's JSON error envelope ({"error": {"code": ...}}), False for anything else (an ingress's)."""
+    body = _body(r)
+    return isinstance(body, dict) and isinstance(body.get("error"), dict) and "code" in body["error"]
 
 
 def _body(r: httpx.Response):

@@ -304,11 +304,14 @@ def ingress_environment(ingress: str, settings: Settings) -> dict[str, str]:
       request certified nothing, and the replay draws fresh noise. HAProxy replays only what it holds whole in one
       buffer: ``tune.bufsize`` covers ``max_body_bytes`` + header room up to :data:`HAPROXY_MAX_BUFSIZE` (192 KiB of
       body: any single image of ordinary size). A larger request whose replica dies before answering gets HAProxy's
-      bare 500; raise RAY_SERVE_HAPROXY_TUNE_BUFSIZE (at a latency cost) or use "proxy" where that matters.
+      bare 500; raise RAY_SERVE_HAPROXY_TUNE_BUFSIZE (at a latency cost) or use "proxy" where that matters. A request
+      that reaches a replica in its last milliseconds can still get HAProxy's bare 500 or a closed connection
+      (tests/test_ray_serve.py: 1-2 of the ~4 requests a killed replica held, in 3 of 7 runs); server.client retries
+      those.
       Not with Ray's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, about a fifth less CPU per request):
       with it, or with ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` alone, HAProxy sent some requests of a
       killed replica back as a 500 or a cut connection instead of replaying them (tests/test_ray_serve.py failed in
-      about two of three runs; 0 of 4 without).
+      about two of three runs; without it the same race is rarer, see above).
     """
     if ingress not in INGRESSES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESSES)}; got {ingress!r}")

@@ -1,0 +1,77 @@
+"""server.client.CertserveClient's retries against a real HTTP server (a local socket) that plays what a replica
+dying under a request leaves behind in a scaled-out deployment: a connection closed without an answer and the
+ingress's bare 500. Checked against the bug: with the client's old loop (503 only) the first two tests fail."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import httpx
+import pytest
+
+from server.client import CertserveClient, CertserveError
+
+CERT = {"certified": True, "radius": 0.5}
+
+
+class Script(http.server.BaseHTTPRequestHandler):
+    """Answers POSTs in the order of ``server.script``: "drop" (close without an answer), "bare500" (an ingress's
+    plain-text 500), "json500" (certserve's own error envelope), "ok" (a certificate)."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        step = self.server.script[min(self.server.calls, len(self.server.script) - 1)]
+        self.server.calls += 1
+        if step == "drop":
+            self.close_connection = True
+            return
+        status, body, kind = {"bare500": (500, b"Internal Server Error", "text/plain"),
+                              "json500": (500, json.dumps({"error": {"code": "internal", "message": "boom"}}).encode(),
+                                          "application/json"),
+                              "ok": (200, json.dumps(CERT).encode(), "application/json")}[step]
+        self.send_response(status)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Script)
+    server.calls, server.script = 0, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _client(server, retries=3):
+    return CertserveClient(f"http://127.0.0.1:{server.server_address[1]}", retries=retries)
+
+
+def test_a_connection_closed_without_an_answer_and_a_bare_500_are_retried(scripted):
+    scripted.script = ["drop", "bare500", "ok"]
+    with _client(scripted) as client:
+        assert client.certify(b"png bytes", alpha=0.001) == CERT
+    assert scripted.calls == 3
+
+
+def test_retries_end_with_the_last_error(scripted):
+    scripted.script = ["drop"]
+    with _client(scripted, retries=2) as client, pytest.raises(httpx.RemoteProtocolError):
+        client.certify(b"png bytes")
+    assert scripted.calls == 3
+
+
+def test_certserve_own_error_is_not_retried(scripted):
+    scripted.script = ["json500", "ok"]
+    with _client(scripted) as client, pytest.raises(CertserveError) as info:
+        client.certify(b"png bytes")
+    assert info.value.status == 500 and scripted.calls == 1
