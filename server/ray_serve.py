@@ -306,8 +306,8 @@ def ingress_environment(ingress: str, settings: Settings) -> dict[str, str]:
       body: any single image of ordinary size). A larger request whose replica dies before answering gets HAProxy's
       bare 500; raise RAY_SERVE_HAPROXY_TUNE_BUFSIZE (at a latency cost) or use "proxy" where that matters. A request
       that reaches a replica in its last milliseconds can still get HAProxy's bare 500 or a closed connection
-      (tests/test_ray_serve.py: 1-2 of the ~4 requests a killed replica held, in 3 of 7 runs); server.client retries
-      those.
+      (tests/test_ray_serve.py: 1-2 of the ~4 requests a killed replica held in 3 of 7 runs, more on a busy machine);
+      server.client retries those.
       Not with Ray's throughput mode (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, about a fifth less CPU per request):
       with it, or with ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` alone, HAProxy sent some requests of a
       killed replica back as a 500 or a cut connection instead of replaying them (tests/test_ray_serve.py failed in
