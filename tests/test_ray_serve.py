@@ -157,23 +157,29 @@ def images():
 
 
 def test_both_replicas_answer_and_mark_their_responses(cluster, images):
+    """Bursts of 24 concurrent requests until both replicas have answered (at most 5 bursts: once, in CI, HAProxy
+    sent a whole first burst to one replica); every answer is a 200 marked with its replica and request id."""
     assert len(cluster.replicas) == 2, cluster.server.log_tail(40)
-    seen, results = set(), []
+    seen: set[str] = set()
 
     def one(i):
         with httpx.Client(base_url=cluster.url, timeout=60) as client:
             results.append(client.post("/certify", files={"image": ("x.png", images[i % 12], "image/png")}))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [r.status_code for r in results] == [200] * 24, [r.text for r in results if r.status_code != 200]
-    for r in results:
-        seen.add(r.headers[REPLICA])
-        # one X-Request-ID (Ray sets it; the app's copy is dropped), the id the certificate carries
-        assert r.headers.get_list("x-request-id") == [r.json()["request_id"]]
+    for _ in range(5):
+        results: list[httpx.Response] = []
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [r.status_code for r in results] == [200] * 24, [r.text for r in results if r.status_code != 200]
+        for r in results:
+            seen.add(r.headers[REPLICA])
+            # one X-Request-ID (Ray sets it; the app's copy is dropped), the id the certificate carries
+            assert r.headers.get_list("x-request-id") == [r.json()["request_id"]]
+        if seen == cluster.replicas:
+            break
     assert seen == cluster.replicas
     print(f"cluster ready {cluster.started_s:.1f} s after `certserve serve --replicas 2`")
 
