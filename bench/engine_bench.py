@@ -13,6 +13,8 @@ decisions and certificates.
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -65,8 +67,9 @@ class NullSampler:
         pass
 
 
-def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int) -> dict:
-    """Keep ``n_jobs`` jobs of ``kind`` live on a fresh engine over a NullSampler for ``seconds``; measure."""
+def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int, barrier=None) -> dict:
+    """Keep ``n_jobs`` jobs of ``kind`` live on a fresh engine over a NullSampler for ``seconds``; measure. With a
+    ``barrier`` (:func:`run_sharded`), the measured window starts once every party has warmed up."""
     from models.engine import JobSpec, SequentialEngine
 
     null = NullSampler(batch_size, seed)
@@ -75,6 +78,8 @@ def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int)
                                               time.monotonic() + 3600, kind=kind, tested_class=0))
     live.start(n_jobs)
     time.sleep(min(1.0, seconds / 3))  # warm-up: jobs at all stages of their lives
+    if barrier is not None:
+        barrier.wait(timeout=120)
     snap = lambda: (time.perf_counter(), engine.samples_processed, engine.batches, engine.bookkeeping_seconds,  # noqa
                     engine.decision_seconds, null.seconds, null.calls, engine.thread_cpu_seconds, null.cpu_seconds, engine.decided)
     t0, s0, b0, k0, d0, n0, c0, u0, v0, e0 = snap()
@@ -93,6 +98,35 @@ def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int)
             "seconds": t1 - t0}
 
 
+def run_sharded(n_jobs: int, shards: int, batch_size: int, seconds: float, seed: int) -> dict:
+    """``n_jobs`` live sequential jobs split evenly over ``shards`` engine processes (one interpreter lock each, as
+    the replicas of ``certserve serve --replicas N`` are), measured over one common window: aggregate samples/s."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(shards), ctx.Queue()
+    procs = [ctx.Process(target=_shard, args=(barrier, results, n_jobs // shards, batch_size, seconds, seed + k),
+                         daemon=True) for k in range(shards)]
+    for proc in procs:
+        proc.start()
+    try:
+        rows = [results.get(timeout=4 * seconds + 180) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+    failed = [r for r in rows if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"an engine shard failed: {failed[0]}")
+    return {"jobs": n_jobs, "shards": shards, "samples_per_s": sum(r["samples_per_s"] for r in rows),
+            "certs_per_s": sum(r["certs_per_s"] for r in rows), "shard_rows": rows}
+
+
+def _shard(barrier, results, n_jobs: int, batch_size: int, seconds: float, seed: int) -> None:
+    try:
+        results.put(run_null(n_jobs, "sequential", batch_size, seconds, seed, barrier=barrier))
+    except BaseException as exc:  # reported to the parent, which raises
+        barrier.abort()
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
 def bench_engine(args, ctx) -> tuple[str, str, str, dict]:
     batch = args.batch_size or 16_384
     seconds = 6.0 if args.full else 3.0
@@ -108,6 +142,19 @@ def bench_engine(args, ctx) -> tuple[str, str, str, dict]:
             print(f"  engine {kind:>10} {n_jobs:>5} jobs: {d['samples_per_s'] / 1e6:.2f} M samples/s, bookkeeping "
                   f"{d['bookkeeping_ms']:.3f} ms/step (decisions {d['decision_ms']:.3f})", flush=True)
     at512 = next(d for d in data_rows if d["kind"] == "sequential" and d["jobs"] == 512)
+    shards = max(2, min(4, os.cpu_count() or 1))
+    sharded = {k: run_sharded(512, k, batch, seconds, seed=args.seed + 7) for k in (1, shards)}
+    scale = sharded[shards]["samples_per_s"] / sharded[1]["samples_per_s"]
+    per_shard = sharded[shards]["samples_per_s"] / shards
+    print(f"  engine 512 jobs over {shards} processes: {sharded[shards]['samples_per_s'] / 1e6:.2f} M samples/s "
+          f"({scale:.2f}x one process)", flush=True)
+    shard_rows = [[f"{k}", f"{512 // k}", f"**{d['samples_per_s'] / 1e6:.2f} M**",
+                   " / ".join(f"{r['samples_per_s'] / 1e6:.2f}" for r in d["shard_rows"]),
+                   " / ".join(f"{r['cpu_ms']:.2f}" for r in d["shard_rows"]), f"{d['certs_per_s']:,.0f}",
+                   f"{d['samples_per_s'] / sharded[1]['samples_per_s']:.2f}"] for k, d in sharded.items()]
+    shard_table = markdown_table(["engine processes", "live jobs each", "**samples/s, all processes**",
+                                  "samples/s per process (M)", "engine thread CPU ms/step per process",
+                                  "certificates/s", "x one process"], shard_rows)
     per_decision = at512["mean_batch"] / max(at512["decided_per_step"], 1.0)
     decisions_per_s = at512["decided_per_step"] * at512["steps"] / at512["seconds"]
     ok = at512["samples_per_s"] >= TARGET_SAMPLES_PER_S and at512["bookkeeping_ms"] <= TARGET_BOOKKEEPING_MS
@@ -144,6 +191,22 @@ What the target asks of the policy: at 512 live jobs a step carries {at512['mean
 each with every other piece of bookkeeping included. Measured: {decisions_per_s / 1e3:,.0f} k evaluations/s,
 {1e3 * at512['decision_ms'] / max(at512['decided_per_step'], 1):.2f} us each for the policies and certificates alone
 (numpy kernels over all jobs at once).
+
+Across processes. The bookkeeping is Python under one interpreter lock per process, so its ceiling grows with
+engine processes, which is what ``certserve serve --replicas N`` runs (Ray replicas, each with its own engine and
+``1/N`` of the GPU). The same 512 live sequential jobs split over engine processes, each process started fresh
+(spawned) and all measured over one common {seconds:g} s window:
+
+{shard_table}
+
+Measured here: {shards} processes reach **{sharded[shards]['samples_per_s'] / 1e6:.2f} M samples/s, {scale:.2f}x one
+process** ({os.cpu_count()} cores on this machine, which the processes share with their own feeder threads). At
+{per_shard / 1e6:.2f} M per process, {TARGET_SAMPLES_PER_S / 1e6:g} M samples/s of bookkeeping capacity takes about
+{int(np.ceil(TARGET_SAMPLES_PER_S / per_shard))} such processes with a core each: within one GPU host's cores (the
+lent H100 host has 16), but the target above is per process and stays missed. Replicas that share one GPU
+time-slice it (without NVIDIA MPS their kernels do not run concurrently); that cost was not measured, as no GPU was
+lent.
 """
-    data = {"batch_size": batch, "rows": data_rows, "verdict": verdict, "at512": at512}
+    data = {"batch_size": batch, "rows": data_rows, "verdict": verdict, "at512": at512,
+            "sharded": {str(k): d for k, d in sharded.items()}, "shard_scaling": scale}
     return "engine", "(i) Engine ceiling (null sampler)", body, data

@@ -125,6 +125,9 @@ def test_allocation_is_earliest_deadline_first_and_fills_the_capacity(images):
     assert [int(s) for s in batch.slots] == [jobs[1].slot, jobs[2].slot]  # deadlines 10 s, 20 s; 30 s gets none
     assert batch.sizes.tolist() == [300, 300]
     assert table.wanted()[jobs[2].slot] == 100 and table.wanted()[jobs[1].slot] == 0
+    rest = table.allocate(10_000)  # room for every want (no sort then): each job gets exactly what it still wants
+    assert sorted(zip(rest.slots.tolist(), rest.sizes.tolist())) == sorted([(jobs[0].slot, 500), (jobs[2].slot, 100)])
+    assert not table.wanted().any()
 
 
 # ------------------------------------------------------------------------------------------- the engine
