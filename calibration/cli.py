@@ -61,7 +61,7 @@ def add_calibrate_commands(sub) -> None:
     conf.add_argument("--levels", default=",".join(str(a) for a in PipelineConfig.levels), help="risk levels")
     conf.add_argument("--max-bins", type=int, default=PipelineConfig.max_bins)
     conf.add_argument("--scale", choices=["spread", "unit"], default=PipelineConfig.calibration_scale)
-    conf.add_argument("--gamma", type=float, default=None, help="training-conditional (PAC) quantiles at this gamma")
+    conf.add_argument("--gamma", type=float, default=None, help="training-conditional (PAC) quantiles at this gamma (never below the marginal rank)")
     conf.add_argument("--out", required=True)
     conf.add_argument("--overwrite", action="store_true")
     conf.set_defaults(func=_run_conformal)

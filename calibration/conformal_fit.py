@@ -1,6 +1,7 @@
 """Fitting the surrogate's conformal calibration (:mod:`smoothing.conformal`) from Monte-Carlo labels.
 
-The calibration split is cut in two disjoint parts, in a seeded order fixed before any label is read:
+The calibration split (a seeded random subset of the training pool, kept in index order) is cut in two disjoint
+parts before any label is read, its first ``tune_size`` images and the rest:
 
 * TUNING fits every knob: the point-estimate map h (isotonic regression of the probit labels on the surrogate's
   log-odds, capped at the largest label), the scale map v (the local mean absolute residual, floored), and the

@@ -21,7 +21,8 @@ STATEMENTS = {
                           "the request's); not conditional on the surrogate having certified",
     "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
     "clopper-pearson": "for this input, P(certificate wrong) <= alpha (one-sided Clopper-Pearson bound on a number "
-                       "of samples fixed before sampling, for a class fixed before them: from separate selection "
+                       "of samples fixed before sampling, or cut short by a deadline or shutdown, which depend on the "
+                       "clock only, never on the outcomes; for a class fixed before them: from separate selection "
                        "samples (cohen, Cohen et al. 2019) or from the clean image (fixed))",
 }
 

@@ -111,7 +111,8 @@ class CertificationService:
             certified = answer.radius > 0
             return build_certificate(
                 route="surrogate", class_index=answer.class_index if certified else -1, radius=answer.radius,
-                p_lower=answer.p_lower, samples=0, stopped_by="certified" if certified else "abstained",
+                p_lower=answer.p_lower if certified else None,  # below 1/2 nothing was calibrated (labels clip there)
+                samples=0, stopped_by="certified" if certified else "abstained",
                 guarantee_alpha=answer.level, timings=Timings(decode_ms=decode_ms, surrogate_ms=surrogate_ms,
                                                               total_ms=decode_ms + (time.perf_counter() - started) * 1e3),
                 **common)

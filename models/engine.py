@@ -119,6 +119,7 @@ class SequentialEngine:
         self._pending: list[_Job] = []
         self._cancelled: deque[_Job] = deque()
         self._table: JobTable | None = None
+        self._image_shape: tuple | None = None  # of every job's image (the first submitted job's); guarded by _lock
         self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
         self._accepting, self._engine_idle = True, False  # _engine_idle: the engine thread waits in _idle for work
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
@@ -155,12 +156,17 @@ class SequentialEngine:
 
     def submit(self, spec: JobSpec) -> concurrent.futures.Future:
         """Queue a job; returns a future of :class:`JobResult`. Cancel the future to drop the job."""
-        check_spec(spec)  # ValueError for a spec the engine cannot run (models.jobs.check_spec)
+        check_spec(spec, self.sampler.num_classes)  # ValueError for a spec the engine cannot run
+        shape = np.shape(spec.image)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the certification engine is draining and accepts no new work")
+            if shape != (self._image_shape or shape):  # the job table holds one image shape: the first job's
+                raise ValueError(f"every job's image must have the shape of the first, {self._image_shape}; "
+                                 f"got {shape}")
+            self._image_shape = shape
             live = self.live_jobs
             if live >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
@@ -205,13 +211,13 @@ class SequentialEngine:
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
                     continue
                 job = heapq.heappop(self._deadlines)[2]
-            with self._state:  # a job not finished still owns its slot (slots are freed only after finishing)
-                if job.finished:
-                    answers = []
-                elif job.slot >= 0:
-                    answers = self._answer(np.array([job.slot]), "deadline")
-                else:
-                    answers = [self._answer_unadmitted(job, "deadline")]
+            try:
+                with self._state:  # a job not finished still owns its slot (slots are freed only after finishing)
+                    answers = [] if job.finished else (self._answer(np.array([job.slot]), "deadline") if job.slot >= 0
+                                                       else [self._answer_unadmitted(job, "deadline")])
+            except Exception as exc:  # that job fails; the watcher goes on (every later deadline depends on it)
+                with self._state:
+                    answers = [self._fail_job(job, exc)]
             _resolve(answers)
 
     # ----------------------------------------------------------------- engine thread
@@ -335,7 +341,7 @@ class SequentialEngine:
             while inflight:
                 batch, _ = inflight.popleft()
                 table.inflight[batch.slots] -= batch.sizes  # the runner finishes or dropped them: nothing lands
-            answers = [self._fail_slot(int(s), exc) for s in np.flatnonzero(table.running)]
+            answers = [self._fail_job(table.jobs[s], exc) for s in np.flatnonzero(table.running)]
         _resolve(answers)
 
     # ----------------------------------------------------------------- answers (caller holds _state)
@@ -371,11 +377,14 @@ class SequentialEngine:
         return (job.future, JobResult(-1, 0.0, None if job.spec.kind == "cohen" else 0.0, 0, stopped_by,
                                       time.monotonic() - job.submitted, 0.0))
 
-    def _fail_slot(self, slot: int, exc: Exception) -> tuple:
-        table = self._table
-        table.running[slot] = False
-        table.jobs[slot].finished = True
-        return (table.jobs[slot].future, exc)
+    def _fail_job(self, job: _Job, exc: Exception) -> tuple:
+        """(future, exc) for a job that gets an exception instead of a certificate (None if already answered)."""
+        if job.finished:
+            return (job.future, None)
+        if job.slot >= 0 and self._table.gen[job.slot] == job.order:
+            self._table.running[job.slot] = False
+        job.finished = True
+        return (job.future, exc)
 
 
 @functools.lru_cache(maxsize=64)

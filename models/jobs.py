@@ -237,15 +237,21 @@ class JobTable:
         return int(np.count_nonzero(self.running))
 
 
-def check_spec(spec) -> None:
+def check_spec(spec, num_classes: int | None = None) -> None:
     """ValueError, with a message saying what was expected, for a job spec the engine cannot run (at submit).
 
     These are all the checks of the stopping policies and the certificate's bound on a job's own parameters: the
-    engine runs the validated entry points of :mod:`smoothing.stopping` at every step, so a job must be valid here."""
+    engine runs the validated entry points of :mod:`smoothing.stopping` at every step, so a job must be valid here.
+    With ``num_classes`` (the model's), the tested class of a sequential or fixed job must be one of its classes."""
     if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
         raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
     if spec.kind not in KINDS:
         raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+    if spec.kind != "cohen" and num_classes is not None and not (
+            isinstance(spec.tested_class, numbers.Integral) and not isinstance(spec.tested_class, bool)
+            and 0 <= spec.tested_class < num_classes):
+        raise ValueError(f"tested_class must be an integer in [0, {num_classes}) (the model's classes), "
+                         f"got {spec.tested_class!r}")
     if not (_is_real(spec.alpha) and 0.0 < spec.alpha < 1.0):
         raise ValueError(f"alpha must lie strictly between 0 and 1, got {spec.alpha!r}")
     if len(spec.prior) != 2 or not all(_is_real(x) and math.isfinite(x) and x > 0 for x in spec.prior):

@@ -106,6 +106,20 @@ def test_training_conditional_rank_bounds_the_realised_miss_rate(size):
     assert sm.training_conditional_rank(20, 0.05, 0.1) == 21  # too few scores: no finite quantile
 
 
+@pytest.mark.parametrize("gamma", [0.1, 0.45, 0.5, 0.9, 0.99])
+def test_training_conditional_quantile_keeps_the_marginal_guarantee(gamma):
+    """With ``gamma`` the certificate still states the marginal guarantee, so the quantile's rank k must give an
+    exact marginal miss rate (m + 1 - k) / (m + 1) <= delta for every m (distinct scores 1..m: the k-th smallest
+    is k) as well as the PAC property. Run against the PAC rank alone (before 2026-12-05): m = 18, delta = 0.09,
+    gamma = 0.9 gave rank 16, miss rate 3/19 = 0.158 > 0.09; this test failed."""
+    for delta in (0.09, 0.05, 0.009):
+        for m in range(1, 600, 7):
+            q = sm.conformal_quantile(np.arange(1.0, m + 1.0), delta, gamma=gamma)
+            k = m + 1 if math.isinf(q) else int(q)
+            assert (m + 1 - k) / (m + 1) <= delta, (m, delta, gamma, k)
+            assert k >= min(sm.training_conditional_rank(m, delta, gamma), m + 1)
+
+
 def test_fit_keeps_tuning_and_calibration_apart():
     """Maps and bin edges depend on the tuning part only; the calibration part moves only the quantiles. Levels
     whose calibration part is too small are left out; each bin keeps >= the minimum calibration size."""

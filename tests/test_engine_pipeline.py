@@ -168,6 +168,57 @@ def test_deadline_never_reads_counts_of_a_batch_still_running(backend, images):
         engine.stop(0.0)
 
 
+def test_submit_refuses_a_class_outside_the_model_and_a_second_image_shape(backend, images):
+    """A bad job is refused at submit with a message saying what was expected, before it can reach the job table
+    (where a tested class >= the model's classes raised IndexError in the engine thread, failing every live job,
+    and in the deadline watcher, which died). Run against the code without these checks: the first submit was
+    accepted and this test failed."""
+    engine = SequentialEngine(SamplingEngine(backend, sigma=SIGMA, num_classes=K, batch_size=256), seed=0)
+    deadline = time.monotonic() + 60
+    try:
+        for bad in (K, -1, 1.0, True):
+            with pytest.raises(ValueError, match=r"tested_class must be an integer in \[0, 10\)"):
+                engine.submit(JobSpec(images[0], 0.01, 100, deadline, tested_class=bad))
+        engine.submit(JobSpec(images[0], 0.01, 100, deadline, kind="cohen", tested_class=K))  # cohen selects its own
+        with pytest.raises(ValueError, match=r"shape of the first, \(1, 28, 28\); got \(1, 28, 27\)"):
+            engine.submit(JobSpec(images[0][:, :, :27], 0.01, 100, deadline, tested_class=1))
+        assert engine.live_jobs == 1
+    finally:
+        engine.stop(0.0)
+
+
+def test_deadline_watcher_survives_a_job_it_cannot_answer(backend, images, monkeypatch):
+    """If answering one job at its deadline raises, that job gets the exception and later deadlines are still
+    answered. Run against the watcher without its exception handler: the thread died on the first job and the
+    second job was never answered (its result() timed out); this test failed."""
+    import models.engine as engine_module
+
+    calls = []
+    real = engine_module.certificates
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("certificate computation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "certificates", first_call_fails)
+    sampler = Recording(backend, batch_size=256)
+    sampler.gate.clear()  # nothing lands: both jobs are answered by the watcher
+    engine = start(sampler)
+    try:
+        now = time.monotonic()
+        first = engine.submit(JobSpec(images[EASY], 0.01, 256, now + 0.2, kind="fixed", tested_class=1))
+        second = engine.submit(JobSpec(images[EASY], 0.01, 256, now + 0.5, kind="fixed", tested_class=1))
+        with pytest.raises(RuntimeError, match="certificate computation failed"):
+            first.result(timeout=30)
+        res = second.result(timeout=30)
+        assert res.stopped_by == "deadline" and res.samples == 0
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+
+
 def test_a_job_stopped_with_samples_in_flight_counts_them(backend, images):
     """A best-radius job alone runs ahead of its decision (speculative chunk to the next checkpoint). When its
     policy stops it, the samples in flight are counted and its bound is the confidence sequence at ALL its

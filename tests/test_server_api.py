@@ -93,6 +93,7 @@ def check_certificate(body: dict, *, sigma: float = SIGMA, classes=FMNIST_CLASSE
     if cert.method == "surrogate":
         assert cert.samples == 0 and cert.fallback_reason is None
         assert cert.stopped_by == ("certified" if cert.certified else "abstained")
+        assert cert.certified or cert.p_lower is None  # below 1/2 the surrogate's bound is not calibrated
     return cert
 
 
@@ -124,6 +125,19 @@ def medium(client, fmnist) -> tuple[np.ndarray, Certificate]:
         if cert.class_index == fmnist.y_test[i] and 0.15 < cert.radius < 0.4:
             return img, cert
     pytest.fail("no test image among the first 200 has a surrogate radius in (0.15, 0.4)")
+
+
+def test_surrogate_abstention_reports_no_probability_bound(client, fmnist):
+    """A surrogate abstention carries p_lower null: its labels are clipped at Phi^-1 = 0, so nothing below 1/2 was
+    calibrated. Run against the service reporting the uncalibrated value (before 2026-12-05): test image 12 gave
+    p_lower 0.22 with class -1; this test failed."""
+    for i in range(50):
+        body = client.post("/certify", json={"image": quantized(fmnist.x_test[i]).tolist(), "mode": "surrogate"}).json()
+        cert = check_certificate(body)
+        if not cert.certified:
+            assert body["p_lower"] is None and cert.radius == 0.0 and cert.class_index == -1
+            return
+    pytest.fail("the surrogate certified all of the first 50 test images")
 
 
 @pytest.fixture(scope="module")
