@@ -6,6 +6,8 @@
 * Mondrian bins: the guarantee holds in each bin, including a bin where the surrogate is badly overconfident.
 * The training-conditional (PAC) rank bounds the probability, over calibration draws, of a realised miss rate > delta.
 * The fitting code: tuning and calibration parts stay separate; levels and bins sized as documented.
+* The real fit served through the real surrogate path: every level's miss rate, and the fit's own score's
+  coverage, two-sided (catches a wrong sign, scale, label level or delta / alpha_1 split in the fit).
 """
 
 from __future__ import annotations
@@ -120,9 +122,65 @@ def test_training_conditional_quantile_keeps_the_marginal_guarantee(gamma):
             assert k >= min(sm.training_conditional_rank(m, delta, gamma), m + 1)
 
 
+def _served_population(rng, size):
+    """(surrogate logits (N, 2), true probit z of its class): log-odds g >= 0 of class 0; z = 0.5 + 0.5 g plus
+    noise that grows for confident inputs, and 5% of inputs where the surrogate is badly overconfident (z - 1.5)."""
+    g = np.abs(rng.normal(3.0, 2.5, size))
+    noise = rng.standard_normal(size) * (0.2 + 0.3 * (g > 4))
+    z = np.clip(0.5 + 0.5 * g + noise - 1.5 * (rng.random(size) < 0.05), -2.0, 3.6)
+    return np.stack([g, np.zeros(size)], axis=1), z
+
+
+def test_fitted_calibration_served_end_to_end_keeps_every_level(record_rate):
+    """The real fit (calibration.conformal_fit.fit_calibration on Monte-Carlo labels: n = 1,000 binomial samples per
+    image) and the real served path (models.bundle.Calibration -> models.surrogate.surrogate_answers) on a synthetic
+    population with heteroscedastic and overconfident errors, over 30 calibration draws and 3,000 fresh inputs each:
+    (1) P(served radius > the true radius sigma Phi^-1(pA)) <= each level (+3 SE over the draws); (2) the served
+    lower bound's coverage of the fresh inputs' own Monte-Carlo labels (as the fit makes them, at alpha_1), which
+    conformal pins to [delta - 1/(m_b + 1), delta] (+-3 SE): a two-sided check on the fit's own score.
+    The other tests here build their scores by hand; this one guards the fit's score (label level, sign, scale,
+    the delta / alpha_1 split) and its agreement with the served path. Run once against each of these bugs in the fit
+    (2026-12-05); it failed on each: score sign flipped (miss rate 0.044 at level 0.01), score times the scale instead
+    of divided by it (0.158 at level 0.1), calibration labels at level 0.5 instead of alpha_1, labels at 5 alpha_1,
+    the quantile at alpha instead of delta (those three through (2))."""
+    from calibration.conformal_fit import fit_calibration
+    from models.bundle import Calibration
+    from models.surrogate import surrogate_answers
+
+    rng = np.random.default_rng(907)
+    reps, n, sigma, levels = 30, 1000, 0.25, (0.1, 0.05, 0.01)
+    miss = {alpha: [] for alpha in levels}
+    label_miss = {alpha: [] for alpha in levels}
+    smallest_bin = {alpha: 10**9 for alpha in levels}
+    for _ in range(reps):
+        (logits_t, z_t), (logits_c, z_c) = _served_population(rng, 600), _served_population(rng, 2500)
+        block = fit_calibration(logits_t[:, 0], rng.binomial(n, ndtr(z_t)), logits_c[:, 0],
+                                rng.binomial(n, ndtr(z_c)), n, levels=levels, max_bins=4)
+        calibration = Calibration.model_validate(block)
+        logits, z = _served_population(rng, 3000)
+        hits = rng.binomial(n, ndtr(z))
+        for alpha, fitted in zip(levels, block["levels"]):
+            answer = surrogate_answers(logits, calibration, sigma, alpha)
+            assert answer.level == alpha == fitted["alpha"] and np.all(answer.class_index == 0)
+            miss[alpha].append(float(np.mean((answer.radius > 0) & (answer.radius > sigma * z))))
+            z_label = sm.probit_labels(hits, n, sm.level_split(alpha)[1])
+            label_miss[alpha].append(float(np.mean(ndtri(answer.p_lower) > z_label)))
+            smallest_bin[alpha] = min(smallest_bin[alpha], *fitted["bin_sizes"])
+    for alpha in levels:
+        delta = sm.level_split(alpha)[0]
+        rate, se = float(np.mean(miss[alpha])), float(np.std(miss[alpha], ddof=1) / math.sqrt(reps))
+        record_rate(rate, alpha, reps * 3000, f"level {alpha}")
+        assert rate <= alpha + 3 * se, (alpha, rate, se)
+        cover, se = float(np.mean(label_miss[alpha])), float(np.std(label_miss[alpha], ddof=1) / math.sqrt(reps))
+        record_rate(cover, delta, reps * 3000, f"scores, level {alpha}")
+        assert delta - 1 / (smallest_bin[alpha] + 1) - 3 * se <= cover <= delta + 3 * se, (alpha, cover, se)
+
+
 def test_fit_keeps_tuning_and_calibration_apart():
-    """Maps and bin edges depend on the tuning part only; the calibration part moves only the quantiles. Levels
-    whose calibration part is too small are left out; each bin keeps >= the minimum calibration size."""
+    """Maps and bin edges depend on the tuning part only; the calibration part (its inputs and labels) moves only
+    the quantiles. Levels whose calibration part is too small are left out; each bin keeps >= the minimum calibration
+    size. Run against bin edges fitted on the calibration log-odds (2026-12-05): failed once the second fit drew new
+    calibration inputs, not only new labels (with new labels alone it had passed)."""
     rng = np.random.default_rng(903)
     n = 10_000
     g_t, g_c = rng.normal(6, 3, 1000), rng.normal(6, 3, 2500)
@@ -131,7 +189,9 @@ def test_fit_keeps_tuning_and_calibration_apart():
     block = fit_calibration(g_t, h_t, g_c, h_c, n, levels=(0.1, 0.01, 0.001), max_bins=8)
     alphas = [lv["alpha"] for lv in block["levels"]]
     assert alphas == [0.1, 0.01, 0.001]
-    other = fit_calibration(g_t, h_t, g_c, rng.binomial(n, p_c), n, levels=(0.1, 0.01, 0.001), max_bins=8)
+    g_c2 = rng.normal(6, 3, 2500)
+    other = fit_calibration(g_t, h_t, g_c2, rng.binomial(n, ndtr(np.clip(0.4 * g_c2, -1, 4))), n,
+                            levels=(0.1, 0.01, 0.001), max_bins=8)
     for a, b in zip(block["levels"], other["levels"]):
         assert a["knots"] == b["knots"] and a["values"] == b["values"] and a["edges"] == b["edges"]
         assert a["scale"] == b["scale"]
