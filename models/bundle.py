@@ -18,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from smoothing import min_calibration_size
+
 SCHEMA_VERSION = 2
 ARTIFACT_FILES = {"base": "base.onnx", "surrogate": "surrogate.onnx", "meta": "meta.onnx"}
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "fmnist-sigma0.25"
@@ -79,6 +81,10 @@ class ConformalLevel(_Strict):
             raise ValueError("q_hat and bin_sizes need one entry per bin (len(edges) + 1)")
         if any(q is not None and not math.isfinite(q) for q in self.q_hat):
             raise ValueError("a bin's q_hat must be a finite number or null (the bin abstains)")
+        need = min_calibration_size(self.delta)
+        if any(q is not None and size < need for q, size in zip(self.q_hat, self.bin_sizes)):
+            raise ValueError(f"a bin with fewer than {need} calibration scores (the minimum at delta = {self.delta}) "
+                             "has no finite quantile: its q_hat must be null")
         return self
 
     def as_arguments(self) -> dict:

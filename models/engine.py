@@ -29,7 +29,6 @@ samples counted are a fixed-size i.i.d. sample given the cut and the Clopper-Pea
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import heapq
 import itertools
 import threading
@@ -41,9 +40,9 @@ from typing import Literal
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, Batch, JobTable, check_spec
+from models.jobs import KINDS, Batch, JobTable, check_spec, checkpoints_of
 from models.sampling import SamplingEngine
-from smoothing import KT_PRIOR, Stop, checkpoint_schedule
+from smoothing import KT_PRIOR, Stop
 
 
 class QueueFull(RuntimeError):
@@ -164,8 +163,7 @@ class SequentialEngine:
             if not self._accepting:
                 raise EngineStopped("the certification engine is draining and accepts no new work")
             if shape != (self._image_shape or shape):  # the job table holds one image shape: the first job's
-                raise ValueError(f"every job's image must have the shape of the first, {self._image_shape}; "
-                                 f"got {shape}")
+                raise ValueError(f"every job's image must have the first job's shape {self._image_shape}, got {shape}")
             self._image_shape = shape
             live = self.live_jobs
             if live >= self.max_live_jobs:
@@ -265,7 +263,7 @@ class SequentialEngine:
                 return stopping
             admit = [job for job in admit if not job.finished and not job.future.done()]
             table.admit_many(admit, [KINDS[job.spec.kind] for job in admit],
-                        [_schedule(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit])
+                        [checkpoints_of(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit])
             while self._cancelled:
                 job = self._cancelled.popleft()
                 job.finished = True
@@ -387,20 +385,13 @@ class SequentialEngine:
         return (job.future, exc)
 
 
-@functools.lru_cache(maxsize=64)
-def _schedule(budget: int) -> np.ndarray:
-    return checkpoint_schedule(budget)
-
-
 def _resolve(answers: list) -> None:
     """Resolve futures outside the engine's locks (their done callbacks may submit new jobs)."""
     for future, outcome in answers:
-        if outcome is None:
-            continue
         try:
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
-            else:
+            elif outcome is not None:
                 future.set_result(outcome)
         except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
             pass

@@ -13,13 +13,14 @@ only. The engine holds its state lock around every call here.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from smoothing import DEFAULT_MIN_GAIN
+from smoothing import DEFAULT_MIN_GAIN, checkpoint_schedule
 
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
@@ -235,6 +236,12 @@ class JobTable:
     def unanswered(self) -> int:
         """Admitted jobs not yet answered (slots of answered jobs still in flight, zombies, excluded)."""
         return int(np.count_nonzero(self.running))
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoints_of(budget: int) -> np.ndarray:
+    """A sequential job's checkpoint schedule (:func:`smoothing.checkpoint_schedule`), one array per budget."""
+    return checkpoint_schedule(budget)
 
 
 def check_spec(spec, num_classes: int | None = None) -> None:

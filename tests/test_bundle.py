@@ -207,6 +207,17 @@ def test_level_alpha_not_delta_plus_alpha_1_is_refused(bundle_copy):
     _refused(bundle_copy, "level alpha (0.2) must equal delta + alpha_1")
 
 
+def test_finite_quantile_in_a_bin_too_small_for_its_level_is_refused(bundle_copy):
+    """A bin with fewer scores than its level's minimum has no finite conformal quantile (its rank exceeds m): a
+    manifest claiming one is refused. Run against the loader without this check (before 2026-12-05): it loaded."""
+    manifest = _read_manifest(bundle_copy)
+    level = manifest["calibration"]["levels"][-1]  # alpha 0.001: delta 0.0009 needs 1111 scores per bin
+    assert level["alpha"] == 0.001 and level["q_hat"][0] is not None
+    level["bin_sizes"][0] = 1110
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "a bin with fewer than 1111 calibration scores", "its q_hat must be null")
+
+
 def test_old_calibration_block_is_refused_and_can_be_recalibrated(bundle_copy):
     """A schema-1 bundle with the old probability-unit calibration is refused for serving with the command that
     fixes it; ``for_recalibration`` loads it (models verified, calibration dropped) for that command."""

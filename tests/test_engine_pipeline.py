@@ -180,7 +180,7 @@ def test_submit_refuses_a_class_outside_the_model_and_a_second_image_shape(backe
             with pytest.raises(ValueError, match=r"tested_class must be an integer in \[0, 10\)"):
                 engine.submit(JobSpec(images[0], 0.01, 100, deadline, tested_class=bad))
         engine.submit(JobSpec(images[0], 0.01, 100, deadline, kind="cohen", tested_class=K))  # cohen selects its own
-        with pytest.raises(ValueError, match=r"shape of the first, \(1, 28, 28\); got \(1, 28, 27\)"):
+        with pytest.raises(ValueError, match=r"the first job's shape \(1, 28, 28\), got \(1, 28, 27\)"):
             engine.submit(JobSpec(images[0][:, :, :27], 0.01, 100, deadline, tested_class=1))
         assert engine.live_jobs == 1
     finally:
