@@ -43,7 +43,7 @@ class Sealer:
         self._on_audit_failure: Callable[[], None] | None = getattr(observer, "on_audit_failure", None)
         m = bundle.manifest
         self.model = {"model_name": m.name, "model_version": m.version, "sigma": float(m.sigma),
-                      "manifest_sha256": sha256_file(bundle.root / "manifest.json")}
+                      "manifest_sha256": sha256_file(bundle.root / "manifest.json"), "model_sha256": bundle.model_sha256}
         self.version = certserve_version()
 
     @classmethod

@@ -270,13 +270,14 @@ def tensor_sha256(image: np.ndarray) -> str:
 def certificate_claims(certificate: dict, *, input_sha256: str, tensor_sha256: str, tensor_shape: tuple | list,
                        preprocessing: list[str], model_name: str, model_version: str, manifest_sha256: str,
                        sigma: float, kid: str, server_version: str, input_encoding: str = "file",
-                       issued_at: int | None = None) -> dict:
+                       issued_at: int | None = None, model_sha256: str | None = None) -> dict:
     """The signed payload: the certificate's meaning bound to its input, model and server.
 
     ``certificate`` is the certificate as a dict (``Certificate.model_dump()``); only :data:`CERTIFIED_FIELDS` are
     taken (timings are not claims). ``input_encoding`` says what ``input_sha256`` hashes: ``file`` (the uploaded
     file's bytes), ``base64`` (the bytes the base64 string decodes to) or ``array`` (the nested array as compact JSON,
-    see the README). ``iat`` is the issue time in whole UNIX seconds.
+    see the README). ``iat`` is the issue time in whole UNIX seconds. ``model_sha256`` (the certificate's
+    ``model.sha256``, the hash of the model files) is signed when given; the server always gives it.
     """
     missing = [f for f in CERTIFIED_FIELDS if f not in certificate]
     if missing:
@@ -289,6 +290,6 @@ def certificate_claims(certificate: dict, *, input_sha256: str, tensor_sha256: s
                   "tensor_shape": [int(d) for d in tensor_shape], "tensor_layout": dict(TENSOR_LAYOUT),
                   "preprocessing": list(preprocessing)},
         "model": {"name": model_name, "version": model_version, "manifest_sha256": manifest_sha256,
-                  "sigma": float(sigma)},
+                  "sigma": float(sigma), **({"sha256": model_sha256} if model_sha256 is not None else {})},
         "server": {"kid": kid, "version": server_version},
     }

@@ -126,25 +126,41 @@ def verify_certificate(token: str, jwks: KeySet | dict | str | Path, *, image_by
 def verify_document(doc: dict, jwks: KeySet | dict | str | Path, **kwargs) -> dict:
     """Verify a certificate JSON object (a response or an audit record) by its ``signature``; see above.
 
-    Also fails with ``claims_mismatch`` when a plain field the signature covers says something else.
+    Also fails with ``claims_mismatch`` when any plain field but ``timings`` says something its signature does not
+    (or is not covered by it, e.g. ``model.sha256`` under an older signature), so the plain JSON that passes can be
+    trusted field by field.
     """
     cert = certificate_of(doc)
     if not isinstance(cert.get("signature"), str):
         raise VerificationError("unsigned", "the certificate carries no signature (is a signing key configured?)")
     claims = verify_certificate(cert["signature"], jwks, **kwargs)
-    signed = claims["certificate"]
-    for field in CERTIFIED_FIELDS:
-        if field in cert and cert[field] != signed[field]:
-            raise VerificationError("claims_mismatch", f"{field} is {cert[field]!r}; signed {signed[field]!r}")
-    for field in ("sha256", "tensor_sha256"):
-        plain = (cert.get("input") or {}).get(field)
-        if plain is not None and plain != claims["input"][field]:
-            raise VerificationError("claims_mismatch", f"input.{field} differs from the signed one")
-    for field in ("name", "version"):
-        plain = (cert.get("model") or {}).get(field)
-        if plain is not None and plain != claims["model"][field]:
-            raise VerificationError("claims_mismatch", f"model.{field} is {plain!r}; signed {claims['model'][field]!r}")
+    for name, plain, signed in _plain_and_signed(cert, claims):
+        if _as_json(plain) != _as_json(signed):  # as JSON: 1 is not true
+            raise VerificationError("claims_mismatch", f"{name} is {plain!r}; signed {signed!r}" if signed is not None
+                                    else f"{name} is {plain!r}, which the signature does not cover")
     return claims
+
+
+def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, object]]:
+    """(name, plain value, signed value) of every plain field the certificate states, except ``timings`` (not a
+    claim) and the ``input`` hashes it leaves null; a field the signature does not cover pairs with None."""
+    pairs = [(f, cert[f], claims["certificate"][f]) for f in CERTIFIED_FIELDS if f in cert]
+    if "preprocessing" in cert:
+        pairs.append(("preprocessing", cert["preprocessing"], claims["input"].get("preprocessing")))
+    for part, fields in (("input", ("sha256", "encoding", "tensor_sha256", "tensor_shape")),
+                         ("model", ("name", "version", "sha256"))):
+        plain = cert.get(part)
+        if plain is None:
+            continue
+        if not isinstance(plain, dict):
+            raise VerificationError("malformed", f"the certificate's {part} must be a JSON object")
+        signed = claims[part] if isinstance(claims.get(part), dict) else {}
+        pairs += [(f"{part}.{f}", plain[f], signed.get(f)) for f in fields if plain.get(f) is not None]
+    return pairs
+
+
+def _as_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def certificate_of(doc: dict) -> dict:
@@ -155,7 +171,10 @@ def certificate_of(doc: dict) -> dict:
         if len(doc["results"]) != 1:
             raise VerificationError("malformed", f"a batch of {len(doc['results'])} certificates: pass one")
         doc = doc["results"][0]
-    if isinstance(doc.get("certificate"), dict) and "signature" not in doc:
+    if isinstance(doc.get("certificate"), dict):  # an audit record: its signature is the certificate's own
+        if "signature" in doc:
+            raise VerificationError("malformed", "an audit record carries its signature inside its certificate, "
+                                                 "not next to it")
         doc = doc["certificate"]
     return doc
 

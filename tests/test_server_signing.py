@@ -105,7 +105,8 @@ def test_claims_bind_the_model_and_the_server(signed, x):
     doc = signed.post("/certify", files={"image": ("a.png", png(x[EASY]))}).json()
     claims = verify_document(doc, jwks)
     assert claims["model"] == {"name": "fmnist-sigma0.25", "version": doc["model"]["version"], "sigma": 0.25,
-                               "manifest_sha256": sha256_file(DEFAULT_BUNDLE_DIR / "manifest.json")}
+                               "manifest_sha256": sha256_file(DEFAULT_BUNDLE_DIR / "manifest.json"),
+                               "sha256": doc["model"]["sha256"]}
     assert claims["server"] == {"kid": jwks["keys"][0]["kid"], "version": certserve_version()}
     assert claims["certificate"]["radius"] == doc["radius"] and claims["certificate"]["guarantee"] == doc["guarantee"]
     assert claims["input"]["tensor_sha256"] == tensor_sha256(pixels(png(x[EASY])))

@@ -17,7 +17,7 @@ from smoothing import conformal_certificate, level_split, surrogate_log_odds
 def _level(alpha, q_hat, edges=(4.0,)):
     delta, alpha_1 = level_split(alpha)
     return {"alpha": alpha, "delta": delta, "alpha_1": alpha_1, "knots": [0.0, 10.0], "values": [0.0, 3.0],
-            "scale": [1.0, 0.5], "edges": list(edges), "q_hat": q_hat, "bin_sizes": [500] * len(q_hat)}
+            "scale": [1.0, 0.5], "edges": list(edges), "q_hat": q_hat, "bin_sizes": [2000] * len(q_hat)}
 
 
 def _calibration(**kw):

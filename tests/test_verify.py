@@ -50,13 +50,14 @@ def make_certificate(**changes) -> dict:
     return cert
 
 
-def sign_certificate(signer: Signer, issued_at: int = NOW, **changes) -> tuple[dict, str]:
+def sign_certificate(signer: Signer, issued_at: int = NOW, model_sha256: str | None = "f" * 64,
+                     **changes) -> tuple[dict, str]:
     cert = make_certificate(**changes)
     claims = certificate_claims(cert, input_sha256=hashlib.sha256(IMAGE).hexdigest(),
                                 tensor_sha256=tensor_sha256(TENSOR), tensor_shape=TENSOR.shape,
                                 preprocessing=cert["preprocessing"], model_name="fmnist-sigma0.25", model_version="1",
                                 manifest_sha256="c" * 64, sigma=0.25, kid=signer.kid, server_version="0.1.0",
-                                issued_at=issued_at)
+                                issued_at=issued_at, model_sha256=model_sha256)
     token = signer.sign(claims)
     return {**cert, "signature": token}, token
 
@@ -213,6 +214,39 @@ def test_document_fields_must_match_the_signed_claims(signer):
     unsigned = {k: v for k, v in doc.items() if k != "signature"}
     with pytest.raises(VerificationError, match="no signature"):
         verify_document(unsigned, signer.jwks())
+
+
+def test_every_plain_field_is_bound_to_the_signature(signer):
+    """Beyond the certificate's own fields: preprocessing, the input block and model.sha256 are compared too, values
+    compare as JSON (1 is not true), and an audit record cannot carry a second signature next to its certificate.
+    Run against the comparison before 2026-12-05: every edit below verified as VALID (an audit record whose nested
+    radius was edited passed once its signature was copied to the top level); this test failed."""
+    cert = make_certificate()
+    cert["input"] = {"sha256": hashlib.sha256(IMAGE).hexdigest(), "encoding": "file",
+                     "tensor_sha256": tensor_sha256(TENSOR), "tensor_shape": list(TENSOR.shape)}
+    claims = certificate_claims(cert, input_sha256=cert["input"]["sha256"], tensor_sha256=tensor_sha256(TENSOR),
+                                tensor_shape=TENSOR.shape, preprocessing=cert["preprocessing"],
+                                model_name="fmnist-sigma0.25", model_version="1", manifest_sha256="c" * 64, sigma=0.25,
+                                kid=signer.kid, server_version="0.1.0", issued_at=NOW, model_sha256="f" * 64)
+    doc = {**cert, "signature": signer.sign(claims)}
+    assert verify_document(doc, signer.jwks(), now=NOW)
+    edits = {"preprocessing": [], "certified": 1, "class_index": True,
+             "input": {**doc["input"], "encoding": "base64"}, "model": {**doc["model"], "sha256": "e" * 64}}
+    edits_input = {"input": {**doc["input"], "tensor_shape": [1, 14, 56]}}
+    for field, value in [*edits.items(), *edits_input.items()]:
+        with pytest.raises(VerificationError) as info:
+            verify_document({**doc, field: value}, signer.jwks(), now=NOW)
+        assert info.value.reason == "claims_mismatch", field
+    with pytest.raises(VerificationError) as info:
+        verify_document({**doc, "input": [1, 2]}, signer.jwks(), now=NOW)
+    assert info.value.reason == "malformed"
+    record = {"certificate": {**doc, "radius": 5.0}, "signature": doc["signature"]}
+    with pytest.raises(VerificationError) as info:
+        verify_document(record, signer.jwks(), now=NOW)
+    assert info.value.reason == "malformed"
+    older, _ = sign_certificate(signer, model_sha256=None)  # as an older server signed: model.sha256 not covered
+    with pytest.raises(VerificationError, match="model.sha256 .* which the signature does not cover"):
+        verify_document(older, signer.jwks(), now=NOW)
 
 
 class _JWKSHandler(BaseHTTPRequestHandler):
