@@ -18,7 +18,8 @@ STATEMENTS = {
                           "surrogate confidence falls in the same bin, and over the draw of the calibration split, "
                           "P(radius exceeds the smoothed classifier's true radius for this class) <= alpha, within "
                           "each bin and hence over all inputs; alpha is the calibrated level used (the largest <= "
-                          "the request's); not conditional on the surrogate having certified",
+                          "the request's); not conditional on the surrogate having certified, nor on auto having "
+                          "routed this input to it",
     "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
     "clopper-pearson": "for this input, P(certificate wrong) <= alpha (one-sided Clopper-Pearson bound on a number "
                        "of samples fixed before sampling, or cut short by a deadline or shutdown, which depend on the "

@@ -32,16 +32,22 @@ class CertifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's (0.001). The "
+    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's "
+                                "(CERTSERVE_DEFAULT_ALPHA, see GET /model). The "
                                 "surrogate answers at the largest calibrated level <= alpha (the certificate's "
                                 "guarantee.alpha says which); below the lowest level, auto falls back to sequential")
-    mode: Mode = "auto"
+    mode: Mode = Field("auto", description="auto: the surrogate's one-pass certificate (marginal guarantee, at the "
+                       "largest calibrated level <= alpha) where its radius is large enough, else sequential; "
+                       "surrogate: the surrogate only; sequential: the anytime-valid e-process (per input at alpha); "
+                       "fixed: Clopper-Pearson on a sample size planned from the clean image (per input); cohen: "
+                       "Cohen et al.'s CERTIFY (per input). The certificate's guarantee field states which")
     target_radius: float | None = Field(None, ge=0, le=100,
                                         description="certify at least this L2 radius; stop as soon as it is")
     max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples)")
     deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
-    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate): the "
-                            "e-process job targets the surrogate's proposed radius, stops once it is verified at alpha")
+    per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate). With "
+                            "mode=auto the e-process job then targets the surrogate's proposed radius and stops once "
+                            "it is verified at alpha; sequential, fixed and cohen are per input anyway")
     resize: bool = Field(False, description="resize to the model's input size instead of rejecting")
     convert: bool = Field(False, description="convert colour mode (RGB<->grey) instead of rejecting")
 
@@ -82,9 +88,10 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
     mode = params.mode
     if mode == "surrogate":
         _check_surrogate_request(params, alpha, alpha_cal, surrogate_radius)
-    if mode == "fixed" and params.target_radius is not None:
-        raise ServiceError("bad_request", "mode=fixed draws a sample size fixed in advance and cannot stop at a "
-                                          "target_radius; use mode=sequential with target_radius")
+    if mode in ("fixed", "cohen", "surrogate") and params.target_radius is not None:
+        raise ServiceError("bad_request", f"mode={mode} cannot stop at a target_radius (" + (
+            "one forward pass" if mode == "surrogate" else "a sample size fixed in advance") + "); use "
+            "mode=auto or sequential with target_radius")
     fallback = None
     if mode == "auto":
         fallback = _fallback_reason(params, alpha, alpha_cal, surrogate_radius,

@@ -78,20 +78,33 @@ def _from_pil(raw: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("could not read the image: expected PNG, JPEG or .npy bytes") from None
     if img.format not in ("PNG", "JPEG"):
         raise ImageError(f"image format {img.format} is not accepted: send PNG, JPEG or .npy")
+    if img.format == "PNG" and raw[24:25] == b"\x10" and raw[25:26] != b"\x00":  # IHDR bit depth 16, not grey
+        raise ImageError("16-bit colour or grey+alpha PNGs cannot be decoded without losing precision: send an "
+                         "8-bit or 16-bit grey PNG, or a float .npy")
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                          "image_too_large")
     try:
         img.load()  # decoding is bounded by the pixel check above
+        transparent = _has_transparent_pixels(img)
         if img.mode not in ("L", "RGB"):
             if not img.mode.startswith("I"):  # 16-bit grey stays as it is (scaled below)
                 img = img.convert("L" if img.mode in ("1", "LA", "F") else "RGB")  # palette, alpha, CMYK -> RGB
     except (OSError, ValueError, SyntaxError):
         raise ImageError("the image data is truncated or corrupt") from None
+    if transparent:  # dropping the alpha would certify pixels that were not shown
+        raise ImageError("the image has transparent pixels: flatten it onto a background (no alpha) first")
     if img.mode.startswith("I"):  # 16-bit PNG: scale, do not clip to 8 bits
         return np.asarray(img, dtype=np.float32) / 65535.0
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
+
+
+def _has_transparent_pixels(img: Image.Image) -> bool:
+    """True where some pixel is not fully opaque (a fully opaque alpha channel is dropped: nothing changes)."""
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        return False
+    return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
 def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
@@ -102,7 +115,7 @@ def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
         dims, _, dtype = header(buf)
     except (ValueError, OSError, SyntaxError):
         raise ImageError("could not read the .npy header") from None
-    if dtype.kind not in "uif" or dtype.hasobject:
+    if dtype.kind not in "uif" or dtype.hasobject or dtype.kind in "ui" and dtype != np.uint8:
         raise ImageError(f".npy dtype {dtype} is not accepted: use uint8 (0-255) or float (0-1)")
     if int(np.prod(dims, dtype=np.int64)) > 4 * max_pixels:
         raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", "image_too_large")
@@ -112,25 +125,28 @@ def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("the .npy data is truncated or corrupt") from None
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
-    return _check_range(arr.astype(np.float32))
+    return _check_range(arr)
 
 
 def _from_nested(data: list, max_pixels: int) -> np.ndarray:
     try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise ImageError("image array must be a rectangular nested list of numbers") from None
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":  # ragged, or strings, booleans, nulls, integers beyond int64
+        raise ImageError("image array must be a rectangular nested list of numbers (floats in [0, 1])") from None
     if arr.size > 4 * max_pixels:
         raise ImageError(f"image array of shape {arr.shape} exceeds the pixel limit {max_pixels}", "image_too_large")
     return _check_range(arr)
 
 
 def _check_range(arr: np.ndarray) -> np.ndarray:
+    """The values as float32 after checking them at their own precision (a finite 1e39 is out of range, not inf)."""
     if not np.all(np.isfinite(arr)):
         raise ImageError("image values must be finite numbers (found NaN or infinity)")
     if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
         raise ImageError(f"float image values must lie in [0, 1]; found [{arr.min():g}, {arr.max():g}]")
-    return arr
+    return arr.astype(np.float32)
 
 
 def _conform(arr: np.ndarray, shape: tuple[int, int, int], resize: bool, convert: bool, steps: list[str]) -> np.ndarray:

@@ -34,8 +34,9 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
     field = "images" if batch else "image"
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ServiceError("bad_json", "the body is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit
+        raise ServiceError("bad_json", "the body is not valid JSON (or nests deeper, or has longer numbers, than "
+                                       "a request can)") from None
     try:
         req = (JSONBatchRequest if batch else JSONCertifyRequest).model_validate(body)
     except ValidationError as exc:
@@ -54,6 +55,13 @@ async def _parse_form(request: Request, batch: bool) -> tuple[list, CertifyParam
     files = form.getlist(field)
     if not files:
         raise ServiceError("missing_image", f"multipart field '{field}' (the image file) is required")
+    if len(files) > 1 and not batch:
+        raise ServiceError("bad_request", f"{len(files)} 'image' fields: /certify takes one image; send several as "
+                                          "'images' to /certify/batch")
+    names = [k for k, _ in form.multi_items() if k != field]
+    repeated = sorted({k for k in names if names.count(k) > 1})
+    if repeated:
+        raise ServiceError("bad_request", f"fields given more than once: {', '.join(repeated)} (give each once)")
     images = [await f.read() if isinstance(f, UploadFile) else f for f in files]
     extra = {k: v for k, v in form.multi_items() if k != field}
     try:

@@ -70,8 +70,18 @@ def test_deadline_counts_from_arrival():
 
 def test_alpha_defaults_to_the_configured_one_and_explicit_modes_keep_theirs():
     assert plan(mode="sequential").alpha == CONFIG.default_alpha
-    p = plan(mode="cohen", alpha=0.05, target_radius=0.2)
-    assert (p.route, p.alpha, p.target_radius, p.fallback_reason) == ("cohen", 0.05, 0.2, None)
+    p = plan(mode="cohen", alpha=0.05)
+    assert (p.route, p.alpha, p.target_radius, p.fallback_reason) == ("cohen", 0.05, None, None)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "cohen", "surrogate"])
+def test_modes_that_cannot_stop_at_a_target_refuse_it(mode):
+    """fixed and cohen draw a sample size fixed in advance, the surrogate one forward pass: none can certify 'at
+    least target_radius', so the request is refused rather than the target ignored (cohen and surrogate ignored it
+    before 2026-12-05: this test failed for them)."""
+    with pytest.raises(ServiceError, match=f"mode={mode} cannot stop at a target_radius") as info:
+        plan(mode=mode, target_radius=0.2)
+    assert info.value.code == "bad_request"
 
 
 @pytest.mark.parametrize("kwargs, code", [

@@ -57,6 +57,18 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def png_16bit(width: int, height: int, colour_type: int, channels: int) -> bytes:
+    """A complete 16-bit PNG (mid-grey samples) of the given IHDR colour type: Pillow opens 16-bit colour and
+    grey+alpha PNGs as 8-bit images, which would silently drop precision."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x80\x80" * channels * width
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(row * height))
+            + chunk(b"IEND", b""))
+
+
 def npy_header_only(shape: tuple[int, ...]) -> bytes:
     """.npy magic + header declaring ``shape`` float32, with no data after it."""
     buf = io.BytesIO()
@@ -209,6 +221,40 @@ CORPUS = [
      415, "unsupported_media_type", ["multipart/form-data"]),
     ("batch-nan", lambda c: c.post("/certify/batch", content=b'{"images": [[[NaN]]]}',
                                    headers={"content-type": "application/json"}), 422, "bad_image", ["finite"]),
+    # found by review on 2026-12-05: each of these was a 500, a silent change of the input or an ignored field
+    ("json-nested-too-deep", lambda c: c.post("/certify", content=b'{"image": ' + b"[" * 1500 + b"0.5" + b"]" * 1500
+                                              + b"}", headers={"content-type": "application/json"}), 422, "bad_json",
+     ["JSON", "nests deeper"]),
+    ("json-integer-too-long", lambda c: c.post("/certify", content=b'{"image": [[0.5]], "max_samples": 1'
+                                               + b"0" * 5000 + b"}", headers={"content-type": "application/json"}),
+     422, "bad_json", ["JSON", "longer numbers"]),
+    ("huge-integer-in-array", lambda c: c.post("/certify", json={"image": [[10**400, 0]]}), 422, "bad_image",
+     ["numbers"]),
+    ("booleans-in-array", lambda c: c.post("/certify", json={"image": [[True, False]]}), 422, "bad_image",
+     ["numbers"]),
+    ("finite-float-beyond-float32", lambda c: c.post("/certify", content=b'{"image": [[1e39, 0.5]]}',
+                                                     headers={"content-type": "application/json"}), 422, "bad_image",
+     ["[0, 1]", "1e+39"]),
+    ("npy-int64", lambda c: post_file(c, npy(np.zeros((28, 28), np.int64)), "x.npy"), 422, "bad_image",
+     ["int64", "uint8"]),
+    ("npy-float64-huge", lambda c: post_file(c, npy(np.full((28, 28), 1e300)), "x.npy"), 422, "bad_image",
+     ["[0, 1]"]),
+    ("png-16bit-rgb", lambda c: post_file(c, png_16bit(28, 28, 2, 3)), 422, "bad_image", ["16-bit", "grey"]),
+    ("png-16bit-grey-alpha", lambda c: post_file(c, png_16bit(28, 28, 4, 2)), 422, "bad_image", ["16-bit"]),
+    ("png-transparent-pixels", lambda c: post_file(c, encode(np.stack([np.full((28, 28), 128, np.uint8),
+                                                                       np.zeros((28, 28), np.uint8)], -1),
+                                                              mode="LA")), 422, "bad_image", ["transparent"]),
+    ("two-images-on-certify", lambda c: c.post("/certify", files=[("image", ("a.png", grey_png(), "image/png")),
+                                                                  ("image", ("b.png", grey_png(seed=1), "image/png"))]),
+     422, "bad_request", ["/certify/batch"]),
+    ("repeated-form-field", lambda c: c.post("/certify", files={"image": ("x.png", grey_png(), "image/png")},
+                                             data={"alpha": ["0.5", "0.001"]}), 422, "bad_request",
+     ["alpha", "more than once"]),
+    ("target-radius-surrogate", lambda c: c.post("/certify", json={"image": GREY, "mode": "surrogate",
+                                                                    "target_radius": 0.3}), 422, "bad_request",
+     ["mode=surrogate", "target_radius", "mode=auto"]),
+    ("target-radius-cohen", lambda c: c.post("/certify", json={"image": GREY, "mode": "cohen", "target_radius": 0.3}),
+     422, "bad_request", ["mode=cohen", "target_radius"]),
 ]
 
 
