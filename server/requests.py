@@ -38,7 +38,8 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
         raise ServiceError("bad_json", "the body is not valid JSON (or nests deeper, or has longer numbers, than "
                                        "a request can)") from None
     try:
-        req = (JSONBatchRequest if batch else JSONCertifyRequest).model_validate(body)
+        req = (JSONBatchRequest if batch else JSONCertifyRequest).model_validate(body, strict=True)  # JSON has types:
+        # true is not a sample budget, "0.1" not an alpha (form fields are text and are parsed below)
     except ValidationError as exc:
         raise ServiceError("bad_request", pydantic_message(exc)) from None
     params = CertifyParams.model_validate(req.model_dump(exclude={field}))

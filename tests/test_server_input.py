@@ -253,6 +253,12 @@ CORPUS = [
     ("target-radius-surrogate", lambda c: c.post("/certify", json={"image": GREY, "mode": "surrogate",
                                                                     "target_radius": 0.3}), 422, "bad_request",
      ["mode=surrogate", "target_radius", "mode=auto"]),
+    ("json-budget-true", lambda c: c.post("/certify", json={"image": GREY, "max_samples": True}), 422,
+     "bad_request", ["max_samples", "valid integer"]),
+    ("json-per-input-1", lambda c: c.post("/certify", json={"image": GREY, "per_input": 1}), 422, "bad_request",
+     ["per_input", "valid boolean"]),
+    ("json-alpha-string", lambda c: c.post("/certify", json={"image": GREY, "alpha": "0.1"}), 422, "bad_request",
+     ["alpha", "valid number"]),
     ("target-radius-cohen", lambda c: c.post("/certify", json={"image": GREY, "mode": "cohen", "target_radius": 0.3}),
      422, "bad_request", ["mode=cohen", "target_radius"]),
 ]
