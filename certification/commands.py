@@ -87,6 +87,7 @@ def _verify(args) -> int:
     cert = claims["certificate"]
     checked = "signature" + (", image" if image is not None else "") + (", age" if args.max_age is not None else "")
     print(f"VALID ({checked}): class {cert['class_index']} radius {cert['radius']} {cert['method']} "
-          f"[{cert['guarantee']['kind']}, alpha {cert['guarantee']['alpha']}] key {claims['server']['kid']}",
+          f"[{cert['guarantee']['kind']}, alpha {cert['guarantee']['alpha']}] model {claims['model']['name']} "
+          f"{claims['model']['version']} key {claims['server']['kid']}",
           file=sys.stderr)
     return 0

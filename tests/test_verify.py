@@ -317,6 +317,7 @@ def test_cli_keys_generate_and_verify(tmp_path, capsys, signer, jwks_server):
     assert run_cli("verify", tmp_path / "cert.json", "--jwks", jwks_file, "--image", tmp_path / "image.png") == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["certificate"]["radius"] == 0.6125 and captured.err.startswith("VALID")
+    assert " model fmnist-sigma0.25 1 key " in captured.err  # the summary names the model it vouches for
     assert run_cli("verify", tmp_path / "cert.jws", "--jwks", jwks_file) == 0
     capsys.readouterr()
     cases = [(["--image", tmp_path / "other.png"], "image_mismatch"), (["--max-age", "60"], "expired")]
