@@ -22,7 +22,7 @@ import numpy as np
 
 from calibration import front
 from calibration.report import RADII, plots, short_n, write_report
-from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from models.bundle import DEFAULT_BUNDLE_DIR, load_bundle, sha256_file
 from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, default_batch_size
 from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
@@ -159,11 +159,13 @@ def evaluate(args) -> dict:
 
 def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float]:
     """(selection counts, ordered streams, sampler name, seconds per sample, sampling seconds): drawn here, or read
-    from ``args.streams`` when that cache was drawn with the same bundle model, data, images, n, n0 and seed."""
+    from ``args.streams`` when that cache was drawn with the same bundle model, sigma, sampler, data, images, n, n0
+    and seed."""
     from models.backends import load_backend
 
     key = {"model": bundle.model_sha256, "data": args.data, "images": int(len(x)), "n": args.n, "n0": args.n0,
-           "seed": args.seed}
+           "seed": args.seed, "sigma": bundle.manifest.sigma,  # two bundles may share a base model at different sigma
+           "sampler_sha256": sha256_file(args.sampler) if args.sampler else None}
     cache = Path(args.streams) if getattr(args, "streams", None) else None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as d:

@@ -73,11 +73,14 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
         sampler = base_backend
     else:
         base_onnx, base_ts = work / "base.onnx", work / "base.pt"
-        if not (base_onnx.exists() and base_ts.exists()):
+        trained_on = {"data": ds.name, "sigma": cfg.sigma, "splits": splits.record(), "epochs": cfg.base_epochs,
+                      "seed": cfg.seed}
+        if not _reusable_base(work, trained_on):
             base_module = train_base(ds.x_train[base_idx], ds.y_train[base_idx], num_classes=k, sigma=cfg.sigma,
                                      epochs=cfg.base_epochs, seed=cfg.seed, device=device)
             save_torchscript(base_module, example, base_ts)
             export_onnx(base_module.cpu(), example, base_onnx)
+            (work / "base.json").write_text(json.dumps(trained_on, indent=2))
         base_backend = OnnxBackend(base_onnx, device="cpu")
         sampler = load_backend(base_ts, device=device) if device == "cuda" else base_backend
     timings["base_seconds"] = time.time() - t0
@@ -159,6 +162,7 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     labelled = labelled_calibration_images(counts_dir, data, calibration_size=calibration_size,
                                            surrogate_size=surrogate_size, split_seed=split_seed,
                                            model_sha256=bundle.model_sha256)
+    _check_counts_fit_bundle(labelled, m, counts_dir)
     if bundle.path("surrogate") is None:
         raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
     calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
@@ -175,6 +179,40 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
                         provenance=provenance, overwrite=overwrite)
     log(f"bundle written to {new.root}")
     return new.root
+
+
+def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
+    """ValueError unless the counts were drawn at the bundle's sigma and the split arguments rebuild the splits the
+    bundle was built with (where its provenance records them): other splits would put images its models were
+    trained on into the calibration split, other noise would calibrate another smoothed classifier."""
+    if float(labelled.meta["sigma"]) != float(manifest.sigma):
+        raise ValueError(f"{counts_dir} was counted at sigma {labelled.meta['sigma']}; the bundle smooths at sigma "
+                         f"{manifest.sigma}: count at the bundle's sigma")
+    built = (manifest.provenance or {}).get("splits")
+    if built is None:
+        return
+    splits, limit = labelled.splits, (manifest.provenance or {}).get("limit")
+    if limit:
+        splits = type(splits)(splits.seed, splits.base_train[:limit], splits.surrogate_train[:limit],
+                              splits.calibration[:limit])
+    if splits.record() != built:
+        raise ValueError(f"the split arguments give other splits ({splits.record()}) than the bundle was built with "
+                         f"({built}); pass the bundle's --calibration-size, --surrogate-size and --split-seed")
+
+
+def _reusable_base(work: Path, trained_on: dict) -> bool:
+    """True when the work directory holds a base model trained as ``trained_on`` says (data, sigma, exact splits,
+    epochs, seed); False when it holds none. A base model trained otherwise is refused, not reused: its training
+    images could be this run's calibration images, which would void the surrogate's guarantee."""
+    files = [work / name for name in ("base.onnx", "base.pt", "base.json")]
+    if not any(f.exists() for f in files):
+        return False
+    recorded = json.loads(files[2].read_text()) if files[2].exists() else None
+    if all(f.exists() for f in files) and recorded == trained_on:
+        return True
+    raise ValueError(f"{work} holds a base model trained {'otherwise' if recorded else 'without a record'} "
+                     f"({recorded}; this run: {trained_on}): delete base.onnx, base.pt and base.json there, or use "
+                     "another --work directory")
 
 
 def _base_quality(backend, x, y, sigma, seed) -> dict:

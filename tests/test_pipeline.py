@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +220,23 @@ def test_pipeline_rerun_resumes_from_the_work_directory(pipeline_run, tmp_path):
     assert m2.artifacts["base"].sha256 == base_sha == m1.artifacts["base"].sha256
     assert {p: p.stat().st_mtime_ns for p in work.rglob("shard-*.npy")} == shards_before
     assert m2.calibration.levels[0].q_hat == pytest.approx(m1.calibration.levels[0].q_hat, rel=1e-5, abs=1e-7)
+
+
+def test_pipeline_refuses_a_base_model_trained_otherwise(pipeline_run, tmp_path):
+    """A work directory's base model trained on other splits (here: split seed 1 instead of 0) is refused, not
+    reused: its training images could be this run's calibration images. Run against the code before 2026-12-05: the
+    run reused it silently (and recorded base_trained_here); this test failed."""
+    cfg, _, _ = pipeline_run
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("base.onnx", "base.pt", "base.json"):
+        shutil.copy(Path(cfg.work) / name, work / name)
+    other = PipelineConfig(**{**cfg.__dict__, "out": str(tmp_path / "b"), "work": str(work), "split_seed": 1})
+    with pytest.raises(ValueError, match="holds a base model trained otherwise"):
+        run_pipeline(other, log=lambda *_: None)
+    (work / "base.json").unlink()  # a base model without its record (an older work directory) is refused too
+    with pytest.raises(ValueError, match="without a record"):
+        run_pipeline(PipelineConfig(**{**other.__dict__, "split_seed": 0}), log=lambda *_: None)
 
 
 def test_pipeline_refuses_to_overwrite_a_bundle(pipeline_run):

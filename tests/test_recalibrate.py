@@ -73,6 +73,38 @@ def test_counts_of_other_images_are_refused(counts_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_counts_at_another_sigma_are_refused(counts_dir, tmp_path):
+    """Counts drawn at another noise level describe another smoothed classifier: refused. Run against the code
+    before 2026-12-05: it recalibrated the sigma-0.25 bundle from sigma-1.0 counts; this test failed."""
+    other = tmp_path / "other-sigma"
+    shutil.copytree(counts_dir, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["sigma"] = 1.0
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="counted at sigma 1.0; the bundle smooths at sigma 0.25"):
+        recalibrate(DEFAULT_BUNDLE_DIR, counts_dir=other, data="fashion-mnist", calibration_size=8000,
+                    surrogate_size=16000, split_seed=0, tune_size=16, out=tmp_path / "x", log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_split_arguments_other_than_the_bundles_are_refused(tmp_path):
+    """Counts of a calibration split cut with other sizes than the bundle's (12,000 instead of 8,000: 4,000 of those
+    images trained its surrogate) are consistent with themselves but not with the bundle: refused. Run against the
+    code before 2026-12-05: it recalibrated the bundle; this test failed."""
+    ds = load_dataset("fashion-mnist")
+    splits = make_splits(len(ds.x_train), calibration=12000, surrogate_train=16000, seed=0)
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    engine = SamplingEngine(bundle.backend("base", device="cpu", threads=1), sigma=0.25, num_classes=10,
+                            batch_size=1024)
+    out = tmp_path / "counts-12000"
+    compute_counts(engine, ds.x_train[splits.calibration][:24], 32, out_dir=out, seed=7,
+                   model_sha256=bundle.model_sha256, shard_size=8, progress=False)
+    with pytest.raises(ValueError, match="other splits .* than the bundle was built with"):
+        recalibrate(DEFAULT_BUNDLE_DIR, counts_dir=out, data="fashion-mnist", calibration_size=12000,
+                    surrogate_size=16000, split_seed=0, tune_size=8, out=tmp_path / "x", log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
+
+
 def test_tune_size_must_leave_calibration_images(counts_dir, tmp_path):
     with pytest.raises(ValueError, match=r"tune_size must lie in \(0, 48\)"):
         recalibrate(DEFAULT_BUNDLE_DIR, counts_dir=counts_dir, data="fashion-mnist", calibration_size=8000,
