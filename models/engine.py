@@ -177,11 +177,11 @@ class SequentialEngine:
         return fut
 
     def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
-        """Stop accepting; let live jobs run up to ``grace`` seconds, then answer the rest with their current
-        (valid) certificate, marked ``shutdown``."""
+        """Stop accepting; let live jobs run up to ``grace`` seconds (never later than an earlier call said), then
+        answer the rest with their current (valid) certificate, marked ``shutdown``."""
         with self._lock:
             self._accepting = False
-            self._stop_at = time.monotonic() + max(0.0, grace)
+            self._stop_at = min(self._stop_at or float("inf"), time.monotonic() + max(0.0, grace))
             self._lock.notify_all()
             never_started = self._thread is None
             leftover, self._pending = (self._pending, []) if never_started else ([], self._pending)

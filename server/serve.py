@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 
 from server.settings import Settings
 
@@ -39,6 +40,13 @@ def _draining_server_class():
         def handle_exit(self, sig, frame) -> None:
             if self.app_state is not None:
                 self.app_state.draining = True
+                # The engine's drain starts now, not when uvicorn runs the lifespan shutdown: uvicorn cancels the
+                # requests still open drain_seconds + 1 s after the signal, and by then each must have its
+                # certificate so far (the engine answers them at drain_seconds). A thread: not under a signal.
+                service, drain = self.app_state.service, self.app_state.settings.drain_seconds
+                if service is not None:
+                    threading.Thread(target=service.engine.stop, args=(drain,), kwargs={"wait": False},
+                                     name="certserve-drain", daemon=True).start()
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals after shutdown (exit 143 for SIGTERM); a drained shutdown is a
             # clean exit, so forget them and let run() return normally.

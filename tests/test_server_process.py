@@ -162,6 +162,40 @@ def test_sigterm_drains_in_flight_cohen_requests_and_exits_0(tmp_path, images):
         srv.close()
 
 
+def test_sigterm_answers_a_request_that_outlasts_the_drain_with_its_certificate_so_far(tmp_path, images):
+    """A Cohen request of a million samples (about a minute here) when SIGTERM arrives, drain 2 s: it is answered
+    200 with the valid certificate of the samples counted by then (stopped_by shutdown; the cut depends on the clock
+    only), before uvicorn closes what is still open at drain + 1 s. Run against the code before 2026-12-05, where the
+    engine's drain began only after uvicorn's: the request got uvicorn's plain-text 500; this test failed."""
+    drain = 2
+    srv = Server(tmp_path, {"CERTSERVE_MAX_SAMPLES": "1000000", "CERTSERVE_DRAIN_SECONDS": str(drain)})
+    try:
+        srv.wait_ready()
+        data = images["trouser"].read_bytes()
+        answers: list = []
+
+        def request() -> None:
+            r = httpx.post(srv.url + "/certify", files={"image": ("t.png", data, "image/png")},
+                           data={"mode": "cohen", "max_samples": "1000000", "deadline_ms": "600000"}, timeout=120)
+            answers.append((r.status_code, r.headers.get("content-type"), r.text))
+
+        thread = threading.Thread(target=request)
+        thread.start()
+        end = time.monotonic() + 60
+        while srv.metric("certserve_samples_processed_total") <= 64 + 2000:  # the job is sampling
+            assert time.monotonic() < end, "the Cohen request never started sampling"
+            time.sleep(0.02)
+        code, elapsed = srv.sigterm_and_wait([thread], drain)
+        assert len(answers) == 1
+        status, ctype, text = answers[0]
+        assert status == 200 and ctype == "application/json", (status, ctype, text[:200])
+        body = json.loads(text)
+        assert body["method"] == "cohen" and body["stopped_by"] == "shutdown" and 100 < body["samples"] < 1_000_100
+        assert code == 0 and elapsed < drain + 15, (code, elapsed)
+    finally:
+        srv.close()
+
+
 # ---------------------------------------------------------------------------------------------------- refusing to start
 def test_corrupted_bundle_refuses_to_start(tmp_path):
     bundle = tmp_path / "bundle"
