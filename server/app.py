@@ -182,7 +182,8 @@ async def readyz(request: Request) -> JSONResponse:
     if state.ready and not state.draining and engine_ok:
         return JSONResponse({"status": "ready"})
     status = "draining" if state.draining else "engine_down" if state.ready else "starting"
-    return JSONResponse(error_body(status, f"not ready: {status}", request.state.request_id), status_code=503)
+    return JSONResponse(error_body(status, f"not ready: {status}", request.state.request_id), status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify signed certificates (JWKS, RFC 7517)")

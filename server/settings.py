@@ -35,14 +35,20 @@ class Settings(BaseSettings):
     sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads, so the "
                                                            "event loop and clean passes keep the CPU (0: same)")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
-    default_deadline_ms: int = Field(30_000, ge=1, description="deadline of a sequential job that sets none")
+    default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sequential job that sets "
+                                     "none (at most a request's own limit, 600,000)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
     max_batch_images: int = Field(64, ge=1)
-    drain_seconds: float = Field(20.0, ge=0, description="SIGTERM grace period for in-flight work")
+    drain_seconds: float = Field(20.0, ge=0, le=3600, description="SIGTERM grace period for in-flight work")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated; empty = no authentication")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, v):
+        return v.lower() if isinstance(v, str) else v
     signing_key: str | None = Field(None, description="Ed25519 PEM key file, directory or comma-separated list: sign "
                                                       "every certificate (README: Verifying certificates)")
     require_signing: bool = Field(False, description="refuse to start without a signing key")

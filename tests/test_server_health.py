@@ -1,6 +1,8 @@
 """Readiness follows the engine: a dead sampling engine makes /readyz 503 (traffic goes to other replicas)."""
 
+import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from server.app import create_app
 from server.settings import Settings
@@ -12,4 +14,19 @@ def test_readyz_reports_a_dead_engine():
         client.app.state.service.engine.stop()  # the engine thread ends
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
+        assert r.headers["Retry-After"] == "1"  # like every 503 (missing before 2026-12-05)
         assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("log_level", "verbose", "'critical', 'error', 'warning', 'info' or 'debug'"),
+    ("drain_seconds", float("inf"), "less than or equal to 3600"),
+    ("default_deadline_ms", 10**7, "less than or equal to 600000"),
+])
+def test_settings_that_would_fail_later_are_refused_at_start(setting, value, message):
+    """Values that passed Settings and then failed with a traceback when the server started (log level, infinite
+    drain) or gave a default deadline no request may ask for; refused with what is expected (each was accepted
+    before 2026-12-05)."""
+    with pytest.raises(ValidationError, match=message):
+        Settings(**{setting: value})
+    assert Settings(log_level="DEBUG").log_level == "debug"
