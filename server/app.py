@@ -23,7 +23,7 @@ from models.bundle import load_bundle
 from server.errors import error_body, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestContext
-from server.requests import decode, parse_request
+from server.requests import Decoded, decode, parse_request
 from server.schemas import BatchResponse, Certificate, CertifyParams, ErrorResponse, ModelCard, request_body_doc, \
     request_schemas
 from server.settings import Settings, get_settings
@@ -69,9 +69,10 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
                               "surrogate in one forward pass, an anytime-valid sequential test when needed.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.state.ready, app.state.draining, app.state.inflight = False, False, 0
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected)
     app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc)
-    install_error_handlers(app, on_error=lambda code: metrics.rejected.labels(code).inc())
+    install_error_handlers(app, on_error=count_rejected)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
     return app
@@ -120,7 +121,7 @@ _GUARDS = [Depends(require_key), Depends(admit)]
              dependencies=_GUARDS, summary="Certify one image")
 async def certify(request: Request) -> Certificate:
     images, params = await parse_request(request, batch=False)
-    return await _certify_one(request, images[0], params)
+    return await _certify_one(request, _decode(request, images[0], params), params)
 
 
 @router.post("/certify/batch", response_model=BatchResponse, responses=_ERRORS,
@@ -131,15 +132,20 @@ async def certify_batch(request: Request) -> BatchResponse:
     limit = request.app.state.settings.max_batch_images
     if len(images) > limit:
         raise ServiceError("too_many_images", f"at most {limit} images per batch request; got {len(images)}")
-    results = await asyncio.gather(*(_certify_one(request, img, params) for img in images))
+    decoded = [_decode(request, img, params) for img in images]  # every image, before any job starts
+    results = await asyncio.gather(*(_certify_one(request, d, params) for d in decoded))
     return BatchResponse(results=list(results))
 
 
-async def _certify_one(request: Request, raw, params: CertifyParams) -> Certificate:
-    """decode -> certify (cancelled when the client goes away) -> count."""
+def _decode(request: Request, raw, params: CertifyParams) -> Decoded:
+    state = request.app.state
+    return decode(raw, params, shape=state.service.shape, max_pixels=state.settings.max_pixels)
+
+
+async def _certify_one(request: Request, d: Decoded, params: CertifyParams) -> Certificate:
+    """certify a decoded image (cancelled when the client goes away) -> count."""
     state = request.app.state
     service: CertificationService = state.service
-    d = decode(raw, params, shape=service.shape, max_pixels=state.settings.max_pixels)
     work = asyncio.ensure_future(service.certify(d.image, params, request_id=request.state.request_id,
                                                  decode_ms=d.decode_ms, preprocessing=d.steps,
                                                  received=request.state.received, input_sha256=d.input_sha256,

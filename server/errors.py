@@ -55,9 +55,13 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        if on_error is not None:
+            on_error(code)
         return JSONResponse(error_body(code, str(exc.detail), request_id(request)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
+        if on_error is not None:
+            on_error("bad_request")
         return JSONResponse(error_body("bad_request", str(exc.errors()[:5]), request_id(request)), status_code=422)

@@ -48,10 +48,10 @@ class RequestContext:
 
 
 class BodyLimit:
-    """413 when Content-Length or the streamed body exceeds ``max_bytes``."""
+    """413 when Content-Length or the streamed body exceeds ``max_bytes``; ``on_reject(code)`` is called for each."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_reject=None):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,6 +78,8 @@ class BodyLimit:
             await send_json(send, 413, self._message(request_id))
 
     def _message(self, request_id: str | None) -> bytes:
+        if self.on_reject is not None:
+            self.on_reject("body_too_large")
         return error_bytes("body_too_large", f"request body exceeds {self.max_bytes} bytes", request_id)
 
 

@@ -461,9 +461,15 @@ def test_batch_cohen_runs_jobs_together(client, fmnist):
 
 
 def test_batch_with_one_bad_image_is_rejected_as_a_whole(client, fmnist):
-    r = client.post("/certify/batch", json={"images": [fmnist.x_test[0].tolist(), [[2.0]]]})
+    """...before any of its jobs starts: every image is decoded first. Before 2026-12-05 the good images' jobs were
+    submitted, then dropped once the 422 had gone out, and counted as cancelled requests; this test failed."""
+    engine = client.app.state.service.engine
+    samples, batches = engine.samples_processed, engine.batches
+    r = client.post("/certify/batch", json={"images": [fmnist.x_test[0].tolist(), fmnist.x_test[1].tolist(),
+                                                       [[2.0]]], "mode": "sequential"})
     assert r.status_code == 422
     assert "[0, 1]" in r.json()["error"]["message"]
+    assert engine.live_jobs == 0 and (engine.samples_processed, engine.batches) == (samples, batches)
 
 
 def test_batch_too_many_images(client, easy):

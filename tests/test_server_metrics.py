@@ -69,6 +69,10 @@ def traffic():
         assert r.status_code == 200
         certs.extend(r.json()["results"])
         assert c.post("/certify", json={"image": [[2.0]]}).status_code == 422  # rejected: bad_image
+        big = b'{"image": "' + b"A" * (5 * 1024 * 1024) + b'"}'  # beyond the default 4 MiB body limit
+        assert c.post("/certify", content=big, headers={"content-type": "application/json"}).status_code == 413
+        assert c.get("/no-such-page").status_code == 404
+        assert c.get("/certify").status_code == 405
         text = c.get("/metrics").text
         card = c.get("/v1/models").json()[0]
     return {"certs": certs, "text": text, "families": families(text), "card": card}
@@ -140,8 +144,12 @@ def test_fallbacks_by_reason(traffic):
 
 
 def test_rejections_by_reason(traffic):
+    """Every error answer is counted, including the 413 of the body limit (a middleware) and Starlette's 404 / 405
+    (neither was counted before 2026-12-05: this test failed)."""
     fam = traffic["families"]["certserve_rejected_requests"]
     assert value(fam, "_total", reason="bad_image") == 1
+    assert value(fam, "_total", reason="body_too_large") == 1
+    assert value(fam, "_total", reason="not_found") == 1 and value(fam, "_total", reason="method_not_allowed") == 1
 
 
 def test_samples_processed_add_up(traffic):
