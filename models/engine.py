@@ -122,11 +122,9 @@ class SequentialEngine:
         self._deadlines: list[tuple[float, int, _Job]] = []  # heap, guarded by _lock
         self._accepting, self._engine_idle = True, False  # _engine_idle: the engine thread waits in _idle for work
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
-        self._thread: threading.Thread | None = None
-        self._watcher: threading.Thread | None = None
+        self._thread = self._watcher = None  # threading.Thread: the engine thread and the deadline watcher, once started
         self._order = itertools.count()
-        self.samples_processed = 0
-        self.batches = 0
+        self.samples_processed = self.batches = 0
         self.bookkeeping_seconds = 0.0  # engine-thread time outside waiting for the model (benchmarks)
         self.decision_seconds = 0.0  # of which policies and certificates of finished jobs
         self.decided = 0  # policy evaluations (jobs at a checkpoint)
@@ -176,11 +174,12 @@ class SequentialEngine:
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
         return fut
 
-    def stop(self, grace: float = 0.0, *, wait: bool = True) -> None:
-        """Stop accepting; let live jobs run up to ``grace`` seconds (never later than an earlier call said), then
-        answer the rest with their current (valid) certificate, marked ``shutdown``."""
+    def stop(self, grace: float = 0.0, *, wait: bool = True, accept: bool = False) -> None:
+        """Stop accepting (with ``accept``: only at the stop time, for requests already on their way); let live jobs
+        run up to ``grace`` seconds (never later than an earlier call said), then answer the rest with their current
+        (valid) certificate, marked ``shutdown``."""
         with self._lock:
-            self._accepting = False
+            self._accepting = accept and self._accepting
             self._stop_at = min(self._stop_at or float("inf"), time.monotonic() + max(0.0, grace))
             self._lock.notify_all()
             never_started = self._thread is None
@@ -255,8 +254,9 @@ class SequentialEngine:
         with self._lock:
             admit, self._pending = self._pending, []
             table = self._table
-            stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not admit and (
-                table is None or not table.running.any()))
+            stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._accepting
+                                                      and not admit and (table is None or not table.running.any()))
+            self._accepting = self._accepting and not stopping
         with self._state:
             table = self._table_for(admit)
             if table is None:  # nothing was ever admitted
@@ -290,9 +290,9 @@ class SequentialEngine:
     def _idle(self) -> None:
         """Nothing to launch: every live job waits for its deadline answer, or there is no job."""
         with self._lock:
-            if not self._pending and not self._cancelled and self._stop_at is None:
+            if not self._pending and not self._cancelled:  # submit() and stop() notify
                 self._engine_idle = True
-                self._lock.wait(timeout=0.5)
+                self._lock.wait(timeout=0.5 if self._stop_at is None else 0.05)
                 self._engine_idle = False
 
     def _launch_next(self, inflight: deque) -> bool:

@@ -6,9 +6,12 @@ bundle, start and warm up the engine) and then serves :func:`server.app.create_a
 its own replica only, so ``max_ongoing_requests`` is sized to let it fill its batches (Ray's default of 5 would not).
 
 - ``check_health`` follows the engine's liveness: a replica whose engine died is replaced by Serve.
-- Shutdown (scale-down, redeploy, ``serve shutdown``, SIGTERM of ``certserve serve --replicas N``): Serve stops routing
-  to the replica and waits for its ongoing requests (``graceful_shutdown_timeout_s``), then ``__del__`` stops the
-  engine with the server's ``drain_seconds`` grace, like SIGTERM does for a single process.
+- Shutdown (scale-down, redeploy, ``serve shutdown``, SIGTERM of ``certserve serve --replicas N``): Serve keeps the
+  replica reachable for its deregistration window (30 s behind HAProxy), stops routing to it, waits for its ongoing
+  requests and only then calls ``__del__``, which stops the engine. Unlike SIGTERM of one process, no drain cuts the
+  requests short: each runs to its own end (at the latest its deadline), so ``graceful_shutdown_timeout_s`` covers
+  the window plus the default deadline (:func:`replica_options`); a request with a longer deadline still running when
+  Serve kills the replica is replayed on another one by HAProxy (a new certificate) or retried by CertserveClient.
 - Every response carries ``X-Certserve-Replica`` (the Serve replica id, also the ``replica`` label of its metrics).
 - Metrics: :class:`MetricsBridge` copies the replica's prometheus-client registry into Ray's metrics API, so Ray's
   metrics endpoint on every node exports ``ray_certserve_*`` series with ``application``/``deployment``/``replica``
@@ -56,6 +59,9 @@ NOT_ARGS = {"host", "port"}  # the Serve proxy listens, per http_options of the 
 #: cores at 200 req/s: p50 3.9 / 4.1 / 5.0 / 13 ms with 16 KiB / 256 KiB / 1 MiB / 4 MiB buffers; 16-256 KiB alike).
 HAPROXY_HEADER_ROOM = 64 * 1024
 HAPROXY_MAX_BUFSIZE = 256 * 1024
+#: Serve keeps a stopping replica behind HAProxy reachable this long so that load balancers can deregister it
+#: (Ray's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S default); requests admitted then still have to end.
+DEREGISTRATION_S = 30.0
 #: Replays of one request at most: enough to get past a dead replica, and a request that itself kills replicas (a
 #: crash bug) takes at most this many more with it.
 HAPROXY_RETRIES = 2
@@ -87,13 +93,14 @@ def replica_settings(settings: Settings, replica: str) -> Settings:
 def replica_options(settings: Settings, *, replicas: int | None = None, cpus: float | None = None,
                     gpus: float = 0.0) -> dict:
     """Deployment options sized to the engine: concurrency that fills a batch, half of it as the autoscaling target,
-    a shutdown budget that covers the drain. The Serve config's ``deployments`` section overrides any of them."""
+    a shutdown budget that lets requests with the default deadline, admitted during Serve's deregistration window,
+    end on their own. The Serve config's ``deployments`` section overrides any of them."""
     capacity = settings.batch_size or default_batch_size("cuda" if gpus or settings.device == "cuda" else "cpu")
     ongoing = max(8, min(settings.max_live_jobs, capacity // SAMPLES_PER_ONGOING_REQUEST))
     options = {
         "max_ongoing_requests": ongoing,
         "max_queued_requests": 2 * ongoing,
-        "graceful_shutdown_timeout_s": settings.drain_seconds + 10,
+        "graceful_shutdown_timeout_s": DEREGISTRATION_S + settings.default_deadline_ms / 1e3 + 10,
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 5,
         "health_check_timeout_s": 10,
@@ -216,8 +223,9 @@ class CertserveDeployment:
             raise RuntimeError(f"replica {self._replica}: the certification engine is not running")
 
     async def __del__(self):
-        """Serve has stopped routing here and waited for the ongoing requests; stop the engine like SIGTERM does.
-        (Also called when the constructor failed half-way: stop only what exists.)"""
+        """Serve has stopped routing here and waited for the ongoing requests (module docstring): stop the engine,
+        whose drain then finds nothing left. (Also called when the constructor failed half-way: stop only what
+        exists.)"""
         if getattr(self, "_app", None) is not None:
             self._app.state.draining = True
         if getattr(self, "_service", None) is not None:

@@ -42,10 +42,11 @@ def _draining_server_class():
                 self.app_state.draining = True
                 # The engine's drain starts now, not when uvicorn runs the lifespan shutdown: uvicorn cancels the
                 # requests still open drain_seconds + 1 s after the signal, and by then each must have its
-                # certificate so far (the engine answers them at drain_seconds). A thread: not under a signal.
+                # certificate so far (the engine answers them at drain_seconds). Requests already in flight may still
+                # submit their jobs until then (accept). A thread: not under a signal handler.
                 service, drain = self.app_state.service, self.app_state.settings.drain_seconds
                 if service is not None:
-                    threading.Thread(target=service.engine.stop, args=(drain,), kwargs={"wait": False},
+                    threading.Thread(target=service.engine.stop, args=(drain,), kwargs={"wait": False, "accept": True},
                                      name="certserve-drain", daemon=True).start()
             super().handle_exit(sig, frame)
             # uvicorn re-raises captured signals after shutdown (exit 143 for SIGTERM); a drained shutdown is a
