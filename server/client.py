@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -101,13 +104,13 @@ class CertserveClient:
             last = attempt == self.retries
             try:
                 r = self._http.post(path, **kwargs)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):  # refused, or closed without an answer
-                if last:
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if last:  # refused, reset or closed without an answer: no certificate reached us
                     raise
                 time.sleep(_backoff(attempt))
                 continue
             if r.status_code == 503 and not last:
-                time.sleep(float(r.headers.get("retry-after", "1")))
+                time.sleep(_retry_after(r.headers.get("retry-after")))
                 continue
             if r.status_code in (500, 502, 504) and not _is_certserve_error(r) and not last:
                 time.sleep(_backoff(attempt))  # the ingress's bare error: no replica answered this request
@@ -120,6 +123,19 @@ class CertserveClient:
 
 def _backoff(attempt: int) -> float:
     return min(0.1 * 2 ** attempt, 2.0)
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), within [0, 60]; 1 if unreadable."""
+    try:
+        seconds = float(value) if value is not None else 1.0
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)
+                       ).total_seconds()
+        except (TypeError, ValueError):
+            seconds = 1.0
+    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else 1.0
 
 
 def _is_certserve_error(r: httpx.Response) -> bool:

@@ -4,9 +4,13 @@ ingress's bare 500. Checked against the bug: with the client's old loop (503 onl
 
 from __future__ import annotations
 
+import email.utils
 import http.server
 import json
+import socket
+import struct
 import threading
+import time
 
 import httpx
 import pytest
@@ -26,6 +30,19 @@ class Script(http.server.BaseHTTPRequestHandler):
         self.server.calls += 1
         if step == "drop":
             self.close_connection = True
+            return
+        if step == "reset":  # a reset (RST) instead of an orderly close
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
+        if step == "503date":  # back-pressure whose Retry-After is an HTTP date (RFC 9110 allows it)
+            body = json.dumps({"error": {"code": "queue_full", "message": "busy"}}).encode()
+            self.send_response(503)
+            self.send_header("retry-after", email.utils.formatdate(time.time() + 0.2, usegmt=True))
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         status, body, kind = {"bare500": (500, b"Internal Server Error", "text/plain"),
                               "json500": (500, json.dumps({"error": {"code": "internal", "message": "boom"}}).encode(),
@@ -75,3 +92,13 @@ def test_certserve_own_error_is_not_retried(scripted):
     with _client(scripted) as client, pytest.raises(CertserveError) as info:
         client.certify(b"png bytes")
     assert info.value.status == 500 and scripted.calls == 1
+
+
+def test_a_reset_connection_and_a_retry_after_date_are_retried(scripted):
+    """A connection reset (httpx.ReadError) is retried like a closed one, and a 503 whose Retry-After is an HTTP
+    date waits that long instead of failing to parse it. Against the client before 2026-12-05: the reset was raised
+    at once and the date raised ValueError; this test failed."""
+    scripted.script = ["reset", "503date", "ok"]
+    with _client(scripted) as client:
+        assert client.certify(b"png bytes") == CERT
+    assert scripted.calls == 3
