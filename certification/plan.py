@@ -32,7 +32,8 @@ class CertifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget; default: the server's "
+    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget (at least 1e-15: below, floating point "
+                                "cannot hold the bounds); default: the server's "
                                 "(CERTSERVE_DEFAULT_ALPHA, see GET /model). The "
                                 "surrogate answers at the largest calibrated level <= alpha (the certificate's "
                                 "guarantee.alpha says which); below the lowest level, auto falls back to sequential")
@@ -53,9 +54,11 @@ class CertifyParams(BaseModel):
 
     @field_validator("alpha", "target_radius")
     @classmethod
-    def _finite(cls, v):
+    def _finite(cls, v, info):
         if v is not None and v != v:
             raise ValueError("must be a finite number")
+        if info.field_name == "alpha" and v is not None and 0 < v < 1e-15:
+            raise ValueError("must be at least 1e-15 (below, floating point cannot hold the bounds)")
         return v
 
 

@@ -259,6 +259,8 @@ CORPUS = [
      ["per_input", "valid boolean"]),
     ("json-alpha-string", lambda c: c.post("/certify", json={"image": GREY, "alpha": "0.1"}), 422, "bad_request",
      ["alpha", "valid number"]),
+    ("alpha-absurdly-small", lambda c: c.post("/certify", json={"image": GREY, "alpha": 1e-300}), 422, "bad_request",
+     ["alpha", "at least 1e-15"]),
     ("target-radius-cohen", lambda c: c.post("/certify", json={"image": GREY, "mode": "cohen", "target_radius": 0.3}),
      422, "bad_request", ["mode=cohen", "target_radius"]),
 ]

@@ -90,6 +90,29 @@ def test_clopper_pearson_is_conservative_in_exact_arithmetic(alpha):
     assert not offenders, f"{len(offenders)} bounds on the wrong side of the exact one at alpha={alpha}: {offenders[:4]}"
 
 
+def _exact_binomial_tail(n: int, k: int, p: float):
+    """P(Bin(n, p) >= k) = P(misses <= n - k), summed term by term at 60 digits (for k close to n)."""
+    with mp.workdps(60):
+        p = mp.mpf(p)
+        term = total = p ** n
+        for j in range(1, n - k + 1):
+            term = term * (n - j + 1) / j * (1 - p) / p
+            total += term
+        return total
+
+
+@pytest.mark.parametrize("n, alpha", [(2_000_000, 0.01), (10_000_000, 0.001), (100_000_000, 0.001)])
+def test_clopper_pearson_lower_is_confirmed_where_the_inverse_errs(n, alpha):
+    """scipy's betaincinv errs by up to ~1e-8 relative with a second parameter of exactly 1,000 (999 misses): the
+    bound must still be at most the exact one, P(Bin(n, L) >= k) <= alpha, summed exactly. Run against the bound
+    straight from the inverse (before 2026-12-05): the tail was 1.0000066 / 1.0000012 / 1.043 alpha; this test
+    failed (found by review)."""
+    k = n - 999
+    lower = clopper_pearson_lower(k, n, alpha)
+    assert _exact_binomial_tail(n, k, lower) <= alpha, lower
+    assert lower > clopper_pearson_lower(k - 5, n, alpha)  # still a bound, not a collapse to 0
+
+
 def test_clopper_pearson_scalar_and_vector_agree():
     """Scalars in -> Python floats out; vectorized results equal element-wise calls."""
     k = np.array([0, 3, 7, 10])
