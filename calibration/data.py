@@ -55,6 +55,12 @@ class Splits:
                 "surrogate_train": int(len(self.surrogate_train)), "calibration": int(len(self.calibration)),
                 "indices_sha256": digest.hexdigest()}
 
+    def limited(self, limit: int | None) -> Splits:
+        """The first ``limit`` indices of each split (all of them for None or 0), as a small pipeline run uses."""
+        if not limit:
+            return self
+        return Splits(self.seed, self.base_train[:limit], self.surrogate_train[:limit], self.calibration[:limit])
+
 
 def load_dataset(source: str) -> Dataset:
     """``fashion-mnist`` (Debian package) or a path to an ``.npz`` file."""

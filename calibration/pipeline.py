@@ -20,7 +20,7 @@ import torch
 from calibration.config import PipelineConfig
 from calibration.conformal_fit import calibrate_surrogate, describe
 from calibration.counts import compute_counts, labelled_calibration_images
-from calibration.data import Splits, load_dataset, make_splits
+from calibration.data import load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
@@ -51,10 +51,7 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
 
     ds = load_dataset(cfg.data)
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
-                         seed=cfg.split_seed)
-    if cfg.limit:
-        splits = Splits(splits.seed, splits.base_train[:cfg.limit], splits.surrogate_train[:cfg.limit],
-                        splits.calibration[:cfg.limit])
+                         seed=cfg.split_seed).limited(cfg.limit)
     base_idx, sur_idx, cal_idx = splits.base_train, splits.surrogate_train, splits.calibration
     x_test, y_test = (ds.x_test[:cfg.limit], ds.y_test[:cfg.limit]) if cfg.limit else (ds.x_test, ds.y_test)
     k = len(ds.classes)
@@ -191,10 +188,7 @@ def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
     built = (manifest.provenance or {}).get("splits")
     if built is None:
         return
-    splits, limit = labelled.splits, (manifest.provenance or {}).get("limit")
-    if limit:
-        splits = type(splits)(splits.seed, splits.base_train[:limit], splits.surrogate_train[:limit],
-                              splits.calibration[:limit])
+    splits = labelled.splits.limited((manifest.provenance or {}).get("limit"))
     if splits.record() != built:
         raise ValueError(f"the split arguments give other splits ({splits.record()}) than the bundle was built with "
                          f"({built}); pass the bundle's --calibration-size, --surrogate-size and --split-seed")

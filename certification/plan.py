@@ -54,10 +54,15 @@ class CertifyParams(BaseModel):
 
     @field_validator("alpha", "target_radius")
     @classmethod
-    def _finite(cls, v, info):
+    def _finite(cls, v):
         if v is not None and v != v:
             raise ValueError("must be a finite number")
-        if info.field_name == "alpha" and v is not None and 0 < v < 1e-15:
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _representable(cls, v):
+        if v is not None and 0 < v < 1e-15:
             raise ValueError("must be at least 1e-15 (below, floating point cannot hold the bounds)")
         return v
 

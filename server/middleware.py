@@ -60,7 +60,7 @@ class BodyLimit:
         length = headers.get(b"content-length")
         request_id = scope.get("state", {}).get("request_id")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await send_json(send, 413, self._message(request_id))
+            return await self._reject(send, request_id)
         seen = 0
 
         async def limited_receive():
@@ -75,12 +75,13 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            await send_json(send, 413, self._message(request_id))
+            await self._reject(send, request_id)
 
-    def _message(self, request_id: str | None) -> bytes:
+    async def _reject(self, send, request_id: str | None) -> None:
         if self.on_reject is not None:
             self.on_reject("body_too_large")
-        return error_bytes("body_too_large", f"request body exceeds {self.max_bytes} bytes", request_id)
+        await send_json(send, 413, error_bytes("body_too_large", f"request body exceeds {self.max_bytes} bytes",
+                                               request_id))
 
 
 class _BodyTooLarge(Exception):

@@ -127,34 +127,43 @@ def test_certify_command_failures_exit_nonzero(server, images, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- SIGTERM drain
+def _post_until_sampling(srv, data: bytes, fields: dict, clients: int, samples_past: int) -> tuple[list, list]:
+    """``clients`` threads each post one request; returns (threads, answers) once the server has processed more than
+    ``samples_past`` samples (the jobs are sampling). An answer is (status, content type, text), or (None, None, the
+    error) when the request itself failed."""
+    answers: list = []
+
+    def request() -> None:
+        try:
+            r = httpx.post(srv.url + "/certify", files={"image": ("t.png", data, "image/png")}, data=fields,
+                           timeout=120)
+            answers.append((r.status_code, r.headers.get("content-type"), r.text))
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted by the caller
+            answers.append((None, None, repr(exc)))
+
+    threads = [threading.Thread(target=request) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + 60
+    while srv.metric("certserve_samples_processed_total") <= samples_past:
+        assert time.monotonic() < end, f"the requests {fields} never started sampling"
+        time.sleep(0.02)
+    return threads, answers
+
+
 def test_sigterm_drains_in_flight_cohen_requests_and_exits_0(tmp_path, images):
     drain = 20
     srv = Server(tmp_path, {"CERTSERVE_MAX_SAMPLES": "4000", "CERTSERVE_DRAIN_SECONDS": str(drain)})
     try:
         srv.wait_ready()
-        data = images["trouser"].read_bytes()
-        answers: list = []
-
-        def request() -> None:
-            try:
-                r = httpx.post(srv.url + "/certify", files={"image": ("t.png", data, "image/png")},
-                               data={"mode": "cohen"}, timeout=120)
-                answers.append((r.status_code, r.json()))
-            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
-                answers.append((None, repr(exc)))
-
-        threads = [threading.Thread(target=request) for _ in range(4)]
-        for t in threads:
-            t.start()
-        end = time.monotonic() + 60
-        while srv.metric("certserve_samples_processed_total") <= 64 + 500:  # past warm-up: the jobs are sampling
-            assert time.monotonic() < end, "the Cohen requests never started sampling"
-            time.sleep(0.02)
+        threads, answers = _post_until_sampling(srv, images["trouser"].read_bytes(), {"mode": "cohen"}, 4,
+                                                64 + 500)  # past warm-up
         assert srv.metric("certserve_live_jobs") >= 1
         code, elapsed = srv.sigterm_and_wait(threads, drain)
         assert len(answers) == 4
-        for status, body in answers:
-            assert status == 200, body
+        for status, _, text in answers:
+            assert status == 200, text
+            body = json.loads(text)
             assert body["method"] == "cohen" and body["stopped_by"] == "budget" and body["samples"] == 4100
         assert elapsed < drain + 15
         assert code == 0, f"exit code {code} after SIGTERM (expected 0):\n{srv.log()[-2000:]}"
@@ -171,21 +180,9 @@ def test_sigterm_answers_a_request_that_outlasts_the_drain_with_its_certificate_
     srv = Server(tmp_path, {"CERTSERVE_MAX_SAMPLES": "1000000", "CERTSERVE_DRAIN_SECONDS": str(drain)})
     try:
         srv.wait_ready()
-        data = images["trouser"].read_bytes()
-        answers: list = []
-
-        def request() -> None:
-            r = httpx.post(srv.url + "/certify", files={"image": ("t.png", data, "image/png")},
-                           data={"mode": "cohen", "max_samples": "1000000", "deadline_ms": "600000"}, timeout=120)
-            answers.append((r.status_code, r.headers.get("content-type"), r.text))
-
-        thread = threading.Thread(target=request)
-        thread.start()
-        end = time.monotonic() + 60
-        while srv.metric("certserve_samples_processed_total") <= 64 + 2000:  # the job is sampling
-            assert time.monotonic() < end, "the Cohen request never started sampling"
-            time.sleep(0.02)
-        code, elapsed = srv.sigterm_and_wait([thread], drain)
+        fields = {"mode": "cohen", "max_samples": "1000000", "deadline_ms": "600000"}
+        threads, answers = _post_until_sampling(srv, images["trouser"].read_bytes(), fields, 1, 64 + 2000)
+        code, elapsed = srv.sigterm_and_wait(threads, drain)
         assert len(answers) == 1
         status, ctype, text = answers[0]
         assert status == 200 and ctype == "application/json", (status, ctype, text[:200])
