@@ -232,6 +232,8 @@ CORPUS = [
      ["numbers"]),
     ("booleans-in-array", lambda c: c.post("/certify", json={"image": [[True, False]]}), 422, "bad_image",
      ["numbers"]),
+    ("booleans-mixed-with-floats", lambda c: c.post("/certify", json={"image": [[0.5] * 27 + [True]] * 28}), 422,
+     "bad_image", ["numbers"]),
     ("finite-float-beyond-float32", lambda c: c.post("/certify", content=b'{"image": [[1e39, 0.5]]}',
                                                      headers={"content-type": "application/json"}), 422, "bad_image",
      ["[0, 1]", "1e+39"]),
