@@ -37,7 +37,9 @@ class Guarantee(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
-    sha256: str
+    sha256: str = Field(description="sha256 of the base model file (base.onnx)")
+    manifest_sha256: str = Field(description="sha256 of the bundle's manifest.json (sigma, calibration quantiles, "
+                                             "risk levels): compare with the hash published with the bundle")
 
 
 class Timings(BaseModel):
@@ -82,7 +84,8 @@ class Certificate(BaseModel):
 class ModelCard(BaseModel):
     name: str
     version: str
-    sha256: str
+    sha256: str = Field(description="sha256 of the base model file (base.onnx)")
+    manifest_sha256: str = Field(description="sha256 of the bundle's manifest.json, as every certificate states it")
     sigma: float
     input_shape: tuple[int, int, int]
     classes: list[str]

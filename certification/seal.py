@@ -20,7 +20,7 @@ from certification.certificate import Certificate, InputInfo
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
 from certification.signing import Signer, certificate_claims, tensor_sha256
-from models.bundle import Bundle, sha256_file
+from models.bundle import Bundle
 
 log = logging.getLogger("certserve.seal")
 
@@ -43,7 +43,7 @@ class Sealer:
         self._on_audit_failure: Callable[[], None] | None = getattr(observer, "on_audit_failure", None)
         m = bundle.manifest
         self.model = {"model_name": m.name, "model_version": m.version, "sigma": float(m.sigma),
-                      "manifest_sha256": sha256_file(bundle.root / "manifest.json"), "model_sha256": bundle.model_sha256}
+                      "manifest_sha256": bundle.manifest_sha256, "model_sha256": bundle.model_sha256}
         self.version = certserve_version()
 
     @classmethod

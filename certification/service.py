@@ -47,13 +47,15 @@ class CertificationService:
                                   batch_size=config.batch_size or default_batch_size(sampler.device),
                                   runner_nice=config.sampler_nice)
         self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
-        self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256)
+        self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256,
+                                    manifest_sha256=bundle.manifest_sha256)
         # input hashes, signature, audit record of every certificate
         self.sealer = Sealer.from_config(bundle, config, observer=observer)
 
     def card(self) -> ModelCard:
         m = self.manifest
-        return ModelCard(name=m.name, version=m.version, sha256=self.bundle.model_sha256, sigma=m.sigma,
+        return ModelCard(name=m.name, version=m.version, sha256=self.bundle.model_sha256,
+                         manifest_sha256=self.bundle.manifest_sha256, sigma=m.sigma,
                          input_shape=self.shape, classes=self.classes, has_surrogate=self.surrogate is not None,
                          has_meta_prior=self.meta is not None,
                          alpha_cal=m.calibration.alpha_cal if m.calibration else None,

@@ -148,7 +148,7 @@ def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, objec
     if "preprocessing" in cert:
         pairs.append(("preprocessing", cert["preprocessing"], claims["input"].get("preprocessing")))
     for part, fields in (("input", ("sha256", "encoding", "tensor_sha256", "tensor_shape")),
-                         ("model", ("name", "version", "sha256"))):
+                         ("model", ("name", "version", "sha256", "manifest_sha256"))):
         plain = cert.get(part)
         if plain is None:
             continue

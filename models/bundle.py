@@ -26,7 +26,11 @@ DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "fmnist-sigma
 
 
 class BundleError(ValueError):
-    """The bundle is missing, malformed, tampered with, or inconsistent with its manifest."""
+    """The bundle is missing, malformed, or inconsistent with its manifest (a model file whose sha256 is not the
+    manifest's: tampered or corrupt). The manifest itself is trusted input, as the code is: a hand edit that keeps
+    it consistent (e.g. other quantiles) loads. What guards it is its own sha256, which every certificate
+    (``model.manifest_sha256``, signed when certificates are signed) and ``GET /v1/models`` state, to compare with
+    the hash published with the bundle."""
 
 
 class _Strict(BaseModel):
@@ -104,7 +108,8 @@ class Calibration(_Strict):
 
     method: Literal["probit-mondrian"] = "probit-mondrian"
     guarantee: Literal["marginal", "training-conditional"] = "marginal"
-    gamma: float | None = Field(None, gt=0, lt=1, description="training-conditional: P(realised miss rate > level)")
+    gamma: float | None = Field(None, gt=0, lt=1, description="training-conditional: P(realised miss rate > level), "
+                                "per bin (each bin's quantile has its own PAC rank)")
     samples_per_image: int = Field(ge=1)
     num_calibration: int = Field(ge=1)
     num_tuning: int = Field(ge=1)
@@ -125,6 +130,10 @@ class Calibration(_Strict):
             raise ValueError(f"levels must have distinct alphas, largest first; got {alphas}")
         if (self.guarantee == "training-conditional") != (self.gamma is not None):
             raise ValueError("gamma is required with (and only with) the training-conditional guarantee")
+        wrong = [lv.alpha for lv in self.levels if sum(lv.bin_sizes) != self.num_calibration]
+        if wrong:  # every level bins all the calibration scores
+            raise ValueError(f"the bins of level(s) {wrong} do not hold the num_calibration = {self.num_calibration} "
+                             "calibration scores")
         return self
 
     @property
@@ -164,9 +173,10 @@ class Manifest(_Strict):
 class Bundle:
     """A verified bundle: manifest plus artifact paths. Create with :func:`load_bundle`."""
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, manifest_sha256: str):
         self.root = root
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256  # of the manifest.json bytes this bundle was loaded from
 
     def path(self, role: str) -> Path | None:
         art = self.manifest.artifacts.get(role)
@@ -209,8 +219,9 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         raise BundleError(f"bundle directory {root} does not exist")
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path} is missing: a bundle is a directory with manifest.json and base.onnx")
+    manifest_bytes = manifest_path.read_bytes()
     try:
-        raw = json.loads(manifest_path.read_text())
+        raw = json.loads(manifest_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
     found = raw.get("schema_version") if isinstance(raw, dict) else None
@@ -237,7 +248,7 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         actual = sha256_file(path)
         if actual != art.sha256:
             raise BundleError(f"artifact {role}: sha256 of {path.name} is {actual}, manifest says {art.sha256} (tampered or corrupt)")
-    bundle = Bundle(root, manifest)
+    bundle = Bundle(root, manifest, hashlib.sha256(manifest_bytes).hexdigest())
     if check_models:
         _check_shapes(bundle)
     return bundle

@@ -218,6 +218,26 @@ def test_finite_quantile_in_a_bin_too_small_for_its_level_is_refused(bundle_copy
     _refused(bundle_copy, "a bin with fewer than 1111 calibration scores", "its q_hat must be null")
 
 
+def test_bins_that_do_not_hold_every_calibration_score_are_refused(bundle_copy):
+    """num_calibration must be what every level's bins hold. Run against the loader before 2026-12-05: a manifest
+    claiming 80,000 calibration images over bins of 6,976 loaded."""
+    manifest = _read_manifest(bundle_copy)
+    manifest["calibration"]["num_calibration"] = 80000
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "do not hold the num_calibration = 80000")
+
+
+def test_bundle_states_the_hash_of_the_manifest_it_loaded(bundle_copy):
+    """The manifest is trusted input; its sha256 (what certificates and /v1/models state) changes with any edit."""
+    before = load_bundle(bundle_copy, check_models=False).manifest_sha256
+    assert before == sha256_file(bundle_copy / "manifest.json")
+    manifest = _read_manifest(bundle_copy)
+    manifest["calibration"]["levels"][0]["q_hat"] = [q - 1 if q is not None else None
+                                                      for q in manifest["calibration"]["levels"][0]["q_hat"]]
+    _write_manifest(bundle_copy, manifest)
+    assert load_bundle(bundle_copy, check_models=False).manifest_sha256 != before
+
+
 def test_old_calibration_block_is_refused_and_can_be_recalibrated(bundle_copy):
     """A schema-1 bundle with the old probability-unit calibration is refused for serving with the command that
     fixes it; ``for_recalibration`` loads it (models verified, calibration dropped) for that command."""

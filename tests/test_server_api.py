@@ -70,7 +70,7 @@ def check_certificate(body: dict, *, sigma: float = SIGMA, classes=FMNIST_CLASSE
     assert set(body) == CERT_KEYS, f"response fields differ from the schema: {sorted(set(body) ^ CERT_KEYS)}"
     cert = Certificate.model_validate(body)
     assert set(body["guarantee"]) >= {"kind", "alpha", "statement"}
-    assert set(body["model"]) == {"name", "version", "sha256"}
+    assert set(body["model"]) == {"name", "version", "sha256", "manifest_sha256"}
     assert set(body["timings"]) >= {"decode_ms", "total_ms"}
     assert cert.timings.total_ms >= cert.timings.decode_ms >= 0
     assert cert.request_id
@@ -168,6 +168,9 @@ def test_models_card_describes_the_served_bundle(client):
     assert card.classes == FMNIST_CLASSES
     assert tuple(card.input_shape) == (1, 28, 28)
     assert card.has_surrogate and card.has_meta_prior
+    assert card.manifest_sha256 == sha256_file(DEFAULT_BUNDLE_DIR / "manifest.json")
+    cert = client.post("/certify", json={"image": np.zeros((28, 28)).tolist(), "mode": "surrogate"}).json()
+    assert cert["model"]["manifest_sha256"] == card.manifest_sha256  # every certificate names the manifest
     assert card.default_alpha == 0.001 and card.max_samples == MAX_SAMPLES
     assert card.sha256 == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
 
@@ -269,7 +272,7 @@ def test_request_id_header_is_echoed(client, easy):
 def test_model_identity_in_every_certificate(client, surrogate_cert):
     card = client.get("/v1/models").json()[0]
     assert surrogate_cert.model.model_dump() == {"name": card["name"], "version": card["version"],
-                                                 "sha256": card["sha256"]}
+                                                 "sha256": card["sha256"], "manifest_sha256": card["manifest_sha256"]}
 
 
 # ---------------------------------------------------------------------------------------------------- modes & routing
