@@ -40,8 +40,8 @@ class OnnxBackend:
         # use_tf32=0: the certificate is about the bundle's fp32 model, not a lower-precision twin
         providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] if want_cuda else []) + ["CPUExecutionProvider"]
         source = str(path) if isinstance(path, (str, os.PathLike)) else path
-        self.session = in_thread_with_nice(lambda: ort.InferenceSession(source, opts, providers=providers), nice)
-        self.device = "cuda" if want_cuda else "cpu"
+        self.session = _session(ort, source, opts, providers, nice, device)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.name = f"onnxruntime-{self.device}"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -55,9 +55,13 @@ class OnnxBackend:
         if in_graph:
             if noise_sigma is None:
                 raise ValueError("noise_sigma is required to draw the noise inside the graph")
+            if self.device == "cpu" and seed is None:
+                raise ValueError("in-graph noise runs on the CUDA provider only: onnxruntime's CPU RandomNormalLike "
+                                 "repeats its stream after ~2^31 values (~2.7 M noisy 28x28 images) and every "
+                                 "unseeded CPU kernel of a process starts from the same seed. A CPU session draws "
+                                 "its noise on the host; pass a seed only to test the graph itself")
             model = noisy_argmax_model(source, noise_sigma, seed=seed)
-            self._noisy_session = in_thread_with_nice(
-                lambda: ort.InferenceSession(model.SerializeToString(), opts, providers=providers), nice)
+            self._noisy_session = _session(ort, model.SerializeToString(), opts, providers, nice, self.device)
             self._noise_sigma = float(noise_sigma)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -73,18 +77,38 @@ class OnnxBackend:
             if float(sigma) != self._noise_sigma:
                 raise ValueError(f"this session draws noise at sigma={self._noise_sigma}, asked for {sigma}")
             index = np.repeat(np.arange(len(images), dtype=np.int64), repeats)
-            return self._noisy_session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32),
-                                                  "index": index})[0]
+            return self._noisy_session.run(None, {NOISY_IMAGES: np.ascontiguousarray(images, dtype=np.float32),
+                                                  NOISY_INDEX: index})[0]
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
         batch += rng.standard_normal(batch.shape, dtype=np.float32) * np.float32(sigma)
         return self.forward(batch).argmax(axis=1)
 
 
+#: Tensor names of the in-graph-noise model (prefixed: a base graph may itself use "images" or "labels")
+NOISY_IMAGES, NOISY_INDEX, NOISY_LABELS = "certserve_images", "certserve_index", "certserve_labels"
+
+
+def _session(ort, source, opts, providers, nice: int, device: str):
+    """An InferenceSession that never falls back silently: asked for CUDA explicitly, it must run on CUDA; and a
+    CUDA session's runtime fallback to the CPU is off (a failing run raises instead of switching providers, which
+    would also restart an in-graph noise stream)."""
+    session = in_thread_with_nice(lambda: ort.InferenceSession(source, opts, providers=providers), nice)
+    on_cuda = "CUDAExecutionProvider" in session.get_providers()
+    if device == "cuda" and not on_cuda:
+        raise RuntimeError("device='cuda' requested but onnxruntime created the session on the CPU "
+                           f"(providers {session.get_providers()}): check the CUDA installation")
+    if on_cuda:
+        session.disable_fallback()
+    return session
+
+
 def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
-    """ONNX graph (images (J,C,H,W), index (B,)) -> arg-max labels (B,) of f(images[index] + N(0, sigma^2 I)).
+    """ONNX graph (images (J,C,H,W), index (B,)) -> arg-max labels (B,) of f(images[index] + N(0, sigma^2 I)), with
+    the tensor names NOISY_IMAGES, NOISY_INDEX, NOISY_LABELS.
 
     The base graph is embedded unchanged after a Gather and a RandomNormalLike; ArgMax follows its logits.
-    RandomNormalLike draws fresh i.i.d. noise on every run (its generator advances between calls).
+    RandomNormalLike draws fresh i.i.d. noise on every run (its generator advances between calls). For the CUDA
+    provider only (Philox, seeded from the clock): onnxruntime's CPU kernel repeats after ~2^31 values.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -102,17 +126,17 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     if seed is not None:
         attrs["seed"] = float(seed % (2**24))
     nodes = [
-        helper.make_node("Gather", ["images", "index"], [prefix + "clean"], axis=0),
+        helper.make_node("Gather", [NOISY_IMAGES, NOISY_INDEX], [prefix + "clean"], axis=0),
         helper.make_node("RandomNormalLike", [prefix + "clean"], [prefix + "noise"], **attrs),
         helper.make_node("Add", [prefix + "clean", prefix + "noise"], [inp.name]),
         *graph.node,
-        helper.make_node("ArgMax", [out.name], ["labels"], axis=1, keepdims=0),
+        helper.make_node("ArgMax", [out.name], [NOISY_LABELS], axis=1, keepdims=0),
     ]
     new_graph = helper.make_graph(
         nodes, "certserve_noisy_argmax",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["J", *shape[1:]]),
-         helper.make_tensor_value_info("index", TensorProto.INT64, ["B"])],
-        [helper.make_tensor_value_info("labels", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info(NOISY_IMAGES, TensorProto.FLOAT, ["J", *shape[1:]]),
+         helper.make_tensor_value_info(NOISY_INDEX, TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info(NOISY_LABELS, TensorProto.INT64, ["B"])],
         initializer=list(graph.initializer), value_info=list(graph.value_info))
     model = helper.make_model(new_graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
     onnx.checker.check_model(model)

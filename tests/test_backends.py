@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from calibration.data import load_fashion_mnist
-from models.backends import OnnxBackend, noisy_argmax_model
+from models.backends import NOISY_IMAGES, NOISY_INDEX, OnnxBackend, noisy_argmax_model
 from models.bundle import load_bundle
 
 
@@ -52,9 +52,33 @@ def test_wrapper_with_tiny_sigma_reproduces_the_clean_prediction(bundle, images)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    labels = sess.run(None, {"images": images, "index": np.arange(len(images), dtype=np.int64)})[0]
+    labels = sess.run(None, {NOISY_IMAGES: images, NOISY_INDEX: np.arange(len(images), dtype=np.int64)})[0]
     clean = OnnxBackend(bundle.path("base"), threads=1).forward(images).argmax(axis=1)
     assert np.array_equal(labels, clean)
+
+
+def test_in_graph_noise_is_refused_on_a_cpu_session_unless_seeded_for_a_test(bundle):
+    """onnxruntime's CPU RandomNormalLike repeats after ~2^31 values and every unseeded CPU kernel of a process starts
+    from one seed (two sessions drew identical noise): never a serving path. Run against the code before 2026-12-05:
+    the unseeded CPU in-graph backend was built and served noise shared with every other such session."""
+    with pytest.raises(ValueError, match="CUDA provider only"):
+        OnnxBackend(bundle.path("base"), threads=1, device="cpu", noise_sigma=0.25, noise_in_graph=True)
+    OnnxBackend(bundle.path("base"), threads=1, device="cpu", noise_sigma=0.25, noise_in_graph=True, seed=1)
+
+
+def test_in_graph_wrapper_accepts_a_base_graph_named_like_its_own_tensors(tmp_path, images):
+    """A base model whose input is 'images' and output 'labels' (the wrapper's old tensor names) still wraps: the
+    wrapper's names are prefixed. Run against the code before 2026-12-05: onnx.checker refused the wrapper ('images'
+    used as an output name twice), so such a bundle could not start on a GPU."""
+    import torch
+
+    from models.export import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    path = export_onnx(net, torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx", input_name="images", output_name="labels")
+    graph = OnnxBackend(path, threads=1, device="cpu", noise_sigma=1e-6, noise_in_graph=True, seed=0)
+    clean = OnnxBackend(path, threads=1).forward(images).argmax(axis=1)
+    assert np.array_equal(graph.noisy_predictions(images, np.ones(len(images), np.int64), 1e-6, None), clean)
 
 
 def test_in_graph_noise_needs_sigma(bundle):
