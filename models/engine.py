@@ -1,8 +1,7 @@
 """The batching engine: one per process (per replica) batches the noise samples of every live job into shared model calls.
 
-No HTTP here (the certification service, the benchmarks and the tests drive it directly). The engine thread runs a
-pipeline of ``depth`` batches (default 2: double buffering). Each turn it
-1. admits new jobs into the job table (:mod:`models.jobs`: all job state as arrays) and frees finished ones,
+No HTTP here (the service, benchmarks and tests drive it). The engine thread runs ``depth`` batches (2: double
+buffering). Each turn it 1. admits new jobs into the job table (:mod:`models.jobs`, arrays), frees finished ones,
 2. fills the next batch of up to ``batch_size`` noisy inputs with chunks from many jobs, earliest deadline first
    (no starvation: every job has a deadline), from what each job still wants *given what is in flight*: a sequential
    job the samples up to its next checkpoint of :func:`smoothing.checkpoint_schedule`, a fixed-n job its remaining
@@ -15,15 +14,14 @@ pipeline of ``depth`` batches (default 2: double buffering). Each turn it
 The engine is the one owner of deadlines: a watcher thread answers each job at its deadline with the certificate of
 the samples counted so far (batches that have landed only), even while a batch that includes the job is running.
 
-Statistics: a sequential job tests X_t = 1{f(x + e_t) = c} with c and the Beta prior fixed by the caller from the
-clean input before the job is submitted; e_t are i.i.d. across all samples. Its certificate is the confidence-sequence
-bound at the stopping time, valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown).
-A fixed-n job bounds the hit rate of a class fixed before its estimation samples with a one-sided Clopper-Pearson
-bound: ``cohen`` selects the class from n0 separate samples (Cohen et al. 2019; its estimation samples may be drawn
-while the selection batch is still in flight: they are independent of it, and the class is read from the selection
-counts only), ``fixed`` takes the caller's class from the clean input. The number of estimation samples is n, or
-fewer when the deadline or a shutdown cuts it; that cut depends on the clock only, never on the outcomes, so the
-samples counted are a fixed-size i.i.d. sample given the cut and the Clopper-Pearson bound stays valid for them.
+Statistics: a sequential job tests X_t = 1{f(x + e_t) = c}, c and the Beta prior fixed from the clean input before
+submission, e_t i.i.d. across all samples; its certificate is the confidence-sequence bound at the stopping time,
+valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown). A fixed-n job bounds the
+hit rate of a class fixed before its estimation samples (one-sided Clopper-Pearson): ``cohen`` selects it from n0
+separate samples (Cohen et al. 2019; estimation may start while selection is in flight: independent samples, class
+read from the selection counts only), ``fixed`` takes the caller's class. n estimation samples, or fewer when a
+deadline or shutdown cuts them: the cut depends on the clock only, never on the outcomes, so the counted samples
+are a fixed-size i.i.d. sample given the cut and the Clopper-Pearson bound stays valid for them.
 """
 
 from __future__ import annotations
@@ -158,17 +156,15 @@ class SequentialEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
         with self._lock:
-            if not self._accepting:
-                raise EngineStopped("the certification engine is draining and accepts no new work")
+            if not self._accepting or self._thread is not None and not self._thread.is_alive():
+                raise EngineStopped("the certification engine is draining or stopped and accepts no new work")
             if shape != (self._image_shape or shape):  # the job table holds one image shape: the first job's
                 raise ValueError(f"every job's image must have the first job's shape {self._image_shape}, got {shape}")
             self._image_shape = shape
-            live = self.live_jobs
-            if live >= self.max_live_jobs:
+            if self.live_jobs >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
-            self._pending.append(job)
+            self._pending.append(job)  # the engine thread publishes the queue depth (one writer), at admission
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
-            self.observer.on_queue(len(self._pending), live + 1)
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
                 self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
@@ -304,13 +300,17 @@ class SequentialEngine:
             now = time.monotonic()
             for slot in table.mark_started(batch.slots):
                 table.jobs[slot].started = now
-        inflight.append((batch, self.sampler.launch(batch.images, batch.sizes, self._rng)))
-        return True
+        try:
+            inflight.append((batch, self.sampler.launch(batch.images, batch.sizes, self._rng)))
+            return True
+        except Exception as exc:  # a call that cannot even start (e.g. out of device memory): as a failed batch
+            inflight.append((batch, None))
+            self._fail_all(exc, inflight)
+            return False
 
     def _land(self, batch: Batch, counts: np.ndarray, model_seconds: float) -> None:
         """Count a finished batch, decide every job at a checkpoint, answer the finished ones."""
-        self.samples_processed += batch.samples
-        self.batches += 1
+        self.samples_processed, self.batches = self.samples_processed + batch.samples, self.batches + 1
         self.observer.on_batch(batch.samples, self.sampler.batch_size, len(batch.slots), model_seconds)
         table = self._table
         with self._state:

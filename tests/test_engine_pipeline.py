@@ -219,6 +219,69 @@ def test_deadline_watcher_survives_a_job_it_cannot_answer(backend, images, monke
         engine.stop(0.0)
 
 
+def test_a_model_call_that_fails_to_launch_fails_its_jobs_and_the_engine_goes_on(backend, images):
+    """A launch that raises at once (a device out of memory when the noise is drawn) fails the live jobs like a failed
+    batch, and the engine thread keeps serving: a later job gets a real certificate. Run against the engine before
+    2026-12-05: the exception killed the engine thread, submit still accepted work, and the later job was answered
+    only at its deadline with 0 samples; this test failed."""
+
+    class FailsOnce(Recording):
+        def launch(self, images_, sizes, rng):
+            if len(self.sizes) == 1:
+                self.sizes.append([])
+                raise RuntimeError("CUDA out of memory")
+            return super().launch(images_, sizes, rng)
+
+    engine = start(FailsOnce(backend, batch_size=64))
+    try:
+        spec = JobSpec(images[EASY], 0.01, 256, time.monotonic() + 60, kind="fixed", tested_class=1)
+        with pytest.raises(RuntimeError, match="CUDA out of memory"):
+            engine.submit(spec).result(timeout=30)
+        assert engine.alive
+        later = engine.submit(JobSpec(images[EASY], 0.01, 256, time.monotonic() + 60, kind="fixed", tested_class=1))
+        res = later.result(timeout=30)
+        assert res.stopped_by == "budget" and res.samples == 256 and res.class_index == 1
+    finally:
+        engine.stop(0.0)
+
+
+def test_submit_refuses_work_once_the_engine_thread_is_gone(backend, images, monkeypatch):
+    """Jobs submitted to an engine whose thread has died would wait for their deadline with no sampling: refused.
+    Run against the engine before 2026-12-05 (thread killed by a fault in its loop): submit accepted; this failed."""
+    def broken(self, inflight):
+        raise SystemError("engine loop fault")
+
+    monkeypatch.setattr(SequentialEngine, "_prepare", broken)
+    engine = start(Recording(backend, batch_size=64))
+    engine._thread.join(timeout=30)
+    assert not engine.alive
+    with pytest.raises(EngineStopped):
+        engine.submit(JobSpec(images[EASY], 0.01, 64, time.monotonic() + 60, kind="fixed", tested_class=1))
+
+
+def test_queue_depth_has_one_writer_the_engine_thread(backend, images):
+    """The queue-depth and live-jobs gauges are published by the engine thread only (admitted but unsampled jobs,
+    unanswered jobs). Run against the engine before 2026-12-05: submit also published its own count of jobs not yet
+    admitted, overwriting the engine's (a gauge reading 1 with 28 jobs waiting); this test failed."""
+    from models.engine import EngineObserver
+
+    writers = []
+
+    class Observer(EngineObserver):
+        def on_queue(self, waiting, live):
+            writers.append(threading.current_thread().name)
+
+    engine = start(Recording(backend, batch_size=64), observer=Observer())
+    try:
+        futures = [engine.submit(JobSpec(images[EASY], 0.01, 128, time.monotonic() + 60, kind="fixed",
+                                         tested_class=1)) for _ in range(8)]
+        for f in futures:
+            f.result(timeout=30)
+    finally:
+        engine.stop(0.0)
+    assert writers and set(writers) == {"certserve-engine"}
+
+
 def test_a_drain_accepts_jobs_until_its_stop_time_and_is_never_postponed(backend, images):
     """SIGTERM's drain (server.serve) is stop(drain, accept=True): requests already on their way may still submit
     until the stop time, then nothing; a later stop() with a longer grace does not postpone it. Run against a
