@@ -32,9 +32,10 @@ class CertifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    alpha: float | None = Field(None, gt=0, lt=1, description="risk budget (at least 1e-15: below, floating point "
+    alpha: float | None = Field(None, gt=0, lt=1, json_schema_extra={"minimum": 1e-15},
+                                description="risk budget (at least 1e-15: below, floating point "
                                 "cannot hold the bounds); default: the server's "
-                                "(CERTSERVE_DEFAULT_ALPHA, see GET /model). The "
+                                "(CERTSERVE_DEFAULT_ALPHA, see GET /v1/models). The "
                                 "surrogate answers at the largest calibrated level <= alpha (the certificate's "
                                 "guarantee.alpha says which); below the lowest level, auto falls back to sequential")
     mode: Mode = Field("auto", description="auto: the surrogate's one-pass certificate (marginal guarantee, at the "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from smoothing import DEFAULT_MIN_GAIN, checkpoint_schedule
+from smoothing.cohen import MIN_CP_ALPHA
 
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
@@ -261,6 +262,8 @@ def check_spec(spec, num_classes: int | None = None) -> None:
                          f"got {spec.tested_class!r}")
     if not (_is_real(spec.alpha) and 0.0 < spec.alpha < 1.0):
         raise ValueError(f"alpha must lie strictly between 0 and 1, got {spec.alpha!r}")
+    if spec.kind != "sequential" and spec.alpha < MIN_CP_ALPHA:  # its Clopper-Pearson bound would refuse it later
+        raise ValueError(f"a {spec.kind} job's alpha must be at least {MIN_CP_ALPHA:g}, got {spec.alpha!r}")
     if len(spec.prior) != 2 or not all(_is_real(x) and math.isfinite(x) and x > 0 for x in spec.prior):
         raise ValueError(f"the Beta prior must be two finite numbers > 0, got {spec.prior!r}")
     if spec.target_radius is not None and not (_is_real(spec.target_radius) and math.isfinite(spec.target_radius)

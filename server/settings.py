@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
-    default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none")
+    default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none "
+                                 "(at least 1e-15, as a request's)")
     max_samples: int = Field(MAX_SAMPLES, ge=100, description="cap on a request's sample budget (also the default)")
     auto_max_samples: int = Field(AUTO_MAX_SAMPLES, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
     auto_min_surrogate_z: float = Field(AUTO_MIN_SURROGATE_Z, ge=0, le=10, allow_inf_nan=False, description=(
@@ -49,6 +50,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_case_level(cls, v):
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("default_alpha")
+    @classmethod
+    def _representable_alpha(cls, v):
+        if v < 1e-15:  # as a request's alpha (certification.plan): the fixed-n bounds cannot hold a smaller one
+            raise ValueError("must be at least 1e-15 (below, floating point cannot hold the bounds)")
+        return v
     signing_key: str | None = Field(None, description="Ed25519 PEM key file, directory or comma-separated list: sign "
                                                       "every certificate (README: Verifying certificates)")
     require_signing: bool = Field(False, description="refuse to start without a signing key")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import betainc, betainccinv, betaincinv, betaln, xlog1py, xlogy
+from scipy.special import betainc, betaincc, betainccinv, betaincinv, betaln, xlog1py, xlogy
 from scipy.stats import binomtest
 
 from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_sigma
@@ -18,6 +18,10 @@ from smoothing.radius import radius_from_probability
 
 #: Class index returned when the procedure abstains (the reference's ``Smooth.ABSTAIN``).
 ABSTAIN = -1
+
+#: The smallest alpha of a Clopper-Pearson bound: below ~1e-100 scipy's incomplete beta is off by orders of magnitude
+#: (neither the inverse nor the forward confirmation can be trusted); 1e-15 leaves a wide margin, as the server does.
+MIN_CP_ALPHA = 1e-15
 
 # Relative rounding applied to each Clopper-Pearson bound in the conservative direction, so the few-ulp error of
 # the incomplete-beta inverse can never make a lower bound too high or an upper bound too low.
@@ -30,10 +34,13 @@ def clopper_pearson_lower(successes, trials, alpha):
     Guarantee (per input): if ``successes ~ Binomial(trials, p)`` then P(bound > p) <= alpha, for every p.
     Equals ``statsmodels.proportion_confint(successes, trials, alpha=2*alpha, method="beta")[0]`` (the reference's
     ``lower_confidence_bound``), rounded down by a relative 1e-12 and then confirmed by the forward incomplete beta
-    (:func:`_confirmed_lower`). Returns 0 where successes == 0. Vectorized.
+    (:func:`_confirmed_lower`). Returns 0 where successes == 0. Vectorized. alpha must be >= MIN_CP_ALPHA.
     """
     s, t = check_counts(successes, trials)
     a = check_alpha(alpha)
+    if np.any(a < MIN_CP_ALPHA):
+        raise ValueError(f"alpha must be at least {MIN_CP_ALPHA:g} for a Clopper-Pearson bound (below, the incomplete "
+                         f"beta function cannot confirm it), got {alpha!r}")
     if np.any(t == 0):
         raise ValueError("trials must be >= 1 for a Clopper-Pearson bound")
     with np.errstate(invalid="ignore"):
@@ -46,25 +53,38 @@ def _confirmed_lower(bound, s, t, alpha):
     """``bound`` stepped down until the forward incomplete beta confirms it: I_L(S, n - S + 1) <= alpha (1 - 1e-12),
     i.e. L is at most the exact Clopper-Pearson bound. scipy's inverse ``betaincinv`` can be off by ~1e-8 relative
     (second parameter exactly 1,000: n - S = 999 misses gave bounds above the exact one for n >= 2e6, an error rate of
-    1.04 alpha at n = 1e8), while the forward ``betainc`` matched a 60-digit binomial sum to ~1e-14 there. Newton
-    steps on the CDF from the right, on the unconfirmed entries only; one it cannot confirm becomes 0 (abstain)."""
+    1.04 alpha at n = 1e8), while the forward ``betainc`` matched a 60-digit binomial sum to ~1e-14 there. For alpha
+    > 1/2 the test runs on the complement, 1 - I_L >= (1 - alpha)(1 + 1e-9) (``betaincc``: ``betainc`` near 1 lost
+    ~1e-8 relative at n >= 1e5 with few hits). Newton steps on the CDF from the right, on the unconfirmed entries
+    only; one it cannot confirm, or a non-finite bound, becomes 0 (abstain)."""
     shape = np.broadcast(s, t, alpha, bound).shape
     s, t, alpha, bound = (np.array(x, dtype=np.float64).ravel() for x in np.broadcast_arrays(s, t, alpha, bound))
-    b, target = t - s + 1, alpha * (1.0 - 1e-12)
+    bound = np.where(np.isfinite(bound), bound, 0.0)
+    b, upper = t - s + 1, alpha > 0.5
     todo = np.flatnonzero(bound > 0)
     for attempt in range(60):
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            f = betainc(s[todo], b[todo], bound[todo])
-            todo, f = todo[~(f <= target[todo])], f[~(f <= target[todo])]
+            excess = _cdf_excess(s[todo], b[todo], bound[todo], alpha[todo], upper[todo])
+            todo, excess = todo[~(excess <= 0)], excess[~(excess <= 0)]
             if not len(todo):
                 return bound.reshape(shape)
             x, sj, bj = bound[todo], s[todo], b[todo]
             density = np.exp(xlogy(sj - 1, x) + xlog1py(bj - 1, -x) - betaln(sj, bj))
-            step = (f - target[todo]) / density * (1.0 + 1e-6 * 2.0 ** attempt)
+            step = excess / density * (1.0 + 1e-6 * 2.0 ** attempt)
         step = np.where(np.isfinite(step) & (step > 0), step, x)  # no usable step: go to 0
         bound[todo] = np.maximum(x - step, 0.0)
     bound[todo] = 0.0  # not confirmed after 60 steps (never seen): abstain
     return bound.reshape(shape)
+
+
+def _cdf_excess(s, b, x, alpha, upper):
+    """How far I_x(S, b) exceeds what confirms a lower bound x (<= 0: confirmed; NaN: not): I_x - alpha (1 - 1e-12),
+    or where ``upper`` (alpha > 1/2) (1 - alpha)(1 + 1e-9) - (1 - I_x) from the accurate complement."""
+    out = np.empty(len(x))
+    lo, hi = ~upper, upper
+    out[lo] = betainc(s[lo], b[lo], x[lo]) - alpha[lo] * (1.0 - 1e-12)
+    out[hi] = (1.0 - alpha[hi]) * (1.0 + 1e-9) - betaincc(s[hi], b[hi], x[hi])
+    return out
 
 
 def clopper_pearson_upper(successes, trials, alpha):

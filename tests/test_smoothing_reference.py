@@ -113,6 +113,33 @@ def test_clopper_pearson_lower_is_confirmed_where_the_inverse_errs(n, alpha):
     assert lower > clopper_pearson_lower(k - 5, n, alpha)  # still a bound, not a collapse to 0
 
 
+@pytest.mark.parametrize("s, n, alpha", [(4, 12_306_095, 0.6246078747900135), (14, 1_622_554_699, 0.5435)])
+def test_clopper_pearson_lower_holds_above_alpha_one_half_with_few_hits(s, n, alpha):
+    """alpha > 1/2 with few hits in many draws: scipy's betainc near 1 loses ~1e-8 relative, so the forward check
+    passed bounds above the exact one; the complement (betaincc) confirms it. Exact I_L(s, n - s + 1) by mpmath at
+    50 digits. Run against the code before 2026-12-05: the first case failed (I_L / alpha - 1 = +4.4e-11; found by
+    review); the second, reported by the review at +3.6e-8, passes there by this 50-digit check and stays as a case."""
+    lower = clopper_pearson_lower(s, n, alpha)
+    with mp.workdps(50):
+        assert mp.betainc(s, n - s + 1, 0, mp.mpf(lower), regularized=True) <= mp.mpf(alpha), lower
+    assert lower > 0.9 * clopper_pearson_lower(s, n, 0.5)  # still a bound, not a collapse to 0
+
+
+def test_clopper_pearson_lower_refuses_alpha_below_its_floor():
+    """Below ~1e-100 scipy's incomplete beta is off by orders of magnitude (at alpha = 7.9e-299 the bound was 0.786,
+    exact 0.756: a radius 15% too large; others came back NaN). A bound, a certificate and the server's default
+    alpha all refuse alpha < 1e-15. Run against the code before 2026-12-05: the bound 0.786 was returned."""
+    from server.settings import Settings
+
+    with pytest.raises(ValueError, match="at least 1e-15"):
+        clopper_pearson_lower(2920, 2953, 7.884796164750672e-299)
+    with pytest.raises(ValueError, match="at least 1e-15"):
+        certify(np.array([0, 2953]), np.array([0, 2953]), 1e-16, 0.25)
+    with pytest.raises(ValueError, match="at least 1e-15"):
+        Settings(default_alpha=1e-16)
+    assert clopper_pearson_lower(2920, 2953, 1e-15) > 0.9
+
+
 def test_clopper_pearson_scalar_and_vector_agree():
     """Scalars in -> Python floats out; vectorized results equal element-wise calls."""
     k = np.array([0, 3, 7, 10])
@@ -160,15 +187,15 @@ def test_certify_parity_with_reference(alpha, sigma):
 
 def test_certify_abstains_when_the_bound_is_exactly_one_half():
     """p_lower == 1/2 only says pA >= 1/2: a tie pA = pB = 1/2 is not excluded, so the class is not certified even at
-    radius 0 (abstain), as on the sequential path (L_t > 1/2). alpha = 0.5000000000005 makes the bound of 1 hit in 1
-    trial exactly 0.5 after the conservative rounding. Run against the bug once (2026-12-04): with the reference's
+    radius 0 (abstain), as on the sequential path (L_t > 1/2). alpha = 0.2500000000005001 makes the bound of 2 hits in 2
+    trials exactly 0.5 after the conservative rounding. Run against the bug once (2026-12-04): with the reference's
     rule (abstain only when p_lower < 1/2) it failed (class 0 certified at radius 0.0)."""
-    alpha = 0.5000000000005
-    assert clopper_pearson_lower(1, 1, alpha) == 0.5
-    cert = certify(np.array([1, 0]), np.array([1, 0]), alpha, 0.25)
+    alpha = 0.2500000000005001
+    assert clopper_pearson_lower(2, 2, alpha) == 0.5
+    cert = certify(np.array([1, 0]), np.array([2, 0]), alpha, 0.25)
     assert cert.p_lower == 0.5
     assert cert.class_index == ABSTAIN and not cert.certified and cert.radius == 0.0
-    above = certify(np.array([1, 0]), np.array([1, 0]), np.nextafter(alpha, 1.0), 0.25)
+    above = certify(np.array([1, 0]), np.array([2, 0]), np.nextafter(alpha, 1.0), 0.25)
     assert above.p_lower > 0.5 and above.certified and above.class_index == 0  # just above 1/2: certified
 
 
