@@ -38,17 +38,9 @@ from typing import Literal
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, Batch, JobTable, check_spec, checkpoints_of
+from models.jobs import KINDS, Batch, EngineStopped, JobTable, QueueFull, check_spec, checkpoints_of
 from models.sampling import SamplingEngine
 from smoothing import KT_PRIOR, Stop
-
-
-class QueueFull(RuntimeError):
-    """The engine holds ``max_live_jobs`` jobs; the caller should retry later."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is draining or stopped and accepts no new jobs."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +182,8 @@ class SequentialEngine:
 
     # ----------------------------------------------------------------- deadline watcher thread
     def _watch_deadlines(self) -> None:
-        """Answer every job at its deadline (valid: the stopping time depends on the clock only, see the module
-        docstring); samples of a batch still running for the job are simply not counted."""
+        """Answer every job at its deadline and every job left at the stop time (valid: the clock alone decides, see the
+        module docstring); a batch still running is not counted, so a slow model call never holds an answer back."""
         while True:
             with self._lock:
                 while self._deadlines and self._deadlines[0][2].future.done():
@@ -199,11 +191,20 @@ class SequentialEngine:
                 if self._stop_at is not None and not self.alive:
                     return
                 now = time.monotonic()
-                if not self._deadlines or self._deadlines[0][0] > now:
+                cut = self._stop_at is not None and now >= self._stop_at
+                if not cut and (not self._deadlines or self._deadlines[0][0] > now):
                     wait = self._deadlines[0][0] - now if self._deadlines else None
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
                     continue
-                job = heapq.heappop(self._deadlines)[2]
+                job, unadmitted = (None, list(self._pending)) if cut else (heapq.heappop(self._deadlines)[2], [])
+            if cut:
+                with self._state:
+                    table = self._table
+                    answers = [self._answer_unadmitted(j, "shutdown") for j in unadmitted] + (
+                        [] if table is None else self._answer(np.flatnonzero(table.running), "shutdown"))
+                _resolve(answers)
+                time.sleep(0.05)  # then again, until the engine thread has ended
+                continue
             try:
                 with self._state:  # a job not finished still owns its slot (slots are freed only after finishing)
                     answers = [] if job.finished else (self._answer(np.array([job.slot]), "deadline") if job.slot >= 0
@@ -266,7 +267,7 @@ class SequentialEngine:
                 if job.slot >= 0 and table.gen[job.slot] == job.order:
                     table.running[job.slot] = False
         while stopping and inflight:  # let the launched batches land (their samples count), then answer everyone
-            self._land_oldest(inflight)
+            self._land_oldest(inflight)  # (the deadline watcher has answered them at the stop time if these were slow)
         with self._state:
             answers = self._answer(np.flatnonzero(table.running), "shutdown") if stopping else []
             table.release_idle()
@@ -367,8 +368,7 @@ class SequentialEngine:
                                               int(samples[k]), names[keep[k]], queue_s, sampling_s)))
         return out
 
-    def _answer_unadmitted(self, job: _Job, stopped_by: str) -> tuple:
-        """A job that never reached the table: no samples; sequential and fixed bound 0, Cohen none."""
+    def _answer_unadmitted(self, job: _Job, stopped_by: str) -> tuple:  # never in the table: no samples, bound 0 / none
         if job.finished:
             return (job.future, None)
         job.finished = True

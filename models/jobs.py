@@ -27,6 +27,14 @@ SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
 
 
+class QueueFull(RuntimeError):
+    """The engine holds ``max_live_jobs`` jobs; the caller should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is draining or stopped and accepts no new jobs."""
+
+
 @dataclass
 class Batch:
     """One model call's chunks: chunk i draws sizes[i] samples of the job in slots[i] (generation gens[i])."""

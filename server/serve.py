@@ -41,7 +41,7 @@ def _draining_server_class():
             if self.app_state is not None:
                 self.app_state.draining = True
                 # The engine's drain starts now, not when uvicorn runs the lifespan shutdown: uvicorn cancels the
-                # requests still open drain_seconds + 1 s after the signal, and by then each must have its
+                # requests still open drain_seconds + 3 s after the signal, and by then each must have its
                 # certificate so far (the engine answers them at drain_seconds). Requests already in flight may still
                 # submit their jobs until then (accept). A thread: not under a signal handler.
                 service, drain = self.app_state.service, self.app_state.settings.drain_seconds
@@ -96,7 +96,7 @@ def run_serve(args) -> int:
     server_class, uvicorn = _draining_server_class()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 1, lifespan="on")
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 3, lifespan="on")
     server = server_class(config)
     server.app_state = app.state
     server.run()

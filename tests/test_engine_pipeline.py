@@ -282,6 +282,26 @@ def test_queue_depth_has_one_writer_the_engine_thread(backend, images):
     assert writers and set(writers) == {"certserve-engine"}
 
 
+def test_stop_answers_at_its_stop_time_without_waiting_for_a_batch_still_running(backend, images):
+    """At the stop time every remaining job is answered at once from the samples counted, even while a batch of it is
+    still running (the cut is the clock's). Run against the engine before 2026-12-05: it let the batches in flight
+    land first, so on a busy CPU the answers came after the HTTP drain window (uvicorn's plain 500s); with the batch
+    held, the job was not answered; this test failed."""
+    sampler = Recording(backend, batch_size=256)
+    engine = start(sampler)
+    try:
+        job = engine.submit(JobSpec(images[EASY], 0.01, 100_000, time.monotonic() + 60, kind="fixed", tested_class=1))
+        time.sleep(0.3)
+        sampler.gate.clear()  # the batches launched from now on do not land
+        time.sleep(0.1)
+        engine.stop(0.1, wait=False)
+        res = job.result(timeout=10)
+        assert res.stopped_by == "shutdown" and 0 < res.samples < 100_000
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+
+
 def test_a_drain_accepts_jobs_until_its_stop_time_and_is_never_postponed(backend, images):
     """SIGTERM's drain (server.serve) is stop(drain, accept=True): requests already on their way may still submit
     until the stop time, then nothing; a later stop() with a longer grace does not postpone it. Run against a
