@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -53,14 +54,12 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
             app.state.service = build_service(settings, observer=metrics, seed=seed)
             await asyncio.to_thread(app.state.service.start)
         app.state.ready = True
-        metrics.ready.set(1)
         log.info("certserve ready: bundle %s, sampler %s", app.state.service.manifest.name,
                  app.state.service.engine.sampler.backend.name)
         try:
             yield
         finally:
             app.state.ready = False
-            metrics.ready.set(0)
             if owned:
                 await asyncio.to_thread(app.state.service.stop, settings.drain_seconds)
 
@@ -69,6 +68,7 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
                               "surrogate in one forward pass, an anytime-valid sequential test when needed.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.state.ready, app.state.draining, app.state.inflight = False, False, 0
+    metrics.ready.set_function(lambda: float(readiness(app.state) == "ready"))  # read at scrape time, as /readyz
     count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected)
     app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc)
@@ -121,7 +121,9 @@ _GUARDS = [Depends(require_key), Depends(admit)]
              dependencies=_GUARDS, summary="Certify one image")
 async def certify(request: Request) -> Certificate:
     images, params = await parse_request(request, batch=False)
-    return await _certify_one(request, _decode(request, images[0], params), params)
+    cert = await _certify_one(request, _decode(request, images[0], params), params)
+    _observe_http(request, "/certify")
+    return cert
 
 
 @router.post("/certify/batch", response_model=BatchResponse, responses=_ERRORS,
@@ -133,8 +135,23 @@ async def certify_batch(request: Request) -> BatchResponse:
     if len(images) > limit:
         raise ServiceError("too_many_images", f"at most {limit} images per batch request; got {len(images)}")
     decoded = [_decode(request, img, params) for img in images]  # every image, before any job starts
-    results = await asyncio.gather(*(_certify_one(request, d, params) for d in decoded))
+    jobs = [asyncio.ensure_future(_certify_one(request, d, params)) for d in decoded]
+    try:
+        results = await asyncio.gather(*jobs)
+    except Exception as exc:  # one image failed (e.g. queue_full): the batch is refused, its other jobs dropped now
+        # (not left running after the answer); they count as cancelled only when the client went away
+        request.state.batch_refused = getattr(exc, "code", None) != "client_closed_request"
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        raise
+    _observe_http(request, "/certify/batch")
     return BatchResponse(results=list(results))
+
+
+def _observe_http(request: Request, route: str) -> None:
+    """certserve_http_request_duration_seconds: arrival (RequestContext) to the answered response object."""
+    request.app.state.metrics.http_latency.labels(route).observe(time.monotonic() - request.state.received)
 
 
 def _decode(request: Request, raw, params: CertifyParams) -> Decoded:
@@ -154,7 +171,8 @@ async def _certify_one(request: Request, d: Decoded, params: CertifyParams) -> C
     try:
         cert = await work
     except asyncio.CancelledError:
-        state.metrics.requests.labels(params.mode, "cancelled").inc()
+        if not getattr(request.state, "batch_refused", False):  # a refused batch's other images: not cancellations
+            state.metrics.observe_cancelled(params.mode)
         if watcher.done() and not watcher.cancelled() and watcher.result():
             # the client went away: the job was dropped; nobody reads this answer
             raise ServiceError("client_closed_request", "the client closed the connection") from None
@@ -180,14 +198,21 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
+def readiness(state) -> str:
+    """ready, or why not (starting, draining, engine_down): GET /readyz and the certserve_ready gauge."""
+    if state.draining:
+        return "draining"
+    if not state.ready:
+        return "starting"
+    return "ready" if state.service is not None and state.service.alive else "engine_down"
+
+
 @router.get("/readyz", summary="Readiness: true after warm-up, false while draining",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
-    engine_ok = state.service is not None and state.service.alive
-    if state.ready and not state.draining and engine_ok:
+    status = readiness(request.app.state)
+    if status == "ready":
         return JSONResponse({"status": "ready"})
-    status = "draining" if state.draining else "engine_down" if state.ready else "starting"
     return JSONResponse(error_body(status, f"not ready: {status}", request.state.request_id), status_code=503,
                         headers={"Retry-After": "1"})
 

@@ -6,13 +6,18 @@ worker batches). Optionally ``promtool check metrics`` (apt package ``prometheus
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import subprocess
+import re
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +27,9 @@ from server.settings import Settings
 
 EASY = 2
 WARM_UP_SAMPLES = 64  # the lifespan's warm-up job (documented in CertificationService.start)
-LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+LATENCY_BUCKETS = [0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   15.0, 20.0, 30.0, 32.0, 45.0, 60.0]
+METHODS = ("surrogate", "sequential", "fixed", "cohen")
 
 
 def families(text: str) -> dict:
@@ -87,6 +94,7 @@ def test_all_documented_series_exist(traffic):
         "certserve_worker_batch_fill_ratio": "histogram", "certserve_queue_depth": "gauge",
         "certserve_live_jobs": "gauge", "certserve_samples_processed": "counter",
         "certserve_model_inference_seconds": "histogram", "certserve_ready": "gauge",
+        "certserve_http_request_duration_seconds": "histogram",
     }
     for name, kind in expected.items():
         assert name in fam, f"{name} missing; have {sorted(fam)}"
@@ -106,7 +114,9 @@ def test_requests_by_method_and_outcome(traffic):
     assert got[("cohen", "certified")] + got.get(("cohen", "abstained"), 0) == 4
 
 
-def test_request_duration_histogram_buckets_from_1ms_to_60s(traffic):
+def test_request_duration_histogram_buckets_from_250us_to_60s(traffic):
+    """Sub-millisecond buckets (surrogate answers) and buckets around the default 30 s deadline. Run against the code
+    before 2026-12-05: failed (lowest bucket 1 ms, nothing between 10 and 30 s or between 30 and 60 s)."""
     fam = traffic["families"]["certserve_request_duration_seconds"]
     per_method = defaultdict(int)
     for cert in traffic["certs"]:
@@ -249,3 +259,138 @@ def test_latency_values_are_plausible(traffic):
     total_ms = sum(c["timings"]["total_ms"] for c in traffic["certs"])
     assert total_s == pytest.approx(total_ms / 1e3, rel=1e-6)
     assert np.all([c["timings"]["total_ms"] < 60_000 for c in traffic["certs"]])
+
+
+def test_latency_help_says_what_is_measured_and_http_time_is_its_own_histogram(traffic):
+    """certserve_request_duration_seconds is service time (decode start to certificate), not HTTP time; the HTTP time
+    of answered requests (arrival to response) is certserve_http_request_duration_seconds, one per request, never
+    shorter than the service time it contains. Run against the code before 2026-12-05: failed (HELP "Certification
+    latency by method", no HTTP histogram)."""
+    fam = traffic["families"]
+    doc = fam["certserve_request_duration_seconds"].documentation
+    assert "decode" in doc and "not HTTP time" in doc
+    assert "a batch of 3 images adds 3" in fam["certserve_requests"].documentation
+    assert "client_closed_request" in fam["certserve_requests"].documentation
+    http = fam["certserve_http_request_duration_seconds"]
+    assert [le for le, _ in buckets(http, route="/certify")][:-1] == LATENCY_BUCKETS
+    singles = [c for c in traffic["certs"] if c["request_id"] not in
+               {b["request_id"] for b in traffic["certs"][-3:]}]  # the batch's three share one request id
+    assert value(http, "_count", route="/certify") == len(singles) == 6
+    assert value(http, "_count", route="/certify/batch") == 1
+    assert value(http, "_sum", route="/certify") >= sum(c["timings"]["total_ms"] for c in singles) / 1e3
+    batch_ms = max(c["timings"]["total_ms"] for c in traffic["certs"][-3:])
+    assert value(http, "_sum", route="/certify/batch") >= batch_ms / 1e3
+
+
+def test_ready_gauge_follows_readyz():
+    """certserve_ready reads 0 exactly when GET /readyz answers 503: while draining, and once the engine thread is
+    dead. Run against the code before 2026-12-05: failed (the gauge was set to 1 at start-up and stayed 1 while /readyz
+    answered 503 engine_down or draining)."""
+    def ready_gauge(c) -> float:
+        return value(families(c.get("/metrics").text)["certserve_ready"])
+
+    with TestClient(create_app(Settings(drain_seconds=0), seed=9)) as c:
+        assert c.get("/readyz").status_code == 200 and ready_gauge(c) == 1
+        c.app.state.draining = True
+        r = c.get("/readyz")
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "draining") and ready_gauge(c) == 0
+        c.app.state.draining = False
+        assert c.get("/readyz").status_code == 200 and ready_gauge(c) == 1
+        c.app.state.service.engine.stop(0)  # the engine thread ends: not ready, although the process still answers
+        r = c.get("/readyz")
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "engine_down") and ready_gauge(c) == 0
+
+
+def _requests_total(text: str) -> dict:
+    fam = families(text)["certserve_requests"]
+    return {(s.labels["method"], s.labels["outcome"]): s.value for s in samples(fam, "_total")}
+
+
+def test_cancelled_requests_are_labelled_by_route_and_precreated():
+    """A client that goes away while its mode=auto request waits on its sequential fallback: one cancelled job under
+    method="sequential" (the route, as every other outcome), never under the mode ("auto"), and the cancelled series
+    exist at 0 before the first cancellation (so rate() sees it). Driven at the ASGI level like a server does:
+    receive() returns http.disconnect once the client has gone. Run against the code before 2026-12-05: failed (no
+    cancelled series before; then method="auto")."""
+    x = load_fashion_mnist().x_test
+    body = json.dumps({"image": x[EASY].tolist(), "target_radius": 5.0, "max_samples": 10**6,
+                       "deadline_ms": 20_000}).encode()  # fallback below_target_radius: a sequential job, never done
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/certify", "raw_path": b"/certify", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+
+    async def main():
+        app = create_app(Settings(max_samples=10**6, drain_seconds=0), seed=11)
+        async with app.router.lifespan_context(app):
+            before = app.state.metrics.render().decode()
+            engine, gone, sent = app.state.service.engine, asyncio.Event(), []
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                if messages:
+                    return messages.pop()
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+
+            task = asyncio.ensure_future(app(scope, receive, send))
+            for _ in range(600):  # the job is live and sampling
+                if engine.live_jobs and engine.samples_processed > 64:
+                    break
+                await asyncio.sleep(0.01)
+            gone.set()
+            await asyncio.wait_for(task, timeout=30)
+            return before, app.state.metrics.render().decode(), sent
+
+    before, after, sent = asyncio.run(main())
+    assert sent[0]["status"] == 499
+    got_before, got = _requests_total(before), _requests_total(after)
+    assert {m: got_before.get((m, "cancelled")) for m in METHODS} == {m: 0.0 for m in METHODS}
+    assert {k: v for k, v in got.items() if v} == {("sequential", "cancelled"): 1.0}
+    assert all(m in METHODS for m, _ in got), sorted(got)
+    fam = families(after)
+    assert value(fam["certserve_rejected_requests"], "_total", reason="client_closed_request") == 1
+    assert value(fam["certserve_fallbacks"], "_total", reason="below_target_radius") == 0  # no certificate
+
+
+def test_batch_refused_for_queue_full_drops_its_other_jobs_uncounted():
+    """A batch whose third image is refused (queue_full: max_live_jobs=2) is answered 503; its other two jobs are
+    dropped at once, and they are no cancellation: no certserve_requests_total series moves. Run against the code
+    before 2026-12-05: failed (the two jobs kept sampling until the 503 had gone out, then were counted as
+    method="auto", outcome="cancelled")."""
+    x = load_fashion_mnist().x_test
+    with TestClient(create_app(Settings(max_samples=10**6, max_live_jobs=2, drain_seconds=0), seed=12)) as c:
+        engine = c.app.state.service.engine
+        r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in (EASY, 0, 1)], "alpha": 0.0005,
+                                           "max_samples": 10**6, "deadline_ms": 10_000})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        threading.Event().wait(0.5)  # the engine drops cancelled jobs at its next step; a watcher polls every 0.05 s
+        assert engine.live_jobs == 0, "the refused batch's jobs kept running"
+        got = _requests_total(c.get("/metrics").text)
+    assert {k: v for k, v in got.items() if v} == {}
+    assert all(m in METHODS for m, _ in got), sorted(got)
+
+
+def test_dashboard_units_and_scrape_jobs(traffic):
+    """docker/grafana/dashboards/certserve.json queries only series the app exports, shows durations (and only
+    those) in seconds, and its up{} selectors match the scrape job of both Prometheus configs (compose: certserve; Ray:
+    ray). Run against the code before 2026-12-05: failed (certserve_live_jobs in unit "s"; up{job="certserve"} only)."""
+    root = Path(__file__).resolve().parents[1]
+    dash = json.loads((root / "docker/grafana/dashboards/certserve.json").read_text())
+    jobs = [j["job_name"] for f in ("docker/prometheus.yml", "deploy/ray/prometheus.yml")
+            for j in yaml.safe_load((root / f).read_text())["scrape_configs"] if j["job_name"] != "prometheus"]
+    assert sorted(jobs) == ["certserve", "ray"]
+    for panel in dash["panels"]:
+        units = {o["matcher"]["options"]: p["value"] for o in panel["fieldConfig"].get("overrides", [])
+                 if o["matcher"]["id"] == "byFrameRefID" for p in o["properties"] if p["id"] == "unit"}
+        for t in panel["targets"]:
+            unit, expr = units.get(t["refId"], panel["fieldConfig"]["defaults"]["unit"]), t["expr"]
+            for name in re.findall(r"certserve_\w+", expr):
+                assert re.sub(r"_(bucket|total|count|sum)$", "", name) in traffic["families"], (panel["title"], name)
+            if "certserve_" in expr:
+                assert (unit == "s") == ("_seconds" in expr), (panel["title"], t["refId"], unit, expr)
+            for selector in re.findall(r'up\{job=~?"([^"]*)"', expr):
+                assert all(re.fullmatch(selector, job) for job in jobs), (panel["title"], expr)
