@@ -5,8 +5,9 @@ e-process targeting the surrogate's proposed radius, stopped by PER_INPUT_MIN_GA
 it certifies". A larger z sends the images the surrogate certifies only weakly to the per-input path, which spends a
 few hundred samples to certify them better; the threshold trades mean radius for mean samples.
 
-Data: the calibration's TUNING images (the first ``num_tuning`` images of the bundle's calibration split, as
-calibration.conformal_fit cuts them: disjoint from the conformal calibration images and from the test set), with
+Data: the calibration's TUNING images (the ``num_tuning`` images of the bundle's calibration split that
+calibration.conformal_fit.tuning_positions names: the first ones for the shipped bundle, fitted before the seeded
+cut; disjoint from the conformal calibration images and from the test set), with
 their 10^4-sample class counts (``certserve calibrate counts --split calibration``, the counts the bundle was
 recalibrated from). Ordered streams from counts: given the class counts of n i.i.d. noisy predictions, every ordering
 of them is equally likely, so a uniformly random permutation of the counted predictions has exactly the distribution
@@ -50,7 +51,13 @@ def load_tuning(bundle_dir: str, counts_dir: str):
     lab = labelled_calibration_images(counts_dir, m.provenance.get("dataset", "fashion-mnist"),
                                       calibration_size=rec["calibration"], surrogate_size=rec["surrogate_train"],
                                       split_seed=rec["seed"], model_sha256=bundle.model_sha256)
-    tune = slice(0, m.calibration.num_tuning)
+    from calibration.conformal_fit import calibration_record, tuning_positions
+
+    cal = m.calibration
+    if len(lab.images) != cal.num_tuning + cal.num_calibration:
+        raise ValueError(f"{counts_dir} counted {len(lab.images)} images; the bundle's calibration was fitted on "
+                         f"{cal.num_tuning + cal.num_calibration}: pass the counts it was (re)calibrated from")
+    tune = tuning_positions(len(lab.images), cal.num_tuning, calibration_record(m.provenance))
     return bundle, lab.images[tune], lab.labels[tune], lab.counts[tune], lab.meta["num_samples"]
 
 

@@ -104,14 +104,13 @@ def surrogate_z_hat(bundle, logits, tested, source: str, alpha: float) -> tuple[
 
 
 def tuning_overlap(bundle, ds, index) -> int | None:
-    """How many dev images are among the calibration's tuning images (the first ``num_tuning`` of the calibration
-    split, as calibration.conformal_fit.calibrate_surrogate cuts them), where the splits are recorded; else None."""
-    from calibration.data import make_splits
+    """How many dev images are among the calibration's tuning images (as
+    calibration.conformal_fit.tuning_indices names them), where the splits are recorded and rebuild; else None."""
+    from calibration.conformal_fit import tuning_indices
 
-    rec = bundle.manifest.provenance.get("recalibration", {}).get("splits") or bundle.manifest.provenance.get("splits")
-    cal = rec and make_splits(len(ds.x_train), calibration=rec["calibration"], surrogate_train=rec["surrogate_train"],
-                              seed=rec["seed"]).calibration
-    return int(np.isin(index, cal[:bundle.manifest.calibration.num_tuning]).sum()) if rec else None
+    cal = bundle.manifest.calibration
+    tuned = tuning_indices(bundle.manifest.provenance, cal.num_tuning, cal.num_calibration, len(ds.x_train))
+    return None if tuned is None else int(np.isin(index, tuned).sum())
 
 
 def run_policy(dev: Dev, policy, *, alpha: float, budget: int, **info) -> dict:

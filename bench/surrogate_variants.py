@@ -2,7 +2,8 @@
 
 Every variant is trained the pipeline's way (soft-label cross-entropy on the surrogate-train split's Monte-Carlo
 counts, ``calibration.train.train_surrogate``) on the same labels, then calibrated the bundle's way
-(``calibrate_surrogate``: tuning 1,024, calibration 6,976 images with 10^4-sample labels, 2 bins, spread scale).
+(``calibrate_surrogate``: tuning 1,024, calibration 6,976 images with 10^4-sample labels, 2 bins, spread scale;
+the tuning images a seeded random subset, ``TUNE_CUT``, as the pipeline cuts them since 2026-12-05).
 Variants: single members initialized from the base model's weights (the pipeline's recipe) or at random (seeds
 differ), ensembles of K members (mean of their log-softmax, one ONNX graph would run them all), a surrogate twice
 as wide, and refined labels: 62% of the surrogate-train images have a one-hot 256-sample label (which cannot tell
@@ -27,7 +28,7 @@ import torch
 from onnx import numpy_helper
 
 from bench.conformal_knobs import tuning_fold_radius
-from calibration.conformal_fit import calibrate_surrogate
+from calibration.conformal_fit import calibrate_surrogate, tuning_cut, tuning_positions
 from calibration.counts import compute_counts, labelled_calibration_images, refine_confident_counts
 from calibration.data import load_dataset, make_splits
 from calibration.train import train_surrogate
@@ -39,6 +40,7 @@ from models.surrogate import surrogate_answers
 from smoothing import surrogate_log_odds
 
 TEST_LEVELS = (0.1, 0.01, 0.001)
+TUNE_CUT = tuning_cut(0)  # the tuning/calibration cut of every variant (split seed 0, as the counts)
 
 
 class Ensemble:
@@ -123,11 +125,12 @@ def _base_weights(base_onnx: Path) -> SmallCNN:
 
 
 def _score(name: str, model: Ensemble, lab, tune: int, ds) -> dict:
-    cls, g = surrogate_log_odds(model.forward(lab.images[:tune]))
-    hits = lab.counts[:tune][np.arange(len(cls)), cls]
-    folds = tuning_fold_radius(g, hits, cls == lab.labels[:tune], lab.meta["num_samples"], 0.25, repeats=10,
+    at = tuning_positions(len(lab.images), tune, {"tuning_cut": TUNE_CUT})  # the images calibrate_surrogate tunes on
+    cls, g = surrogate_log_odds(model.forward(lab.images[at]))
+    hits = lab.counts[at][np.arange(len(cls)), cls]
+    folds = tuning_fold_radius(g, hits, cls == lab.labels[at], lab.meta["num_samples"], 0.25, repeats=10,
                                max_bins=2, scale="spread", point="isotonic")
-    block = calibrate_surrogate(model, lab.images, lab.counts, lab.meta["num_samples"], tune_size=tune,
+    block = calibrate_surrogate(model, lab.images, lab.counts, lab.meta["num_samples"], tune_size=tune, cut=TUNE_CUT,
                                 levels=(0.1, 0.05, 0.01, 0.005, 0.001), max_bins=2, scale="spread", gamma=None)
     logits, y = model.forward(ds.x_test[:1000]), ds.y_test[:1000]
     test = {}

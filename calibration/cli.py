@@ -27,7 +27,7 @@ def add_calibrate_commands(sub) -> None:
             conv = _float_list
         if "None" in type_name:
             conv = _optional(conv)
-        all_.add_argument(flag, type=conv, default=f.default, help=f"({type_name})")
+        all_.add_argument(flag, type=conv, default=f.default, help=f"{_HELP.get(f.name, '')}({type_name})")
     all_.set_defaults(func=_run_all)
 
     counts = cal_sub.add_parser("counts", help="Monte-Carlo class counts of a model on a data split (resumable)")
@@ -37,7 +37,9 @@ def add_calibrate_commands(sub) -> None:
     counts.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     counts.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
     counts.add_argument("--split-seed", type=int, default=0)
-    counts.add_argument("--limit", type=int, default=None, help="first N images of the split")
+    counts.add_argument("--limit", type=int, default=None, help="a seeded random N images of a training-pool split "
+                        "(Splits.limited, kept in index order; what `calibrate conformal` reads back); the first N "
+                        "of test")
     counts.add_argument("--n", type=int, required=True, help="noise samples per image")
     counts.add_argument("--sigma", type=float, required=True)
     counts.add_argument("--seed", type=int, default=0)
@@ -56,8 +58,8 @@ def add_calibrate_commands(sub) -> None:
     conf.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     conf.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
     conf.add_argument("--split-seed", type=int, default=0)
-    conf.add_argument("--tune-size", type=int, required=True, help="the first N counted images tune the maps and "
-                      "bin edges; the rest calibrate")
+    conf.add_argument("--tune-size", type=int, required=True, help="a seeded random N of the counted images (the "
+                      "cut recorded as tuning_cut) tune the maps and bin edges; the rest calibrate")
     conf.add_argument("--levels", default=",".join(str(a) for a in PipelineConfig.levels), help="risk levels")
     conf.add_argument("--max-bins", type=int, default=PipelineConfig.max_bins)
     conf.add_argument("--scale", choices=["spread", "unit"], default=PipelineConfig.calibration_scale)
@@ -70,6 +72,11 @@ def add_calibrate_commands(sub) -> None:
     from calibration.evaluate import add_arguments as add_eval_arguments
 
     add_eval_arguments(ev)
+
+
+_HELP = {"base_trained_on": "required with --base: 'none' (your model saw no image of --data) or an .npy of the "
+                            "indices of --data's images it was trained on (into the .npz's x array; for fashion-mnist "
+                            "its training set), kept out of the calibration and surrogate-train splits "}
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -123,12 +130,11 @@ def _run_counts(args) -> int:
 
     ds = load_dataset(args.data)
     if args.split == "test":
-        images = ds.x_test
+        images = ds.x_test[: args.limit] if args.limit else ds.x_test
     else:
         splits = make_splits(len(ds.x_train), calibration=args.calibration_size,
-                             surrogate_train=args.surrogate_size, seed=args.split_seed)
+                             surrogate_train=args.surrogate_size, seed=args.split_seed).limited(args.limit)
         images = ds.x_train[getattr(splits, args.split.replace("-", "_"))]
-    images = images[: args.limit] if args.limit else images
     backend = load_backend(args.model, device=args.device)
     engine = SamplingEngine(backend, sigma=args.sigma, num_classes=len(ds.classes), batch_size=args.batch_size)
     counts = compute_counts(engine, images, args.n, out_dir=args.out, seed=args.seed,

@@ -12,6 +12,9 @@ class PipelineConfig:
     out: str = "models/bundles/fmnist-sigma0.25"
     work: str = "runs/fmnist-sigma0.25"
     base: str | None = None  # a user's ONNX classifier taking [0, 1] pixels; trained here when None
+    # required with base: "none" (it saw no image of data) or an .npy of the indices of data's images it was trained
+    # on (kept out of calibration and surrogate-train); see calibration.data.declared_training
+    base_trained_on: str | None = None
     name: str | None = None
     calibration_size: int = 8000
     surrogate_size: int = 16000
@@ -20,7 +23,7 @@ class PipelineConfig:
     surrogate_epochs: int = 15
     train_samples: int = 256  # Monte-Carlo samples per surrogate-train image
     cal_samples: int = 10000  # Monte-Carlo samples per calibration image (the labels' cap: r <= 0.78 at 10k)
-    tune_size: int = 1600  # the first images of the calibration split tune maps and bin edges; the rest calibrate
+    tune_size: int = 1600  # a seeded random part of the calibration split tunes maps and bin edges; the rest calibrate
     levels: tuple[float, ...] = (0.1, 0.05, 0.01, 0.005, 0.001)  # risk ladder (smoothing.DEFAULT_LEVELS)
     max_bins: int = 2  # Mondrian bins per level, at most (chosen with the scale: bench/conformal_knobs.py)
     calibration_scale: str = "spread"  # normalized ("spread") or additive ("unit") probit scores; see max_bins

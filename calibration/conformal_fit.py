@@ -1,7 +1,11 @@
 """Fitting the surrogate's conformal calibration (:mod:`smoothing.conformal`) from Monte-Carlo labels.
 
 The calibration split (a seeded random subset of the training pool, kept in index order) is cut in two disjoint
-parts before any label is read, its first ``tune_size`` images and the rest:
+parts before any label is read: a seeded random ``tune_size`` of its images and the rest (:func:`tuning_positions`;
+the cut is recorded in the provenance as ``tuning_cut``). Not its first images: in index order those are the
+lowest pool indices, and a pool stored in order (an .npz sorted by class) would then tune on some classes and
+calibrate on others, whose scores are not exchangeable with a test input's. Bundles fitted before 2026-12-05 (the
+shipped one) record no ``tuning_cut``: their first ``num_tuning`` images tuned.
 
 * TUNING fits every knob: the point-estimate map h (isotonic regression of the probit labels on the surrogate's
   log-odds, capped at the largest label), the scale map v (the local mean absolute residual, floored), and the
@@ -26,6 +30,7 @@ from smoothing import clopper_pearson_lower
 from smoothing.conformal import (DEFAULT_LEVELS, bin_index, level_split, min_calibration_size, mondrian_quantiles,
                                  piecewise, probit_labels)
 
+TUNING_STREAM = 71205  # the tuning cut draws from default_rng([split seed, TUNING_STREAM])
 SCALE_FLOOR = 0.05  # probit units: no bin may claim a spread below this (about 0.0125 in radius at sigma 0.25)
 
 
@@ -106,19 +111,74 @@ def bin_edges(g, num_bins: int) -> np.ndarray:
     return np.unique(np.quantile(g, np.arange(1, num_bins) / num_bins))
 
 
-def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_size: int, **options) -> dict:
+def tuning_cut(split_seed: int) -> dict:
+    """The provenance record of a seeded tuning cut (what :func:`tuning_positions` reads back)."""
+    return {"method": "seeded-permutation", "seed": int(split_seed), "stream": TUNING_STREAM}
+
+
+def tuning_positions(num_images: int, num_tuning: int, record: dict | None) -> np.ndarray:
+    """Sorted positions, among the ``num_images`` labelled calibration images, of the ``num_tuning`` that tuned, as
+    ``record`` says (the provenance entry of the run that fitted the calibration, see :func:`calibration_record`):
+    its ``tuning_cut``, or the first ``num_tuning`` for a record without one (fitted before 2026-12-05). The one
+    place that knows the cut: the fit and every bench that needs the tuning images go through it."""
+    if not 0 < num_tuning < num_images:
+        raise ValueError(f"tune_size must lie in (0, {num_images}), got {num_tuning}")
+    cut = (record or {}).get("tuning_cut")
+    if cut is None:
+        return np.arange(num_tuning)
+    if cut.get("method") != "seeded-permutation":
+        raise ValueError(f"unknown tuning cut {cut!r}")
+    rng = np.random.default_rng([int(cut["seed"]), int(cut["stream"])])
+    return np.sort(rng.permutation(num_images)[:num_tuning])
+
+
+def calibration_record(provenance: dict | None) -> dict:
+    """The provenance entry of the run that fitted a bundle's current calibration block: its latest recalibration,
+    else the build itself (the top-level provenance)."""
+    provenance = provenance or {}
+    return provenance.get("recalibration") or provenance
+
+
+def tuning_indices(provenance: dict | None, num_tuning: int, num_calibration: int, num_train: int) -> np.ndarray | None:
+    """Pool indices of the tuning images of a bundle's calibration block (fitted on ``num_tuning + num_calibration``
+    images of a pool of ``num_train``), as its provenance records them: a seeded random subset of the calibration
+    split (``Splits.limited``) cut by :func:`tuning_positions`; for a record without ``tuning_cut`` (before
+    2026-12-05), the split's first images, as subsets were taken then. None where no splits are recorded or
+    make_splits does not rebuild them (a --base build that kept declared training images out)."""
+    from calibration.data import make_splits
+
+    provenance = provenance or {}
+    record = calibration_record(provenance)
+    rec = record.get("splits")
+    if not rec:
+        return None
+    splits = make_splits(num_train, calibration=rec["calibration"], surrogate_train=rec["surrogate_train"],
+                         seed=rec["seed"])
+    if (splits if record is not provenance else splits.limited(provenance.get("limit"))).record() != rec:
+        return None
+    n = num_tuning + num_calibration
+    used = splits.calibration[:n] if "tuning_cut" not in record else splits.limited(n).calibration
+    if len(used) != n:
+        raise ValueError(f"the calibration split has {len(used)} images, the calibration was fitted on {n}")
+    return used[tuning_positions(n, num_tuning, record)]
+
+
+def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_size: int, cut: dict,
+                        **options) -> dict:
     """The calibration block of ``surrogate`` (a backend with ``forward``) from full Monte-Carlo class counts
-    (N, K) of ``images``: the first ``tune_size`` images tune, the rest calibrate (a cut fixed before the labels are
-    read). The surrogate's class is taken from its clean forward pass, then its count is read."""
+    (N, K) of ``images``: a seeded random ``tune_size`` of the images tune (``cut``, from :func:`tuning_cut`,
+    fixed before the labels are read), the rest calibrate. The surrogate's class is taken from its clean forward
+    pass, then its count is read."""
     from smoothing import surrogate_log_odds
 
-    if not 0 < tune_size < len(images):
-        raise ValueError(f"tune_size must lie in (0, {len(images)}), got {tune_size}")
+    if not isinstance(cut, dict) or cut.get("method") != "seeded-permutation":
+        raise ValueError(f"cut must be a seeded tuning cut (tuning_cut(split_seed)), got {cut!r}")
     if len(counts) != len(images):
         raise ValueError(f"{len(counts)} count rows for {len(images)} images")
+    tune = tuning_positions(len(images), tune_size, {"tuning_cut": cut})
+    cal = np.setdiff1d(np.arange(len(images)), tune)
     cls, g = surrogate_log_odds(surrogate.forward(images))
     hits = np.asarray(counts)[np.arange(len(cls)), cls]
-    tune, cal = slice(0, tune_size), slice(tune_size, len(images))
     return fit_calibration(g[tune], hits[tune], g[cal], hits[cal], num_samples, **options)
 
 

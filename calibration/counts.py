@@ -92,9 +92,11 @@ class LabelledImages:
 
 def labelled_calibration_images(counts_dir: str | Path, data: str, *, calibration_size: int, surrogate_size: int,
                                 split_seed: int = 0, model_sha256: str | None = None) -> LabelledImages:
-    """The first ``meta["num_images"]`` images of the calibration split of ``data`` (splits seeded as in
-    calibration.data.make_splits) with the count shards of ``counts_dir``, after checking that the shards counted
-    exactly these images and, where ``model_sha256`` is given, that base model. Raises ValueError otherwise."""
+    """The ``meta["num_images"]`` images of the calibration split of ``data`` that ``certserve calibrate counts
+    --split calibration [--limit N]`` counts (splits seeded as in calibration.data.make_splits, the seeded random
+    subset ``Splits.limited``: all of them when N is the split's size) with the count shards of ``counts_dir``,
+    after checking that the shards counted exactly these images and, where ``model_sha256`` is given, that base
+    model. Raises ValueError otherwise."""
     from calibration.data import load_dataset, make_splits
 
     counts_dir = Path(counts_dir)
@@ -105,9 +107,11 @@ def labelled_calibration_images(counts_dir: str | Path, data: str, *, calibratio
     ds = load_dataset(data)
     splits = make_splits(len(ds.x_train), calibration=calibration_size, surrogate_train=surrogate_size,
                          seed=split_seed)
-    index = splits.calibration[:meta["num_images"]]
-    if images_digest(ds.x_train[index]) != meta["images_sha256"]:
-        raise ValueError(f"{counts_dir} counted other images than the first {len(index)} of this calibration split")
+    index = splits.limited(meta["num_images"]).calibration
+    if len(index) != meta["num_images"] or images_digest(ds.x_train[index]) != meta["images_sha256"]:
+        raise ValueError(f"{counts_dir} counted other images than the {meta['num_images']} of this calibration "
+                         "split that `certserve calibrate counts --split calibration` counts (a seeded random subset "
+                         "when --limit is below the split's size; before 2026-12-05 its first images: recount)")
     return LabelledImages(ds.x_train[index], ds.y_train[index], load_counts(counts_dir), meta, splits)
 
 

@@ -6,8 +6,16 @@ float32 (N, C, H, W) in [0, 1].
 
 Splits of the training pool (a seeded permutation; sizes and a digest of the indices go into the manifest):
 base-train (the base classifier), surrogate-train (surrogate and, from a held-out part, the meta-learner) and
-calibration (conformal; disjoint from everything the base model, surrogate or meta-learner saw, so calibration
-and test images are exchangeable). Test is the dataset's official test set.
+calibration (conformal). Test is the dataset's official test set. Every subset the pipeline takes of a split
+(``Splits.limited``; the tuning part of the calibration split, :mod:`calibration.conformal_fit`) is a seeded random
+one, never a prefix: the pool may be stored in a meaningful order (an .npz sorted by class).
+
+The conformal guarantee needs calibration images exchangeable with test inputs, so disjoint from everything the
+base model, surrogate or meta-learner saw. The models trained here see only their own splits. A user's own base
+model (``--base``) was trained elsewhere, usually on this very pool: ASSUMED disjoint only as far as the user
+declares (``--base-trained-on``: ``none``, or an .npy of the indices it was trained on, which
+:func:`declared_training` maps to pool positions and :func:`make_splits` keeps out of calibration and
+surrogate-train). A false declaration voids the guarantee; nothing here can detect it.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 FASHION_MNIST_DIR = Path(os.environ.get("CERTSERVE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+LIMIT_STREAM = 20261205  # Splits.limited draws from default_rng([split seed, LIMIT_STREAM, split number])
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot"]
 
@@ -33,6 +42,10 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
+    # position of each training-pool image in its source (the .npz's ``x`` array, Fashion-MNIST's training set):
+    # the indices a user's --base-trained-on file names; None: the pool is the source, in order
+    train_source: np.ndarray | None = None
+    source_size: int | None = None  # images in that source (training pool plus a test part carved from it)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -56,10 +69,19 @@ class Splits:
                 "indices_sha256": digest.hexdigest()}
 
     def limited(self, limit: int | None) -> Splits:
-        """The first ``limit`` indices of each split (all of them for None or 0), as a small pipeline run uses."""
+        """A seeded random ``limit`` indices of each split (all of them for None, 0 or a split no larger), kept in
+        index order, as a small pipeline run or a partial count run uses. Random, not the first ones: those would
+        be the lowest pool indices, a biased sample of a pool stored in order (e.g. sorted by class)."""
         if not limit:
             return self
-        return Splits(self.seed, self.base_train[:limit], self.surrogate_train[:limit], self.calibration[:limit])
+
+        def pick(arr: np.ndarray, part: int) -> np.ndarray:
+            if len(arr) <= limit:
+                return arr
+            rng = np.random.default_rng([self.seed, LIMIT_STREAM, part])
+            return arr[np.sort(rng.permutation(len(arr))[:limit])]
+
+        return Splits(self.seed, pick(self.base_train, 0), pick(self.surrogate_train, 1), pick(self.calibration, 2))
 
 
 def load_dataset(source: str) -> Dataset:
@@ -107,26 +129,58 @@ def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Datase
         classes = [str(c) for c in data["classes"]] if "classes" in data else [str(i) for i in range(int(y.max()) + 1)]
         if "x_test" in data:
             x_test, y_test = _to_float(data["x_test"]), _labels(data["y_test"], path)
+            source, size = np.arange(len(x)), len(x)
         else:
             perm = np.random.default_rng(seed).permutation(len(x))
             cut = int(round(len(x) * (1 - test_fraction)))
             x, y, x_test, y_test = x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+            source, size = perm[:cut], len(perm)
     if y.max(initial=0) >= len(classes) or y_test.max(initial=0) >= len(classes):
         raise ValueError(f"{path}: labels exceed the {len(classes)} classes")
-    return Dataset(path.stem, x, y, x_test, y_test, classes)
+    return Dataset(path.stem, x, y, x_test, y_test, classes, source, size)
 
 
 def make_splits(num_train: int, *, calibration: int, surrogate_train: int, seed: int = 0,
-                base_train: int | None = None) -> Splits:
-    """Disjoint seeded splits of the training pool; base-train takes the rest unless ``base_train`` is given."""
+                base_train: int | None = None, exclude: np.ndarray | None = None) -> Splits:
+    """Disjoint seeded splits of the training pool; base-train takes the rest unless ``base_train`` is given.
+
+    ``exclude``: pool positions a user's base model was trained on (:func:`declared_training`); they go to the
+    base-train part, never to calibration or surrogate-train. None or empty: the splits of the plain permutation."""
     rest = num_train - calibration - surrogate_train
     if calibration < 1 or surrogate_train < 1 or rest < 1:
         raise ValueError(f"splits do not fit: {num_train} training images, calibration={calibration}, "
                          f"surrogate_train={surrogate_train} leave {rest} for base-train")
     n_base = rest if base_train is None else min(base_train, rest)
     perm = np.random.default_rng(seed).permutation(num_train)
+    if exclude is not None and len(exclude):
+        seen = np.isin(perm, exclude)
+        if seen.sum() > rest:
+            raise ValueError(f"the base model was trained on {int(seen.sum())} of the {num_train} training images; "
+                             f"calibration={calibration} and surrogate_train={surrogate_train} leave only {rest} "
+                             "images for them: use smaller splits")
+        perm = np.concatenate([perm[seen], perm[~seen]])  # seen images first: inside the base-train part
     return Splits(seed, np.sort(perm[:n_base]), np.sort(perm[rest:rest + surrogate_train]),
                   np.sort(perm[rest + surrogate_train:]))
+
+
+def declared_training(spec: str, ds: Dataset) -> tuple[np.ndarray | None, dict]:
+    """What a user's base model was trained on, as ``--base-trained-on`` declares it: ``none`` (no image of this
+    dataset) or an .npy of indices into the source (the .npz's ``x`` array; Fashion-MNIST's 60,000 training
+    images). Returns the pool positions to keep out of calibration and surrogate-train, and a provenance record."""
+    if spec == "none":
+        return None, {"declared": "none", "meaning": "the base model saw no image of this dataset"}
+    path = Path(spec)
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(f"--base-trained-on must be 'none' or an existing .npy file of image indices, got {spec!r}")
+    idx = np.load(path, allow_pickle=False)
+    size = ds.source_size if ds.source_size is not None else len(ds.x_train)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= size)):
+        raise ValueError(f"{path} must hold a 1-d array of integer indices in [0, {size}) (positions in the data "
+                         f"file's x array), got shape {idx.shape}, dtype {idx.dtype}")
+    source = ds.train_source if ds.train_source is not None else np.arange(len(ds.x_train))
+    pool = np.flatnonzero(np.isin(source, idx))
+    return pool, {"declared": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                  "num_indices": int(len(np.unique(idx))), "excluded_from_pool": int(len(pool))}
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:

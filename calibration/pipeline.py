@@ -2,7 +2,8 @@
 
 Every expensive step leaves its result in the work directory (trained base model, resumable count shards), so a
 rerun resumes instead of starting over. The bundle's manifest records the provenance: dataset, split sizes and
-index digest, samples per image, seeds, code version, device, timings and quality figures.
+index digest, samples per image, seeds, the tuning cut, what a user's own base model was trained on, code version,
+device, timings and quality figures.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 
 from calibration.config import PipelineConfig
-from calibration.conformal_fit import calibrate_surrogate, describe
+from calibration.conformal_fit import calibrate_surrogate, describe, tuning_cut
 from calibration.counts import compute_counts, labelled_calibration_images
-from calibration.data import load_dataset, make_splits
+from calibration.data import declared_training, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
@@ -38,6 +39,16 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # refuse before hours of work, not after
         raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    if cfg.base and cfg.base_trained_on is None:
+        raise ValueError(
+            "--base needs --base-trained-on: the calibration split is carved from the training images of --data, "
+            "which your model was probably trained on, and calibrating on images it was trained on voids the "
+            "guarantee. Pass --base-trained-on none if it never saw any image of --data, or --base-trained-on "
+            "FILE.npy with the indices (into the .npz's x array; for fashion-mnist its 60,000 training images) of "
+            "the images it was trained on: those are kept out of the calibration and surrogate-train splits")
+    if cfg.base_trained_on is not None and not cfg.base:
+        raise ValueError("--base-trained-on describes a model given with --base; without --base the base model is "
+                         "trained here on the base-train split")
     timings: dict[str, float] = {}
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -50,8 +61,9 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
                          f"tuning ones; got {usable} of which {tune} tune (tune_size is capped at half the split)")
 
     ds = load_dataset(cfg.data)
+    seen, base_trained_on = declared_training(cfg.base_trained_on, ds) if cfg.base else (None, None)
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
-                         seed=cfg.split_seed).limited(cfg.limit)
+                         seed=cfg.split_seed, exclude=seen).limited(cfg.limit)
     base_idx, sur_idx, cal_idx = splits.base_train, splits.surrogate_train, splits.calibration
     x_test, y_test = (ds.x_test[:cfg.limit], ds.y_test[:cfg.limit]) if cfg.limit else (ds.x_test, ds.y_test)
     k = len(ds.classes)
@@ -104,13 +116,14 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     surrogate_onnx = export_onnx(surrogate.cpu(), example, work / "surrogate.onnx")
     timings["surrogate_seconds"] = time.time() - t0
 
-    # 4. conformal calibration on the calibration split (disjoint from everything above): tune, then calibrate
+    # 4. conformal calibration on the calibration split (disjoint from everything above): tune (a seeded random
+    # part, drawn before any label is read), then calibrate on the rest
     t0 = time.time()
     cal_counts = compute_counts(engine, ds.x_train[cal_idx], cfg.cal_samples, out_dir=work / "counts-calibration",
                                 seed=cfg.seed + 3, model_sha256=base_sha, progress=cfg.progress)
     sur_backend = OnnxBackend(surrogate_onnx, device="cpu")
     calibration = calibrate_surrogate(sur_backend, ds.x_train[cal_idx], cal_counts, cfg.cal_samples,
-                                      tune_size=tune, levels=cfg.levels,
+                                      tune_size=tune, cut=tuning_cut(cfg.split_seed), levels=cfg.levels,
                                       max_bins=cfg.max_bins, scale=cfg.calibration_scale, gamma=cfg.gamma)
     timings["calibration_seconds"] = time.time() - t0
     log(f"conformal calibration ({len(cal_idx)} images, {calibration['num_tuning']} tune):\n{describe(calibration)}")
@@ -132,7 +145,8 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
         "samples_per_image": {"surrogate_train": cfg.train_samples, "calibration": cfg.cal_samples},
         "seeds": {"pipeline": cfg.seed, "splits": cfg.split_seed}, "code_version": _code_version(),
         "device": device, "sampler": sampler.name, "python": platform.python_version(), "torch": torch.__version__,
-        "base_quality": base_quality, "base_trained_here": not cfg.base, "meta_fit": meta_fit,
+        "base_quality": base_quality, "base_trained_here": not cfg.base, "base_trained_on": base_trained_on,
+        "tuning_cut": tuning_cut(cfg.split_seed), "calibration_from": "build", "meta_fit": meta_fit,
         "config": dataclasses.asdict(cfg), "timings": {k_: round(v, 1) for k_, v in timings.items()},
         "command": command,
     }
@@ -151,25 +165,36 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
                 **options) -> Path:
     """A copy of a bundle whose surrogate calibration is refitted from count shards of its calibration split
     (``certserve calibrate counts --split calibration`` with the bundle's base model; their ``meta.json`` must name
-    its sha256 and the images counted). The models are copied unchanged; the provenance records both runs."""
+    its sha256 and the images counted). The models are copied unchanged.
+
+    The provenance keeps the build's record and adds this run's as ``recalibration`` (benches read the latest
+    there); an earlier recalibration's record moves to the list ``earlier_recalibrations`` (oldest first), and
+    ``calibration_from`` becomes "recalibration". The build's top-level fields about its calibration
+    (``samples_per_image.calibration``, ``config.cal_samples``, ``config.tune_size``, ``tuning_cut``, ...) then
+    describe a calibration that the ``recalibration`` record supersedes."""
     from models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, for_recalibration=True)
     m = bundle.manifest
+    _check_bundle_records_its_splits(m)
     labelled = labelled_calibration_images(counts_dir, data, calibration_size=calibration_size,
                                            surrogate_size=surrogate_size, split_seed=split_seed,
                                            model_sha256=bundle.model_sha256)
     _check_counts_fit_bundle(labelled, m, counts_dir)
     if bundle.path("surrogate") is None:
         raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
+    cut = tuning_cut(split_seed)
     calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
-                                      labelled.meta["num_samples"], tune_size=tune_size, **options)
+                                      labelled.meta["num_samples"], tune_size=tune_size, cut=cut, **options)
     log(describe(calibration))
-    provenance = {**m.provenance, "recalibration": {
+    built = m.provenance or {}
+    provenance = {**built, "calibration_from": "recalibration", "recalibration": {
         "from_bundle": m.name,
         "counts": {k: labelled.meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
-        "splits": labelled.splits.record(), "tune_size": tune_size, "options": options, "code_version": _code_version(),
-        "created_unix": int(time.time()), "command": command}}
+        "splits": labelled.splits.record(), "tune_size": tune_size, "tuning_cut": cut, "options": options,
+        "code_version": _code_version(), "created_unix": int(time.time()), "command": command}}
+    if built.get("recalibration") is not None:
+        provenance["earlier_recalibrations"] = [*built.get("earlier_recalibrations", []), built["recalibration"]]
     new = create_bundle(out, base=bundle.path("base"), surrogate=bundle.path("surrogate"), meta=bundle.path("meta"),
                         sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
                         version=m.version, calibration=calibration, meta_features=m.meta_features,
@@ -178,20 +203,39 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     return new.root
 
 
+def _check_bundle_records_its_splits(manifest) -> None:
+    """ValueError unless the bundle's provenance records the splits its models were trained with, as splits that
+    ``certserve calibrate counts`` rebuilds: without them no check can keep its models' training images out of
+    the calibration split."""
+    prov = manifest.provenance or {}
+    if prov.get("splits") is None:
+        raise ValueError(f"bundle {manifest.name!r} records no splits in its provenance, so nothing shows which "
+                         "images its models were trained on, and recalibrating could calibrate on them: rebuild "
+                         "it with `certserve calibrate all`")
+    if (prov.get("base_trained_on") or {}).get("declared") == "file":
+        raise ValueError(f"bundle {manifest.name!r} has a base model declared trained on part of the training pool "
+                         f"({prov['base_trained_on'].get('path')}), kept out of its splits; `certserve calibrate "
+                         "counts` does not rebuild those splits: rebuild it with `certserve calibrate all --base ... "
+                         "--base-trained-on ...`")
+
+
 def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
     """ValueError unless the counts were drawn at the bundle's sigma and the split arguments rebuild the splits the
-    bundle was built with (where its provenance records them): other splits would put images its models were
-    trained on into the calibration split, other noise would calibrate another smoothed classifier."""
+    bundle was built with (its provenance must record them, :func:`_check_bundle_records_its_splits`): other
+    splits would put images its models were trained on into the calibration split, other noise would calibrate
+    another smoothed classifier."""
     if float(labelled.meta["sigma"]) != float(manifest.sigma):
         raise ValueError(f"{counts_dir} was counted at sigma {labelled.meta['sigma']}; the bundle smooths at sigma "
                          f"{manifest.sigma}: count at the bundle's sigma")
-    built = (manifest.provenance or {}).get("splits")
-    if built is None:
-        return
-    splits = labelled.splits.limited((manifest.provenance or {}).get("limit"))
-    if splits.record() != built:
+    _check_bundle_records_its_splits(manifest)
+    prov = manifest.provenance
+    splits = labelled.splits.limited(prov.get("limit"))
+    if splits.record() != prov["splits"]:
+        legacy = (" (a bundle built with --limit before 2026-12-05 took the first images of each split, which no "
+                  "longer rebuilds: rebuild it)" if prov.get("limit") and "tuning_cut" not in prov else "")
         raise ValueError(f"the split arguments give other splits ({splits.record()}) than the bundle was built with "
-                         f"({built}); pass the bundle's --calibration-size, --surrogate-size and --split-seed")
+                         f"({prov['splits']}); pass the bundle's --calibration-size, --surrogate-size and "
+                         f"--split-seed{legacy}")
 
 
 def _reusable_base(work: Path, trained_on: dict) -> bool:

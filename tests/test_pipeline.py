@@ -105,15 +105,17 @@ def test_pipeline_calibration_block_is_consistent(pipeline_run):
 
 
 def test_pipeline_calibration_recomputes_from_the_work_directory(pipeline_run):
-    """The calibration block equals the one refitted from the stored counts, the exported surrogate and the recorded
-    calibration split (so the manifest, the shards and the split record agree)."""
+    """The calibration block equals the one refitted from the stored counts, the exported surrogate, the recorded
+    calibration split and the recorded tuning cut (so the manifest, the shards and the records agree). --limit
+    takes a seeded random subset of each split (Splits.limited), never its first (lowest) indices."""
     cfg, out, _ = pipeline_run
     m = load_bundle(out).manifest
     ds = load_dataset("fashion-mnist")
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
                          seed=cfg.split_seed)
-    used = Splits(splits.seed, splits.base_train[: cfg.limit], splits.surrogate_train[: cfg.limit],
-                  splits.calibration[: cfg.limit])
+    used = splits.limited(cfg.limit)
+    assert isinstance(used, Splits) and len(used.base_train) == cfg.limit
+    assert not np.array_equal(used.base_train, splits.base_train[: cfg.limit])
     # the provenance records the splits actually used (after --limit), sizes and index digest alike
     assert used.record() == m.provenance["splits"]
     assert m.provenance["splits"]["calibration"] == 40
@@ -122,8 +124,10 @@ def test_pipeline_calibration_recomputes_from_the_work_directory(pipeline_run):
     assert counts.shape == (40, 10)
     np.testing.assert_array_equal(counts.sum(axis=1), np.full(40, cfg.cal_samples))
     surrogate = OnnxBackend(out / "surrogate.onnx", threads=1, device="cpu")
+    assert m.provenance["tuning_cut"] == {"method": "seeded-permutation", "seed": cfg.split_seed, "stream": 71205}
     again = calibrate_surrogate(surrogate, ds.x_train[cal_idx], counts, cfg.cal_samples, tune_size=cfg.tune_size,
-                                levels=cfg.levels, max_bins=cfg.max_bins, scale=cfg.calibration_scale)
+                                cut=m.provenance["tuning_cut"], levels=cfg.levels, max_bins=cfg.max_bins,
+                                scale=cfg.calibration_scale)
     assert again == m.calibration.model_dump(mode="json")
     sur = load_counts(Path(cfg.work) / "counts-surrogate-train")
     np.testing.assert_array_equal(sur.sum(axis=1), np.full(100, cfg.train_samples))
@@ -143,7 +147,8 @@ def test_pipeline_provenance(pipeline_run):
     assert prov["samples_per_image"] == {"surrogate_train": 16, "calibration": 32}
     assert prov["seeds"] == {"pipeline": 0, "splits": 0}
     assert prov["device"] == "cpu" and prov["sampler"] == "onnxruntime-cpu"
-    assert prov["base_trained_here"] is True
+    assert prov["base_trained_here"] is True and prov["base_trained_on"] is None
+    assert prov["calibration_from"] == "build"
     assert set(prov["base_quality"]) == {"clean_test_accuracy", "noisy_test_accuracy"}
     assert all(0.0 <= v <= 1.0 for v in prov["base_quality"].values())
     assert prov["meta_fit"]["num_images"] == 20  # meta_fraction 0.2 of 100 surrogate-train images
@@ -249,17 +254,43 @@ def test_pipeline_refuses_to_overwrite_a_bundle(pipeline_run):
 
 
 def test_pipeline_with_users_own_base_model(tmp_path):
-    """Bring-your-own-model: --base skips training; the surrogate is trained from scratch on its counts."""
+    """Bring-your-own-model: --base skips training; the surrogate is trained from scratch on its counts. The
+    embedded base model was trained on the base-train split of the 8,000/16,000 seed-0 splits; declared with
+    --base-trained-on, those images stay out of this run's calibration and surrogate-train splits (with split seed
+    1, which would otherwise put 17 of them among the 30 calibration images)."""
+    from calibration.data import make_splits as splits_of
+
+    trained = splits_of(60000, calibration=8000, surrogate_train=16000, seed=0).base_train
+    np.save(tmp_path / "seen.npy", trained)
     cfg = PipelineConfig(out=str(tmp_path / "b"), work=str(tmp_path / "w"), base=str(DEFAULT_BUNDLE_DIR / "base.onnx"),
-                         **{**TINY, "limit": 60, "surrogate_size": 40, "calibration_size": 30, "tune_size": 15})
+                         base_trained_on=str(tmp_path / "seen.npy"), **{**TINY, "limit": 60, "surrogate_size": 40,
+                                                                        "calibration_size": 30, "tune_size": 15,
+                                                                        "split_seed": 1})
     _seed_everything(1)
     out = run_pipeline(cfg, log=lambda *_: None)
     m = load_bundle(out).manifest
     assert m.artifacts["base"].sha256 == sha256_file(DEFAULT_BUNDLE_DIR / "base.onnx")
     assert not (Path(cfg.work) / "base.pt").exists()
     assert m.provenance["base_trained_here"] is False
+    assert m.provenance["base_trained_on"]["declared"] == "file"
+    assert m.provenance["base_trained_on"]["excluded_from_pool"] == len(trained) == 36000
+    assert np.isin(make_splits(60000, calibration=30, surrogate_train=40, seed=1).calibration, trained).sum() == 17
+    used = make_splits(60000, calibration=30, surrogate_train=40, seed=1, exclude=trained).limited(60)
+    assert used.record() == m.provenance["splits"]
+    assert not np.isin(np.concatenate([used.calibration, used.surrogate_train]), trained).any()
     assert m.provenance["base_quality"]["clean_test_accuracy"] > 0.8  # the embedded, fully trained base model
     assert m.calibration.num_calibration == 15 and m.calibration.levels[0].q_hat[0] is not None
+
+
+def test_users_own_base_model_needs_a_declaration_of_its_training_images(tmp_path):
+    """--base without --base-trained-on is refused before any work, saying why: the calibration split is carved
+    from the data's training images, which the user's model was usually trained on. Run against the code before
+    2026-12-05: it built the bundle without asking; this test failed."""
+    cfg = PipelineConfig(out=str(tmp_path / "b"), work=str(tmp_path / "w"), base=str(DEFAULT_BUNDLE_DIR / "base.onnx"),
+                         **{**TINY, "limit": 60, "surrogate_size": 40, "calibration_size": 30, "tune_size": 15})
+    with pytest.raises(ValueError, match="--base needs --base-trained-on: the calibration split is carved"):
+        run_pipeline(cfg, log=lambda *_: pytest.fail("must fail before logging any step"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "w").exists()
 
 
 def test_too_small_calibration_split_fails_before_training(tmp_path):

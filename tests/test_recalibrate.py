@@ -24,14 +24,15 @@ N_IMAGES, N_SAMPLES = 48, 64
 
 @pytest.fixture(scope="module")
 def counts_dir(tmp_path_factory):
-    """Counts of the first 48 calibration-split images, 64 samples each, with the embedded base model."""
+    """Counts of 48 calibration-split images (the seeded subset `calibrate counts --limit 48` takes), 64 samples
+    each, with the embedded base model."""
     out = tmp_path_factory.mktemp("counts") / "cal"
     ds = load_dataset("fashion-mnist")
     splits = make_splits(len(ds.x_train), calibration=8000, surrogate_train=16000, seed=0)
     bundle = load_bundle(DEFAULT_BUNDLE_DIR)
     engine = SamplingEngine(bundle.backend("base", device="cpu", threads=1), sigma=0.25, num_classes=10,
                             batch_size=1024)
-    compute_counts(engine, ds.x_train[splits.calibration][:N_IMAGES], N_SAMPLES, out_dir=out, seed=7,
+    compute_counts(engine, ds.x_train[splits.limited(N_IMAGES).calibration], N_SAMPLES, out_dir=out, seed=7,
                    model_sha256=bundle.model_sha256, shard_size=16, progress=False)
     return out
 
@@ -97,7 +98,7 @@ def test_split_arguments_other_than_the_bundles_are_refused(tmp_path):
     engine = SamplingEngine(bundle.backend("base", device="cpu", threads=1), sigma=0.25, num_classes=10,
                             batch_size=1024)
     out = tmp_path / "counts-12000"
-    compute_counts(engine, ds.x_train[splits.calibration][:24], 32, out_dir=out, seed=7,
+    compute_counts(engine, ds.x_train[splits.limited(24).calibration], 32, out_dir=out, seed=7,
                    model_sha256=bundle.model_sha256, shard_size=8, progress=False)
     with pytest.raises(ValueError, match="other splits .* than the bundle was built with"):
         recalibrate(DEFAULT_BUNDLE_DIR, counts_dir=out, data="fashion-mnist", calibration_size=12000,
@@ -110,3 +111,72 @@ def test_tune_size_must_leave_calibration_images(counts_dir, tmp_path):
         recalibrate(DEFAULT_BUNDLE_DIR, counts_dir=counts_dir, data="fashion-mnist", calibration_size=8000,
                     surrogate_size=16000, split_seed=0, tune_size=48, out=tmp_path / "x", log=lambda *_: None)
     assert np.load(next(Path(counts_dir).glob("shard-*.npy"))).shape == (16, 10)
+
+
+def _recal(bundle, counts, out, **kw):
+    return recalibrate(bundle, counts_dir=counts, data="fashion-mnist", calibration_size=8000, surrogate_size=16000,
+                       split_seed=0, out=out, log=lambda *_: None, **{"tune_size": 16, "levels": (0.2,), **kw})
+
+
+def test_counts_limit_takes_the_seeded_subset_that_recalibration_reads(tmp_path):
+    """`calibrate counts --split calibration --limit 8` counts the seeded random subset Splits.limited(8), which
+    labelled_calibration_images reads back. Run against the code before 2026-12-05: --limit took the first 8 images
+    of the split (the lowest pool indices: a biased sample of a pool stored in order); this test failed."""
+    from calibration.counts import labelled_calibration_images
+
+    out = tmp_path / "c8"
+    assert cli_main(["calibrate", "counts", "--model", str(DEFAULT_BUNDLE_DIR / "base.onnx"), "--split",
+                     "calibration", "--limit", "8", "--n", "4", "--sigma", "0.25", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    ds = load_dataset("fashion-mnist")
+    splits = make_splits(len(ds.x_train), calibration=8000, surrogate_train=16000, seed=0)
+    want = splits.limited(8).calibration
+    assert not np.array_equal(want, splits.calibration[:8])
+    lab = labelled_calibration_images(out, "fashion-mnist", calibration_size=8000, surrogate_size=16000,
+                                      model_sha256=load_bundle(DEFAULT_BUNDLE_DIR).model_sha256)
+    np.testing.assert_array_equal(lab.images, ds.x_train[want])
+
+
+def test_bundle_without_recorded_splits_is_refused(counts_dir, tmp_path):
+    """Without recorded splits nothing shows which images the bundle's models were trained on: refused, saying why
+    and what to do. Run against the code before 2026-12-05: the split check was skipped and the bundle recalibrated
+    (with split seed 1 as readily, putting its training images into the calibration split); this test failed."""
+    bundle = tmp_path / "nosplits"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["provenance"]["splits"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="records no splits .* rebuild it with `certserve calibrate all`"):
+        _recal(bundle, counts_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_second_recalibration_keeps_the_first_record(counts_dir, tmp_path):
+    """Recalibrating twice: "recalibration" is the latest run (with its tuning cut), the earlier ones are kept in
+    order in "earlier_recalibrations", and calibration_from says the build's calibration fields are superseded.
+    Run against the code before 2026-12-05: the second run overwrote the first run's record (and the shipped
+    bundle's); this test failed."""
+    shipped = load_bundle(DEFAULT_BUNDLE_DIR).manifest.provenance["recalibration"]
+    first = _recal(DEFAULT_BUNDLE_DIR, counts_dir, tmp_path / "r1")
+    second = _recal(first, counts_dir, tmp_path / "r2", tune_size=20)
+    prov = load_bundle(second).manifest.provenance
+    assert prov["calibration_from"] == "recalibration"
+    assert prov["recalibration"]["tune_size"] == 20
+    assert prov["recalibration"]["tuning_cut"] == {"method": "seeded-permutation", "seed": 0, "stream": 71205}
+    assert [r["tune_size"] for r in prov["earlier_recalibrations"]] == [shipped["tune_size"], 16]
+    assert prov["earlier_recalibrations"][0] == shipped
+    assert prov["splits"] == load_bundle(DEFAULT_BUNDLE_DIR).manifest.provenance["splits"]
+
+
+def test_bundle_whose_base_model_was_declared_trained_on_part_of_the_pool_is_refused(counts_dir, tmp_path):
+    """A --base build whose declared training images were kept out of its splits: `calibrate counts` rebuilds the
+    plain splits, not those, so recalibration is refused (rebuild instead). Run against the code before
+    2026-12-05: there was no such declaration and the bundle recalibrated; this test failed."""
+    bundle = tmp_path / "byo"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["provenance"]["base_trained_on"] = {"declared": "file", "path": "seen.npy"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="declared trained on part of the training pool"):
+        _recal(bundle, counts_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -21,7 +21,7 @@ def _level(alpha, q_hat, edges=(4.0,)):
 
 
 def _calibration(**kw):
-    block = {"samples_per_image": 10_000, "num_calibration": 1000, "num_tuning": 200,
+    block = {"samples_per_image": 10_000, "num_calibration": 4000, "num_tuning": 200,  # 2 bins of 2,000 per level
              "levels": [_level(0.1, [0.5, 0.2]), _level(0.01, [0.9, 0.4]), _level(0.001, [None, 0.8])]}
     return Calibration.model_validate({**block, **kw})
 
