@@ -33,7 +33,9 @@ async def parse_request(request: Request, *, batch: bool) -> tuple[list, Certify
 async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParams]:
     field = "images" if batch else "image"
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await request.body(), object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise ServiceError("bad_request", f"JSON keys given more than once: {exc} (give each once)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit
         raise ServiceError("bad_json", "the body is not valid JSON (or nests deeper, or has longer numbers, than "
                                        "a request can)") from None
@@ -44,6 +46,20 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
         raise ServiceError("bad_request", pydantic_message(exc)) from None
     params = CertifyParams.model_validate(req.model_dump(exclude={field}))
     return (req.images if batch else [req.image]), params
+
+
+class _RepeatedKey(Exception):
+    """A JSON object with a key given twice (json.loads would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):  # linear: a body with many keys costs no more than parsing it
+        seen, repeated = set(), set()
+        for key, _ in pairs:
+            (repeated if key in seen else seen).add(key)
+        raise _RepeatedKey(", ".join(sorted(repeated)[:10]))
+    return out
 
 
 async def _parse_form(request: Request, batch: bool) -> tuple[list, CertifyParams]:

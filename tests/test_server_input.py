@@ -232,6 +232,9 @@ CORPUS = [
      ["numbers"]),
     ("booleans-in-array", lambda c: c.post("/certify", json={"image": [[True, False]]}), 422, "bad_image",
      ["numbers"]),
+    ("json-repeated-key", lambda c: c.post("/certify", content=b'{"image": [[0.5]], "mode": "surrogate", "alpha": '
+                                           b'0.001, "alpha": 0.1}', headers={"content-type": "application/json"}),
+     422, "bad_request", ["alpha", "more than once"]),
     ("booleans-mixed-with-floats", lambda c: c.post("/certify", json={"image": [[0.5] * 27 + [True]] * 28}), 422,
      "bad_image", ["numbers"]),
     ("finite-float-beyond-float32", lambda c: c.post("/certify", content=b'{"image": [[1e39, 0.5]]}',
