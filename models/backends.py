@@ -143,7 +143,7 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     return model
 
 
-def onnx_backend(path: str | os.PathLike, *, device: str = "auto", threads: int | None = None,
+def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
                  noise_sigma: float | None = None, seed: int | None = None, nice: int = 0, spin: bool = True):
     """The best backend for the ONNX model ``path`` on ``device``.
 

@@ -173,10 +173,13 @@ class Manifest(_Strict):
 class Bundle:
     """A verified bundle: manifest plus artifact paths. Create with :func:`load_bundle`."""
 
-    def __init__(self, root: Path, manifest: Manifest, manifest_sha256: str):
+    def __init__(self, root: Path, manifest: Manifest, manifest_sha256: str, models: dict[str, bytes]):
         self.root = root
         self.manifest = manifest
         self.manifest_sha256 = manifest_sha256  # of the manifest.json bytes this bundle was loaded from
+        self._models = models  # role -> the model bytes whose sha256 was checked: sessions load these, never the
+        # file again (a file replaced after loading cannot be served), and a model whose weights live in other files
+        # (ONNX external data, not covered by the manifest) cannot be loaded from bytes: refused at load
 
     def path(self, role: str) -> Path | None:
         art = self.manifest.artifacts.get(role)
@@ -189,14 +192,14 @@ class Bundle:
     def backend(self, role: str = "base", **kwargs):
         from models.backends import OnnxBackend, onnx_backend
 
-        path = self.path(role)
-        if path is None:
+        if role not in self._models:
             raise BundleError(f"bundle {self.manifest.name!r} has no {role} model")
+        model = self._models[role]
         if role == "base":
             kwargs.setdefault("noise_sigma", self.manifest.sigma)
         if kwargs.get("device", "auto") == "cpu" or "noise_in_graph" in kwargs:
-            return OnnxBackend(path, **kwargs)
-        return onnx_backend(path, **kwargs)  # auto / cuda: onnxruntime-gpu, else PyTorch on the GPU
+            return OnnxBackend(model, **kwargs)
+        return onnx_backend(model, **kwargs)  # auto / cuda: onnxruntime-gpu, else PyTorch on the GPU
 
 
 def sha256_file(path: Path) -> str:
@@ -239,16 +242,18 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         manifest = Manifest.model_validate(raw, context={"recalibrating": for_recalibration})
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} does not match the bundle schema: {exc}") from None
+    models = {}
     for role, art in manifest.artifacts.items():
         path = root / art.file
         if Path(art.file).name != art.file:
             raise BundleError(f"artifact {role}: file name {art.file!r} must be a plain name inside the bundle")
         if not path.is_file():
             raise BundleError(f"artifact {role}: {path} is missing")
-        actual = sha256_file(path)
+        models[role] = path.read_bytes()  # hashed once, and these very bytes are what the sessions load
+        actual = hashlib.sha256(models[role]).hexdigest()
         if actual != art.sha256:
             raise BundleError(f"artifact {role}: sha256 of {path.name} is {actual}, manifest says {art.sha256} (tampered or corrupt)")
-    bundle = Bundle(root, manifest, hashlib.sha256(manifest_bytes).hexdigest())
+    bundle = Bundle(root, manifest, hashlib.sha256(manifest_bytes).hexdigest(), models)
     if check_models:
         _check_shapes(bundle)
     return bundle
@@ -264,7 +269,9 @@ def _check_shapes(bundle: Bundle) -> None:
         try:
             backend = bundle.backend(role, threads=1, device="cpu")
         except Exception as exc:  # onnxruntime raises its own types for unreadable models
-            raise BundleError(f"artifact {role}: {bundle.path(role).name} is not a loadable ONNX model: {exc}") from None
+            raise BundleError(f"artifact {role}: {bundle.path(role).name} is not a loadable ONNX model (weights in "
+                              f"separate files, ONNX external data, are not supported: the manifest's sha256 must "
+                              f"cover every byte served): {exc}") from None
         want_in, want_out = expected[role]
         got_in = list(backend.input_shape[1:])
         if got_in != want_in:

@@ -39,9 +39,14 @@ class TorchBackend:
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_onnx(cls, path: str | os.PathLike, *, device: str = "cuda") -> TorchBackend:
-        """The ONNX graph converted op by op by onnx2torch (a well-kept converter); weights are copied exactly."""
+    def from_onnx(cls, path: str | os.PathLike | bytes, *, device: str = "cuda") -> TorchBackend:
+        """The ONNX graph (a file, or its bytes) converted op by op by onnx2torch (a well-kept converter); weights
+        are copied exactly."""
         convert = _onnx2torch_convert()
+        if isinstance(path, bytes):
+            import onnx
+
+            return cls(convert(onnx.load_from_string(path)), device=device)
         return cls(convert(str(path)), device=device)
 
     @classmethod

@@ -432,3 +432,41 @@ def test_cli_bundle_verify_tampered_exits_2(bundle_copy, capsys):
 def test_cli_bundle_verify_missing_dir_exits_2(tmp_path, capsys):
     assert certserve(["bundle", "verify", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_model_with_weights_in_external_files_is_refused(tmp_path):
+    """ONNX external data keeps weights in files the manifest's sha256 does not cover (flipping them changed 253 of
+    256 labels while the bundle still verified). Run against the loader before 2026-12-05: the bundle loaded."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from models.export import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    plain = export_onnx(net, torch.zeros(1, 1, 28, 28), tmp_path / "plain.onnx")
+    model = onnx.load(str(plain))
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save_model(model, str(split / "base.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    assert (split / "weights.bin").stat().st_size > 0
+    with pytest.raises(BundleError, match="external data"):
+        create_bundle(split, base=split / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
+                      classes=[str(i) for i in range(10)], overwrite=True)
+    assert np.isfinite(load_bundle(create_bundle(tmp_path / "ok", base=plain, sigma=0.25, input_shape=(1, 28, 28),
+                                                 classes=[str(i) for i in range(10)]).root).backend("base", device="cpu")
+                       .forward(np.zeros((1, 1, 28, 28), np.float32))).all()
+
+
+def test_a_model_file_replaced_after_loading_is_never_served(bundle_copy):
+    """Sessions load the bytes whose sha256 was checked, not the file again. Run against the loader before
+    2026-12-05: after base.onnx was swapped for the surrogate, backend('base') served the surrogate; this failed."""
+    import numpy as np
+
+    bundle = load_bundle(bundle_copy)
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    before = bundle.backend("base", device="cpu", threads=1).forward(x)
+    shutil.copyfile(bundle_copy / "surrogate.onnx", bundle_copy / "base.onnx")
+    after = bundle.backend("base", device="cpu", threads=1).forward(x)
+    assert np.array_equal(before, after)
