@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from models.priors import FEATURE_NAMES
 from smoothing import min_calibration_size
 
 SCHEMA_VERSION = 2
@@ -167,6 +168,9 @@ class Manifest(_Strict):
             raise ValueError("a surrogate needs its conformal 'calibration' block")
         if "meta" in self.artifacts and not self.meta_features:
             raise ValueError("a meta model needs 'meta_features' (its input order)")
+        if self.meta_features and list(self.meta_features) != list(FEATURE_NAMES):  # the order the service feeds
+            raise ValueError(f"meta_features must be {list(FEATURE_NAMES)} (the features the server computes, in "
+                             f"that order), got {self.meta_features}")
         return self
 
 
@@ -276,13 +280,16 @@ def _check_shapes(bundle: Bundle) -> None:
         got_in = list(backend.input_shape[1:])
         if got_in != want_in:
             raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")
-        outputs = backend.num_outputs
-        if outputs is None:  # symbolic output width: probe it with one forward pass
-            import numpy as np
-
-            outputs = backend.forward(np.zeros((1, *want_in), dtype=np.float32)).shape[-1]
-        if outputs != want_out:
-            raise BundleError(f"artifact {role}: model has {outputs} outputs, manifest expects {want_out}")
+        try:  # a probe pass: the engine batches many inputs (dynamic batch axis) and reads (batch, width) rows
+            out = np.asarray(backend.forward(np.zeros((2, *want_in), dtype=np.float32)))
+        except Exception as exc:
+            raise BundleError(f"artifact {role}: a forward pass on a batch of 2 inputs failed (the model needs a "
+                              f"dynamic batch axis): {exc}") from None
+        if out.ndim != 2 or out.shape[0] != 2:
+            raise BundleError(f"artifact {role}: a batch of 2 inputs gives outputs of shape {out.shape}; expected "
+                              f"(2, {want_out}): one row of {want_out} per input")
+        if out.shape[1] != want_out:
+            raise BundleError(f"artifact {role}: model has {out.shape[1]} outputs, manifest expects {want_out}")
 
 
 def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shape: tuple[int, int, int],

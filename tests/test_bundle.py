@@ -470,3 +470,36 @@ def test_a_model_file_replaced_after_loading_is_never_served(bundle_copy):
     shutil.copyfile(bundle_copy / "surrogate.onnx", bundle_copy / "base.onnx")
     after = bundle.backend("base", device="cpu", threads=1).forward(x)
     assert np.array_equal(before, after)
+
+
+def test_meta_features_must_be_the_ones_the_server_computes(bundle_copy):
+    """The service feeds the meta model FEATURE_NAMES in that order: a manifest naming other features (or another
+    order) is refused. Run against the loader before 2026-12-05: a reordered list with a made-up name loaded."""
+    manifest = _read_manifest(bundle_copy)
+    manifest["meta_features"] = list(reversed(manifest["meta_features"]))[:-1] + ["nonsense_feature"]
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "meta_features must be")
+
+
+@pytest.mark.parametrize("kind", ["fixed_batch_of_one", "rank_three_output"])
+def test_a_model_the_engine_cannot_batch_is_refused_at_load(tmp_path, kind):
+    """A fixed batch axis of 1, or (N, 1, K) outputs, loaded and then failed on the first sampling batch with an
+    obscure onnxruntime/numpy error. A probe pass on a batch of 2 refuses them at load. Run against the loader
+    before 2026-12-05: both loaded; this test failed."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            out = self.fc(x.reshape(x.shape[0], -1))
+            return out[:, None, :] if kind == "rank_three_output" else out
+
+    path = tmp_path / "m.onnx"
+    dynamic = None if kind == "fixed_batch_of_one" else {"input": {0: "batch"}, "output": {0: "batch"}}
+    torch.onnx.export(Net(), torch.zeros(1, 1, 28, 28), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes=dynamic, dynamo=False)
+    with pytest.raises(BundleError, match="batch of 2"):
+        create_bundle(tmp_path / "b", base=path, sigma=0.25, input_shape=(1, 28, 28), classes=[str(i) for i in range(10)])
