@@ -22,6 +22,7 @@ import numpy as np
 
 from smoothing import DEFAULT_MIN_GAIN, checkpoint_schedule
 from smoothing.cohen import MIN_CP_ALPHA
+from smoothing.stopping import MAX_BUDGET
 
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
@@ -259,8 +260,8 @@ def check_spec(spec, num_classes: int | None = None) -> None:
     These are all the checks of the stopping policies and the certificate's bound on a job's own parameters: the
     engine runs the validated entry points of :mod:`smoothing.stopping` at every step, so a job must be valid here.
     With ``num_classes`` (the model's), the tested class of a sequential or fixed job must be one of its classes."""
-    if spec.budget < 1 or spec.kind == "cohen" and spec.n0 < 1:
-        raise ValueError("a job needs a budget >= 1 (and n0 >= 1 for cohen)")
+    if not 1 <= spec.budget <= MAX_BUDGET or spec.kind == "cohen" and spec.n0 < 1:
+        raise ValueError("a job needs a budget between 1 and 2^31 samples (and n0 >= 1 for cohen)")
     if spec.kind not in KINDS:
         raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
     if spec.kind != "cohen" and num_classes is not None and not (

@@ -11,7 +11,7 @@ import numpy as np
 
 def check_alpha(alpha, name: str = "alpha") -> np.ndarray:
     """Return ``alpha`` as a float array; every entry must lie strictly inside (0, 1)."""
-    arr = np.asarray(alpha, dtype=np.float64)
+    arr = _floats(alpha, name)
     if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any() or (arr >= 1.0).any():
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {_show(alpha)}")
     return arr
@@ -19,7 +19,7 @@ def check_alpha(alpha, name: str = "alpha") -> np.ndarray:
 
 def check_sigma(sigma) -> np.ndarray:
     """Return ``sigma`` (the noise level) as a float array; every entry must be finite and > 0."""
-    arr = np.asarray(sigma, dtype=np.float64)
+    arr = _floats(sigma, "sigma")
     if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any():
         raise ValueError(f"sigma must be a finite number > 0, got {_show(sigma)}")
     return arr
@@ -27,8 +27,7 @@ def check_sigma(sigma) -> np.ndarray:
 
 def check_prior(a, b) -> tuple[np.ndarray, np.ndarray]:
     """Return the Beta prior parameters as float arrays; both must be finite and > 0."""
-    a_arr = np.asarray(a, dtype=np.float64)
-    b_arr = np.asarray(b, dtype=np.float64)
+    a_arr, b_arr = _floats(a, "Beta prior parameter a"), _floats(b, "Beta prior parameter b")
     for name, arr, raw in (("a", a_arr, a), ("b", b_arr, b)):
         if arr.size == 0 or not np.isfinite(arr).all() or (arr <= 0.0).any():
             raise ValueError(f"Beta prior parameter {name} must be finite and > 0, got {_show(raw)}")
@@ -37,7 +36,7 @@ def check_prior(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 def check_probability(p, name: str, *, open_interval: bool = True) -> np.ndarray:
     """Return ``p`` as a float array inside (0, 1) (or [0, 1] when ``open_interval`` is False)."""
-    arr = np.asarray(p, dtype=np.float64)
+    arr = _floats(p, name)
     bad = ~np.isfinite(arr)
     bad |= (arr <= 0.0) | (arr >= 1.0) if open_interval else (arr < 0.0) | (arr > 1.0)
     if arr.size == 0 or bad.any():
@@ -64,16 +63,27 @@ def _as_count(value, name: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype.kind in "iu":
         out = arr.astype(np.int64, copy=False)
-    elif arr.dtype.kind in "fb":
+    elif arr.dtype.kind == "f":
         f = arr.astype(np.float64, copy=False)
         if not np.isfinite(f).all() or (f != np.round(f)).any():
             raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
+        if (np.abs(f) >= 2.0**62).any():
+            raise ValueError(f"{name} must be below 2^62, got {_show(value)}")
         out = f.astype(np.int64)
     else:
         raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
     if (out < 0).any():
         raise ValueError(f"{name} must be >= 0, got {_show(value)}")
     return out
+
+
+def _floats(value, name: str) -> np.ndarray:
+    """``value`` as a float64 array; numbers only (booleans, strings, complex and other objects are refused: numpy
+    would turn True into 1.0, "0.05" into 0.05 and drop an imaginary part)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be a number (or an array of numbers), got {_show(value)}")
+    return arr.astype(np.float64, copy=False)
 
 
 def _show(value) -> str:

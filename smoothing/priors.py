@@ -35,7 +35,9 @@ DEFAULT_KT_WEIGHT = 0.1
 
 
 def check_kt_weight(kt_weight) -> float:
-    """``kt_weight`` as a float in [0, 1] (ValueError otherwise)."""
+    """``kt_weight`` as a float in [0, 1] (ValueError otherwise; a boolean or a string is not a weight)."""
+    if isinstance(kt_weight, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"kt_weight must be a number in [0, 1], got {kt_weight!r}")
     try:
         w = float(kt_weight)
     except (TypeError, ValueError):

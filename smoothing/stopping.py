@@ -54,8 +54,9 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
                            alpha_futility=None, kt_weight=DEFAULT_KT_WEIGHT):
     """Policy (i): certify at least ``target_radius``, as cheaply as possible.
 
-    TARGET when H0: pA <= Phi(r/sigma) is rejected at level alpha (then L_t >= Phi(r/sigma), so the certified radius
-    is >= r); FUTILITY when the upper bound U_t (level ``alpha_futility``, default alpha) falls below Phi(r/sigma),
+    TARGET when H0: pA <= Phi(r/sigma) is rejected at level alpha (then L_t >= Phi(r/sigma) up to L_t's own
+    conservative rounding, ~1e-12 relative, so the certified radius is >= r up to ~1e-8 relative near p = 1/2);
+    FUTILITY when the upper bound U_t (level ``alpha_futility``, default alpha) falls below Phi(r/sigma),
     i.e. the target is (with high probability) out of reach; BUDGET when t >= budget. Checked in that order. The
     prior is (1 - kt_weight) Beta(a, b) + kt_weight KT, as in :func:`smoothing.confseq.lower_bound`; the certificate
     must be computed with the same prior.
@@ -87,7 +88,8 @@ def validated_target_codes(s, t, alpha, a, b, budget, sigma, target_radius, alph
 
 
 def _radius_verified(s, t, p_target, alpha, a, b, kt_weight):
-    """True where H0: pA <= p_target is rejected at alpha (then L_t >= p_target); validated arrays, p_target >= 1/2.
+    """True where H0: pA <= p_target is rejected at alpha (then L_t >= p_target up to L_t's conservative rounding);
+    validated arrays, p_target >= 1/2.
 
     A radius beyond ~8.3 sigma has Phi(r/sigma) == 1.0 in floating point: unreachable by any finite sample, so it is
     never verified; the test runs at the largest probability below 1 only to keep the arrays well-formed."""
@@ -244,11 +246,11 @@ def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budge
 
     TARGET where H0: pA <= Phi(r/sigma), r = ``proposal_radius``, is rejected at level alpha by the e-process of the
     certificate's confidence sequence (same prior (1 - kt_weight) Beta(a, b) + kt_weight KT): then L_t >=
-    Phi(r/sigma), so the certificate issued at these (S_t, t) has radius >= r (up to the rounding down of
-    :func:`smoothing.radius_from_probability`). Elsewhere exactly the code of :func:`best_radius_decision` with the
-    same arguments (CERTIFIED / FUTILITY / BUDGET / CONTINUE). So a job never stops later than under (ii); it stops
-    at the proposal when that is verified, and otherwise keeps the best anytime-valid certificate (ii) reaches. A
-    proposal beyond ~8.3 sigma (Phi == 1 in floating point) is never verified: the job runs policy (ii).
+    Phi(r/sigma), so the certificate issued at these (S_t, t) has radius >= r, up to the conservative rounding of
+    L_t (~1e-12 relative: ~1e-8 relative in radius near p = 1/2) and of :func:`smoothing.radius_from_probability`.
+    Elsewhere exactly the code of :func:`best_radius_decision` with the same arguments (CERTIFIED / FUTILITY / BUDGET
+    / CONTINUE). So a job never stops later than under (ii); it stops at the proposal when that is verified, and
+    otherwise keeps the best anytime-valid certificate (ii) reaches. A proposal beyond ~8.3 sigma (Phi == 1 in floating point) is never verified: the job runs policy (ii).
     Guarantee: per input at level alpha, from the confidence sequence, valid at any stopping time: P(the certified
     radius exceeds the true radius) <= alpha whatever the proposal, PROVIDED the proposal (like the tested class and
     the prior) is fixed from the clean input before any noise sample is drawn; the certificate must be computed with
@@ -306,10 +308,14 @@ def _check_min_gain(min_gain):
     return g
 
 
+#: The largest sample budget: the policies' plug-in projections multiply hits by the budget in int64 (S * B < 2^62)
+MAX_BUDGET = 2**31
+
+
 def _check_budget(budget):
     budget = check_nonneg_int(budget, "budget")
-    if np.any(budget < 1):
-        raise ValueError(f"budget must be >= 1, got {budget!r}")
+    if np.any(budget < 1) or np.any(budget > MAX_BUDGET):
+        raise ValueError(f"budget must be between 1 and 2^31 samples, got {budget!r}")
     return budget
 
 

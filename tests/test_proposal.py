@@ -167,7 +167,7 @@ def test_proposal_decision_is_vectorized_over_jobs():
     ({"proposal_radius": math.inf}, r"proposal_radius must be a finite number >= 0"),
     ({"alpha": 1.0}, r"alpha must lie strictly between 0 and 1"),
     ({"sigma": 0.0}, r"sigma must be a finite number > 0"),
-    ({"budget": 0}, r"budget must be >= 1"),
+    ({"budget": 0}, r"budget must be between 1 and 2\^31"),
     ({"a": -1.0}, r"Beta prior parameter a must be finite and > 0"),
     ({"kt_weight": 1.5}, r"kt_weight must be a number in \[0, 1\]"),
     ({"min_gain": -1.0}, r"min_gain must be a finite number >= 0"),
