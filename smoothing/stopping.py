@@ -250,7 +250,8 @@ def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budge
     L_t (~1e-12 relative: ~1e-8 relative in radius near p = 1/2) and of :func:`smoothing.radius_from_probability`.
     Elsewhere exactly the code of :func:`best_radius_decision` with the same arguments (CERTIFIED / FUTILITY / BUDGET
     / CONTINUE). So a job never stops later than under (ii); it stops at the proposal when that is verified, and
-    otherwise keeps the best anytime-valid certificate (ii) reaches. A proposal beyond ~8.3 sigma (Phi == 1 in floating point) is never verified: the job runs policy (ii).
+    otherwise keeps the best anytime-valid certificate (ii) reaches. A proposal beyond ~8.3 sigma (Phi == 1 in
+    floating point) is never verified: the job runs policy (ii).
     Guarantee: per input at level alpha, from the confidence sequence, valid at any stopping time: P(the certified
     radius exceeds the true radius) <= alpha whatever the proposal, PROVIDED the proposal (like the tested class and
     the prior) is fixed from the clean input before any noise sample is drawn; the certificate must be computed with
