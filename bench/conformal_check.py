@@ -1,11 +1,14 @@
 """Empirical miscoverage of the surrogate's calibration at levels where it is measurable (issue 9, item 6b).
 
 Data: the bundle's labelled calibration images (count shards of ``certserve calibrate counts --split calibration``,
-10^4 samples each). The first ``--tune`` images fit the maps and bin edges exactly as the bundle's calibration does;
-the rest are split at random, ``--repeats`` times, into a calibration part and >= 2,000 held-out images. Per split and
-level: the per-bin quantiles from the calibration part, then on the held-out images the share of certificates whose
-lower bound exceeds the truth, estimated two ways from the held-out image's own 10^4 samples: above the point estimate
-k/n (slightly over-counts: k/n is itself noisy) and above a (1 - 0.001) Clopper-Pearson upper bound (clear misses).
+10^4 samples each). The bundle's ``--tune`` tuning images (as calibration.conformal_fit.tuning_positions names them
+from its provenance, see bench.conformal_knobs.bundle_tuning_positions: the first ones for the shipped bundle, the
+recorded seeded subset for a bundle fitted since 2026-12-05) fit the maps and bin edges exactly as the bundle's
+calibration does; the rest are split at random, ``--repeats`` times, into a calibration part and >= 2,000 held-out
+images. Per split and level: the per-bin quantiles from the calibration part, then on the held-out images the share
+of certificates whose lower bound exceeds the truth, estimated two ways from the held-out image's own 10^4 samples:
+above the point estimate k/n (slightly over-counts: k/n is itself noisy) and above a (1 - 0.001) Clopper-Pearson upper
+bound (clear misses).
 The guarantee says: mean over splits <= level (marginal over the calibration draw and the inputs).
 
     python -m bench.conformal_check --counts runs/fmnist-sigma0.25/counts-calibration-10k-8000 --tune 1024 --levels 0.1,0.05,0.01,0.005
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import ndtri
 
+from bench.conformal_knobs import add_bundle_arguments, bundle_flag, bundle_tuning_positions
 from calibration.conformal_fit import fit_level
 from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
@@ -28,12 +32,11 @@ from smoothing import clopper_pearson_upper, conformal_lower, surrogate_log_odds
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--surrogate", default="models/bundles/fmnist-sigma0.25/surrogate.onnx")
+    add_bundle_arguments(p)
     p.add_argument("--counts", required=True)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--calibration-size", type=int, default=8000)
     p.add_argument("--surrogate-size", type=int, default=16000)
-    p.add_argument("--tune", type=int, required=True)
     p.add_argument("--held-out", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--levels", default="0.1,0.05,0.01")
@@ -44,17 +47,19 @@ def main(argv=None) -> int:
     lab = labelled_calibration_images(args.counts, args.data, calibration_size=args.calibration_size,
                                       surrogate_size=args.surrogate_size)
     meta = lab.meta
-    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(lab.images))
+    surrogate, tune, cut = bundle_tuning_positions(args, len(lab.images))
+    cls, g = surrogate_log_odds(OnnxBackend(surrogate, device="cpu").forward(lab.images))
     hits = lab.counts[np.arange(len(cls)), cls]
-    rows = [check_level(float(a), g, hits, meta["num_samples"], args) for a in args.levels.split(",")]
-    write(rows, args, meta)
+    rows = [check_level(float(a), g, hits, meta["num_samples"], tune, args) for a in args.levels.split(",")]
+    write(rows, args, meta, len(tune), cut)
     return 0
 
 
-def check_level(alpha, g, hits, n, args) -> dict:
-    """Miss rates over ``args.repeats`` random calibration / held-out splits of the non-tuning images."""
+def check_level(alpha, g, hits, n, tune, args) -> dict:
+    """Miss rates over ``args.repeats`` random calibration / held-out splits of the non-tuning images (``tune``: the
+    sorted positions of the tuning images)."""
     rng = np.random.default_rng(args.seed)
-    tune, rest = slice(0, args.tune), np.arange(args.tune, len(g))
+    rest = np.setdiff1d(np.arange(len(g)), tune)
     z_point = ndtri(np.clip(hits / n, 0.0, 1.0))
     z_upper = ndtri(np.asarray(clopper_pearson_upper(hits, n, 0.001)))
     point, clear, certified = [], [], []
@@ -75,11 +80,11 @@ def check_level(alpha, g, hits, n, args) -> dict:
             "splits_over_level": float(np.mean(point > alpha)), "certified": float(np.mean(certified))}
 
 
-def write(rows, args, meta) -> None:
+def write(rows, args, meta, num_tuning: int, cut: str) -> None:
     lines = ["# Empirical miscoverage of the surrogate's calibration", "",
-             f"Command: `python -m bench.conformal_check --counts {args.counts} --tune {args.tune} --levels {args.levels}` "
-             f"({args.repeats} random splits; labels: {meta['num_samples']:,} samples per image, "
-             f"{meta['num_images']:,} labelled calibration images, the first {args.tune} tune).", "",
+             f"Command: `python -m bench.conformal_check{bundle_flag(args)} --counts {args.counts} --tune {num_tuning} "
+             f"--levels {args.levels}` ({args.repeats} random splits; labels: {meta['num_samples']:,} samples per "
+             f"image, {meta['num_images']:,} labelled calibration images, {cut} {num_tuning} tune).", "",
              "| level | calibration images | held-out images | bins | miss rate vs k/n (mean +- SE) | clear misses "
              "(vs CP upper) | splits with realised rate > level | certified share |",
              "|---|---|---|---|---|---|---|---|"]

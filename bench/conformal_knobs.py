@@ -1,6 +1,10 @@
 """How the calibration's knobs were chosen: on the TUNING part of the calibration split only (never on the images that
 give the quantiles, never on the test set).
 
+The tuning images: the ``--tune`` labelled calibration images that the bundle's calibration tuned on, as
+calibration.conformal_fit.tuning_positions names them from the bundle's provenance (``bundle_tuning_positions``): the
+first ones for the shipped bundle (fitted before the seeded cut), the recorded seeded subset (``tuning_cut``) else.
+
 Repeated 2-fold splits of the tuning images: fit maps and bins on one half, quantiles on the other, and score the mean
 certified radius (0 for wrong or abstained) on that half, at levels 0.05 and 0.01 (the tuning part is too small for
 quantiles at 0.001). Knobs: the score's scale ("unit": additive probit scores; "spread": normalized by the local
@@ -16,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.conformal_fit import fit_calibration
+from calibration.conformal_fit import calibration_record, fit_calibration, tuning_positions
 from calibration.counts import labelled_calibration_images
 from models.backends import OnnxBackend
-from models.bundle import ConformalLevel
+from models.bundle import DEFAULT_BUNDLE_DIR, ConformalLevel, load_bundle
 from smoothing import conformal_certificate, surrogate_log_odds
 
 LEVELS = (0.05, 0.01)
@@ -27,9 +31,8 @@ LEVELS = (0.05, 0.01)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--surrogate", default="models/bundles/fmnist-sigma0.25/surrogate.onnx")
+    add_bundle_arguments(p)
     p.add_argument("--counts", required=True)
-    p.add_argument("--tune", type=int, required=True, help="the first N labelled images: the tuning part")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--calibration-size", type=int, default=8000)
     p.add_argument("--surrogate-size", type=int, default=16000)
@@ -40,9 +43,10 @@ def main(argv=None) -> int:
     lab = labelled_calibration_images(args.counts, args.data, calibration_size=args.calibration_size,
                                       surrogate_size=args.surrogate_size)
     meta = lab.meta
-    cls, g = surrogate_log_odds(OnnxBackend(args.surrogate, device="cpu").forward(lab.images[: args.tune]))
-    hits = lab.counts[: args.tune][np.arange(len(cls)), cls]
-    correct = cls == lab.labels[: args.tune]
+    surrogate, tune, cut = bundle_tuning_positions(args, len(lab.images))
+    cls, g = surrogate_log_odds(OnnxBackend(surrogate, device="cpu").forward(lab.images[tune]))
+    hits = lab.counts[tune][np.arange(len(cls)), cls]
+    correct = cls == lab.labels[tune]
     results = {}
     for scale, point in (("unit", "isotonic"), ("spread", "isotonic"), ("spread", "raw")):
         for bins in (1, 2, 3, 4):
@@ -52,8 +56,8 @@ def main(argv=None) -> int:
                 results[(f"{scale}" if point == "isotonic" else f"{scale}, raw p_hat", bins, alpha)] = radii
     rows = sorted(((np.mean([np.mean(results[(s, b, a)]) for a in LEVELS]), s, b) for s, b, _ in results), reverse=True)
     lines = ["# Choosing the calibration's knobs (tuning part only)", "",
-             f"Command: `python -m bench.conformal_knobs --counts {args.counts} --tune {args.tune}` ({args.repeats} "
-             f"random 2-fold splits of the first {args.tune} labelled calibration images).", "",
+             f"Command: `python -m bench.conformal_knobs{bundle_flag(args)} --counts {args.counts} --tune {len(tune)}` "
+             f"({args.repeats} random 2-fold splits of {cut} {len(tune)} labelled calibration images).", "",
              "| scale | max bins | mean radius, level 0.05 | level 0.01 | mean of both |", "|---|---|---|---|---|"]
     for mean, s, b in dict.fromkeys(rows):
         lines.append(f"| {s} | {b} | {np.mean(results[(s, b, 0.05)]):.4f} | {np.mean(results[(s, b, 0.01)]):.4f} | "
@@ -62,6 +66,38 @@ def main(argv=None) -> int:
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def add_bundle_arguments(p: argparse.ArgumentParser) -> None:
+    """--bundle, --surrogate, --tune: the options naming the tuning images (see bundle_tuning_positions)."""
+    p.add_argument("--bundle", default=str(DEFAULT_BUNDLE_DIR),
+                   help="the bundle whose calibration's tuning images are read (its provenance's tuning cut)")
+    p.add_argument("--surrogate", default=None, help="surrogate ONNX (default: the bundle's)")
+    p.add_argument("--tune", type=int, default=None,
+                   help="how many images tuned (default: the bundle's num_tuning; a bundle with a seeded cut "
+                        "takes only that)")
+
+
+def bundle_tuning_positions(args, num_images: int) -> tuple[str, np.ndarray, str]:
+    """(surrogate path, sorted positions among the ``num_images`` labelled calibration images of ``--counts`` of the
+    images the calibration of ``args.bundle`` tuned on, words for the cut). calibration.conformal_fit names them from
+    the provenance: the first ``--tune`` for a bundle fitted before the seeded cut (the shipped one, as these benches
+    always took them), else the recorded seeded subset, which names images only among the counts the calibration
+    was fitted on and only for its own num_tuning (ValueError otherwise)."""
+    bundle = load_bundle(args.bundle, check_models=False)
+    cal, record = bundle.manifest.calibration, calibration_record(bundle.manifest.provenance)
+    tune = cal.num_tuning if args.tune is None else args.tune
+    if "tuning_cut" in record and (tune, num_images) != (cal.num_tuning, cal.num_tuning + cal.num_calibration):
+        raise ValueError(f"{args.bundle} tuned on a seeded {cal.num_tuning} of {cal.num_tuning + cal.num_calibration} "
+                         f"labelled images; got --tune {tune} and {num_images} counted images: pass the counts it was "
+                         f"(re)calibrated from and --tune {cal.num_tuning}")
+    words = "a seeded random" if "tuning_cut" in record else "the first"
+    return args.surrogate or str(bundle.path("surrogate")), tuning_positions(num_images, tune, record), words
+
+
+def bundle_flag(args) -> str:
+    """`` --bundle DIR`` for a written command line, where it is not the default bundle."""
+    return "" if Path(args.bundle).resolve() == DEFAULT_BUNDLE_DIR else f" --bundle {args.bundle}"
 
 
 def tuning_fold_radius(g, hits, correct, num_samples: int, sigma: float, *, repeats: int, **options) -> dict:

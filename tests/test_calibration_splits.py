@@ -125,3 +125,66 @@ def test_declared_training_images_stay_out_of_calibration_and_surrogate_train(tm
         declared_training(str(tmp_path / "bad.npy"), ds)
     assert declared_training("none", ds) == (None, {"declared": "none",
                                                     "meaning": "the base model saw no image of this dataset"})
+
+
+def test_conformal_benches_tune_on_the_images_the_bundle_tuned_on(monkeypatch):
+    """bench.conformal_check and bench.conformal_knobs take the tuning images through tuning_positions: the first
+    --tune of the counted images for the shipped bundle (as they always did), the recorded seeded subset for a bundle
+    fitted with a tuning_cut (the rest calibrate / hold out). Run against the code before this change: both benches
+    sliced [:--tune] whatever the bundle; this test failed (AttributeError)."""
+    from types import SimpleNamespace as NS
+
+    import bench.conformal_check as check
+    import bench.conformal_knobs as knobs
+    from calibration.conformal_fit import tuning_cut, tuning_positions
+
+    def shipped(tune):
+        return NS(bundle=str(DEFAULT_BUNDLE_DIR), surrogate=None, tune=tune)
+
+    surrogate, at, words = knobs.bundle_tuning_positions(shipped(None), 8000)
+    assert surrogate == str(DEFAULT_BUNDLE_DIR / "surrogate.onnx") and words == "the first"
+    np.testing.assert_array_equal(at, np.arange(1024))
+    np.testing.assert_array_equal(knobs.bundle_tuning_positions(shipped(256), 1200)[1], np.arange(256))
+
+    n, t, cut = 1200, 256, tuning_cut(0)
+    fitted = NS(manifest=NS(calibration=NS(num_tuning=t, num_calibration=n - t),
+                            provenance={"recalibration": {"tuning_cut": cut}}), path=lambda role: f"{role}.onnx")
+    seeded = tuning_positions(n, t, {"tuning_cut": cut})
+    assert not np.array_equal(seeded, np.arange(t))
+    lab = NS(images=np.arange(n), labels=np.zeros(n, int), counts=np.tile([90, 10], (n, 1)),
+             meta={"num_samples": 100, "num_images": n})
+
+    class PositionRevealing:  # log-odds = 1 + the image's position among the counted images
+        def __init__(self, path, device):
+            pass
+
+        def forward(self, idx):
+            return np.stack([1.0 + np.asarray(idx), np.zeros(len(idx))], 1)
+
+    class Seen(Exception):
+        pass
+
+    seen = {}
+
+    def stop(name):
+        def spy(*args, **kwargs):
+            seen[name] = args
+            raise Seen
+
+        return spy
+
+    monkeypatch.setattr(knobs, "load_bundle", lambda root, **kw: fitted)
+    for mod in (knobs, check):
+        monkeypatch.setattr(mod, "labelled_calibration_images", lambda *a, **k: lab)
+        monkeypatch.setattr(mod, "OnnxBackend", PositionRevealing)
+    monkeypatch.setattr(knobs, "tuning_fold_radius", stop("knobs"))
+    monkeypatch.setattr(check, "fit_level", stop("check"))
+    for mod in (knobs, check):
+        with pytest.raises(Seen):
+            mod.main(["--bundle", "seeded", "--counts", "c", "--held-out", "300"][: 6 if mod is check else 4])
+    np.testing.assert_array_equal(seen["knobs"][0], 1.0 + seeded)
+    g_tune, _, g_cal = seen["check"][:3]
+    np.testing.assert_array_equal(g_tune, 1.0 + seeded)
+    assert len(g_cal) == n - t - 300 and not np.isin(g_cal - 1, seeded).any()
+    with pytest.raises(ValueError, match="--tune 256"):
+        knobs.main(["--bundle", "seeded", "--counts", "c", "--tune", "200"])
