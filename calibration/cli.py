@@ -25,7 +25,7 @@ def add_calibrate_commands(sub) -> None:
         conv = int if type_name.startswith("int") else float if type_name.startswith("float") else str
         if type_name.startswith("tuple"):
             conv = _float_list
-        if "None" in type_name:
+        if "None" in type_name and f.name != "base_trained_on":  # there "none" is a declaration, not "unset"
             conv = _optional(conv)
         all_.add_argument(flag, type=conv, default=f.default, help=f"{_HELP.get(f.name, '')}({type_name})")
     all_.set_defaults(func=_run_all)

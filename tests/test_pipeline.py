@@ -410,3 +410,14 @@ def test_export_onnx_meta_prior(tmp_path):
         want = model(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.all(got > 0)
+
+
+def test_cli_passes_base_trained_on_none_as_a_declaration():
+    """`--base-trained-on none` declares that the model saw no image of --data; the CLI's generic 'none means unset'
+    parsing turned it into None, so the documented form was refused as missing. Run against the CLI before this
+    fix (2026-12-05): args.base_trained_on was None; this test failed (found by the docs review)."""
+    from cli.main import build_parser
+
+    args = build_parser().parse_args(["calibrate", "all", "--base", "m.onnx", "--base-trained-on", "none"])
+    assert args.base_trained_on == "none"
+    assert build_parser().parse_args(["calibrate", "all"]).base_trained_on is None
