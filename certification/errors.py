@@ -16,7 +16,8 @@ CODES = {
     "bad_image": "the image could not be decoded or does not fit the model's input",
     "image_too_large": "the image has more pixels than the server accepts",
     "body_too_large": "the request body exceeds the server's limit",
-    "unsupported_media_type": "the content type is neither multipart/form-data nor application/json",
+    "unsupported_media_type": "the content type is none of multipart/form-data, application/json and "
+                              "application/x-www-form-urlencoded",
     "no_surrogate": "mode=surrogate on a bundle without a surrogate",
     "per_input_unavailable": "mode=surrogate with per_input=true (the surrogate's guarantee is marginal)",
     "alpha_below_alpha_cal": "mode=surrogate with alpha below the lowest calibrated level",
@@ -26,6 +27,7 @@ CODES = {
     "replica_unavailable": "the Ray Serve replica serving the request stopped before answering; retry",
     "audit_unavailable": "the audit log cannot be written, so no certificate is issued; retry later",
     "starting": "the bundle is still loading",
+    "engine_down": "the sampling engine's thread has stopped (GET /readyz): route traffic to another replica",
     "client_closed_request": "the client closed the connection before the answer",
     "not_found": "no such route",
     "method_not_allowed": "the route does not take this method",

@@ -118,7 +118,11 @@ _GUARDS = [Depends(require_key), Depends(admit)]
 
 
 @router.post("/certify", response_model=Certificate, responses=_ERRORS, openapi_extra=request_body_doc(batch=False),
-             dependencies=_GUARDS, summary="Certify one image")
+             dependencies=_GUARDS, summary="Certify one image",
+             description="The image as a multipart file field `image`, as JSON (`image`: base64 or a nested array "
+                         "in [0, 1]), or as an application/x-www-form-urlencoded form (`image`: base64 text); the "
+                         "parameters as form fields or JSON keys, each at most once (a repeated field or JSON key is "
+                         "422 bad_request). Needs an API key when the server has CERTSERVE_API_KEYS.")
 async def certify(request: Request) -> Certificate:
     images, params = await parse_request(request, batch=False)
     cert = await _certify_one(request, _decode(request, images[0], params), params)
@@ -128,7 +132,11 @@ async def certify(request: Request) -> Certificate:
 
 @router.post("/certify/batch", response_model=BatchResponse, responses=_ERRORS,
              openapi_extra=request_body_doc(batch=True), dependencies=_GUARDS,
-             summary="Certify several images with the same parameters")
+             summary="Certify several images with the same parameters",
+             description="`images`: a repeated form field or a JSON list, at most CERTSERVE_MAX_BATCH_IMAGES "
+                         "(default 64; beyond, 422 too_many_images); the parameters and encodings of POST /certify. "
+                         "One failed image refuses the whole batch. Needs an API key when the server has "
+                         "CERTSERVE_API_KEYS.")
 async def certify_batch(request: Request) -> BatchResponse:
     images, params = await parse_request(request, batch=True)
     limit = request.app.state.settings.max_batch_images
@@ -207,7 +215,11 @@ def readiness(state) -> str:
     return "ready" if state.service is not None and state.service.alive else "engine_down"
 
 
-@router.get("/readyz", summary="Readiness: true after warm-up, false while draining",
+@router.get("/readyz", summary="Readiness: 200 {\"status\": \"ready\"} or 503 with the error envelope",
+            description="200 `{\"status\": \"ready\"}` once the bundle is verified and the engine is warm. Otherwise "
+                        "503 + Retry-After with the error envelope, code `engine_down` (the sampling engine's thread "
+                        "has died) or, behind Ray Serve only, `starting` / `draining`: a single `certserve serve` "
+                        "process accepts no connection before it is ready and stops accepting new ones on SIGTERM.",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     status = readiness(request.app.state)

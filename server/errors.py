@@ -20,6 +20,7 @@ STATUS = {
     "too_many_images": 422, "bad_image": 422, "image_too_large": 413, "body_too_large": 413,
     "unsupported_media_type": 415, "no_surrogate": 422, "per_input_unavailable": 422, "alpha_below_alpha_cal": 422,
     "queue_full": 503, "inflight_limit": 503, "draining": 503, "replica_unavailable": 503, "starting": 503,
+    "engine_down": 503,
     "client_closed_request": 499,
     "audit_unavailable": 503, "not_found": 404, "method_not_allowed": 405, "internal": 500,
 }

@@ -22,7 +22,9 @@ class JSONCertifyRequest(CertifyParams):
 
 
 class JSONBatchRequest(CertifyParams):
-    images: list[str | list] = Field(min_length=1, description="several images; same parameters for all")
+    images: list[str | list] = Field(min_length=1, description="several images (each as `image` of "
+                                     "JSONCertifyRequest); same parameters for all. At most the server's "
+                                     "CERTSERVE_MAX_BATCH_IMAGES (default 64): beyond, 422 too_many_images")
 
 
 class BatchResponse(BaseModel):
@@ -65,11 +67,22 @@ def _form_fields() -> dict:
 
 
 def request_body_doc(*, batch: bool) -> dict:
-    """``openapi_extra`` of POST /certify (one image) or /certify/batch (``images``, repeated)."""
+    """``openapi_extra`` of POST /certify (one image) or /certify/batch (``images``, repeated). A urlencoded form is
+    parsed like a multipart one (server.requests), its image fields being base64 text."""
     binary = {"type": "string", "format": "binary", "description": "PNG, JPEG or .npy"}
-    field, file_schema = ("images", {"type": "array", "items": binary}) if batch else ("image", binary)
+    text = {"type": "string", "description": "base64 of PNG, JPEG or .npy bytes"}
+    limit = ("; at most the server's CERTSERVE_MAX_BATCH_IMAGES (default 64), beyond: 422 too_many_images"
+             if batch else "")
+
+    def form(item: dict) -> dict:
+        schema = {"type": "array", "items": item, "minItems": 1,
+                  "description": "the field repeated, once per image" + limit} if batch else item
+        field = "images" if batch else "image"
+        return {"schema": {"type": "object", "required": [field], "additionalProperties": False,
+                           "properties": {field: schema, **_form_fields()}}}
+
     model = "JSONBatchRequest" if batch else "JSONCertifyRequest"
     return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": [field], "additionalProperties": False,
-                                           "properties": {field: file_schema, **_form_fields()}}},
+        "multipart/form-data": form(binary),
+        "application/x-www-form-urlencoded": form(text),
         "application/json": {"schema": {"$ref": _REF.format(model=model)}}}}}

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads, so the "
                                                            "event loop and clean passes keep the CPU (0: same)")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
-    default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sequential job that sets "
-                                     "none (at most a request's own limit, 600,000)")
+    default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sampling job (sequential, "
+                                     "fixed, cohen) whose request sets none (at most a request's own limit, 600,000)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
     max_batch_images: int = Field(64, ge=1)
