@@ -45,7 +45,8 @@ class CertifyParams(BaseModel):
                        "Cohen et al.'s CERTIFY (per input). The certificate's guarantee field states which")
     target_radius: float | None = Field(None, ge=0, le=100,
                                         description="certify at least this L2 radius; stop as soon as it is")
-    max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples)")
+    max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples); "
+                                    "cohen: n, its estimation samples, with the n0 selection samples on top")
     deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
     per_input: bool = Field(False, description="require a per-input guarantee (never the marginal surrogate). With "
                             "mode=auto the e-process job then targets the surrogate's proposed radius and stops once "
