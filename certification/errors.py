@@ -16,6 +16,7 @@ CODES = {
     "bad_image": "the image could not be decoded or does not fit the model's input",
     "image_too_large": "the image has more pixels than the server accepts",
     "body_too_large": "the request body exceeds the server's limit",
+    "body_timeout": "the request body did not arrive within the server's time limit",
     "unsupported_media_type": "the content type is none of multipart/form-data, application/json and "
                               "application/x-www-form-urlencoded",
     "no_surrogate": "mode=surrogate on a bundle without a surrogate",

@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
     app.state.ready, app.state.draining, app.state.inflight = False, False, 0
     metrics.ready.set_function(lambda: float(readiness(app.state) == "ready"))  # read at scrape time, as /readyz
     count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected,
+                       timeout=settings.body_timeout_seconds)
     app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc)
     install_error_handlers(app, on_error=count_rejected)
     app.include_router(router)

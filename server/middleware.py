@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -38,6 +39,11 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:  # uvicorn's drain window ended with this request still open (e.g. its body
+            if not started:  # still uploading): the JSON envelope, not uvicorn's bare 500; then let the task go
+                await send_json(send_with_id, 503, error_bytes("draining", "the server is shutting down; retry on "
+                                                                           "another replica", request_id))
+            raise
         except Exception:
             log.exception("internal error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
             if self.on_internal_error is not None:
@@ -48,10 +54,13 @@ class RequestContext:
 
 
 class BodyLimit:
-    """413 when Content-Length or the streamed body exceeds ``max_bytes``; ``on_reject(code)`` is called for each."""
+    """413 when Content-Length or the streamed body exceeds ``max_bytes``; 408 when the whole body has not arrived
+    ``timeout`` seconds after the request did (a trickled body would hold its admission slot forever: uvicorn has no
+    body-read timeout). ``on_reject(code)`` is called for each. Once the body is complete, ``receive`` is passed
+    through untimed (the route then waits on it for a disconnect, as long as the job runs)."""
 
-    def __init__(self, app, max_bytes: int, on_reject=None):
-        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+    def __init__(self, app, max_bytes: int, on_reject=None, timeout: float = 30.0):
+        self.app, self.max_bytes, self.on_reject, self.timeout = app, max_bytes, on_reject, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -61,13 +70,20 @@ class BodyLimit:
         request_id = scope.get("state", {}).get("request_id")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self._reject(send, request_id)
-        seen = 0
+        seen, done = 0, False
+        deadline = scope.get("state", {}).get("received", time.monotonic()) + self.timeout
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise _BodyTimeout from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                done = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise _BodyTooLarge
             return message
@@ -76,15 +92,23 @@ class BodyLimit:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
             await self._reject(send, request_id)
+        except _BodyTimeout:
+            await self._reject(send, request_id, timed_out=True)
 
-    async def _reject(self, send, request_id: str | None) -> None:
+    async def _reject(self, send, request_id: str | None, *, timed_out: bool = False) -> None:
+        code, status, message = (("body_timeout", 408, f"the request body did not arrive within {self.timeout:g} s")
+                                 if timed_out else
+                                 ("body_too_large", 413, f"request body exceeds {self.max_bytes} bytes"))
         if self.on_reject is not None:
-            self.on_reject("body_too_large")
-        await send_json(send, 413, error_bytes("body_too_large", f"request body exceeds {self.max_bytes} bytes",
-                                               request_id))
+            self.on_reject(code)
+        await send_json(send, status, error_bytes(code, message, request_id))
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
     pass
 
 

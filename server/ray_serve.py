@@ -241,8 +241,9 @@ class ProxyErrors:
 
     The app marks every response it produces (:class:`ReplicaHeader`). When a replica dies with the request in flight
     the proxy sends nothing at all (uvicorn would then answer a bare ``500 Internal Server Error``); Serve's
-    backpressure answers an unmarked ``503``. Neither certified anything: the client should retry, possibly on another
-    replica, and this says so."""
+    backpressure answers an unmarked ``503``; while the application is not deployed (starting, or deleted at
+    shutdown) the proxy answers an unmarked ``404`` for every path (the app is mounted at ``/``, so its own 404s are
+    marked). None of them certified anything: the client should retry, possibly on another replica, and this says so."""
 
     def __init__(self, app):
         self.app = app
@@ -259,7 +260,7 @@ class ProxyErrors:
             if message["type"] == "http.response.start":
                 started = True
                 headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if message["status"] >= 500 and REPLICA_HEADER not in headers:
+                if (message["status"] >= 500 or message["status"] == 404) and REPLICA_HEADER not in headers:
                     replaced = True
                     await send_unavailable(send, message["status"], headers)
                     return
@@ -280,6 +281,8 @@ async def send_unavailable(send, status: int, headers: dict[bytes, bytes]) -> No
     retry_after = headers.get(b"retry-after", b"1")
     if status == 503:  # Serve's back-pressure: max_queued_requests waiting for a replica
         code, message = "inflight_limit", "every replica holds its limit of requests and the queue is full; retry later"
+    elif status == 404:  # the proxy knows no application: not deployed yet, or deleted at shutdown
+        code, message = "replica_unavailable", "no replica serves requests right now (starting or shutting down); retry"
     else:
         code, message = "replica_unavailable", "the replica serving this request stopped; nothing was certified, retry"
     body = error_bytes(code, message, request_id)

@@ -11,6 +11,7 @@ import numpy as np
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
@@ -21,12 +22,16 @@ from server.schemas import JSONBatchRequest, JSONCertifyRequest
 
 
 async def parse_request(request: Request, *, batch: bool) -> tuple[list, CertifyParams]:
-    """(raw images, params) from multipart form data or JSON; ServiceError (422/415) otherwise."""
+    """(raw images, params) from multipart form data or JSON; ServiceError (422/415, or 499 when the client went
+    away mid-upload: not an internal error) otherwise."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "application/json":
-        return await _parse_json(request, batch)
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _parse_form(request, batch)
+    try:
+        if ctype == "application/json":
+            return await _parse_json(request, batch)
+        if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            return await _parse_form(request, batch)
+    except ClientDisconnect:
+        raise ServiceError("client_closed_request", "the client closed the connection while sending") from None
     raise ServiceError("unsupported_media_type", "send multipart/form-data (field 'image') or application/json")
 
 

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sampling job (sequential, "
                                      "fixed, cohen) whose request sets none (at most a request's own limit, 600,000)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    body_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="time a client has to send its whole "
+                                        "request body (from its arrival; beyond, 408 body_timeout): a trickled body "
+                                        "must not hold an admission slot")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
     max_batch_images: int = Field(64, ge=1)
     drain_seconds: float = Field(20.0, ge=0, le=3600, description="SIGTERM grace period for in-flight work")
