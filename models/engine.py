@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, Batch, EngineStopped, JobTable, QueueFull, check_spec, checkpoints_of
+from models.jobs import KINDS, Batch, EngineStopped, JobTable, QueueFull, check_spec, checkpoints_of, resolve_futures
 from models.sampling import SamplingEngine
 from smoothing import KT_PRIOR, Stop
 
@@ -148,7 +148,8 @@ class SequentialEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         job = _Job(spec, fut, time.monotonic(), next(self._order))
         with self._lock:
-            if not self._accepting or self._thread is not None and not self._thread.is_alive():
+            if not self._accepting or self._thread is not None and not self._thread.is_alive() or (
+                    self._stop_at is not None and time.monotonic() >= self._stop_at):
                 raise EngineStopped("the certification engine is draining or stopped and accepts no new work")
             if shape != (self._image_shape or shape):  # the job table holds one image shape: the first job's
                 raise ValueError(f"every job's image must have the first job's shape {self._image_shape}, got {shape}")
@@ -175,7 +176,7 @@ class SequentialEngine:
         if never_started:  # nobody will sample them: answer with what they have (nothing), marked shutdown
             with self._state:
                 answers = [self._answer_unadmitted(job, "shutdown") for job in leftover]
-            _resolve(answers)
+            resolve_futures(answers)
         elif wait:
             self._thread.join()
             self._watcher.join()
@@ -200,9 +201,13 @@ class SequentialEngine:
             if cut:
                 with self._state:
                     table = self._table
-                    answers = [self._answer_unadmitted(j, "shutdown") for j in unadmitted] + (
-                        [] if table is None else self._answer(np.flatnonzero(table.running), "shutdown"))
-                _resolve(answers)
+                    answers = [self._answer_unadmitted(j, "shutdown") for j in unadmitted]
+                    for slot in ([] if table is None else np.flatnonzero(table.running)):
+                        try:  # one job at a time: a job that cannot be answered fails alone, the others are answered
+                            answers += self._answer(np.array([slot]), "shutdown")
+                        except Exception as exc:
+                            answers.append(self._fail_job(table.jobs[slot], exc))
+                resolve_futures(answers)
                 time.sleep(0.05)  # then again, until the engine thread has ended
                 continue
             try:
@@ -212,7 +217,7 @@ class SequentialEngine:
             except Exception as exc:  # that job fails; the watcher goes on (every later deadline depends on it)
                 with self._state:
                     answers = [self._fail_job(job, exc)]
-            _resolve(answers)
+            resolve_futures(answers)
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -272,7 +277,7 @@ class SequentialEngine:
             answers = self._answer(np.flatnonzero(table.running), "shutdown") if stopping else []
             table.release_idle()
             self.observer.on_queue(table.waiting(), table.unanswered())
-        _resolve(answers)
+        resolve_futures(answers)
         if stopping:
             with self._lock:
                 self._lock.notify_all()  # wake the deadline watcher so that it exits
@@ -332,7 +337,7 @@ class SequentialEngine:
             names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
             answers = self._answer(finished, names) if len(finished) else []
             self.decision_seconds += time.perf_counter() - t0
-        _resolve(answers)
+        resolve_futures(answers)
 
     def _fail_all(self, exc: Exception, inflight: deque) -> None:
         with self._state:
@@ -341,7 +346,7 @@ class SequentialEngine:
                 batch, _ = inflight.popleft()
                 table.inflight[batch.slots] -= batch.sizes  # the runner finishes or dropped them: nothing lands
             answers = [self._fail_job(table.jobs[s], exc) for s in np.flatnonzero(table.running)]
-        _resolve(answers)
+        resolve_futures(answers)
 
     # ----------------------------------------------------------------- answers (caller holds _state)
     def _answer(self, slots: np.ndarray, stopped_by) -> list:
@@ -351,11 +356,11 @@ class SequentialEngine:
         slots = np.asarray(slots, dtype=np.int64)
         names = [stopped_by] * len(slots) if isinstance(stopped_by, str) else stopped_by
         keep = [k for k, s in enumerate(slots) if not table.jobs[s].finished]
+        cls, radius, p = certificates(table, slots[keep], self.sigma)  # first: if it raises, nothing has changed
         table.running[slots] = False
         if not keep:
             return []
         slots = slots[keep]
-        cls, radius, p = certificates(table, slots, self.sigma)
         samples = table.sel_done[slots] + table.est_done[slots]
         now = time.monotonic()
         out = []
@@ -383,18 +388,6 @@ class SequentialEngine:
             self._table.running[job.slot] = False
         job.finished = True
         return (job.future, exc)
-
-
-def _resolve(answers: list) -> None:
-    """Resolve futures outside the engine's locks (their done callbacks may submit new jobs)."""
-    for future, outcome in answers:
-        try:
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            elif outcome is not None:
-                future.set_result(outcome)
-        except concurrent.futures.InvalidStateError:  # cancelled by the caller in the meantime
-            pass
 
 
 __all__ = ["EngineObserver", "EngineStopped", "JobResult", "JobSpec", "QueueFull", "SequentialEngine"]

@@ -13,6 +13,7 @@ only. The engine holds its state lock around every call here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import numbers
@@ -34,6 +35,19 @@ class QueueFull(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is draining or stopped and accepts no new jobs."""
+
+
+def resolve_futures(answers: list) -> None:
+    """Resolve (future, result or exception or None) pairs, outside the engine's locks (their done callbacks may
+    submit new jobs); a future cancelled by its caller in the meantime is skipped."""
+    for future, outcome in answers:
+        try:
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            elif outcome is not None:
+                future.set_result(outcome)
+        except concurrent.futures.InvalidStateError:
+            pass
 
 
 @dataclass

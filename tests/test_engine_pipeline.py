@@ -302,6 +302,63 @@ def test_stop_answers_at_its_stop_time_without_waiting_for_a_batch_still_running
         engine.stop(0.0)
 
 
+def test_a_job_that_cannot_be_answered_at_the_stop_time_fails_alone(backend, images, monkeypatch):
+    """At the stop time the watcher answers every job; one whose certificate raises gets the exception and the others
+    are still answered (nothing is left unanswered once the engine is gone). Run against the engine before this fix
+    (2026-12-05, same day): the exception killed the watcher after the jobs were marked not running, and neither job
+    was ever answered; this test failed (found by review)."""
+    import models.engine as engine_module
+
+    calls = []
+    real = engine_module.certificates
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("certificate computation failed")
+        return real(*args, **kwargs)
+
+    sampler = Recording(backend, batch_size=256)
+    engine = start(sampler)
+    try:
+        jobs = [engine.submit(JobSpec(images[EASY], 0.01, 100_000, time.monotonic() + 60, kind="fixed",
+                                      tested_class=1)) for _ in range(2)]
+        time.sleep(0.3)
+        sampler.gate.clear()  # a batch held: the engine thread cannot answer at the stop time, the watcher does
+        time.sleep(0.1)
+        monkeypatch.setattr(engine_module, "certificates", first_call_fails)
+        engine.stop(0.1, wait=False)
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(job.result(timeout=10).stopped_by)
+            except RuntimeError as exc:
+                outcomes.append(str(exc))
+        assert sorted(outcomes) == ["certificate computation failed", "shutdown"]
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+
+
+def test_submit_refuses_jobs_after_the_stop_time(backend, images):
+    """A drain accepts jobs until its stop time, not after: a later job would be answered at once with no sample.
+    Run against the engine before 2026-12-05: while a batch was running it was accepted (0-sample 'shutdown')."""
+    sampler = Recording(backend, batch_size=256)
+    engine = start(sampler)
+    try:
+        first = engine.submit(JobSpec(images[EASY], 0.01, 100_000, time.monotonic() + 60, kind="fixed", tested_class=1))
+        time.sleep(0.3)
+        sampler.gate.clear()
+        engine.stop(0.05, wait=False, accept=True)
+        time.sleep(0.2)
+        with pytest.raises(EngineStopped):
+            engine.submit(JobSpec(images[EASY], 0.01, 64, time.monotonic() + 60, kind="fixed", tested_class=1))
+        assert first.result(timeout=10).stopped_by == "shutdown"
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+
+
 def test_a_drain_accepts_jobs_until_its_stop_time_and_is_never_postponed(backend, images):
     """SIGTERM's drain (server.serve) is stop(drain, accept=True): requests already on their way may still submit
     until the stop time, then nothing; a later stop() with a longer grace does not postpone it. Run against a
