@@ -199,6 +199,11 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
                         sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
                         version=m.version, calibration=calibration, meta_features=m.meta_features,
                         provenance=provenance, overwrite=overwrite)
+    changed = [role for role, art in new.manifest.artifacts.items() if art.sha256 != m.artifacts[role].sha256]
+    if changed:  # a model file replaced on disk while this ran: the calibration was fitted on the verified bytes
+        (Path(new.root) / "manifest.json").unlink()
+        raise ValueError(f"{', '.join(changed)} of {bundle_dir} changed on disk during the recalibration; nothing "
+                         "was written: rerun it")
     log(f"bundle written to {new.root}")
     return new.root
 

@@ -40,6 +40,9 @@ class OnnxBackend:
         # use_tf32=0: the certificate is about the bundle's fp32 model, not a lower-precision twin
         providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] if want_cuda else []) + ["CPUExecutionProvider"]
         source = str(path) if isinstance(path, (str, os.PathLike)) else path
+        if isinstance(source, bytes):  # a bundle's verified bytes: weights in other files (ONNX external data), which
+            # no hash covers, are never looked up (onnxruntime would search the working directory for them)
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", os.devnull)
         self.session = _session(ort, source, opts, providers, nice, device)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.name = f"onnxruntime-{self.device}"

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from certification.config import ServiceConfig
 from models.bundle import DEFAULT_BUNDLE_DIR
+from smoothing.stopping import MAX_BUDGET
 from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
 
 
@@ -25,8 +26,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
     default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none "
                                  "(at least 1e-15, as a request's)")
-    max_samples: int = Field(MAX_SAMPLES, ge=100, description="cap on a request's sample budget (also the default)")
-    auto_max_samples: int = Field(AUTO_MAX_SAMPLES, ge=100, description="budget of an auto-mode fallback that sets no max_samples")
+    max_samples: int = Field(MAX_SAMPLES, ge=100, le=MAX_BUDGET, description="cap on a request's sample budget (also the default)")
+    auto_max_samples: int = Field(AUTO_MAX_SAMPLES, ge=100, le=MAX_BUDGET, description="budget of an auto-mode fallback that sets no max_samples")
     auto_min_surrogate_z: float = Field(AUTO_MIN_SURROGATE_Z, ge=0, le=10, allow_inf_nan=False, description=(
         "auto answers with the surrogate only where its calibrated radius is >= this many sigmas (else the "
         "per-input path, a few hundred samples); 0: whenever the surrogate certifies"))

@@ -434,9 +434,11 @@ def test_cli_bundle_verify_missing_dir_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_a_model_with_weights_in_external_files_is_refused(tmp_path):
+def test_a_model_with_weights_in_external_files_is_refused(tmp_path, monkeypatch):
     """ONNX external data keeps weights in files the manifest's sha256 does not cover (flipping them changed 253 of
-    256 labels while the bundle still verified). Run against the loader before 2026-12-05: the bundle loaded."""
+    256 labels while the bundle still verified). Refused whatever the working directory (onnxruntime would look for
+    the weights there). Run against the loader before 2026-12-05: the bundle loaded; and against the first fix (same
+    day), with the bundle directory as working directory: it loaded."""
     import numpy as np
     import onnx
     import torch
@@ -451,6 +453,7 @@ def test_a_model_with_weights_in_external_files_is_refused(tmp_path):
     onnx.save_model(model, str(split / "base.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
     assert (split / "weights.bin").stat().st_size > 0
+    monkeypatch.chdir(split)
     with pytest.raises(BundleError, match="external data"):
         create_bundle(split, base=split / "base.onnx", sigma=0.25, input_shape=(1, 28, 28),
                       classes=[str(i) for i in range(10)], overwrite=True)

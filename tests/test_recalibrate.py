@@ -180,3 +180,26 @@ def test_bundle_whose_base_model_was_declared_trained_on_part_of_the_pool_is_ref
     with pytest.raises(ValueError, match="declared trained on part of the training pool"):
         _recal(bundle, counts_dir, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_file_replaced_during_recalibration_is_not_shipped(counts_dir, tmp_path, monkeypatch):
+    """The calibration is fitted on the verified bytes of the bundle's surrogate; if the file on disk changes while
+    the recalibration runs, the new bundle would ship the other model under a fresh valid hash next to that
+    calibration. Refused, and no verifying bundle is left. Run against the code before this fix (2026-12-05): the
+    bundle was written with the swapped surrogate; this test failed (found by review)."""
+    import calibration.pipeline as pipeline
+
+    src = tmp_path / "src"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, src)
+    real = pipeline.calibrate_surrogate
+
+    def fit_then_swap(*args, **kwargs):
+        block = real(*args, **kwargs)
+        shutil.copyfile(src / "base.onnx", src / "surrogate.onnx")  # another model, same shape
+        return block
+
+    monkeypatch.setattr(pipeline, "calibrate_surrogate", fit_then_swap)
+    with pytest.raises(ValueError, match="changed on disk"):
+        recalibrate(src, counts_dir=counts_dir, data="fashion-mnist", calibration_size=8000, surrogate_size=16000,
+                    split_seed=0, tune_size=16, levels=(0.2, 0.1), out=tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out" / "manifest.json").exists()

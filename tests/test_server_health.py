@@ -22,6 +22,8 @@ def test_readyz_reports_a_dead_engine():
     ("log_level", "verbose", "'critical', 'error', 'warning', 'info' or 'debug'"),
     ("drain_seconds", float("inf"), "less than or equal to 3600"),
     ("default_deadline_ms", 10**7, "less than or equal to 600000"),
+    ("max_samples", 3 * 10**9, "less than or equal to 2147483648"),  # every sequential/cohen request was a 500
+    ("auto_max_samples", 3 * 10**9, "less than or equal to 2147483648"),
 ])
 def test_settings_that_would_fail_later_are_refused_at_start(setting, value, message):
     """Values that passed Settings and then failed with a traceback when the server started (log level, infinite
