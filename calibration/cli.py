@@ -13,6 +13,7 @@ def add_calibrate_commands(sub) -> None:
     cal_sub = cal.add_subparsers(dest="calibrate", required=True)
 
     from calibration.config import PipelineConfig
+    from calibration.evaluate import positive_int
 
     all_ = cal_sub.add_parser("all", help="build a full bundle (base, surrogate, meta) from data",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,10 +38,10 @@ def add_calibrate_commands(sub) -> None:
     counts.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     counts.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
     counts.add_argument("--split-seed", type=int, default=0)
-    counts.add_argument("--limit", type=int, default=None, help="a seeded random N images of a training-pool split "
+    counts.add_argument("--limit", type=positive_int, default=None, help="a seeded random N images of a training-pool split "
                         "(Splits.limited, kept in index order; what `calibrate conformal` reads back); the first N "
                         "of test")
-    counts.add_argument("--n", type=int, required=True, help="noise samples per image")
+    counts.add_argument("--n", type=positive_int, required=True, help="noise samples per image")
     counts.add_argument("--sigma", type=float, required=True)
     counts.add_argument("--seed", type=int, default=0)
     counts.add_argument("--batch-size", type=int, default=1024)

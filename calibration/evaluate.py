@@ -13,6 +13,7 @@ uses samples that are i.i.d. and independent of its class selection, so each is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -43,11 +44,22 @@ def _small_n(n: int) -> int:
     return min(1000, max(1, n // 10))
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes: an integer >= 1 (a negative one would slice from the end, silently)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_arguments(p) -> None:
     p.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE_DIR))
-    p.add_argument("--images", type=int, default=1000, help="first N images of the official test set")
-    p.add_argument("--n", type=int, default=10000, help="samples per image (Cohen-10k's n, sequential budget)")
-    p.add_argument("--n0", type=int, default=100, help="Cohen selection samples")
+    p.add_argument("--images", type=positive_int, default=1000, help="first N images of the official test set")
+    p.add_argument("--n", type=positive_int, default=10000, help="samples per image (Cohen-10k's n, sequential budget)")
+    p.add_argument("--n0", type=positive_int, default=100, help="Cohen selection samples")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fraction", type=float, default=None, help="sequential methods: the fraction rule at this "
                    "fraction instead of smoothing's default marginal-gain rule")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,31 +32,71 @@ def add_verify_command(sub) -> None:
     ver.add_argument("--image", help="the image file that was certified: its SHA-256 must match")
     ver.add_argument("--jwks", default=os.environ.get("CERTSERVE_JWKS", DEFAULT_JWKS),
                      help="key set: a file or an http(s) URL (default: $CERTSERVE_JWKS or %(default)s)")
-    ver.add_argument("--max-age", type=float, default=None, help="reject certificates issued more than S seconds ago")
+    ver.add_argument("--max-age", type=positive_seconds, default=None,
+                     help="reject certificates issued more than S seconds ago (a finite number > 0)")
     ver.set_defaults(func=_verify)
 
 
 def _keys_generate(args) -> int:
+    """Exit 0: the new key is written and will sign; 1: written, but another key in --out will sign (or the directory
+    does not load); 2: nothing written (cannot write --out)."""
     from certification.signing import generate_key_files
 
-    private, public, kid = generate_key_files(args.out)
+    try:
+        private, public, kid = generate_key_files(args.out)
+    except OSError as exc:
+        print(f"certserve keys generate: cannot write {exc.filename or args.out}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     print(f"kid {kid}\nprivate key {private} (0600; keep it secret)\npublic key  {public}")
+    if not _new_key_signs(args.out, kid):
+        return 1
     print(f"serve with: CERTSERVE_SIGNING_KEY={os.path.abspath(args.out)} certserve serve")
     return 0
 
 
-def _keys_jwks(args) -> int:
+def _new_key_signs(out: str, kid: str) -> bool:
+    """Load ``out`` as the server would and say which key signs; False (with a message) when not the new one."""
     from certification.signing import Signer, SigningKeyError
+
+    try:
+        signer = Signer.from_paths(out)
+    except SigningKeyError as exc:
+        print(f"certserve keys generate: the new key {kid} is written, but {out} does not load: {exc}",
+              file=sys.stderr)
+        return False
+    if signer.kid != kid:
+        print(f"certserve keys generate: key {signer.kid} ({signer.active_path}) will sign, not the new key {kid}: "
+              f"its file name sorts after the new one; move it out of {out} (or keep only its .pub.pem) to rotate",
+              file=sys.stderr)
+        return False
+    print(f"active key (signs after a restart): {kid}")
+    return True
+
+
+def _keys_jwks(args) -> int:
+    from certification.signing import SigningKeyError, public_jwks
 
     if not args.key:
         print("certserve keys jwks: no key given (--key or CERTSERVE_SIGNING_KEY)", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(Signer.from_paths(args.key).jwks(), indent=2))
+        print(json.dumps(public_jwks(args.key), indent=2))
     except SigningKeyError as exc:
         print(f"certserve keys jwks: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (``nan``, ``inf``, 0 and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 def _verify(args) -> int:

@@ -10,7 +10,8 @@ Keys (``CERTSERVE_SIGNING_KEY``): one PEM file, a directory of ``*.pem`` files, 
 commas or ``os.pathsep``. Every key found is published in the JWKS (so older certificates stay verifiable after a
 rotation); files may hold a private key or, for retired keys, only the public key. **The active key** (the one that
 signs) is the first private key in this order: the list in the order given, and inside a directory the files sorted
-by name *descending* -- ``certserve keys generate`` names files by UTC creation time, so the newest key signs.
+by name *descending* -- ``certserve keys generate`` names files by UTC creation time (nanoseconds, always after the
+directory's newest ``certserve-*`` name), so the newest key signs.
 ``kid`` is the key's RFC 7638 JWK thumbprint (SHA-256, base64url).
 
 Key material never appears in exceptions, logs or reprs: errors name the file and what is wrong with it, never its
@@ -20,10 +21,13 @@ content. A private key file readable by group or others is accepted with a warni
 from __future__ import annotations
 
 import base64
+import calendar
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass
@@ -110,6 +114,11 @@ class Signer:
         return self._active.kid
 
     @property
+    def active_path(self) -> Path:
+        """The file of the active key."""
+        return self._active.path
+
+    @property
     def kids(self) -> list[str]:
         return [k.kid for k in self._keys]
 
@@ -153,6 +162,12 @@ def key_files(spec: str | os.PathLike | list) -> list[Path]:
         else:
             raise SigningKeyError(f"signing key {path} does not exist")
     return files
+
+
+def public_jwks(spec: str | os.PathLike | list) -> dict:
+    """The key set (RFC 7517) of the keys named by ``spec``, as :meth:`Signer.jwks` publishes it, but needing no
+    private key: for ``certserve keys jwks`` over retired (public-only) keys."""
+    return {"keys": [_public_jwk(k) for k in _dedupe([_load_key(p) for p in key_files(spec)])]}
 
 
 def _load_key(path: Path) -> _Key:
@@ -219,27 +234,70 @@ def _public_jwk(key: _Key) -> dict:
 
 
 def generate_key_files(out: str | os.PathLike) -> tuple[Path, Path, str]:
-    """Write a new Ed25519 key to ``out``: ``certserve-<UTC time>-<kid[:8]>.pem`` (0600) and ``.pub.pem``.
+    """Write a new Ed25519 key to ``out``: ``certserve-<UTC time, ns>-<kid[:8]>.pem`` (0600) and ``.pub.pem``.
 
-    Returns (private path, public path, kid). The directory is created 0700 if missing; nothing is overwritten.
+    Returns (private path, public path, kid). The directory is created 0700 if missing; nothing is overwritten. The
+    name sorts after every ``certserve-*`` name already in ``out`` (the time is bumped past a later-dated one), so the
+    new key is the directory's newest; a hand-named file may still sort after it (the caller checks which key signs).
+    Each file is written under a temporary name (not ``*.pem``) and linked into place, so a failed write (disk full)
+    leaves no partial key behind; raises ``OSError``.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(out))
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     private = Ed25519PrivateKey.generate()
     public_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
     kid = OKPKey.import_key(public_pem).thumbprint()
-    stem = f"certserve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{kid[:8]}"
-    priv_path, pub_path = out / f"{stem}.pem", out / f"{stem}.pub.pem"
+    stem = _key_stem(_next_stamp_ns(out), kid)
     private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption())
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start, never wider
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(public_pem)
+    priv_path, pub_path = out / f"{stem}.pem", out / f"{stem}.pub.pem"
+    _write_new_files([(pub_path, public_pem, 0o644), (priv_path, private_pem, 0o600)])
     return priv_path, pub_path, kid
+
+
+_STAMP = re.compile(r"certserve-(\d{8}T\d{6})(\d{9})?Z-")
+
+
+def _key_stem(stamp_ns: int, kid: str) -> str:
+    seconds, nanos = divmod(stamp_ns, 10**9)
+    return f"certserve-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(seconds))}{nanos:09d}Z-{kid[:8]}"
+
+
+def _next_stamp_ns(out: Path) -> int:
+    """Now (ns), or later: just after the newest ``certserve-*`` name in ``out``. A name of the older 1-second form
+    (``...T205211Z-``) sorts after every nanosecond name of its second, so the next one starts the next second."""
+    floor = 0
+    for path in out.glob("certserve-*.pem"):
+        m = _STAMP.match(path.name)
+        if m:
+            seconds = calendar.timegm(time.strptime(m[1], "%Y%m%dT%H%M%S"))
+            floor = max(floor, seconds * 10**9 + int(m[2]) + 1 if m[2] else (seconds + 1) * 10**9)
+    return max(time.time_ns(), floor)
+
+
+def _write_new_files(files: list[tuple[Path, bytes, int]]) -> None:
+    """Write each (path, data, mode) to a temporary name then link it to ``path`` (never overwriting); on any error
+    remove what was written (temporary and final names) and re-raise."""
+    created: list[Path] = []
+    try:
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the mode from the start, never wider
+            created.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)  # fails if path exists
+            created.append(path)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    finally:
+        for path, _, _ in files:
+            path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the claims

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -232,6 +233,8 @@ def _check_input(claims: dict, image_bytes: bytes | None, image_tensor: np.ndarr
 
 
 def _check_age(iat: int, max_age: float | None, now: float) -> None:
+    if max_age is not None and not (math.isfinite(max_age) and max_age >= 0):
+        raise ValueError(f"max_age must be a finite number of seconds >= 0; got {max_age!r}")  # nan: no check at all
     if iat > now + CLOCK_SKEW_S:
         raise VerificationError("not_yet_valid", f"issued {iat - now:.0f} s in the future")
     if max_age is not None and now - iat > max_age:

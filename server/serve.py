@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
+from pathlib import Path
 
 from server.settings import Settings
 
@@ -76,6 +78,50 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
+def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
+    """The configuration errors a user makes, found before uvicorn (or Ray) starts, as one ``ValueError`` line
+    (``certserve: error: ...``, exit 2) instead of a start-up traceback: the bundle directory exists, the signing keys
+    load, the audit log can be appended to (with replicas, each writes its own file in the log's directory). The
+    app's own start-up still verifies the bundle's hashes and opens the log."""
+    bundle = Path(settings.bundle)
+    if not bundle.is_dir():
+        raise ValueError(f"bundle directory {bundle} {'is not a directory' if bundle.exists() else 'does not exist'}")
+    if not (bundle / "manifest.json").is_file():
+        raise ValueError(f"{bundle / 'manifest.json'} is missing: a bundle is a directory with manifest.json and "
+                         "base.onnx")
+    if settings.signing_key:
+        from certification.signing import Signer
+
+        Signer.from_paths(settings.signing_key)  # SigningKeyError (a ValueError) names the file and the problem
+    if settings.audit_log:
+        audit = Path(settings.audit_log)
+        if replicas == 1:
+            _check_appendable(audit)
+        else:
+            _check_creatable_in(audit.parent, audit)
+
+
+def _check_appendable(path: Path) -> None:
+    """``path`` can be opened for append, or created; creates nothing itself."""
+    if not path.exists():
+        _check_creatable_in(path.parent, path)
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as exc:
+        raise ValueError(f"audit log {path} cannot be opened for append: {exc.strerror or exc}") from None
+
+
+def _check_creatable_in(directory: Path, path: Path) -> None:
+    """A file can be created in ``directory``, making its missing parents (as the audit log does)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise ValueError(f"audit log {path} cannot be created: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"audit log {path} cannot be created: directory {directory} is not writable")
+
+
 def run_serve(args) -> int:
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.model_fields and v is not None}
@@ -83,6 +129,7 @@ def run_serve(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "replicas", 1) < 1:
         raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
+    check_configuration(settings, replicas=getattr(args, "replicas", 1))
     if getattr(args, "replicas", 1) > 1:
         try:
             from server.ray_serve import run_local  # Ray is an optional extra: imported only here

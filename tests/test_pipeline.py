@@ -421,3 +421,19 @@ def test_cli_passes_base_trained_on_none_as_a_declaration():
     args = build_parser().parse_args(["calibrate", "all", "--base", "m.onnx", "--base-trained-on", "none"])
     assert args.base_trained_on == "none"
     assert build_parser().parse_args(["calibrate", "all"]).base_trained_on is None
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "evaluate", "--images", "-9990"],
+                                  ["calibrate", "evaluate", "--images", "0"],
+                                  ["calibrate", "counts", "--model", "m.onnx", "--n", "10", "--sigma", "0.25",
+                                   "--out", "o", "--limit", "-5"],
+                                  ["calibrate", "counts", "--model", "m.onnx", "--n", "0", "--sigma", "0.25",
+                                   "--out", "o"]])
+def test_cli_size_arguments_must_be_positive_integers(argv, capsys):
+    """`--images -9990` evaluated 10 images (a slice from the end) and `--limit -5` all but 5: silently. Run against
+    the CLI before 2026-12-05: every case parsed (no SystemExit); this test failed."""
+    from cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and "positive integer" in capsys.readouterr().err

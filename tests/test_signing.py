@@ -201,3 +201,34 @@ def test_claims_bind_the_documented_fields_and_not_the_timings():
     with pytest.raises(ValueError, match="stopped_by"):
         certificate_claims(cert, input_sha256="", tensor_sha256="", tensor_shape=(1, 1, 1), preprocessing=[],
                            model_name="", model_version="", manifest_sha256="", sigma=1.0, kid="", server_version="")
+
+
+def test_keys_made_in_the_same_instant_activate_in_creation_order(tmp_path, monkeypatch):
+    """Each ``generate_key_files`` into a directory makes the new key the active one, even when the clock does not
+    move between two of them (names had 1-second resolution, so same-second keys sorted by their kid). Run against
+    the code before 2026-12-05: failed (with the clock frozen an older key stayed active after a later rotation)."""
+    import time as time_module
+
+    frozen = time_module.gmtime(1_790_000_000)
+    monkeypatch.setattr(time_module, "gmtime", lambda *a: frozen)
+    monkeypatch.setattr(time_module, "time_ns", lambda: 1_790_000_000 * 10**9)
+    d = tmp_path / "ring"
+    names = []
+    for _ in range(8):
+        private, _, kid = generate_key_files(d)
+        names.append(private.name)
+        assert Signer.from_paths(d).kid == kid
+    assert names == sorted(names)
+
+
+def test_generate_names_the_new_key_after_a_later_dated_one(tmp_path):
+    """A key whose name sorts after now (clock set back, or renamed) is outranked by the next generated key: its
+    name is bumped past the newest ``certserve-*`` name. Run against the code before 2026-12-05: failed (the
+    2030-dated key stayed active)."""
+    d = tmp_path / "ring"
+    old_priv, _, _ = generate_key_files(d)
+    old_priv.rename(d / "certserve-20300101T000000Z-old.pem")
+    new_priv, _, new_kid = generate_key_files(d)
+    assert Signer.from_paths(d).kid == new_kid and Signer.from_paths(d).active_path == new_priv
+    newer_priv, _, newer_kid = generate_key_files(d)
+    assert Signer.from_paths(d).kid == newer_kid and newer_priv.name > new_priv.name

@@ -337,3 +337,24 @@ def test_cli_keys_generate_and_verify(tmp_path, capsys, signer, jwks_server):
     capsys.readouterr()
     assert run_cli("verify", tmp_path / "missing.json", "--jwks", jwks_file) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("age", ["nan", "inf", "-1", "0", "soon"])
+def test_cli_max_age_must_be_a_finite_positive_number(tmp_path, capsys, signer, age):
+    """``--max-age nan`` skipped the age check yet reported "VALID (signature, age)"; ``-1`` was accepted. Run
+    against the code before 2026-12-05: nan, inf, -1 and 0 failed (the 2014 certificate verified, exit 0)."""
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps(signer.jwks()))
+    (tmp_path / "cert.jws").write_text(sign_certificate(signer, issued_at=1_400_000_000)[1])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("verify", tmp_path / "cert.jws", "--jwks", jwks_file, "--max-age", age)
+    assert exit_info.value.code == 2 and "--max-age" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("max_age", [float("nan"), float("inf"), -float("inf"), -1.0])
+def test_library_max_age_rejects_non_finite_or_negative(signer, max_age):
+    """``verify_certificate(..., max_age=nan)`` compared ``age > nan`` (always false): no age check at all. Run
+    against the code before 2026-12-05: failed (a 2014 certificate verified with max_age nan)."""
+    _, token = sign_certificate(signer, issued_at=1_400_000_000)
+    with pytest.raises(ValueError, match="max_age"):
+        verify_certificate(token, signer.jwks(), max_age=max_age, now=NOW)
