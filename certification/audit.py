@@ -15,9 +15,20 @@ so no partial line survives an error, and :class:`AuditError` is raised: the cal
 (the server answers 503 ``audit_unavailable`` and counts the failure). ``fsync=True`` additionally survives power
 loss, at the cost of one disk flush per certificate.
 
+If that ``ftruncate`` fails too, the descriptor is closed and the next append reopens the file, which drops the
+unterminated tail first (or refuses that append too), so a torn line is never glued to the next record.
+
+Health: after an append fails the log is *unhealthy* (:meth:`AuditLog.healthy` is False; the server's /readyz answers
+503 ``audit_unavailable`` and certification requests are refused before any sampling) until the next successful
+append or a probe (run by :meth:`AuditLog.healthy` itself) finds ``PATH`` openable for appending on a filesystem with
+at least ``PROBE_FREE_BYTES`` free.
+
 Rotation is by size: when the next line would push the file over ``max_bytes``, ``PATH`` becomes ``PATH.1``
-(``PATH.1`` -> ``PATH.2`` ... up to ``backups``; the oldest beyond that is deleted) and a new ``PATH`` is started.
-``max_bytes=0`` never rotates. A file moved away by an external tool (logrotate) is noticed and ``PATH`` reopened.
+(``PATH.1`` -> ``PATH.2`` ... up to ``backups``; ``PATH.<backups>`` is deleted) and a new ``PATH`` is started.
+Only ``PATH.1`` ... ``PATH.<backups>`` are the log's files: any other ``PATH.<digits>`` (an operator's
+``audit.jsonl.2024``) is never renamed, deleted or read. ``max_bytes=0`` never rotates. A file moved away by an
+external tool (logrotate) is noticed and ``PATH`` reopened. A symlinked ``PATH`` is resolved when the log is opened:
+records, rotation and backups live next to the link's target (the link then keeps naming the current file).
 One process writes a given log (the server is one process; run one log per replica).
 """
 
@@ -33,6 +44,9 @@ from pathlib import Path
 from certification.signing import canonical_json
 
 log = logging.getLogger("certserve.audit")
+
+#: a probe of an unhealthy log needs this much free space on its filesystem (a full disk stays unhealthy)
+PROBE_FREE_BYTES = 64 * 1024
 
 
 class AuditError(OSError):
@@ -52,12 +66,13 @@ class AuditLog:
             raise ValueError("max_bytes and backups must be >= 0")
         if max_bytes and not backups:
             raise ValueError("rotation (max_bytes > 0) needs backups >= 1; max_bytes=0 disables rotation")
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # a symlink: rotate next to its target, never rename the link itself
         self.max_bytes, self.backups, self.fsync = max_bytes, backups, fsync
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self.repaired_bytes = 0
+        self._failed = False  # an append failed and no append or probe has succeeded since
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._open()
@@ -71,15 +86,32 @@ class AuditLog:
         obj = obj.strip()
         if not (obj.startswith(b"{") and obj.endswith(b"}")) or b"\n" in obj:
             raise ValueError("an audit record must be one JSON object on one line")
-        line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
-        with self._lock:
+        with self._lock:  # stamped under the lock: logged_at never decreases along the file
+            line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
             try:
                 self._reopen_if_moved()
                 if self.max_bytes and self._size() + len(line) > self.max_bytes and self._size() > 0:
                     self._rotate()
                 self._write_whole(line)
             except OSError as exc:
+                self._failed = True
                 raise AuditError(exc.errno, f"audit log {self.path}: {exc.strerror or exc}") from None
+            self._failed = False
+
+    def healthy(self) -> bool:
+        """True unless the last append failed and a probe made now still cannot open ``PATH`` for appending (or its
+        filesystem has less than ``PROBE_FREE_BYTES`` free); a passing probe makes the log healthy again."""
+        if not self._failed:
+            return True
+        with self._lock:
+            try:
+                self._reopen_if_moved()
+                st = os.fstatvfs(self._fd)
+            except OSError:
+                return False
+            free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+            self._failed = free < PROBE_FREE_BYTES
+            return not self._failed
 
     def close(self) -> None:
         with self._lock:
@@ -99,10 +131,14 @@ class AuditLog:
     # ------------------------------------------------------------------------------------------------ internals
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        st = os.fstat(self._fd)
-        self._ino = (st.st_dev, st.st_ino)
-        dropped = _drop_unterminated_tail(self._fd)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            dropped = _drop_unterminated_tail(fd)
+        except OSError:
+            os.close(fd)  # never append after a tail that could not be dropped
+            raise
+        self._fd, self._ino = fd, (st.st_dev, st.st_ino)
         if dropped:
             self.repaired_bytes += dropped
             log.warning("audit log %s: dropped an unterminated last record (%d bytes) left by a crash during its "
@@ -141,20 +177,23 @@ class AuditLog:
     def _undo(self, start: int) -> None:
         try:
             os.ftruncate(self._fd, start)
-        except OSError:
-            pass
+        except OSError:  # the partial line stays for now: closed, the next append reopens and drops it first
+            os.close(self._fd)
+            self._fd = None
 
     def _rotate(self) -> None:
         """PATH.i -> PATH.(i+1) newest last (the oldest beyond ``backups`` deleted), PATH -> PATH.1, new PATH."""
         os.close(self._fd)
         self._fd = None
-        for i in sorted(_rotated_indices(self.path), reverse=True):
-            src = self.path.with_name(f"{self.path.name}.{i}")
-            if i >= self.backups:
+        for i in range(self.backups, 0, -1):  # only the log's own files: PATH.1 ... PATH.<backups>
+            src = _backup(self.path, i)
+            if not src.exists():
+                continue
+            if i == self.backups:
                 src.unlink()
             else:
-                os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+                os.replace(src, _backup(self.path, i + 1))
+        os.replace(self.path, _backup(self.path, 1))
         self._open()
 
 
@@ -175,20 +214,32 @@ def _drop_unterminated_tail(fd: int) -> int:
     return size - end
 
 
-def _rotated_indices(path: Path) -> list[int]:
-    prefix = path.name + "."
-    return [int(name[len(prefix):]) for name in os.listdir(path.parent)
-            if name.startswith(prefix) and name[len(prefix):].isdigit()]
+def _backup(path: Path, i: int) -> Path:
+    return path.with_name(f"{path.name}.{i}")
 
 
-def read_records(path: str | os.PathLike, *, skip_torn_tail: bool = False) -> list[dict]:
+def _backups(path: Path, backups: int | None) -> list[Path]:
+    """The log's rotated files, newest first: those of ``PATH.1`` ... ``PATH.<backups>`` that exist, or (``None``)
+    ``PATH.1``, ``PATH.2`` ... up to the first missing one."""
+    if backups is not None:
+        return [_backup(path, i) for i in range(1, backups + 1) if _backup(path, i).exists()]
+    found = []
+    while _backup(path, len(found) + 1).exists():
+        found.append(_backup(path, len(found) + 1))
+    return found
+
+
+def read_records(path: str | os.PathLike, *, skip_torn_tail: bool = False, backups: int | None = None) -> list[dict]:
     """Every record of a log and its rotated files, oldest first (``PATH.N`` ... ``PATH.1``, ``PATH``).
 
-    Raises ``ValueError`` naming the file and line if a line does not parse or a file does not end with a newline;
-    with ``skip_torn_tail`` an unterminated end of the newest file (a crash during its write) is left out instead.
+    The rotated files are ``PATH.1`` ... ``PATH.<backups>`` (the log's ``backups``), or without ``backups``
+    ``PATH.1``, ``PATH.2`` ... up to the first one missing; other ``PATH.<digits>`` files are not the log's. A
+    symlinked ``PATH`` is resolved, as :class:`AuditLog` does. Raises ``ValueError`` naming the file and line if a
+    line does not parse or a file does not end with a newline; with ``skip_torn_tail`` an unterminated end of the
+    newest file (a crash during its write) is left out instead.
     """
-    path = Path(path)
-    rotated = [path.with_name(f"{path.name}.{i}") for i in sorted(_rotated_indices(path), reverse=True)]
+    path = Path(path).resolve()
+    rotated = _backups(path, backups)[::-1]
     records = []
     for file in rotated + ([path] if path.exists() else []):
         data = file.read_bytes()

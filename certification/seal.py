@@ -3,7 +3,9 @@
 The certification service calls :meth:`Sealer.seal` on every certificate it issues, single or batch, after the
 certificate is built and before it is returned. The order is fixed: hash -> sign -> audit; if the audit record cannot
 be written, the certificate is NOT returned (``ServiceError("audit_unavailable")``, 503): no certificate leaves the
-server without its record.
+server without its record. While the log is unhealthy (an append failed and no probe has found it writable since,
+:meth:`certification.audit.AuditLog.healthy`), :meth:`Sealer.audit_available` is False: the server then reports not
+ready and refuses certification requests up front (:func:`audit_unavailable`), before any sampling.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def certserve_version() -> str:
         return importlib.metadata.version("certserve")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def audit_unavailable() -> ServiceError:
+    """The refusal (503 + Retry-After) of a certificate that cannot get its audit record."""
+    return ServiceError("audit_unavailable", "the audit log cannot be written, so no certificate is issued; retry "
+                        "later", retry_after=5)
 
 
 class Sealer:
@@ -82,11 +90,14 @@ class Sealer:
                 log.error("certificate %s refused: %s", cert.request_id, exc)
                 if self._on_audit_failure is not None:
                     self._on_audit_failure()
-                raise ServiceError("audit_unavailable", "the audit log cannot be written, so no certificate is "
-                                   "issued; retry later", retry_after=5) from None
+                raise audit_unavailable() from None
         if self._on_seal is not None:
             self._on_seal(time.perf_counter() - started)
         return cert
+
+    def audit_available(self) -> bool:
+        """False while the audit log is known to be unwritable (see :meth:`AuditLog.healthy`); True without a log."""
+        return self.audit is None or self.audit.healthy()
 
     def close(self) -> None:
         if self.audit is not None:

@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 
 from certification.errors import ServiceError
-from certification.seal import certserve_version
+from certification.seal import audit_unavailable, certserve_version
 from certification.service import CertificationService
 from models.bundle import load_bundle
 from server.errors import error_body, install_error_handlers
@@ -102,8 +102,11 @@ async def require_key(request: Request) -> None:
 
 
 async def admit(request: Request):
-    """Bound the certification requests in flight at the HTTP layer: beyond, 503 at once (not a slow queue)."""
+    """Bound the certification requests in flight at the HTTP layer: beyond, 503 at once (not a slow queue). While
+    the audit log is unwritable, 503 audit_unavailable at once: no noise is sampled for a certificate it refuses."""
     state = request.app.state
+    if state.service is not None and not state.service.sealer.audit_available():
+        raise audit_unavailable()
     limit = state.settings.max_inflight_requests
     if state.inflight >= limit:
         raise ServiceError("inflight_limit", f"{limit} requests in flight; retry later", retry_after=1)
@@ -208,18 +211,23 @@ async def healthz() -> dict:
 
 
 def readiness(state) -> str:
-    """ready, or why not (starting, draining, engine_down): GET /readyz and the certserve_ready gauge."""
+    """ready, or why not (starting, draining, engine_down, audit_unavailable): GET /readyz and the certserve_ready
+    gauge."""
     if state.draining:
         return "draining"
     if not state.ready:
         return "starting"
-    return "ready" if state.service is not None and state.service.alive else "engine_down"
+    if state.service is None or not state.service.alive:
+        return "engine_down"
+    return "ready" if state.service.sealer.audit_available() else "audit_unavailable"
 
 
 @router.get("/readyz", summary="Readiness: 200 {\"status\": \"ready\"} or 503 with the error envelope",
             description="200 `{\"status\": \"ready\"}` once the bundle is verified and the engine is warm. Otherwise "
                         "503 + Retry-After with the error envelope, code `engine_down` (the sampling engine's thread "
-                        "has died) or, behind Ray Serve only, `starting` / `draining`: a single `certserve serve` "
+                        "has died), `audit_unavailable` (an audit record could not be written and the log is not "
+                        "writable yet; certification requests are refused up front meanwhile) or, behind Ray Serve "
+                        "only, `starting` / `draining`: a single `certserve serve` "
                         "process accepts no connection before it is ready and stops accepting new ones on SIGTERM.",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:

@@ -13,10 +13,21 @@ from pathlib import Path
 import httpx
 
 
+#: seconds a request with ``deadline_ms`` may take beyond its deadline (upload, queueing, sealing, the answer)
+DEADLINE_MARGIN = 30.0
+
+
 class CertserveError(RuntimeError):
-    def __init__(self, status: int, body: dict | str):
+    """An answer that is not a certificate: ``status`` and ``body`` (the parsed JSON, else the text). Any body is
+    taken, certserve's error envelope or another server's (an ingress, an auth proxy, a login page)."""
+
+    def __init__(self, status: int, body: dict | list | str | None):
         self.status, self.body = status, body
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):  # certserve's envelope: {"error": {"code": ..., "message": ...}}
+            message = error.get("message", error)
+        else:  # {"error": "invalid_token"}, {"error": null, ...}, a list, text
+            message = error if error is not None else body
         super().__init__(f"HTTP {status}: {message}")
 
 
@@ -27,7 +38,10 @@ class CertserveClient:
     back-off, what a replica dying under a request leaves behind in a scaled-out deployment (README "Scale out"): a
     connection the server closed without answering, a refused connection, or a 500/502/504 that is not certserve's
     JSON error (the ingress's own). A retry is safe: an unanswered request certified nothing the client saw, and the
-    retry is a new certificate with fresh noise, not chosen by its outcome. certserve's own errors are not retried.
+    retry is a new certificate with fresh noise, not chosen by its outcome. certserve's own errors are not retried;
+    ``retries`` < 0 is a ValueError. Any other answer that is not a certificate (another server's error body, a login
+    page answered with 200) raises :class:`CertserveError`. ``timeout`` (seconds) bounds each HTTP request; a
+    request with ``deadline_ms`` waits at least ``deadline_ms / 1000 + DEADLINE_MARGIN`` seconds for its answer.
     ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
     the image sent (and its age, with ``max_age`` seconds); a failure raises
     :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
@@ -37,9 +51,11 @@ class CertserveClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 3, verify: bool = False, jwks: str | Path | dict | None = None,
                  max_age: float | None = None):
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.retries = retries
+        self.retries, self.timeout = retries, timeout
         self.verify, self.max_age, self._jwks_source, self._keyset = verify, max_age, jwks, None
 
     def __enter__(self):
@@ -55,13 +71,24 @@ class CertserveClient:
         """Certify one image (a path or raw PNG/JPEG/.npy bytes); params: alpha, mode, target_radius, ..."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
-        return self._checked(self._post("/certify", files={"image": ("image", data)}, data=fields), data)
+        return self._checked(self._post("/certify", files={"image": ("image", data)}, data=fields,
+                                        timeout=self._timeout(params)), data)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
-        results = self._post("/certify/batch", files=files, data=fields)["results"]
-        return [self._checked(cert, data) for cert, (_, (_, data)) in zip(results, files)]
+        answer = self._post("/certify/batch", files=files, data=fields, timeout=self._timeout(params))
+        if not isinstance(answer.get("results"), list):
+            raise CertserveError(200, answer)
+        return [self._checked(cert, data) for cert, (_, (_, data)) in zip(answer["results"], files)]
+
+    def _timeout(self, params: dict) -> float:
+        """``timeout``, or longer for a request whose ``deadline_ms`` the server may take (up to 600 s) to answer."""
+        try:
+            deadline = float(params.get("deadline_ms")) / 1000
+        except (TypeError, ValueError):
+            return self.timeout  # none (or not a number: the server answers 422 at once)
+        return max(self.timeout, deadline + DEADLINE_MARGIN) if math.isfinite(deadline) else self.timeout
 
     def jwks(self) -> dict:
         """The server's public key set."""
@@ -97,10 +124,10 @@ class CertserveClient:
         r = self._http.get(path)
         if r.status_code != 200:
             raise CertserveError(r.status_code, _body(r))
-        return r.json()
+        return _json(r)
 
     def _post(self, path: str, **kwargs) -> dict:
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.retries + 1):  # retries >= 0: at least one attempt, ending in return or raise
             last = attempt == self.retries
             try:
                 r = self._http.post(path, **kwargs)
@@ -117,7 +144,10 @@ class CertserveClient:
                 continue
             if r.status_code != 200:
                 raise CertserveError(r.status_code, _body(r))
-            return r.json()
+            body = _json(r)
+            if not isinstance(body, dict):
+                raise CertserveError(r.status_code, body)
+            return body
         raise AssertionError("unreachable")
 
 
@@ -142,6 +172,14 @@ def _is_certserve_error(r: httpx.Response) -> bool:
     """True for certserve's JSON error envelope ({"error": {"code": ...}}), False for anything else (an ingress's)."""
     body = _body(r)
     return isinstance(body, dict) and isinstance(body.get("error"), dict) and "code" in body["error"]
+
+
+def _json(r: httpx.Response):
+    """The JSON of a 200 answer; an answer that is not JSON (an HTML login page) is a :class:`CertserveError`."""
+    try:
+        return r.json()
+    except ValueError:
+        raise CertserveError(r.status_code, r.text) from None
 
 
 def _body(r: httpx.Response):

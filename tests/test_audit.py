@@ -217,3 +217,107 @@ def test_reopening_drops_an_unterminated_tail_and_keeps_complete_lines(tmp_path,
     with AuditLog(path) as log:
         assert log.repaired_bytes == 70_000
     assert path.read_bytes() == b""
+
+
+def test_rotation_and_reading_leave_other_numbered_files_alone(tmp_path):
+    """Only PATH.1 ... PATH.<backups> are the log's: an operator's archive next to it (audit.jsonl.2024, logrotate's
+    dateext audit.jsonl.20250101) is neither deleted by rotation nor read as a backup. Run against the code before
+    2026-12-05: failed (read_records returned the archives' records; the first rotation deleted both archives)."""
+    path = tmp_path / "audit.jsonl"
+    archives = {tmp_path / "audit.jsonl.2024": b'{"archived":"last year"}\n' * 100,
+                tmp_path / "audit.jsonl.20250101": b'{"archived":"dateext"}\n'}
+    for file, data in archives.items():
+        file.write_bytes(data)
+    assert read_records(path) == []
+    with AuditLog(path, max_bytes=2000, backups=3) as log:
+        for i in range(40):
+            log.append({"seq": i, "pad": "p" * 200})
+    assert all(file.read_bytes() == data for file, data in archives.items())
+    assert sorted(p.name for p in tmp_path.glob("audit.jsonl.?")) == ["audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.3"]
+    for kept in (read_records(path), read_records(path, backups=3)):
+        assert [r["seq"] for r in kept] == list(range(40 - len(kept), 40)) and "archived" not in str(kept)
+
+
+def test_a_symlinked_log_rotates_next_to_its_target(tmp_path):
+    """The path is resolved at open: rotation renames the target, never the link, so the link keeps naming the
+    current file on the data volume and every record stays there. Run against the code before 2026-12-05: failed
+    (the first rotation renamed the link itself; later records went to a new regular file next to it)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "logs").mkdir()
+    link = tmp_path / "logs" / "audit.jsonl"
+    link.symlink_to(tmp_path / "data" / "audit.jsonl")
+    with AuditLog(link, max_bytes=3000, backups=50) as log:
+        for i in range(40):
+            log.append({"seq": i, "pad": "x" * 200})
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["audit.jsonl"] and link.is_symlink()
+    assert link.resolve() == tmp_path / "data" / "audit.jsonl"
+    assert len(list((tmp_path / "data").glob("audit.jsonl.*"))) >= 2
+    assert [r["seq"] for r in read_records(link)] == list(range(40))
+
+
+UNDO_FAILS_CHILD = r"""
+import json, os, resource, signal, sys
+import certification.audit as audit
+from certification.audit import AuditError, AuditLog
+log = AuditLog(sys.argv[1], max_bytes=0)
+log.append({"seq": 0})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+real, calls = os.ftruncate, []
+def failing_twice(fd, size):  # the undo of the short write and the next repair fail (EIO); later ones work
+    calls.append(size)
+    if len(calls) <= 2:
+        raise OSError(5, "Input/output error")
+    return real(fd, size)
+audit.os.ftruncate = failing_twice
+resource.setrlimit(resource.RLIMIT_FSIZE, (60, resource.RLIM_INFINITY))  # the next line is written in part only
+try:
+    log.append({"seq": 1, "pad": "x" * 100})
+except AuditError as exc:
+    refused = str(exc)
+torn = os.path.getsize(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+again = "written"
+try:
+    log.append({"seq": 2})  # the reopen cannot cut the torn prefix: refused, nothing appended after it
+except AuditError as exc:
+    again = str(exc)
+log.append({"seq": 3})
+print(json.dumps({"refused": refused, "again": again, "torn": torn, "repaired": log.repaired_bytes}))
+"""
+
+
+def test_a_failed_undo_does_not_glue_the_next_record_to_the_torn_line(tmp_path):
+    """A short write whose ftruncate undo fails (EIO, injected; the short write is real, RLIMIT_FSIZE): the
+    descriptor is dropped and the next append reopens the log, which cuts the torn prefix first (and if that fails
+    too, refuses that append rather than write after the prefix). Run against the
+    code before 2026-12-05: failed (the next record was appended to the torn prefix: read_records raised "not a JSON
+    line")."""
+    path = tmp_path / "audit.jsonl"
+    out = subprocess.run([sys.executable, "-c", UNDO_FAILS_CHILD, str(path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert [r["seq"] for r in read_records(path)] == [0, 3]  # strict: every line parses
+    report = json.loads(out.stdout)
+    assert "audit log" in report["refused"] and "audit log" in report["again"]
+    assert report["torn"] == 60 and report["repaired"] == 60 - len(path.read_bytes().split(b"\n")[0]) - 1
+
+
+def test_logged_at_never_decreases_along_the_file(tmp_path):
+    """logged_at is stamped under the lock, so file order is time order. Run against the code before 2026-12-05:
+    failed (stamped before the lock: records written later carried earlier times)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=20_000, backups=10_000)
+
+    def worker(t):
+        for i in range(300):
+            log.append({"thread": t, "seq": i, "pad": "z" * ((t * 31 + i * 17) % 3000)})
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    stamps = [r["logged_at"] for r in read_records(path)]
+    assert len(stamps) == 4800
+    assert not [(a, b) for a, b in zip(stamps, stamps[1:]) if a > b]

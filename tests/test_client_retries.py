@@ -22,7 +22,9 @@ CERT = {"certified": True, "radius": 0.5}
 
 class Script(http.server.BaseHTTPRequestHandler):
     """Answers POSTs in the order of ``server.script``: "drop" (close without an answer), "bare500" (an ingress's
-    plain-text 500), "json500" (certserve's own error envelope), "ok" (a certificate)."""
+    plain-text 500), "json500" (certserve's own error envelope), "ok" (a certificate), "slow" (one after 1.5 s), and
+    other servers' answers: "token401" ({"error": "invalid_token"}), "null403" ({"error": null}), "html200" (a login
+    page answered with 200)."""
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -44,7 +46,14 @@ class Script(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             return
+        if step == "slow":  # the answer comes after 1.5 s (a long deadline_ms)
+            time.sleep(1.5)
+            step = "ok"
         status, body, kind = {"bare500": (500, b"Internal Server Error", "text/plain"),
+                              "token401": (401, json.dumps({"error": "invalid_token"}).encode(), "application/json"),
+                              "null403": (403, json.dumps({"error": None, "detail": "x"}).encode(),
+                                          "application/json"),
+                              "html200": (200, b"<html>Sign in</html>", "text/html"),
                               "json500": (500, json.dumps({"error": {"code": "internal", "message": "boom"}}).encode(),
                                           "application/json"),
                               "ok": (200, json.dumps(CERT).encode(), "application/json")}[step]
@@ -69,8 +78,8 @@ def scripted():
     server.server_close()
 
 
-def _client(server, retries=3):
-    return CertserveClient(f"http://127.0.0.1:{server.server_address[1]}", retries=retries)
+def _client(server, retries=3, **kwargs):
+    return CertserveClient(f"http://127.0.0.1:{server.server_address[1]}", retries=retries, **kwargs)
 
 
 def test_a_connection_closed_without_an_answer_and_a_bare_500_are_retried(scripted):
@@ -102,3 +111,28 @@ def test_a_reset_connection_and_a_retry_after_date_are_retried(scripted):
     with _client(scripted) as client:
         assert client.certify(b"png bytes") == CERT
     assert scripted.calls == 3
+
+
+@pytest.mark.parametrize("step, status, message", [("token401", 401, "invalid_token"), ("null403", 403, "detail"),
+                                                   ("html200", 200, "Sign in")])
+def test_another_servers_answer_is_a_certserve_error(scripted, step, status, message):
+    """An auth proxy's or ingress's answer (an error that is a string or null, an HTML page with 200) raises
+    CertserveError with its status and body. Run against the client before 2026-12-05: failed (AttributeError
+    from CertserveError itself on the first two, JSONDecodeError on the HTML page)."""
+    scripted.script = [step]
+    with _client(scripted) as client, pytest.raises(CertserveError) as info:
+        client.certify(b"png bytes")
+    assert info.value.status == status and message in str(info.value) and scripted.calls == 1
+
+
+def test_a_long_deadline_extends_the_timeout_and_negative_retries_are_refused(scripted):
+    """A request with deadline_ms waits for the server up to its deadline (plus a margin), whatever ``timeout``;
+    retries=-1 is a ValueError when the client is made. Run against the client before 2026-12-05: failed (ReadTimeout
+    after the fixed timeout while the server was still within the deadline asked for)."""
+    scripted.script = ["slow", "slow"]
+    with _client(scripted, timeout=0.5) as client:
+        assert client.certify(b"png bytes", deadline_ms=2000) == CERT
+        with pytest.raises(httpx.ReadTimeout):  # no deadline: the client's own timeout still holds
+            client.certify(b"png bytes")
+    with pytest.raises(ValueError, match="retries"):
+        CertserveClient("http://127.0.0.1:1", retries=-1)
