@@ -78,7 +78,7 @@ class BodyLimit:
             if done:
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+                message = await _within(receive(), max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
                 raise _BodyTimeout from None
             if message["type"] == "http.request":
@@ -102,6 +102,15 @@ class BodyLimit:
         if self.on_reject is not None:
             self.on_reject(code)
         await send_json(send, status, error_bytes(code, message, request_id))
+
+
+async def _within(awaitable, seconds: float):
+    """``await awaitable`` or asyncio.TimeoutError after ``seconds``: asyncio.timeout where Python has it (3.11+;
+    ~4 us a call, no task), else asyncio.wait_for (~11 us, a task per call)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class _BodyTooLarge(Exception):
