@@ -74,6 +74,22 @@ def bound_hits(p_lower: float, trials: int, bound) -> int:
     return s
 
 
+def fail_first_certificate(monkeypatch) -> None:
+    """From now on the engine's first certificates() call raises RuntimeError; later calls work."""
+    import models.engine as engine_module
+
+    calls = []
+    real = engine_module.certificates
+
+    def first_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("certificate computation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "certificates", first_call_fails)
+
+
 # ------------------------------------------------------------------------------------------- job table
 def test_counts_never_reach_a_job_that_reuses_a_slot(images):
     """A finished job's slot is not reused while a batch of it is in flight, and a stale batch's counts are
@@ -191,18 +207,7 @@ def test_deadline_watcher_survives_a_job_it_cannot_answer(backend, images, monke
     """If answering one job at its deadline raises, that job gets the exception and later deadlines are still
     answered. Run against the watcher without its exception handler: the thread died on the first job and the
     second job was never answered (its result() timed out); this test failed."""
-    import models.engine as engine_module
-
-    calls = []
-    real = engine_module.certificates
-
-    def first_call_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("certificate computation failed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "certificates", first_call_fails)
+    fail_first_certificate(monkeypatch)
     sampler = Recording(backend, batch_size=256)
     sampler.gate.clear()  # nothing lands: both jobs are answered by the watcher
     engine = start(sampler)
@@ -307,17 +312,6 @@ def test_a_job_that_cannot_be_answered_at_the_stop_time_fails_alone(backend, ima
     are still answered (nothing is left unanswered once the engine is gone). Run against the engine before this fix
     (2026-12-05, same day): the exception killed the watcher after the jobs were marked not running, and neither job
     was ever answered; this test failed (found by review)."""
-    import models.engine as engine_module
-
-    calls = []
-    real = engine_module.certificates
-
-    def first_call_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("certificate computation failed")
-        return real(*args, **kwargs)
-
     sampler = Recording(backend, batch_size=256)
     engine = start(sampler)
     try:
@@ -326,7 +320,7 @@ def test_a_job_that_cannot_be_answered_at_the_stop_time_fails_alone(backend, ima
         time.sleep(0.3)
         sampler.gate.clear()  # a batch held: the engine thread cannot answer at the stop time, the watcher does
         time.sleep(0.1)
-        monkeypatch.setattr(engine_module, "certificates", first_call_fails)
+        fail_first_certificate(monkeypatch)
         engine.stop(0.1, wait=False)
         outcomes = []
         for job in jobs:
