@@ -47,10 +47,14 @@ LABEL_SHARE = 0.1
 
 
 def level_split(alpha: float) -> tuple[float, float]:
-    """(delta, alpha_1) of the level ``alpha``: alpha_1 = alpha * LABEL_SHARE for the labels, delta the rest."""
+    """(delta, alpha_1) of the level ``alpha``: alpha_1 = alpha * LABEL_SHARE for the labels, delta the rest, rounded
+    down where the floating-point difference would make delta + alpha_1 exceed alpha in exact arithmetic."""
     check_alpha(alpha)
     alpha_1 = float(alpha) * LABEL_SHARE
-    return float(alpha) - alpha_1, alpha_1
+    delta = float(alpha) - alpha_1
+    if Fraction(delta) + Fraction(alpha_1) > Fraction(float(alpha)):  # e.g. 0.01, 0.005: by ~1e-18
+        delta = float(np.nextafter(delta, 0.0))
+    return delta, alpha_1
 
 
 def conformal_rank(num_scores: int, delta: float) -> int:

@@ -30,6 +30,7 @@ from smoothing import (
     clopper_pearson_upper,
     conformal_quantile,
     conformal_rank,
+    level_split,
     min_calibration_size,
     predict,
     probability_for_radius,
@@ -295,3 +296,13 @@ def test_cohen_largest_possible_radius(n, max_radius_over_sigma):
     """anchors.md: the largest radius at alpha = 0.001 (all n samples hit) is 2.46 / 3.20 / 3.81 sigma."""
     cert = certify(np.array([1, 0]), np.array([n, 0]), 0.001, 1.0)
     assert abs(cert.radius - max_radius_over_sigma) <= 0.01
+
+
+def test_a_levels_parts_never_exceed_it_in_exact_arithmetic():
+    """delta + alpha_1 <= alpha exactly (the union bound's total is the stated level). Run against the code before
+    2026-12-05: for 0.01 and 0.005 the floating-point sum exceeded alpha by ~1e-18; this test failed (found by review)."""
+    rng = np.random.default_rng(5)
+    for alpha in [0.1, 0.05, 0.01, 0.005, 0.001, *rng.uniform(1e-6, 0.5, 2000)]:
+        delta, alpha_1 = level_split(float(alpha))
+        assert Fraction(delta) + Fraction(alpha_1) <= Fraction(float(alpha)), alpha
+        assert delta > 0.85 * alpha
