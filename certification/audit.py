@@ -47,6 +47,10 @@ log = logging.getLogger("certserve.audit")
 
 #: a probe of an unhealthy log needs this much free space on its filesystem (a full disk stays unhealthy)
 PROBE_FREE_BYTES = 64 * 1024
+#: After a failed append the log stays unhealthy at least this long, whatever the probe says: failures a probe cannot
+#: see (a file-size limit, a quota, a read-only remount, EIO) then let through at most one request per HOLD_SECONDS
+#: (half-open), instead of every request sampling in full before its 503.
+HOLD_SECONDS = 5.0
 
 
 class AuditError(OSError):
@@ -73,6 +77,7 @@ class AuditLog:
         self._ino: tuple[int, int] | None = None
         self.repaired_bytes = 0
         self._failed = False  # an append failed and no append or probe has succeeded since
+        self._failed_at = 0.0  # time.monotonic() of the latest failed append
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._open()
@@ -94,24 +99,33 @@ class AuditLog:
                     self._rotate()
                 self._write_whole(line)
             except OSError as exc:
-                self._failed = True
+                self._failed, self._failed_at = True, time.monotonic()
                 raise AuditError(exc.errno, f"audit log {self.path}: {exc.strerror or exc}") from None
             self._failed = False
 
     def healthy(self) -> bool:
-        """True unless the last append failed and a probe made now still cannot open ``PATH`` for appending (or its
-        filesystem has less than ``PROBE_FREE_BYTES`` free); a passing probe makes the log healthy again."""
+        """True unless the last append failed and either less than ``HOLD_SECONDS`` have passed since, or a probe made
+        now still cannot open ``PATH`` for appending (or its filesystem has less than ``PROBE_FREE_BYTES`` free); a
+        passing probe makes the log healthy again (half-open: the next append decides). Never waits: called on the
+        event loop, it answers "unhealthy" while an append holds the lock (a slow disk must not stall the probes)."""
         if not self._failed:
             return True
-        with self._lock:
+        if time.monotonic() - self._failed_at < HOLD_SECONDS or not self._lock.acquire(blocking=False):
+            return False
+        try:
             try:
                 self._reopen_if_moved()
                 st = os.fstatvfs(self._fd)
             except OSError:
+                self._failed_at = time.monotonic()  # probe again after another hold, not on every call
                 return False
             free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
             self._failed = free < PROBE_FREE_BYTES
+            if self._failed:
+                self._failed_at = time.monotonic()
             return not self._failed
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

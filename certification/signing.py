@@ -279,17 +279,21 @@ def _next_stamp_ns(out: Path) -> int:
 
 
 def _write_new_files(files: list[tuple[Path, bytes, int]]) -> None:
-    """Write each (path, data, mode) to a temporary name then link it to ``path`` (never overwriting); on any error
-    remove what was written (temporary and final names) and re-raise."""
+    """Write each (path, data, mode) to a temporary name, synced, then link it to ``path`` (never overwriting); where
+    the filesystem has no hard links (vfat, many SMB/FUSE mounts) write ``path`` itself, created exclusively. On any
+    error remove what was written (temporary and final names) and re-raise."""
     created: list[Path] = []
     try:
         for path, data, mode in files:
             tmp = path.with_name(f".{path.name}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # the mode from the start, never wider
+            _write_synced(tmp, data, mode)
             created.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.link(tmp, path)  # fails if path exists
+            try:
+                os.link(tmp, path)  # fails if path exists
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK):
+                    raise
+                _write_synced(path, data, mode)  # O_EXCL: still never overwrites
             created.append(path)
     except BaseException:
         for path in created:
@@ -298,6 +302,20 @@ def _write_new_files(files: list[tuple[Path, bytes, int]]) -> None:
     finally:
         for path, _, _ in files:
             path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` exclusively with ``mode`` from the start (never wider), write ``data`` and fsync it; a failed
+    write removes the file it created (never one that existed: O_EXCL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- the claims

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +32,14 @@ def post(client: TestClient, batch: bool = False):
     image = np.full(client.app.state.service.shape, 0.5).tolist()
     body = {"images": [image, image]} if batch else {"image": image}
     return client.post("/certify/batch" if batch else "/certify", json={**body, "mode": "cohen"})
+
+
+@pytest.fixture(autouse=True)
+def no_hold(monkeypatch):
+    """These tests are about the probe: no hold after a failure (test_a_failure_no_probe_sees_holds_... sets its own)."""
+    import certification.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "HOLD_SECONDS", 0.0, raising=False)
 
 
 def assert_refused(r) -> None:
@@ -128,3 +137,37 @@ def test_a_full_disk_keeps_the_server_unready_until_space_is_freed(tiny_fs):
         assert client.get("/readyz").status_code == 200
         assert post(client).status_code == 200
     assert len(read_records(tiny_fs / "audit.jsonl")) == 1
+
+
+def test_a_failure_no_probe_sees_holds_the_log_unhealthy_then_lets_one_append_try(tmp_path):
+    """A file-size limit (EFBIG; also a quota, a read-only remount, EIO) leaves the file openable with free space, so
+    the probe passed at once and every request sampled in full before its 503 while /readyz said ready. Now the log
+    stays unhealthy HOLD_SECONDS after each failure, then lets one append try (half-open). A real RLIMIT_FSIZE in a
+    child process. Run against the code before this fix (2026-12-05, same day): healthy() was True right after the
+    EFBIG failure; this test failed (found by review)."""
+    script = f"""
+import resource, time
+import certification.audit as audit
+from certification.audit import AuditError, AuditLog
+audit.HOLD_SECONDS = 0.5
+log = AuditLog({str(tmp_path / 'audit.jsonl')!r})
+log.append({{"seq": 0}})
+size = (log.path).stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+try:
+    log.append({{"seq": 1}})
+    raise SystemExit("the append past the file-size limit succeeded")
+except AuditError:
+    pass
+held = [log.healthy() for _ in range(3)]
+time.sleep(0.6)
+half_open = log.healthy()
+try:
+    log.append({{"seq": 2}})
+except AuditError:
+    pass
+print(held, half_open, log.healthy())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[False, False, False] True False"

@@ -132,3 +132,23 @@ def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
     assert {"bundle": "does not exist", "rsa": "not Ed25519", "encrypted": "encrypted", "garbage": "neither",
             "audit": "audit log"}[case] in last
     assert not (tmp_path / "afile").is_dir()
+
+
+def test_keys_are_written_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    """vfat, many SMB/CIFS and FUSE mounts refuse link() (EPERM/EOPNOTSUPP): the key files are then written in
+    place, still exclusively (never over an existing file) and complete. Run against the code before this fix
+    (2026-12-05, same day; link() failing as on vfat): generation failed with EPERM; this test failed (found by
+    review)."""
+    import errno
+    import os
+
+    from certification.signing import Signer, generate_key_files
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "keys"
+    generate_key_files(out)
+    assert not list(out.glob(".*.tmp"))
+    assert Signer.from_paths(str(out)).kid

@@ -144,8 +144,11 @@ def test_every_answered_certificate_is_in_the_audit_log_and_verifies(signed, x):
     assert sealed == len(records)  # every sealed certificate was logged, and every logged one sealed
 
 
-def test_unwritable_audit_log_refuses_with_503_and_counts(tmp_path, x):
+def test_unwritable_audit_log_refuses_with_503_and_counts(tmp_path, x, monkeypatch):
     """The disk-full policy: no certificate without its audit record (503 audit_unavailable, counted)."""
+    import certification.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "HOLD_SECONDS", 0.0)  # recovery at once once the log can be written
     log = tmp_path / "audit.jsonl"
     with TestClient(create_app(Settings(max_samples=2000, audit_log=str(log)), seed=0)) as client:
         assert client.post("/certify", files={"image": ("a.png", png(x[EASY]))}).status_code == 200
