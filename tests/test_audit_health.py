@@ -171,3 +171,37 @@ print(held, half_open, log.healthy())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "[False, False, False] True False"
+
+
+def test_the_health_check_never_waits_for_an_append_in_progress(tmp_path):
+    """healthy() runs on the event loop (/readyz, admission): while an append holds the log's lock (a stalled write or
+    fsync, the usual reason the log failed) it answers "unhealthy" at once instead of waiting, so /healthz and every
+    other request keep being served. Run against the code before this fix (2026-12-05, same day): healthy() waited
+    the full 1 s the lock was held (a reviewer's server answered /healthz after 1.8 s); this test failed."""
+    import threading
+    import time
+
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        path.unlink()
+        path.mkdir()
+        with pytest.raises(AuditError):
+            log.append({"seq": 0})
+        path.rmdir()
+        held, release = threading.Event(), threading.Event()
+
+        def stalled_append():
+            with log._lock:  # what an append in a stalled write holds
+                held.set()
+                release.wait(1.0)
+
+        worker = threading.Thread(target=stalled_append)
+        worker.start()
+        held.wait(5)
+        t0 = time.monotonic()
+        answer = log.healthy()
+        waited = time.monotonic() - t0
+        release.set()
+        worker.join()
+        assert answer is False and waited < 0.5, waited
+        assert log.healthy()  # the lock free again (and no hold in these tests): the check runs and passes
