@@ -198,26 +198,16 @@ class SequentialEngine:
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
                     continue
                 job, unadmitted = (None, list(self._pending)) if cut else (heapq.heappop(self._deadlines)[2], [])
-            if cut:
-                with self._state:
+            with self._state:
+                jobs = [job]
+                if cut:  # the stop time: every job left, one at a time (one that cannot be answered fails alone)
                     table = self._table
-                    answers = [self._answer_unadmitted(j, "shutdown") for j in unadmitted]
-                    for slot in ([] if table is None else np.flatnonzero(table.running)):
-                        try:  # one job at a time: a job that cannot be answered fails alone, the others are answered
-                            answers += self._answer(np.array([slot]), "shutdown")
-                        except Exception as exc:
-                            answers.append(self._fail_job(table.jobs[slot], exc))
-                resolve_futures(answers)
-                time.sleep(0.05)  # then again, until the engine thread has ended
-                continue
-            try:
-                with self._state:  # a job not finished still owns its slot (slots are freed only after finishing)
-                    answers = [] if job.finished else (self._answer(np.array([job.slot]), "deadline") if job.slot >= 0
-                                                       else [self._answer_unadmitted(job, "deadline")])
-            except Exception as exc:  # that job fails; the watcher goes on (every later deadline depends on it)
-                with self._state:
-                    answers = [self._fail_job(job, exc)]
+                    running = [] if table is None else [table.jobs[s] for s in np.flatnonzero(table.running)]
+                    jobs = unadmitted + running
+                answers = [a for j in jobs for a in self._answer_job(j, "shutdown" if cut else "deadline")]
             resolve_futures(answers)
+            if cut:
+                time.sleep(0.05)  # then again, until the engine thread has ended
 
     # ----------------------------------------------------------------- engine thread
     def _run(self) -> None:
@@ -372,6 +362,17 @@ class SequentialEngine:
             out.append((job.future, JobResult(int(cls[k]), float(radius[k]), None if np.isnan(p[k]) else float(p[k]),
                                               int(samples[k]), names[keep[k]], queue_s, sampling_s)))
         return out
+
+    def _answer_job(self, job: _Job, stopped_by: str) -> list:
+        """The answer of one job (none if already answered), or its exception if its certificate cannot be computed:
+        the watcher goes on (every later deadline depends on it). A job not finished still owns its slot."""
+        try:
+            if job.finished:
+                return []
+            return self._answer(np.array([job.slot]), stopped_by) if job.slot >= 0 else [
+                self._answer_unadmitted(job, stopped_by)]
+        except Exception as exc:
+            return [self._fail_job(job, exc)]
 
     def _answer_unadmitted(self, job: _Job, stopped_by: str) -> tuple:  # never in the table: no samples, bound 0 / none
         if job.finished:
