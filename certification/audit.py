@@ -19,9 +19,9 @@ If that ``ftruncate`` fails too, the descriptor is closed and the next append re
 unterminated tail first (or refuses that append too), so a torn line is never glued to the next record.
 
 Health: after an append fails the log is *unhealthy* (:meth:`AuditLog.healthy` is False; the server's /readyz answers
-503 ``audit_unavailable`` and certification requests are refused before any sampling) until the next successful
-append or a probe (run by :meth:`AuditLog.healthy` itself) finds ``PATH`` openable for appending on a filesystem with
-at least ``PROBE_FREE_BYTES`` free.
+503 ``audit_unavailable`` and certification requests are refused before any sampling) for at least ``HOLD_SECONDS``
+after each failure, then until the next successful append or a probe (run by :meth:`AuditLog.healthy` itself) finds
+``PATH`` openable for appending on a filesystem with at least ``PROBE_FREE_BYTES`` free.
 
 Rotation is by size: when the next line would push the file over ``max_bytes``, ``PATH`` becomes ``PATH.1``
 (``PATH.1`` -> ``PATH.2`` ... up to ``backups``; ``PATH.<backups>`` is deleted) and a new ``PATH`` is started.

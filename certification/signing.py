@@ -239,8 +239,9 @@ def generate_key_files(out: str | os.PathLike) -> tuple[Path, Path, str]:
     Returns (private path, public path, kid). The directory is created 0700 if missing; nothing is overwritten. The
     name sorts after every ``certserve-*`` name already in ``out`` (the time is bumped past a later-dated one), so the
     new key is the directory's newest; a hand-named file may still sort after it (the caller checks which key signs).
-    Each file is written under a temporary name (not ``*.pem``) and linked into place, so a failed write (disk full)
-    leaves no partial key behind; raises ``OSError``.
+    Each file is written under a temporary name (not ``*.pem``) and linked into place (written in place, exclusively,
+    where the filesystem has no hard links), so a failed write (disk full) leaves no partial key behind; raises
+    ``OSError``.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -281,13 +282,12 @@ def _next_stamp_ns(out: Path) -> int:
 def _write_new_files(files: list[tuple[Path, bytes, int]]) -> None:
     """Write each (path, data, mode) to a temporary name, synced, then link it to ``path`` (never overwriting); where
     the filesystem has no hard links (vfat, many SMB/FUSE mounts) write ``path`` itself, created exclusively. On any
-    error remove what was written (temporary and final names) and re-raise."""
+    error remove the final names written and re-raise; the temporary names are always removed."""
     created: list[Path] = []
     try:
         for path, data, mode in files:
             tmp = path.with_name(f".{path.name}.tmp")
-            _write_synced(tmp, data, mode)
-            created.append(tmp)
+            _write_synced(tmp, data, mode)  # removed in any case below
             try:
                 os.link(tmp, path)  # fails if path exists
             except OSError as exc:
