@@ -1,8 +1,8 @@
-"""The per-input ceiling of bench/per_input_ceiling.py: its closed forms and its oracle allocation.
+"""The per-input ceiling of bench/per_input_ceiling.py: its upper bound and its oracle allocation.
 
-A ceiling that came out too LOW would wrongly call a target infeasible, so each check compares with an independent
-computation. Run against two bugs, each test failed: the Wald bisection with the KL's arguments swapped
-(KL(p0 || pA)) and the allocation without mixing two multipliers (the step function instead of the hull)."""
+A bound that came out too low would wrongly call a target infeasible: the first test checks it against a sound method
+(it caught the earlier power-1 Wald row). The allocation test failed without mixing two multipliers (the step
+function instead of the hull)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,37 @@ from scipy.stats import norm
 from bench import per_input_ceiling as ceiling
 
 
-def test_wald_ceiling_matches_the_closed_form_for_an_image_that_always_hits():
-    """pA = 1: KL(1 || p0) = -log p0, so the largest p0 at n samples is alpha^(1/n) exactly."""
+@pytest.mark.parametrize("p_a", [0.6, 0.8, 0.95, 0.99, 0.999, 1.0])
+def test_the_upper_bound_is_above_a_sound_method_at_every_budget(p_a):
+    """Fixed-n Clopper-Pearson is a sound per-input method, so its expected radius can never exceed a bound for any
+    sound method. Run once against the previous row (Wald's bound at power 1, which ignored that a method may certify
+    with probability < 1 for fewer samples): it failed for every pA here (e.g. pA = 0.99, n = 300: 0.416 below the sound method's 0.434)."""
     alpha, sigma = 0.001, 0.25
-    radius = ceiling.wald_radius(np.array([1.0]), np.array([True]), alpha, sigma)[0]
-    n = ceiling.GRID[1:]
-    closed = sigma * norm.ppf(alpha ** (1.0 / n))
-    assert radius[1:] == pytest.approx(np.where(closed > 0, closed, 0.0), abs=1e-9)
+    ok = np.array([True])
+    bound = ceiling.power_bound_radius(np.array([p_a]), ok, alpha, sigma)[0]
+    sound = ceiling.expected_radius(np.array([p_a]), ok, ceiling.clopper_pearson, alpha, sigma)[0]
+    assert (bound >= sound).all()
 
 
-def test_wald_ceiling_is_zero_for_a_wrong_class_and_below_one_half():
+def test_the_upper_bound_is_zero_for_a_wrong_class_and_alpha_sized_below_one_half():
+    """A wrong tested class counts nothing; at pA <= 1/2 no radius is certified more often than alpha."""
     alpha, sigma = 0.001, 0.25
-    radius = ceiling.wald_radius(np.array([0.99, 0.45]), np.array([False, True]), alpha, sigma)
-    assert not radius.any()
+    bound = ceiling.power_bound_radius(np.array([0.99, 0.45]), np.array([False, True]), alpha, sigma)
+    assert not bound[0].any()
+    cap = ceiling.RADIUS_CAP_SIGMAS * sigma
+    assert bound[1, 1:] == pytest.approx(np.full(len(ceiling.GRID) - 1, alpha * cap), rel=1e-9)
+
+
+def test_the_largest_power_inverts_the_binary_kl_from_above():
+    """d(q || alpha) is the budget at which power q becomes possible: the inverse returns q (never less), 1 at
+    log(1/alpha) and beyond, alpha at budget 0."""
+    alpha = 0.001
+    q = np.array([0.002, 0.1, 0.5, 0.9, 0.999])
+    budget = ceiling._kl(q, np.full(len(q), alpha))
+    power = ceiling._largest_power(budget, alpha)
+    assert (power >= q).all() and power == pytest.approx(q, rel=1e-9)
+    assert ceiling._largest_power(np.array([np.log(1 / alpha), 50.0]), alpha).tolist() == [1.0, 1.0]
+    assert ceiling._largest_power(np.array([0.0]), alpha)[0] == pytest.approx(alpha, rel=1e-9)
 
 
 def test_the_oracle_allocation_interpolates_the_hull_between_two_multipliers():
