@@ -5,9 +5,10 @@ certificate when the bundle has a surrogate, the caller did not ask for a per-in
 alpha_cal (the bundle's lowest calibrated level; the certificate reports the largest level <= alpha it used), and the
 calibrated radius is > 0 and >= ``target_radius`` (without a target: >= ``auto_min_surrogate_z`` x sigma, where the
 per-input path certifies more for a few hundred samples, models.surrogate.auto_uses_surrogate); otherwise a
-sequential job (``fallback_reason`` says why) that, without a caller's target radius, takes the surrogate's proposed
-radius as its target (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else the best-radius
-rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify;
+sequential job (``fallback_reason`` says why) that, without a caller's target radius, runs the per-input path: it
+stops by the latency-oriented lambda (``Plan.per_input_lambda``) and, where the bundle has a surrogate, takes its
+proposed radius as its target (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else the
+best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify;
 ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
 """
 
@@ -80,6 +81,8 @@ class Plan:
     target_radius: float | None
     fallback_reason: FallbackReason | None = None
     proposal: bool = False  # sequential: target the surrogate's proposed radius (auto fallbacks without a target)
+    per_input_lambda: bool = False  # sequential: stop by the per-input path's lambda (every auto fallback without a
+    # target, with or without a surrogate to propose a radius: auto's latency-oriented rule, smoothing.PER_INPUT_MIN_GAIN)
 
 
 def request_alpha(params: CertifyParams, config: ServiceConfig) -> float:
@@ -113,9 +116,9 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
         route: Route = "surrogate"
     else:
         route = mode if mode in ("cohen", "fixed") else "sequential"
-    proposal = (mode == "auto" and route == "sequential" and params.target_radius is None
-                and fallback not in (None, "no_surrogate"))
-    return Plan(route, alpha, budget, deadline, params.target_radius, fallback, proposal)
+    per_input_path = mode == "auto" and route == "sequential" and params.target_radius is None
+    proposal = per_input_path and fallback != "no_surrogate"
+    return Plan(route, alpha, budget, deadline, params.target_radius, fallback, proposal, per_input_path)
 
 
 def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: float | None,

@@ -141,7 +141,8 @@ class CertificationService:
                   answer: SurrogateAnswer | None) -> JobSpec:
         """The engine job; for sequential, class, prior and the proposed radius (an auto fallback's target: the
         surrogate's shrunk point estimate) come from clean forward passes only, before any noise sample exists.
-        Auto fallbacks (the per-input path) also stop by the latency-oriented lambda PER_INPUT_MIN_GAIN."""
+        Auto fallbacks without a target (the per-input path) stop by the latency-oriented lambda PER_INPUT_MIN_GAIN,
+        with or without a proposal."""
         if plan.route == "cohen":
             return JobSpec(image, plan.alpha, plan.budget, plan.deadline, kind="cohen", n0=self.config.cohen_n0)
         tested, priors = class_and_prior(self.base, self.surrogate, self.meta, image[None],
@@ -154,7 +155,7 @@ class CertificationService:
                     if plan.proposal and answer is not None else None)
         return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=c, prior=prior,
                        target_radius=plan.target_radius, proposal_radius=proposal,
-                       min_gain=PER_INPUT_MIN_GAIN if plan.proposal else None)
+                       min_gain=PER_INPUT_MIN_GAIN if plan.per_input_lambda else None)
 
     async def _run_job(self, spec: JobSpec) -> JobResult:
         try:

@@ -122,3 +122,19 @@ def test_auto_fallbacks_target_the_surrogates_proposal(kwargs, proposal):
     """An auto request that falls back (per_input, alpha below the ladder, surrogate abstained) targets the
     surrogate's proposed radius; an explicit target, an explicit mode or a bundle without surrogate does not."""
     assert plan(**kwargs).proposal is proposal
+
+
+@pytest.mark.parametrize("kwargs, per_input_lambda", [
+    (dict(), False),  # answered by the surrogate
+    (dict(per_input=True), True),
+    (dict(radius=0.0), True),
+    (dict(radius=None, alpha_cal=None), True),  # no surrogate: no proposal, but still auto's per-input path
+    (dict(radius=None, alpha_cal=None, per_input=True), True),
+    (dict(target_radius=0.5), False),  # the caller's target: the target policy, no lambda
+    (dict(mode="sequential"), False),  # explicit sequential: the best-radius rule's default lambda
+])
+def test_every_auto_fallback_without_a_target_runs_the_per_input_lambda(kwargs, per_input_lambda):
+    """Auto's fallback stops by the latency-oriented lambda whether or not the bundle has a surrogate to propose a
+    radius. Run once against the old plan (the lambda tied to the proposal): a bundle without surrogate ran auto
+    with the best-radius default lambda (5e-5 instead of 2e-4) on auto's budget, the two no-surrogate cases failed."""
+    assert plan(**kwargs).per_input_lambda is per_input_lambda
