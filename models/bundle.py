@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,10 @@ class ConformalLevel(_Strict):
     def _consistent(self):
         if not math.isclose(self.alpha, self.delta + self.alpha_1, rel_tol=1e-9):
             raise ValueError(f"level alpha ({self.alpha}) must equal delta + alpha_1 ({self.delta + self.alpha_1})")
+        if Fraction(self.delta) + Fraction(self.alpha_1) > Fraction(self.alpha):  # the certificate reports alpha
+            raise ValueError(f"level alpha ({self.alpha!r}) is below delta + alpha_1 ({self.delta!r} + "
+                             f"{self.alpha_1!r}) in exact arithmetic: the guarantee would overstate its level "
+                             "(smoothing.conformal.level_split rounds delta down)")
         if not (len(self.knots) == len(self.values) == len(self.scale)):
             raise ValueError("knots, values and scale must have the same length")
         finite = all(map(math.isfinite, [*self.knots, *self.values, *self.scale, *self.edges]))

@@ -207,6 +207,26 @@ def test_level_alpha_not_delta_plus_alpha_1_is_refused(bundle_copy):
     _refused(bundle_copy, "level alpha (0.2) must equal delta + alpha_1")
 
 
+def test_level_whose_delta_plus_alpha_1_exceeds_alpha_in_exact_arithmetic_is_refused(bundle_copy):
+    """delta + alpha_1 must not exceed the alpha a certificate reports, in exact arithmetic: the old level_split's
+    delta 0.009000000000000001 (with alpha_1 0.001) overshoots 0.01 by ~9e-19. Run against the loader with only the
+    relative-tolerance check (before 2026-12-05): it loaded; so did the embedded bundle, which carried that delta."""
+    manifest = _read_manifest(bundle_copy)
+    level = manifest["calibration"]["levels"][2]
+    assert (level["alpha"], level["delta"], level["alpha_1"]) == (0.01, 0.009, 0.001)
+    level["delta"] = 0.009000000000000001
+    _write_manifest(bundle_copy, manifest)
+    _refused(bundle_copy, "exact arithmetic", "overstate its level")
+
+
+def test_every_embedded_level_is_level_splits_exactly():
+    """The shipped ladder's (delta, alpha_1) are smoothing.conformal.level_split's, whose sum never exceeds alpha."""
+    from smoothing.conformal import level_split
+
+    for level in load_bundle(DEFAULT_BUNDLE_DIR).manifest.calibration.levels:
+        assert (level.delta, level.alpha_1) == level_split(level.alpha), level.alpha
+
+
 def test_finite_quantile_in_a_bin_too_small_for_its_level_is_refused(bundle_copy):
     """A bin with fewer scores than its level's minimum has no finite conformal quantile (its rank exceeds m): a
     manifest claiming one is refused. Run against the loader without this check (before 2026-12-05): it loaded."""
