@@ -9,7 +9,10 @@ from pydantic import BaseModel, Field
 from certification.plan import FallbackReason, Route
 
 GuaranteeKind = Literal["conformal-marginal", "anytime-valid", "clopper-pearson"]
-StoppedBy = Literal["certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"]
+#: Why sampling ended: certified (surrogate certified, or the best-radius rule stopped), target (target or proposed
+#: radius verified), futility, budget (sequential or cohen: its budget spent), planned (fixed: drew the n planned
+#: from its clean image), deadline, abstained (surrogate), shutdown
+StoppedBy = Literal["certified", "target", "futility", "budget", "planned", "deadline", "abstained", "shutdown"]
 
 GUARANTEE_OF_ROUTE: dict[str, GuaranteeKind] = {"surrogate": "conformal-marginal", "sequential": "anytime-valid",
                                                 "fixed": "clopper-pearson", "cohen": "clopper-pearson"}

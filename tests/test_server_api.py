@@ -378,7 +378,8 @@ def test_mode_sequential(client, easy):
 
 def test_mode_fixed_spends_the_planned_n_and_reports_its_clopper_pearson_bound(client, easy):
     """mode=fixed: n planned from the clean image's prior alone, class from the clean image, one CP bound on the n
-    samples (p_lower is exactly clopper_pearson_lower(S, n) for an integer S)."""
+    samples (p_lower is exactly clopper_pearson_lower(S, n) for an integer S), stopped_by 'planned' (it drew the n
+    it planned; before 2026-12-05 it said 'budget', which reads as 'ran out of samples')."""
     from models.priors import class_and_prior
     from smoothing import clopper_pearson_lower, planned_sample_size
 
@@ -389,12 +390,46 @@ def test_mode_fixed_spends_the_planned_n_and_reports_its_clopper_pearson_bound(c
     assert r.status_code == 200, r.text
     cert = check_certificate(r.json())
     assert cert.method == "fixed" and cert.guarantee.kind == "clopper-pearson" and cert.guarantee.alpha == 0.001
-    assert cert.samples == n and cert.stopped_by == "budget" and cert.class_index == int(tested[0]) == 1
+    assert cert.samples == n and cert.stopped_by == "planned" and cert.class_index == int(tested[0]) == 1
     s = np.arange(n + 1)
     k = int(np.argmin(np.abs(clopper_pearson_lower(s, n, 0.001) - cert.p_lower)))
     assert cert.p_lower == clopper_pearson_lower(k, n, 0.001)
     assert client.post("/certify", json={"image": easy.tolist(), "mode": "fixed", "target_radius": 0.2}
                        ).json()["error"]["code"] == "bad_request"
+
+
+def test_planning_a_fixed_job_leaves_the_event_loop_free(client, easy, monkeypatch):
+    """mode=fixed plans n (tens of ms of expected-radius tables) off the event loop: a coroutine that wakes up after
+    50 ms runs while a planning call that takes 0.5 s is in progress. Run against the service planning on the loop
+    (before 2026-12-05): the tick came after the fixed certificate."""
+    import asyncio
+    import time
+
+    import certification.service as service_module
+    from certification.plan import CertifyParams
+
+    planned = service_module.planned_sample_size
+
+    def slow_plan(*args, **kwargs):
+        time.sleep(0.5)
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "planned_sample_size", slow_plan)
+    service, order = client.app.state.service, []
+
+    async def fixed():
+        await service._certify(easy, CertifyParams(mode="fixed", max_samples=200), request_id="loop-free")
+        order.append("fixed")
+
+    async def tick():
+        await asyncio.sleep(0.05)
+        order.append("tick")
+
+    async def both():
+        await asyncio.gather(fixed(), tick())
+
+    asyncio.run(both())
+    assert order == ["tick", "fixed"]
 
 
 @pytest.mark.parametrize("budget", [300, None])
