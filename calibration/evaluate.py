@@ -2,7 +2,8 @@
 
 Per image: one ordered stream of n noisy predictions of the base model (plus n0 separate selection samples for
 Cohen). Cohen-10k/1k use the stream's first 10k/1k samples; the sequential methods replay it through the worker's
-checkpoint schedule; the surrogate needs one forward pass (at every calibrated risk level); per-input = the server's
+checkpoint schedule, stopping where the rule fires (the engine under load; calibration.front says what speculation
+adds at light load); the surrogate needs one forward pass (at every calibrated risk level); per-input = the server's
 ``auto`` + ``per_input=true`` (the e-process targeting the surrogate's proposed radius, auto budget); auto = the
 surrogate where its radius is >= AUTO_MIN_SURROGATE_Z sigmas (models.surrogate.auto_uses_surrogate, the server's
 rule), else that per-input path. ``--streams`` caches the sampled streams (keyed by bundle,

@@ -4,7 +4,10 @@ Shared by the evaluation (``certserve calibrate evaluate``, real test streams) a
 (``bench.smoothing_front``: simulated and held-out dev streams). Inputs are per-image cumulative hit counts of the class
 fixed from the clean image, ``hits[i, t - 1] = S_t``, and whether that class is the label (a wrong class counts radius
 0, as an abstention does). Sequential methods replay each stream at the engine's checkpoints
-(:func:`smoothing.checkpoint_schedule`), so their sample counts are what the server spends.
+(:func:`smoothing.checkpoint_schedule`) and stop where the rule fires, so their sample counts are what the server
+spends under load; at light load the engine's speculation lets a best-radius job draw to its next checkpoint while its
+decision is pending (those samples count): ~10% more samples, a slightly larger radius (docs/speculation-cost.md).
+Proposal and target jobs never run ahead.
 
 Methods (``method`` field of a point; ``param`` is the knob swept along the front):
 * ``cohen``: Cohen et al. (n0 selection samples + n estimation samples; param n);
