@@ -1,9 +1,13 @@
 """Decode and validate request images against the bundle's input spec; never a 500 for bad input.
 
-Accepted: PNG or JPEG bytes, ``.npy`` bytes (uint8 0-255 or float 0-1), base64 of any of these, or a nested list of
-floats in [0, 1] shaped (C, H, W) or (H, W). The pixel count is checked from the header BEFORE decoding
-(decompression bombs). A wrong size or channel count is rejected with the expected shape, unless the request asks
-for ``resize`` / ``convert``; what was done is echoed back.
+Accepted: PNG or JPEG bytes, ``.npy`` bytes (uint8 0-255 or float 0-1), base64 of any of these (line breaks, as
+MIME wraps base64, are dropped), or a nested list of floats in [0, 1] shaped (C, H, W) or (H, W). The pixel count
+is checked from the header BEFORE decoding (decompression bombs), and reported to the caller's ``admit`` (a request's
+budget of pixels) before anything is decoded. A wrong size or channel count is rejected with the expected shape,
+unless the request asks for ``resize`` / ``convert``; what was done is echoed back. Refused rather than silently
+changed: transparent pixels (also a 16-bit grey tRNS value), animations (only a first frame would be certified), an
+EXIF orientation (the pixels would be certified as stored, not as shown), and PNG data that does not fill exactly the
+rows the header declares (Pillow zero-fills missing rows).
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ import base64
 import binascii
 import io
 import json
+import math
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 _NPY_MAGIC = b"\x93NUMPY"
+_LINE_BREAKS = b"\r\n"
+_EXIF_ORIENTATION = 0x0112
 
 
 # The pixel count is checked against ``max_pixels`` from the header before anything is decoded (below). PIL's own
@@ -34,16 +43,20 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_pixels: int, resize: bool = False,
-                 convert: bool = False) -> tuple[np.ndarray, list[str]]:
-    """Return ((C, H, W) float32 in [0, 1], list of preprocessing steps) or raise ImageError."""
+                 convert: bool = False, admit: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Return ((C, H, W) float32 in [0, 1], list of preprocessing steps) or raise ImageError. ``admit(pixels)`` is
+    called with the declared pixel count (width x height) once it passed ``max_pixels``, before any decoding: it may
+    raise (e.g. a request's total pixel budget is spent)."""
     steps: list[str] = []
+    admit = admit or (lambda pixels: None)
     if isinstance(data, list):
-        arr = _from_nested(data, max_pixels)
+        arr = _from_nested(data, max_pixels, admit)
     else:
         raw = _b64(data) if isinstance(data, str) else data
         if not raw:
             raise ImageError("the image is empty (0 bytes)")
-        arr = _from_npy(raw, max_pixels) if raw.startswith(_NPY_MAGIC) else _from_pil(raw, max_pixels)
+        decoder = _from_npy if raw.startswith(_NPY_MAGIC) else _from_pil
+        arr = decoder(raw, max_pixels, admit)
     return _conform(arr, shape, resize, convert, steps), steps
 
 
@@ -64,39 +77,58 @@ def received_input(data: bytes | str | list) -> tuple[bytes | list, bytes, str]:
 def _b64(text: str) -> bytes:
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError("image must be base64 (PNG, JPEG or .npy bytes) or a nested array of floats") from None
+    try:  # line breaks (MIME base64 wraps its lines at 76) carry nothing: dropped
+        return base64.b64decode(text.encode("ascii").translate(None, _LINE_BREAKS), validate=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError (non-ASCII text) is a ValueError
+        hint = (" (it contains spaces: in an application/x-www-form-urlencoded body each '+' of base64 must be sent "
+                "as %2B, else it arrives as a space)" if " " in text else "")
+        raise ImageError(f"image must be base64 (PNG, JPEG or .npy bytes) or a nested array of floats{hint}") from None
 
 
-def _from_pil(raw: bytes, max_pixels: int) -> np.ndarray:
+def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(raw))
         width, height = img.size  # header only, nothing decoded yet
-    except (UnidentifiedImageError, OSError, ValueError):
+        frames = getattr(img, "n_frames", 1)  # PNG: from acTL, in the header
+    except MemoryError:
+        raise
+    except Exception:  # Pillow's parsers raise more than OSError on malformed headers (SyntaxError, struct.error, ...)
         raise ImageError("could not read the image: expected PNG, JPEG or .npy bytes") from None
     if img.format not in ("PNG", "JPEG"):
         raise ImageError(f"image format {img.format} is not accepted: send PNG, JPEG or .npy")
+    if frames != 1:
+        raise ImageError(f"the image is animated ({frames} frames); only its first frame would be certified: send "
+                         "one still frame (a single-image PNG or JPEG)")
     if img.format == "PNG" and raw[24:25] == b"\x10" and raw[25:26] != b"\x00":  # IHDR bit depth 16, not grey
         raise ImageError("16-bit colour or grey+alpha PNGs cannot be decoded without losing precision: send an "
                          "8-bit or 16-bit grey PNG, or a float .npy")
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                          "image_too_large")
+    admit(width * height)
+    if img.format == "PNG":
+        _check_png_data(raw, width, height)  # bounded by the pixel check above, as decoding
     try:
         img.load()  # decoding is bounded by the pixel check above
+        orientation = img.getexif().get(_EXIF_ORIENTATION)  # after load: a PNG's eXIf chunk may follow its IDAT
         transparent = _has_transparent_pixels(img)
         if img.mode not in ("L", "RGB"):
             if not img.mode.startswith("I"):  # 16-bit grey stays as it is (scaled below)
                 img = img.convert("L" if img.mode in ("1", "LA", "F") else "RGB")  # palette, alpha, CMYK -> RGB
-    except (OSError, ValueError, SyntaxError):
+        arr = np.asarray(img, dtype=np.float32)
+    except MemoryError:
+        raise
+    except Exception:  # also Pillow's AssertionError / IndexError / TypeError on inconsistent chunks
         raise ImageError("the image data is truncated or corrupt") from None
+    if orientation in range(2, 9):  # 1 (or none): stored as shown
+        raise ImageError(f"the image has EXIF orientation {orientation}: it is shown rotated or mirrored, but its "
+                         "pixels are stored unrotated and would be certified as stored. Apply the orientation to "
+                         "the pixels (e.g. PIL.ImageOps.exif_transpose) and send the image without it")
     if transparent:  # dropping the alpha would certify pixels that were not shown
         raise ImageError("the image has transparent pixels: flatten it onto a background (no alpha) first")
     if img.mode.startswith("I"):  # 16-bit PNG: scale, do not clip to 8 bits
-        return np.asarray(img, dtype=np.float32) / 65535.0
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+        return arr / 65535.0
+    arr = arr / 255.0
     return arr if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
 
 
@@ -104,31 +136,93 @@ def _has_transparent_pixels(img: Image.Image) -> bool:
     """True where some pixel is not fully opaque (a fully opaque alpha channel is dropped: nothing changes)."""
     if "A" not in img.getbands() and "transparency" not in img.info:
         return False
+    if img.mode.startswith("I"):  # 16-bit grey: convert("RGBA") ignores its tRNS grey value; compare the pixels
+        value = img.info["transparency"]
+        return not isinstance(value, int) or bool((np.asarray(img) == value).any())
     return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 
-def _from_npy(raw: bytes, max_pixels: int) -> np.ndarray:
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_data(raw: bytes, width: int, height: int) -> None:
+    """Refuse a PNG whose image data does not fill exactly the rows its header declares (a zlib stream that ends
+    cleanly early is zero-filled by Pillow, without an error), or a palette PNG with no PLTE before its data (Pillow
+    would invent a palette). The IDAT data are inflated in 1 MiB pieces and counted, up to one byte beyond the
+    expected size: filter bytes included, Adam7 passes summed."""
+    view, pos, parts, ihdr, palette = memoryview(raw), 8, [], None, False
+    while pos + 8 <= len(raw):
+        length, tag = int.from_bytes(raw[pos:pos + 4], "big"), raw[pos + 4:pos + 8]
+        if tag == b"IHDR" and ihdr is None:
+            ihdr = raw[pos + 8:pos + 8 + 13]
+        elif tag == b"PLTE" and not parts:
+            palette = True
+        elif tag == b"IDAT":
+            parts.append(view[pos + 8:pos + 8 + length])
+        elif tag == b"IEND":
+            break
+        pos += 12 + length
+    if ihdr is None or len(ihdr) < 13 or ihdr[9] not in _PNG_CHANNELS:
+        raise ImageError("the image data is truncated or corrupt: the PNG header (IHDR) is malformed")
+    if ihdr[9] == 3 and not palette:
+        raise ImageError("the image data is truncated or corrupt: the palette PNG has no palette (PLTE) before its "
+                         "image data")
+    bits = ihdr[8] * _PNG_CHANNELS[ihdr[9]]
+    passes = ([(width, height)] if ihdr[12] == 0 else
+              [(-(-(width - x) // dx), -(-(height - y) // dy)) for x, y, dx, dy in _ADAM7 if width > x and height > y])
+    expected = sum(h * (1 + (w * bits + 7) // 8) for w, h in passes)
+    inflate, got = zlib.decompressobj(), 0
+    try:
+        for part in parts:
+            while part and not inflate.eof and got <= expected:
+                got += len(inflate.decompress(part, 1 << 20))
+                part = inflate.unconsumed_tail
+    except zlib.error:
+        raise ImageError("the image data is truncated or corrupt: the PNG's compressed data is invalid") from None
+    if got < expected:
+        raise ImageError(f"the image data is truncated or corrupt: the PNG's image data ends after {got} of the "
+                         f"{expected} bytes its {width}x{height} header declares (rows are missing)")
+    if got > expected:
+        raise ImageError(f"the image data is truncated or corrupt: the PNG holds more image data than its "
+                         f"{width}x{height} header declares")
+
+
+def _from_npy(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:
     buf = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(buf)
         header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         dims, _, dtype = header(buf)
-    except (ValueError, OSError, SyntaxError):
+    except MemoryError:
+        raise
+    except Exception:  # numpy parses the header with ast/tokenize: TokenError, SyntaxError, TypeError, ...
         raise ImageError("could not read the .npy header") from None
+    if not all(type(d) is int and d >= 0 for d in dims):  # numpy lets True (an int) through as a dimension
+        raise ImageError(f"could not read the .npy header: its shape must be non-negative integers; got {dims}")
     if dtype.kind not in "uif" or dtype.hasobject or dtype.kind in "ui" and dtype != np.uint8:
         raise ImageError(f".npy dtype {dtype} is not accepted: use uint8 (0-255) or float (0-1)")
-    if int(np.prod(dims, dtype=np.int64)) > 4 * max_pixels:
+    if math.prod(dims) > 4 * max_pixels:  # exact (np.prod in int64 wraps around: 2**32 x 2**32 gave 0)
         raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", "image_too_large")
+    admit(_pixels(dims))
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
+    except MemoryError:
+        raise
+    except Exception:
         raise ImageError("the .npy data is truncated or corrupt") from None
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     return _check_range(arr)
 
 
-def _from_nested(data: list, max_pixels: int) -> np.ndarray:
+def _from_nested(data: list, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:
+    dims, inner = [], data
+    while type(inner) is list:  # the shape along the first items: what a rectangular array has (else refused below)
+        dims.append(len(inner))
+        inner = inner[0] if inner else None
+    if math.prod(dims) <= 4 * max_pixels:
+        admit(_pixels(dims))
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -154,12 +248,21 @@ def _has_booleans(data: list) -> bool:
     return False
 
 
+def _pixels(dims) -> int:
+    """width x height of an array shaped (H, W), (C, H, W) or (H, W, C) as :func:`_conform` reads it."""
+    if len(dims) == 3 and dims[0] in (1, 3):
+        return dims[1] * dims[2]
+    if len(dims) == 3 and dims[-1] in (1, 3):
+        return dims[0] * dims[1]
+    return math.prod(dims)
+
+
 def _check_range(arr: np.ndarray) -> np.ndarray:
     """The values as float32 after checking them at their own precision (a finite 1e39 is out of range, not inf)."""
     if not np.all(np.isfinite(arr)):
         raise ImageError("image values must be finite numbers (found NaN or infinity)")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        raise ImageError(f"float image values must lie in [0, 1]; found [{arr.min():g}, {arr.max():g}]")
+    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):  # numpy's str: the shortest text that reads back exactly
+        raise ImageError(f"float image values must lie in [0, 1]; found [{arr.min()}, {arr.max()}]")
     return arr.astype(np.float32)
 
 
