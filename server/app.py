@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -24,13 +26,16 @@ from models.bundle import load_bundle
 from server.errors import error_body, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestContext
-from server.requests import Decoded, decode, parse_request
-from server.schemas import BatchResponse, Certificate, CertifyParams, ErrorResponse, ModelCard, request_body_doc, \
-    request_schemas
+from server.requests import Decoded, decode_all, parse_request, request_pixel_limit
+from server.schemas import BatchResponse, Certificate, CertifyParams, ErrorResponse, HealthResponse, JWKS, ModelCard, \
+    ReadyResponse, request_body_doc, request_schemas
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("certserve")
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 413, 415, 422, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 500, 503)}
+_ERRORS[499] = {"model": ErrorResponse, "description": "client_closed_request: the client went away before its "
+                "answer (logged and counted; nobody reads it)"}
+_STARTING = {503: {"model": ErrorResponse, "description": "starting: the bundle is still loading (Retry-After)"}}
 
 
 def build_service(settings: Settings, *, observer=None, seed: int | None = None) -> CertificationService:
@@ -53,6 +58,9 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
         if owned:
             app.state.service = build_service(settings, observer=metrics, seed=seed)
             await asyncio.to_thread(app.state.service.start)
+        # image decoding, off the event loop (server.requests); a few threads: decodes queue rather than
+        # crowd out the event loop and the sampler
+        app.state.decoder = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="certserve-decode")
         app.state.ready = True
         log.info("certserve ready: bundle %s, sampler %s", app.state.service.manifest.name,
                  app.state.service.engine.sampler.backend.name)
@@ -60,14 +68,18 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
             yield
         finally:
             app.state.ready = False
-            if owned:
-                await asyncio.to_thread(app.state.service.stop, settings.drain_seconds)
+            try:
+                if owned:
+                    await asyncio.to_thread(app.state.service.stop, settings.drain_seconds)
+            finally:  # decodes already queued still run; a new one is refused (503 draining, server.requests)
+                app.state.decoder.shutdown(wait=False)
 
     app = FastAPI(title="certserve", version=certserve_version(), lifespan=lifespan,
                   description="Certified robustness (randomized smoothing) for image classifiers: a calibrated "
                               "surrogate in one forward pass, an anytime-valid sequential test when needed.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.state.ready, app.state.draining, app.state.inflight = False, False, 0
+    app.state.decoder = None  # the lifespan's decode executor (None: asyncio's default)
     metrics.ready.set_function(lambda: float(readiness(app.state) == "ready"))  # read at scrape time, as /readyz
     count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected,
@@ -129,7 +141,8 @@ _GUARDS = [Depends(require_key), Depends(admit)]
                          "422 bad_request). Needs an API key when the server has CERTSERVE_API_KEYS.")
 async def certify(request: Request) -> Certificate:
     images, params = await parse_request(request, batch=False)
-    cert = await _certify_one(request, _decode(request, images[0], params), params)
+    (decoded,) = await _decode(request, images, params)
+    cert = await _certify_one(request, decoded, params)
     _observe_http(request, "/certify")
     return cert
 
@@ -146,7 +159,7 @@ async def certify_batch(request: Request) -> BatchResponse:
     limit = request.app.state.settings.max_batch_images
     if len(images) > limit:
         raise ServiceError("too_many_images", f"at most {limit} images per batch request; got {len(images)}")
-    decoded = [_decode(request, img, params) for img in images]  # every image, before any job starts
+    decoded = await _decode(request, images, params)  # every image, before any job starts
     jobs = [asyncio.ensure_future(_certify_one(request, d, params)) for d in decoded]
     try:
         results = await asyncio.gather(*jobs)
@@ -166,9 +179,11 @@ def _observe_http(request: Request, route: str) -> None:
     request.app.state.metrics.http_latency.labels(route).observe(time.monotonic() - request.state.received)
 
 
-def _decode(request: Request, raw, params: CertifyParams) -> Decoded:
-    state = request.app.state
-    return decode(raw, params, shape=state.service.shape, max_pixels=state.settings.max_pixels)
+async def _decode(request: Request, images: list, params: CertifyParams) -> list[Decoded]:
+    state, settings = request.app.state, request.app.state.settings
+    shape = state.service.shape
+    return await decode_all(images, params, shape=shape, max_pixels=settings.max_pixels, executor=state.decoder,
+                            request_pixels=request_pixel_limit(settings.max_pixels, settings.max_batch_images, shape))
 
 
 async def _certify_one(request: Request, d: Decoded, params: CertifyParams) -> Certificate:
@@ -205,7 +220,7 @@ async def _cancel_on_disconnect(request: Request, work: asyncio.Future) -> bool:
     return False
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
 async def healthz() -> dict:
     return {"status": "ok"}
 
@@ -229,7 +244,7 @@ def readiness(state) -> str:
                         "writable yet; certification requests are refused up front meanwhile) or, behind Ray Serve "
                         "only, `starting` / `draining`: a single `certserve serve` "
                         "process accepts no connection before it is ready and stops accepting new ones on SIGTERM.",
-            responses={503: {"model": ErrorResponse}})
+            responses={200: {"model": ReadyResponse}, 503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     status = readiness(request.app.state)
     if status == "ready":
@@ -238,7 +253,8 @@ async def readyz(request: Request) -> JSONResponse:
                         headers={"Retry-After": "1"})
 
 
-@router.get("/.well-known/jwks.json", summary="Public keys that verify signed certificates (JWKS, RFC 7517)")
+@router.get("/.well-known/jwks.json", summary="Public keys that verify signed certificates (JWKS, RFC 7517)",
+            responses={200: {"model": JWKS}, **_STARTING})
 async def jwks(request: Request) -> JSONResponse:
     service = request.app.state.service
     if service is None or not request.app.state.ready:
@@ -246,7 +262,7 @@ async def jwks(request: Request) -> JSONResponse:
     return JSONResponse(service.sealer.jwks(), headers={"Cache-Control": "public, max-age=300"})
 
 
-@router.get("/v1/models", response_model=list[ModelCard], summary="The served bundle")
+@router.get("/v1/models", response_model=list[ModelCard], summary="The served bundle", responses=_STARTING)
 async def models(request: Request) -> list[ModelCard]:
     service = request.app.state.service
     if service is None or not request.app.state.ready:

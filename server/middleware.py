@@ -23,8 +23,8 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")[:64]
-        request_id = supplied if supplied.isprintable() and supplied else uuid.uuid4().hex[:16]
+        supplied = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        request_id = supplied.decode() if _echoable(supplied) else uuid.uuid4().hex[:16]
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["received"] = time.monotonic()
@@ -51,6 +51,12 @@ class RequestContext:
             if not started:
                 await send_json(send_with_id, 500, error_bytes("internal", "internal server error (logged with this "
                                                                             "request id)", request_id))
+
+
+def _echoable(request_id: bytes) -> bool:
+    """A client's X-Request-ID is echoed as is when it is 1-64 printable ASCII characters (its bytes then round-trip
+    through the header, the JSON body and the logs); any other is replaced by a fresh id, never altered."""
+    return 0 < len(request_id) <= 64 and all(0x20 <= b < 0x7F for b in request_id)
 
 
 class BodyLimit:

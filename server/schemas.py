@@ -7,14 +7,16 @@ OpenAPI document describes both exactly: typed fields with their enums and range
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from certification.certificate import Certificate, ModelCard
 from certification.plan import CertifyParams
 
-__all__ = ["BatchResponse", "Certificate", "CertifyParams", "ErrorResponse", "JSONBatchRequest", "JSONCertifyRequest",
-           "ModelCard", "request_body_doc"]
+__all__ = ["BatchResponse", "Certificate", "CertifyParams", "ErrorResponse", "HealthResponse", "JSONBatchRequest",
+           "JSONCertifyRequest", "JWKS", "ModelCard", "ReadyResponse", "request_body_doc"]
 
 
 class JSONCertifyRequest(CertifyParams):
@@ -39,6 +41,32 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    """GET /healthz: the process answers."""
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    """GET /readyz when ready (otherwise 503 with the error envelope)."""
+    status: Literal["ready"]
+
+
+class JWK(BaseModel):
+    """One Ed25519 public key (RFC 8037), as certification.signing publishes it."""
+    model_config = ConfigDict(extra="allow")
+    kty: Literal["OKP"]
+    crv: Literal["Ed25519"]
+    x: str = Field(description="the public key, base64url")
+    kid: str = Field(description="RFC 7638 thumbprint; a signed certificate's header names it")
+    alg: str
+    use: Literal["sig"]
+
+
+class JWKS(BaseModel):
+    """GET /.well-known/jwks.json (RFC 7517): every configured key, the active one first; empty when unsigned."""
+    keys: list[JWK]
 
 
 _REF = "#/components/schemas/{model}"
