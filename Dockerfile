@@ -6,15 +6,35 @@
 #   docker run --rm --network host certserve            # listens on 0.0.0.0:8000
 #   docker run --rm --network host -v /path/bundle:/bundle:ro -e CERTSERVE_BUNDLE=/bundle certserve
 #
-# GPU image: a CUDA runtime base that has python3 + venv (installed below when INSTALL_PYTHON=1) and onnxruntime-gpu
-# (CERTSERVE_DEVICE=cuda then runs the sampler on onnxruntime's CUDA provider, noise drawn in the graph):
+# GPU image: a CUDA + cuDNN runtime base that has python3 + venv (installed below when INSTALL_PYTHON=1) and
+# onnxruntime-gpu in place of onnxruntime (CERTSERVE_DEVICE=cuda then runs the sampler on onnxruntime's CUDA provider,
+# noise drawn in the graph). Pin ORT_PACKAGE to a release built for the base's CUDA major version: an unpinned
+# onnxruntime-gpu resolves by the base's Python (3.10 gets 1.23.2, built for CUDA 12; 3.11+ gets the newest, built for
+# CUDA 13 since 1.27), and its CUDA provider then fails to load at run time. Matching pairs (the CUDA libraries each
+# release's libonnxruntime_providers_cuda.so links against):
+#   CUDA 12.x + cuDNN 9 base (e.g. nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04, Python 3.10): onnxruntime-gpu
+#     1.19-1.26, e.g. ORT_PACKAGE='onnxruntime-gpu==1.23.*' (1.23.2 is the last release for Python 3.10)
+#   CUDA 13.x base (+ cuDNN 9 for 1.27): onnxruntime-gpu>=1.27 (Python >= 3.11, e.g. an ubuntu24.04 base: Python 3.12)
 #   docker build -t certserve:gpu \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
-#     --build-arg INSTALL_PYTHON=1 --build-arg ORT_PACKAGE=onnxruntime-gpu .
+#     --build-arg INSTALL_PYTHON=1 --build-arg ORT_PACKAGE='onnxruntime-gpu==1.23.*' .
 #   docker run --rm --gpus all --network host -e CERTSERVE_DEVICE=cuda certserve:gpu
-# Add --build-arg EXTRAS=gpu for the PyTorch backend as well (torch + onnx2torch, several GB: models/torch_backend.py;
-# used when onnxruntime has no CUDA provider). docker/smoke-test.sh builds the onnxruntime-gpu variant on its local
-# Debian base (no CUDA base can be pulled there) and checks that it imports its GPU backend; it cannot run it.
+# The build checks the result: onnxruntime imports, the GPU distribution is installed (and the CPU one is not), its
+# providers include CUDAExecutionProvider and, on a base that has a CUDA runtime, `ldd` resolves every library of the
+# CUDA provider except the driver's libcuda.so.1 (mounted by the NVIDIA container runtime), so a mismatched pair fails
+# the build instead of the first request. Add --build-arg EXTRAS=gpu for the PyTorch backend as well (torch +
+# onnx2torch, several GB: models/torch_backend.py; used when onnxruntime has no CUDA provider).
+#
+# Ray image (deploy/kuberay/rayservice.yaml): the same image with EXTRAS=ray holds certserve[ray] with Ray pinned to
+# RAY_VERSION (= the manifest's rayVersion) and what KubeRay's probes call (bash, wget, grep); KubeRay replaces the
+# command with its `ray start`:
+#   docker build -t certserve:ray \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg INSTALL_PYTHON=1 \
+#     --build-arg ORT_PACKAGE='onnxruntime-gpu==1.23.*' --build-arg EXTRAS=ray .
+#
+# docker/smoke-test.sh builds the CPU image and runs it, builds the onnxruntime-gpu variant on its local Debian base
+# (no CUDA base can be pulled there, so it cannot load or run the CUDA provider) and the Ray variant (starts a Ray
+# head in it and runs KubeRay's probe commands).
 #
 # Offline builds: put wheels in a `wheels/` directory of the build context (e.g. `pip download -d wheels ...` on a
 # host with the base image's Python); they are then installed with `pip install --no-index --find-links`, otherwise
@@ -28,6 +48,7 @@ FROM ${BASE_IMAGE} AS build
 ARG INSTALL_PYTHON=0
 ARG ORT_PACKAGE=onnxruntime
 ARG EXTRAS=""
+ARG RAY_VERSION=2.60.0
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 
 SHELL ["/bin/sh", "-eu", "-c"]
@@ -52,35 +73,82 @@ COPY server ./server
 COPY cli ./cli
 COPY bench ./bench
 
-# The versions are those of pyproject.toml (or of the wheelhouse); a non-default ORT_PACKAGE (onnxruntime-gpu)
-# replaces the CPU onnxruntime that the project's metadata requires (both provide the `onnxruntime` module).
+# The versions are those of pyproject.toml (or of the wheelhouse); with `ray` in EXTRAS, Ray is pinned to RAY_VERSION.
+# A non-default ORT_PACKAGE (onnxruntime-gpu==...) replaces the CPU onnxruntime that the project's metadata requires
+# (both provide the `onnxruntime` module; with both installed the CPU one would win). Every step but the removal of
+# pip itself must succeed.
 RUN python3 -m venv /opt/venv && \
     if ls /wheels/*.whl >/dev/null 2>&1; then \
         set -- --no-index --find-links /wheels; \
     else \
         set --; \
     fi && \
-    /opt/venv/bin/pip install --no-cache-dir "$@" ".${EXTRAS:+[$EXTRAS]}" && \
+    case ",$EXTRAS," in \
+        *,ray,*) ray_pin="ray[serve]==$RAY_VERSION";; \
+        *) ray_pin="";; \
+    esac && \
+    /opt/venv/bin/pip install --no-cache-dir "$@" ".${EXTRAS:+[$EXTRAS]}" ${ray_pin:+"$ray_pin"} && \
     if [ "$ORT_PACKAGE" != onnxruntime ]; then \
         /opt/venv/bin/pip uninstall -y onnxruntime && \
         /opt/venv/bin/pip install --no-cache-dir --no-deps "$@" "$ORT_PACKAGE"; \
     fi && \
-    /opt/venv/bin/pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true && \
-    /opt/venv/bin/python -c "import models.bundle as b; assert (b.DEFAULT_BUNDLE_DIR / 'manifest.json').is_file()"
+    { /opt/venv/bin/pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true; }
+
+# Check what was installed: the embedded bundle; onnxruntime imports from exactly one distribution, the one ORT_PACKAGE
+# names; a GPU build has the CUDA provider, and on a base with a CUDA runtime every library of that provider resolves
+# (a release built for another CUDA major version fails here, not at the first request).
+RUN /opt/venv/bin/python -c "import importlib.metadata as md, os, re, onnxruntime as ort, models.bundle as b; \
+assert (b.DEFAULT_BUNDLE_DIR / 'manifest.json').is_file(), 'the embedded bundle is missing'; \
+norm = lambda name: name.lower().replace('_', '-'); \
+want = norm(re.split(r'[^A-Za-z0-9._-]', os.environ['ORT_PACKAGE'].strip())[0]); \
+dists = sorted({norm(d) for d in md.packages_distributions().get('onnxruntime', [])}); \
+print('onnxruntime', ort.__version__, 'from', dists, 'providers', ort.get_available_providers()); \
+assert len(dists) == 1, 'the onnxruntime module comes from %s' % dists; \
+assert not want or dists == [want], '%s was asked for, onnxruntime comes from %s' % (want, dists); \
+assert dists == ['onnxruntime'] or 'CUDAExecutionProvider' in ort.get_available_providers(), \
+    '%s has no CUDA provider' % dists[0]" && \
+    provider=$(echo /opt/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so) && \
+    if [ -f "$provider" ]; then \
+        missing=$(ldd "$provider" | grep 'not found' | sed 's/^[[:space:]]*//; s/[[:space:]].*//' \
+                  | grep -vx 'libcuda\.so\.1' | tr '\n' ' ') && \
+        if [ -z "$missing" ]; then \
+            echo "CUDA provider: every library resolves (libcuda.so.1 comes with the driver at run time)"; \
+        elif ls /usr/local/cuda*/lib64/libcudart.so.* >/dev/null 2>&1 || ldconfig -p | grep -q 'libcudart\.so'; then \
+            echo "ERROR: $ORT_PACKAGE's CUDA provider cannot load on this base, missing: $missing-" \
+                 "pin an onnxruntime-gpu built for the base's CUDA major version (see the top of this file)" >&2; \
+            exit 1; \
+        else \
+            echo "WARNING: no CUDA runtime in this base image: the CUDA provider's libraries were not checked" \
+                 "(missing here: $missing)" >&2; \
+        fi; \
+    fi
 
 # ---------------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ARG INSTALL_PYTHON=0
+ARG EXTRAS=""
 SHELL ["/bin/sh", "-eu", "-c"]
-# DL3008 ignored: see the build stage (GPU base only).
+# DL3008 ignored: see the build stage (GPU base, or wget for the Ray image).
+# The Ray image (EXTRAS=ray) also needs wget, which KubeRay's readiness/liveness probes call (bash and grep are in
+# every Debian/Ubuntu base).
+# The user's group is created with gid 10001 (useradd --user-group would pick a system gid such as 999, leaving
+# `USER 10001:10001` with a gid that has no group entry). Login shells get the venv on their PATH too: KubeRay starts
+# Ray with `bash -lc`, and Debian's /etc/profile resets PATH.
 # hadolint ignore=DL3008
-RUN if [ "$INSTALL_PYTHON" = 1 ]; then \
+RUN pkgs=""; \
+    if [ "$INSTALL_PYTHON" = 1 ]; then pkgs="python3 ca-certificates"; fi; \
+    case ",$EXTRAS," in \
+        *,ray,*) command -v wget >/dev/null || pkgs="$pkgs wget";; \
+    esac; \
+    if [ -n "$pkgs" ]; then \
         apt-get update && \
-        apt-get install -y --no-install-recommends python3 ca-certificates && \
+        apt-get install -y --no-install-recommends $pkgs && \
         rm -rf /var/lib/apt/lists/*; \
     fi && \
-    useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
-        certserve
+    groupadd --system --gid 10001 certserve && \
+    useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        certserve && \
+    echo 'PATH=/opt/venv/bin:$PATH' >/etc/profile.d/certserve-venv.sh
 
 COPY --from=build /opt/venv /opt/venv
 
@@ -88,7 +156,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     CERTSERVE_HOST=0.0.0.0 \
-    CERTSERVE_PORT=8000
+    CERTSERVE_PORT=8000 \
+    HOME=/tmp
+# HOME: the user has no home directory; what caches under ~ (Ray in the Ray image: ~/.ray) writes to /tmp instead.
 
 # Mount another bundle at run time: -v /path/bundle:/bundle:ro -e CERTSERVE_BUNDLE=/bundle
 WORKDIR /tmp
