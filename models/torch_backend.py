@@ -97,12 +97,24 @@ class TorchBackend:
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
                                         self._to_device(np.ascontiguousarray(sizes, dtype=np.int64)),
                                         output_size=total)  # output_size: no device -> host sync
-        seed = int(rng.integers(0, 2**63 - 1)) if rng is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self._gen.manual_seed(seed)  # read at launch: reseeding for the next batch never alters this one
-        noise = torch.randn((total, *x.shape[1:]), generator=self._gen, device=self.device)
+        noise = self._noise((total, *x.shape[1:]), rng)
         batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
         return owner, self.module(batch).argmax(dim=1)
 
+
+    def _noise(self, shape: tuple, rng):
+        """N(0, I) noise of ``shape`` for one batch. On CUDA: drawn on the device by a Philox generator reseeded per
+        batch from ``rng`` (63 bits, all kept by Philox), read at launch, so reseeding for the next batch never alters
+        this one. On the CPU: drawn from ``rng`` itself on the host, as onnxruntime's backend does (torch's CPU
+        generator, mt19937, keeps only 32 bits of a seed: batches reseeded from 63-bit draws would share 2^32 streams,
+        and one repeats after ~77k batches)."""
+        torch = self.torch
+        if not self.device.startswith("cuda"):
+            gen = rng if rng is not None else np.random.default_rng()
+            return torch.from_numpy(gen.standard_normal(shape, dtype=np.float32))
+        seed = int(rng.integers(0, 2**63 - 1)) if rng is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._gen.manual_seed(seed)
+        return torch.randn(shape, generator=self._gen, device=self.device)
 
     def _to_device(self, array: np.ndarray):
         """Host array -> device tensor without blocking the host: a pageable copy would wait for every kernel
