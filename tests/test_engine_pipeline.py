@@ -496,3 +496,37 @@ def test_precomputed_decisions_equal_direct_evaluation(images):
         table.running[due[stop]] = False
         table.advance_checkpoint(due[~stop])
     assert compared >= 12 and boundaries >= 3
+
+
+@pytest.mark.parametrize("stale", ["none", "slot_reused", "checkpoint_moved", "not_at_checkpoint", "hits_beyond"])
+def test_a_stale_decision_table_is_never_looked_up(images, stale):
+    """A tabulated decision is used only for the very job (generation), checkpoint and hit count it was computed for,
+    with all samples up to that checkpoint counted; otherwise the engine evaluates the policy directly. Each guard was
+    removed once from DecisionTables.lookup (generation, checkpoint, counted == checkpoint, 0 <= h < len): the
+    matching case found a table and this test failed (randomized engine trials did not reach these states)."""
+    from models.decisions import DecisionTables
+    from models.jobs import SEQUENTIAL
+
+    class J:
+        def __init__(self, order, spec):
+            self.spec, self.order, self.slot = spec, order, -1
+
+    table = JobTable(images.shape[1:], K, capacity=2)
+    spec = JobSpec(images[0], 0.01, 3000, time.monotonic() + 60, tested_class=1)
+    slot = table.admit(J(7, spec), SEQUENTIAL, checkpoint_schedule(spec.budget))
+    batch = table.allocate(100_000, speculate=False)  # the chunk up to the first checkpoint, in flight
+    tables = DecisionTables(max_points=10_000)
+    tables.precompute(table, SIGMA)
+    counts = np.zeros((1, K), dtype=np.int64)
+    counts[0, 1] = batch.sizes[0]  # every sample a hit: h = the chunk's size, the table's last entry
+    table.land(batch, counts)
+    if stale == "slot_reused":
+        table.gen[slot] = 8  # another job in the same slot
+    elif stale == "checkpoint_moved":
+        table.advance_checkpoint(np.array([slot]))
+    elif stale == "not_at_checkpoint":
+        table.est_done[slot] -= 1
+    elif stale == "hits_beyond":
+        table.est_counts[slot, 1] += 1
+    codes, found = tables.lookup(table, np.array([slot]))
+    assert found[0] == (stale == "none")
