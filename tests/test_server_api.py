@@ -560,6 +560,22 @@ def test_base_only_bundle_auto_goes_sequential(base_only_client, easy):
     assert cert.timings.surrogate_ms is None
 
 
+@pytest.mark.parametrize("params", [{}, {"per_input": True}])
+def test_base_only_bundle_auto_runs_the_per_input_lambda(base_only_client, easy, params):
+    """Auto's fallback on a bundle without surrogate is the per-input path: no proposal, but its latency-oriented
+    lambda (PER_INPUT_MIN_GAIN) on auto's budget. Run against the service tying the lambda to the proposal
+    (``min_gain=PER_INPUT_MIN_GAIN if plan.proposal``, before 2026-12-05): min_gain was None (5e-5), both failed."""
+    from certification.plan import CertifyParams, make_plan
+    from smoothing import PER_INPUT_MIN_GAIN
+
+    service = base_only_client.app.state.service
+    p = CertifyParams(**params)
+    plan = make_plan(p, service.config, alpha_cal=None, surrogate_radius=None, sigma=SIGMA, arrival=0.0)
+    spec = service._job_spec(easy, plan, None, None)
+    assert (spec.kind, spec.proposal_radius, spec.target_radius) == ("sequential", None, None)
+    assert spec.min_gain == PER_INPUT_MIN_GAIN and spec.budget == plan.budget == MAX_SAMPLES  # auto budget, capped
+
+
 def test_base_only_bundle_refuses_surrogate_mode(base_only_client, easy):
     r = base_only_client.post("/certify", json={"image": easy.tolist(), "mode": "surrogate"})
     assert r.status_code == 422
