@@ -125,8 +125,8 @@ RHO_CELLS = 2000  # radius grid of the upper bound's integral
 
 def power_bound_radius(p, ok, alpha, sigma) -> np.ndarray:
     """(N, len(GRID)): the upper bound on E[radius] of any sound one-sided per-input method with E[N] = n (module
-    docstring), rounded up: left Riemann sums over a radius grid (the integrand decreases in rho), each power read from a table
-    at the next larger KL budget (the power increases with the budget) and itself from above."""
+    docstring), rounded up: left Riemann sums over a radius grid (the integrand decreases in rho), each power read
+    from a table at the next larger KL budget (the power increases with the budget) and itself from above."""
     edges = np.linspace(0.0, RADIUS_CAP_SIGMAS * sigma, RHO_CELLS + 1)
     rho, width = edges[:-1], edges[1] - edges[0]  # left ends: P(radius >= rho) is largest there
     p0 = norm.cdf(rho / sigma)

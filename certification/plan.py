@@ -8,8 +8,9 @@ per-input path certifies more for a few hundred samples, models.surrogate.auto_u
 sequential job (``fallback_reason`` says why) that, without a caller's target radius, runs the per-input path: it
 stops by the latency-oriented lambda (``Plan.per_input_lambda``) and, where the bundle has a surrogate, takes its
 proposed radius as its target (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else the
-best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it cannot certify;
-``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target radius.
+best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it
+cannot certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target
+radius.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class Plan:
     target_radius: float | None
     fallback_reason: FallbackReason | None = None
     proposal: bool = False  # sequential: target the surrogate's proposed radius (auto fallbacks without a target)
-    per_input_lambda: bool = False  # sequential: stop by the per-input path's lambda (every auto fallback without a
-    # target, with or without a surrogate to propose a radius: auto's latency-oriented rule, smoothing.PER_INPUT_MIN_GAIN)
+    # sequential: stop by the per-input path's lambda, smoothing.PER_INPUT_MIN_GAIN (every auto fallback without a
+    # target, with or without a surrogate to propose a radius: auto's latency-oriented rule)
+    per_input_lambda: bool = False
 
 
 def request_alpha(params: CertifyParams, config: ServiceConfig) -> float:

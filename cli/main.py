@@ -57,8 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (BundleError, FileNotFoundError, ValueError) as exc:
-        print(f"certserve: error: {exc}", file=sys.stderr)
+        print(f"certserve: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """The error on one line: a pydantic ValidationError (the settings: each field with its CERTSERVE_ variable) as
+    'field: message; ...' instead of its multi-line dump with a documentation link."""
+    errors = getattr(exc, "errors", None)
+    if not (callable(errors) and type(exc).__name__ == "ValidationError"):
+        return " ".join(str(exc).split("\n"))
+    title = getattr(exc, "title", "value")
+
+    def where(loc) -> str:
+        name = ".".join(str(x) for x in loc)
+        return "" if not name else f"{name} (CERTSERVE_{name.upper()}): " if title == "Settings" else f"{name}: "
+
+    return f"invalid {title.lower()}: " + "; ".join(where(e["loc"]) + e["msg"].removeprefix("Value error, ")
+                                                    for e in errors())
 
 
 if __name__ == "__main__":

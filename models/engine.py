@@ -155,7 +155,7 @@ class SequentialEngine:
                 raise ValueError(f"every job's image must have the first job's shape {self._image_shape}, got {shape}")
             self._image_shape = shape
             if self.live_jobs >= self.max_live_jobs:
-                raise QueueFull(f"{self.max_live_jobs} sequential jobs are in flight")
+                raise QueueFull(f"{self.max_live_jobs} sampling jobs are in flight")
             self._pending.append(job)  # the engine thread publishes the queue depth (one writer), at admission
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs

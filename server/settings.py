@@ -33,7 +33,8 @@ class Settings(BaseSettings):
         "per-input path, a few hundred samples); 0: whenever the surrogate certifies"))
     cohen_n0: int = Field(COHEN_N0, ge=1, description="selection samples of cohen mode")
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
-    max_live_jobs: int = Field(512, ge=1, description="sequential jobs in flight; beyond this requests get 503")
+    max_live_jobs: int = Field(512, ge=1, description="sampling jobs (sequential, fixed, cohen) in flight; beyond "
+                               "this requests get 503 queue_full")
     sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads, so the "
                                                            "event loop and clean passes keep the CPU (0: same)")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")

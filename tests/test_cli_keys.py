@@ -113,12 +113,17 @@ def _bad_keys(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("case", ["bundle", "rsa", "encrypted", "garbage", "audit"])
+@pytest.mark.parametrize("case", ["bundle", "rsa", "encrypted", "garbage", "audit", "signing", "number"])
 def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
     """Port 1 (privileged; never reached when the check works). Run against the code before 2026-12-05: failed
-    (a uvicorn start-up traceback and exit 3 for each case)."""
+    (a uvicorn start-up traceback and exit 3 for each case); the two settings cases then still printed pydantic's
+    multi-line dump (4 lines with a documentation link), also failing here."""
     env, args = {}, []
-    if case == "bundle":
+    if case == "signing":
+        env = {"CERTSERVE_REQUIRE_SIGNING": "true"}
+    elif case == "number":
+        env = {"CERTSERVE_MAX_SAMPLES": "abc"}
+    elif case == "bundle":
         args = ["--bundle", tmp_path / "nope"]
     elif case == "audit":
         (tmp_path / "afile").write_text("x")
@@ -127,10 +132,11 @@ def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
         env = {"CERTSERVE_SIGNING_KEY": str(_bad_keys(tmp_path)[case])}
     r = _serve(tmp_path, env, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("certserve: error: "), r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("certserve: error: "), r.stderr[-3000:]
     assert {"bundle": "does not exist", "rsa": "not Ed25519", "encrypted": "encrypted", "garbage": "neither",
-            "audit": "audit log"}[case] in last
+            "audit": "audit log", "signing": "CERTSERVE_REQUIRE_SIGNING is true",
+            "number": "max_samples (CERTSERVE_MAX_SAMPLES)"}[case] in lines[0]
     assert not (tmp_path / "afile").is_dir()
 
 

@@ -230,8 +230,9 @@ def interlaced_png(pixels: np.ndarray, bit_depth: int = 8, colour_type: int = 0)
                                                            ((28, 28), 16, 0), ((5, 3), 8, 0), ((1, 1), 8, 0)])
 def test_interlaced_pngs_pass_the_length_check(client, shape, bit_depth, colour_type):
     """Adam7 images (a pass may be empty for small sizes) are accepted, not refused as truncated. Run once against the
-    length check with a wrong pass table ((4, 0, 8, 8) -> (4, 0, 4, 8)): the three images wide enough for that pass were refused;
-    Pillow's own interlace=1 option writes a non-interlaced file, so the earlier test never covered this."""
+    length check with a wrong pass table ((4, 0, 8, 8) -> (4, 0, 4, 8)): the three images wide enough for that pass
+    were refused; Pillow's own interlace=1 option writes a non-interlaced file, so the earlier test never covered
+    this."""
     pixels = np.random.default_rng(3).integers(0, 2**bit_depth, shape)
     r = post_file(client, interlaced_png(pixels, bit_depth, colour_type), convert="true", resize="true",
                   **SURROGATE)
