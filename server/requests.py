@@ -61,8 +61,10 @@ async def parse_request(request: Request, *, batch: bool) -> tuple[list, Certify
 
 async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParams]:
     field = "images" if batch else "image"
-    try:
-        body = json.loads(await request.body(), object_pairs_hook=_unique_keys)
+    raw = await request.body()
+    parse = partial(json.loads, raw, object_pairs_hook=_unique_keys)
+    try:  # a large body (up to the body limit: ~45 ms for 4 MiB of numbers) is parsed off the event loop
+        body = parse() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(parse)
     except _RepeatedKey as exc:
         raise ServiceError("bad_request", f"JSON keys given more than once: {exc} (give each once)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit

@@ -119,6 +119,37 @@ def test_big_decodes_leave_the_event_loop_free(client, path, count):
     assert len(latencies) >= 5, "the decode was too quick to probe"
 
 
+def test_a_large_json_body_is_parsed_off_the_event_loop(client, monkeypatch):
+    """A JSON body over 64 KiB (up to the 4 MiB limit: ~45 ms of json.loads for one of numbers) is parsed in a thread:
+    a /healthz sent while its parse runs (made to take 0.5 s here) answers before the parse ends. Run against the
+    code parsing on the loop (before 2026-12-06): the probe came after the parse; this test failed."""
+    import server.requests as requests_module
+
+    events, parsing = [], threading.Event()
+
+    class SlowJson:
+        @staticmethod
+        def loads(*args, **kwargs):
+            parsing.set()
+            time.sleep(0.5)
+            events.append("parsed")
+            return json.loads(*args, **kwargs)
+
+    monkeypatch.setattr(requests_module, "json", SlowJson)
+    image = (np.round(grey() / 255.0, 6)).tolist()
+    body = {"image": image, "mode": "surrogate", "alpha": 0.1, "target_radius": None}
+    payload = json.dumps(body, indent=40).encode()  # padded past the inline limit
+    assert len(payload) > requests_module.INLINE_BYTES
+    worker = threading.Thread(target=lambda: client.post("/certify", content=payload,
+                                                         headers={"content-type": "application/json"}))
+    worker.start()
+    assert parsing.wait(10)
+    assert client.get("/healthz").status_code == 200
+    events.append("healthz")
+    worker.join()
+    assert events == ["healthz", "parsed"]
+
+
 def test_a_batch_may_not_decode_unbounded_pixels():
     """The pixels a request decodes in all are capped (4x CERTSERVE_MAX_PIXELS, at least a full batch of model-size
     images): 64 images of 4096x4096 each took ~30 s of event loop. Run against the old code: failed with 200 (six
