@@ -205,6 +205,10 @@ def _from_npy(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.n
     if math.prod(dims) > 4 * max_pixels:  # exact (np.prod in int64 wraps around: 2**32 x 2**32 gave 0)
         raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", "image_too_large")
     admit(_pixels(dims))
+    expected = buf.tell() + math.prod(dims) * dtype.itemsize  # header, then exactly the array's bytes
+    if len(raw) != expected:  # np.load ignores bytes after the array (and reads a short one as truncated)
+        raise ImageError(f"the .npy data is truncated or corrupt: {len(raw) - buf.tell()} bytes follow the header "
+                         f"where its shape {dims} and dtype {dtype} need {expected - buf.tell()}")
     try:
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
     except MemoryError:

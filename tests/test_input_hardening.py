@@ -203,6 +203,16 @@ def test_malformed_npy_headers_are_422(client, header):
         assert_error(r, 422, "bad_image", ".npy header")
 
 
+def test_npy_with_bytes_after_its_array_is_refused(client):
+    """The array must be exactly what the header declares: bytes after it are not silently dropped (np.load ignores
+    them; the PNG check refuses extra rows alike). Run against the code before 2026-12-06: failed with 200."""
+    buf = io.BytesIO()
+    np.save(buf, np.full((28, 28), 0.5, np.float32))
+    assert post_file(client, buf.getvalue(), "x.npy", **SURROGATE).status_code == 200
+    assert_error(post_file(client, buf.getvalue() + b"\x00" * 4, "x.npy", **SURROGATE), 422, "bad_image",
+                 "truncated or corrupt", "need 3136")
+
+
 # --------------------------------------------------------------------------------------- 4. 16-bit transparency
 def test_sixteen_bit_grey_with_a_transparent_value_is_refused(client):
     """A 16-bit grey PNG whose tRNS grey value occurs among its pixels has transparent pixels (convert('RGBA')
