@@ -90,17 +90,50 @@ def _cdf_excess(s, b, x, alpha, upper):
 def clopper_pearson_upper(successes, trials, alpha):
     """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion.
 
-    Guarantee (per input): if ``successes ~ Binomial(trials, p)`` then P(bound < p) <= alpha, for every p.
-    Returns 1 where successes == trials; rounded up by a relative 1e-12 otherwise. Vectorized.
+    Guarantee (per input): if ``successes ~ Binomial(trials, p)`` with ``trials`` fixed before sampling (or cut by a
+    rule independent of the outcomes), then P(bound < p) <= alpha, for every p. scipy's inverse is confirmed by the
+    forward function and stepped up where it fails (:func:`_confirmed_upper`; the inverse alone gave an error rate
+    of 1.0007 alpha at n = 1e8 with 1,000 misses), after a relative 1e-12 rounding up. Returns 1 where successes ==
+    trials. alpha >= MIN_CP_ALPHA. Vectorized.
     """
     s, t = check_counts(successes, trials)
     a = check_alpha(alpha)
+    if np.any(a < MIN_CP_ALPHA):
+        raise ValueError(f"alpha must be at least {MIN_CP_ALPHA:g} for a Clopper-Pearson bound (below, the incomplete "
+                         f"beta function cannot confirm it), got {alpha!r}")
     if np.any(t == 0):
         raise ValueError("trials must be >= 1 for a Clopper-Pearson bound")
     with np.errstate(invalid="ignore"):
         bound = betainccinv(s + 1, t - s, a)  # I_x = 1 - alpha without forming 1 - alpha (precision at tiny alpha)
-    bound = np.where(s == t, 1.0, np.minimum(1.0, bound * (1.0 + _CP_ROUNDING)))
+    bound = _confirmed_upper(np.where(s == t, 1.0, np.minimum(1.0, bound * (1.0 + _CP_ROUNDING))), s, t, a)
     return bound if bound.ndim else float(bound)
+
+
+def _confirmed_upper(bound, s, t, alpha):
+    """``bound`` stepped up until the forward function confirms it: P(Bin(n, U) <= S) = 1 - I_U(S + 1, n - S) <= alpha
+    (1 - 1e-12) (``betaincc``), or for alpha > 1/2 I_U(S + 1, n - S) >= (1 - alpha)(1 + 1e-9), as
+    :func:`_confirmed_lower` does for the lower bound. Newton steps on the CDF from the left on the unconfirmed
+    entries only; one it cannot confirm, or a non-finite bound, becomes 1 (no information)."""
+    shape = np.broadcast(s, t, alpha, bound).shape
+    s, t, alpha, bound = (np.array(x, dtype=np.float64).ravel() for x in np.broadcast_arrays(s, t, alpha, bound))
+    bound = np.where(np.isfinite(bound), bound, 1.0)
+    a, b, upper = s + 1, t - s, alpha > 0.5
+    todo = np.flatnonzero(bound < 1)
+    for attempt in range(60):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            x, aj, bj, al, up = bound[todo], a[todo], b[todo], alpha[todo], upper[todo]
+            excess = np.where(up, (1.0 - al) * (1.0 + 1e-9) - betainc(aj, bj, x),
+                              betaincc(aj, bj, x) - al * (1.0 - 1e-12))
+            keep = ~(excess <= 0)
+            todo, excess, x, aj, bj = todo[keep], excess[keep], x[keep], aj[keep], bj[keep]
+            if not len(todo):
+                return bound.reshape(shape)
+            density = np.exp(xlogy(aj - 1, x) + xlog1py(bj - 1, -x) - betaln(aj, bj))
+            step = excess / density * (1.0 + 1e-6 * 2.0 ** attempt)
+        step = np.where(np.isfinite(step) & (step > 0), step, 1.0 - x)  # no usable step: go to 1
+        bound[todo] = np.minimum(x + step, 1.0)
+    bound[todo] = 1.0  # not confirmed after 60 steps (never seen): no information
+    return bound.reshape(shape)
 
 
 @dataclass(frozen=True)

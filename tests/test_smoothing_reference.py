@@ -114,6 +114,18 @@ def test_clopper_pearson_lower_is_confirmed_where_the_inverse_errs(n, alpha):
     assert lower > clopper_pearson_lower(k - 5, n, alpha)  # still a bound, not a collapse to 0
 
 
+@pytest.mark.parametrize("misses", [999, 1000, 1001])
+def test_clopper_pearson_upper_is_confirmed_where_the_inverse_errs(misses):
+    """The upper bound U of n - m hits must satisfy P(Bin(n, U) <= n - m) <= alpha (else a p just above U is missed
+    too often), at n = 1e8 where scipy's inverse errs. Exact CDF at 60 digits. Run against the upper bound straight
+    from betainccinv (before 2026-12-06): 1,000 misses gave 1.00066 alpha; this test failed (found by review)."""
+    n, alpha = 100_000_000, 0.001
+    upper = clopper_pearson_upper(n - misses, n, alpha)
+    with mp.workdps(60):
+        assert mp.betainc(misses, n - misses + 1, 0, 1 - mp.mpf(upper), regularized=True) <= mp.mpf(alpha), upper
+    assert upper < clopper_pearson_upper(n - misses + 5, n, alpha)  # a bound, not a collapse to 1
+
+
 @pytest.mark.parametrize("s, n, alpha", [(4, 12_306_095, 0.6246078747900135), (14, 1_622_554_699, 0.5435)])
 def test_clopper_pearson_lower_holds_above_alpha_one_half_with_few_hits(s, n, alpha):
     """alpha > 1/2 with few hits in many draws: scipy's betainc near 1 loses ~1e-8 relative, so the forward check
