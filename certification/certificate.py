@@ -23,7 +23,9 @@ STATEMENTS = {
                           "each bin and hence over all inputs; alpha is the calibrated level used (the largest <= "
                           "the request's); not conditional on the surrogate having certified, nor on auto having "
                           "routed this input to it",
-    "anytime-valid": "for this input, P(certificate wrong) <= alpha, valid at whatever time sampling stopped",
+    "anytime-valid": "for this input, P(radius exceeds the smoothed classifier's true radius for the tested class) <= "
+                     "alpha, at whatever time sampling stopped (class and Beta prior fixed from the clean image "
+                     "before any noise sample)",
     "clopper-pearson": "for this input, P(certificate wrong) <= alpha (one-sided Clopper-Pearson bound on a number "
                        "of samples fixed before sampling, or cut short by a deadline or shutdown, which depend on the "
                        "clock only, never on the outcomes; for a class fixed before them: from separate selection "

@@ -7,8 +7,8 @@ calibrated radius is > 0 and >= ``target_radius`` (without a target: >= ``auto_m
 per-input path certifies more for a few hundred samples, models.surrogate.auto_uses_surrogate); otherwise a
 sequential job (``fallback_reason`` says why) that, without a caller's target radius, runs the per-input path: it
 stops by the latency-oriented lambda (``Plan.per_input_lambda``) and, where the bundle has a surrogate, takes its
-proposed radius as its target (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else the
-best-radius rule). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it
+proposed radius (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else by the best-radius
+rule; not a target: no futility stop). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it
 cannot certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target
 radius.
 """
@@ -81,7 +81,7 @@ class Plan:
     deadline: float  # time.monotonic() seconds: arrival + deadline_ms
     target_radius: float | None
     fallback_reason: FallbackReason | None = None
-    proposal: bool = False  # sequential: target the surrogate's proposed radius (auto fallbacks without a target)
+    proposal: bool = False  # sequential: stop once the surrogate's proposed radius is verified, else best radius
     # sequential: stop by the per-input path's lambda, smoothing.PER_INPUT_MIN_GAIN (every auto fallback without a
     # target, with or without a surrogate to propose a radius: auto's latency-oriented rule)
     per_input_lambda: bool = False

@@ -4,7 +4,8 @@ the ONNX graph converted by onnx2torch, or TorchScript) on a GPU. :func:`onnx_ba
 A backend does two things: ``forward`` (clean logits for a batch) and ``noisy_predictions`` (arg-max classes of
 ``x_j + N(0, sigma^2 I)`` for a batch assembled from several images, noise drawn where the model runs). The noise
 of each call comes from the caller's generator, so sampling is i.i.d. across calls and, for a seeded generator,
-reproducible (the calibration pipeline's resumable counts rely on that).
+reproducible (the calibration pipeline's resumable counts rely on that); the exception is onnxruntime's in-graph
+noise on CUDA, drawn by the session's own generator (i.i.d. and fresh each call, not replayable from the caller's).
 """
 
 from __future__ import annotations

@@ -43,9 +43,12 @@ def _policy(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
 def certificates(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class or -1, radius, p_lower or NaN) of each job in ``slots`` from the samples counted so far.
 
-    Sequential: the confidence-sequence lower bound L_t at the counted (S_t, t) with the job's prior, valid per input
-    at level alpha at any stopping time. Cohen / fixed: the one-sided (1 - alpha) Clopper-Pearson bound of the
-    counted estimation hits of the class fixed before them (Cohen: NaN, no bound, before its class is selected).
+    Sequential: the confidence-sequence lower bound L_t at the counted (S_t, t) with the job's prior mixed with KT
+    (smoothing's DEFAULT_KT_WEIGHT, as its policy), valid per input at level alpha at any stopping time, provided the
+    tested class and the prior were fixed from the clean input before submission (JobSpec). Cohen / fixed: the
+    one-sided (1 - alpha) Clopper-Pearson bound of the counted estimation hits of the class fixed before them (Cohen:
+    NaN, no bound, before its class is selected), on n fixed at submission and cut only by the clock (deadline,
+    shutdown), never by the outcomes.
     No samples: p_lower 0 (sequential, fixed). Certified only where p_lower > 1/2; the radius is
     sigma Phi^-1(p_lower), rounded down by :func:`smoothing.radius_from_probability`."""
     kind, trials, cls = table.kind[slots], table.est_done[slots], table.cls[slots]

@@ -66,6 +66,8 @@ class JobResult:
     radius: float
     p_lower: float | None
     samples: int
+    # certified / target / futility (the job's policy), budget (sequential: budget spent; cohen, fixed: n drawn;
+    # the service reports a fixed job's n as 'planned'), deadline, shutdown
     stopped_by: str
     queue_seconds: float
     sampling_seconds: float

@@ -64,7 +64,8 @@ class SamplingEngine:
     # ------------------------------------------------------------------------------------------ asynchronous
     def launch(self, images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> PendingCounts:
         """Start one model call over the chunks (images[j], sizes[j]); returns at once. Noise is drawn from ``rng``
-        at launch (device) or in launch order (runner), so a seeded generator reproduces the same batches."""
+        at launch (device) or in launch order (runner), so a seeded generator reproduces the same batches (except
+        onnxruntime's in-graph CUDA noise: the session's own generator, see models.backends)."""
         sizes = np.asarray(sizes, dtype=np.int64)
         backend = self.backend
         if hasattr(backend, "launch_counts"):

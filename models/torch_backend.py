@@ -1,7 +1,8 @@
 """PyTorch backend for any bundle: the bundle's ``base.onnx`` converted to a torch module (onnx2torch), or a
 TorchScript file, on a CUDA device (or the CPU, where the tests check it against onnxruntime).
 
-On the device, one batch is: gather the chunk images, draw e ~ N(0, sigma^2 I) with the device generator, run the
+On the device, one batch is: gather the chunk images, draw e ~ N(0, sigma^2 I) (on CUDA by a Philox generator
+reseeded per batch from the caller's generator; on the CPU by the caller's numpy generator itself), run the
 model in float32 (TF32 off: the certificate is about the bundle's fp32 model, not a lower-precision twin), arg-max,
 and reduce the labels to per-chunk counts with one ``scatter_add``; only the (J, K) counts are copied back, into
 pinned memory, asynchronously. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its

@@ -84,8 +84,10 @@ def upper_from_mirrored(mirrored_lower):
 def certified_radius(successes, trials, alpha, sigma, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
     """Certified L2 radius sigma * Phi^-1(L_t), or 0 (abstain) where L_t <= 1/2.
 
-    Guarantee (per input, anytime-valid at level alpha): with probability >= 1 - alpha, simultaneously for all t,
-    the smoothed classifier returns the tested class within the returned radius. Valid at any stopping time.
+    Guarantee (per input, anytime-valid at level alpha): if the hits are i.i.d. Bernoulli(pA) indicators of the
+    tested class under i.i.d. noise, and the class and the prior (a, b, ``kt_weight``) were fixed before the samples
+    (from the clean input), then with probability >= 1 - alpha, simultaneously for all t, the smoothed classifier
+    returns the tested class within the returned radius. Valid at any stopping time. Rounded down.
     """
     return radius_from_probability(lower_bound(successes, trials, alpha, a, b, kt_weight=kt_weight), sigma)
 

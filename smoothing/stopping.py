@@ -30,10 +30,10 @@ DEFAULT_MIN_GAIN = 5e-5
 DEFAULT_FRACTION = 0.775
 DEFAULT_GROWTH = 1.1
 
-#: The per-input path (the server's auto fallbacks and per_input=true jobs), tuned jointly on held-out dev streams
-#: (the bundle's calibration split, never the test set; replayed at budget 2,048, the streams' length, while the
-#: server's auto budget is 4,000): the pair (shrink, lambda) with the largest mean radius among those with mean samples
-#: <= 300, over shrink 0 (no proposal) .. 1.0 x lambda 5e-5 .. 4e-4, proposals from the surrogate's calibrated point
+#: The per-input path (the server's auto fallbacks without a target radius, per_input=true or not), tuned jointly on
+#: held-out dev streams (the bundle's calibration split, never the test set; replayed at budget 2,048, the streams'
+#: length, while the server's auto budget is 4,000): the pair (shrink, lambda) with the largest mean radius among those
+#: with mean samples <= 300, over shrink 0 (no proposal) .. 1.0 x lambda 5e-5 .. 4e-4, proposals from the surrogate's calibrated point
 #: estimate: docs/proposal-tuning.md (``python -m bench.proposal_tuning``). It chose lambda = PER_INPUT_MIN_GAIN and
 #: no proposal; DEFAULT_PROPOSAL_SHRINK is the best shrink > 0 at that lambda by the same rule (the proposal adds
 #: nothing over the marginal-gain rule there: < 1% of samples at equal radius). Any value keeps validity.

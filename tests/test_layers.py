@@ -33,12 +33,19 @@ THIRD_PARTY_BANNED = {
 
 
 def imported_roots(path: Path) -> set[str]:
+    """Top-level packages a module imports; a relative import counts as the package it resolves to (``from ..server
+    import x`` in calibration/ imports server)."""
     roots = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            parts = path.relative_to(ROOT).parts[:-1]  # the module's package
+            base = parts[:len(parts) - (node.level - 1)]
+            target = (*base, *(node.module.split(".") if node.module else [alias.name for alias in node.names][:1]))
+            roots.add(target[0] if target else "")
     return roots
 
 
@@ -61,6 +68,32 @@ def test_lower_layers_stay_light(package):
            for r in imported_roots(p) & THIRD_PARTY_BANNED[package]
            if not (package == "models" and p.name in ("networks.py", "export.py", "backends.py"))]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("module, banned", [
+    ("smoothing", {"torch", "fastapi", "starlette", "onnxruntime", "uvicorn", "ray"}),
+    ("models.engine", {"torch", "fastapi", "starlette", "uvicorn", "ray"}),
+    ("certification.service", {"torch", "fastapi", "starlette", "uvicorn", "ray"}),
+])
+def test_importing_a_lower_layer_loads_nothing_heavier(module, banned):
+    """What the ast check cannot see (imports of imports, dynamic imports): a fresh interpreter imports the module and
+    none of the heavier packages may be loaded. Run against a certification module importing torch lazily through a
+    helper module of models/: it failed."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(set({sorted(banned)!r}) & {{m.split('.')[0] for m in sys.modules}}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.strip()
+    assert out == "[]", f"importing {module} loaded {out}"
+
+
+def test_a_relative_import_counts_as_the_package_it_reaches(tmp_path, monkeypatch):
+    """``from ..server import x`` inside calibration/ is an import of server. Run against the check that skipped
+    relative imports (before 2026-12-06): it saw none."""
+    module = ROOT / "calibration" / "_probe_relative.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from ..server import app\nfrom . import data\n")
+    assert imported_roots(module) == {"server", "calibration"}
 
 
 def test_nothing_imports_the_cli_root():
