@@ -317,14 +317,14 @@ class SequentialEngine:
             done = table.completed_fixed(landed)  # fixed-n and Cohen jobs with all their samples counted
             settled = table.settled(landed)  # stopped by their policy earlier, last samples now counted
             due = table.at_checkpoint(landed)  # neither of the above: those are not running a policy
-            now = due[:0]
+            stopped_now = due[:0]  # stopped at this checkpoint with nothing in flight: answered now
             if len(due):
                 self.decided += len(due)
                 codes = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
-                now = table.settle(due[stop], codes[stop])
-            stopped = np.concatenate([settled, now])
+                stopped_now = table.settle(due[stop], codes[stop])
+            stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them
             names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
             answers = self._answer(finished, names) if len(finished) else []
