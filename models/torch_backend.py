@@ -36,7 +36,7 @@ class TorchBackend:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.benchmark = True
         self.module = module.to(device).eval()
-        self._gen = torch.Generator(device=device)
+        self._gen = torch.Generator(device=device) if device.startswith("cuda") else None  # CPU noise: see _noise
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -101,7 +101,6 @@ class TorchBackend:
         noise = self._noise((total, *x.shape[1:]), rng)
         batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
         return owner, self.module(batch).argmax(dim=1)
-
 
     def _noise(self, shape: tuple, rng):
         """N(0, I) noise of ``shape`` for one batch. On CUDA: drawn on the device by a Philox generator reseeded per
