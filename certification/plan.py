@@ -8,9 +8,9 @@ per-input path certifies more for a few hundred samples, models.surrogate.auto_u
 sequential job (``fallback_reason`` says why) that, without a caller's target radius, runs the per-input path: it
 stops by the latency-oriented lambda (``Plan.per_input_lambda``) and, where the bundle has a surrogate, takes its
 proposed radius (``Plan.proposal``: stop as soon as it is verified at the request's alpha, else by the best-radius
-rule; not a target: no futility stop). ``sequential``, ``fixed`` and ``cohen`` always go to the engine; ``surrogate`` refuses what it
-cannot certify; ``fixed`` (a sample size planned from the clean image, one Clopper-Pearson bound) takes no target
-radius.
+rule; not a target: no futility stop). ``sequential``, ``fixed`` and ``cohen`` always go to the engine;
+``surrogate`` refuses what it cannot certify; ``fixed`` (a sample size planned from the clean image, one
+Clopper-Pearson bound) takes no target radius.
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ class CertificationService:
 
     def _job_spec(self, image: np.ndarray, plan: Plan, logits: np.ndarray | None,
                   answer: SurrogateAnswer | None) -> JobSpec:
-        """The engine job; for sequential, class, prior and the proposed radius (an auto fallback's target: the
+        """The engine job; for sequential, class, prior and the proposed radius (an auto fallback's proposal: the
         surrogate's shrunk point estimate) come from clean forward passes only, before any noise sample exists.
         Auto fallbacks without a target (the per-input path) stop by the latency-oriented lambda PER_INPUT_MIN_GAIN,
         with or without a proposal."""
