@@ -111,9 +111,11 @@ def clopper_pearson_upper(successes, trials, alpha):
 
 def _confirmed_upper(bound, s, t, alpha):
     """``bound`` stepped up until the forward function confirms it: P(Bin(n, U) <= S) = 1 - I_U(S + 1, n - S) <= alpha
-    (1 - 1e-12) (``betaincc``), or for alpha > 1/2 I_U(S + 1, n - S) >= (1 - alpha)(1 + 1e-9), as
-    :func:`_confirmed_lower` does for the lower bound. Newton steps on the CDF from the left on the unconfirmed
-    entries only; one it cannot confirm, or a non-finite bound, becomes 1 (no information)."""
+    (1 - 1e-9) (``betaincc``), or for alpha > 1/2 I_U(S + 1, n - S) >= (1 - alpha)(1 + 1e-9), as
+    :func:`_confirmed_lower` does for the lower bound. The margin is 1e-9, not the lower bound's 1e-12: ``betaincc``
+    with a small first parameter and a second near 1e9 errs by up to ~1.4e-11 relative (S = 2 hits in 1e9 draws at
+    alpha = 1e-6 passed a 1e-12 margin with an exact tail of alpha (1 + 1.4e-11)). Newton steps on the CDF from the
+    left on the unconfirmed entries only; one it cannot confirm, or a non-finite bound, becomes 1 (no information)."""
     shape = np.broadcast(s, t, alpha, bound).shape
     s, t, alpha, bound = (np.array(x, dtype=np.float64).ravel() for x in np.broadcast_arrays(s, t, alpha, bound))
     bound = np.where(np.isfinite(bound), bound, 1.0)
@@ -123,7 +125,7 @@ def _confirmed_upper(bound, s, t, alpha):
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             x, aj, bj, al, up = bound[todo], a[todo], b[todo], alpha[todo], upper[todo]
             excess = np.where(up, (1.0 - al) * (1.0 + 1e-9) - betainc(aj, bj, x),
-                              betaincc(aj, bj, x) - al * (1.0 - 1e-12))
+                              betaincc(aj, bj, x) - al * (1.0 - 1e-9))
             keep = ~(excess <= 0)
             todo, excess, x, aj, bj = todo[keep], excess[keep], x[keep], aj[keep], bj[keep]
             if not len(todo):
