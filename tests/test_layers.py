@@ -44,8 +44,10 @@ def imported_roots(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             parts = path.relative_to(ROOT).parts[:-1]  # the module's package
             base = parts[:len(parts) - (node.level - 1)]
-            target = (*base, *(node.module.split(".") if node.module else [alias.name for alias in node.names][:1]))
-            roots.add(target[0] if target else "")
+            if base or node.module:
+                roots.add((*base, *(node.module or "").split("."))[0])
+            else:  # ``from .. import a, b`` at the top: each name is a package
+                roots.update(alias.name for alias in node.names)
     return roots
 
 
@@ -94,6 +96,14 @@ def test_a_relative_import_counts_as_the_package_it_reaches(tmp_path, monkeypatc
     module = ROOT / "calibration" / "_probe_relative.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from ..server import app\nfrom . import data\n")
     assert imported_roots(module) == {"server", "calibration"}
+
+
+def test_every_name_of_a_relative_import_from_the_top_counts(monkeypatch):
+    """``from .. import smoothing, server`` inside calibration/ imports both packages. Run against the check that kept
+    only the first name (before 2026-12-06): it saw smoothing alone."""
+    module = ROOT / "calibration" / "_probe_relative.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from .. import smoothing, server\n")
+    assert imported_roots(module) == {"smoothing", "server"}
 
 
 def test_nothing_imports_the_cli_root():
