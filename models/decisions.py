@@ -16,14 +16,22 @@ STOP_NAMES = {int(Stop.TARGET): "target", int(Stop.CERTIFIED): "certified", int(
               int(Stop.BUDGET): "budget"}
 
 
-def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
+def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float,
+                     lower_out: np.ndarray | None = None) -> np.ndarray:
     """Stop codes (:class:`smoothing.Stop`) of the sequential jobs in ``slots`` at their current counts: one call
     per policy (target radius, proposal, best radius), on the job table's parameters as validated at submission
-    (:func:`models.jobs.check_spec`)."""
+    (:func:`models.jobs.check_spec`). ``lower_out`` (optional, float64, one entry per slot) receives, for the
+    best-radius and proposal jobs, the confidence-sequence bound L_t their rule computed at these counts: exactly the
+    p_lower :func:`certificates` gives them now (the same kernel, prior, KT weight and alpha); target-radius jobs
+    are left as they were (NaN by convention: not computed)."""
     codes = np.zeros(len(slots), dtype=np.int8)  # Stop.CONTINUE
     for mask in policy_groups(table, slots):
         if mask.any():
-            codes[mask] = _policy(table, slots[mask], sigma)
+            group = slots[mask]
+            lower = None if lower_out is None else np.full(len(group), np.nan)
+            codes[mask] = _policy_at(table, group, table.hits(group), table.est_done[group], sigma, lower)
+            if lower_out is not None:
+                lower_out[mask] = lower
     return codes
 
 
@@ -35,12 +43,8 @@ def policy_groups(table: JobTable, slots: np.ndarray) -> tuple[np.ndarray, np.nd
     return targeted, proposed, ~targeted & ~proposed
 
 
-def _policy(table: JobTable, slots: np.ndarray, sigma: float) -> np.ndarray:
-    """The policy of ``slots`` (all in one group of :func:`policy_groups`) at (hits, counted samples)."""
-    return _policy_at(table, slots, table.hits(slots), table.est_done[slots], sigma)
-
-
-def certificates(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def certificates(table: JobTable, slots: np.ndarray, sigma: float,
+                 known_lower: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class or -1, radius, p_lower or NaN) of each job in ``slots`` from the samples counted so far.
 
     Sequential: the confidence-sequence lower bound L_t at the counted (S_t, t) with the job's prior mixed with KT
@@ -50,11 +54,17 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float) -> tuple[np.n
     NaN, no bound, before its class is selected), on n fixed at submission and cut only by the clock (deadline,
     shutdown), never by the outcomes.
     No samples: p_lower 0 (sequential, fixed). Certified only where p_lower > 1/2; the radius is
-    sigma Phi^-1(p_lower), rounded down by :func:`smoothing.radius_from_probability`."""
+    sigma Phi^-1(p_lower), rounded down by :func:`smoothing.radius_from_probability`.
+    ``known_lower`` (optional, one entry per slot, NaN where unknown): a sequential job's L_t that its policy has
+    just computed at these very counts (:func:`policy_decisions`' ``lower_out``, same state lock, no batch landed
+    since); used as is instead of a second computation of the same bound."""
     kind, trials, cls = table.kind[slots], table.est_done[slots], table.cls[slots]
     hits = table.hits(slots)
     p = np.zeros(len(slots))
     seq = (kind == SEQUENTIAL) & (trials > 0)
+    if known_lower is not None:
+        known = seq & ~np.isnan(known_lower)
+        p[known], seq = known_lower[known], seq & ~known
     if seq.any():
         p[seq] = lower_bound(hits[seq], trials[seq], table.alpha[slots][seq], table.a[slots][seq],
                              table.b[slots][seq])
@@ -122,25 +132,30 @@ class DecisionTables:
                 codes[k], found[k] = tab[h], True
         return codes, found
 
-    def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> np.ndarray:
-        """:func:`policy_decisions` of ``due``, from the precomputed tables where they exist."""
+    def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, L_t) of ``due``: :func:`policy_decisions`, from the precomputed tables where they exist; L_t as
+        its ``lower_out`` for the jobs evaluated now, NaN for those looked up (and target-radius jobs)."""
         codes, found = self.lookup(table, due)
+        lower = np.full(len(due), np.nan)
         if not found.all():
-            codes[~found] = policy_decisions(table, due[~found], sigma)
-        return codes
+            evaluated = np.full(int(np.count_nonzero(~found)), np.nan)
+            codes[~found] = policy_decisions(table, due[~found], sigma, evaluated)
+            lower[~found] = evaluated
+        return codes, lower
 
 
-def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float) -> np.ndarray:
+def _policy_at(table: JobTable, slots: np.ndarray, s: np.ndarray, t: np.ndarray, sigma: float,
+               lower_out: np.ndarray | None = None) -> np.ndarray:
     """The policy of ``slots`` (all in one group of :func:`policy_groups`) at hits ``s`` in ``t`` samples, with each
     job's own alpha, budget and prior (the ones its certificate uses, :func:`certificates`) and, for best-radius and
     proposal jobs, its own min_gain (fixed at admission, so a tabulated code stays that job's code). The validated
     entry points of :mod:`smoothing.stopping` give the same codes as the public policies; the parameters were
-    checked once, at submission."""
+    checked once, at submission. ``lower_out``: their L_t at (s, max(t, 1)) (best-radius and proposal jobs)."""
     common = (s, t, table.alpha[slots], table.a[slots], table.b[slots], table.budget[slots],
               np.repeat(float(sigma), len(slots)))
     target, proposal = table.target[slots], table.proposal[slots]
     if not np.isnan(target[0]):
         return validated_target_codes(*common, target)
     if not np.isnan(proposal[0]):
-        return validated_proposal_codes(*common, table.min_gain[slots], proposal)
-    return validated_best_radius_codes(*common, table.min_gain[slots])
+        return validated_proposal_codes(*common, table.min_gain[slots], proposal, lower_out=lower_out)
+    return validated_best_radius_codes(*common, table.min_gain[slots], lower_out=lower_out)

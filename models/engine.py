@@ -318,16 +318,17 @@ class SequentialEngine:
             settled = table.settled(landed)  # stopped by their policy earlier, last samples now counted
             due = table.at_checkpoint(landed)  # neither of the above: those are not running a policy
             stopped_now = due[:0]  # stopped at this checkpoint with nothing in flight: answered now
+            known = np.full(table.capacity, np.nan)  # L_t the policy computed at these counts, by slot (due only)
             if len(due):
                 self.decided += len(due)
-                codes = self._tables.decide(table, due, self.sigma)
+                codes, known[due] = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
                 stopped_now = table.settle(due[stop], codes[stop])
             stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them
             names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
-            answers = self._answer(finished, names) if len(finished) else []
+            answers = self._answer(finished, names, known[finished]) if len(finished) else []
             self.decision_seconds += time.perf_counter() - t0
         resolve_futures(answers)
 
@@ -341,14 +342,16 @@ class SequentialEngine:
         resolve_futures(answers)
 
     # ----------------------------------------------------------------- answers (caller holds _state)
-    def _answer(self, slots: np.ndarray, stopped_by) -> list:
-        """The certificates of ``slots`` from their counted samples (see :func:`models.decisions.certificates`);
-        marks the jobs finished. Returns (future, result) pairs to resolve once the state lock is released."""
+    def _answer(self, slots: np.ndarray, stopped_by, known_lower: np.ndarray | None = None) -> list:
+        """The certificates of ``slots`` from their counted samples (see :func:`models.decisions.certificates`, also
+        for ``known_lower``); marks the jobs finished. Returns (future, result) pairs to resolve once the state lock
+        is released."""
         table = self._table
         slots = np.asarray(slots, dtype=np.int64)
         names = [stopped_by] * len(slots) if isinstance(stopped_by, str) else stopped_by
         keep = [k for k, s in enumerate(slots) if not table.jobs[s].finished]
-        cls, radius, p = certificates(table, slots[keep], self.sigma)  # first: if it raises, nothing has changed
+        known = None if known_lower is None else known_lower[keep]
+        cls, radius, p = certificates(table, slots[keep], self.sigma, known)  # first: if it raises, nothing changed
         table.running[slots] = False
         if not keep:
             return []

@@ -132,16 +132,24 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
 
 
 def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, kt_weight=DEFAULT_KT_WEIGHT,
-                                fraction=None, min_futility_trials=200):
+                                fraction=None, min_futility_trials=200, lower_out=None):
     """:func:`best_radius_decision` (same codes, always an int8 array) for arguments the caller has validated: 1-d
     arrays of one length, int64 counts 0 <= s <= t and budget >= 1, floats alpha in (0, 1), a, b > 0, sigma > 0,
     min_gain finite >= 0; ``kt_weight`` a float in [0, 1]. The engine checks each job's
     parameters once, when it is submitted (models.jobs.check_spec), and decides hundreds of jobs per step; one job's
-    decision costs ~4x more with the checks than without."""
+    decision costs ~4x more with the checks than without.
+
+    ``lower_out`` (optional, a float64 array of the same length) receives the bound the rule computed at the current
+    counts, L_t at (s, max(t, 1)) with this prior and ``kt_weight``: bit for bit what
+    ``validated_lower_bound(s, max(t, 1), alpha, a, b, kt_weight)`` returns, so a caller answering a job the rule
+    stops here can issue that bound as the job's certificate instead of computing it again."""
     if s.size == 1 and fraction is None:  # a lone job (a per-input request): the same rule on Python floats
-        return np.array([_best_radius_code_one(int(s[0]), int(t[0]), float(alpha[0]), float(a[0]), float(b[0]),
-                                               int(budget[0]), float(sigma[0]), float(min_gain[0]),
-                                               float(kt_weight), min_futility_trials)], dtype=np.int8)
+        code, lower = _best_radius_one(int(s[0]), int(t[0]), float(alpha[0]), float(a[0]), float(b[0]),
+                                       int(budget[0]), float(sigma[0]), float(min_gain[0]), float(kt_weight),
+                                       min_futility_trials)
+        if lower_out is not None:
+            lower_out[0] = lower
+        return np.array([code], dtype=np.int8)
     t_safe = np.maximum(t, 1)
     bounds = _BoundBatch(alpha, a, b, float(kt_weight))
     every = np.arange(s.size)
@@ -153,6 +161,8 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     maybe_low = np.flatnonzero((t > 0) & (_rough_lower(s, t_safe, alpha) <= _LOW_PREDICTION))
     p = bounds.lower([(s, t_safe, every), ((s * t_proj) // t_safe, t_proj, every),
                       *_futility_points(s, t_safe, budget, maybe_low)])
+    if lower_out is not None:
+        lower_out[:] = p[0]
     radii = validated_radius(np.concatenate(p[:2]), np.concatenate([sigma, sigma]))  # one call for both
     r_now, r_proj = radii[:s.size], radii[s.size:]
     if fraction is None:
@@ -192,23 +202,25 @@ def _rough_lower(s, t, alpha):
     return s / t - np.sqrt((np.log(1.0 / alpha) + 0.5 * np.log(t + 1.0) + 4.0) / (2.0 * t))
 
 
-def _best_radius_code_one(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, min_futility_trials) -> int:
-    """The marginal-gain rule of :func:`validated_best_radius_codes` for one job on Python floats: the same bounds
-    (confseq._lower_bound_one, bit-identical to the kernel), radii and comparisons in the same order, at ~1/3 of the
-    cost of the array path on one-element arrays (tests/test_smoothing_stopping.py checks the codes agree)."""
+def _best_radius_one(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, min_futility_trials):
+    """(code, L_t) of the marginal-gain rule of :func:`validated_best_radius_codes` for one job on Python floats: the
+    same bounds (confseq._lower_bound_one, bit-identical to the kernel), radii and comparisons in the same order, at
+    ~1/3 of the cost of the array path on one-element arrays (tests/test_smoothing_stopping.py checks the codes
+    agree); L_t is the bound at (s, max(t, 1)), as the array path's ``lower_out``."""
     def radius(hits, draws, a_, b_):
         return validated_radius_one(_lower_bound_one(hits, draws, alpha, a_, b_, kt_weight), sigma)
 
     t_safe = max(t, 1)
     t_proj = min(2 * t_safe, max(budget, t_safe))  # exact integers, as in the array path
-    r_now = radius(s, t_safe, a, b)
+    lower = _lower_bound_one(s, t_safe, alpha, a, b, kt_weight)
+    r_now = validated_radius_one(lower, sigma)
     if t > 0 and r_now > 0 and radius((s * t_proj) // t_safe, t_proj, a, b) - r_now < min_gain * max(t_proj - t, 1):
-        return int(Stop.CERTIFIED)
+        return int(Stop.CERTIFIED), lower
     if t > 0 and r_now <= 0:
         upper = upper_from_mirrored(_lower_bound_one(t_safe - s, t_safe, alpha, b, a, kt_weight))
         if upper < 0.5 or (t >= min_futility_trials and radius((s * budget) // t_safe, budget, a, b) <= 0):
-            return int(Stop.FUTILITY)
-    return int(Stop.BUDGET) if t >= budget else int(Stop.CONTINUE)
+            return int(Stop.FUTILITY), lower
+    return (int(Stop.BUDGET) if t >= budget else int(Stop.CONTINUE)), lower
 
 
 def _futility_points(s, t_safe, budget, jobs):
@@ -267,10 +279,11 @@ def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budge
 
 
 def validated_proposal_codes(s, t, alpha, a, b, budget, sigma, min_gain, proposal_radius, *,
-                             kt_weight=DEFAULT_KT_WEIGHT):
+                             kt_weight=DEFAULT_KT_WEIGHT, lower_out=None):
     """:func:`proposal_decision` (same codes, always an int8 array) for validated 1-d arrays of one length (see
-    :func:`validated_best_radius_codes`); ``proposal_radius`` finite >= 0."""
-    best = validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight=kt_weight)
+    :func:`validated_best_radius_codes`, also for ``lower_out``); ``proposal_radius`` finite >= 0."""
+    best = validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight=kt_weight,
+                                       lower_out=lower_out)
     p_target = np.maximum(ndtr(proposal_radius / sigma), 0.5)
     verified = _radius_verified(s, t, p_target, alpha, a, b, kt_weight)
     return np.where(verified, np.int8(Stop.TARGET), best).astype(np.int8)

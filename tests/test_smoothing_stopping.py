@@ -187,7 +187,7 @@ def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(
 
 
 def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
-    """A lone job's decision runs the whole rule on Python floats (smoothing.stopping._best_radius_code_one, the path
+    """A lone job's decision runs the whole rule on Python floats (smoothing.stopping._best_radius_one, the path
     of a per-input request alone in the engine); for two jobs the rule runs on arrays with every bound computed on
     floats (smoothing.confseq._lower_bound_one). Calls of one and of two jobs must give the documented rule's
     codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs gives them. Run once against
