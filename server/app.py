@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
     count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected,
                        timeout=settings.body_timeout_seconds)
-    app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc)
+    app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc, on_reject=count_rejected)
     install_error_handlers(app, on_error=count_rejected)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
@@ -160,16 +160,22 @@ async def certify_batch(request: Request) -> BatchResponse:
     if len(images) > limit:
         raise ServiceError("too_many_images", f"at most {limit} images per batch request; got {len(images)}")
     decoded = await _decode(request, images, params)  # every image, before any job starts
-    jobs = [asyncio.ensure_future(_certify_one(request, d, params)) for d in decoded]
+    jobs = [asyncio.ensure_future(_certify_one(request, d, params, count=False)) for d in decoded]
     try:
         results = await asyncio.gather(*jobs)
     except Exception as exc:  # one image failed (e.g. queue_full): the batch is refused, its other jobs dropped now
         # (not left running after the answer); they count as cancelled only when the client went away
-        request.state.batch_refused = getattr(exc, "code", None) != "client_closed_request"
+        refused = request.state.batch_refused = getattr(exc, "code", None) != "client_closed_request"
         for job in jobs:
             job.cancel()
         await asyncio.gather(*jobs, return_exceptions=True)
-        raise
+        if not refused:  # the client went away: the images certified before are counted, as /certify counts them
+            for job in jobs:
+                if not job.cancelled() and job.exception() is None:
+                    request.app.state.metrics.observe_certificate(job.result())
+        raise  # refused: no image of the batch is counted, not even one certified before the failure
+    for cert in results:  # counted once the batch is answered
+        request.app.state.metrics.observe_certificate(cert)
     _observe_http(request, "/certify/batch")
     return BatchResponse(results=list(results))
 
@@ -186,8 +192,9 @@ async def _decode(request: Request, images: list, params: CertifyParams) -> list
                             request_pixels=request_pixel_limit(settings.max_pixels, settings.max_batch_images, shape))
 
 
-async def _certify_one(request: Request, d: Decoded, params: CertifyParams) -> Certificate:
-    """certify a decoded image (cancelled when the client goes away) -> count."""
+async def _certify_one(request: Request, d: Decoded, params: CertifyParams, *, count: bool = True) -> Certificate:
+    """certify a decoded image (cancelled when the client goes away) -> count (``count=False``: the caller counts
+    the certificate, a batch once it is answered)."""
     state = request.app.state
     service: CertificationService = state.service
     work = asyncio.ensure_future(service.certify(d.image, params, request_id=request.state.request_id,
@@ -206,7 +213,8 @@ async def _certify_one(request: Request, d: Decoded, params: CertifyParams) -> C
         raise
     finally:
         watcher.cancel()
-    state.metrics.observe_certificate(cert)
+    if count:
+        state.metrics.observe_certificate(cert)
     return cert
 
 

@@ -71,16 +71,17 @@ class CertserveClient:
         """Certify one image (a path or raw PNG/JPEG/.npy bytes); params: alpha, mode, target_radius, ..."""
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
-        return self._checked(self._post("/certify", files={"image": ("image", data)}, data=fields,
-                                        timeout=self._timeout(params)), data)
+        answer = self._post("/certify", files={"image": ("image", data)}, data=fields, timeout=self._timeout(params))
+        return self._checked(_certificate(answer, answer), data)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         answer = self._post("/certify/batch", files=files, data=fields, timeout=self._timeout(params))
-        if not isinstance(answer.get("results"), list):
+        if not isinstance(answer.get("results"), list) or len(answer["results"]) != len(files):
             raise CertserveError(200, answer)
-        return [self._checked(cert, data) for cert, (_, (_, data)) in zip(answer["results"], files)]
+        return [self._checked(_certificate(cert, answer), data)
+                for cert, (_, (_, data)) in zip(answer["results"], files)]
 
     def _timeout(self, params: dict) -> float:
         """``timeout``, or longer for a request whose ``deadline_ms`` the server may take (up to 600 s) to answer."""
@@ -166,6 +167,14 @@ def _retry_after(value: str | None) -> float:
         except (TypeError, ValueError):
             seconds = 1.0
     return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else 1.0
+
+
+def _certificate(cert, answer):
+    """``cert`` when it is a certificate (a JSON object with ``certified`` and ``radius``); otherwise the 200 answer
+    ``answer`` came from another server (an auth proxy's ``{"error": "invalid_token"}``): :class:`CertserveError`."""
+    if not (isinstance(cert, dict) and "certified" in cert and "radius" in cert):
+        raise CertserveError(200, answer)
+    return cert
 
 
 def _is_certserve_error(r: httpx.Response) -> bool:

@@ -15,10 +15,11 @@ log = logging.getLogger("certserve")
 class RequestContext:
     """X-Request-ID in and out, the arrival time (deadlines count from it), and the last line of the error contract:
     any exception that reaches here becomes ``500 {"error": {"code": "internal", ...}}`` with the request id, is
-    logged with its traceback and reported to ``on_internal_error`` (a metric)."""
+    logged with its traceback and reported to ``on_internal_error`` (a metric); a request cancelled by the drain
+    window gets ``503 draining``, reported to ``on_reject("draining")``."""
 
-    def __init__(self, app, on_internal_error=None):
-        self.app, self.on_internal_error = app, on_internal_error
+    def __init__(self, app, on_internal_error=None, on_reject=None):
+        self.app, self.on_internal_error, self.on_reject = app, on_internal_error, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -41,6 +42,8 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:  # uvicorn's drain window ended with this request still open (e.g. its body
             if not started:  # still uploading): the JSON envelope, not uvicorn's bare 500; then let the task go
+                if self.on_reject is not None:
+                    self.on_reject("draining")
                 await send_json(send_with_id, 503, error_bytes("draining", "the server is shutting down; retry on "
                                                                            "another replica", request_id))
             raise

@@ -108,6 +108,9 @@ async def _parse_form(request: Request, batch: bool, multipart: bool) -> tuple[l
     except (StarletteHTTPException, MultiPartException) as exc:
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
         kind = "multipart" if multipart else "urlencoded"
+        if batch and str(detail).startswith("Too many"):  # the parser's limit on parts, above a full batch's
+            raise ServiceError("too_many_images", f"at most {settings.max_batch_images} images per batch request; the "
+                                                  f"{kind} body has more parts ({detail})") from None
         raise ServiceError("bad_multipart", f"could not parse the {kind} body: {detail}") from None
     files = form.getlist(field)
     if not files:

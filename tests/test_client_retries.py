@@ -24,7 +24,7 @@ class Script(http.server.BaseHTTPRequestHandler):
     """Answers POSTs in the order of ``server.script``: "drop" (close without an answer), "bare500" (an ingress's
     plain-text 500), "json500" (certserve's own error envelope), "ok" (a certificate), "slow" (one after 1.5 s), and
     other servers' answers: "token401" ({"error": "invalid_token"}), "null403" ({"error": null}), "html200" (a login
-    page answered with 200)."""
+    page answered with 200), "token200" / "results200" (JSON that is no certificate, or no batch of them, with 200)."""
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -54,6 +54,9 @@ class Script(http.server.BaseHTTPRequestHandler):
                               "null403": (403, json.dumps({"error": None, "detail": "x"}).encode(),
                                           "application/json"),
                               "html200": (200, b"<html>Sign in</html>", "text/html"),
+                              "token200": (200, json.dumps({"error": "invalid_token"}).encode(), "application/json"),
+                              "results200": (200, json.dumps({"results": [{"error": "invalid_token"}]}).encode(),
+                                             "application/json"),
                               "json500": (500, json.dumps({"error": {"code": "internal", "message": "boom"}}).encode(),
                                           "application/json"),
                               "ok": (200, json.dumps(CERT).encode(), "application/json")}[step]
@@ -136,3 +139,19 @@ def test_a_long_deadline_extends_the_timeout_and_negative_retries_are_refused(sc
             client.certify(b"png bytes")
     with pytest.raises(ValueError, match="retries"):
         CertserveClient("http://127.0.0.1:1", retries=-1)
+
+
+def test_a_json_answer_with_200_that_is_no_certificate_is_a_certserve_error(scripted):
+    """A 200 whose JSON is not a certificate (an auth proxy's {"error": "invalid_token"} answered with 200), for one
+    image or as a batch's result, raises CertserveError (README: any answer that is not a certificate). Run against
+    the client before this test: failed (certify returned {"error": "invalid_token"} as the certificate, and
+    certify_batch returned it as the batch's one certificate)."""
+    scripted.script = ["token200", "results200"]
+    with _client(scripted) as client:
+        with pytest.raises(CertserveError) as info:
+            client.certify(b"png bytes")
+        assert info.value.status == 200 and "invalid_token" in str(info.value)
+        with pytest.raises(CertserveError) as info:
+            client.certify_batch([b"png bytes"])
+        assert info.value.status == 200 and info.value.body == {"results": [{"error": "invalid_token"}]}
+    assert scripted.calls == 2

@@ -518,6 +518,25 @@ def test_batch_too_many_images(client, easy):
     assert err["code"] == "too_many_images" and "64" in err["message"]
 
 
+@pytest.mark.parametrize("encoding, count", [("files", 257), ("text", 129), ("urlencoded", 129)])
+def test_batch_too_many_form_parts_is_too_many_images(client, easy, encoding, count):
+    """A form batch beyond the form parser's own limits on parts (256 files, 64 + 64 fields at the default 64 images)
+    is 422 too_many_images naming the limit, as the README says of any batch beyond CERTSERVE_MAX_BATCH_IMAGES.
+    Run against the code before this test: failed (422 bad_multipart "Too many files/fields ...")."""
+    data = png_bytes(easy)
+    b64 = base64.b64encode(data).decode()
+    if encoding == "files":
+        r = client.post("/certify/batch", files=[("images", ("x.png", data, "image/png"))] * count)
+    elif encoding == "text":
+        r = client.post("/certify/batch", files=[("images", (None, b64))] * count)
+    else:
+        body = "&".join(["images=" + b64.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")] * count)
+        r = client.post("/certify/batch", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "too_many_images" and "at most 64 images" in err["message"]
+
+
 def test_batch_empty_list_and_missing_field(client):
     r = client.post("/certify/batch", json={"images": []})
     assert r.status_code == 422 and "images" in r.json()["error"]["message"]

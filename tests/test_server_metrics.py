@@ -374,6 +374,25 @@ def test_batch_refused_for_queue_full_drops_its_other_jobs_uncounted():
     assert all(m in METHODS for m, _ in got), sorted(got)
 
 
+def test_batch_refused_after_a_surrogate_answer_counts_none_of_its_images():
+    """An auto batch whose first image the surrogate answers at once and whose third is refused (queue_full:
+    max_live_jobs=1, the second image's sequential fallback holds the one slot) is answered 503: none of its images is
+    a certificate the client gets, so no certserve_requests_total series moves (the HELP: "The other images of a batch
+    refused for another error (e.g. queue_full) are not counted"). Run against the code before this test: failed
+    (surrogate/certified counted 1 for the refused batch)."""
+    x = load_fashion_mnist().x_test
+    with TestClient(create_app(Settings(max_samples=10**6, max_live_jobs=1, drain_seconds=0), seed=13)) as c:
+        # image EASY: the surrogate certifies it (radius >= 1.6 sigma); image 0: below auto's threshold -> sequential
+        r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in (EASY, 0, 0)], "max_samples": 10**6,
+                                           "deadline_ms": 10_000})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        text = c.get("/metrics").text
+    assert {k: v for k, v in _requests_total(text).items() if v} == {}
+    fam = families(text)
+    assert value(fam["certserve_rejected_requests"], "_total", reason="queue_full") == 1
+    assert value(fam["certserve_samples_per_certificate"], "_count", method="surrogate") == 0
+
+
 def test_dashboard_units_and_scrape_jobs(traffic):
     """docker/grafana/dashboards/certserve.json queries only series the app exports, shows durations (and only
     those) in seconds, and its up{} selectors match the scrape job of both Prometheus configs (compose: certserve; Ray:

@@ -129,6 +129,39 @@ def test_a_request_cancelled_by_the_drain_window_gets_the_json_envelope():
     assert status == 503 and body["error"]["code"] == "draining"
 
 
+def test_the_drain_windows_503_is_counted_as_a_rejection():
+    """The 503 draining that RequestContext answers for a request cancelled by the drain window is an error answer
+    like any other: certserve_rejected_requests_total{reason="draining"} counts it (README: every error answer, by
+    code). Run against the code before this test: failed (the counter stayed 0)."""
+    async def main():
+        app = create_app(Settings(body_timeout_seconds=60, drain_seconds=0), seed=4)
+        async with app.router.lifespan_context(app):
+            chunks = [{"type": "http.request", "body": BODY[:100], "more_body": True}]
+            sent: list = []
+
+            async def receive():
+                if chunks:
+                    return chunks.pop()
+                await asyncio.Event().wait()
+
+            async def send(message):
+                sent.append(message)
+
+            task = asyncio.ensure_future(app(_scope(len(BODY)), receive, send))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return sent, app.state.metrics.render().decode()
+
+    sent, metrics = asyncio.run(main())
+    assert _status_and_body(sent)[0] == 503
+    assert _counter(metrics, "certserve_rejected_requests_total", '{reason="draining"}') == 1
+    assert _counter(metrics, "certserve_internal_errors_total") == 0
+
+
 def test_rays_proxy_404_without_a_replica_becomes_a_json_503():
     """While the Serve application is not deployed (starting, or deleted at shutdown) Ray's proxy answers a plain
     404 'Path not found' for every path; ProxyErrors makes it 503 replica_unavailable + Retry-After in the JSON
