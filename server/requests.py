@@ -63,8 +63,10 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
     field = "images" if batch else "image"
     raw = await request.body()
     parse = partial(json.loads, raw, object_pairs_hook=_unique_keys)
-    try:  # a large body (up to the body limit: ~45 ms for 4 MiB of numbers) is parsed off the event loop
-        body = parse() if len(raw) <= INLINE_BYTES else await asyncio.to_thread(parse)
+    try:  # a large body (up to the body limit: ~45 ms for 4 MiB of numbers) is parsed off the event loop, in the
+        # lifespan's bounded decode pool, as images are decoded (None outside the lifespan: asyncio's default)
+        body = parse() if len(raw) <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(
+            getattr(request.app.state, "decoder", None), parse)
     except _RepeatedKey as exc:
         raise ServiceError("bad_request", f"JSON keys given more than once: {exc} (give each once)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit

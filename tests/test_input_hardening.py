@@ -122,14 +122,17 @@ def test_big_decodes_leave_the_event_loop_free(client, path, count):
 def test_a_large_json_body_is_parsed_off_the_event_loop(client, monkeypatch):
     """A JSON body over 64 KiB (up to the 4 MiB limit: ~45 ms of json.loads for one of numbers) is parsed in a thread:
     a /healthz sent while its parse runs (made to take 0.5 s here) answers before the parse ends. Run against the
-    code parsing on the loop (before 2026-12-06): the probe came after the parse; this test failed."""
+    code parsing on the loop (before 2026-12-06): the probe came after the parse; this test failed. The parse runs
+    in the app's bounded decode pool (certserve-decode threads), not asyncio's default executor: run against
+    asyncio.to_thread (the code of 74e42e4): the thread-name check failed."""
     import server.requests as requests_module
 
-    events, parsing = [], threading.Event()
+    events, parsing, threads = [], threading.Event(), []
 
     class SlowJson:
         @staticmethod
         def loads(*args, **kwargs):
+            threads.append(threading.current_thread().name)
             parsing.set()
             time.sleep(0.5)
             events.append("parsed")
@@ -148,6 +151,7 @@ def test_a_large_json_body_is_parsed_off_the_event_loop(client, monkeypatch):
     events.append("healthz")
     worker.join()
     assert events == ["healthz", "parsed"]
+    assert threads and threads[0].startswith("certserve-decode"), threads
 
 
 def test_a_batch_may_not_decode_unbounded_pixels():
