@@ -33,44 +33,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
-from models.jobs import KINDS, Batch, EngineStopped, JobTable, QueueFull, check_spec, checkpoints_of, resolve_futures
+from models.jobs import (KINDS, Batch, EngineStopped, JobResult, JobSpec, JobTable, QueueFull, check_spec,
+                         checkpoints_of, resolve_futures)
 from models.sampling import SamplingEngine
-from smoothing import KT_PRIOR, Stop
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What to certify. ``tested_class``, ``prior`` and ``proposal_radius`` must be fixed from the clean input."""
-
-    image: np.ndarray  # (C, H, W) float32 in [0, 1]
-    alpha: float
-    budget: int  # sequential: most samples; cohen / fixed: n, the estimation samples
-    deadline: float  # time.monotonic() seconds; the engine answers then with the certificate reached so far
-    kind: Literal["sequential", "cohen", "fixed"] = "sequential"
-    tested_class: int = 0
-    prior: tuple[float, float] = KT_PRIOR
-    target_radius: float | None = None  # None: best-radius policy
-    proposal_radius: float | None = None  # stop once verified, else best radius (smoothing.proposal_decision)
-    min_gain: float | None = None  # best-radius / proposal lambda; None: smoothing.DEFAULT_MIN_GAIN
-    n0: int = 100  # cohen selection samples
-
-
-@dataclass
-class JobResult:
-    class_index: int  # -1: abstain
-    radius: float
-    p_lower: float | None
-    samples: int
-    # certified / target / futility (the job's policy), budget (sequential: budget spent; cohen, fixed: n drawn;
-    # the service reports a fixed job's n as 'planned'), deadline, shutdown
-    stopped_by: str
-    queue_seconds: float
-    sampling_seconds: float
+from smoothing import Stop
 
 
 @dataclass(eq=False)
@@ -108,6 +78,7 @@ class SequentialEngine:
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
         self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
+        self._admitting = 0  # jobs taken from _pending, not yet in the job table (live_jobs counts them); _lock
         self._cancelled: deque[_Job] = deque()
         self._table: JobTable | None = None
         self._image_shape: tuple | None = None  # of every job's image (the first submitted job's); guarded by _lock
@@ -136,7 +107,7 @@ class SequentialEngine:
         """Jobs submitted, not yet answered. An answered job whose slot is not yet freed (a zombie, models.jobs) does
         not count: a caller replacing it from its future's callback is not refused with QueueFull."""
         with self._lock:
-            return len(self._pending) + (self._table.unanswered() if self._table is not None else 0)
+            return len(self._pending) + self._admitting + (self._table.unanswered() if self._table is not None else 0)
 
     @property
     def alive(self) -> bool:
@@ -160,6 +131,9 @@ class SequentialEngine:
                 raise QueueFull(f"{self.max_live_jobs} sampling jobs are in flight")
             self._pending.append(job)  # the engine thread publishes the queue depth (one writer), at admission
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
+            if len(self._deadlines) > 2 * self.max_live_jobs + 64:  # answered jobs (image, future) wait there for
+                self._deadlines = [d for d in self._deadlines if not d[2].future.done()]  # their deadline: drop
+                heapq.heapify(self._deadlines)  # them (amortized O(1) per submit; at most ~2 max_live_jobs kept)
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
                 self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
         fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
@@ -191,12 +165,11 @@ class SequentialEngine:
             with self._lock:
                 while self._deadlines and self._deadlines[0][2].future.done():
                     heapq.heappop(self._deadlines)  # answered or cancelled meanwhile
-                if self._stop_at is not None and not self.alive:
-                    return
+                ended = self._stop_at is not None and not self.alive  # answer what the engine thread left, then exit
                 now = time.monotonic()
-                cut = self._stop_at is not None and now >= self._stop_at
-                if not cut and (not self._deadlines or self._deadlines[0][0] > now):
-                    wait = self._deadlines[0][0] - now if self._deadlines else None
+                cut = ended or self._stop_at is not None and now >= self._stop_at
+                if not cut and (not self._deadlines or self._deadlines[0][0] > now):  # wait at most an hour: a
+                    wait = min(self._deadlines[0][0] - now, 3600.0) if self._deadlines else None  # longer one raises
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
                     continue
                 job, unadmitted = (None, list(self._pending)) if cut else (heapq.heappop(self._deadlines)[2], [])
@@ -208,6 +181,8 @@ class SequentialEngine:
                     jobs = unadmitted + running
                 answers = [a for j in jobs for a in self._answer_job(j, "shutdown" if cut else "deadline")]
             resolve_futures(answers)
+            if ended:
+                return
             if cut:
                 time.sleep(0.05)  # then again, until the engine thread has ended
 
@@ -247,6 +222,7 @@ class SequentialEngine:
         """Admit pending jobs, drop cancelled and finished ones; at shutdown answer everyone. True: stop the loop."""
         with self._lock:
             admit, self._pending = self._pending, []
+            self._admitting = len(admit)  # still counted by live_jobs until they are in the table (QueueFull)
             table = self._table
             stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._accepting
                                                       and not admit and (table is None or not table.running.any()))
@@ -258,6 +234,8 @@ class SequentialEngine:
             admit = [job for job in admit if not job.finished and not job.future.done()]
             table.admit_many(admit, [KINDS[job.spec.kind] for job in admit],
                         [checkpoints_of(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit])
+            with self._lock:
+                self._admitting = 0
             while self._cancelled:
                 job = self._cancelled.popleft()
                 job.finished = True

@@ -1,5 +1,6 @@
-"""The engine's job table: every live job's state as arrays over slots, so that each step's bookkeeping (chunk
-allocation, per-job counts, checkpoint detection, retirement) is a handful of numpy operations over all jobs.
+"""The engine's jobs: what to certify (:class:`JobSpec`), the answer (:class:`JobResult`), and the job table: every
+live job's state as arrays over slots, so that each step's bookkeeping (chunk allocation, per-job counts, checkpoint
+detection, retirement) is a handful of numpy operations over all jobs.
 
 Slots and generations: an admitted job takes a free slot and a fresh generation number (its ``order``). A batch
 records the (slot, generation) of each chunk; its counts are added only where the slot still holds that generation
@@ -18,15 +19,46 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from smoothing import DEFAULT_MIN_GAIN, checkpoint_schedule
+from smoothing import DEFAULT_MIN_GAIN, KT_PRIOR, checkpoint_schedule
 from smoothing.cohen import MIN_CP_ALPHA
 from smoothing.stopping import MAX_BUDGET
 
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to certify. ``tested_class``, ``prior`` and ``proposal_radius`` must be fixed from the clean input."""
+
+    image: np.ndarray  # (C, H, W) float32 in [0, 1]
+    alpha: float
+    budget: int  # sequential: most samples; cohen / fixed: n, the estimation samples
+    deadline: float  # time.monotonic() seconds; the engine answers then with the certificate reached so far
+    kind: Literal["sequential", "cohen", "fixed"] = "sequential"
+    tested_class: int = 0
+    prior: tuple[float, float] = KT_PRIOR
+    target_radius: float | None = None  # None: best-radius policy
+    proposal_radius: float | None = None  # stop once verified, else best radius (smoothing.proposal_decision)
+    min_gain: float | None = None  # best-radius / proposal lambda; None: smoothing.DEFAULT_MIN_GAIN
+    n0: int = 100  # cohen selection samples
+
+
+@dataclass
+class JobResult:
+    class_index: int  # -1: abstain
+    radius: float
+    p_lower: float | None
+    samples: int
+    # certified / target / futility (the job's policy), budget (sequential: budget spent; cohen, fixed: n drawn;
+    # the service reports a fixed job's n as 'planned'), deadline, shutdown
+    stopped_by: str
+    queue_seconds: float
+    sampling_seconds: float
 
 
 class QueueFull(RuntimeError):
