@@ -8,6 +8,7 @@ device, timings and quality figures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -35,9 +36,81 @@ from smoothing import level_split, min_calibration_size
 
 def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) -> Path:
     """Build a bundle as configured; ``command`` (the CLI line) is recorded in the provenance."""
-    started = time.time()
+    started, timings = time.time(), {}
+    tune = _checked_tune_size(cfg)  # refuse a bad configuration before hours of work, not after
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    seen, base_trained_on = declared_training(cfg.base_trained_on, ds) if cfg.base else (None, None)
+    splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
+                         seed=cfg.split_seed, exclude=seen).limited(cfg.limit)
+    sur_idx, cal_idx = splits.surrogate_train, splits.calibration
+    x_test, y_test = (ds.x_test[:cfg.limit], ds.y_test[:cfg.limit]) if cfg.limit else (ds.x_test, ds.y_test)
+    log(f"data {ds.name}: base-train {len(splits.base_train)}, surrogate-train {len(sur_idx)}, calibration "
+        f"{len(cal_idx)}, test {len(ds.x_test)}; device {device}")
+
+    with _timed(timings, "base_seconds"):  # 1. base classifier (trained with noise), or the user's own
+        base = _base_model(cfg, ds, splits, work, device)
+    base_sha = sha256_file(base.onnx)
+    base_quality = _base_quality(base.backend, x_test, y_test, cfg.sigma, cfg.seed)
+    log(f"base: {base_quality}")
+    engine = SamplingEngine(base.sampler, sigma=cfg.sigma, num_classes=len(ds.classes),
+                            batch_size=cfg.batch_size or default_batch_size(device))
+
+    with _timed(timings, "counts_surrogate_train_seconds"):  # 2. Monte-Carlo counts on surrogate-train
+        sur_counts = compute_counts(engine, ds.x_train[sur_idx], cfg.train_samples, seed=cfg.seed + 1,
+                                    out_dir=work / "counts-surrogate-train", model_sha256=base_sha,
+                                    progress=cfg.progress)
+
+    # 3. surrogate: soft-label CE on the first part of surrogate-train; the held-out rest fits the meta-learner
+    n_meta = max(1, int(round(len(sur_idx) * cfg.meta_fraction)))
+    fit_part, meta_part = slice(0, len(sur_idx) - n_meta), slice(len(sur_idx) - n_meta, len(sur_idx))
+    with _timed(timings, "surrogate_seconds"):
+        surrogate_onnx = _surrogate(cfg, ds, ds.x_train[sur_idx][fit_part], sur_counts[fit_part], base, work, device)
+
+    # 4. conformal calibration on the calibration split (disjoint from everything above): tune (a seeded random
+    # part, drawn before any label is read), then calibrate on the rest
+    with _timed(timings, "calibration_seconds"):
+        cal_counts = compute_counts(engine, ds.x_train[cal_idx], cfg.cal_samples, out_dir=work / "counts-calibration",
+                                    seed=cfg.seed + 3, model_sha256=base_sha, progress=cfg.progress)
+        sur_backend = OnnxBackend(surrogate_onnx, device="cpu")
+        calibration = calibrate_surrogate(sur_backend, ds.x_train[cal_idx], cal_counts, cfg.cal_samples,
+                                          tune_size=tune, cut=tuning_cut(cfg.split_seed), levels=cfg.levels,
+                                          max_bins=cfg.max_bins, scale=cfg.calibration_scale, gamma=cfg.gamma)
+    log(f"conformal calibration ({len(cal_idx)} images, {calibration['num_tuning']} tune):\n{describe(calibration)}")
+
+    with _timed(timings, "meta_seconds"):  # 5. meta-learned priors on the held-out part of surrogate-train
+        meta_onnx, meta_fit = _meta_prior(cfg, ds.x_train[sur_idx][meta_part], sur_counts[meta_part], base.backend,
+                                          sur_backend, work)
+    log(f"meta prior: {meta_fit}")
+
+    timings["total_seconds"] = time.time() - started
+    provenance = {
+        "dataset": ds.name, "splits": splits.record(), "limit": cfg.limit, "created_unix": int(time.time()),
+        "samples_per_image": {"surrogate_train": cfg.train_samples, "calibration": cfg.cal_samples},
+        "seeds": {"pipeline": cfg.seed, "splits": cfg.split_seed}, "code_version": _code_version(),
+        "device": device, "sampler": base.sampler.name, "python": platform.python_version(),
+        "torch": torch.__version__, "base_quality": base_quality, "base_trained_here": not cfg.base,
+        "base_trained_on": base_trained_on, "tuning_cut": tuning_cut(cfg.split_seed), "calibration_from": "build",
+        "meta_fit": meta_fit, "config": dataclasses.asdict(cfg),
+        "timings": {k_: round(v, 1) for k_, v in timings.items()}, "command": command,
+    }
+    bundle = create_bundle(
+        cfg.out, base=base.onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,
+        input_shape=ds.input_shape, classes=ds.classes, name=cfg.name or Path(cfg.out).name,
+        calibration=calibration,
+        meta_features=list(FEATURE_NAMES), provenance=provenance, overwrite=cfg.overwrite)
+    log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
+    (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))
+    return bundle.root
+
+
+def _checked_tune_size(cfg: PipelineConfig) -> int:
+    """The tuning images taken from the calibration split; ValueError for a configuration that cannot build a
+    valid bundle (checked before any work)."""
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:  # refuse before hours of work, not after
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     if cfg.base and cfg.base_trained_on is None:
         raise ValueError(
@@ -49,115 +122,75 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     if cfg.base_trained_on is not None and not cfg.base:
         raise ValueError("--base-trained-on describes a model given with --base; without --base the base model is "
                          "trained here on the base-train split")
-    timings: dict[str, float] = {}
-    work = Path(cfg.work)
-    work.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
-    batch = cfg.batch_size or default_batch_size(device)
     usable = min(cfg.calibration_size, cfg.limit or cfg.calibration_size)
     need, tune = min_calibration_size(level_split(max(cfg.levels))[0]), min(cfg.tune_size, usable // 2)
-    if usable - tune < need:  # refuse before hours of work, not after
+    if usable - tune < need:
         raise ValueError(f"the largest level {max(cfg.levels)} needs at least {need} calibration images besides the "
                          f"tuning ones; got {usable} of which {tune} tune (tune_size is capped at half the split)")
+    return tune
 
-    ds = load_dataset(cfg.data)
-    seen, base_trained_on = declared_training(cfg.base_trained_on, ds) if cfg.base else (None, None)
-    splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
-                         seed=cfg.split_seed, exclude=seen).limited(cfg.limit)
-    base_idx, sur_idx, cal_idx = splits.base_train, splits.surrogate_train, splits.calibration
-    x_test, y_test = (ds.x_test[:cfg.limit], ds.y_test[:cfg.limit]) if cfg.limit else (ds.x_test, ds.y_test)
-    k = len(ds.classes)
-    example = torch.zeros((1, *ds.input_shape))
-    log(f"data {ds.name}: base-train {len(base_idx)}, surrogate-train {len(sur_idx)}, calibration {len(cal_idx)}, "
-        f"test {len(ds.x_test)}; device {device}")
 
-    # 1. base classifier (trained with noise), or the user's own
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
     t0 = time.time()
-    base_module = None
+    yield
+    timings[name] = time.time() - t0
+
+
+@dataclasses.dataclass
+class _Base:
+    """The base classifier: its ONNX file (hashed into the bundle), a CPU session, the sampler the counts are drawn
+    with (TorchScript on CUDA when trained here) and the trained torch module (None for a user's own model)."""
+
+    onnx: Path
+    backend: OnnxBackend
+    sampler: object
+    module: object = None
+
+
+def _base_model(cfg: PipelineConfig, ds, splits, work: Path, device: str) -> _Base:
+    """The user's own base model (--base), or one trained here with noise on base-train (reused from the work
+    directory when it was trained exactly so)."""
     if cfg.base:
-        base_onnx = Path(cfg.base)
-        base_backend = OnnxBackend(base_onnx, device=device if device == "cuda" else "cpu")
-        if tuple(base_backend.input_shape[1:]) != ds.input_shape:
-            raise ValueError(f"{base_onnx} takes input {base_backend.input_shape[1:]}, the data has {ds.input_shape}")
-        sampler = base_backend
+        backend = OnnxBackend(Path(cfg.base), device=device if device == "cuda" else "cpu")
+        if tuple(backend.input_shape[1:]) != ds.input_shape:
+            raise ValueError(f"{cfg.base} takes input {backend.input_shape[1:]}, the data has {ds.input_shape}")
+        return _Base(Path(cfg.base), backend, backend)
+    onnx, script = work / "base.onnx", work / "base.pt"
+    trained_on = {"data": ds.name, "sigma": cfg.sigma, "splits": splits.record(), "epochs": cfg.base_epochs,
+                  "seed": cfg.seed}
+    if _reusable_base(work, trained_on):
+        module = torch.jit.load(str(script), map_location="cpu")
     else:
-        base_onnx, base_ts = work / "base.onnx", work / "base.pt"
-        trained_on = {"data": ds.name, "sigma": cfg.sigma, "splits": splits.record(), "epochs": cfg.base_epochs,
-                      "seed": cfg.seed}
-        if not _reusable_base(work, trained_on):
-            base_module = train_base(ds.x_train[base_idx], ds.y_train[base_idx], num_classes=k, sigma=cfg.sigma,
-                                     epochs=cfg.base_epochs, seed=cfg.seed, device=device)
-            save_torchscript(base_module, example, base_ts)
-            export_onnx(base_module.cpu(), example, base_onnx)
-            (work / "base.json").write_text(json.dumps(trained_on, indent=2))
-        base_backend = OnnxBackend(base_onnx, device="cpu")
-        sampler = load_backend(base_ts, device=device) if device == "cuda" else base_backend
-    timings["base_seconds"] = time.time() - t0
-    base_sha = sha256_file(base_onnx)
-    base_quality = _base_quality(base_backend, x_test, y_test, cfg.sigma, cfg.seed)
-    log(f"base: {base_quality}")
-    engine = SamplingEngine(sampler, sigma=cfg.sigma, num_classes=k, batch_size=batch)
+        idx = splits.base_train
+        module = train_base(ds.x_train[idx], ds.y_train[idx], num_classes=len(ds.classes), sigma=cfg.sigma,
+                            epochs=cfg.base_epochs, seed=cfg.seed, device=device)
+        example = torch.zeros((1, *ds.input_shape))
+        save_torchscript(module, example, script)
+        export_onnx(module.cpu(), example, onnx)
+        (work / "base.json").write_text(json.dumps(trained_on, indent=2))
+    backend = OnnxBackend(onnx, device="cpu")
+    return _Base(onnx, backend, load_backend(script, device=device) if device == "cuda" else backend, module)
 
-    # 2. Monte-Carlo counts on surrogate-train
-    t0 = time.time()
-    sur_counts = compute_counts(engine, ds.x_train[sur_idx], cfg.train_samples, out_dir=work / "counts-surrogate-train",
-                                seed=cfg.seed + 1, model_sha256=base_sha, progress=cfg.progress)
-    timings["counts_surrogate_train_seconds"] = time.time() - t0
 
-    # 3. surrogate: soft-label CE on the first part of surrogate-train; the held-out rest fits the meta-learner
-    t0 = time.time()
-    n_meta = max(1, int(round(len(sur_idx) * cfg.meta_fraction)))
-    fit_part, meta_part = slice(0, len(sur_idx) - n_meta), slice(len(sur_idx) - n_meta, len(sur_idx))
-    if base_module is None and not cfg.base:
-        base_module = torch.jit.load(str(work / "base.pt"), map_location="cpu")
-    init = _plain_copy(base_module, k, ds.input_shape) if base_module is not None else None
-    surrogate = train_surrogate(ds.x_train[sur_idx][fit_part], sur_counts[fit_part], init=init,
-                                epochs=cfg.surrogate_epochs, seed=cfg.seed + 2, device=device)
-    surrogate_onnx = export_onnx(surrogate.cpu(), example, work / "surrogate.onnx")
-    timings["surrogate_seconds"] = time.time() - t0
+def _surrogate(cfg: PipelineConfig, ds, x_fit, counts_fit, base: _Base, work: Path, device: str) -> Path:
+    """Train the RRISE surrogate on soft labels (initialized from the base model when it was trained here) and
+    export it; returns its ONNX file."""
+    init = _plain_copy(base.module, len(ds.classes), ds.input_shape) if base.module is not None else None
+    surrogate = train_surrogate(x_fit, counts_fit, init=init, epochs=cfg.surrogate_epochs, seed=cfg.seed + 2,
+                                device=device)
+    return export_onnx(surrogate.cpu(), torch.zeros((1, *ds.input_shape)), work / "surrogate.onnx")
 
-    # 4. conformal calibration on the calibration split (disjoint from everything above): tune (a seeded random
-    # part, drawn before any label is read), then calibrate on the rest
-    t0 = time.time()
-    cal_counts = compute_counts(engine, ds.x_train[cal_idx], cfg.cal_samples, out_dir=work / "counts-calibration",
-                                seed=cfg.seed + 3, model_sha256=base_sha, progress=cfg.progress)
-    sur_backend = OnnxBackend(surrogate_onnx, device="cpu")
-    calibration = calibrate_surrogate(sur_backend, ds.x_train[cal_idx], cal_counts, cfg.cal_samples,
-                                      tune_size=tune, cut=tuning_cut(cfg.split_seed), levels=cfg.levels,
-                                      max_bins=cfg.max_bins, scale=cfg.calibration_scale, gamma=cfg.gamma)
-    timings["calibration_seconds"] = time.time() - t0
-    log(f"conformal calibration ({len(cal_idx)} images, {calibration['num_tuning']} tune):\n{describe(calibration)}")
 
-    # 5. meta-learned priors on the held-out part of surrogate-train
-    t0 = time.time()
-    x_meta = ds.x_train[sur_idx][meta_part]
+def _meta_prior(cfg: PipelineConfig, x_meta, counts_meta, base_backend, sur_backend, work: Path):
+    """(meta.onnx, fit report): the meta-learner of Beta priors from clean-image features, fitted on held-out
+    surrogate-train images and their counts."""
     feats, c_meta = meta_features(base_backend.forward(x_meta), softmax(sur_backend.forward(x_meta)))
-    hits = sur_counts[meta_part][np.arange(len(c_meta)), c_meta]
-    meta_model, meta_fit = fit_meta_prior(feats, hits, np.full(len(hits), cfg.train_samples))
-    meta_onnx = export_onnx(meta_model, torch.zeros((1, len(FEATURE_NAMES))), work / "meta.onnx",
-                            input_name="features", output_name="prior")
-    timings["meta_seconds"] = time.time() - t0
-    log(f"meta prior: {meta_fit}")
-
-    timings["total_seconds"] = time.time() - started
-    provenance = {
-        "dataset": ds.name, "splits": splits.record(), "limit": cfg.limit, "created_unix": int(time.time()),
-        "samples_per_image": {"surrogate_train": cfg.train_samples, "calibration": cfg.cal_samples},
-        "seeds": {"pipeline": cfg.seed, "splits": cfg.split_seed}, "code_version": _code_version(),
-        "device": device, "sampler": sampler.name, "python": platform.python_version(), "torch": torch.__version__,
-        "base_quality": base_quality, "base_trained_here": not cfg.base, "base_trained_on": base_trained_on,
-        "tuning_cut": tuning_cut(cfg.split_seed), "calibration_from": "build", "meta_fit": meta_fit,
-        "config": dataclasses.asdict(cfg), "timings": {k_: round(v, 1) for k_, v in timings.items()},
-        "command": command,
-    }
-    bundle = create_bundle(
-        cfg.out, base=base_onnx, surrogate=surrogate_onnx, meta=meta_onnx, sigma=cfg.sigma,
-        input_shape=ds.input_shape, classes=ds.classes, name=cfg.name or Path(cfg.out).name,
-        calibration=calibration,
-        meta_features=list(FEATURE_NAMES), provenance=provenance, overwrite=cfg.overwrite)
-    log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
-    (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))
-    return bundle.root
+    hits = counts_meta[np.arange(len(c_meta)), c_meta]
+    model, fit = fit_meta_prior(feats, hits, np.full(len(hits), cfg.train_samples))
+    onnx = export_onnx(model, torch.zeros((1, len(FEATURE_NAMES))), work / "meta.onnx", input_name="features",
+                       output_name="prior")
+    return onnx, fit
 
 
 def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, surrogate_size: int, split_seed: int,
