@@ -169,6 +169,10 @@ def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertifica
             f"selection_counts and estimation_counts must both have shape (..., num_classes); got {sel.shape} and {est.shape}"
         )
     check_sigma(sigma)
+    # n = est.sum() in int64 wraps around past 2^63 (5 classes of 2^62 counts summed to 2^62 = the top class's count:
+    # all hits, radius 1.76 sigma for an estimate of 1/5); refuse totals the counts' own limit (2^62) does not allow
+    if np.any(est.sum(axis=-1, dtype=np.float64) >= 2.0**62):
+        raise ValueError("estimation_counts must total below 2^62 per input")
     c_hat = np.argmax(sel, axis=-1)
     n_a = np.take_along_axis(est, c_hat[..., None], axis=-1)[..., 0]
     p_lower = np.asarray(clopper_pearson_lower(n_a, est.sum(axis=-1), alpha))

@@ -14,6 +14,10 @@ from smoothing._checks import check_probability, check_sigma
 #: Relative amount by which every certified radius is shrunk, so that rounding inside ``ndtri`` (a few ulp)
 #: can never make a reported radius larger than the exact one.
 RADIUS_ROUNDING = 1e-10
+#: Radii below the smallest normal float are reported as 0 (abstain): in the subnormal range a product is rounded to
+#: a multiple of 5e-324, up to ~2x its exact value, which no relative rounding can cover (sigma = 1e-323, p = 0.6 gave
+#: 5e-324 for an exact 2.5e-324).
+_MIN_RADIUS = float(np.finfo(np.float64).tiny)
 
 
 def radius_from_probability(p_lower, sigma):
@@ -56,12 +60,12 @@ def validated_radius_one(p_lower: float, sigma: float) -> float:
     the one-job policy decision uses it; tests/test_smoothing_stopping.py compares the two bit for bit)."""
     z = ndtri(p_lower if p_lower > 0.5 else 0.5)
     r = sigma * z * (1.0 - RADIUS_ROUNDING) if z > 0 else 0.0
-    return float(r) if np.isfinite(r) else 0.0
+    return float(r) if np.isfinite(r) and r >= _MIN_RADIUS else 0.0
 
 
 def _radius_of_probit(z, sigma):
     r = np.where(z > 0, sigma * np.where(z > 0, z, 0.0) * (1.0 - RADIUS_ROUNDING), 0.0)
-    return np.where(np.isfinite(r), r, 0.0)
+    return np.where(np.isfinite(r) & (r >= _MIN_RADIUS), r, 0.0)
 
 
 def probability_for_radius(radius, sigma):

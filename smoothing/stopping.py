@@ -55,7 +55,9 @@ def target_radius_decision(successes, trials, *, sigma, target_radius, alpha, bu
     """Policy (i): certify at least ``target_radius``, as cheaply as possible.
 
     TARGET when H0: pA <= Phi(r/sigma) is rejected at level alpha (then L_t >= Phi(r/sigma) up to L_t's own
-    conservative rounding, ~1e-12 relative, so the certified radius is >= r up to ~1e-8 relative near p = 1/2);
+    conservative rounding, ~1e-12 relative, so the certified radius is >= r up to ~1e-12 sigma ABSOLUTE near p = 1/2
+    - a large relative shortfall for a tiny r: 3% at r = 2.6e-11 sigma - and a few 1e-8 relative as p -> 1 at
+    t <= 2^31, where L_t's step back of >= 1e-15 in log p is a large part of 1 - p);
     FUTILITY when the upper bound U_t (level ``alpha_futility``, default alpha) falls below Phi(r/sigma),
     i.e. the target is (with high probability) out of reach; BUDGET when t >= budget. Checked in that order. The
     prior is (1 - kt_weight) Beta(a, b) + kt_weight KT, as in :func:`smoothing.confseq.lower_bound`; the certificate
@@ -259,7 +261,8 @@ def proposal_decision(successes, trials, *, sigma, proposal_radius, alpha, budge
     TARGET where H0: pA <= Phi(r/sigma), r = ``proposal_radius``, is rejected at level alpha by the e-process of the
     certificate's confidence sequence (same prior (1 - kt_weight) Beta(a, b) + kt_weight KT): then L_t >=
     Phi(r/sigma), so the certificate issued at these (S_t, t) has radius >= r, up to the conservative rounding of
-    L_t (~1e-12 relative: ~1e-8 relative in radius near p = 1/2) and of :func:`smoothing.radius_from_probability`.
+    L_t (~1e-12 relative: ~1e-12 sigma absolute in radius near p = 1/2, a few 1e-8 relative as p -> 1; see
+    :func:`target_radius_decision`) and of :func:`smoothing.radius_from_probability`.
     Elsewhere exactly the code of :func:`best_radius_decision` with the same arguments (CERTIFIED / FUTILITY / BUDGET
     / CONTINUE). So a job never stops later than under (ii); it stops at the proposal when that is verified, and
     otherwise keeps the best anytime-valid certificate (ii) reaches. A proposal beyond ~8.3 sigma (Phi == 1 in
