@@ -232,9 +232,10 @@ class SequentialEngine:
             if table is None:  # nothing was ever admitted
                 return stopping
             admit = [job for job in admit if not job.finished and not job.future.done()]
-            table.admit_many(admit, [KINDS[job.spec.kind] for job in admit],
-                        [checkpoints_of(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit])
-            with self._lock:
+            kinds = [KINDS[job.spec.kind] for job in admit]
+            schedules = [checkpoints_of(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit]
+            with self._lock:  # from _admitting into the table in one step: live_jobs never counts a job twice
+                table.admit_many(admit, kinds, schedules)
                 self._admitting = 0
             while self._cancelled:
                 job = self._cancelled.popleft()

@@ -174,3 +174,39 @@ def test_answered_jobs_do_not_pile_up_in_the_deadline_queue():
         assert len(engine._deadlines) <= 2 * 8 + 64 + 1, len(engine._deadlines)
     finally:
         engine.stop(0.0)
+
+
+def test_a_job_being_admitted_is_counted_once(monkeypatch):
+    """live_jobs, read by another thread while the engine thread moves jobs from the pending list into the table:
+    each job counts once. The first fix of the max_live_jobs race above reset its 'being admitted' count only after
+    the table admission, so in between those jobs counted twice and a submit near the limit got a spurious QueueFull
+    (the null-sampler benchmark could not even fill its 512 jobs). Run against that fix: a reader in that window saw
+    6 for 3 jobs; this test failed."""
+    from models.jobs import JobTable
+
+    sampler = LabelSampler()
+    sampler.gate.clear()  # batches held: the jobs stay unanswered
+    engine = SequentialEngine(sampler, max_live_jobs=8, seed=0)
+    seen, readers = [], []
+    admit_many = JobTable.admit_many
+
+    def admit_then_read_from_another_thread(self, *args, **kwargs):
+        out = admit_many(self, *args, **kwargs)
+        if len(out):  # right after the table took the jobs, before the engine thread goes on
+            reader = threading.Thread(target=lambda: seen.append(engine.live_jobs))
+            reader.start()
+            reader.join(0.3)  # a reader that must wait for the engine's lock reads once the admission is whole
+            readers.append(reader)
+        return out
+
+    monkeypatch.setattr(JobTable, "admit_many", admit_then_read_from_another_thread)
+    jobs = [engine.submit(fixed_job(k, time.monotonic() + 60)) for k in range(3)]  # before start: one admission
+    engine.start()
+    try:
+        assert wait_until(lambda: bool(seen))
+        assert seen == [3], seen
+        assert engine.live_jobs == 3
+    finally:
+        sampler.gate.set()
+        engine.stop(0.0)
+        concurrent.futures.wait(jobs, timeout=30)
