@@ -88,6 +88,8 @@ class LabelledImages:
     counts: np.ndarray
     meta: dict  # the counts run's meta.json (num_samples, seed, sigma, model_sha256, ...)
     splits: object  # calibration.data.Splits of the training pool
+    dataset: str | None = None  # the name of the data source the images were read from (Dataset.name)
+    pool_sha256: str | None = None  # images_digest of its whole training pool, in order (what split indices index)
 
 
 def labelled_calibration_images(counts_dir: str | Path, data: str, *, calibration_size: int, surrogate_size: int,
@@ -112,7 +114,8 @@ def labelled_calibration_images(counts_dir: str | Path, data: str, *, calibratio
         raise ValueError(f"{counts_dir} counted other images than the {meta['num_images']} of this calibration "
                          "split that `certserve calibrate counts --split calibration` counts (a seeded random subset "
                          "when --limit is below the split's size; before 2026-12-05 its first images: recount)")
-    return LabelledImages(ds.x_train[index], ds.y_train[index], load_counts(counts_dir), meta, splits)
+    return LabelledImages(ds.x_train[index], ds.y_train[index], load_counts(counts_dir), meta, splits, ds.name,
+                          images_digest(ds.x_train))
 
 
 def load_counts(out_dir: str | Path) -> np.ndarray:

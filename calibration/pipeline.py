@@ -2,8 +2,9 @@
 
 Every expensive step leaves its result in the work directory (trained base model, resumable count shards), so a
 rerun resumes instead of starting over. The bundle's manifest records the provenance: dataset, split sizes and
-index digest, samples per image, seeds, the tuning cut, what a user's own base model was trained on, code version,
-device, timings and quality figures.
+index digest, a digest of the training pool (pool_sha256: recalibration checks its --data against it), samples per
+image, seeds, the tuning cut, what a user's own base model was trained on, code version, device, timings and quality
+figures.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from calibration.config import PipelineConfig
 from calibration.conformal_fit import calibrate_surrogate, describe, tuning_cut
-from calibration.counts import compute_counts, labelled_calibration_images
+from calibration.counts import compute_counts, images_digest, labelled_calibration_images
 from calibration.data import declared_training, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
@@ -87,7 +88,8 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
 
     timings["total_seconds"] = time.time() - started
     provenance = {
-        "dataset": ds.name, "splits": splits.record(), "limit": cfg.limit, "created_unix": int(time.time()),
+        "dataset": ds.name, "pool_sha256": images_digest(ds.x_train), "splits": splits.record(), "limit": cfg.limit,
+        "created_unix": int(time.time()),
         "samples_per_image": {"surrogate_train": cfg.train_samples, "calibration": cfg.cal_samples},
         "seeds": {"pipeline": cfg.seed, "splits": cfg.split_seed}, "code_version": _code_version(),
         "device": device, "sampler": base.sampler.name, "python": platform.python_version(),
@@ -222,7 +224,7 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     log(describe(calibration))
     built = m.provenance or {}
     provenance = {**built, "calibration_from": "recalibration", "recalibration": {
-        "from_bundle": m.name,
+        "from_bundle": m.name, "dataset": labelled.dataset, "pool_sha256": labelled.pool_sha256,
         "counts": {k: labelled.meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
         "splits": labelled.splits.record(), "tune_size": tune_size, "tuning_cut": cut, "options": options,
         "code_version": _code_version(), "created_unix": int(time.time()), "command": command}}
@@ -255,6 +257,11 @@ def _check_bundle_records_its_splits(manifest) -> None:
                          f"({prov['base_trained_on'].get('path')}), kept out of its splits; `certserve calibrate "
                          "counts` does not rebuild those splits: rebuild it with `certserve calibrate all --base ... "
                          "--base-trained-on ...`")
+    if prov.get("base_trained_here") is False and (prov.get("base_trained_on") or {}).get("declared") != "none":
+        raise ValueError(f"bundle {manifest.name!r} has a base model of its user's (--base) with no record of the "
+                         "images it was trained on (built before --base-trained-on existed), so its calibration "
+                         "split may hold them: rebuild it with `certserve calibrate all --base ... "
+                         "--base-trained-on none|FILE.npy`")
 
 
 def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
@@ -267,6 +274,17 @@ def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
                          f"{manifest.sigma}: count at the bundle's sigma")
     _check_bundle_records_its_splits(manifest)
     prov = manifest.provenance
+    # split indices name images only within the pool they were cut from: the same indices into another data
+    # source (another dataset, or the same images stored in another order) name images the models may have seen
+    if prov.get("pool_sha256") is not None:
+        if labelled.pool_sha256 != prov["pool_sha256"]:
+            raise ValueError(f"--data {labelled.dataset!r} is not the training pool the bundle was built from (its "
+                             "images, in order, differ from the recorded pool_sha256): its split indices would "
+                             "name other images, possibly ones the models were trained on; pass the bundle's data")
+    elif prov.get("dataset") is not None and labelled.dataset != prov["dataset"]:
+        raise ValueError(f"--data {labelled.dataset!r} is not the dataset the bundle was built from "
+                         f"({prov['dataset']!r}): its split indices would name other images, possibly ones the "
+                         "models were trained on; pass the bundle's data")
     splits = labelled.splits.limited(prov.get("limit"))
     if splits.record() != prov["splits"]:
         legacy = (" (a bundle built with --limit before 2026-12-05 took the first images of each split, which no "
