@@ -52,7 +52,7 @@ class OnnxBackend:
         self.input_shape = tuple(inp.shape)  # (batch-dim name, C, H, W)
         out = self.session.get_outputs()[0]
         self.output_name = out.name
-        self.num_outputs = out.shape[-1] if isinstance(out.shape[-1], int) else None
+        self.num_outputs = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None  # [] : rank unknown
         # On a GPU the noise is drawn inside the graph, on the device: only clean images and indices cross the bus.
         in_graph = (self.device == "cuda" and noise_sigma is not None) if noise_in_graph is None else noise_in_graph
         self._noisy_session = None
@@ -85,8 +85,15 @@ class OnnxBackend:
                                                   NOISY_INDEX: index})[0]
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
         batch += rng.standard_normal(batch.shape, dtype=np.float32) * np.float32(sigma)
-        return self.forward(batch).argmax(axis=1)
+        logits = self.forward(batch)
+        nan = np.isnan(logits).any(axis=1)
+        labels = logits.argmax(axis=1)  # numpy takes the first NaN as the maximum: a NaN row has no class
+        return np.where(nan, NAN_LABEL, labels) if nan.any() else labels
 
+
+#: The label of a noisy copy whose logits hold a NaN (no arg-max: numpy and torch would pick the NaN's class,
+#: onnxruntime's ArgMax skips it): refused by the tally, never counted for a class (models.sampling.tally_chunks)
+NAN_LABEL = -1
 
 #: Tensor names of the in-graph-noise model (prefixed: a base graph may itself use "images" or "labels")
 NOISY_IMAGES, NOISY_INDEX, NOISY_LABELS = "certserve_images", "certserve_index", "certserve_labels"
@@ -126,6 +133,10 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     inp, out = real_inputs[0], graph.output[0]
     shape = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
     prefix = "certserve_noise_"
+    opset = next((o.version for o in base.opset_import if o.domain in ("", "ai.onnx")), 13)
+    any_nan = ([helper.make_node("ReduceMax", [prefix + "nan_f", prefix + "axis"], [prefix + "any_nan_f"], keepdims=0)]
+               if opset >= 18 else
+               [helper.make_node("ReduceMax", [prefix + "nan_f"], [prefix + "any_nan_f"], axes=[1], keepdims=0)])
     attrs = {"dtype": TensorProto.FLOAT, "mean": 0.0, "scale": float(sigma)}
     if seed is not None:
         attrs["seed"] = float(seed % (2**24))
@@ -134,14 +145,23 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
         helper.make_node("RandomNormalLike", [prefix + "clean"], [prefix + "noise"], **attrs),
         helper.make_node("Add", [prefix + "clean", prefix + "noise"], [inp.name]),
         *graph.node,
-        helper.make_node("ArgMax", [out.name], [NOISY_LABELS], axis=1, keepdims=0),
+        helper.make_node("ArgMax", [out.name], [prefix + "argmax"], axis=1, keepdims=0),
+        # a row with a NaN logit has no class: NAN_LABEL (onnxruntime's ArgMax would skip the NaN)
+        helper.make_node("IsNaN", [out.name], [prefix + "nan"]),
+        helper.make_node("Cast", [prefix + "nan"], [prefix + "nan_f"], to=TensorProto.FLOAT),
+        *any_nan,
+        helper.make_node("Cast", [prefix + "any_nan_f"], [prefix + "any_nan"], to=TensorProto.BOOL),
+        helper.make_node("Where", [prefix + "any_nan", prefix + "nan_label", prefix + "argmax"], [NOISY_LABELS]),
     ]
+    constants = [helper.make_tensor(prefix + "nan_label", TensorProto.INT64, [], [NAN_LABEL])]
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18
+        constants.append(helper.make_tensor(prefix + "axis", TensorProto.INT64, [1], [1]))
     new_graph = helper.make_graph(
         nodes, "certserve_noisy_argmax",
         [helper.make_tensor_value_info(NOISY_IMAGES, TensorProto.FLOAT, ["J", *shape[1:]]),
          helper.make_tensor_value_info(NOISY_INDEX, TensorProto.INT64, ["B"])],
         [helper.make_tensor_value_info(NOISY_LABELS, TensorProto.INT64, ["B"])],
-        initializer=list(graph.initializer), value_info=list(graph.value_info))
+        initializer=[*graph.initializer, *constants], value_info=list(graph.value_info))
     model = helper.make_model(new_graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
     onnx.checker.check_model(model)
     return model

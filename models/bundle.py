@@ -51,6 +51,14 @@ class InputSpec(_Strict):
             raise ValueError("every input dimension must be >= 1")
         return v
 
+    @field_validator("value_range")
+    @classmethod
+    def _unit_range(cls, v):
+        if tuple(v) != (0.0, 1.0):  # the server checks and feeds [0, 1] pixels whatever the manifest says
+            raise ValueError(f"value_range must be [0, 1], got {list(v)}: the server feeds the model pixels in [0, 1] "
+                             "(a model that expects another range normalizes inside its graph)")
+        return v
+
 
 class Artifact(_Strict):
     file: str
@@ -156,7 +164,8 @@ class Manifest(_Strict):
     schema_version: int
     name: str = Field(min_length=1)
     version: str = "1"
-    sigma: float = Field(gt=0)
+    sigma: float = Field(gt=0, allow_inf_nan=False, strict=True)  # not inf (1e999 loaded, then failed the engine at
+    # start-up), nor a bool or a string read as a number ("sigma": true loaded as sigma 1.0)
     input: InputSpec
     classes: list[str] = Field(min_length=2)
     artifacts: dict[Literal["base", "surrogate", "meta"], Artifact]
@@ -233,9 +242,12 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         raise BundleError(f"{manifest_path} is missing: a bundle is a directory with manifest.json and base.onnx")
     manifest_bytes = manifest_path.read_bytes()
     try:
-        raw = json.loads(manifest_bytes)
+        raw = json.loads(manifest_bytes, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    except _DuplicateKey as exc:
+        raise BundleError(f"{manifest_path}: key {exc.args[0]!r} appears twice in one object (JSON readers disagree "
+                          "on which value counts, and the manifest's sha256 covers both)") from None
     found = raw.get("schema_version") if isinstance(raw, dict) else None
     if for_recalibration and found in (1, SCHEMA_VERSION):
         raw = {**raw, "calibration": None}
@@ -268,6 +280,20 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
     return bundle
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """object_pairs_hook of the manifest: a key twice in one object is refused (json keeps the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _check_shapes(bundle: Bundle) -> None:
     m = bundle.manifest
     k = len(m.classes)
@@ -285,16 +311,24 @@ def _check_shapes(bundle: Bundle) -> None:
         got_in = list(backend.input_shape[1:])
         if got_in != want_in:
             raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")
-        try:  # a probe pass: the engine batches many inputs (dynamic batch axis) and reads (batch, width) rows
-            out = np.asarray(backend.forward(np.zeros((2, *want_in), dtype=np.float32)))
-        except Exception as exc:
-            raise BundleError(f"artifact {role}: a forward pass on a batch of 2 inputs failed (the model needs a "
-                              f"dynamic batch axis): {exc}") from None
-        if out.ndim != 2 or out.shape[0] != 2:
-            raise BundleError(f"artifact {role}: a batch of 2 inputs gives outputs of shape {out.shape}; expected "
-                              f"(2, {want_out}): one row of {want_out} per input")
-        if out.shape[1] != want_out:
-            raise BundleError(f"artifact {role}: model has {out.shape[1]} outputs, manifest expects {want_out}")
+        outputs = backend.session.get_outputs()
+        if len(outputs) != 1:
+            raise BundleError(f"artifact {role}: the model has {len(outputs)} outputs ({[o.name for o in outputs]}); "
+                              f"expected exactly one, the (batch, {want_out}) float logits")
+        for n in (2, 1):  # probe passes: the engine batches many inputs (dynamic batch axis) and reads (batch, width)
+            # rows; the request path runs one clean image at a time (a torch .squeeze() exports as (K,) at batch 1)
+            try:
+                out = np.asarray(backend.forward(np.zeros((n, *want_in), dtype=np.float32)))
+            except Exception as exc:
+                raise BundleError(f"artifact {role}: a forward pass on a batch of {n} input(s) failed (the model "
+                                  f"needs a dynamic batch axis): {exc}") from None
+            if out.ndim != 2 or out.shape[0] != n:
+                raise BundleError(f"artifact {role}: a batch of {n} input(s) gives outputs of shape {out.shape}; "
+                                  f"expected ({n}, {want_out}): one row of {want_out} per input")
+            if out.shape[1] != want_out:
+                raise BundleError(f"artifact {role}: model has {out.shape[1]} outputs, manifest expects {want_out}")
+            if not np.issubdtype(out.dtype, np.floating):
+                raise BundleError(f"artifact {role}: model outputs {out.dtype} values; expected float logits")
 
 
 def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shape: tuple[int, int, int],

@@ -140,9 +140,11 @@ def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.n
     """Counts (J, K) of the labels ``preds`` (chunk j owns the next sizes[j] of them), with one bincount.
 
     A class index outside [0, K) would be counted for the NEXT chunk's job: refused, never misattributed."""
-    if preds.size and (preds.min() < 0 or preds.max() >= num_classes):
-        bad = int(preds.max()) if preds.max() >= num_classes else int(preds.min())
-        raise ValueError(f"the model predicted class {bad}, but the bundle declares {num_classes} classes")
+    if preds.size and preds.min() < 0:  # models.backends.NAN_LABEL
+        raise ValueError("the model's logits for a noisy input hold a NaN: it predicts no class (refused, never "
+                         "counted for one)")
+    if preds.size and preds.max() >= num_classes:
+        raise ValueError(f"the model predicted class {int(preds.max())}, but the bundle declares {num_classes} classes")
     owner = np.repeat(np.arange(len(sizes)), sizes)
     flat = np.bincount(owner * num_classes + preds, minlength=len(sizes) * num_classes)
     return flat.reshape(len(sizes), num_classes)

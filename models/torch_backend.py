@@ -82,7 +82,7 @@ class TorchBackend:
         with torch.inference_mode():
             owner, labels = self._noisy_labels(images, sizes, sigma, rng)
             k = int(num_classes)
-            flat = owner * (k + 1) + torch.clamp(labels, 0, k)
+            flat = owner * (k + 1) + torch.where(labels < 0, k, torch.clamp(labels, max=k))  # < 0: NaN logits
             counts = torch.zeros(len(sizes) * (k + 1), dtype=torch.int64, device=self.device)
             counts.scatter_add_(0, flat, torch.ones_like(flat))
             host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=cuda)
@@ -100,7 +100,8 @@ class TorchBackend:
                                         output_size=total)  # output_size: no device -> host sync
         noise = self._noise((total, *x.shape[1:]), rng)
         batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
-        return owner, self.module(batch).argmax(dim=1)
+        logits = self.module(batch)  # a row with a NaN has no class (torch.argmax would pick the NaN's): NAN_LABEL
+        return owner, logits.argmax(dim=1).masked_fill_(logits.isnan().any(dim=1), -1)
 
     def _noise(self, shape: tuple, rng):
         """N(0, I) noise of ``shape`` for one batch. On CUDA: drawn on the device by a Philox generator reseeded per
@@ -146,7 +147,8 @@ class _TorchPending:
         j, k = self._shape
         counts = self._host.numpy().reshape(j, k + 1)
         if counts[:, k].any():
-            raise ValueError(f"the model predicted a class >= {k}, but the bundle declares {k} classes")
+            raise ValueError(f"the model predicted a class >= {k} (the bundle declares {k} classes), or its logits "
+                             "for a noisy input hold a NaN (no class)")
         return np.ascontiguousarray(counts[:, :k])
 
 
