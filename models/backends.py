@@ -92,7 +92,7 @@ class OnnxBackend:
 
 
 #: The label of a noisy copy whose logits hold a NaN (no arg-max: numpy and torch would pick the NaN's class,
-#: onnxruntime's ArgMax skips it): refused by the tally, never counted for a class (models.sampling.tally_chunks)
+#: onnxruntime's ArgMax skips it): counted for no class, a miss for the tested one (models.sampling.tally_chunks)
 NAN_LABEL = -1
 
 #: Tensor names of the in-graph-noise model (prefixed: a base graph may itself use "images" or "labels")

@@ -139,15 +139,17 @@ class SamplingEngine:
 def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts (J, K) of the labels ``preds`` (chunk j owns the next sizes[j] of them), with one bincount.
 
-    A class index outside [0, K) would be counted for the NEXT chunk's job: refused, never misattributed."""
-    if preds.size and preds.min() < 0:  # models.backends.NAN_LABEL
-        raise ValueError("the model's logits for a noisy input hold a NaN: it predicts no class (refused, never "
-                         "counted for one)")
-    if preds.size and preds.max() >= num_classes:
-        raise ValueError(f"the model predicted class {int(preds.max())}, but the bundle declares {num_classes} classes")
+    A class index outside [0, K) would be counted for the NEXT chunk's job: refused, never misattributed. A copy
+    whose logits hold a NaN (label ``models.backends.NAN_LABEL``, -1) is counted for no class: the base classifier
+    abstains there, a miss for whichever class is tested (each chunk still drew its sizes[j] samples, the trials
+    every bound counts), so a lower bound on pA stays valid and one bad input never fails the others' batch."""
+    if preds.size and (preds.min() < -1 or preds.max() >= num_classes):
+        bad = int(preds.max()) if preds.max() >= num_classes else int(preds.min())
+        raise ValueError(f"the model predicted class {bad}, but the bundle declares {num_classes} classes")
     owner = np.repeat(np.arange(len(sizes)), sizes)
-    flat = np.bincount(owner * num_classes + preds, minlength=len(sizes) * num_classes)
-    return flat.reshape(len(sizes), num_classes)
+    width = num_classes + 1  # the last column: no class (NaN logits), dropped
+    flat = np.bincount(owner * width + np.where(preds < 0, num_classes, preds), minlength=len(sizes) * width)
+    return flat.reshape(len(sizes), width)[:, :num_classes]
 
 
 def _lower_priority(nice: int) -> None:

@@ -82,8 +82,10 @@ class TorchBackend:
         with torch.inference_mode():
             owner, labels = self._noisy_labels(images, sizes, sigma, rng)
             k = int(num_classes)
-            flat = owner * (k + 1) + torch.where(labels < 0, k, torch.clamp(labels, max=k))  # < 0: NaN logits
-            counts = torch.zeros(len(sizes) * (k + 1), dtype=torch.int64, device=self.device)
+            # columns: the K classes, then k: a class >= K (refused at read), then k + 1: no class (NaN logits; a
+            # miss for every class, as models.sampling.tally_chunks counts it)
+            flat = owner * (k + 2) + torch.where(labels < 0, k + 1, torch.clamp(labels, max=k))
+            counts = torch.zeros(len(sizes) * (k + 2), dtype=torch.int64, device=self.device)
             counts.scatter_add_(0, flat, torch.ones_like(flat))
             host = torch.empty(counts.shape, dtype=torch.int64, pin_memory=cuda)
             host.copy_(counts, non_blocking=cuda)
@@ -145,10 +147,9 @@ class _TorchPending:
         if self._end is not None:
             self.model_seconds = self._start.elapsed_time(self._end) / 1e3
         j, k = self._shape
-        counts = self._host.numpy().reshape(j, k + 1)
+        counts = self._host.numpy().reshape(j, k + 2)
         if counts[:, k].any():
-            raise ValueError(f"the model predicted a class >= {k} (the bundle declares {k} classes), or its logits "
-                             "for a noisy input hold a NaN (no class)")
+            raise ValueError(f"the model predicted a class >= {k}, but the bundle declares {k} classes")
         return np.ascontiguousarray(counts[:, :k])
 
 

@@ -148,12 +148,15 @@ class CohenCertificate:
     certified: np.ndarray  # bool
 
 
-def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertificate:
+def certify(selection_counts, estimation_counts, alpha, sigma, *, trials=None) -> CohenCertificate:
     """CERTIFY of Cohen et al.: class from the selection counts, radius from the estimation counts.
 
     ``selection_counts`` and ``estimation_counts`` have shape (..., K): per-class counts from two *independent*
     sets of noise samples (n0 and n). The class is ``argmax`` of the selection counts (first index on ties, as the
     reference), ``p_lower`` the one-sided (1 - alpha) Clopper-Pearson bound of its estimation count out of n.
+    ``trials``: n, the estimation samples drawn (default: the estimation counts' sum). Pass it where a sample may
+    count for no class (a noisy copy whose logits hold a NaN, models.sampling.tally_chunks): such a sample is a miss,
+    and leaving it out of n would bound P(class | a class) >= pA instead of pA.
     Abstain (class -1, radius 0) when p_lower <= 1/2, else radius = sigma * Phi^-1(p_lower). (Strict: the reference
     abstains only when p_lower < 1/2 and so certifies the class at radius 0 when p_lower == 1/2, where pA = pB = 1/2 -
     a tie, under which the smoothed classifier need not return that class - is not excluded. The sequential and
@@ -173,9 +176,14 @@ def certify(selection_counts, estimation_counts, alpha, sigma) -> CohenCertifica
     # all hits, radius 1.76 sigma for an estimate of 1/5); refuse totals the counts' own limit (2^62) does not allow
     if np.any(est.sum(axis=-1, dtype=np.float64) >= 2.0**62):
         raise ValueError("estimation_counts must total below 2^62 per input")
+    n = est.sum(axis=-1)
+    if trials is not None:
+        n = check_nonneg_int(trials, "trials")
+        if np.any(n < est.sum(axis=-1)):
+            raise ValueError("trials must be at least the estimation counts' sum (every counted sample was drawn)")
     c_hat = np.argmax(sel, axis=-1)
     n_a = np.take_along_axis(est, c_hat[..., None], axis=-1)[..., 0]
-    p_lower = np.asarray(clopper_pearson_lower(n_a, est.sum(axis=-1), alpha))
+    p_lower = np.asarray(clopper_pearson_lower(n_a, n, alpha))
     certified = p_lower > 0.5  # strict (see docstring); the reference's `pABar < 0.5 -> abstain` differs only at 1/2
     radius = np.where(certified, radius_from_probability(p_lower, sigma), 0.0)
     cls = np.where(certified, c_hat, ABSTAIN)

@@ -169,17 +169,46 @@ def _nan_backends(tmp_path):
     return found
 
 
-def test_nan_logits_under_noise_are_refused_not_counted_as_class_zero(tmp_path):
+def test_nan_logits_under_noise_count_for_no_class(tmp_path):
     """A base model whose logits are finite on the clean image but NaN under noise (here sqrt of the pixels) was
     counted as class 0 on the host paths (numpy's and torch's argmax take the first NaN as the maximum; onnxruntime's
     ArgMax skips NaN): mode=cohen then certified class 0 at radius 0.55 (sigma 0.25, 500 samples) for an image whose
-    clean class is 8 and whose every noisy prediction was NaN. Every CPU path now refuses the batch."""
+    clean class is 8 and whose every noisy prediction was NaN. Every CPU path now counts such a copy for no class (a
+    miss for the tested class), next to a chunk of finite logits in the same batch that keeps its counts, and Cohen's
+    certify on those counts abstains. Run against the old code: class-0 counts; this test failed."""
+    from smoothing import certify
+
     image = np.full((1, 1, 28, 28), 0.5, np.float32)
     for name, backend in _nan_backends(tmp_path):
         assert np.isfinite(backend.forward(image)).all(), name
         engine = SamplingEngine(backend, sigma=0.25, num_classes=10, batch_size=64)
-        with pytest.raises(ValueError, match="NaN"):
-            engine.count(np.repeat(image, 2, axis=0), np.array([50, 30]), np.random.default_rng(0))
+        counts = engine.count(np.repeat(image, 2, axis=0), np.array([50, 30]), np.random.default_rng(0))
+        assert counts.shape == (2, 10) and not counts.any(), (name, counts)
+        assert certify(counts[0], counts[1], 0.001, 0.25, trials=30).class_index == -1, name
+
+
+def test_a_nan_copy_is_a_miss_and_finite_copies_of_the_same_batch_still_count():
+    """The tally drops NAN_LABEL (-1) for no class and counts every other label for its own chunk; any other
+    negative label or one >= K is refused (it would be misattributed)."""
+    from models.sampling import tally_chunks
+
+    preds = np.array([2, -1, 2, 0, -1, 1])
+    assert tally_chunks(preds, np.array([3, 3]), 3).tolist() == [[0, 0, 2], [1, 1, 0]]
+    for bad in (np.array([-2, 0]), np.array([3, 0])):
+        with pytest.raises(ValueError, match="predicted class"):
+            tally_chunks(bad, np.array([2]), 3)
+
+
+def test_cohen_certify_counts_samples_of_no_class_as_misses():
+    """certify(..., trials=n): n estimation samples of which some counted for no class (NaN logits). Without trials
+    the counts' sum (6) would be n, and 6 hits of 6 a bound far above the true rate 6/10."""
+    from smoothing import certify, clopper_pearson_lower
+
+    sel, est = np.array([5, 0]), np.array([6, 0])
+    assert certify(sel, est, 0.01, 0.25, trials=10).p_lower == clopper_pearson_lower(6, 10, 0.01)
+    assert certify(sel, est, 0.01, 0.25).p_lower == clopper_pearson_lower(6, 6, 0.01)
+    with pytest.raises(ValueError, match="trials"):
+        certify(sel, est, 0.01, 0.25, trials=5)
 
 
 def test_in_graph_labels_follow_argmax_when_logits_are_finite(tmp_path):
