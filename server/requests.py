@@ -197,20 +197,30 @@ async def decode_all(raws: list, params: CertifyParams, *, shape: tuple[int, int
 
     loop, out = asyncio.get_running_loop(), []
     for raw in raws:
-        job = partial(decode, raw, params, shape=shape, max_pixels=max_pixels)
-        if _small(raw):
-            try:
-                out.append(job(admit=partial(admit, inline=True)))
-                continue
-            except _DecodeInThread:
-                pass
         try:
-            decoding = loop.run_in_executor(executor, partial(job, admit=partial(admit, inline=False)))
-        except RuntimeError:  # the executor was shut down: the app is stopping
-            raise ServiceError("draining", "the server is shutting down; retry on another replica",
-                               retry_after=1) from None
-        out.append(await decoding)
+            out.append(await _decode_one(raw, params, loop, admit, executor, shape=shape, max_pixels=max_pixels))
+        except ServiceError as exc:
+            if len(raws) > 1 and exc.code != "draining":  # a batch: say which image
+                raise ServiceError(exc.code, f"image {len(out) + 1} of {len(raws)}: {exc.message}",
+                                   retry_after=exc.retry_after) from None
+            raise
     return out
+
+
+async def _decode_one(raw, params: CertifyParams, loop, admit, executor, *, shape, max_pixels) -> Decoded:
+    """One image of :func:`decode_all`: inline when small, else in ``executor``."""
+    job = partial(decode, raw, params, shape=shape, max_pixels=max_pixels)
+    if _small(raw):
+        try:
+            return job(admit=partial(admit, inline=True))
+        except _DecodeInThread:
+            pass
+    try:
+        decoding = loop.run_in_executor(executor, partial(job, admit=partial(admit, inline=False)))
+    except RuntimeError:  # the executor was shut down: the app is stopping
+        raise ServiceError("draining", "the server is shutting down; retry on another replica",
+                           retry_after=1) from None
+    return await decoding
 
 
 def _small(raw) -> bool:

@@ -507,6 +507,7 @@ def test_batch_with_one_bad_image_is_rejected_as_a_whole(client, fmnist):
                                                        [[2.0]]], "mode": "sequential"})
     assert r.status_code == 422
     assert "[0, 1]" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"].startswith("image 3 of 3: ")  # which image (before 2026-12-06: not said)
     assert engine.live_jobs == 0 and (engine.samples_processed, engine.batches) == (samples, batches)
 
 
