@@ -100,7 +100,8 @@ def positive_seconds(text: str) -> float:
 
 
 def _verify(args) -> int:
-    from certification.verify import VerificationError, load_jwks, verify_certificate, verify_document
+    from certification.verify import (VerificationError, load_jwks, parse_document, verify_certificate,
+                                      verify_document)
 
     try:
         text = sys.stdin.read() if args.cert == "-" else Path(args.cert).read_text(encoding="utf-8")
@@ -115,11 +116,7 @@ def _verify(args) -> int:
         keyset = load_jwks(args.jwks)
         text = text.strip()
         if text.startswith("{"):
-            try:
-                doc = json.loads(text)
-            except ValueError:
-                raise VerificationError("malformed", "the certificate file is not valid JSON") from None
-            claims = verify_document(doc, keyset, image_bytes=image, max_age=args.max_age)
+            claims = verify_document(parse_document(text), keyset, image_bytes=image, max_age=args.max_age)
         else:
             claims = verify_certificate(text, keyset, image_bytes=image, max_age=args.max_age)
     except VerificationError as exc:

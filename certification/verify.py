@@ -61,23 +61,65 @@ def load_jwks(source: str | Path | dict, *, timeout: float = 10.0) -> KeySet:
             raw = json.loads(Path(source).read_text())
         except OSError as exc:
             raise VerificationError("jwks_unavailable", f"cannot read key set {source}: {exc.strerror}") from None
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for the JSON decoder
             raise VerificationError("bad_jwks", f"key set {source} is not JSON") from None
     return _keyset(raw)
 
 
+def parse_document(text: str) -> dict:
+    """A certificate document (response, audit line or one-result batch) from JSON text, for :func:`verify_document`.
+
+    Raises ``VerificationError("malformed")`` for text that is not JSON, nests too deep for the decoder, or gives a
+    key twice in one object (``json.loads`` would keep the last one silently, while another reader may take the
+    first: a plain ``radius`` stated twice is not one statement the signature can vouch for)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise VerificationError("malformed", f"the key {exc.args[0]!r} is given twice in one JSON object") from None
+    except (ValueError, RecursionError):
+        raise VerificationError("malformed", "the certificate file is not valid JSON") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+#: a key set larger than this is refused (bad_jwks) without reading it all; a real one is well under 1 KiB per key
+MAX_JWKS_BYTES = 1 << 20
+
+
 def _fetch_jwks(url: str, timeout: float) -> dict:
+    """GET ``url`` (no redirects): the whole answer within about ``timeout`` seconds (httpx's ``timeout`` bounds each
+    read, so a server sending a byte every few seconds would otherwise hold the verifier indefinitely) and at most
+    :data:`MAX_JWKS_BYTES`."""
     import httpx
 
+    deadline = time.monotonic() + timeout
+    body = bytearray()
     try:
-        r = httpx.get(url, timeout=timeout, follow_redirects=False)
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
+            if r.status_code != 200:
+                raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
+            for chunk in r.iter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise VerificationError("bad_jwks", f"key set {url} is larger than {MAX_JWKS_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: not complete "
+                                                                f"within {timeout:g} s")
     except httpx.HTTPError as exc:
         raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}") from None
-    if r.status_code != 200:
-        raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
     try:
-        return r.json()
-    except ValueError:
+        return json.loads(bytes(body))
+    except (ValueError, RecursionError):
         raise VerificationError("bad_jwks", f"key set {url} is not JSON") from None
 
 
@@ -146,18 +188,23 @@ def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, objec
     """(name, plain value, signed value) of every plain field the certificate states, except ``timings`` (not a
     claim) and the ``input`` hashes it leaves null; a field the signature does not cover pairs with None."""
     pairs = [(f, cert[f], claims["certificate"][f]) for f in CERTIFIED_FIELDS if f in cert]
+    pairs += [(f, cert[f], None) for f in cert if f not in _PLAIN_FIELDS]  # e.g. an added "radius_l2": never covered
     if "preprocessing" in cert:
         pairs.append(("preprocessing", cert["preprocessing"], claims["input"].get("preprocessing")))
-    for part, fields in (("input", ("sha256", "encoding", "tensor_sha256", "tensor_shape")),
-                         ("model", ("name", "version", "sha256", "manifest_sha256"))):
+    for part in ("input", "model"):
         plain = cert.get(part)
         if plain is None:
             continue
         if not isinstance(plain, dict):
             raise VerificationError("malformed", f"the certificate's {part} must be a JSON object")
         signed = claims[part] if isinstance(claims.get(part), dict) else {}
-        pairs += [(f"{part}.{f}", plain[f], signed.get(f)) for f in fields if plain.get(f) is not None]
+        # every field it states (model.sigma, an added model.note ...), not only those the server writes
+        pairs += [(f"{part}.{f}", plain[f], signed.get(f)) for f in plain if plain[f] is not None]
     return pairs
+
+
+#: the fields a certificate document may state: the signed ones, the unsigned timings, and the signature itself
+_PLAIN_FIELDS = frozenset(CERTIFIED_FIELDS) | {"preprocessing", "timings", "model", "input", "signature"}
 
 
 def _as_json(value) -> str:
@@ -171,11 +218,19 @@ def certificate_of(doc: dict) -> dict:
     if isinstance(doc.get("results"), list):
         if len(doc["results"]) != 1:
             raise VerificationError("malformed", f"a batch of {len(doc['results'])} certificates: pass one")
+        if set(doc) != {"results"}:  # fields next to the batch's certificate would pass unchecked
+            raise VerificationError("malformed", f"a batch response holds only results; this one also has "
+                                                 f"{sorted(set(doc) - {'results'})}")
         doc = doc["results"][0]
+        if not isinstance(doc, dict):
+            raise VerificationError("malformed", "the batch's certificate must be a JSON object")
     if isinstance(doc.get("certificate"), dict):  # an audit record: its signature is the certificate's own
         if "signature" in doc:
             raise VerificationError("malformed", "an audit record carries its signature inside its certificate, "
                                                  "not next to it")
+        if not set(doc) <= {"certificate", "logged_at"}:  # fields next to it would pass unchecked
+            raise VerificationError("malformed", f"an audit record holds only certificate and logged_at; this one "
+                                                 f"also has {sorted(set(doc) - {'certificate', 'logged_at'})}")
         doc = doc["certificate"]
     return doc
 
