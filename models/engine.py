@@ -205,8 +205,24 @@ class SequentialEngine:
                     self._land_oldest(inflight)
                 else:
                     self._idle()
+        except BaseException:  # a fault ends the thread: nobody samples now, so no job may wait for its deadline
+            self._answer_unanswered()
+            raise
         finally:
             self.sampler.close()
+
+    def _answer_unanswered(self) -> None:
+        """The engine thread is ending on a fault: refuse new jobs and answer every unanswered one now (pending,
+        being admitted or in the table: each stays in the deadline heap until answered) with the certificate of its
+        landed samples, marked ``shutdown``, one at a time as the watcher's stop-time pass does."""
+        with self._lock:
+            self._accepting = False
+            jobs = [entry[2] for entry in self._deadlines]
+            self._pending, self._admitting = [], 0
+        with self._state:
+            answers = [a for job in jobs for a in self._answer_job(job, "shutdown")]
+        resolve_futures(answers)
+        self.observer.on_queue(0, 0)
 
     def _land_oldest(self, inflight: deque) -> None:
         try:

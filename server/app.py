@@ -173,6 +173,11 @@ async def certify_batch(request: Request) -> BatchResponse:
             for job in jobs:
                 if not job.cancelled() and job.exception() is None:
                     request.app.state.metrics.observe_certificate(job.result())
+        live = request.app.state.settings.max_live_jobs
+        if getattr(exc, "code", None) == "queue_full" and len(decoded) > live:  # retrying can never succeed
+            raise ServiceError("too_many_images", f"this batch needs sampling for more images than the server runs "
+                                                  f"at once (CERTSERVE_MAX_LIVE_JOBS = {live}); send at most {live} "
+                                                  f"images per batch") from None
         raise  # refused: no image of the batch is counted, not even one certified before the failure
     for cert in results:  # counted once the batch is answered
         request.app.state.metrics.observe_certificate(cert)

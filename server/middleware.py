@@ -45,7 +45,8 @@ class RequestContext:
                 if self.on_reject is not None:
                     self.on_reject("draining")
                 await send_json(send_with_id, 503, error_bytes("draining", "the server is shutting down; retry on "
-                                                                           "another replica", request_id))
+                                                                           "another replica", request_id),
+                                headers=[(b"retry-after", b"5")])  # like every 503 (README)
             raise
         except Exception:
             log.exception("internal error on %s %s (request %s)", scope.get("method"), scope.get("path"), request_id)
@@ -130,7 +131,8 @@ class _BodyTimeout(Exception):
     pass
 
 
-async def send_json(send, status: int, payload: bytes) -> None:
+async def send_json(send, status: int, payload: bytes, headers: list | None = None) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
