@@ -166,8 +166,11 @@ class CertificationService:
             fut = self.engine.submit(spec)
         except QueueFull as exc:
             raise ServiceError("queue_full", f"server busy: {exc}; retry later", retry_after=1) from None
-        except EngineStopped as exc:
-            raise ServiceError("draining", str(exc), retry_after=5) from None
+        except EngineStopped as exc:  # stopping (a drain), or its thread died on a fault (as GET /readyz says)
+            if self.engine.alive or self.engine.stopping:
+                raise ServiceError("draining", str(exc), retry_after=5) from None
+            raise ServiceError("engine_down", "the sampling engine's thread has stopped; route traffic to another "
+                                              "replica", retry_after=5) from None
         try:
             return await asyncio.wrap_future(fut)  # the engine answers by the deadline at the latest
         except asyncio.CancelledError:

@@ -110,6 +110,11 @@ class SequentialEngine:
             return len(self._pending) + self._admitting + (self._table.unanswered() if self._table is not None else 0)
 
     @property
+    def stopping(self) -> bool:
+        """True once stop() was called (a drain or shutdown), whether or not the engine thread has ended."""
+        return self._stop_at is not None
+
+    @property
     def alive(self) -> bool:
         """True while the engine thread runs (readiness depends on it)."""
         return self._thread is not None and self._thread.is_alive()

@@ -156,3 +156,23 @@ def test_a_batch_larger_than_the_live_job_limit_is_a_422_not_a_retryable_503(eas
         r = client.post("/certify/batch", json={"images": [easy.tolist()] * 2, "mode": "sequential",
                                                 "max_samples": 500})
         assert r.status_code == 200, r.text
+
+
+def test_a_request_after_the_engine_thread_died_is_told_engine_down(easy, monkeypatch):
+    """New sampling requests after the engine thread died on a fault got 503 draining (nothing was draining) while
+    GET /readyz said engine_down. Now both say engine_down (found by review). Run against the old service: draining;
+    this test failed."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(drain_seconds=0), seed=13)) as client:
+        engine = client.app.state.service.engine
+        monkeypatch.setattr(engine, "_prepare", lambda inflight: (_ for _ in ()).throw(RuntimeError("engine fault")))
+        with engine._lock:
+            engine._lock.notify_all()  # wake the idle engine thread: its next step raises
+        end = time.monotonic() + 10
+        while engine.alive and time.monotonic() < end:
+            time.sleep(0.02)
+        assert not engine.alive
+        r = client.post("/certify", json={"image": easy.tolist(), "mode": "sequential", "max_samples": 200})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down", r.text
+        assert client.get("/readyz").json()["error"]["code"] == "engine_down"
