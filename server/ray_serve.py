@@ -44,13 +44,13 @@ from models.defaults import default_batch_size
 from server.app import build_service, create_app
 from server.errors import error_bytes
 from server.metrics import Metrics
+from server.ray_proxy import REPLICA_HEADER, ProxyErrors
 from server.serve import INGRESSES, freeze_startup_heap
 from server.settings import Settings
 
 log = logging.getLogger("certserve")
 APP_NAME = "certserve"
 DEPLOYMENT_NAME = "Certserve"
-REPLICA_HEADER = b"x-certserve-replica"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "server.ray_serve:proxy_middlewares"
 NOT_ARGS = {"host", "port"}  # the Serve proxy listens, per http_options of the Serve config
@@ -115,8 +115,9 @@ def replica_options(settings: Settings, *, replicas: int | None = None, cpus: fl
 
 def build_app(args: dict) -> serve.Application:
     """The application builder of deploy/ray/serve.yaml (``import_path: server.ray_serve:build_app``; Ray calls it
-    with the config's ``args``, which are settings fields). Deployment options come from the config."""
-    return build_deployment(args)
+    with the config's ``args``, which are settings fields). Deployment options come from the config; where it gives
+    none, :func:`replica_options`, with one GPU per replica for ``device: cuda`` (else Ray would reserve none)."""
+    return build_deployment(args, gpus=1.0 if settings_from_args(args).device == "cuda" else 0.0)
 
 
 def build_deployment(args: dict | None, *, replicas: int | None = None, cpus: float | None = None,
@@ -218,9 +219,13 @@ class CertserveDeployment:
         return app
 
     def check_health(self) -> None:
-        """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it."""
+        """Serve calls this periodically; raising marks the replica unhealthy, and Serve replaces it (after 3 failed
+        probes in a row). Fails while the engine is down or the audit log is unwritable: /readyz reports both, but
+        behind Serve nothing routes on /readyz, and such a replica refuses every certification request (503)."""
         if not self._service.alive:
             raise RuntimeError(f"replica {self._replica}: the certification engine is not running")
+        if not self._service.sealer.audit_available():
+            raise RuntimeError(f"replica {self._replica}: the audit log cannot be written (503 audit_unavailable)")
 
     async def __del__(self):
         """Serve has stopped routing here and waited for the ongoing requests (module docstring): stop the engine,
@@ -233,65 +238,6 @@ class CertserveDeployment:
         if getattr(self, "_bridge", None) is not None:
             self._bridge.stop()
         log.info("certserve replica %s stopped", getattr(self, "_replica", "?"))
-
-
-class ProxyErrors:
-    """In Ray's HTTP proxy: an answer that no replica produced, and that is an error, becomes certserve's JSON
-    envelope, 503 + Retry-After.
-
-    The app marks every response it produces (:class:`ReplicaHeader`). When a replica dies with the request in flight
-    the proxy sends nothing at all (uvicorn would then answer a bare ``500 Internal Server Error``); Serve's
-    backpressure answers an unmarked ``503``; while the application is not deployed (starting, or deleted at
-    shutdown) the proxy answers an unmarked ``404`` for every path (the app is mounted at ``/``, so its own 404s are
-    marked). None of them certified anything: the client should retry, possibly on another replica, and this says so."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = replaced = False
-
-        async def checked_send(message):
-            nonlocal started, replaced
-            if replaced:
-                return  # the proxy's own body of the replaced answer
-            if message["type"] == "http.response.start":
-                started = True
-                headers = {k.lower(): v for k, v in message.get("headers", [])}
-                if (message["status"] >= 500 or message["status"] == 404) and REPLICA_HEADER not in headers:
-                    replaced = True
-                    await send_unavailable(send, message["status"], headers)
-                    return
-            await send(message)
-
-        try:
-            await self.app(scope, receive, checked_send)
-        except Exception:
-            if started:
-                raise
-            log.warning("Ray's proxy failed before any response; answering 503", exc_info=True)
-        if not started:
-            await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
-
-
-async def send_unavailable(send, status: int, headers: dict[bytes, bytes]) -> None:
-    request_id = headers.get(b"x-request-id", b"").decode("latin-1") or None
-    retry_after = headers.get(b"retry-after", b"1")
-    if status == 503:  # Serve's back-pressure: max_queued_requests waiting for a replica
-        code, message = "inflight_limit", "every replica holds its limit of requests and the queue is full; retry later"
-    elif status == 404:  # the proxy knows no application: not deployed yet, or deleted at shutdown
-        code, message = "replica_unavailable", "no replica serves requests right now (starting or shutting down); retry"
-    else:
-        code, message = "replica_unavailable", "the replica serving this request stopped; nothing was certified, retry"
-    body = error_bytes(code, message, request_id)
-    out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-           (b"retry-after", retry_after)]
-    if request_id:
-        out.append((b"x-request-id", request_id.encode()))
-    await send({"type": "http.response.start", "status": 503, "headers": out})
-    await send({"type": "http.response.body", "body": body})
 
 
 def proxy_middlewares() -> list:
@@ -374,8 +320,8 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
         gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
-        if not args.get("threads"):
-            args = {**args, "threads": max(1, cores // replicas)}
+        # a --threads flag or CERTSERVE_THREADS wins over the replica's share of the cores
+        args = {**args, "threads": settings.threads or max(1, cores // replicas)}
         app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
