@@ -164,25 +164,31 @@ async def certify_batch(request: Request) -> BatchResponse:
     try:
         results = await asyncio.gather(*jobs)
     except Exception as exc:  # one image failed (e.g. queue_full): the batch is refused, its other jobs dropped now
-        # (not left running after the answer); they count as cancelled only when the client went away
-        refused = request.state.batch_refused = getattr(exc, "code", None) != "client_closed_request"
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        if not refused:  # the client went away: the images certified before are counted, as /certify counts them
-            for job in jobs:
-                if not job.cancelled() and job.exception() is None:
-                    request.app.state.metrics.observe_certificate(job.result())
+        await _drop_batch(request, exc, jobs)  # (not left running after the answer)
         live = request.app.state.settings.max_live_jobs
-        if getattr(exc, "code", None) == "queue_full" and len(decoded) > live:  # retrying can never succeed
+        if (getattr(exc, "code", None) == "queue_full" and params.mode in ("sequential", "fixed", "cohen")
+                and len(decoded) > live):  # every image samples (auto may answer some by the surrogate): no retry
             raise ServiceError("too_many_images", f"this batch needs sampling for more images than the server runs "
                                                   f"at once (CERTSERVE_MAX_LIVE_JOBS = {live}); send at most {live} "
-                                                  f"images per batch") from None
+                                                  f"images per batch") from None  # can ever pass it
         raise  # refused: no image of the batch is counted, not even one certified before the failure
     for cert in results:  # counted once the batch is answered
         request.app.state.metrics.observe_certificate(cert)
     _observe_http(request, "/certify/batch")
     return BatchResponse(results=list(results))
+
+
+async def _drop_batch(request: Request, exc: Exception, jobs: list) -> None:
+    """A batch is refused for one image's error: cancel its other jobs now. They count as cancelled only when the
+    client went away; then the images certified before are counted, as /certify counts them."""
+    refused = request.state.batch_refused = getattr(exc, "code", None) != "client_closed_request"
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
+    if not refused:
+        for job in jobs:
+            if not job.cancelled() and job.exception() is None:
+                request.app.state.metrics.observe_certificate(job.result())
 
 
 def _observe_http(request: Request, route: str) -> None:

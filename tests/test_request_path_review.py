@@ -141,9 +141,10 @@ def test_the_drain_windows_503_carries_retry_after():
 
 
 def test_a_batch_larger_than_the_live_job_limit_is_a_422_not_a_retryable_503(easy):
-    """A sampling batch of more images than CERTSERVE_MAX_LIVE_JOBS can never be admitted: it was refused with
-    503 queue_full + Retry-After, which no retry can pass (found by review: limit 6, batch of 8). Now 422
-    too_many_images naming the limit. Run against the old app: 503; this test failed."""
+    """A sequential (fixed, cohen) batch of more images than CERTSERVE_MAX_LIVE_JOBS can never be admitted: it was
+    refused with 503 queue_full + Retry-After, which no retry can pass (found by review: limit 6, batch of 8). Now 422
+    too_many_images naming the limit (an auto batch keeps its 503: the surrogate may answer some of its images).
+    Run against the old app: 503; this test failed."""
     from fastapi.testclient import TestClient
 
     with TestClient(create_app(Settings(max_live_jobs=6, drain_seconds=0), seed=12)) as client:
