@@ -59,14 +59,23 @@ async def parse_request(request: Request, *, batch: bool) -> tuple[list, Certify
                                                  "application/json")
 
 
+async def _in_pool(executor, work):
+    """``work()`` in ``executor`` (the app's decode pool; None: asyncio's default); 503 draining once it has been
+    shut down (the app is stopping)."""
+    try:
+        running = asyncio.get_running_loop().run_in_executor(executor, work)
+    except RuntimeError:
+        raise ServiceError("draining", "the server is shutting down; retry on another replica", retry_after=1) from None
+    return await running
+
+
 async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParams]:
     field = "images" if batch else "image"
     raw = await request.body()
     parse = partial(json.loads, raw, object_pairs_hook=_unique_keys)
     try:  # a large body (up to the body limit: ~45 ms for 4 MiB of numbers) is parsed off the event loop, in the
         # lifespan's bounded decode pool, as images are decoded (None outside the lifespan: asyncio's default)
-        body = parse() if len(raw) <= INLINE_BYTES else await asyncio.get_running_loop().run_in_executor(
-            getattr(request.app.state, "decoder", None), parse)
+        body = parse() if len(raw) <= INLINE_BYTES else await _in_pool(request.app.state.decoder, parse)
     except _RepeatedKey as exc:
         raise ServiceError("bad_request", f"JSON keys given more than once: {exc} (give each once)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit
@@ -195,10 +204,10 @@ async def decode_all(raws: list, params: CertifyParams, *, shape: tuple[int, int
                              "of model-size images): send fewer or smaller images per request", "image_too_large")
         spent += pixels  # the images are decoded one after the other: no other thread touches this meanwhile
 
-    loop, out = asyncio.get_running_loop(), []
+    out = []
     for raw in raws:
         try:
-            out.append(await _decode_one(raw, params, loop, admit, executor, shape=shape, max_pixels=max_pixels))
+            out.append(await _decode_one(raw, params, admit, executor, shape=shape, max_pixels=max_pixels))
         except ServiceError as exc:
             if len(raws) > 1 and exc.code != "draining":  # a batch: say which image
                 raise ServiceError(exc.code, f"image {len(out) + 1} of {len(raws)}: {exc.message}",
@@ -207,7 +216,7 @@ async def decode_all(raws: list, params: CertifyParams, *, shape: tuple[int, int
     return out
 
 
-async def _decode_one(raw, params: CertifyParams, loop, admit, executor, *, shape, max_pixels) -> Decoded:
+async def _decode_one(raw, params: CertifyParams, admit, executor, *, shape, max_pixels) -> Decoded:
     """One image of :func:`decode_all`: inline when small, else in ``executor``."""
     job = partial(decode, raw, params, shape=shape, max_pixels=max_pixels)
     if _small(raw):
@@ -215,12 +224,7 @@ async def _decode_one(raw, params: CertifyParams, loop, admit, executor, *, shap
             return job(admit=partial(admit, inline=True))
         except _DecodeInThread:
             pass
-    try:
-        decoding = loop.run_in_executor(executor, partial(job, admit=partial(admit, inline=False)))
-    except RuntimeError:  # the executor was shut down: the app is stopping
-        raise ServiceError("draining", "the server is shutting down; retry on another replica",
-                           retry_after=1) from None
-    return await decoding
+    return await _in_pool(executor, partial(job, admit=partial(admit, inline=False)))
 
 
 def _small(raw) -> bool:

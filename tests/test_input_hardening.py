@@ -405,3 +405,23 @@ def test_malformed_multipart_is_bad_multipart(client):
                  + encode(grey())):
         r = client.post("/certify", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
         assert_error(r, 422, "bad_multipart", "multipart")
+
+
+def test_a_large_json_body_after_the_decode_pool_stopped_is_a_503_draining(client):
+    """A JSON body parsed in the decode pool once that pool has been shut down (the app stopping) got a 500 (the
+    executor's RuntimeError), while an image decoded there got 503 draining (found by review). Run against the code
+    before: 500; this test failed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import server.requests as requests_module
+
+    stopped = ThreadPoolExecutor(1)
+    stopped.shutdown()
+    pool, client.app.state.decoder = client.app.state.decoder, stopped
+    try:
+        payload = json.dumps({"image": (grey() / 255.0).tolist(), "mode": "surrogate"}, indent=40).encode()
+        assert len(payload) > requests_module.INLINE_BYTES
+        r = client.post("/certify", content=payload, headers={"content-type": "application/json"})
+    finally:
+        client.app.state.decoder = pool
+    assert r.status_code == 503 and r.json()["error"]["code"] == "draining", r.text
