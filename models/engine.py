@@ -170,9 +170,10 @@ class SequentialEngine:
             with self._lock:
                 while self._deadlines and self._deadlines[0][2].future.done():
                     heapq.heappop(self._deadlines)  # answered or cancelled meanwhile
-                ended = self._stop_at is not None and not self.alive  # answer what the engine thread left, then exit
+                if self._stop_at is not None and not self.alive:
+                    return  # the engine thread answered every job before it ended (at the stop, or on a fault)
                 now = time.monotonic()
-                cut = ended or self._stop_at is not None and now >= self._stop_at
+                cut = self._stop_at is not None and now >= self._stop_at
                 if not cut and (not self._deadlines or self._deadlines[0][0] > now):  # wait at most an hour: a
                     wait = min(self._deadlines[0][0] - now, 3600.0) if self._deadlines else None  # longer one raises
                     self._lock.wait(timeout=wait if self._stop_at is None else min(wait or 0.05, 0.05))
@@ -186,8 +187,6 @@ class SequentialEngine:
                     jobs = unadmitted + running
                 answers = [a for j in jobs for a in self._answer_job(j, "shutdown" if cut else "deadline")]
             resolve_futures(answers)
-            if ended:
-                return
             if cut:
                 time.sleep(0.05)  # then again, until the engine thread has ended
 
