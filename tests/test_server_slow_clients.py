@@ -98,12 +98,11 @@ def test_a_client_gone_mid_upload_is_499_not_an_internal_error():
     assert _counter(metrics, "certserve_rejected_requests_total", '{reason="client_closed_request"}') == 1
 
 
-def test_a_request_cancelled_by_the_drain_window_gets_the_json_envelope():
-    """uvicorn cancels the requests still open when its graceful-shutdown window ends (e.g. a body still uploading
-    at SIGTERM); the client must get 503 draining in the JSON envelope, not uvicorn's bare 'Internal Server Error'.
-    Run against the code before 2026-12-05: nothing was sent before the cancellation; this test failed."""
+def _cancelled_by_the_drain_window(seed: int) -> tuple[list, str]:
+    """(messages sent, metrics text) for a request whose body is still uploading when uvicorn's graceful-shutdown
+    window ends and it cancels the request."""
     async def main():
-        app = create_app(Settings(body_timeout_seconds=60, drain_seconds=0), seed=3)
+        app = create_app(Settings(body_timeout_seconds=60, drain_seconds=0), seed=seed)
         async with app.router.lifespan_context(app):
             chunks = [{"type": "http.request", "body": BODY[:100], "more_body": True}]
             sent: list = []
@@ -111,52 +110,46 @@ def test_a_request_cancelled_by_the_drain_window_gets_the_json_envelope():
             async def receive():
                 if chunks:
                     return chunks.pop()
-                await asyncio.Event().wait()
+                await asyncio.Event().wait()  # the rest of the body never comes
 
             async def send(message):
                 sent.append(message)
 
             task = asyncio.ensure_future(app(_scope(len(BODY)), receive, send))
             await asyncio.sleep(0.3)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            return sent
-
-    status, body = _status_and_body(asyncio.run(main()))
-    assert status == 503 and body["error"]["code"] == "draining"
-
-
-def test_the_drain_windows_503_is_counted_as_a_rejection():
-    """The 503 draining that RequestContext answers for a request cancelled by the drain window is an error answer
-    like any other: certserve_rejected_requests_total{reason="draining"} counts it (README: every error answer, by
-    code). Run against the code before this test: failed (the counter stayed 0)."""
-    async def main():
-        app = create_app(Settings(body_timeout_seconds=60, drain_seconds=0), seed=4)
-        async with app.router.lifespan_context(app):
-            chunks = [{"type": "http.request", "body": BODY[:100], "more_body": True}]
-            sent: list = []
-
-            async def receive():
-                if chunks:
-                    return chunks.pop()
-                await asyncio.Event().wait()
-
-            async def send(message):
-                sent.append(message)
-
-            task = asyncio.ensure_future(app(_scope(len(BODY)), receive, send))
-            await asyncio.sleep(0.3)
-            task.cancel()
+            task.cancel()  # what uvicorn does when its graceful-shutdown window ends
             try:
                 await task
             except asyncio.CancelledError:
                 pass
             return sent, app.state.metrics.render().decode()
 
-    sent, metrics = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_request_cancelled_by_the_drain_window_gets_the_json_envelope():
+    """uvicorn cancels the requests still open when its graceful-shutdown window ends (e.g. a body still uploading
+    at SIGTERM); the client must get 503 draining in the JSON envelope, not uvicorn's bare 'Internal Server Error'.
+    Run against the code before 2026-12-05: nothing was sent before the cancellation; this test failed."""
+    status, body = _status_and_body(_cancelled_by_the_drain_window(3)[0])
+    assert status == 503 and body["error"]["code"] == "draining"
+
+
+def test_the_drain_windows_503_carries_retry_after():
+    """README: 503 + Retry-After for draining, 'also a request still open, e.g. still uploading, when the SIGTERM
+    drain window closes' (server/errors.py: 503s carry Retry-After). RequestContext sent that 503 without the header.
+    Run against the code before this test: no Retry-After; this test failed."""
+    sent = _cancelled_by_the_drain_window(6)[0]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and int(headers[b"retry-after"]) >= 1
+
+
+def test_the_drain_windows_503_is_counted_as_a_rejection():
+    """The 503 draining that RequestContext answers for a request cancelled by the drain window is an error answer
+    like any other: certserve_rejected_requests_total{reason="draining"} counts it (README: every error answer, by
+    code). Run against the code before this test: failed (the counter stayed 0)."""
+    sent, metrics = _cancelled_by_the_drain_window(4)
     assert _status_and_body(sent)[0] == 503
     assert _counter(metrics, "certserve_rejected_requests_total", '{reason="draining"}') == 1
     assert _counter(metrics, "certserve_internal_errors_total") == 0
