@@ -21,6 +21,7 @@ from joserfc.jwk import KeySet, OKPKey
 
 from certification.signing import (ACCEPTED_ALGS, CERTIFICATE_TYP, CERTIFIED_FIELDS, CLAIMS_VERSION, REGISTRY,
                                    tensor_sha256)
+from models.strict_json import RepeatedKey, unique_keys
 
 REASONS = {
     "malformed": "not a compact JWS certificate, or its payload lacks required claims",
@@ -73,23 +74,11 @@ def parse_document(text: str) -> dict:
     key twice in one object (``json.loads`` would keep the last one silently, while another reader may take the
     first: a plain ``radius`` stated twice is not one statement the signature can vouch for)."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except RepeatedKey as exc:
         raise VerificationError("malformed", f"the key {exc.args[0]!r} is given twice in one JSON object") from None
     except (ValueError, RecursionError):
         raise VerificationError("malformed", "the certificate file is not valid JSON") from None
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return obj
 
 
 #: a key set larger than this is refused (bad_jwks) without reading it all; a real one is well under 1 KiB per key

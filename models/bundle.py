@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from models.priors import FEATURE_NAMES
+from models.strict_json import RepeatedKey, unique_keys
 from smoothing import min_calibration_size
 
 SCHEMA_VERSION = 2
@@ -242,10 +243,10 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
         raise BundleError(f"{manifest_path} is missing: a bundle is a directory with manifest.json and base.onnx")
     manifest_bytes = manifest_path.read_bytes()
     try:
-        raw = json.loads(manifest_bytes, object_pairs_hook=_unique_keys)
+        raw = json.loads(manifest_bytes, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
-    except _DuplicateKey as exc:
+    except RepeatedKey as exc:
         raise BundleError(f"{manifest_path}: key {exc.args[0]!r} appears twice in one object (JSON readers disagree "
                           "on which value counts, and the manifest's sha256 covers both)") from None
     found = raw.get("schema_version") if isinstance(raw, dict) else None
@@ -278,20 +279,6 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
     if check_models:
         _check_shapes(bundle)
     return bundle
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list) -> dict:
-    """object_pairs_hook of the manifest: a key twice in one object is refused (json keeps the last silently)."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
 
 
 def _check_shapes(bundle: Bundle) -> None:

@@ -25,6 +25,7 @@ from starlette.formparsers import MultiPartException
 
 from certification.errors import ServiceError
 from certification.plan import CertifyParams
+from models.strict_json import RepeatedKey, unique_keys
 from server.imaging import ImageError, decode_image, received_input
 from server.schemas import JSONBatchRequest, JSONCertifyRequest
 
@@ -72,11 +73,11 @@ async def _in_pool(executor, work):
 async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParams]:
     field = "images" if batch else "image"
     raw = await request.body()
-    parse = partial(json.loads, raw, object_pairs_hook=_unique_keys)
+    parse = partial(json.loads, raw, object_pairs_hook=unique_keys)
     try:  # a large body (up to the body limit: ~45 ms for 4 MiB of numbers) is parsed off the event loop, in the
         # lifespan's bounded decode pool, as images are decoded (None outside the lifespan: asyncio's default)
         body = parse() if len(raw) <= INLINE_BYTES else await _in_pool(request.app.state.decoder, parse)
-    except _RepeatedKey as exc:
+    except RepeatedKey as exc:
         raise ServiceError("bad_request", f"JSON keys given more than once: {exc} (give each once)") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit
         raise ServiceError("bad_json", "the body is not valid JSON (or nests deeper, or has longer numbers, than "
@@ -88,20 +89,6 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
         raise ServiceError("bad_request", pydantic_message(exc)) from None
     params = CertifyParams.model_validate(req.model_dump(exclude={field}))
     return (req.images if batch else [req.image]), params
-
-
-class _RepeatedKey(Exception):
-    """A JSON object with a key given twice (json.loads would keep the last one silently)."""
-
-
-def _unique_keys(pairs: list) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):  # linear: a body with many keys costs no more than parsing it
-        seen, repeated = set(), set()
-        for key, _ in pairs:
-            (repeated if key in seen else seen).add(key)
-        raise _RepeatedKey(", ".join(sorted(repeated)[:10]))
-    return out
 
 
 async def _parse_form(request: Request, batch: bool, multipart: bool) -> tuple[list, CertifyParams]:
