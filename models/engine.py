@@ -38,7 +38,7 @@ import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates
 from models.jobs import (KINDS, Batch, EngineStopped, JobResult, JobSpec, JobTable, QueueFull, check_spec,
-                         checkpoints_of, resolve_futures)
+                         checkpoints_of, queue_if_cancelled, resolve_futures)
 from models.sampling import SamplingEngine
 from smoothing import Stop
 
@@ -141,7 +141,7 @@ class SequentialEngine:
                 heapq.heapify(self._deadlines)  # them (amortized O(1) per submit; at most ~2 max_live_jobs kept)
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
                 self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
-        fut.add_done_callback(lambda f: self._cancelled.append(job) if f.cancelled() else None)
+        fut.add_done_callback(queue_if_cancelled(self._cancelled, job))
         return fut
 
     def stop(self, grace: float = 0.0, *, wait: bool = True, accept: bool = False) -> None:
