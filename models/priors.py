@@ -45,12 +45,19 @@ def class_and_prior(base, surrogate, meta, images: np.ndarray,
     """Tested class (N,) and Beta prior (N, 2) of each clean image, from clean forward passes only.
 
     ``base``, ``surrogate`` and ``meta`` are backends with ``forward`` (``surrogate`` and ``meta`` may be None); pass
-    ``surrogate_probs`` when the surrogate already ran on these images. Without a meta model the prior is KT. The one
+    ``surrogate_probs`` when the surrogate already ran on these images. Without a meta model the prior is KT; with one,
+    an image whose meta output is not two finite numbers >= the smallest normal float gets KT too. The one
     implementation used by the certification service, the offline evaluation and the benchmarks: the class and prior
     a request is tested with are exactly the ones evaluated offline.
     """
     if surrogate_probs is None and surrogate is not None:
         surrogate_probs = softmax(surrogate.forward(images))
     feats, tested = meta_features(base.forward(images), surrogate_probs)
-    prior = meta.forward(feats) if meta is not None else np.tile(np.asarray(KT_PRIOR, dtype=np.float64), (len(feats), 1))
-    return tested, np.asarray(prior, dtype=np.float64)
+    kt = np.tile(np.asarray(KT_PRIOR, dtype=np.float64), (len(feats), 1))
+    if meta is None:
+        return tested, kt
+    prior = np.array(meta.forward(feats), dtype=np.float64)
+    # a row that is no Beta prior (NaN from NaN features, 0 or inf from a float32 under/overflow, a subnormal whose
+    # 1 / a overflows) gets KT: the prior's choice costs power only, while the engine would refuse such a job (500)
+    usable = np.all(np.isfinite(prior) & (prior >= np.finfo(np.float64).tiny), axis=1)
+    return tested, np.where(usable[:, None], prior, kt)

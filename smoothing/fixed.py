@@ -35,6 +35,10 @@ DEFAULT_PLAN_GAIN = 8e-5
 #: Candidate sample sizes: geometric from MIN_PLANNED with growth 1.1 (rounded), up to the budget.
 MIN_PLANNED = 64
 _PLAN_GROWTH = 1.1
+#: Planning caps a prior's strength a + b at this (same mean; the plan only, never a bound). A stronger Beta prior is
+#: a point mass at the sample sizes a plan reaches, and beyond ~1e12 the predictive's betaln(k + a, n - k + b) -
+#: betaln(a, b) cancels catastrophically (expected radii far above the all-hits radius, even inf, at a + b ~ 1e15).
+_MAX_PLAN_STRENGTH = 1e8
 
 
 def fixed_n_certificate(successes, trials, alpha, sigma):
@@ -62,9 +66,10 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     (a beta-binomial mixture) and r_CP is the certified radius of the CP bound. Stopping each input where its
     expected marginal radius per sample falls to a common lambda maximizes the expected mean radius for the mean
     number of samples spent. A wrong prior misallocates samples but cannot make a certificate invalid: n depends on
-    the clean input only. Vectorized over (a, b); returns int64 (scalar for scalar input).
+    the clean input only. Vectorized over (a, b); returns int64 (scalar for scalar input). Any finite a, b > 0 gets a
+    candidate (:data:`_MAX_PLAN_STRENGTH` caps a + b; an expected radius is kept within [0, the all-hits radius]).
     """
-    a, b = check_prior(a, b)
+    a, b = _plannable(*check_prior(a, b))
     check_sigma(sigma)
     alpha_f = float(check_alpha(alpha))
     budget = int(check_nonneg_int(budget, "budget"))
@@ -76,8 +81,8 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     a, b = np.broadcast_arrays(a, b)
     flat_a, flat_b = a.ravel(), b.ravel()
     best = np.full(flat_a.shape, -np.inf)
-    choice = np.zeros(flat_a.shape, dtype=np.int64)
     candidates = _candidates(budget)
+    choice = np.full(flat_a.shape, candidates[0], dtype=np.int64)
     # pruning: no expected radius at m can exceed the all-hits radius sigma Phi^-1(alpha^(1/m)), so once that bound
     # minus lambda m is below every input's best objective for all remaining m, no later candidate can win
     ceiling = np.asarray(radius_from_probability(alpha_f ** (1.0 / np.asarray(candidates, np.float64)), sigma))
@@ -85,11 +90,21 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     for j, n in enumerate(candidates):
         if reachable[j] < best.min():
             break
-        gain = expected_radius(flat_a, flat_b, n, float(sigma), alpha_f, w) - min_gain * n
+        radius = np.nan_to_num(expected_radius(flat_a, flat_b, n, float(sigma), alpha_f, w), nan=0.0)
+        gain = np.clip(radius, 0.0, ceiling[j]) - min_gain * n
         better = gain > best
         best[better], choice[better] = gain[better], n
     out = choice.reshape(a.shape)
     return out if out.ndim else int(out)
+
+
+def _plannable(a, b):
+    """(a, b) with a + b capped at _MAX_PLAN_STRENGTH (mean kept) and each >= the smallest normal float (1 / a
+    overflows for a subnormal a: NaN predictive): the prior the plan uses, for the plan only."""
+    half_cap = 0.5 * _MAX_PLAN_STRENGTH
+    scale = half_cap / np.maximum(0.5 * a + 0.5 * b, half_cap)  # (a + b) / 2: no overflow; scale <= 1
+    tiny = np.finfo(np.float64).tiny
+    return np.maximum(a * scale, tiny), np.maximum(b * scale, tiny)
 
 
 def expected_radius(a, b, n: int, sigma: float, alpha: float, kt_weight: float) -> np.ndarray:
