@@ -7,15 +7,16 @@ float32 (N, C, H, W) in [0, 1].
 Splits of the training pool (a seeded permutation; sizes and a digest of the indices go into the manifest):
 base-train (the base classifier), surrogate-train (surrogate and, from a held-out part, the meta-learner) and
 calibration (conformal). Test is the dataset's official test set. Every subset the pipeline takes of a split
-(``Splits.limited``; the tuning part of the calibration split, :mod:`calibration.conformal_fit`) is a seeded random
-one, never a prefix: the pool may be stored in a meaningful order (an .npz sorted by class).
+(``Splits.limited``; the tuning part of the calibration split, :mod:`calibration.conformal_fit`; the meta-learner's
+part of surrogate-train, :func:`calibration.pipeline.meta_cut`) is a seeded random one, never a prefix or suffix: the pool may be stored in a meaningful order (an .npz sorted by class).
 
 The conformal guarantee needs calibration images exchangeable with test inputs, so disjoint from everything the
 base model, surrogate or meta-learner saw. The models trained here see only their own splits. A user's own base
 model (``--base``) was trained elsewhere, usually on this very pool: ASSUMED disjoint only as far as the user
 declares (``--base-trained-on``: ``none``, or an .npy of the indices it was trained on, which
 :func:`declared_training` maps to pool positions and :func:`make_splits` keeps out of calibration and
-surrogate-train). A false declaration voids the guarantee; nothing here can detect it.
+surrogate-train; one naming an image of a test part carved from the same .npz is refused, since the evaluation would
+score the model on its own training images). A false declaration voids the guarantee; nothing here can detect it.
 """
 
 from __future__ import annotations
@@ -178,6 +179,12 @@ def declared_training(spec: str, ds: Dataset) -> tuple[np.ndarray | None, dict]:
         raise ValueError(f"{path} must hold a 1-d array of integer indices in [0, {size}) (positions in the data "
                          f"file's x array), got shape {idx.shape}, dtype {idx.dtype}")
     source = ds.train_source if ds.train_source is not None else np.arange(len(ds.x_train))
+    in_test = np.setdiff1d(idx, source)  # an .npz without x_test: its test part is carved from the same x array
+    if len(in_test):
+        raise ValueError(f"{path} names {len(in_test)} images of the test part that {ds.name!r} carves from its x "
+                         "array (the images the build's test accuracy and `certserve calibrate evaluate` score): the "
+                         "base model's own training images would be scored as test images. Store a test set it never "
+                         "saw in the .npz as x_test and y_test")
     pool = np.flatnonzero(np.isin(source, idx))
     return pool, {"declared": "file", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                   "num_indices": int(len(np.unique(idx))), "excluded_from_pool": int(len(pool))}

@@ -7,7 +7,7 @@ adds at light load); the surrogate needs one forward pass (at every calibrated r
 ``auto`` + ``per_input=true`` (the e-process targeting the surrogate's proposed radius, auto budget); auto = the
 surrogate where its radius is >= AUTO_MIN_SURROGATE_Z sigmas (models.surrogate.auto_uses_surrogate, the server's
 rule), else that per-input path. ``--streams`` caches the sampled streams (keyed by bundle,
-data, images, n, n0, seed), so re-evaluating a recalibrated bundle draws no new noise.
+data, images and their digest, n, n0, seed), so re-evaluating a recalibrated bundle draws no new noise.
 Sharing the noise across methods (common random numbers) makes the comparison sharper; each method on its own
 uses samples that are i.i.d. and independent of its class selection, so each is valid on its own.
 """
@@ -56,6 +56,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type for a threshold: a finite number (nan would silently route every image to the fallback)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_arguments(p) -> None:
     p.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE_DIR))
     p.add_argument("--images", type=positive_int, default=1000, help="first N images of the official test set")
@@ -64,9 +75,9 @@ def add_arguments(p) -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fraction", type=float, default=None, help="sequential methods: the fraction rule at this "
                    "fraction instead of smoothing's default marginal-gain rule")
-    p.add_argument("--auto-budget", type=int, default=None,
+    p.add_argument("--auto-budget", type=positive_int, default=None,
                    help="budget of auto-mode fallbacks (default: the server's auto_max_samples)")
-    p.add_argument("--auto-min-surrogate-z", type=float, default=None,
+    p.add_argument("--auto-min-surrogate-z", type=finite_float, default=None,
                    help="auto answers with the surrogate at radius >= this many sigmas (default: the server's)")
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--sampler", default=None, help="sample with this copy of the base model instead (e.g. TorchScript on GPU)")
@@ -172,18 +183,25 @@ def evaluate(args) -> dict:
 
 def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float]:
     """(selection counts, ordered streams, sampler name, seconds per sample, sampling seconds): drawn here, or read
-    from ``args.streams`` when that cache was drawn with the same bundle model, sigma, sampler, data, images, n, n0
-    and seed."""
+    from ``args.streams`` when that cache was drawn with the same bundle model, sigma, sampler, data, images (their
+    digest too), n, n0 and seed."""
     from models.backends import load_backend
+
+    from calibration.counts import images_digest
 
     key = {"model": bundle.model_sha256, "data": args.data, "images": int(len(x)), "n": args.n, "n0": args.n0,
            "seed": args.seed, "sigma": bundle.manifest.sigma,  # two bundles may share a base model at different sigma
            "sampler_sha256": sha256_file(args.sampler) if args.sampler else None}
+    # the images themselves: a data FILE rewritten at the same path (an .npz re-exported) holds other test images,
+    # whose streams these are not. A cache written before the digest was recorded is trusted only for a named
+    # dataset (fixed content), never for a file
+    digest = images_digest(x)
     cache = Path(args.streams) if getattr(args, "streams", None) else None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as d:
             info = json.loads(str(d["info"]))
-            if info["key"] == key:
+            legacy = None if Path(args.data).suffix == ".npz" else digest
+            if info["key"] == key and info.get("images_sha256", legacy) == digest:
                 return d["selection"], d["stream"], info["sampler"], info["per_sample"], info["seconds"]
     sampler = load_backend(args.sampler, device=args.device) if args.sampler else bundle.backend("base", device=args.device)
     batch = args.batch_size or default_batch_size(getattr(sampler, "device", "cpu"))
@@ -197,7 +215,8 @@ def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float
     per_sample = seconds / (len(x) * (args.n + args.n0))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        info = {"key": key, "sampler": sampler.name, "per_sample": per_sample, "seconds": seconds}
+        info = {"key": key, "images_sha256": digest, "sampler": sampler.name, "per_sample": per_sample,
+                "seconds": seconds}
         np.savez_compressed(cache, selection=selection, stream=stream, info=json.dumps(info))
     return selection, stream, sampler.name, per_sample, seconds
 

@@ -3,8 +3,8 @@
 Every expensive step leaves its result in the work directory (trained base model, resumable count shards), so a
 rerun resumes instead of starting over. The bundle's manifest records the provenance: dataset, split sizes and
 index digest, a digest of the training pool (pool_sha256: recalibration checks its --data against it), samples per
-image, seeds, the tuning cut, what a user's own base model was trained on, code version, device, timings and quality
-figures.
+image, seeds, the tuning cut and the meta-learner's cut, what a user's own base model was trained on, code version,
+device, timings and quality figures.
 """
 
 from __future__ import annotations
@@ -64,9 +64,8 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
                                     out_dir=work / "counts-surrogate-train", model_sha256=base_sha,
                                     progress=cfg.progress)
 
-    # 3. surrogate: soft-label CE on the first part of surrogate-train; the held-out rest fits the meta-learner
-    n_meta = max(1, int(round(len(sur_idx) * cfg.meta_fraction)))
-    fit_part, meta_part = slice(0, len(sur_idx) - n_meta), slice(len(sur_idx) - n_meta, len(sur_idx))
+    # 3. surrogate: soft-label CE on surrogate-train but a seeded random held-out part, which fits the meta-learner
+    fit_part, meta_part = meta_cut(len(sur_idx), cfg.meta_fraction, cfg.split_seed)
     with _timed(timings, "surrogate_seconds"):
         surrogate_onnx = _surrogate(cfg, ds, ds.x_train[sur_idx][fit_part], sur_counts[fit_part], base, work, device)
 
@@ -95,7 +94,8 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
         "device": device, "sampler": base.sampler.name, "python": platform.python_version(),
         "torch": torch.__version__, "base_quality": base_quality, "base_trained_here": not cfg.base,
         "base_trained_on": base_trained_on, "tuning_cut": tuning_cut(cfg.split_seed), "calibration_from": "build",
-        "meta_fit": meta_fit, "config": dataclasses.asdict(cfg),
+        "meta_fit": meta_fit, "meta_cut": {"method": "seeded-permutation", "seed": cfg.split_seed,
+                                           "stream": META_STREAM}, "config": dataclasses.asdict(cfg),
         "timings": {k_: round(v, 1) for k_, v in timings.items()}, "command": command,
     }
     bundle = create_bundle(
@@ -106,6 +106,19 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     log(f"bundle written to {bundle.root} in {timings['total_seconds']:.0f} s")
     (work / "pipeline.json").write_text(json.dumps(provenance, indent=2, default=str))
     return bundle.root
+
+
+META_STREAM = 50217  # the meta-learner's held-out part draws from default_rng([split seed, META_STREAM])
+
+
+def meta_cut(num_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(surrogate positions, meta-learner positions) among the ``num_images`` surrogate-train images, both sorted:
+    a seeded random ``fraction`` (at least one) holds out for the meta-learner. Not the last ones: the split is in
+    pool-index order, and a pool stored in order (an .npz sorted by class) would train the surrogate on some classes
+    and the meta-learner on others (the surrogate's arg-max is the class every sequential route tests)."""
+    n_meta = max(1, int(round(num_images * fraction)))
+    held = np.sort(np.random.default_rng([int(seed), META_STREAM]).permutation(num_images)[:n_meta])
+    return np.setdiff1d(np.arange(num_images), held), held
 
 
 def _checked_tune_size(cfg: PipelineConfig) -> int:

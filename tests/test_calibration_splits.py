@@ -106,7 +106,7 @@ def test_declared_training_images_stay_out_of_calibration_and_surrogate_train(tm
     x[:, 0, 0], x[:, 0, 1] = np.arange(500) % 256, np.arange(500) // 256  # each image names its index in x
     np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 3, 500))
     ds = load_npz(tmp_path / "d.npz")  # 400 training images, 100 carved off as test
-    trained = rng.choice(500, size=250, replace=False)
+    trained = rng.choice(ds.train_source, size=250, replace=False)  # pool images (test-part ones are refused)
     np.save(tmp_path / "seen.npy", trained)
     pool, record = declared_training(str(tmp_path / "seen.npy"), ds)
     byte = np.round(ds.x_train[:, 0, 0, :2] * 255).astype(int)
