@@ -6,6 +6,8 @@ A backend does two things: ``forward`` (clean logits for a batch) and ``noisy_pr
 of each call comes from the caller's generator, so sampling is i.i.d. across calls and, for a seeded generator,
 reproducible (the calibration pipeline's resumable counts rely on that); the exception is onnxruntime's in-graph
 noise on CUDA, drawn by the session's own generator (i.i.d. and fresh each call, not replayable from the caller's).
+The noise is added to the model's own input, the [0, 1] pixels (normalization, if any, is inside the graph), and
+x + e is never clipped: the smoothed classifier, and the L2 radius of a certificate, are those of that input space.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
          helper.make_tensor_value_info(NOISY_INDEX, TensorProto.INT64, ["B"])],
         [helper.make_tensor_value_info(NOISY_LABELS, TensorProto.INT64, ["B"])],
         initializer=[*graph.initializer, *constants], value_info=list(graph.value_info))
-    model = helper.make_model(new_graph, opset_imports=list(base.opset_import), ir_version=base.ir_version)
+    model = helper.make_model(new_graph, opset_imports=list(base.opset_import), ir_version=base.ir_version,
+                              functions=list(base.functions))  # the base graph's model-local functions
     onnx.checker.check_model(model)
     return model
 

@@ -295,6 +295,12 @@ def _check_shapes(bundle: Bundle) -> None:
                               f"separate files, ONNX external data, are not supported: the manifest's sha256 must "
                               f"cover every byte served): {exc}") from None
         want_in, want_out = expected[role]
+        inputs = backend.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+            found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
+            raise BundleError(f"artifact {role}: the model's inputs are {found}; expected exactly one float32 input "
+                              f"(tensor(float), batch x {want_in}): the server feeds it float32 values (pixels in "
+                              "[0, 1] plus float32 Gaussian noise); a model in another precision casts in its graph")
         got_in = list(backend.input_shape[1:])
         if got_in != want_in:
             raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")

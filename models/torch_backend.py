@@ -41,14 +41,20 @@ class TorchBackend:
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_onnx(cls, path: str | os.PathLike | bytes, *, device: str = "cuda") -> TorchBackend:
-        """The ONNX graph (a file, or its bytes) converted op by op by onnx2torch (a well-kept converter); weights
-        are copied exactly."""
+        """The ONNX graph (a file, or its bytes) converted op by op by onnx2torch; weights are copied exactly. The
+        converted module must compute the graph's logits (:func:`verify_conversion`, against onnxruntime on the CPU),
+        else RuntimeError: a certificate names the sha256 of the ONNX model, so it must be that model that is run."""
         convert = _onnx2torch_convert()
         if isinstance(path, bytes):
             import onnx
 
-            return cls(convert(onnx.load_from_string(path)), device=device)
-        return cls(convert(str(path)), device=device)
+            backend = cls(convert(onnx.load_from_string(path)), device=device)
+        else:
+            backend = cls(convert(str(path)), device=device)
+        from models.backends import OnnxBackend
+
+        verify_conversion(backend, OnnxBackend(path, threads=1, device="cpu"))
+        return backend
 
     @classmethod
     def from_torchscript(cls, path: str | os.PathLike, *, device: str = "cuda") -> TorchBackend:
@@ -126,6 +132,37 @@ class TorchBackend:
         if self.device.startswith("cuda"):
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
+
+
+def verify_conversion(backend: TorchBackend, reference, *, rtol: float = 1e-3) -> None:
+    """RuntimeError unless ``backend`` (a converted module) gives the logits of ``reference`` (onnxruntime on the
+    CPU, the same ONNX model) on probe inputs: clean ones in [0, 1] and noisy ones (the smoothed classifier's
+    inputs), within ``rtol`` of the logits' scale (far above fp32 rounding across devices, far below a different
+    function). onnx2torch converts some ops to another function with only a UserWarning: a nearest-mode Resize whose
+    rounding is not torch's (round_prefer_ceil; round_prefer_floor with asymmetric coordinates) moved logits by
+    ~0.9 and flipped classes."""
+    shape = tuple(reference.input_shape[1:])
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise RuntimeError(f"cannot check the PyTorch conversion of a model whose input shape {shape} is not fixed")
+    rng = np.random.default_rng(0)
+    clean = rng.random((6, *shape), dtype=np.float32)
+    sigma = np.array([0.12, 0.25, 0.5, 1.0, 0.25, 0.5], dtype=np.float32).reshape(-1, *[1] * len(shape))
+    noisy = clean + rng.standard_normal(clean.shape, dtype=np.float32) * sigma
+    probes = np.concatenate([clean, noisy, np.zeros((1, *shape), np.float32), np.ones((1, *shape), np.float32)])
+    want = np.asarray(reference.forward(probes), dtype=np.float64)
+    got = np.asarray(backend.forward(probes), dtype=np.float64)
+    finite = want[np.isfinite(want)]
+    scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    if got.shape != want.shape or not np.allclose(got, want, rtol=rtol, atol=rtol * scale, equal_nan=True):
+        gap = f"shape {got.shape} vs {want.shape}"
+        if got.shape == want.shape:
+            diff = np.abs(got - want)
+            diff[np.isnan(got) != np.isnan(want)] = np.inf  # NaN on one side only
+            gap = float(np.nanmax(diff))
+        raise RuntimeError(f"the PyTorch conversion (onnx2torch) of this ONNX model does not compute its logits "
+                           f"(largest difference from onnxruntime on probe inputs: {gap}; logits up to {scale:.3g}): "
+                           "it would certify another classifier than the bundle's. Run the model with onnxruntime "
+                           "(onnxruntime-gpu on a GPU, or device cpu)")
 
 
 class _TorchPending:
