@@ -210,7 +210,7 @@ def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     selection = engine.count(x, args.n0, rng)
-    stream = np.stack([engine.predictions(img, args.n, rng) for img in x]).astype(np.uint8)
+    stream = np.stack([engine.predictions(img, args.n, rng) for img in x]).astype(stream_dtype(engine.num_classes))
     seconds = time.perf_counter() - t0
     per_sample = seconds / (len(x) * (args.n + args.n0))
     if cache is not None:
@@ -219,6 +219,12 @@ def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float
                 "seconds": seconds}
         np.savez_compressed(cache, selection=selection, stream=stream, info=json.dumps(info))
     return selection, stream, sampler.name, per_sample, seconds
+
+
+def stream_dtype(num_classes: int) -> type:
+    """The smallest integer type that stores every noisy label of a stream exactly: a class 0..K-1, or -1 for a
+    noisy copy that predicts no class (NaN logits). uint8 wrapped a class 300 to 44 and -1 to 255."""
+    return np.int8 if num_classes <= 127 else np.int16 if num_classes <= 32767 else np.int32
 
 
 def _violations(ans, counts, n) -> dict:

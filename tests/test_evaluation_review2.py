@@ -131,3 +131,14 @@ def test_evaluate_route_arguments_are_checked(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["calibrate", "evaluate", *argv])
     assert exit_info.value.code == 2 and words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_classes", [10, 127, 128, 1000, 40000])
+def test_stream_labels_are_stored_exactly(num_classes):
+    """The evaluation's noisy-label streams keep every label (a class 0..K-1, or -1 for no class). They were stored
+    as uint8: with 1,000 classes the label 300 was counted for class 44, and -1 became 255. Run against the old
+    dtype (uint8): all five cases failed."""
+    from calibration.evaluate import stream_dtype
+
+    labels = np.array([-1, 0, num_classes // 2, num_classes - 1], dtype=np.int64)
+    assert np.array_equal(labels.astype(stream_dtype(num_classes)).astype(np.int64), labels)
