@@ -171,7 +171,7 @@ def _run_bundle_create(args) -> int:
     bundle = create_bundle(args.out, base=args.base, sigma=args.sigma, input_shape=shape, classes=classes,
                            name=args.name, provenance={"created_by": "certserve bundle create"},
                            overwrite=args.overwrite)
-    print(f"bundle {bundle.manifest.name!r} written to {bundle.root} (sequential and cohen modes only)")
+    print(f"bundle {bundle.manifest.name!r} written to {bundle.root} (no surrogate: sequential, fixed and cohen modes; auto always samples)")
     return 0
 
 

@@ -46,7 +46,9 @@ class CertifyParams(BaseModel):
                        "fixed: Clopper-Pearson on a sample size planned from the clean image (per input); cohen: "
                        "Cohen et al.'s CERTIFY (per input). The certificate's guarantee field states which")
     target_radius: float | None = Field(None, ge=0, le=100,
-                                        description="certify at least this L2 radius; stop as soon as it is")
+                                        description="certify at least this L2 radius; stop as soon as it is. "
+                                        "mode=auto or sequential only (surrogate, fixed and cohen refuse it: 422 "
+                                        "bad_request)")
     max_samples: int | None = Field(None, ge=1, description="sample budget (capped by the server's max_samples); "
                                     "cohen: n, its estimation samples, with the n0 selection samples on top")
     deadline_ms: int | None = Field(None, ge=1, le=600_000, description="return the valid certificate reached by then")
@@ -92,6 +94,15 @@ def request_alpha(params: CertifyParams, config: ServiceConfig) -> float:
     return params.alpha if params.alpha is not None else config.default_alpha
 
 
+def samples_every_image(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None) -> bool:
+    """Whether a request's images all go to the engine, whatever the surrogate says of each: the sampling modes, and
+    ``auto`` where it cannot route to the surrogate at all (no surrogate: ``alpha_cal`` None; per_input; alpha below
+    alpha_cal), by the same rule as :func:`make_plan`'s fallback reason."""
+    if params.mode in ("sequential", "fixed", "cohen"):
+        return True
+    return params.mode == "auto" and (alpha_cal is None or params.per_input or request_alpha(params, config) < alpha_cal)
+
+
 def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float | None,
               surrogate_radius: float | None, sigma: float, arrival: float) -> Plan:
     """Turn a request into a plan. ``alpha_cal``: the bundle's calibrated level (None without a surrogate);
@@ -126,7 +137,8 @@ def make_plan(params: CertifyParams, config: ServiceConfig, *, alpha_cal: float 
 def _check_surrogate_request(params: CertifyParams, alpha: float, alpha_cal: float | None,
                              surrogate_radius: float | None) -> None:
     if surrogate_radius is None or alpha_cal is None:
-        raise ServiceError("no_surrogate", "this bundle has no surrogate; use mode=sequential or cohen")
+        raise ServiceError("no_surrogate", "this bundle has no surrogate; use mode=auto (which samples), "
+                                           "sequential, fixed or cohen")
     if params.per_input:
         raise ServiceError("per_input_unavailable", "the surrogate's guarantee is marginal, not per input; use "
                                                     "mode=auto or sequential")

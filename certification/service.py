@@ -17,7 +17,7 @@ import numpy as np
 from certification.certificate import Certificate, ModelCard, ModelInfo, Timings, build_certificate
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
-from certification.plan import CertifyParams, Plan, make_plan, request_alpha
+from certification.plan import CertifyParams, Plan, make_plan, request_alpha, samples_every_image
 from certification.seal import Sealer
 from models.bundle import Bundle
 from models.defaults import default_batch_size
@@ -73,6 +73,12 @@ class CertificationService:
         """Stop taking jobs; live ones get up to ``grace`` seconds, then their certificate so far."""
         self.engine.stop(grace)
         self.sealer.close()
+
+    def samples_every_image(self, params: CertifyParams) -> bool:
+        """Whether every image of a request with ``params`` becomes an engine job (certification.plan)."""
+        cal = self.manifest.calibration
+        alpha_cal = cal.alpha_cal if cal is not None and self.surrogate is not None else None
+        return samples_every_image(params, self.config, alpha_cal=alpha_cal)
 
     @property
     def alive(self) -> bool:

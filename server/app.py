@@ -166,11 +166,12 @@ async def certify_batch(request: Request) -> BatchResponse:
     except Exception as exc:  # one image failed (e.g. queue_full): the batch is refused, its other jobs dropped now
         await _drop_batch(request, exc, jobs)  # (not left running after the answer)
         live = request.app.state.settings.max_live_jobs
-        if (getattr(exc, "code", None) == "queue_full" and params.mode in ("sequential", "fixed", "cohen")
-                and len(decoded) > live):  # every image samples (auto may answer some by the surrogate): no retry
+        if (getattr(exc, "code", None) == "queue_full" and request.app.state.service.samples_every_image(params)
+                and len(decoded) > live):  # every image samples, so no retry can pass it (a plain auto batch: the
+            # surrogate may answer some of its images)
             raise ServiceError("too_many_images", f"this batch needs sampling for more images than the server runs "
                                                   f"at once (CERTSERVE_MAX_LIVE_JOBS = {live}); send at most {live} "
-                                                  f"images per batch") from None  # can ever pass it
+                                                  f"images per batch") from None
         raise  # refused: no image of the batch is counted, not even one certified before the failure
     for cert in results:  # counted once the batch is answered
         request.app.state.metrics.observe_certificate(cert)

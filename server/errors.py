@@ -59,8 +59,19 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         if on_error is not None:
             on_error(code)
-        return JSONResponse(error_body(code, str(exc.detail), request_id(request)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(code, _routing_message(request, exc), request_id(request)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    def _routing_message(request: Request, exc: StarletteHTTPException) -> str:
+        """Starlette's bare "Not Found" / "Method Not Allowed", made to say what the API expects."""
+        target = f"{request.method} {request.url.path}"
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            routes = ", ".join(f"{m.upper()} {path}" for path, ops in app.openapi()["paths"].items() for m in ops)
+            return f"no such route: {target}; the routes are {routes} (and /docs, /openapi.json)"
+        if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+            allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            return f"{target}: method not allowed; {request.url.path} takes {allowed or 'another method'}"
+        return str(exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -357,16 +357,17 @@ def test_cancelled_requests_are_labelled_by_route_and_precreated():
 
 
 def test_batch_refused_for_queue_full_drops_its_other_jobs_uncounted():
-    """A batch whose third image is refused (queue_full: max_live_jobs=2) is answered 503; its other two jobs are
-    dropped at once, and they are no cancellation: no certserve_requests_total series moves. Run against the code
-    before 2026-12-05: failed (the two jobs kept sampling until the 503 had gone out, then were counted as
+    """A batch whose third image is refused (queue_full: max_live_jobs=2) is refused (at alpha below alpha_cal every
+    image samples, so it is 422 too_many_images, tests/test_docs_review2.py; before, 503 queue_full); its other two
+    jobs are dropped at once, and they are no cancellation: no certserve_requests_total series moves. Run against the
+    code before 2026-12-05: failed (the two jobs kept sampling until the 503 had gone out, then were counted as
     method="auto", outcome="cancelled")."""
     x = load_fashion_mnist().x_test
     with TestClient(create_app(Settings(max_samples=10**6, max_live_jobs=2, drain_seconds=0), seed=12)) as c:
         engine = c.app.state.service.engine
         r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in (EASY, 0, 1)], "alpha": 0.0005,
                                            "max_samples": 10**6, "deadline_ms": 10_000})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_images"
         threading.Event().wait(0.5)  # the engine drops cancelled jobs at its next step; a watcher polls every 0.05 s
         assert engine.live_jobs == 0, "the refused batch's jobs kept running"
         got = _requests_total(c.get("/metrics").text)
