@@ -29,11 +29,18 @@ Only ``PATH.1`` ... ``PATH.<backups>`` are the log's files: any other ``PATH.<di
 ``audit.jsonl.2024``) is never renamed, deleted or read. ``max_bytes=0`` never rotates. A file moved away by an
 external tool (logrotate) is noticed and ``PATH`` reopened. A symlinked ``PATH`` is resolved when the log is opened:
 records, rotation and backups live next to the link's target (the link then keeps naming the current file).
-One process writes a given log (the server is one process; run one log per replica).
+Several processes may append to one log (two servers on a shared volume, an old and a new pod of a rolling
+update): each append, rotation and tail repair holds an exclusive ``flock`` on the current ``PATH``, taken after the
+file was checked to still be ``PATH`` (a writer that waited through another's rotation reopens the new file), so no
+process drops another's record in progress as a torn tail or renames over another's rotated file. The tail check
+runs under that lock before every append, so a line torn by a writer that died mid-write is dropped before the next
+record from any process. (One log per replica still keeps each replica's records together.)
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -73,6 +80,7 @@ class AuditLog:
         self.path = Path(path).resolve()  # a symlink: rotate next to its target, never rename the link itself
         self.max_bytes, self.backups, self.fsync = max_bytes, backups, fsync
         self._lock = threading.Lock()
+        self._no_locks = False  # the filesystem refused flock: one writing process is assumed
         self._fd: int | None = None
         self._ino: tuple[int, int] | None = None
         self.repaired_bytes = 0
@@ -80,7 +88,14 @@ class AuditLog:
         self._failed_at = 0.0  # time.monotonic() of the latest failed append
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            self._open()
+            self._lock_current()
+            try:
+                self._repair()
+            except OSError:
+                os.close(self._fd)  # never append after a tail that could not be dropped
+                self._fd = None
+                raise
+            self._unlock()
 
     def append(self, record: dict) -> None:
         """Write ``record`` as one line; return only once it is in the file (raise :class:`AuditError` if not)."""
@@ -94,10 +109,15 @@ class AuditLog:
         with self._lock:  # stamped under the lock: logged_at never decreases along the file
             line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
             try:
-                self._reopen_if_moved()
-                if self.max_bytes and self._size() + len(line) > self.max_bytes and self._size() > 0:
-                    self._rotate()
-                self._write_whole(line)
+                self._lock_current()  # other processes writing this log wait here (and we for them)
+                try:
+                    self._repair()
+                    size = self._size() if self.max_bytes else 0
+                    if self.max_bytes and size + len(line) > self.max_bytes and size > 0:
+                        self._rotate()
+                    self._write_whole(line)
+                finally:
+                    self._unlock()
             except OSError as exc:
                 self._failed, self._failed_at = True, time.monotonic()
                 raise AuditError(exc.errno, f"audit log {self.path}: {exc.strerror or exc}") from None
@@ -148,11 +168,51 @@ class AuditLog:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             st = os.fstat(fd)
-            dropped = _drop_unterminated_tail(fd)
         except OSError:
-            os.close(fd)  # never append after a tail that could not be dropped
+            os.close(fd)
             raise
         self._fd, self._ino = fd, (st.st_dev, st.st_ino)
+
+    def _lock_current(self) -> None:
+        """Open ``PATH`` if needed and hold an exclusive flock on it, re-checked to still be ``PATH`` once held (a
+        process rotating the log holds the lock until the new ``PATH`` exists); the caller then calls
+        :meth:`_unlock`."""
+        while True:
+            if self._fd is None:
+                self._open()
+            self._flock(fcntl.LOCK_EX)
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino) == self._ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # moved (logrotate) or rotated by another process: drops the lock; open PATH again
+            self._fd = None
+
+    def _unlock(self) -> None:
+        if self._fd is not None:  # a failed undo closed it (which released the lock)
+            self._flock(fcntl.LOCK_UN)
+
+    def _flock(self, operation: int) -> bool:
+        """flock the current descriptor; False on a filesystem without locks (then one writer is assumed, warned)."""
+        if self._no_locks:
+            return False
+        try:
+            fcntl.flock(self._fd, operation)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            self._no_locks = True
+            log.warning("audit log %s: the filesystem has no file locks (%s): only one process may write this log",
+                        self.path, exc.strerror or exc)
+            return False
+
+    def _repair(self) -> None:
+        """Drop an unterminated tail (a writer, this process or another, died or failed during its write); under the
+        lock, so never another process's record in progress."""
+        dropped = _drop_unterminated_tail(self._fd)
         if dropped:
             self.repaired_bytes += dropped
             log.warning("audit log %s: dropped an unterminated last record (%d bytes) left by a crash during its "
@@ -196,9 +256,8 @@ class AuditLog:
             self._fd = None
 
     def _rotate(self) -> None:
-        """PATH.i -> PATH.(i+1) newest last (the oldest beyond ``backups`` deleted), PATH -> PATH.1, new PATH."""
-        os.close(self._fd)
-        self._fd = None
+        """PATH.i -> PATH.(i+1) newest last (the oldest beyond ``backups`` deleted), PATH -> PATH.1, new PATH, all
+        under the flock of the old PATH, released only once the new PATH is open and locked."""
         for i in range(self.backups, 0, -1):  # only the log's own files: PATH.1 ... PATH.<backups>
             src = _backup(self.path, i)
             if not src.exists():
@@ -208,7 +267,13 @@ class AuditLog:
             else:
                 os.replace(src, _backup(self.path, i + 1))
         os.replace(self.path, _backup(self.path, 1))
-        self._open()
+        old = self._fd
+        self._fd = None
+        try:
+            self._open()
+            self._flock(fcntl.LOCK_EX)  # (a process that created it meanwhile holds no lock between appends)
+        finally:
+            os.close(old)
 
 
 def _drop_unterminated_tail(fd: int) -> int:

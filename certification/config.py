@@ -25,3 +25,4 @@ class ServiceConfig:
     audit_log: str | None = None  # JSON-lines audit log of every certificate (certification.audit); None: none
     audit_max_bytes: int = 100 * 2**20  # rotate the audit log beyond this size (0: never)
     audit_backups: int = 10  # rotated audit files kept
+    audit_fsync: bool = False  # fsync each audit line before answering (survives power loss / a host crash)

@@ -58,8 +58,8 @@ class Sealer:
     def from_config(cls, bundle: Bundle, config: ServiceConfig, *, observer: object | None = None) -> Sealer:
         """Keys from ``config.signing_key`` (see :mod:`certification.signing`), the log from ``config.audit_log``."""
         signer = Signer.from_paths(config.signing_key) if config.signing_key else None
-        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes,
-                         backups=config.audit_backups) if config.audit_log else None
+        audit = AuditLog(config.audit_log, max_bytes=config.audit_max_bytes, backups=config.audit_backups,
+                         fsync=config.audit_fsync) if config.audit_log else None
         if signer is not None:
             log.info("signing certificates with key %s (%d key(s) published)", signer.kid, len(signer.kids))
         return cls(bundle, signer=signer, audit=audit, observer=observer)

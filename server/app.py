@@ -240,8 +240,16 @@ async def _cancel_on_disconnect(request: Request, work: asyncio.Future) -> bool:
     return False
 
 
-@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
-async def healthz() -> dict:
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness",
+            description="200 `{\"status\": \"ok\"}` while the process can serve, also while it starts, drains or "
+                        "its audit log is unwritable (those pass). 503 `engine_down` once the sampling engine's thread "
+                        "has died after start-up: it never comes back, so the process must be restarted.",
+            responses={503: {"model": ErrorResponse}})
+async def healthz(request: Request):
+    if readiness(request.app.state) == "engine_down":
+        return JSONResponse(error_body("engine_down", "the sampling engine's thread has stopped: restart this "
+                                       "process", request.state.request_id), status_code=503,
+                            headers={"Retry-After": "1"})
     return {"status": "ok"}
 
 

@@ -82,8 +82,8 @@ def settings_from_args(args: dict | None) -> Settings:
 
 
 def replica_settings(settings: Settings, replica: str) -> Settings:
-    """One process writes one audit log (rotation and torn-tail repair assume it): each replica appends to its own
-    file next to the configured one, ``audit.jsonl`` -> ``audit.replica-<id>.jsonl``."""
+    """Each replica appends to its own audit log (its records together; a shared one would be safe too, under the
+    log's flock), next to the configured one, ``audit.jsonl`` -> ``audit.replica-<id>.jsonl``."""
     if not settings.audit_log:
         return settings
     path = Path(settings.audit_log)

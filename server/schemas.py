@@ -44,7 +44,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """GET /healthz: the process answers."""
+    """GET /healthz: the process answers (503 engine_down instead once the engine thread has died)."""
     status: Literal["ok"]
 
 

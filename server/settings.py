@@ -69,6 +69,9 @@ class Settings(BaseSettings):
                                                     "answering; if it cannot be written, answer 503")
     audit_max_bytes: int = Field(100 * 2**20, ge=0, description="rotate the audit log beyond this size (0: never)")
     audit_backups: int = Field(10, ge=1, description="rotated audit log files kept (PATH.1 ... PATH.N)")
+    audit_fsync: bool = Field(False, description="fsync every audit line before its certificate is answered: the "
+                                                 "record then survives a power loss or host crash, not only a killed "
+                                                 "process (one disk flush per certificate)")
 
     def service_config(self) -> ServiceConfig:
         """The certification service's part of the settings."""

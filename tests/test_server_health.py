@@ -15,7 +15,8 @@ def test_readyz_reports_a_dead_engine():
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
         assert r.headers["Retry-After"] == "1"  # like every 503 (missing before 2026-12-05)
-        assert client.get("/healthz").status_code == 200
+        r = client.get("/healthz")  # liveness fails too: the engine never comes back (tests/test_ops_review2.py)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
 
 
 @pytest.mark.parametrize("setting, value, message", [
