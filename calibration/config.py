@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -35,3 +36,39 @@ class PipelineConfig:
     limit: int | None = None  # use only this many images of each split (smoke tests)
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse a value no run can use before any work (training, hours of Monte-Carlo counts), naming its flag:
+        ValueError (``certserve: error: ...``, exit 2)."""
+        problems = []
+
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                problems.append(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
+
+        def finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(finite(self.sigma) and self.sigma > 0, "sigma", "a finite number > 0")
+        for name in ("calibration_size", "surrogate_size", "base_epochs", "surrogate_epochs", "train_samples",
+                     "cal_samples", "tune_size", "max_bins"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("split_seed", "seed", "batch_size"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.limit is None or _is_int(self.limit) and self.limit >= 0, "limit",
+             "an integer >= 0 (0 or none: no limit)")
+        need(len(self.levels) > 0 and all(finite(a) and 0 < a < 1 for a in self.levels), "levels",
+             "one or more comma-separated risk levels strictly between 0 and 1")
+        need(self.calibration_scale in ("spread", "unit"), "calibration_scale", "'spread' or 'unit'")
+        need(self.gamma is None or finite(self.gamma) and 0 < self.gamma < 1, "gamma",
+             "strictly between 0 and 1 (or none: marginal)")
+        need(finite(self.meta_fraction) and 0 < self.meta_fraction < 1, "meta_fraction", "strictly between 0 and 1")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
+        for name in ("data", "out", "work"):
+            need(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", name, "a non-empty path")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (BundleError, FileNotFoundError, ValueError) as exc:
+    except (BundleError, OSError, ValueError) as exc:  # OSError: any path a flag names (missing, not a directory,
+        # not writable, a full disk), not only a missing one
         print(f"certserve: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

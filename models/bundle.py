@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -328,34 +329,47 @@ def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shap
                   classes: list[str], name: str | None = None, version: str = "1", surrogate: str | Path | None = None,
                   meta: str | Path | None = None, calibration: dict | None = None, meta_features: list[str] | None = None,
                   provenance: dict | None = None, overwrite: bool = False) -> Bundle:
-    """Write a bundle directory (copies the ONNX files, hashes them, writes the manifest) and verify it by loading."""
+    """Write a bundle directory (copies the ONNX files, hashes them, writes the manifest) and verify it by loading.
+
+    The new bundle is built and verified in a staging directory inside ``out`` first: a refused one (a bad sigma, a
+    model that does not match the classes or shape) leaves ``out`` as it was, an existing bundle there (``overwrite``)
+    intact, and a new ``out`` not created; only a verified one replaces its files (renames)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BundleError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = {}
-    for role, src in (("base", base), ("surrogate", surrogate), ("meta", meta)):
-        if src is None:
-            continue
-        src = Path(src)
-        if not src.is_file():
-            raise BundleError(f"{role} model {src} does not exist")
-        dst = out / ARTIFACT_FILES[role]
-        if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
-        artifacts[role] = {"file": dst.name, "sha256": sha256_file(dst)}
-    manifest = Manifest.model_validate({
-        "schema_version": SCHEMA_VERSION, "name": name or out.name, "version": version, "sigma": sigma,
-        "input": {"shape": list(input_shape)}, "classes": list(classes), "artifacts": artifacts,
-        "calibration": calibration, "meta_features": meta_features, "provenance": provenance or {},
-    })
-    for role, name in ARTIFACT_FILES.items():  # a stale artifact of an overwritten bundle must not linger
-        if role not in artifacts and (out / name).exists():
-            (out / name).unlink()
-    manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    staging = out / f".staging-{os.getpid()}"
     try:
-        return load_bundle(out)
-    except BundleError:
-        manifest_path.unlink()  # never leave a manifest that does not verify
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        artifacts = {}
+        for role, src in (("base", base), ("surrogate", surrogate), ("meta", meta)):
+            if src is None:
+                continue
+            src = Path(src)
+            if not src.is_file():
+                raise BundleError(f"{role} model {src} does not exist")
+            shutil.copyfile(src, staging / ARTIFACT_FILES[role])
+            artifacts[role] = {"file": ARTIFACT_FILES[role], "sha256": sha256_file(staging / ARTIFACT_FILES[role])}
+        manifest = Manifest.model_validate({
+            "schema_version": SCHEMA_VERSION, "name": name or out.name, "version": version, "sigma": sigma,
+            "input": {"shape": list(input_shape)}, "classes": list(classes), "artifacts": artifacts,
+            "calibration": calibration, "meta_features": meta_features, "provenance": provenance or {},
+        })
+        (staging / "manifest.json").write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+        load_bundle(staging)  # verified before anything in out changes
+    except BaseException:
+        shutil.rmtree(out if created else staging, ignore_errors=True)
         raise
+    (out / "manifest.json").unlink(missing_ok=True)  # no old manifest ever describes new artifacts
+    for role, file in ARTIFACT_FILES.items():  # a stale artifact of an overwritten bundle must not linger
+        if role in artifacts:
+            os.replace(staging / file, out / file)
+        elif (out / file).exists():
+            (out / file).unlink()
+    os.replace(staging / "manifest.json", out / "manifest.json")
+    shutil.rmtree(staging, ignore_errors=True)
+    return load_bundle(out)

@@ -80,15 +80,20 @@ def add_serve_command(sub) -> None:
 
 def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
     """The configuration errors a user makes, found before uvicorn (or Ray) starts, as one ``ValueError`` line
-    (``certserve: error: ...``, exit 2) instead of a start-up traceback: the bundle directory exists, the signing keys
-    load, the audit log can be appended to (with replicas, each writes its own file in the log's directory). The
-    app's own start-up still verifies the bundle's hashes and opens the log."""
+    (``certserve: error: ...``, exit 2) instead of a start-up traceback: the bundle loads and verifies, a ``cuda``
+    device can run, the signing keys load, the audit log can be appended to (with replicas, each writes its own file
+    in the log's directory). The app's own start-up verifies the bundle again (the bytes it serves) and opens the
+    log."""
     bundle = Path(settings.bundle)
     if not bundle.is_dir():
         raise ValueError(f"bundle directory {bundle} {'is not a directory' if bundle.exists() else 'does not exist'}")
-    if not (bundle / "manifest.json").is_file():
-        raise ValueError(f"{bundle / 'manifest.json'} is missing: a bundle is a directory with manifest.json and "
-                         "base.onnx")
+    from models.bundle import load_bundle
+
+    # the whole verification (schema, every artifact present and its sha256, shapes): a partial or corrupt bundle is
+    # one BundleError line here, not a traceback from the app's start-up (which verifies it again, exit 3)
+    load_bundle(bundle)
+    if settings.device == "cuda":
+        _check_cuda()
     if settings.signing_key:
         from certification.signing import Signer
 
@@ -99,6 +104,16 @@ def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
             _check_appendable(audit)
         else:
             _check_creatable_in(audit.parent, audit)
+
+
+def _check_cuda() -> None:
+    """``device: cuda`` can run here (onnxruntime's CUDA provider, or PyTorch on CUDA): else the engine's backend
+    would fail in the app's start-up with a traceback."""
+    from models.backends import _ort_has_cuda, _torch_cuda_missing
+
+    if not _ort_has_cuda() and (reason := _torch_cuda_missing()) is not None:
+        raise ValueError(f"device (CERTSERVE_DEVICE) is cuda, but onnxruntime has no CUDAExecutionProvider (install "
+                         f"onnxruntime-gpu) and PyTorch cannot run it either ({reason}); use auto or cpu")
 
 
 def _check_appendable(path: Path) -> None:

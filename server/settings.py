@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(0, ge=0, description="onnxruntime intra-op threads for the worker (0: all cores)")
+    threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads for the worker (0: all cores; at "
+                         "most 1024: onnxruntime creates every one at start-up, 100000 hung it for minutes)")
     default_alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="request alpha when the client sends none "
                                  "(at least 1e-15, as a request's)")
     max_samples: int = Field(MAX_SAMPLES, ge=100, le=MAX_BUDGET, description="cap on a request's sample budget (also the default)")
