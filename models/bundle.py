@@ -184,6 +184,9 @@ class Manifest(_Strict):
             raise ValueError("a surrogate needs its conformal 'calibration' block")
         if "meta" in self.artifacts and not self.meta_features:
             raise ValueError("a meta model needs 'meta_features' (its input order)")
+        names = [c.strip() for c in self.classes]
+        if not all(names) or len(set(names)) != len(names):  # a certificate names its class: one name, one class
+            raise ValueError(f"classes must be distinct, non-blank names, got {self.classes}")
         if self.meta_features and list(self.meta_features) != list(FEATURE_NAMES):  # the order the service feeds
             raise ValueError(f"meta_features must be {list(FEATURE_NAMES)} (the features the server computes, in "
                              f"that order), got {self.meta_features}")

@@ -156,3 +156,15 @@ def test_threads_beyond_1024_are_refused_at_start():
     with pytest.raises(ValidationError, match="less than or equal to 1024"):
         Settings(threads=100_000)
     assert Settings(threads=1024).threads == 1024
+
+
+@pytest.mark.parametrize("classes", [["a", "a", "b"], ["a", " ", "b"], ["a", "", "b"], ["a", "a ", "b"]])
+def test_bundle_create_refuses_duplicate_or_blank_class_names(tmp_path, classes):
+    """A certificate names its class (class_name): two classes with one name, or a blank name, make it ambiguous.
+    Run against the code before: the bundle was created and loaded; this test failed."""
+    from models.bundle import DEFAULT_BUNDLE_DIR, BundleError, create_bundle, load_bundle
+
+    default = load_bundle(DEFAULT_BUNDLE_DIR)
+    with pytest.raises((BundleError, ValueError), match="distinct, non-blank"):
+        create_bundle(tmp_path / "b", base=default.path("base"), sigma=0.25, input_shape=[1, 28, 28],
+                      classes=classes + [f"c{i}" for i in range(7)])
