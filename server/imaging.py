@@ -6,8 +6,10 @@ is checked from the header BEFORE decoding (decompression bombs), and reported t
 budget of pixels) before anything is decoded. A wrong size or channel count is rejected with the expected shape,
 unless the request asks for ``resize`` / ``convert``; what was done is echoed back. Refused rather than silently
 changed: transparent pixels (also a 16-bit grey tRNS value), animations (only a first frame would be certified), an
-EXIF orientation (the pixels would be certified as stored, not as shown), and PNG data that does not fill exactly the
-rows the header declares (Pillow zero-fills missing rows).
+EXIF orientation (the pixels would be certified as stored, not as shown), PNG data that does not fill exactly the
+rows the header declares (Pillow zero-fills missing rows), and a CMYK JPEG without ``convert`` (4 channels; with it,
+Pillow's CMYK->RGB formula is applied and echoed). A JPEG of more than ``JPEG_MAX_SCANS`` scans is refused before
+decoding (each progressive scan is a pass over the whole image: a few MB of tiny scans took minutes).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import binascii
 import io
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 
@@ -25,7 +28,10 @@ from PIL import Image, UnidentifiedImageError
 
 _NPY_MAGIC = b"\x93NUMPY"
 _LINE_BREAKS = b"\r\n"
+_NOT_TEXT = re.compile(r"[^\x20-\x7e\r\n\t]")  # what base64 text never holds: control bytes, non-ASCII
 _EXIF_ORIENTATION = 0x0112
+_FORMATS = ("PNG", "JPEG")
+JPEG_MAX_SCANS = 500  # as TurboJPEG's TJFLAG_LIMITSCANS; an encoder's progressive JPEG has about 10
 
 
 # The pixel count is checked against ``max_pixels`` from the header before anything is decoded (below). PIL's own
@@ -55,8 +61,8 @@ def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_p
         raw = _b64(data) if isinstance(data, str) else data
         if not raw:
             raise ImageError("the image is empty (0 bytes)")
-        decoder = _from_npy if raw.startswith(_NPY_MAGIC) else _from_pil
-        arr = decoder(raw, max_pixels, admit)
+        arr = (_from_npy(raw, max_pixels, admit) if raw.startswith(_NPY_MAGIC) else
+               _from_pil(raw, max_pixels, admit, convert, steps))
     return _conform(arr, shape, resize, convert, steps), steps
 
 
@@ -80,21 +86,27 @@ def _b64(text: str) -> bytes:
     try:  # line breaks (MIME base64 wraps its lines at 76) carry nothing: dropped
         return base64.b64decode(text.encode("ascii").translate(None, _LINE_BREAKS), validate=True)
     except (binascii.Error, ValueError):  # UnicodeEncodeError (non-ASCII text) is a ValueError
-        hint = (" (it contains spaces: in an application/x-www-form-urlencoded body each '+' of base64 must be sent "
+        hint = (" (it is binary, not text: a file sent in a multipart body must be a file part, with a filename, "
+                "e.g. curl -F image=@x.png; curl -F image=<x.png sends it as a text field)"
+                if _NOT_TEXT.search(text) else
+                " (it contains spaces: in an application/x-www-form-urlencoded body each '+' of base64 must be sent "
                 "as %2B, else it arrives as a space)" if " " in text else "")
         raise ImageError(f"image must be base64 (PNG, JPEG or .npy bytes) or a nested array of floats{hint}") from None
 
 
-def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:
+def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert: bool = False,
+              steps: list[str] | None = None) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(raw))
         width, height = img.size  # header only, nothing decoded yet
-        frames = getattr(img, "n_frames", 1)  # PNG: from acTL, in the header
+        # PNG: from acTL, in the header. Not asked of other formats (refused below): a TIFF seeks through all its
+        # IFDs for it, quadratically (3 MB of them held the thread for 45 s)
+        frames = getattr(img, "n_frames", 1) if img.format in _FORMATS else 1
     except MemoryError:
         raise
     except Exception:  # Pillow's parsers raise more than OSError on malformed headers (SyntaxError, struct.error, ...)
         raise ImageError("could not read the image: expected PNG, JPEG or .npy bytes") from None
-    if img.format not in ("PNG", "JPEG"):
+    if img.format not in _FORMATS:
         raise ImageError(f"image format {img.format} is not accepted: send PNG, JPEG or .npy")
     if frames != 1:
         raise ImageError(f"the image is animated ({frames} frames); only its first frame would be certified: send "
@@ -108,6 +120,13 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.n
     admit(width * height)
     if img.format == "PNG":
         _check_png_data(raw, width, height)  # bounded by the pixel check above, as decoding
+    else:
+        _check_jpeg_scans(raw)
+    if img.mode == "CMYK":  # JPEG: 4 channels, and no standard RGB without its colour profile
+        if not convert:
+            raise ImageError("the image is CMYK (4 channels); the model takes grey or RGB: send it as RGB or grey, "
+                             "or send convert=true to convert it (Pillow's CMYK->RGB formula, no colour profile)")
+        steps.append("converted CMYK->RGB")
     try:
         img.load()  # decoding is bounded by the pixel check above
         orientation = img.getexif().get(_EXIF_ORIENTATION)  # after load: a PNG's eXIf chunk may follow its IDAT
@@ -154,7 +173,10 @@ def _check_png_data(raw: bytes, width: int, height: int) -> None:
     view, pos, parts, ihdr, palette = memoryview(raw), 8, [], None, False
     while pos + 8 <= len(raw):
         length, tag = int.from_bytes(raw[pos:pos + 4], "big"), raw[pos + 4:pos + 8]
-        if tag == b"IHDR" and ihdr is None:
+        if tag == b"IHDR":  # first, once (PNG spec); _from_pil's 16-bit check reads it there: Pillow would take an
+            if pos != 8 or ihdr is not None:  # IHDR after another chunk, or the last of several, and 8-bit it
+                raise ImageError("the image data is truncated or corrupt: the PNG header (IHDR) must be its first "
+                                 "chunk, once")
             ihdr = raw[pos + 8:pos + 8 + 13]
         elif tag == b"PLTE" and not parts:
             palette = True
@@ -186,6 +208,38 @@ def _check_png_data(raw: bytes, width: int, height: int) -> None:
     if got > expected:
         raise ImageError(f"the image data is truncated or corrupt: the PNG holds more image data than its "
                          f"{width}x{height} header declares")
+
+
+_JPEG_STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length: TEM, SOI, RST0-7
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # in entropy-coded data: the next marker (not a stuffed
+# 0xFF 0x00, a restart marker or a fill byte)
+
+
+def _check_jpeg_scans(raw: bytes) -> None:
+    """Refuse a JPEG of more than JPEG_MAX_SCANS scans (SOS segments), counted along its marker segments; the
+    entropy-coded data after each SOS is skipped by a regular expression (C speed). A malformed structure is left to
+    the decoder."""
+    pos, scans = 2, 0
+    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:  # EOI
+            return
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
+            if marker == 0xDA:
+                scans += 1
+                if scans > JPEG_MAX_SCANS:
+                    raise ImageError(f"the JPEG has more than {JPEG_MAX_SCANS} scans (each one a pass over the whole "
+                                     "image; a progressive JPEG from an encoder has about 10): re-encode it, e.g. as "
+                                     "baseline JPEG or PNG")
+                found = _JPEG_MARKER.search(raw, pos)
+                if found is None:
+                    return
+                pos = found.start()
 
 
 def _from_npy(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:

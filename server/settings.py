@@ -17,7 +17,8 @@ from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, COHEN_N0, DE
 class Settings(BaseSettings):
     """Every field is also read from ``CERTSERVE_<NAME>`` (e.g. ``CERTSERVE_MAX_SAMPLES=20000``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CERTSERVE_", extra="ignore")
+    # an error's text never holds the value given: it may be an API key (a Ray Serve replica logs the error's text)
+    model_config = SettingsConfigDict(env_prefix="CERTSERVE_", extra="ignore", hide_input_in_errors=True)
 
     bundle: str = Field(str(DEFAULT_BUNDLE_DIR), description="model bundle directory")
     host: str = "127.0.0.1"
@@ -91,6 +92,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _usable_keys(cls, keys):
+        """A list (a Ray Serve config's ``args``, Python) is taken as it is: an empty key would let in every request
+        that sends none, a space or a non-ASCII character would make a key that no header matches."""
+        for i, key in enumerate(keys):
+            if not key or not all(0x21 <= ord(c) <= 0x7E and c != "," for c in key):
+                raise ValueError(f"API key {i + 1} of {len(keys)} is empty or holds a space, a comma or a character "
+                                 "that is not printable ASCII: each key must be 1 or more of ASCII 0x21-0x7E, no ','")
+        return keys
 
 
 @lru_cache
