@@ -14,35 +14,30 @@ import numpy as np
 
 from bench.machine import ensure_tool, tool_version
 from bench.models_and_data import load_test_images
-from bench.server_common import (
-    ALPHA,
-    BOUNDARY,
-    TARGET_P99_MS,
-    UNDER_LOAD_TARGETS,
-    latency_summary,
-    markdown_table,
-    multipart_body,
-    pct,
-    png_bytes,
-)
+from bench.server_common import (ALPHA, BOUNDARY, TARGET_P99_MS, UNDER_LOAD_TARGETS, hey_period,
+                                 intended_latencies, latency_summary, markdown_table, multipart_body, pct,
+                                 png_bytes)
 from bench.server_process import ServerProc
 
 
-def parse_hey_csv(paths: list[Path]) -> dict:
-    lat, codes, ends = [], {}, []
+def parse_hey_csv(paths: list[Path], period: float, workers: int = 1) -> dict:
+    """Status codes and latency of hey's csv files (``workers`` connections of ``-q`` tick ``period`` s per file).
+    The percentiles are over every tick, from the tick (``intended_latencies``: no coordinated omission); ``n`` is
+    the requests sent, ``scheduled`` the ticks, ``p50/p99_from_send`` what hey itself reports."""
+    lat, codes, ends, sent = [], {}, [], []
     for p in paths:
-        lines = p.read_text().splitlines()
-        for line in lines[1:]:
-            parts = line.split(",")
-            if len(parts) < 8:
-                continue
-            rt, code, offset = float(parts[0]), parts[6], float(parts[7])
-            lat.append(rt * 1e3)
-            codes[code] = codes.get(code, 0) + 1
-            ends.append(offset + rt)
-    summary = latency_summary(lat)
-    summary["codes"] = codes
-    summary["span_s"] = max(ends) if ends else float("nan")
+        rows = [parts for line in p.read_text().splitlines()[1:] if len(parts := line.split(",")) >= 8]
+        rt = np.array([float(r[0]) for r in rows])
+        offset = np.array([float(r[7]) for r in rows])
+        for r in rows:
+            codes[r[6]] = codes.get(r[6], 0) + 1
+        sent.append(1e3 * rt)
+        ends.extend(offset + rt)
+        lat.append(intended_latencies(offset, offset + rt, period, workers))
+    summary = latency_summary(np.concatenate(lat) if lat else [])
+    from_send = np.concatenate(sent) if sent else np.zeros(0)
+    summary.update({"scheduled": summary["n"], "n": len(from_send), "codes": codes, "p50_from_send": pct(from_send, 50),
+                    "p99_from_send": pct(from_send, 99), "span_s": max(ends) if ends else float("nan")})
     return summary
 
 
@@ -63,7 +58,7 @@ def run_hey_staggered(hey: str, url: str, body: Path, rate: float, duration: flo
     for proc, fh in procs:
         proc.wait(timeout=duration + 120)
         fh.close()
-    out = parse_hey_csv(paths)
+    out = parse_hey_csv(paths, hey_period(per))
     out["command"] = (f"{streams} x `hey -z {duration:g}s -c 1 -q {per:g} -cpus 1 -m POST -T 'multipart/form-data; "
                       f"boundary=...' -D body.bin -o csv URL/certify`, started {1e3 / rate:g} ms apart")
     out["offered_rate"] = rate
@@ -80,7 +75,7 @@ def run_hey_burst(hey: str, url: str, body: Path, rate: float, duration: float, 
                         "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv",
                         url + "/certify"], check=False, stdout=fh, stderr=subprocess.DEVNULL,
                        timeout=duration + 120)
-    out = parse_hey_csv([path])
+    out = parse_hey_csv([path], hey_period(per), conc)
     out["command"] = f"`hey -z {duration:g}s -c {conc} -q {per:g} -cpus 1 -m POST ... -o csv URL/certify`"
     out["offered_rate"] = rate
     out["duration"] = duration
@@ -380,10 +375,15 @@ Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) 
 How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
 with one connection each at {rate / 4:g} req/s, started {1e3 / rate:g} ms apart, i.e. one request every
-{1e3 / rate:g} ms with up to 4 in flight. hey measures from the send of each request (a response slower than a
-stream's {4e3 / rate:g} ms period would delay that stream's next send); the Python generator schedules Poisson
-arrivals in advance and measures from the scheduled time, so its latency includes its own client-side delays
-(send lag p99 {results['open_loop']['send_lag_p99']:.1f} ms). hey's csv has 0.1 ms resolution.
+{1e3 / rate:g} ms with up to 4 in flight. hey itself measures from each request's send, and a response slower
+than a stream's {4e3 / rate:g} ms period delays that stream's next send and drops the ticks in between (coordinated
+omission: a stall would show in one request per stream). So every hey row's percentiles are over every tick of every
+hey worker, from the tick: each tick gets the latency to the end of the first request its worker sent at or after
+it (`bench.server_common.intended_latencies`; primary row: {primary.get('scheduled', primary['n']):,} ticks,
+{primary['n']:,} requests sent, p99 from the send {primary.get('p99_from_send', float('nan')):.1f} ms). The Python
+generator schedules Poisson arrivals in advance and measures from the scheduled time. Both therefore count their own
+client-side delays (open loop: send lag p99 {results['open_loop']['send_lag_p99']:.1f} ms); hey's csv has 0.1 ms
+resolution.
 
 Commands:
 {commands}

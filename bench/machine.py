@@ -8,6 +8,7 @@ import platform
 import resource
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -30,25 +31,68 @@ def proc_status(pid: int) -> dict:
 
 
 def proc_cpu_seconds(pid: int) -> float:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else 0.0
+
+
+def _proc_stat(pid: int) -> tuple[int, float, int] | None:
+    """(parent pid, CPU seconds, start time in ticks) of a live process, from /proc/<pid>/stat; None if gone."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[19])
     except (OSError, IndexError, ValueError):
-        return 0.0
+        return None
 
 
 class CpuMeter:
     """Machine CPU use during a section (/proc/stat) and how much of it was this benchmark's own process tree
-    (self, waited-for children, and the live pids registered in ``pids``), to expose concurrent work."""
+    (self, waited-for children, and the processes registered in ``pids``), to expose concurrent work.
+
+    A registered process is read every ``poll_s`` while the meter runs, so that one which ends before the section
+    does (e.g. Ray's processes, not our children, when their server stops) keeps the CPU it used (up to its last
+    reading) instead of turning into "other processes"; one that is our own child is counted by the waited-for
+    children's usage once it is reaped."""
 
     pids: ClassVar[set[int]] = set()
+    poll_s = 0.25
 
     def __init__(self):
-        self.start = self._snapshot()
+        self._seen: dict[tuple[int, int], list] = {}  # (pid, start time) -> [CPU s at start, last CPU s, our child]
+        self._lock = threading.Lock()
+        self._poll(first=True)
+        self.start = self._snapshot(self._registered(first=True))
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bench-cpu-meter", daemon=True)
+        self._thread.start()
+
+    def _poll(self, first: bool = False) -> set[tuple[int, int]]:
+        alive = set()
+        with self._lock:
+            for pid in list(self.pids):
+                stat = _proc_stat(pid)
+                if stat is None:
+                    continue
+                key = (pid, stat[2])
+                alive.add(key)
+                entry = self._seen.setdefault(key, [stat[1] if first else 0.0, stat[1], stat[0] == os.getpid()])
+                entry[1] = stat[1]
+        return alive
+
+    def _registered(self, alive=None, first: bool = False) -> float:
+        """CPU seconds of the registered processes: at the start, those alive; later, all seen (a child that is
+        gone is left to RUSAGE_CHILDREN, which has it once reaped)."""
+        with self._lock:
+            if first:
+                return sum(e[0] for e in self._seen.values())
+            return sum(e[1] for key, e in self._seen.items() if key in alive or not e[2])
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.poll_s):
+            self._poll()
 
     @classmethod
-    def _snapshot(cls) -> dict:
+    def _snapshot(cls, registered: float) -> dict:
         try:
             with open("/proc/stat", encoding="utf-8") as fh:
                 vals = [int(v) for v in fh.readline().split()[1:]]
@@ -58,15 +102,16 @@ class CpuMeter:
             busy = float("nan")
         own = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        own += sum(proc_cpu_seconds(pid) for pid in cls.pids)
         try:
             load1 = os.getloadavg()[0]
         except OSError:
             load1 = float("nan")
-        return {"t": time.monotonic(), "busy": busy, "own": own, "load1": load1}
+        return {"t": time.monotonic(), "busy": busy, "own": own + registered, "load1": load1}
 
     def stop(self) -> dict:
-        end = self._snapshot()
+        self._stopped.set()
+        self._thread.join()
+        end = self._snapshot(self._registered(self._poll()))
         dt = max(end["t"] - self.start["t"], 1e-9)
         machine = (end["busy"] - self.start["busy"]) / dt
         own = (end["own"] - self.start["own"]) / dt

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_EFFICIENCY_MANY, TARGET_EFFICIENCY_ONE,
-                                 TARGET_P99_MS, UNDER_LOAD_TARGETS, markdown_table)
+                                 TARGET_P99_MS, UNDER_LOAD_TARGETS, floor3, markdown_table)
 
 SECTION_RE = re.compile(r"<!-- section:(\S+) -->\n(.*?)<!-- /section:\1 -->\n?", re.DOTALL)
 PENDING_TOTAL = "(whole invocation: still running)"
@@ -39,7 +39,7 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
         when = run.get("date", "?")[:16].replace("T", " ")
         base = key.split("-")[0]
         if base == "worker":
-            effs = ", ".join(f"{r['jobs']}: {r['efficiency']:.2f}" for r in d["rows"])
+            effs = ", ".join(f"{r['jobs']}: {floor3(r['efficiency'])}" for r in d["rows"])
             rows.append([f"(a) worker efficiency, {d['sampler']}", f"by concurrent jobs: {effs}",
                          f">= {TARGET_EFFICIENCY_ONE} at 1 job, >= {TARGET_EFFICIENCY_MANY} at >= 8 jobs", d["verdict"],
                          when])

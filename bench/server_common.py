@@ -27,6 +27,12 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def floor3(x: float) -> str:
+    """``x`` rounded DOWN to 3 decimals: an efficiency shown next to a ">= target" verdict never reads as met when
+    it is not (0.8996 is "0.899", not "0.900")."""
+    return f"{np.floor(x * 1000) / 1000:.3f}" if np.isfinite(x) else f"{x}"
+
+
 def pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
 
@@ -38,6 +44,48 @@ def latency_summary(ms) -> dict:
                 "max": float("nan")}
     return {"n": len(ms), "mean": float(ms.mean()), "p50": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99),
             "max": float(ms.max())}
+
+
+def hey_period(qps: float) -> float:
+    """Seconds between the ticks of one hey worker at ``-q qps`` (hey: ``time.Tick(time.Duration(1e6/qps) *
+    time.Microsecond)``, whole microseconds)."""
+    return int(1e6 / qps) * 1e-6
+
+
+def intended_latencies(sends, ends, period: float, workers: int = 1) -> np.ndarray:
+    """Latency in ms of every tick of a rate-limited closed-loop generator (hey ``-q``), measured from the tick.
+
+    Each hey worker owns one connection and a ticker of ``period`` s; it waits for a tick, sends, waits for the
+    answer, repeats. A response slower than the period delays the next send (it goes out at once on the one tick the
+    ticker buffered) and the ticks in between are dropped: measured from its own send, a stall shows up in one
+    request per worker instead of in every request due during it (coordinated omission). Here every tick of every
+    worker gets the latency of the first request that worker sent at or after the tick, from the tick to that
+    request's end: the open-loop latency a request due at the tick would at best have seen. Workers are rebuilt
+    from the send and end times (``workers`` > 1 share one file: each request goes to the worker free longest);
+    each worker's tick lattice is fitted to its sends (send i is at or after tick i + 1, Go tickers do not drift).
+    Ticks after a worker's last send are not counted."""
+    sends, ends = np.asarray(sends, dtype=np.float64), np.asarray(ends, dtype=np.float64)
+    if not len(sends):
+        return np.zeros(0)
+    tol = min(period / 4, 1e-3)  # hey's csv rounds to 0.1 ms; sends jitter around their tick by well under this
+    order = np.argsort(sends, kind="stable")
+    chains: list[list[int]] = [[] for _ in range(max(1, workers))]
+    free_at = np.full(len(chains), -np.inf)
+    for i in order:
+        idle = np.flatnonzero(free_at <= sends[i] + tol)
+        w = int(idle[np.argmin(free_at[idle])]) if len(idle) else int(np.argmin(free_at))
+        chains[w].append(i)
+        free_at[w] = ends[i]
+    out = []
+    for chain in chains:
+        if not chain:
+            continue
+        s, e = sends[chain], ends[chain]
+        origin = float(np.min(s - period * np.arange(1, len(s) + 1)))  # the ticker's start: send i >= tick i + 1
+        ticks = origin + period * np.arange(1, int(np.floor((s[-1] - origin + tol) / period)) + 1)
+        idx = np.minimum(np.searchsorted(s, ticks - tol, side="left"), len(s) - 1)
+        out.append(np.maximum(e[idx] - ticks, e[idx] - s[idx]))
+    return 1e3 * np.concatenate(out)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from bench.models_and_data import clean_argmax, load_sampler_backend, load_test_images, make_sampling_engine
-from bench.server_common import (ALPHA, BUDGET, TARGET_EFFICIENCY_MANY, TARGET_EFFICIENCY_ONE, LiveJobs, markdown_table,
-                                 pct)
+from bench.server_common import (ALPHA, BUDGET, TARGET_EFFICIENCY_MANY, TARGET_EFFICIENCY_ONE, LiveJobs, floor3,
+                                 markdown_table, pct)
 
 
 class _Recorder:
@@ -176,7 +176,7 @@ def bench_worker(args, ctx) -> tuple[str, str, str, dict]:
              "worker_s": res["active"], "batches": res["batches"], "cycles": len(res["per_cycle"])}
         data_rows.append(d)
         rows.append([str(n_jobs), f"{d['mean_batch']:,.0f}", f"{d['mean_chunks']:.1f}", f"{w_rate:,.0f}",
-                     f"{m_rate:,.0f}", f"**{d['efficiency']:.2f}**",
+                     f"{m_rate:,.0f}", f"**{floor3(d['efficiency'])}**",
                      f"{d['cycle_eff_q25']:.2f}-{d['cycle_eff_q75']:.2f}", f"{r_rate:,.0f}",
                      f"{d['replay_efficiency']:.2f}", f"{d['model_fraction']:.2f}", f"{f_rate:,.0f}",
                      f"{w_rate / f_rate:.2f}", f"{d['certs_per_s']:.1f}"])
@@ -208,7 +208,7 @@ IQR column is over the per-cycle ratios. "Model busy fraction" = time inside mod
 {table}
 
 **Target: efficiency >= {TARGET_EFFICIENCY_ONE} with 1 job and >= {TARGET_EFFICIENCY_MANY} with >= 8 concurrent jobs ({device}):
-{verdict}** (1 job: {single:.2f}; lowest at >= 8 jobs: {worst:.2f}).
+{verdict}** (1 job: {floor3(single)}; lowest at >= 8 jobs: {floor3(worst)}).
 """
     data = {"device": device, "sampler": backend.name, "batch_size": sampler.batch_size, "rows": data_rows,
             "worst_efficiency_8plus": worst, "efficiency_1_job": single, "verdict": verdict}
