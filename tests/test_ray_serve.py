@@ -9,131 +9,44 @@ SIGKILLed replica is replaced while its in-flight requests are replayed on the o
 ingress) or get 503 + Retry-After (Serve's Python proxy), never 500; SIGTERM drains the in-flight requests, exits 0
 and leaves no process behind (the namespace is empty afterwards). Every cluster test runs once per ingress.
 
+The cluster harness (``Cluster``) is in tests/ray_cluster_helpers.py; the replica's own checks that need no cluster
+(Serve's health probe, one audit log per replica) are in tests/test_ray_serve_replica.py.
+
 Every wait is a bounded poll; the bounds are generous for a slow, shared 2-core machine.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
 from bench import netns
-from bench.server_process import ServerProc, free_port, free_ports
+from bench.server_process import free_port
 from calibration.data import load_fashion_mnist
-from server.app import build_service, create_app
+from server.app import create_app
 from server.client import CertserveClient
-from server.ray_serve import HAPROXY_RETRIES, CertserveDeployment, replica_settings
+from server.ray_serve import HAPROXY_RETRIES
 from server.settings import Settings
+from tests.ray_cluster_helpers import REPLICA, Cluster, png
 
 ROOT = Path(__file__).resolve().parents[1]
 NETNS_OK, NETNS_WHY = netns.available()
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
-REPLICA = "x-certserve-replica"
-ENV = {"CERTSERVE_THREADS": "1", "CERTSERVE_DRAIN_SECONDS": "5", "RAY_USAGE_STATS_ENABLED": "0",
-       "RAY_metrics_report_interval_ms": "1000"}
 HTTPLOG_RETRIES = re.compile(r" \d+/\d+/\d+/\d+/(\+?\d+) \d+/\d+ ")
 HTTPLOG_ACCEPTED = re.compile(r"\[(\d+/\w+/\d+:\d+:\d+:\d+\.\d+)\] ")
 SEQUENTIAL = {"mode": "sequential", "max_samples": "10000", "alpha": "0.000001"}  # ~0.5-2 s of engine time each
-
-
-def png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.rint(image[0] * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class Cluster:
-    """``certserve serve --replicas 2`` in the private namespace this thread is in; its Ray files in a temp dir."""
-
-    def __init__(self, workdir: Path, namespace: str, ingress: str):
-        self.namespace, self.ingress = namespace, ingress
-        port, self.metrics_port = free_ports(2)  # distinct: a port chosen twice in a row can repeat
-        self.ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's unix socket paths must fit 107 bytes
-        # HAProxy's access log (when it runs): syslog datagrams to a socket of this namespace, read by the tests
-        self.haproxy_log = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.haproxy_log.bind(("127.0.0.1", 0))
-        self.haproxy_lines: list[str] = []  # read as they come (a full socket buffer would drop lines)
-        threading.Thread(target=self._read_haproxy_log, daemon=True).start()
-        log_target = f"127.0.0.1:{self.haproxy_log.getsockname()[1]}"
-        env = {**ENV, "RAY_TMPDIR": self.ray_tmp, "RAY_SERVE_HAPROXY_LOG_TARGET": log_target}
-        self.t0 = time.monotonic()
-        self.server = ServerProc(workdir, "--replicas", "2", "--ingress", ingress, "--ray-metrics-port",
-                                 str(self.metrics_port), env=env, tag="ray", port=port)
-        self.url = self.server.url
-        self.started_s = None
-
-    def wait_ready(self, timeout: float = 240.0) -> set[str]:
-        """/readyz through the ingress, then both replicas answering; the set of replica ids."""
-        self.server.wait_ready(timeout=timeout)
-        seen: set[str] = set()
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            end = time.monotonic() + 60
-            while len(seen) < 2 and time.monotonic() < end:
-                seen.add(client.get("/readyz").headers.get(REPLICA, ""))
-        seen.discard("")
-        self.started_s = time.monotonic() - self.t0
-        return seen
-
-    def replica_pids(self) -> list[int]:
-        pids = []
-        for pid in netns.processes_in(self.namespace):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"ServeReplica:certserve:Certserve" in cmdline:
-                pids.append(pid)
-        return pids
-
-    def _read_haproxy_log(self) -> None:
-        while True:
-            try:
-                self.haproxy_lines.append(self.haproxy_log.recv(65536).decode(errors="replace"))
-            except OSError:  # closed
-                return
-
-    def haproxy_config(self) -> str:
-        """The config file the running HAProxy of this cluster was started with (its ``-f`` argument)."""
-        for pid in netns.processes_in(self.namespace):
-            try:
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-            except OSError:
-                continue
-            if Path(args[0]).name == "haproxy" and "-f" in args:
-                return Path(args[args.index("-f") + 1]).read_text()
-        raise AssertionError("no HAProxy process in the cluster's namespace")
-
-    def close(self) -> None:
-        """Last resort (a failed test): stop the command, then kill whatever is left in the namespace."""
-        if self.server.proc.poll() is None:
-            self.server.stop()
-        for pid in netns.processes_in(self.namespace):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.server.close()
-        self.haproxy_log.close()
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["haproxy", "proxy"])
@@ -413,23 +326,3 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(cluster, images
     left = netns.processes_in(cluster.namespace)
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left if Path(f"/proc/{p}").exists()]
     print(f"SIGTERM to exit: {seconds:.1f} s")
-
-
-def test_check_health_follows_the_engine():
-    """Serve's health probe of a replica (CertserveDeployment.check_health) on a real service: passes while the
-    engine runs, raises once it stopped (Serve then replaces the replica)."""
-    service = build_service(Settings(threads=1))
-    service.start()
-    replica = SimpleNamespace(_service=service, _replica="test")
-    check = CertserveDeployment.func_or_class.check_health
-    check(replica)
-    service.stop(0.0)
-    with pytest.raises(RuntimeError, match="engine is not running"):
-        check(replica)
-
-
-def test_each_replica_appends_to_its_own_audit_log():
-    """One process writes one audit log (rotation and torn-tail repair assume it): replicas get sibling files."""
-    settings = replica_settings(Settings(audit_log="/var/log/certserve/audit.jsonl"), "ab12cd34")
-    assert settings.audit_log == "/var/log/certserve/audit.replica-ab12cd34.jsonl"
-    assert replica_settings(Settings(), "ab12cd34").audit_log is None

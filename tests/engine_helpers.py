@@ -1,0 +1,70 @@
+"""Shared by the engine tests (tests/test_engine_pipeline.py, tests/test_engine_lifecycle.py).
+
+Real components: the default bundle's base model in a real onnxruntime session behind the real
+:class:`models.sampling.SamplingEngine` and real Fashion-MNIST test images (``images``, a module-scoped fixture: each
+test module that binds it loads its own copy). The only wrapper is ``Recording``: a SamplingEngine that logs every
+launch and every result read, and can hold a batch's result back (a gate) to make "a batch still running" happen on
+purpose; it changes no count.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from calibration.data import load_fashion_mnist
+from models.engine import SequentialEngine
+from models.sampling import SamplingEngine
+
+SIGMA = 0.25
+K = 10
+EASY = 2  # a trouser: pA ~ 1 for class 1
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_fashion_mnist().x_test[:64].copy()
+
+
+class Recording(SamplingEngine):
+    """Logs ("launch", n) / ("result", n) events; ``hold`` keeps results back until ``release()``."""
+
+    def __init__(self, backend, batch_size: int):
+        super().__init__(backend, sigma=SIGMA, num_classes=K, batch_size=batch_size)
+        self.events: list[tuple[str, int]] = []
+        self.sizes: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def launch(self, images, sizes, rng):
+        n = len(self.sizes)
+        self.sizes.append([int(s) for s in sizes])
+        self.events.append(("launch", n))
+        inner = super().launch(images, sizes, rng)
+        outer = self
+
+        class Held:
+            model_seconds = 0.0
+
+            def result(self):
+                outer.gate.wait()
+                counts = inner.result()
+                self.model_seconds = inner.model_seconds
+                outer.events.append(("result", n))
+                return counts
+
+        return Held()
+
+
+def start(sampler, **kw) -> SequentialEngine:
+    return SequentialEngine(sampler, seed=kw.pop("seed", 0), **kw).start()
+
+
+def bound_hits(p_lower: float, trials: int, bound) -> int:
+    """The integer hit count whose bound equals p_lower (fails if none does)."""
+    values = np.asarray(bound(np.arange(trials + 1)), dtype=np.float64)
+    s = int(np.argmin(np.abs(values - p_lower)))
+    assert float(bound(s)) == pytest.approx(p_lower, rel=1e-12, abs=1e-15)
+    return s
