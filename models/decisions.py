@@ -53,6 +53,10 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float,
     one-sided (1 - alpha) Clopper-Pearson bound of the counted estimation hits of the class fixed before them (Cohen:
     NaN, no bound, before its class is selected), on n fixed at submission and cut only by the clock (deadline,
     shutdown), never by the outcomes.
+    A sequential job that its policy stopped with samples in flight (speculation) gets the larger of L_t at its
+    stop (``stop_lower``, :meth:`models.jobs.JobTable.settle`) and L_t at all its counted samples: both are values of
+    its one confidence sequence, and P(exists t: L_t > pA) <= alpha, so the larger is as valid as either, and a job
+    stopped as certified is never answered below the bound it stopped on (before: sometimes an abstention).
     No samples: p_lower 0 (sequential, fixed). Certified only where p_lower > 1/2; the radius is
     sigma Phi^-1(p_lower), rounded down by :func:`smoothing.radius_from_probability`.
     ``known_lower`` (optional, one entry per slot, NaN where unknown): a sequential job's L_t that its policy has
@@ -72,11 +76,23 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float,
     if cp.any():
         p[cp] = clopper_pearson_lower(hits[cp], trials[cp], table.alpha[slots][cp])
     p[(kind == COHEN) & ((trials == 0) | (cls < 0))] = np.nan
+    p = np.fmax(p, table.stop_lower[slots])  # a job stopped with samples in flight keeps the bound it stopped on
     certified = p > 0.5  # False for NaN
     radius = np.zeros(len(slots))
     if certified.any():
         radius[certified] = radius_from_probability(p[certified], sigma)
     return np.where(certified, cls, -1), radius, p
+
+
+def stop_bounds(table: JobTable, slots: np.ndarray, known: np.ndarray, sigma: float) -> np.ndarray:
+    """L_t at the current counts of the sequential jobs ``slots`` that their policy has just stopped (for
+    :meth:`models.jobs.JobTable.settle`): ``known`` (by slot, NaN where the policy did not compute it) or, for a job
+    with samples still in flight, computed now with its own alpha and prior (:func:`certificates`)."""
+    out = known[slots].copy()
+    need = np.isnan(out) & (table.inflight[slots] > 0)
+    if need.any():
+        out[need] = certificates(table, slots[need], sigma)[2]
+    return out
 
 
 class DecisionTables:

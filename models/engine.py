@@ -15,13 +15,14 @@ The engine is the one owner of deadlines: a watcher thread answers each job at i
 the samples counted so far (batches that have landed only), even while a batch that includes the job is running.
 
 Statistics: a sequential job tests X_t = 1{f(x + e_t) = c}, c and the Beta prior fixed from the clean input before
-submission, e_t i.i.d. across all samples; its certificate is the confidence-sequence bound at the stopping time,
-valid per input at level alpha whatever stopped it (policy, budget, deadline, shutdown). A fixed-n job bounds the
-hit rate of a class fixed before its estimation samples (one-sided Clopper-Pearson): ``cohen`` selects it from n0
-separate samples (Cohen et al. 2019; estimation may start while selection is in flight: independent samples, class
-read from the selection counts only), ``fixed`` takes the caller's class. n estimation samples, or fewer when a
-deadline or shutdown cuts them: the cut depends on the clock only, never on the outcomes, so the counted samples
-are a fixed-size i.i.d. sample given the cut and the Clopper-Pearson bound stays valid for them.
+submission, e_t i.i.d. across all samples; its certificate is the confidence-sequence bound at the stopping time (or
+at its policy's stop, if larger: decisions.certificates), valid per input at level alpha whatever stopped it (policy,
+budget, deadline, shutdown). A fixed-n job bounds the hit rate of a class fixed before its estimation samples
+(one-sided Clopper-Pearson): ``cohen`` selects it from n0 separate samples (Cohen et al. 2019; estimation may start
+while selection is in flight: independent samples, class read from the selection counts only), ``fixed`` takes the
+caller's class. n estimation samples, or fewer when a deadline or shutdown cuts them: the cut depends on the clock
+only, never on the outcomes, so the counted samples are a fixed-size i.i.d. sample given the cut and the
+Clopper-Pearson bound stays valid for them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.decisions import STOP_NAMES, DecisionTables, certificates
+from models.decisions import STOP_NAMES, DecisionTables, certificates, stop_bounds
 from models.jobs import (KINDS, Batch, EngineStopped, JobResult, JobSpec, JobTable, QueueFull, check_spec,
                          checkpoints_of, queue_if_cancelled, resolve_futures)
 from models.sampling import SamplingEngine
@@ -323,7 +324,7 @@ class SequentialEngine:
                 codes, known[due] = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop])
-                stopped_now = table.settle(due[stop], codes[stop])
+                stopped_now = table.settle(due[stop], codes[stop], stop_bounds(table, due[stop], known, self.sigma))
             stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them
             names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]

@@ -120,7 +120,8 @@ class JobTable:
 
     _INT = ("gen", "kind", "n0", "budget", "assigned", "inflight", "sel_done", "est_done", "cls", "cp", "cp_idx",
             "stop_code")
-    _FLOAT = ("deadline", "alpha", "a", "b", "target", "proposal", "min_gain")  # target, proposal: NaN = none
+    # target, proposal: NaN = none; stop_lower: L_t where a policy stopped a job with samples in flight (NaN: none)
+    _FLOAT = ("deadline", "alpha", "a", "b", "target", "proposal", "min_gain", "stop_lower")
     _BOOL = ("live", "running", "started", "stopping")
 
     def __init__(self, image_shape: tuple[int, ...], num_classes: int, capacity: int = 64):
@@ -186,6 +187,7 @@ class JobTable:
         self.target[slots] = [np.nan if sp.target_radius is None else sp.target_radius for sp in specs]
         self.proposal[slots] = [np.nan if sp.proposal_radius is None else sp.proposal_radius for sp in specs]
         self.min_gain[slots] = [DEFAULT_MIN_GAIN if sp.min_gain is None else sp.min_gain for sp in specs]
+        self.stop_lower[slots] = np.nan
         self.cp_idx[slots] = 0
         for slot, schedule in zip(slots, schedules):
             if schedule is not None:
@@ -222,10 +224,12 @@ class JobTable:
     def speculative(self) -> np.ndarray:
         """Samples a best-radius job waiting on its decision at checkpoint c_i may draw ahead, up to c_{i+1}.
 
-        If its policy then stops it at c_i, these samples still count: its certificate is the confidence sequence
-        at the samples counted when they have landed, valid at any (even data-dependent) time; it only stops up to
-        one checkpoint interval later. Target-radius and proposal jobs never run ahead (a 'target' stop must certify
-        the target or proposal: its certificate is the bound at the very checkpoint where it was verified)."""
+        If its policy then stops it at c_i, these samples still count: its certificate is the better of the
+        confidence sequence at c_i (``stop_lower``, :meth:`settle`) and at the samples counted once they have landed
+        (two values of one sequence, valid at any, even data-dependent, time: P(exists t: L_t > pA) <= alpha), so
+        the bound its policy stopped on is never lost; it only stops up to one checkpoint interval later.
+        Target-radius and proposal jobs never run ahead (a 'target' stop must certify the target or proposal: its
+        certificate is the bound at the very checkpoint where it was verified)."""
         last = self.schedules.shape[1] - 1
         ahead = self.schedules[np.arange(self.capacity), np.minimum(self.cp_idx + 1, last)]
         ok = (self.running & ~self.stopping & (self.kind == SEQUENTIAL) & np.isnan(self.target)
@@ -280,12 +284,16 @@ class JobTable:
         return slots[(self.kind[slots] == SEQUENTIAL) & (self.est_done[slots] >= self.cp[slots])
                      & ~self.stopping[slots]]
 
-    def settle(self, slots: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def settle(self, slots: np.ndarray, codes: np.ndarray, lower: np.ndarray | None = None) -> np.ndarray:
         """Jobs whose policy stopped them: those with no chunk in flight are returned (answer them now), the others
-        stop drawing and are answered once their in-flight samples have landed (:meth:`settled`)."""
+        stop drawing, keep ``lower`` (their L_t at these counts, the bound the policy stopped on; the engine passes
+        models.decisions.stop_bounds) as ``stop_lower``, and are answered once their in-flight samples have landed
+        (:meth:`settled`)."""
         self.stop_code[slots] = codes
         busy = self.inflight[slots] > 0
         self.stopping[slots[busy]] = True
+        if lower is not None:
+            self.stop_lower[slots[busy]] = lower[busy]
         return slots[~busy]
 
     def settled(self, slots: np.ndarray) -> np.ndarray:
