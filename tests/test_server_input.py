@@ -1,9 +1,11 @@
 """Malformed and unusual input through the real app: every bad request is a 4xx (never a 5xx) with the JSON error
-envelope {"error": {"code", "message"}} and a message that says what was expected; opt-in preprocessing
-(convert / resize) is applied and echoed; decompression bombs are refused from the header, before decoding.
+envelope {"error": {"code", "message"}} and a message that says what was expected (a corpus of bad requests, size
+limits, seeded fuzzing); decompression bombs are refused from the header, before decoding. Opt-in preprocessing
+(convert / resize) is in tests/test_server_input_preprocessing.py.
 
 The app is the real one (embedded default bundle, 1x28x28 input) with a small body limit so that oversize bodies are
 cheap to build. ``raise_server_exceptions=False``: a server error shows up as a 500 response, not as an exception.
+The shared fixtures and builders are in tests/server_input_helpers.py.
 """
 
 from __future__ import annotations
@@ -18,32 +20,19 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from calibration.data import load_fashion_mnist
 from server.app import create_app
 from server.settings import Settings
+from tests import server_input_helpers
+from tests.server_input_helpers import MAX_BODY, assert_error, encode, npy, post_file
 
-MAX_BODY = 256 * 1024
-EASY = 2  # a trouser: the surrogate certifies it
+# the fixtures (module-scoped: this module's own app)
+client = server_input_helpers.client
+easy = server_input_helpers.easy
 
 
 # ---------------------------------------------------------------------------------------------------- builders
-def encode(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    img = Image.fromarray(arr)
-    if mode is not None and img.mode != mode:
-        img = Image.fromarray(arr, mode=mode)
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
 def grey_png(h: int = 28, w: int = 28, seed: int = 0) -> bytes:
     return encode(np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8))
-
-
-def npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -74,39 +63,6 @@ def npy_header_only(shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": shape})
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def client():
-    settings = Settings(max_samples=500, max_body_bytes=MAX_BODY)
-    with TestClient(create_app(settings, seed=0), raise_server_exceptions=False) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def easy() -> np.ndarray:
-    """(28, 28) uint8 trouser."""
-    return np.round(load_fashion_mnist().x_test[EASY, 0] * 255).astype(np.uint8)
-
-
-def assert_error(r, status: int, *fragments: str, code: str | None = None) -> dict:
-    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:300]}"
-    assert r.headers["content-type"].startswith("application/json"), r.headers["content-type"]
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert isinstance(err.get("code"), str) and err["code"]
-    assert isinstance(err.get("message"), str) and err["message"]
-    if code is not None:
-        assert err["code"] == code, err
-    for fragment in fragments:
-        assert fragment.lower() in err["message"].lower(), f"{fragment!r} not in {err['message']!r}"
-    return err
-
-
-def post_file(client, data: bytes, name: str = "x.png", ctype: str = "image/png", **fields):
-    return client.post("/certify", files={"image": (name, data, ctype)}, data={k: str(v) for k, v in fields.items()})
 
 
 GREY = np.full((28, 28), 0.5).tolist()
@@ -311,65 +267,6 @@ def test_body_just_under_the_limit_is_parsed(client):
     filler = b" " * (MAX_BODY - 100)
     r = client.post("/certify", content=b'{"image": [[0.5]]}' + filler, headers={"content-type": "application/json"})
     assert_error(r, 422, "28x28", code="bad_image")  # got past the body limit to the image check
-
-
-# -------------------------------------------------------------------------------------------- opt-in preprocessing
-def test_rgb_with_convert_is_accepted_and_echoed(client, easy):
-    rgb = np.stack([easy] * 3, axis=-1)
-    r = post_file(client, encode(rgb), convert="true")
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["preprocessing"] == ["converted 3->1 channels"]
-    grey = client.post("/certify", files={"image": ("g.png", encode(easy), "image/png")}).json()
-    assert grey["preprocessing"] == []
-    assert body["class_index"] == grey["class_index"] == 1
-    assert body["radius"] == pytest.approx(grey["radius"], rel=1e-4)  # grey RGB converts back to the same pixels
-
-
-def test_wrong_size_with_resize_is_accepted_and_echoed(client, easy):
-    big = np.asarray(Image.fromarray(easy).resize((56, 56), Image.BILINEAR))
-    r = post_file(client, encode(big), resize="true")
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["preprocessing"] == ["resized 56x56->28x28"]
-    assert body["class_index"] == 1
-
-
-def test_convert_and_resize_together(client, easy):
-    rgb = np.stack([np.asarray(Image.fromarray(easy).resize((40, 32)))] * 3, axis=-1)
-    r = client.post("/certify", json={"image": base64.b64encode(encode(rgb)).decode(), "convert": True,
-                                      "resize": True})
-    assert r.status_code == 200, r.text
-    assert r.json()["preprocessing"] == ["converted 3->1 channels", "resized 32x40->28x28"]
-
-
-def test_grey_alpha_png_is_accepted(client, easy):
-    la = np.stack([easy, np.full_like(easy, 255)], axis=-1)
-    r = post_file(client, encode(la, mode="LA"))
-    assert r.status_code == 200, r.text
-    assert r.json()["class_index"] == 1
-
-
-def test_sixteen_bit_png_keeps_its_grey_levels(client):
-    """A 16-bit greyscale PNG of a picture must certify exactly like the 8-bit PNG of the same grey levels (values
-    scaled by 65535, not clipped at 255). Compared on the deterministic surrogate path, on images whose surrogate
-    output is sensitive to the pixel values (a shirt, uniform mid-grey)."""
-    x = load_fashion_mnist().x_test
-    pictures = {"shirt": np.round(x[4, 0] * 255).astype(np.uint8), "grey128": np.full((28, 28), 128, np.uint8)}
-    for name, eight_bit in pictures.items():
-        want = post_file(client, encode(eight_bit), mode="surrogate").json()
-        r = post_file(client, encode(eight_bit.astype(np.uint16) * 257, mode="I;16"), mode="surrogate")
-        assert r.status_code == 200, r.text
-        got = r.json()
-        assert (got["class_index"], got["certified"]) == (want["class_index"], want["certified"]), name
-        assert got["p_lower"] == pytest.approx(want["p_lower"], abs=1e-3), name
-
-
-def test_empty_image_is_refused_even_with_resize(client):
-    """An image with no pixels cannot be resized into an input: 422, not a certificate of an invented image."""
-    for image in ([[]], [[[]]]):
-        assert_error(client.post("/certify", json={"image": image, "resize": True}), 422)
-    assert_error(post_file(client, npy(np.zeros((0, 0), np.uint8)), "x.npy", resize="true"), 422)
 
 
 # ---------------------------------------------------------------------------------------------------- never a 5xx

@@ -1,7 +1,7 @@
 """The sequential worker (:class:`models.engine.SequentialEngine`) driven directly, without HTTP, on the real default
-bundle's base model (onnxruntime CPU) through :class:`models.sampling.SamplingEngine`; plus the two behaviours of
-the engine that are only visible through HTTP: a full queue answers 503 with Retry-After, and a client that goes
-away gets its job dropped.
+bundle's base model (onnxruntime CPU) through :class:`models.sampling.SamplingEngine`. (The two behaviours of the
+engine that are only visible through HTTP are in tests/test_server_worker_http.py; the fixtures and ``check_result``
+in tests/worker_helpers.py.)
 
 What must hold: hundreds of concurrent jobs all resolve with valid certificates (and share model calls); earliest
 deadline first, so a late-submitted urgent job finishes first and no job starves; a cancelled future drops its job;
@@ -12,135 +12,23 @@ All engines are seeded. Timing bounds are generous (a slow, noisy 2-core machine
 
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
-from calibration.data import load_fashion_mnist
-from models.bundle import load_bundle
-from models.sampling import SamplingEngine
-from server.app import create_app
-from server.settings import Settings
-from models.engine import EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
-from smoothing import clopper_pearson_lower, lower_bound, radius_from_probability
+from models.engine import EngineStopped, JobSpec, QueueFull
+from smoothing import lower_bound
+from tests import worker_helpers
+from tests.worker_helpers import EASY, SlowModel, check_result, deadline, hits_behind, wait_until
 
-SIGMA = 0.25
-NUM_CLASSES = 10
-EASY = 2  # Fashion-MNIST test image #2: a trouser, pA ~ 1 under sigma = 0.25
-STOPS = {"certified", "target", "futility", "budget", "deadline", "abstained", "shutdown"}
-
-
-# ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle()
-
-
-@pytest.fixture(scope="module")
-def backend(bundle):
-    return bundle.backend("base", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def images():
-    return load_fashion_mnist().x_test[:300]
-
-
-@pytest.fixture(scope="module")
-def clean_classes(backend, images):
-    """The class each job tests: the base model's arg-max on the CLEAN image (fixed before any noise)."""
-    return backend.forward(images).argmax(axis=1)
-
-
-@pytest.fixture
-def make_engine(backend):
-    engines: list[SequentialEngine] = []
-
-    def make(*, batch_size: int = 1024, max_live_jobs: int = 512, seed: int = 0, start: bool = True):
-        engine = SequentialEngine(SamplingEngine(backend, sigma=SIGMA, num_classes=NUM_CLASSES, batch_size=batch_size),
-                                  max_live_jobs=max_live_jobs, seed=seed)
-        engines.append(engine)
-        return engine.start() if start else engine
-
-    yield make
-    for engine in engines:
-        if engine._thread is not None:  # teardown only: never leave an engine thread running
-            engine.stop(0.0)
-
-
-class SlowModel:
-    """The real base model, answering each call ``delay`` seconds late (a model much slower than this machine's): a
-    deadline then comes long before the default stopping rule (~1,000 samples for an easy image) would stop."""
-
-    def __init__(self, real, delay: float = 0.1):
-        self.real, self.delay, self.device, self.name = real, delay, real.device, real.name
-
-    def forward(self, x):
-        return self.real.forward(x)
-
-    def noisy_predictions(self, *args):
-        time.sleep(self.delay)
-        return self.real.noisy_predictions(*args)
-
-
-def deadline(seconds: float) -> float:
-    return time.monotonic() + seconds
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
-def hits_behind(p_lower: float, trials: int, bound) -> int:
-    """The integer hit count S in 0..trials with bound(S) == p_lower (the bound is increasing in S); fail if none."""
-    candidates = np.asarray(bound(np.arange(trials + 1)), dtype=np.float64)
-    s = int(np.argmin(np.abs(candidates - p_lower)))
-    exact = float(bound(s))
-    assert exact == pytest.approx(p_lower, rel=1e-12, abs=1e-15), \
-        f"p_lower {p_lower} is not the bound at any hit count of {trials} trials (closest: S={s}, {exact})"
-    return s
-
-
-def check_result(res: JobResult, spec: JobSpec) -> None:
-    """A JobResult is a valid certificate for its spec: counts within budget, p_lower is the stated bound at the
-    counts it reports, the radius follows from p_lower, the class is the tested one (or abstain)."""
-    assert isinstance(res, JobResult)
-    assert res.stopped_by in STOPS
-    assert res.queue_seconds >= 0 and res.sampling_seconds >= 0
-    assert res.radius >= 0
-    if spec.kind == "sequential":
-        assert 0 <= res.samples <= spec.budget
-        assert res.class_index in (-1, spec.tested_class)
-        if res.samples == 0:
-            assert res.p_lower == 0.0 and res.class_index == -1
-        else:
-            a, b = spec.prior
-            hits_behind(res.p_lower, res.samples, lambda s: lower_bound(s, res.samples, spec.alpha, a, b))
-        if res.stopped_by == "budget":
-            assert res.samples == spec.budget
-    else:
-        assert 0 <= res.samples <= spec.n0 + spec.budget
-        if res.stopped_by == "budget":
-            assert res.samples == spec.n0 + spec.budget
-        if res.p_lower is not None:
-            n = res.samples - spec.n0
-            hits_behind(res.p_lower, n, lambda s: clopper_pearson_lower(s, n, spec.alpha))
-    if res.class_index >= 0:
-        assert res.p_lower > 0.5
-        assert res.radius == pytest.approx(radius_from_probability(res.p_lower, SIGMA), rel=1e-12)
-        if spec.kind == "sequential" and spec.target_radius is not None and res.stopped_by == "target":
-            assert res.radius >= spec.target_radius
-    else:
-        assert res.radius == 0.0
+# the fixtures (module-scoped ones: this module's own copies)
+bundle = worker_helpers.bundle
+backend = worker_helpers.backend
+images = worker_helpers.images
+clean_classes = worker_helpers.clean_classes
+make_engine = worker_helpers.make_engine
 
 
 # ---------------------------------------------------------------------------------------------------- many jobs
@@ -401,118 +289,3 @@ def test_unreachable_target_radius_does_not_break_the_engine(make_engine, images
     res = bad.result(timeout=60)
     check_result(res, bad_spec)
     assert res.stopped_by in {"futility", "budget"} and res.radius < 3.0
-
-
-# ---------------------------------------------------------------------------------------------------- through HTTP
-def _scope(path: str, body: bytes) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
-
-
-def test_http_queue_full_is_503_with_retry_after(images):
-    """max_live_jobs=1: of several concurrent Cohen requests one is admitted, the others are refused at once."""
-    img = images[EASY].tolist()
-
-    async def main():
-        app = create_app(Settings(max_live_jobs=1, max_samples=2000, drain_seconds=0), seed=23)
-        async with app.router.lifespan_context(app):
-            engine = app.state.service.engine
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as ac:
-                responses = await asyncio.gather(*(ac.post("/certify", json={"image": img, "mode": "cohen"})
-                                                   for _ in range(6)))
-                for _ in range(1000):  # the engine retires the finished job right after answering it
-                    if engine.live_jobs == 0:
-                        break
-                    await asyncio.sleep(0.01)
-                retry = await ac.post("/certify", json={"image": img, "mode": "cohen", "max_samples": 200})
-                metrics = (await ac.get("/metrics")).text
-        return responses, retry, metrics
-
-    responses, retry, metrics = asyncio.run(main())
-    codes = sorted(r.status_code for r in responses)
-    assert codes[0] == 200 and codes[-1] == 503, codes
-    assert set(codes) == {200, 503}
-    for r in responses:
-        if r.status_code == 503:
-            assert int(r.headers["retry-after"]) >= 1
-            err = r.json()["error"]
-            assert err["code"] == "queue_full" and "retry" in err["message"]
-    assert retry.status_code == 200  # once the job is done, the slot is free again
-    n503 = codes.count(503)
-    assert f'certserve_rejected_requests_total{{reason="queue_full"}} {float(n503)}' in metrics
-
-
-def test_http_many_concurrent_requests(images):
-    """Dozens of concurrent sequential and Cohen requests share the engine and are all answered."""
-    async def main():
-        app = create_app(Settings(max_samples=200, drain_seconds=0), seed=25)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as ac:
-                payloads = [{"image": images[i].tolist(), "mode": "cohen" if i % 4 == 0 else "sequential",
-                             "alpha": 0.01} for i in range(48)]
-                responses = await asyncio.gather(*(ac.post("/certify", json=p) for p in payloads))
-            batches = app.state.service.engine.batches
-        return payloads, responses, batches
-
-    payloads, responses, batches = asyncio.run(main())
-    assert [r.status_code for r in responses] == [200] * len(payloads)
-    for p, r in zip(payloads, responses):
-        body = r.json()
-        assert body["method"] == p["mode"] and body["guarantee"]["alpha"] == 0.01
-        assert body["samples"] <= (300 if p["mode"] == "cohen" else 200)
-    assert batches < len(payloads)  # requests shared model calls
-
-
-def test_http_client_disconnect_drops_the_job(images):
-    """Client gone: the job must be dropped (design: 'Client gone: drop the job'). The request is driven at the ASGI
-    level like a server does it: after the body, receive() blocks while the client is connected and returns
-    http.disconnect once it has gone."""
-    body = json.dumps({"image": images[EASY].tolist(), "mode": "sequential", "max_samples": 10**6,
-                       "deadline_ms": 20_000}).encode()
-
-    async def main():
-        app = create_app(Settings(max_samples=10**6, drain_seconds=0), seed=24)
-        async with app.router.lifespan_context(app):
-            engine = app.state.service.engine
-            gone = asyncio.Event()
-            first = True
-
-            async def receive():
-                nonlocal first
-                if first:
-                    first = False
-                    return {"type": "http.request", "body": body, "more_body": False}
-                if not gone.is_set():
-                    await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message):
-                pass
-
-            task = asyncio.ensure_future(app(_scope("/certify", body), receive, send))
-            for _ in range(600):  # the job is live and sampling
-                if engine.live_jobs and engine.samples_processed > 64:
-                    break
-                await asyncio.sleep(0.01)
-            gone.set()
-            dropped_at = None
-            for _ in range(300):  # up to ~3 s for the engine to drop it
-                await asyncio.sleep(0.01)
-                if engine.live_jobs == 0:
-                    dropped_at = engine.samples_processed
-                    break
-            live_after = engine.live_jobs
-            await asyncio.wait({task}, timeout=30)
-            if not task.done():
-                task.cancel()
-            metrics = app.state.metrics.render().decode()
-        return dropped_at, live_after, metrics
-
-    dropped_at, live_after, metrics = asyncio.run(main())
-    assert live_after == 0 and dropped_at is not None, \
-        "the client disconnected but its sequential job kept sampling for 3 s (not dropped)"
-    assert 'outcome="cancelled"' in metrics
