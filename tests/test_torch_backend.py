@@ -25,7 +25,7 @@ from models.bundle import load_bundle  # noqa: E402
 from models.engine import JobSpec, SequentialEngine  # noqa: E402
 from models.sampling import SamplingEngine  # noqa: E402
 from models.torch_backend import TorchBackend  # noqa: E402
-from smoothing import lower_bound  # noqa: E402
+from tests.worker_helpers import sequential_bound_behind  # noqa: E402
 
 SIGMA = 0.25
 K = 10
@@ -110,8 +110,9 @@ def test_engine_runs_on_device_counts(torch_cpu, images):
         engine.stop(0.0)
     for res, spec in zip(results, specs):
         assert 0 < res.samples <= 400
-        values = np.asarray(lower_bound(np.arange(res.samples + 1), res.samples, 0.01, 0.5, 0.5))
-        assert np.min(np.abs(values - res.p_lower)) <= 1e-12 * max(res.p_lower, 1e-300)
+        # L_t at its counted samples, or at the checkpoint its policy stopped it on if a speculative chunk was in
+        # flight and that bound was larger (models.decisions.certificates)
+        sequential_bound_behind(res, spec)
     assert engine.samples_processed == sum(r.samples for r in results)
     assert np.mean([r.class_index >= 0 for r in results]) > 0.5
 
