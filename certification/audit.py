@@ -187,6 +187,9 @@ class AuditLog:
                     return
             except FileNotFoundError:
                 pass
+            except BaseException:  # any other failure (EIO on a shared volume): never keep the lock past it, or
+                self._unlock()  # every other process appending to this log waits until this one appends again
+                raise
             os.close(self._fd)  # moved (logrotate) or rotated by another process: drops the lock; open PATH again
             self._fd = None
 

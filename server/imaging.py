@@ -213,14 +213,21 @@ def _check_png_data(raw: bytes, width: int, height: int) -> None:
 _JPEG_STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length: TEM, SOI, RST0-7
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # in entropy-coded data: the next marker (not a stuffed
 # 0xFF 0x00, a restart marker or a fill byte)
+_JPEG_ANY_MARKER = re.compile(rb"\xff[^\x00\xff]")  # between segments: libjpeg's next_marker skips other bytes
 
 
 def _check_jpeg_scans(raw: bytes) -> None:
     """Refuse a JPEG of more than JPEG_MAX_SCANS scans (SOS segments), counted along its marker segments; the
-    entropy-coded data after each SOS is skipped by a regular expression (C speed). A malformed structure is left to
-    the decoder."""
+    entropy-coded data after each SOS is skipped by a regular expression (C speed). Bytes between segments are skipped
+    to the next marker, as the decoder does; any other malformed structure is left to the decoder."""
     pos, scans = 2, 0
-    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+    while pos + 4 <= len(raw):
+        if raw[pos] != 0xFF:  # bytes between segments: libjpeg (and Pillow) skip them with a warning and read on,
+            found = _JPEG_ANY_MARKER.search(raw, pos)  # so the count resyncs at the next marker as they do (else one
+            if found is None:  # junk byte hid every later scan from the count)
+                return
+            pos = found.start()
+            continue
         marker = raw[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1

@@ -85,6 +85,27 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
         decode(bomb, resize=True)
 
 
+def with_junk_after_first_segment(data: bytes) -> bytes:
+    """``data`` with one stray byte after its first segment (APP0): libjpeg and Pillow skip it with a warning."""
+    end = 4 + struct.unpack(">H", data[4:6])[0]
+    return data[:end] + b"\x00" + data[end:]
+
+
+def test_a_stray_byte_between_segments_does_not_hide_the_scans(monkeypatch):
+    """Old code (the scan count stopped at the first byte that was not a marker): the bomb passed and was decoded
+    (5,000 extra scans of a 2048x2048 image: 1.7 s for 97 KB, growing with both)."""
+    bomb = with_junk_after_first_segment(many_scans(JPEG_MAX_SCANS))
+    Image.open(io.BytesIO(bomb)).load()  # the decoder reads every scan past the stray byte
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(ImageError, match=f"more than {JPEG_MAX_SCANS} scans"):
+        decode(bomb, resize=True)
+
+
+def test_a_stray_byte_between_segments_still_decodes():
+    image, _ = decode(with_junk_after_first_segment(many_scans(0)), resize=True)
+    assert image.shape == SHAPE
+
+
 @pytest.mark.parametrize("mode,options,scans", [
     ("L", {}, 1), ("RGB", {"progressive": True}, 10), ("L", {"progressive": True, "restart_marker_rows": 1}, 6),
     ("RGB", {"progressive": True, "restart_marker_blocks": 3, "optimize": True}, 10)])

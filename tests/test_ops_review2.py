@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from certification.audit import AuditLog, read_records
@@ -136,3 +137,36 @@ def test_audit_fsync_setting_flushes_every_line_before_the_answer(tmp_path, monk
         r = client.post("/certify", json={"image": img, "mode": "sequential", "max_samples": 200})
         assert r.status_code == 200, r.text
     assert len(synced) == 1 and len(read_records(path)) == 1
+
+
+def test_a_failed_check_of_the_path_does_not_keep_the_log_locked(tmp_path, monkeypatch):
+    """Old code: an error from the stat of PATH, taken once the flock was held (EIO on a shared volume), left the
+    flock held by this process after its append had failed: every other process appending to the log waited on it
+    until this one appended again (it may not, while its log reads as unavailable)."""
+    import errno
+    import fcntl
+    import os
+
+    from certification.audit import AuditError, AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    real_stat = os.stat
+
+    def failing_stat(p, *args, **kwargs):
+        if str(p) == str(log.path):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr("certification.audit.os.stat", failing_stat)
+    with pytest.raises(AuditError):
+        log.append({"a": 1})
+    monkeypatch.setattr("certification.audit.os.stat", real_stat)
+    other = os.open(path, os.O_RDWR)  # another process's descriptor (flock is per open file description)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the failed append kept the lock
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        os.close(other)
+    log.append({"b": 2})
+    log.close()
