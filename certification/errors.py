@@ -17,6 +17,8 @@ CODES = {
     "image_too_large": "the image has more pixels than the server accepts",
     "body_too_large": "the request body exceeds the server's limit",
     "body_timeout": "the request body did not arrive within the server's time limit",
+    "header_timeout": "the request line and headers did not arrive within the server's time limit",
+    "headers_too_large": "the request line and headers exceed the server's limit",
     "unsupported_media_type": "the content type is none of multipart/form-data, application/json and "
                               "application/x-www-form-urlencoded",
     "no_surrogate": "mode=surrogate on a bundle without a surrogate",

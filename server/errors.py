@@ -18,7 +18,7 @@ from certification.errors import CODES, ServiceError
 STATUS = {
     "unauthorized": 401, "bad_request": 422, "bad_json": 422, "bad_multipart": 422, "missing_image": 422,
     "too_many_images": 422, "bad_image": 422, "image_too_large": 413, "body_too_large": 413,
-    "body_timeout": 408,
+    "body_timeout": 408, "header_timeout": 408, "headers_too_large": 431,
     "unsupported_media_type": 415, "no_surrogate": 422, "per_input_unavailable": 422, "alpha_below_alpha_cal": 422,
     "queue_full": 503, "inflight_limit": 503, "draining": 503, "replica_unavailable": 503, "starting": 503,
     "engine_down": 503,

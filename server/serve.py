@@ -60,6 +60,19 @@ def _draining_server_class():
     return DrainingServer, uvicorn
 
 
+def http_protocol(app, settings: Settings) -> type:
+    """uvicorn's HTTP protocol class with the header phase bounded (server.connections): a connection that sends no
+    complete request line and headers within CERTSERVE_BODY_TIMEOUT_SECONDS, or more than 64 KiB of them, is
+    answered and closed instead of holding its descriptor and buffers for the life of the process."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    from server.connections import guarded_protocol
+
+    rejected = getattr(getattr(app.state, "metrics", None), "rejected", None)
+    return guarded_protocol(AutoHTTPProtocol, timeout=settings.body_timeout_seconds,
+                            on_reject=None if rejected is None else lambda code: rejected.labels(code).inc())
+
+
 def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="start the certification server (settings also from CERTSERVE_* variables)")
     p.add_argument("--bundle", default=None, help="bundle directory (default: the embedded Fashion-MNIST bundle)")
@@ -158,7 +171,8 @@ def run_serve(args) -> int:
     server_class, uvicorn = _draining_server_class()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 3, lifespan="on")
+                            timeout_graceful_shutdown=int(settings.drain_seconds) + 3, lifespan="on",
+                            http=http_protocol(app, settings))
     server = server_class(config)
     server.app_state = app.state
     server.run()

@@ -1,0 +1,95 @@
+"""Bounds on a connection's header phase, which uvicorn leaves open: time and bytes before a request's headers end.
+
+uvicorn arms its keep-alive timeout only after a response, and never bounds the headers: a connection that sends
+nothing (a port scan, a client that died before its request), or part of a request line or of its headers (a client
+gone without a FIN, a slow-loris), held its descriptor and its buffers for the life of the process; and the
+httptools parser buffers a header of any size (one 200 MB header: +280 MB of server RSS, no answer). The app never
+sees such a connection (the ASGI call starts once the headers are complete), so neither ``BodyLimit`` nor the
+admission limit can help.
+
+:func:`guarded_protocol` wraps uvicorn's HTTP protocol class: from the moment a connection opens, and again after
+each response, the next request's line and headers must arrive within ``timeout`` seconds (else: closed, with 408
+``header_timeout`` if any of them had arrived) and within ``max_bytes`` bytes (else: 431 ``headers_too_large``,
+closed). Both answers use the JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is
+called for each (metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from server.errors import error_bytes
+
+#: the request line and headers of one request may take at most this many bytes (nginx: 4 x 8 KiB; h11: 16 KiB)
+MAX_HEADER_BYTES = 64 * 1024
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes: int = MAX_HEADER_BYTES,
+                     on_reject: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
+    """A subclass of uvicorn's HTTP protocol ``base`` (httptools or h11) that bounds each request's header phase."""
+
+    class HeaderGuard(base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+        _header_bytes = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._await_headers()
+
+        def connection_lost(self, exc) -> None:
+            self._stop_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            waiting = self._header_timer is not None
+            if waiting:
+                self._header_bytes += len(data)
+            super().data_received(data)
+            if not waiting or self.transport.is_closing():
+                return
+            if not self._awaiting():  # a request's headers are complete: the app has it (BodyLimit times its body)
+                self._stop_timer()
+            elif self._header_bytes > max_bytes:
+                self._refuse(431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
+                self._await_headers()
+
+        def _awaiting(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _await_headers(self) -> None:
+            self._stop_timer()
+            self._header_bytes = 0
+            self._header_timer = asyncio.get_running_loop().call_later(timeout, self._expired)
+
+        def _stop_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or not self._awaiting():
+                return
+            if self._header_bytes:  # part of a request came: say why it ends (an idle connection just closes)
+                self._refuse(408, "header_timeout", f"the request line and headers did not arrive within {timeout:g} s")
+            else:
+                self.transport.close()
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            self._stop_timer()
+            if on_reject is not None:
+                on_reject(code)
+            body = error_bytes(code, message, None)
+            head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
+                status, _REASONS[status], len(body))
+            self.transport.write(head + b"connection: close\r\n\r\n" + body)
+            self.transport.close()
+
+    HeaderGuard.__name__ = HeaderGuard.__qualname__ = f"HeaderGuard{base.__name__}"
+    return HeaderGuard

@@ -1,0 +1,143 @@
+"""Long-running behaviour (review): what a connection or a request may hold after it has stopped making progress.
+
+The server is ``certserve serve``'s own wiring (:func:`server.serve.run_serve`: uvicorn with the protocol class it
+builds), on a real loopback socket, around a small app (the bundle is not needed to open connections).
+Each test says what it failed with on the old code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import threading
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import server.app
+from bench.server_process import free_port
+from server import serve
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@pytest.fixture
+def served(monkeypatch, request):
+    """``certserve serve`` (run_serve) in a thread with CERTSERVE_BODY_TIMEOUT_SECONDS=0.5; yields (port, app).
+    Indirect parameter "h11": uvicorn's h11 protocol (its choice where httptools is not installed)."""
+    monkeypatch.setenv("CERTSERVE_BODY_TIMEOUT_SECONDS", "0.5")
+    if getattr(request, "param", None) == "h11":
+        from uvicorn.protocols.http import auto
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+        monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
+    app = Starlette(routes=[Route("/healthz", lambda request: JSONResponse({"status": "ok"}))])
+    app.state.metrics = Metrics()
+    servers: list = []
+    made = serve._draining_server_class
+
+    def recording():
+        cls, uvicorn = made()
+
+        class Recorded(cls):
+            def __init__(self, config):
+                super().__init__(config)
+                servers.append(self)
+        return Recorded, uvicorn
+
+    monkeypatch.setattr(serve, "_draining_server_class", recording)
+    monkeypatch.setattr(serve, "check_configuration", lambda *a, **k: None)
+    monkeypatch.setattr(serve, "freeze_startup_heap", lambda: None)  # not the test process's heap
+    monkeypatch.setattr(server.app, "create_app", lambda settings: app)
+    port = free_port()
+    args = argparse.Namespace(bundle=None, host="127.0.0.1", port=port, device=None, threads=None,
+                              log_level="warning", replicas=1, ingress="haproxy", ray_metrics_port=None)
+    assert Settings().body_timeout_seconds == 0.5
+    thread = threading.Thread(target=serve.run_serve, args=(args,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (servers and servers[0].started):
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield port, app
+    finally:
+        servers[0].should_exit = True
+        thread.join(timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
+    """What the server sent before closing ``sock`` within ``seconds`` (None: still open)."""
+    sock.settimeout(seconds)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+@pytest.mark.parametrize("served", ["auto", "h11"], indirect=True)
+def test_a_connection_that_never_completes_its_headers_is_closed(served):
+    """uvicorn arms no timer before a request's headers: a connection that sent nothing, or half a request line,
+    held its descriptor for the life of the process (60 such connections: 60 more descriptors, still open a minute
+    later). Now they get CERTSERVE_BODY_TIMEOUT_SECONDS: closed (nothing sent) or 408 header_timeout (part sent).
+    Failed on the old code: the connections were still open 5 s later."""
+    port, app = served
+    silent = socket.create_connection(("127.0.0.1", port))
+    partial = socket.create_connection(("127.0.0.1", port))
+    partial.sendall(b"POST /certify HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+    keep = socket.create_connection(("127.0.0.1", port))  # one answered request, then half of the next one
+    keep.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    keep.settimeout(5)
+    assert b"200 OK" in keep.recv(65536)
+    keep.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+    try:
+        assert _closed_within(silent, 5) == b""
+        for sock in (partial, keep):
+            answer = _closed_within(sock, 5)
+            assert answer is not None, "a stalled connection is still open"
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "header_timeout"' in answer, answer
+            assert b"did not arrive within 0.5 s" in answer
+    finally:
+        for sock in (silent, partial, keep):
+            sock.close()
+    assert b'certserve_rejected_requests_total{reason="header_timeout"} 2.0' in app.state.metrics.render()
+
+
+def test_headers_beyond_64_kib_are_refused_without_buffering_them(served):
+    """The httptools parser buffered a header of any size: one connection sending a 200 MB header line grew the
+    server by ~280 MB and got no answer. Now 431 headers_too_large once the headers pass 64 KiB, and the connection
+    is closed. Failed on the old code: 4 MB of header sent, no answer within 5 s."""
+    port, app = served
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(64):
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed while we were still sending
+        answer = _closed_within(sock, 5)
+    finally:
+        sock.close()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+    assert b'"code": "headers_too_large"' in answer and b"65536 bytes" in answer
+
+
+def test_keep_alive_requests_and_ordinary_headers_still_pass(served):
+    """The guard ends with each request's headers and restarts after its answer: requests on one connection, each
+    within the time limit, all get their answer (also with headers near 32 KiB)."""
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        for k in range(4):
+            big = b"X-Pad: " + b"p" * 32_000 + b"\r\n" if k == 1 else b""
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+            assert b"200 OK" in sock.recv(65536)
+            time.sleep(0.3)  # below the 0.5 s header limit, between requests
