@@ -37,16 +37,25 @@ def surrogate_answers(logits: np.ndarray, calibration: Calibration, sigma: float
     Guarantee of ``radius`` (smoothing.conformal_certificate): marginal, per Mondrian bin, at the selected level
     (delta + alpha_1 <= alpha): over inputs exchangeable with the calibration inputs of their bin and over the
     calibration draw, P(radius > the smoothed classifier's true radius for ``class_index``) <= level. Not per input
-    and not conditional on the surrogate having certified."""
-    cls, g = surrogate_log_odds(logits)
+    and not conditional on the surrogate having certified.
+
+    A row with a non-finite logit (NaN, or +-inf from a float32 overflow or a log(softmax) graph) abstains: radius 0,
+    p_lower 0, z_hat 0 (no proposal), log-odds NaN. The calibration has no score for such an output (its fit refuses
+    them), and abstaining is never wrong; ``auto`` then samples (fallback surrogate_abstained) instead of a 500."""
+    z = np.asarray(logits, dtype=np.float64)
+    bad = ~np.all(np.isfinite(z), axis=1) if z.ndim == 2 else np.zeros(0, dtype=bool)
+    cls, g = surrogate_log_odds(np.where(bad[:, None], 0.0, z) if bad.any() else z)
     level = calibration.level_for(alpha)
     point = level or calibration.levels[-1]  # the point estimate exists at every alpha (it only guides sampling)
     z_hat = np.interp(g, point.arrays["knots"], point.arrays["values"])  # smoothing.conformal.piecewise, checked
     if level is None:
-        return SurrogateAnswers(cls, g, z_hat, None, np.zeros(len(cls)), None)
-    # smoothing.conformal_certificate on the level's arrays, checked once when the bundle loaded
-    p_lower, radius = validated_conformal_certificate(g, float(sigma), **level.arrays)
-    return SurrogateAnswers(cls, g, z_hat, p_lower, radius, level.alpha)
+        p_lower, radius = None, np.zeros(len(cls))
+    else:  # smoothing.conformal_certificate on the level's arrays, checked once when the bundle loaded
+        p_lower, radius = validated_conformal_certificate(g, float(sigma), **level.arrays)
+    if bad.any():
+        g, z_hat, radius = np.where(bad, np.nan, g), np.where(bad, 0.0, z_hat), np.where(bad, 0.0, radius)
+        p_lower = None if p_lower is None else np.where(bad, 0.0, p_lower)
+    return SurrogateAnswers(cls, g, z_hat, p_lower, radius, None if level is None else level.alpha)
 
 
 @dataclass(frozen=True)

@@ -177,12 +177,26 @@ def conformal_lower(g, *, knots, values, scale, edges, q_hat) -> np.ndarray:
                              np.asarray(q_hat, dtype=np.float64))
 
 
+#: Absolute rounding allowance of z_lower = h(g) - q v(g), relative to the magnitudes of the level's maps (not of
+#: z_lower): where h(g) and q v(g) nearly cancel, the few-ulp errors of np.interp and of the product are large relative
+#: to z_lower, which RADIUS_ROUNDING (relative to the radius) does not cover.
+LOWER_ROUNDING = 1e-12
+
+
 def _lower_of_checked(g, knots, values, scale, edges, q_hat) -> np.ndarray:
-    """:func:`conformal_lower` on float64 arrays already checked (:func:`bin_index`, then :func:`piecewise` twice)."""
+    """:func:`conformal_lower` on float64 arrays already checked (:func:`bin_index`, then :func:`piecewise` twice);
+    lowered by LOWER_ROUNDING x (max |values| + |q| max scale), so floating-point error never raises it above the
+    exact value of h(g) - q v(g) for the float g."""
     q = q_hat[np.searchsorted(edges, g, side="right")]
     z_hat, u = np.interp(g, knots, values), np.interp(g, knots, scale)
     with np.errstate(invalid="ignore"):
-        return np.where(np.isfinite(q), z_hat - q * u, -np.inf)
+        slack = LOWER_ROUNDING * (np.abs(values).max() + np.abs(q) * scale.max())
+        return np.where(np.isfinite(q), z_hat - q * u - slack, -np.inf)
+
+
+def _p_lower(z) -> np.ndarray:
+    """Phi(z_lower) one ulp down (ndtr rounds to nearest: 1.0 for z_lower >~ 8.3, where Phi is below 1)."""
+    return np.nextafter(ndtr(z), 0.0)
 
 
 def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarray]:
@@ -192,9 +206,9 @@ def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarr
     Guarantee (marginal, per bin; module docstring): over inputs exchangeable with the calibration inputs of their
     bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
     <= the level (delta + alpha_1); not per input, not conditional on certifying. radius = sigma z_lower rounded
-    down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) (0 where the bin abstains)."""
+    down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) rounded down (0 where the bin abstains)."""
     z = conformal_lower(g, **calibration)
-    return ndtr(z), radius_from_probit(z, sigma)
+    return _p_lower(z), radius_from_probit(z, sigma)
 
 
 def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_hat) -> tuple[np.ndarray, np.ndarray]:
@@ -208,4 +222,4 @@ def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_
     bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
     <= the level; not per input, not conditional on certifying."""
     z = _lower_of_checked(g, knots, values, scale, edges, q_hat)
-    return ndtr(z), validated_radius_from_probit(z, sigma)
+    return _p_lower(z), validated_radius_from_probit(z, sigma)
