@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from joserfc import jws
@@ -28,11 +29,14 @@ REASONS = {
     "wrong_alg": "the header's alg is not EdDSA/Ed25519, or the key is not an Ed25519 key",
     "wrong_typ": "the header's typ is not a certserve certificate",
     "unknown_kid": "no key with the header's kid in the key set",
-    "bad_signature": "the signature does not match the header and payload under that key",
+    "bad_signature": "the signature does not match the header and payload under that key (or the key set's entry "
+                     "with that kid is another key: its RFC 7638 thumbprint is not the kid)",
     "kid_mismatch": "the signed server.kid differs from the header's kid",
     "image_mismatch": "the SHA-256 of the given image differs from the certified input's",
     "tensor_mismatch": "the SHA-256 of the given tensor differs from the certified tensor's",
     "claims_mismatch": "the certificate's plain fields differ from its signed claims",
+    "inconsistent": "the signed claims contradict each other (radius beyond what p_lower and sigma support, certified "
+                    "vs class or radius, guarantee kind vs method): a server fault, not a certificate to rely on",
     "expired": "issued longer ago than the allowed maximum age",
     "not_yet_valid": "issued in the future (beyond the clock-skew leeway)",
     "jwks_unavailable": "the key set could not be read or fetched",
@@ -135,7 +139,8 @@ def verify_certificate(token: str, jwks: KeySet | dict | str | Path, *, image_by
                        now: float | None = None) -> dict:
     """Verify a compact JWS certificate; return its claims or raise :class:`VerificationError`.
 
-    Checks, in order: structure, header (alg, typ, kid), signature, payload shape, kid binding, the image's SHA-256
+    Checks, in order: structure, header (alg, typ, kid), signature, payload shape, kid binding, the claims' internal
+    consistency (:func:`_check_consistent`), the image's SHA-256
     (when ``image_bytes`` is given), the tensor's (``image_tensor``), and the age (``max_age`` seconds since ``iat``).
     """
     keyset = jwks if isinstance(jwks, KeySet) else load_jwks(jwks)
@@ -150,6 +155,7 @@ def verify_certificate(token: str, jwks: KeySet | dict | str | Path, *, image_by
     claims = _claims(obj.payload)
     if claims["server"]["kid"] != header["kid"]:
         raise VerificationError("kid_mismatch", f"payload names key {claims['server']['kid']}, header {header['kid']}")
+    _check_consistent(claims)
     _check_input(claims, image_bytes, image_tensor)
     _check_age(claims["iat"], max_age, time.time() if now is None else now)
     return claims
@@ -244,11 +250,20 @@ def _header(token) -> dict:
 
 
 def _find_key(keyset: KeySet, kid: str) -> OKPKey:
+    """The key named ``kid`` whose RFC 7638 thumbprint is ``kid`` (as every certserve kid is): an entry merely
+    labelled with it is another key (a key set merging sources, or one served over http, could carry an attacker's
+    key under the server's kid, first or alone), so the kid a VALID verdict names is the key that signed."""
+    mislabelled = 0
     for key in keyset.keys:
         if key.kid == kid:
             if not isinstance(key, OKPKey) or key.curve_name != "Ed25519":
                 raise VerificationError("wrong_alg", f"key {kid} is not an Ed25519 key")
-            return key
+            if key.thumbprint() == kid:
+                return key
+            mislabelled += 1
+    if mislabelled:  # as a wrong key under the right kid always failed: the signature is not that key's
+        raise VerificationError("bad_signature", f"the key set's entry {kid} is another key (its RFC 7638 thumbprint "
+                                                 f"differs), so nothing it verifies was signed by key {kid}")
     raise VerificationError("unknown_kid", f"key {kid} is not in the key set")
 
 
@@ -283,3 +298,49 @@ def _check_age(iat: int, max_age: float | None, now: float) -> None:
         raise VerificationError("not_yet_valid", f"issued {iat - now:.0f} s in the future")
     if max_age is not None and now - iat > max_age:
         raise VerificationError("expired", f"issued {now - iat:.0f} s ago; the maximum age is {max_age:g} s")
+
+
+def _check_consistent(claims: dict) -> None:
+    """Fail (``inconsistent``) when the signed claims contradict each other, which only a server fault can sign: the
+    radius above sigma * Phi^-1(p_lower) (with p_lower rounded up by a few ulp and 1e-9 relative slack, so the server's
+    own rounding never fails: it rounds radii down), a radius without p_lower > 1/2, ``certified`` not saying
+    ``class_index >= 0``, an uncertified radius or class name, alpha outside (0, 1), or a guarantee kind that is not
+    the method's (certification.certificate.GUARANTEE_OF_ROUTE)."""
+    from certification.certificate import GUARANTEE_OF_ROUTE
+
+    c, sigma = claims["certificate"], claims["model"].get("sigma")
+    radius, p, cls, guarantee = c["radius"], c["p_lower"], c["class_index"], c["guarantee"]
+    problems = []
+    if not _number(radius) or not math.isfinite(radius) or radius < 0:
+        problems.append(f"radius {radius!r} is not a finite number >= 0")
+    elif radius > 0:
+        if not _number(p) or not 0.5 < p <= 1:
+            problems.append(f"radius {radius!r} with p_lower {p!r} (a radius needs p_lower > 1/2)")
+        elif _number(sigma) and sigma > 0 and p < 1 and radius > _radius_bound(p, sigma):
+            problems.append(f"radius {radius!r} exceeds sigma * Phi^-1(p_lower) = {sigma * NormalDist().inv_cdf(p)!r}")
+    if not isinstance(c["certified"], bool) or not isinstance(cls, int) or c["certified"] != (cls >= 0):
+        problems.append(f"certified {c['certified']!r} with class_index {cls!r}")
+    elif not c["certified"] and (radius != 0 or c["class_name"] is not None):
+        problems.append(f"uncertified with radius {radius!r} and class_name {c['class_name']!r}")
+    elif c["certified"] and (not _number(p) or not 0.5 < p <= 1):
+        problems.append(f"certified with p_lower {p!r} (certified needs p_lower > 1/2)")
+    expected = GUARANTEE_OF_ROUTE.get(c["method"]) if isinstance(c["method"], str) else None  # None: unknown
+    if expected is None or not isinstance(guarantee, dict) or guarantee.get("kind") != expected:
+        kind = guarantee.get("kind") if isinstance(guarantee, dict) else guarantee
+        problems.append(f"guarantee kind {kind!r} is not method {c['method']!r}'s")
+    elif not _number(guarantee.get("alpha")) or not 0 < guarantee["alpha"] < 1:
+        problems.append(f"guarantee alpha {guarantee.get('alpha')!r} is not in (0, 1)")
+    if problems:
+        raise VerificationError("inconsistent", "; ".join(problems))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _radius_bound(p: float, sigma: float) -> float:
+    """sigma * Phi^-1(p + 8 ulp) * (1 + 1e-9): the largest radius p_lower supports, with slack for p's rounding (the
+    surrogate signs p = Phi(z) next to radius sigma * z, and near 1 or 1/2 one ulp of p moves Phi^-1 by far more than
+    1e-9 relative) and for the inverse's own error; inf where p + 8 ulp reaches 1."""
+    p_up = p + 8 * math.ulp(p)
+    return math.inf if p_up >= 1 else sigma * NormalDist().inv_cdf(p_up) * (1 + 1e-9)

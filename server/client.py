@@ -13,6 +13,10 @@ from pathlib import Path
 import httpx
 
 
+#: seconds a key set fetched for ``verify=True`` (the server's, or a ``jwks`` URL or file) is used before it is
+#: fetched again: the server's JWKS answer says ``Cache-Control: max-age=300``, so a key removed from it (retired or
+#: revoked) stops verifying within this time instead of for the client's whole life
+JWKS_MAX_AGE = 300.0
 #: seconds a request with ``deadline_ms`` may take beyond its deadline (upload, queueing, sealing, the answer)
 DEADLINE_MARGIN = 30.0
 
@@ -45,7 +49,9 @@ class CertserveClient:
     ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
     the image sent (and its age, with ``max_age`` seconds); a failure raises
     :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
-    or dict: pin them for independence from the server) or else the server's ``/.well-known/jwks.json``.
+    or dict: pin them for independence from the server) or else the server's ``/.well-known/jwks.json``; a set read
+    from a URL or file (the server's included) is read again after :data:`JWKS_MAX_AGE` seconds, and at once (once)
+    when a certificate names a key it lacks (a rotation).
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 120.0,
@@ -57,6 +63,7 @@ class CertserveClient:
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.timeout = retries, timeout
         self.verify, self.max_age, self._jwks_source, self._keyset = verify, max_age, jwks, None
+        self._keyset_read = 0.0  # time.monotonic() when _keyset was read
 
     def __enter__(self):
         return self
@@ -100,14 +107,16 @@ class CertserveClient:
             return cert
         from certification.verify import VerificationError, load_jwks, verify_document
 
+        pinned = isinstance(self._jwks_source, dict)  # a URL or a file is read again, as the server's set is
         for attempt in (0, 1):
-            if self._keyset is None:
+            if self._keyset is None or (not pinned and _monotonic() - self._keyset_read > JWKS_MAX_AGE):
                 self._keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
+                self._keyset_read = _monotonic()
             try:
                 verify_document(cert, self._keyset, image_bytes=image, max_age=self.max_age)
                 return cert
             except VerificationError as exc:  # a key rotated since the set was fetched: fetch it once more
-                if exc.reason != "unknown_kid" or self._jwks_source is not None or attempt:
+                if exc.reason != "unknown_kid" or pinned or attempt:
                     raise
                 self._keyset = None
         raise AssertionError("unreachable")
@@ -150,6 +159,10 @@ class CertserveClient:
                 raise CertserveError(r.status_code, body)
             return body
         raise AssertionError("unreachable")
+
+
+def _monotonic() -> float:  # a seam for the tests (the key set's age)
+    return time.monotonic()
 
 
 def _backoff(attempt: int) -> float:
