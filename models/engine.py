@@ -46,7 +46,7 @@ from smoothing import Stop
 
 @dataclass(eq=False)
 class _Job:
-    spec: JobSpec
+    spec: JobSpec | None  # None once finished: the deadline heap keeps a job till its deadline, not its image
     future: concurrent.futures.Future
     submitted: float
     order: int
@@ -260,7 +260,7 @@ class SequentialEngine:
                 self._admitting = 0
             while self._cancelled:
                 job = self._cancelled.popleft()
-                job.finished = True
+                job.finished, job.spec = True, None
                 if job.slot >= 0 and table.gen[job.slot] == job.order:
                     table.running[job.slot] = False
         while stopping and inflight:  # let the launched batches land (their samples count), then answer everyone
@@ -277,8 +277,7 @@ class SequentialEngine:
 
     def _table_for(self, admit: list[_Job]) -> JobTable:
         if self._table is None and admit:
-            self._table = JobTable(admit[0].spec.image.shape, self.sampler.num_classes,
-                                   capacity=min(self.max_live_jobs, 64))
+            self._table = JobTable(self._image_shape, self.sampler.num_classes, capacity=min(self.max_live_jobs, 64))
         return self._table
 
     def _idle(self) -> None:
@@ -361,7 +360,7 @@ class SequentialEngine:
         out = []
         for k, slot in enumerate(slots):
             job = table.jobs[slot]
-            job.finished = True
+            job.finished, job.spec = True, None
             queue_s = (job.started or now) - job.submitted
             sampling_s = now - job.started if job.started is not None else 0.0
             out.append((job.future, JobResult(int(cls[k]), float(radius[k]), None if np.isnan(p[k]) else float(p[k]),
@@ -382,8 +381,8 @@ class SequentialEngine:
     def _answer_unadmitted(self, job: _Job, stopped_by: str) -> tuple:  # never in the table: no samples, bound 0 / none
         if job.finished:
             return (job.future, None)
-        job.finished = True
-        return (job.future, JobResult(-1, 0.0, None if job.spec.kind == "cohen" else 0.0, 0, stopped_by,
+        job.finished, spec, job.spec = True, job.spec, None
+        return (job.future, JobResult(-1, 0.0, None if spec.kind == "cohen" else 0.0, 0, stopped_by,
                                       time.monotonic() - job.submitted, 0.0))
 
     def _fail_job(self, job: _Job, exc: Exception) -> tuple:
@@ -392,7 +391,7 @@ class SequentialEngine:
             return (job.future, None)
         if job.slot >= 0 and self._table.gen[job.slot] == job.order:
             self._table.running[job.slot] = False
-        job.finished = True
+        job.finished, job.spec = True, None
         return (job.future, exc)
 
 
