@@ -336,6 +336,8 @@ def check_spec(spec, num_classes: int | None = None) -> None:
         raise ValueError("a job needs a budget between 1 and 2^31 samples (and n0 >= 1 for cohen)")
     if spec.kind not in KINDS:
         raise ValueError(f"unknown job kind {spec.kind!r}; expected one of {sorted(KINDS)}")
+    if not (_is_real(spec.deadline) and not math.isnan(spec.deadline)):  # NaN would break the deadline heap's order
+        raise ValueError(f"deadline must be a time.monotonic() value (inf: none), got {spec.deadline!r}")
     if spec.kind != "cohen" and num_classes is not None and not (
             isinstance(spec.tested_class, numbers.Integral) and not isinstance(spec.tested_class, bool)
             and 0 <= spec.tested_class < num_classes):

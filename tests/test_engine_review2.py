@@ -10,7 +10,10 @@ import gc
 import time
 import weakref
 
-from models.engine import SequentialEngine
+import numpy as np
+import pytest
+
+from models.engine import JobSpec, SequentialEngine
 from models.jobs import resolve_futures
 from tests.test_engine_races import LabelSampler, fixed_job, wait_until
 
@@ -55,3 +58,14 @@ def test_a_job_answered_before_its_admission_does_not_break_the_admission():
         assert res.samples == 64 and res.class_index == 1 and engine.alive
     finally:
         engine.stop(0.0)
+
+
+@pytest.mark.parametrize("deadline", [float("nan"), "soon"])
+def test_a_job_without_a_deadline_value_is_refused_at_submit(deadline):
+    """A NaN deadline (the engine's API; HTTP deadlines are checked) was accepted: answered at once, and it broke the
+    deadline heap's order for every later job (inf, no deadline, stays valid). Run against the old check_spec: both
+    cases failed."""
+    from models.jobs import check_spec
+
+    with pytest.raises(ValueError, match="deadline must be a time.monotonic"):
+        check_spec(JobSpec(np.zeros((1, 4, 4), np.float32), 0.01, 100, deadline, kind="fixed", tested_class=0), 10)
