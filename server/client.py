@@ -108,17 +108,19 @@ class CertserveClient:
         from certification.verify import VerificationError, load_jwks, verify_document
 
         pinned = isinstance(self._jwks_source, dict)  # a URL or a file is read again, as the server's set is
-        for attempt in (0, 1):
-            if self._keyset is None or (not pinned and _monotonic() - self._keyset_read > JWKS_MAX_AGE):
-                self._keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
-                self._keyset_read = _monotonic()
+        for attempt in (0, 1):  # the set is read once into a local: another thread may drop or replace it meanwhile
+            keyset, read = self._keyset, self._keyset_read
+            if keyset is None or (not pinned and _monotonic() - read > JWKS_MAX_AGE):
+                keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
+                self._keyset, self._keyset_read = keyset, _monotonic()
             try:
-                verify_document(cert, self._keyset, image_bytes=image, max_age=self.max_age)
+                verify_document(cert, keyset, image_bytes=image, max_age=self.max_age)
                 return cert
             except VerificationError as exc:  # a key rotated since the set was fetched: fetch it once more
                 if exc.reason != "unknown_kid" or pinned or attempt:
                     raise
-                self._keyset = None
+                if self._keyset is keyset:  # not already replaced by another thread
+                    self._keyset = None
         raise AssertionError("unreachable")
 
     def model(self) -> dict:

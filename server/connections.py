@@ -29,10 +29,14 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes: int = MAX_HEADER_BYTES,
                      on_reject: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
     """A subclass of uvicorn's HTTP protocol ``base`` (httptools or h11) that bounds each request's header phase."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    h11_based = issubclass(base, H11Protocol)
 
     class HeaderGuard(base):  # type: ignore[misc, valid-type]
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
+        _message_done = True  # httptools: the current request's body has been received (or there is no request)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -44,14 +48,21 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
 
         def data_received(self, data: bytes) -> None:
             waiting = self._header_timer is not None
-            if waiting:
+            # bytes that can only be request lines and headers: while the timer runs, and (httptools) once the
+            # current request's body is in, also while its answer is computed (the parser buffers the next request's
+            # headers then; h11 pauses reading instead)
+            if waiting or not h11_based and self._message_done:
                 self._header_bytes += len(data)
             super().data_received(data)
-            if not waiting or self.transport.is_closing():
+            if self.transport.is_closing():
                 return
-            if not self._awaiting():  # a request's headers are complete: the app has it (BodyLimit times its body)
-                self._stop_timer()
-            elif self._header_bytes > max_bytes:
+            if waiting and not self._awaiting():  # a request's headers are complete: the app has it (BodyLimit times
+                self._stop_timer()  # its body)
+                self._header_bytes = 0
+            elif not waiting and self._awaiting():  # the rest of a body answered early (413, 401, ...) has arrived
+                self._await_headers()
+            in_headers = self._header_timer is not None if h11_based else self._message_done
+            if in_headers and self._header_bytes > max_bytes:
                 self._refuse(431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
 
         def on_response_complete(self) -> None:
@@ -59,12 +70,29 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
                 self._await_headers()
 
+        def on_headers_complete(self) -> None:  # httptools (h11 has no such callback: its state says it)
+            self._message_done, self._header_bytes = False, 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._message_done = True
+            super().on_message_complete()
+
         def _awaiting(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+            """Between requests: the last response sent and the last request's body received (an answer sent before
+            the body was read leaves its rest still arriving: that is body, timed by the client, not headers)."""
+            if self.cycle is None:
+                return True
+            if not self.cycle.response_complete:
+                return False
+            if h11_based:
+                import h11
+
+                return self.conn.their_state is h11.IDLE
+            return self._message_done
 
         def _await_headers(self) -> None:
-            self._stop_timer()
-            self._header_bytes = 0
+            self._stop_timer()  # _header_bytes: counted since the last headers ended (part of the next may be in)
             self._header_timer = asyncio.get_running_loop().call_later(timeout, self._expired)
 
         def _stop_timer(self) -> None:

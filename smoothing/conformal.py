@@ -199,6 +199,14 @@ def _p_lower(z) -> np.ndarray:
     return np.nextafter(ndtr(z), 0.0)
 
 
+def _certificate(z, radius) -> tuple[np.ndarray, np.ndarray]:
+    """(p_lower, radius) with radius 0 where p_lower is not above 1/2: for 0 < z_lower < ~3e-16, Phi(z_lower) one
+    ulp down is 1/2 or below, and a radius next to it contradicts it (certification.verify refuses such a
+    certificate as inconsistent); that radius is below 1e-15 sigma, so abstaining there loses nothing."""
+    p = _p_lower(z)
+    return p, np.where(p > 0.5, radius, 0.0)
+
+
 def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarray]:
     """(p_lower, radius) of the calibrated surrogate for log-odds ``g`` at one level's ``calibration`` (the keyword
     arguments of :func:`conformal_lower`).
@@ -208,7 +216,7 @@ def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarr
     <= the level (delta + alpha_1); not per input, not conditional on certifying. radius = sigma z_lower rounded
     down, 0 (abstain) where z_lower <= 0; p_lower = Phi(z_lower) rounded down (0 where the bin abstains)."""
     z = conformal_lower(g, **calibration)
-    return _p_lower(z), radius_from_probit(z, sigma)
+    return _certificate(z, radius_from_probit(z, sigma))
 
 
 def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_hat) -> tuple[np.ndarray, np.ndarray]:
@@ -222,4 +230,4 @@ def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_
     bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
     <= the level; not per input, not conditional on certifying."""
     z = _lower_of_checked(g, knots, values, scale, edges, q_hat)
-    return _p_lower(z), validated_radius_from_probit(z, sigma)
+    return _certificate(z, validated_radius_from_probit(z, sigma))

@@ -8,6 +8,7 @@ Each test says what it failed with on the old code.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import threading
 import time
@@ -33,7 +34,11 @@ def served(monkeypatch, request):
         from uvicorn.protocols.http import auto
         from uvicorn.protocols.http.h11_impl import H11Protocol
         monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
-    app = Starlette(routes=[Route("/healthz", lambda request: JSONResponse({"status": "ok"}))])
+    async def slow(request):
+        await asyncio.sleep(1.5)
+        return JSONResponse({"status": "slow"})
+
+    app = Starlette(routes=[Route("/healthz", lambda request: JSONResponse({"status": "ok"})), Route("/slow", slow)])
     app.state.metrics = Metrics()
     servers: list = []
     made = serve._draining_server_class
@@ -141,3 +146,49 @@ def test_keep_alive_requests_and_ordinary_headers_still_pass(served):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
             assert b"200 OK" in sock.recv(65536)
             time.sleep(0.3)  # below the 0.5 s header limit, between requests
+
+
+@pytest.mark.parametrize("served", ["auto", "h11"], indirect=True)
+def test_a_body_still_arriving_after_an_early_answer_is_not_taken_for_headers(served):
+    """An answer sent before the request's body was read (a 413 on Content-Length, a 401, a 405, a route that ignores
+    the body) leaves the connection open while the client finishes sending its body. The guard restarted at that
+    answer and counted the rest of the body as the next request's headers: past 64 KiB a 431 headers_too_large was
+    written after the answer and the connection closed under a client still sending (or, for a body slower than the
+    time limit, a 408 header_timeout). Now the header phase starts only once the request's body has been received."""
+    port, _ = served
+    body = b"b" * 300_000
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        first = sock.recv(65536)
+        assert b"200 OK" in first, first
+        for k in range(0, len(body), 20_000):  # the rest of the body, over longer than the 0.5 s header limit
+            sock.sendall(body[k:k + 20_000])
+            time.sleep(0.05)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = sock.recv(65536)
+        assert second.startswith(b"HTTP/1.1 200 OK"), second
+
+
+def test_headers_sent_while_the_previous_request_is_answered_are_bounded_too(served):
+    """The guard counted header bytes only while its timer ran: headers sent while the previous request on the
+    connection was still being answered (a slow certification) were never counted, and httptools buffered them
+    whatever their size (8 MB of one header line: no answer, all of it held). Now they count from the end of that
+    request's body: 431 headers_too_large once they pass 64 KiB."""
+    port, _ = served
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sock.settimeout(3)
+        sent = 0
+        try:
+            while sent < 8 * 2 ** 20:
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        answer = _closed_within(sock, 5)
+    finally:
+        sock.close()
+    assert answer is not None and b"HTTP/1.1 431 " in answer, (sent, answer)
+    assert b'"code": "headers_too_large"' in answer

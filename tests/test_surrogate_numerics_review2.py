@@ -152,3 +152,27 @@ def test_auto_falls_back_to_sampling_and_surrogate_mode_abstains_on_a_nan_surrog
     body = sur.json()
     assert body["method"] == "surrogate" and not body["certified"] and body["radius"] == 0.0
     assert body["stopped_by"] == "abstained" and body["p_lower"] is None
+
+
+def test_a_radius_is_never_signed_next_to_a_p_lower_of_one_half():
+    """p_lower is Phi(z_lower) one ulp down: for 0 < z_lower < ~3e-16 that is 1/2 or below, and the radius sigma z_lower
+    (> 0, certified) next to it was refused by certification.verify as INVALID: inconsistent ("a radius needs
+    p_lower > 1/2") although the server signed it. Now such a radius is 0 (an abstention: it is below 1e-15 sigma)."""
+    import sys
+
+    from certification.verify import _check_consistent
+    from smoothing.conformal import conformal_certificate, validated_conformal_certificate
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_verify_review2 import _claims
+
+    g = np.array([0.5, 0.5, 0.5, 0.5])
+    for z in (1e-17, 1e-16, 2e-16, 1e-13):
+        cal = {"knots": np.array([0.0, 1.0]), "values": np.array([z, z]), "scale": np.array([1.0, 1.0]),
+               "edges": np.array([], dtype=np.float64), "q_hat": np.array([0.0])}
+        for certify in (conformal_certificate, validated_conformal_certificate):
+            p, radius = certify(g, 0.25, **cal)
+            assert radius[0] == 0 or p[0] > 0.5, (z, p[0], radius[0])
+            cls = 3 if radius[0] > 0 else -1
+            _check_consistent(_claims("surrogate", cls, float(radius[0]), float(p[0]), 0.25))
+        assert (radius[0] > 0) == (z > 1e-15)

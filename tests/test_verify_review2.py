@@ -174,3 +174,24 @@ def test_what_the_server_computes_is_always_consistent():
     _check_consistent(_claims("surrogate", -1, 0.0, None, 0.25))  # an abstention
     _check_consistent(_claims("sequential", -1, 0.0, 0.31, 0.25))
     _check_consistent(_claims("cohen", 4, 0.0, 0.5 + 2.0 ** -52, 0.25))  # certified, radius rounded to 0
+
+
+def test_client_verifies_with_a_key_set_another_thread_drops_meanwhile(tmp_path, monkeypatch):
+    """_checked read self._keyset twice (the max-age check, then verify_document): another thread dropping it in
+    between (its certificate named an unknown kid) made this one verify against None (TypeError or jwks_unavailable
+    for a good certificate). Simulated deterministically: the clock read between the two is where the drop lands."""
+    generate_key_files(tmp_path / "k")
+    signer = Signer.from_paths(tmp_path / "k")
+    cert = sign_certificate(signer, issued_at=int(time.time()))[0]
+    holder: list = []
+
+    def clock():
+        if holder and holder[0]._keyset is not None:
+            holder[0]._keyset = None  # the other thread's "unknown_kid: read again"
+        return 1000.0
+
+    monkeypatch.setattr(client_module, "_monotonic", clock, raising=False)
+    with _client({"jwks": signer.jwks(), "cert": cert}) as client:
+        assert client.certify(IMAGE)["signature"] == cert["signature"]  # reads the set (nothing to drop yet)
+        holder.append(client)
+        assert client.certify(IMAGE)["signature"] == cert["signature"]
