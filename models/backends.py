@@ -184,15 +184,21 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
         return OnnxBackend(path, threads=threads, device="cuda", noise_sigma=noise_sigma, seed=seed, nice=nice,
                            spin=spin)
     if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
-        reason = _torch_cuda_missing()
-        if reason is None:
+        if _torch_cuda_missing() is None:
             from models.torch_backend import TorchBackend
 
             return TorchBackend.from_onnx(path, device="cuda")
         if device == "cuda":
-            raise RuntimeError(f"device='cuda' requested, but onnxruntime has no CUDAExecutionProvider (install "
-                               f"onnxruntime-gpu) and PyTorch cannot run it either ({reason})")
+            raise RuntimeError(f"device='cuda' requested, but {cuda_unavailable()}")
     return OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed, nice=nice, spin=spin)
+
+
+def cuda_unavailable() -> str | None:
+    """None when ``device='cuda'`` can run here (onnxruntime's CUDA provider, or PyTorch on CUDA), else why not."""
+    if _ort_has_cuda() or (reason := _torch_cuda_missing()) is None:
+        return None
+    return (f"onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu) and PyTorch cannot run it either "
+            f"({reason})")
 
 
 def _ort_has_cuda() -> bool:

@@ -120,13 +120,12 @@ def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
 
 
 def _check_cuda() -> None:
-    """``device: cuda`` can run here (onnxruntime's CUDA provider, or PyTorch on CUDA): else the engine's backend
-    would fail in the app's start-up with a traceback."""
-    from models.backends import _ort_has_cuda, _torch_cuda_missing
+    """``device: cuda`` can run here (models.backends.cuda_unavailable): else the engine's backend would fail in the
+    app's start-up with a traceback."""
+    from models.backends import cuda_unavailable
 
-    if not _ort_has_cuda() and (reason := _torch_cuda_missing()) is not None:
-        raise ValueError(f"device (CERTSERVE_DEVICE) is cuda, but onnxruntime has no CUDAExecutionProvider (install "
-                         f"onnxruntime-gpu) and PyTorch cannot run it either ({reason}); use auto or cpu")
+    if (reason := cuda_unavailable()) is not None:
+        raise ValueError(f"device (CERTSERVE_DEVICE) is cuda, but {reason}; use auto or cpu")
 
 
 def _check_appendable(path: Path) -> None:
