@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from certification.errors import ServiceError
 from certification.seal import audit_unavailable, certserve_version
 from certification.service import CertificationService
-from models.bundle import load_bundle
+from models.bundle import Bundle, load_bundle
 from server.errors import error_body, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestContext
@@ -38,17 +38,21 @@ _ERRORS[499] = {"model": ErrorResponse, "description": "client_closed_request: t
 _STARTING = {503: {"model": ErrorResponse, "description": "starting: the bundle is still loading (Retry-After)"}}
 
 
-def build_service(settings: Settings, *, observer=None, seed: int | None = None) -> CertificationService:
+def build_service(settings: Settings, *, observer=None, seed: int | None = None,
+                  bundle: Bundle | None = None) -> CertificationService:
     """The certification service of ``settings`` (not started): the one constructor of the app's lifespan and of a
-    Ray Serve replica (server/ray_serve.py)."""
-    bundle = load_bundle(settings.bundle)  # verifies hashes, shapes and schema; raises BundleError
+    Ray Serve replica (server/ray_serve.py). ``bundle``: ``settings.bundle`` already loaded and verified (by
+    ``certserve serve``'s start-up check); else it is loaded here."""
+    if bundle is None:
+        bundle = load_bundle(settings.bundle)  # verifies hashes, shapes and schema; raises BundleError
     return CertificationService(bundle, settings.service_config(), observer=observer, seed=seed)
 
 
 def create_app(settings: Settings | None = None, *, service: CertificationService | None = None,
-               metrics: Metrics | None = None, seed: int | None = None) -> FastAPI:
-    """The app. Without ``service`` the lifespan builds one from ``settings.bundle`` and stops it on shutdown; with
-    one (e.g. built by a Ray Serve replica, with ``metrics`` as its engine observer), its owner starts and stops it."""
+               metrics: Metrics | None = None, seed: int | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """The app. Without ``service`` the lifespan builds one from ``settings.bundle`` (or from ``bundle``, that bundle
+    already verified) and stops it on shutdown; with one (e.g. built by a Ray Serve replica, with ``metrics`` as its
+    engine observer), its owner starts and stops it."""
     settings = settings or get_settings()
     metrics = metrics if metrics is not None else Metrics()
 
@@ -56,7 +60,7 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
     async def lifespan(app: FastAPI):
         owned = service is None  # the app builds its own service on every start-up and stops it on shutdown
         if owned:
-            app.state.service = build_service(settings, observer=metrics, seed=seed)
+            app.state.service = build_service(settings, observer=metrics, seed=seed, bundle=bundle)
             await asyncio.to_thread(app.state.service.start)
         # image decoding, off the event loop (server.requests); a few threads: decodes queue rather than
         # crowd out the event loop and the sampler

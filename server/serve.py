@@ -91,20 +91,21 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=run_serve)
 
 
-def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
+def check_configuration(settings: Settings, *, replicas: int = 1):
     """The configuration errors a user makes, found before uvicorn (or Ray) starts, as one ``ValueError`` line
     (``certserve: error: ...``, exit 2) instead of a start-up traceback: the bundle loads and verifies, a ``cuda``
     device can run, the signing keys load, the audit log can be appended to (with replicas, each writes its own file
-    in the log's directory). The app's own start-up verifies the bundle again (the bytes it serves) and opens the
-    log."""
+    in the log's directory). Returns the verified :class:`models.bundle.Bundle` (it holds the model bytes whose
+    sha256 was checked), which the app then serves instead of loading and verifying it a second time; the app's own
+    start-up opens the log."""
     bundle = Path(settings.bundle)
     if not bundle.is_dir():
         raise ValueError(f"bundle directory {bundle} {'is not a directory' if bundle.exists() else 'does not exist'}")
     from models.bundle import load_bundle
 
     # the whole verification (schema, every artifact present and its sha256, shapes): a partial or corrupt bundle is
-    # one BundleError line here, not a traceback from the app's start-up (which verifies it again, exit 3)
-    load_bundle(bundle)
+    # one BundleError line here, not a traceback from the app's start-up (exit 3)
+    verified = load_bundle(bundle)
     if settings.device == "cuda":
         _check_cuda()
     if settings.signing_key:
@@ -117,6 +118,7 @@ def check_configuration(settings: Settings, *, replicas: int = 1) -> None:
             _check_appendable(audit)
         else:
             _check_creatable_in(audit.parent, audit)
+    return verified
 
 
 def _check_cuda() -> None:
@@ -156,7 +158,7 @@ def run_serve(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "replicas", 1) < 1:
         raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
-    check_configuration(settings, replicas=getattr(args, "replicas", 1))
+    bundle = check_configuration(settings, replicas=getattr(args, "replicas", 1))
     if getattr(args, "replicas", 1) > 1:
         try:
             from server.ray_serve import run_local  # Ray is an optional extra: imported only here
@@ -168,7 +170,7 @@ def run_serve(args) -> int:
     from server.app import create_app
 
     server_class, uvicorn = _draining_server_class()
-    app = create_app(settings)
+    app = create_app(settings, bundle=bundle)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_seconds) + 3, lifespan="on",
                             http=http_protocol(app, settings))

@@ -55,7 +55,7 @@ def served(monkeypatch, request):
     monkeypatch.setattr(serve, "_draining_server_class", recording)
     monkeypatch.setattr(serve, "check_configuration", lambda *a, **k: None)
     monkeypatch.setattr(serve, "freeze_startup_heap", lambda: None)  # not the test process's heap
-    monkeypatch.setattr(server.app, "create_app", lambda settings: app)
+    monkeypatch.setattr(server.app, "create_app", lambda settings, **kwargs: app)
     port = free_port()
     args = argparse.Namespace(bundle=None, host="127.0.0.1", port=port, device=None, threads=None,
                               log_level="warning", replicas=1, ingress="haproxy", ray_metrics_port=None)
