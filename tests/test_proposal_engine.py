@@ -166,13 +166,7 @@ def test_a_larger_min_gain_stops_earlier_by_its_own_policy(backend, images, inde
     ({"min_gain": 1e-4, "target_radius": 0.2}, r"min_gain applies .* not to a target_radius job"),
 ])
 def test_submit_refuses_a_bad_min_gain(backend, images, kwargs, pattern):
-    engine = SequentialEngine(Launches(backend), seed=0)
-    try:
-        with pytest.raises(ValueError, match=pattern):
-            engine.submit(_spec(images[EASY], **kwargs))
-        assert engine.live_jobs == 0
-    finally:
-        engine.stop(0.0)
+    _assert_submit_refuses(backend, images[EASY], kwargs, pattern)
 
 
 @pytest.mark.parametrize("kwargs,pattern", [
@@ -182,10 +176,15 @@ def test_submit_refuses_a_bad_min_gain(backend, images, kwargs, pattern):
     ({"proposal_radius": 0.2, "kind": "fixed"}, r"proposal_radius applies to sequential jobs only"),
 ])
 def test_submit_refuses_bad_proposal_jobs(backend, images, kwargs, pattern):
+    _assert_submit_refuses(backend, images[EASY], kwargs, pattern)
+
+
+def _assert_submit_refuses(backend, image, kwargs, pattern) -> None:
+    """submit() of a job with ``kwargs`` raises a ValueError matching ``pattern`` and leaves no job live."""
     engine = SequentialEngine(Launches(backend), seed=0)
     try:
         with pytest.raises(ValueError, match=pattern):
-            engine.submit(_spec(images[EASY], **kwargs))
+            engine.submit(_spec(image, **kwargs))
         assert engine.live_jobs == 0
     finally:
         engine.stop(0.0)
