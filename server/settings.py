@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -14,11 +16,18 @@ from smoothing.stopping import MAX_BUDGET
 from models.defaults import AUTO_MAX_SAMPLES, AUTO_MIN_SURROGATE_Z, COHEN_N0, DEFAULT_ALPHA, MAX_SAMPLES
 
 
+ENV_PREFIX = "CERTSERVE_"
+#: CERTSERVE_ variables read elsewhere than Settings: `certserve verify`'s key set, the data set directory of the
+#: calibration pipeline, and the CI / test harness's switches
+OTHER_VARIABLES = frozenset(ENV_PREFIX + name for name in ("JWKS", "FASHION_MNIST_DIR", "FUZZ_FAST_CASES",
+                                                           "FUZZ_FULL_CASES", "DOCKER_CACHE", "SKIP_DOCKER"))
+
+
 class Settings(BaseSettings):
     """Every field is also read from ``CERTSERVE_<NAME>`` (e.g. ``CERTSERVE_MAX_SAMPLES=20000``)."""
 
     # an error's text never holds the value given: it may be an API key (a Ray Serve replica logs the error's text)
-    model_config = SettingsConfigDict(env_prefix="CERTSERVE_", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", hide_input_in_errors=True)
 
     bundle: str = Field(str(DEFAULT_BUNDLE_DIR), description="model bundle directory")
     host: str = "127.0.0.1"
@@ -85,6 +94,20 @@ class Settings(BaseSettings):
         if self.require_signing and not (self.signing_key or "").strip():
             raise ValueError("CERTSERVE_REQUIRE_SIGNING is true but no signing key is configured: set "
                              "CERTSERVE_SIGNING_KEY (create one with `certserve keys generate --out DIR`)")
+        return self
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self):
+        """A misspelled variable (``CERTSERVE_API_KEY`` for ``CERTSERVE_API_KEYS``) would otherwise be ignored and
+        the server would start without the setting (here: without authentication): refused, naming the nearest."""
+        known = {f"{ENV_PREFIX}{name.upper()}" for name in type(self).model_fields} | OTHER_VARIABLES
+        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        if unknown:
+            suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+            hints = [f"{k} (did you mean {suffixes[near[0]]}?)" if (near := difflib.get_close_matches(
+                k.upper().removeprefix(ENV_PREFIX), suffixes, 1, 0.75)) else k for k in unknown]
+            raise ValueError(f"unknown environment variable {', '.join(hints)}: certserve reads only the variables "
+                             "listed in README (Configuration); unset or rename it")
         return self
 
     @field_validator("api_keys", mode="before")

@@ -168,3 +168,27 @@ def test_bundle_create_refuses_duplicate_or_blank_class_names(tmp_path, classes)
     with pytest.raises((BundleError, ValueError), match="distinct, non-blank"):
         create_bundle(tmp_path / "b", base=default.path("base"), sigma=0.25, input_shape=[1, 28, 28],
                       classes=classes + [f"c{i}" for i in range(7)])
+
+@pytest.mark.parametrize("name, hint", [("CERTSERVE_API_KEY", "did you mean CERTSERVE_API_KEYS?"),
+                                        ("certserve_max_sample", "did you mean CERTSERVE_MAX_SAMPLES?"),
+                                        ("CERTSERVE_NO_SUCH_THING", "unset or rename it")])
+def test_a_misspelled_variable_is_refused_at_start(monkeypatch, capsys, name, hint):
+    """A misspelled ``CERTSERVE_API_KEY=secret`` (for CERTSERVE_API_KEYS) was ignored, and the server started
+    without authentication: ``serve`` now exits 2 naming the variable and the nearest real one (2026-12-06; run against the
+    code before, all three cases failed: the settings were accepted and the start-up checks reached)."""
+    import server.serve
+
+    monkeypatch.setenv(name, "secret")
+    monkeypatch.setattr(server.serve, "check_configuration", lambda *a, **k: pytest.fail("the server would start"))
+    assert run_cli("serve", "--port", "0") == 2
+    err = capsys.readouterr().err
+    assert name in err and hint in err and "secret" not in err, err
+
+
+def test_the_variables_read_outside_settings_are_not_refused(monkeypatch):
+    """certserve verify's CERTSERVE_JWKS and the harness's switches are real variables, not typos."""
+    from server.settings import OTHER_VARIABLES, Settings
+
+    for name in OTHER_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    assert Settings().port == 8000
