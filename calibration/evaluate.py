@@ -253,14 +253,19 @@ def _replay_sequential(hits, a, b, alpha, sigma, budget, fraction):
 
 
 def replay_per_input(hits, prior, r_prop, alpha, sigma, budget):
-    """Replay the per-input path as the server runs it: the e-process stops when the surrogate's proposed radius is
-    verified, otherwise by the best-radius rule at PER_INPUT_MIN_GAIN (smoothing.proposal_decision); radius of the
+    """Replay the per-input path as the server runs it: the e-process stops when the surrogate's proposed radius (> 0;
+    a proposal of 0 is none) is verified, otherwise by the best-radius rule at PER_INPUT_MIN_GAIN (smoothing.proposal_decision); radius of the
     bound at the stop (per input, anytime-valid)."""
     a, b = prior[:, 0], prior[:, 1]
 
-    def decide(s, t, idx):
-        return proposal_decision(s, t, sigma=sigma, proposal_radius=r_prop[idx], alpha=alpha, budget=budget,
-                                 a=a[idx], b=b[idx], min_gain=PER_INPUT_MIN_GAIN)
+    def decide(s, t, idx):  # a proposal of radius 0 is none (as the server's): the best-radius rule alone
+        codes = np.asarray(best_radius_decision(s, t, sigma=sigma, alpha=alpha, budget=budget, a=a[idx], b=b[idx],
+                                                min_gain=PER_INPUT_MIN_GAIN)).copy()
+        has = r_prop[idx] > 0
+        if has.any():
+            codes[has] = proposal_decision(s[has], t[has], sigma=sigma, proposal_radius=r_prop[idx][has], alpha=alpha,
+                                           budget=budget, a=a[idx][has], b=b[idx][has], min_gain=PER_INPUT_MIN_GAIN)
+        return codes
 
     stop_t = front.replay(hits, decide, budget)
     s = hits[np.arange(len(hits)), stop_t - 1]

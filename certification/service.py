@@ -163,6 +163,8 @@ class CertificationService:
             return JobSpec(image, plan.alpha, n, plan.deadline, kind="fixed", tested_class=c, prior=prior)
         proposal = (float(proposal_radius(answer.z_hat, sigma=self.manifest.sigma))
                     if plan.proposal and answer is not None else None)
+        proposal = proposal if proposal else None  # radius 0 (z_hat <= 0) proposes nothing: it would stop the job
+        # at its first L_t > 1/2, a tiny radius; without it the job keeps the best-radius rule (smoothing.stopping)
         return JobSpec(image, plan.alpha, plan.budget, plan.deadline, tested_class=c, prior=prior,
                        target_radius=plan.target_radius, proposal_radius=proposal,
                        min_gain=PER_INPUT_MIN_GAIN if plan.per_input_lambda else None)

@@ -176,3 +176,50 @@ def test_a_radius_is_never_signed_next_to_a_p_lower_of_one_half():
             cls = 3 if radius[0] > 0 else -1
             _check_consistent(_claims("surrogate", cls, float(radius[0]), float(p[0]), 0.25))
         assert (radius[0] > 0) == (z > 1e-15)
+
+
+def test_a_proposal_of_radius_zero_is_no_proposal_in_the_server_and_its_replay():
+    """z_hat <= 0 (the surrogate's estimate has no radius; also every non-finite surrogate output) proposed radius 0,
+    and proposal_decision verifies radius 0 as soon as L_t > 1/2: the per-input job stopped at its first certified
+    checkpoint with a tiny radius (seeded simulation at pA = 0.8: mean radius 0.035 instead of 0.095). The server now
+    submits no proposal there, and calibration.evaluate.replay_per_input replays it the same way. Failed on the code
+    before this test: the submitted proposal_radius was 0.0, and the replay stopped every row at t = 64 (TARGET)."""
+    import asyncio
+
+    import httpx
+
+    from calibration.evaluate import replay_per_input
+    from server.app import create_app
+    from server.settings import Settings
+    from smoothing import PER_INPUT_MIN_GAIN, best_radius_decision
+    from calibration import front
+
+    submitted = []
+
+    async def main():
+        app = create_app(Settings(max_samples=2000, drain_seconds=0), seed=5)
+        async with app.router.lifespan_context(app):
+            service = app.state.service
+            k = len(service.classes)
+            service.surrogate.forward = lambda x: np.full((len(x), k), np.nan, dtype=np.float32)
+            submit = service.engine.submit
+            service.engine.submit = lambda spec: (submitted.append(spec), submit(spec))[1]
+            image = np.full(service.shape, 0.5, dtype=np.float32).tolist()
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as ac:
+                return await ac.post("/certify", json={"image": image, "per_input": True, "max_samples": 500})
+
+    r = asyncio.run(main())
+    assert r.status_code == 200, r.text
+    assert len(submitted) == 1 and submitted[0].proposal_radius is None
+
+    rng = np.random.default_rng(7)
+    hits = np.cumsum(rng.random((40, 2000)) < 0.8, axis=1, dtype=np.int64)
+    prior = np.full((40, 2), 0.5)
+    used, radius = replay_per_input(hits, prior, np.zeros(40), 0.01, 0.25, 2000)
+
+    def best(s, t, idx):
+        return best_radius_decision(s, t, sigma=0.25, alpha=0.01, budget=2000, a=prior[idx, 0], b=prior[idx, 1],
+                                    min_gain=PER_INPUT_MIN_GAIN)
+
+    assert np.array_equal(used, front.replay(hits, best, 2000)) and (used > 64).all()
