@@ -182,16 +182,21 @@ class AuditLog:
                 self._open()
             self._flock(fcntl.LOCK_EX)
             try:
-                st = os.stat(self.path)
-                if (st.st_dev, st.st_ino) == self._ino:
+                if self._path_is_ours():
                     return
-            except FileNotFoundError:
-                pass
-            except BaseException:  # any other failure (EIO on a shared volume): never keep the lock past it, or
-                self._unlock()  # every other process appending to this log waits until this one appends again
+            except BaseException:  # a failed stat (EIO on a shared volume): never keep the lock past it, or every
+                self._unlock()  # other process appending to this log waits until this one appends again
                 raise
             os.close(self._fd)  # moved (logrotate) or rotated by another process: drops the lock; open PATH again
             self._fd = None
+
+    def _path_is_ours(self) -> bool:
+        """Whether ``PATH`` is still the file this writer has open (False once it was moved, rotated or deleted)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ino
 
     def _unlock(self) -> None:
         if self._fd is not None:  # a failed undo closed it (which released the lock)
@@ -228,12 +233,7 @@ class AuditLog:
         if self._fd is None:
             self._open()
             return
-        try:
-            st = os.stat(self.path)
-            moved = (st.st_dev, st.st_ino) != self._ino
-        except FileNotFoundError:
-            moved = True
-        if moved:
+        if not self._path_is_ours():
             os.close(self._fd)
             self._fd = None
             self._open()

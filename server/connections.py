@@ -29,6 +29,7 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes: int = MAX_HEADER_BYTES,
                      on_reject: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
     """A subclass of uvicorn's HTTP protocol ``base`` (httptools or h11) that bounds each request's header phase."""
+    import h11  # uvicorn's dependency
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     h11_based = issubclass(base, H11Protocol)
@@ -86,8 +87,6 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             if not self.cycle.response_complete:
                 return False
             if h11_based:
-                import h11
-
                 return self.conn.their_state is h11.IDLE
             return self._message_done
 
