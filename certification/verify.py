@@ -42,6 +42,8 @@ REASONS = {
     "jwks_unavailable": "the key set could not be read or fetched",
     "bad_jwks": "the key set is not a valid JWKS",
     "unsigned": "the certificate carries no signature",
+    "not_requested": "a valid certificate, but not an answer to the request sent: its alpha exceeds the request's, or "
+                     "its method is not the mode asked (CertserveClient(verify=True) checks this)",
 }
 CLOCK_SKEW_S = 60
 
@@ -177,6 +179,23 @@ def verify_document(doc: dict, jwks: KeySet | dict | str | Path, **kwargs) -> di
             raise VerificationError("claims_mismatch", f"{name} is {plain!r}; signed {signed!r}" if signed is not None
                                     else f"{name} is {plain!r}, which the signature does not cover")
     return claims
+
+
+def check_answers_request(claims: dict, *, alpha=None, mode=None, per_input=None) -> None:
+    """Raise ``not_requested`` unless the verified ``claims`` answer a request with these parameters (None: not sent,
+    the server's default): guarantee alpha at most the request's, the method of a mode other than auto, and no
+    marginal (surrogate) guarantee where a per-input one was asked. A signature proves who issued a certificate, not
+    that it answers this request: another certificate of the same image (a weaker alpha, a replay) also verifies."""
+    cert = claims["certificate"]
+    if alpha is not None and not cert["guarantee"]["alpha"] <= float(alpha):
+        raise VerificationError("not_requested", f"the certificate holds at alpha {cert['guarantee']['alpha']:g}; "
+                                                 f"the request asked for {float(alpha):g}")
+    if mode not in (None, "auto") and cert["method"] != mode:
+        raise VerificationError("not_requested", f"the certificate's method is {cert['method']}; the request asked "
+                                                 f"for mode {mode}")
+    if per_input in (True, "true") and cert["guarantee"]["kind"] == "conformal-marginal":
+        raise VerificationError("not_requested", "the certificate's guarantee is marginal (surrogate); the request "
+                                                 "asked for a per-input guarantee")
 
 
 def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, object]]:

@@ -47,7 +47,8 @@ class CertserveClient:
     page answered with 200) raises :class:`CertserveError`. ``timeout`` (seconds) bounds each HTTP request; a
     request with ``deadline_ms`` waits at least ``deadline_ms / 1000 + DEADLINE_MARGIN`` seconds for its answer.
     ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
-    the image sent (and its age, with ``max_age`` seconds); a failure raises
+    the image sent (and its age, with ``max_age`` seconds), and that it answers the request (its alpha at most the one
+    asked, the method of the mode asked, a per-input guarantee where asked); a failure raises
     :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
     or dict: pin them for independence from the server) or else the server's ``/.well-known/jwks.json``; a set read
     from a URL or file (the server's included) is read again after :data:`JWKS_MAX_AGE` seconds, and at once (once)
@@ -79,7 +80,7 @@ class CertserveClient:
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         answer = self._post("/certify", files={"image": ("image", data)}, data=fields, timeout=self._timeout(params))
-        return self._checked(_certificate(answer, answer), data)
+        return self._checked(_certificate(answer, answer), data, params)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
@@ -87,7 +88,7 @@ class CertserveClient:
         answer = self._post("/certify/batch", files=files, data=fields, timeout=self._timeout(params))
         if not isinstance(answer.get("results"), list) or len(answer["results"]) != len(files):
             raise CertserveError(200, answer)
-        return [self._checked(_certificate(cert, answer), data)
+        return [self._checked(_certificate(cert, answer), data, params)
                 for cert, (_, (_, data)) in zip(answer["results"], files)]
 
     def _timeout(self, params: dict) -> float:
@@ -102,10 +103,10 @@ class CertserveClient:
         """The server's public key set."""
         return self._get("/.well-known/jwks.json")
 
-    def _checked(self, cert: dict, image: bytes) -> dict:
+    def _checked(self, cert: dict, image: bytes, params: dict) -> dict:
         if not self.verify:
             return cert
-        from certification.verify import VerificationError, load_jwks, verify_document
+        from certification.verify import VerificationError, check_answers_request, load_jwks, verify_document
 
         pinned = isinstance(self._jwks_source, dict)  # a URL or a file is read again, as the server's set is
         for attempt in (0, 1):  # the set is read once into a local: another thread may drop or replace it meanwhile
@@ -114,7 +115,9 @@ class CertserveClient:
                 keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
                 self._keyset, self._keyset_read = keyset, _monotonic()
             try:
-                verify_document(cert, keyset, image_bytes=image, max_age=self.max_age)
+                claims = verify_document(cert, keyset, image_bytes=image, max_age=self.max_age)
+                check_answers_request(claims, alpha=params.get("alpha"), mode=params.get("mode"),
+                                      per_input=params.get("per_input"))
                 return cert
             except VerificationError as exc:  # a key rotated since the set was fetched: fetch it once more
                 if exc.reason != "unknown_kid" or pinned or attempt:

@@ -195,3 +195,24 @@ def test_client_verifies_with_a_key_set_another_thread_drops_meanwhile(tmp_path,
         assert client.certify(IMAGE)["signature"] == cert["signature"]  # reads the set (nothing to drop yet)
         holder.append(client)
         assert client.certify(IMAGE)["signature"] == cert["signature"]
+
+
+@pytest.mark.parametrize("params, changes", [
+    ({"alpha": 0.0001}, {}),  # a valid certificate at alpha 0.001 answered for a request at 0.0001
+    ({"mode": "cohen"}, {}),  # a sequential certificate answered for mode=cohen
+    ({"per_input": True}, {"method": "surrogate", "guarantee": {"kind": "conformal-marginal", "alpha": 0.001,
+                                                                "statement": "marginal"}, "samples": 0,
+                           "stopped_by": "certified", "fallback_reason": None}),
+])
+def test_client_refuses_a_valid_certificate_that_does_not_answer_its_request(signer, params, changes):
+    """CertserveClient(verify=True) checked signature, claims and image only: a genuine signed certificate of the same
+    image at a weaker alpha (or another method, or a marginal guarantee for a per-input request) passed as the answer
+    to a stricter request, e.g. replayed by a proxy or answered by a misconfigured server. Run against the client
+    before this test: all three were returned as verified."""
+    cert, _ = sign_certificate(signer, issued_at=int(time.time()), **changes)
+    served = {"jwks": signer.jwks(), "cert": cert}
+    with _client(served) as client:
+        with pytest.raises(VerificationError) as info:
+            client.certify(IMAGE, **params)
+        assert info.value.reason == "not_requested" and "request" in str(info.value)
+        assert client.certify(IMAGE, alpha=0.001, mode=changes.get("method", "sequential"))  # what it answers
