@@ -21,10 +21,12 @@ from certification.audit import AuditError, AuditLog
 from certification.certificate import Certificate, InputInfo
 from certification.config import ServiceConfig
 from certification.errors import ServiceError
-from certification.signing import Signer, certificate_claims, tensor_sha256
+from certification.signing import Signer, SigningKeyError, certificate_claims, public_jwks, tensor_sha256
 from models.bundle import Bundle
 
 log = logging.getLogger("certserve.seal")
+#: seconds between two reads of the configured key files for the published key set (:meth:`Sealer.jwks`)
+KEYS_REFRESH_SECONDS = 10.0
 
 
 def certserve_version() -> str:
@@ -44,9 +46,11 @@ class Sealer:
     """Hashes, signs and records the certificates of one service (one bundle)."""
 
     def __init__(self, bundle: Bundle, *, signer: Signer | None = None, audit: AuditLog | None = None,
-                 observer: object | None = None):
-        """``observer`` (the server's metrics) may have ``on_seal(seconds)`` and ``on_audit_failure()``."""
+                 observer: object | None = None, key_spec: str | None = None):
+        """``observer`` (the server's metrics) may have ``on_seal(seconds)`` and ``on_audit_failure()``;
+        ``key_spec``: where ``signer``'s keys were read (see :meth:`jwks`)."""
         self.signer, self.audit = signer, audit
+        self._key_spec, self._found_keys, self._found_at = key_spec, [], -float("inf")
         self._on_seal: Callable[[float], None] | None = getattr(observer, "on_seal", None)
         self._on_audit_failure: Callable[[], None] | None = getattr(observer, "on_audit_failure", None)
         m = bundle.manifest
@@ -62,11 +66,28 @@ class Sealer:
                          fsync=config.audit_fsync) if config.audit_log else None
         if signer is not None:
             log.info("signing certificates with key %s (%d key(s) published)", signer.kid, len(signer.kids))
-        return cls(bundle, signer=signer, audit=audit, observer=observer)
+        return cls(bundle, signer=signer, audit=audit, observer=observer, key_spec=config.signing_key)
 
     def jwks(self) -> dict:
-        """The public key set (empty when certificates are not signed)."""
-        return self.signer.jwks() if self.signer is not None else {"keys": []}
+        """The public key set (empty when certificates are not signed): the signer's keys, active first, then any
+        other key the configured files hold now (re-read at most every :data:`KEYS_REFRESH_SECONDS`). Several
+        servers on one key directory (Ray Serve replicas, a rolling update) start at different times: one started
+        after a key was added to it signs with that key, and every other one must publish it too, or its
+        certificates fail verification (``unknown_kid``) against the key set of whichever one answers for it."""
+        if self.signer is None:
+            return {"keys": []}
+        own = self.signer.jwks()
+        now = time.monotonic()
+        if self._key_spec and now - self._found_at >= KEYS_REFRESH_SECONDS:
+            self._found_at = now
+            try:
+                found = public_jwks(self._key_spec, warn=False)["keys"]
+            except (SigningKeyError, OSError) as exc:  # a file being written, or removed: keep the last set
+                log.debug("re-reading the signing keys for the key set failed: %s", exc)
+            else:
+                kids = {k["kid"] for k in own["keys"]}
+                self._found_keys = [k for k in found if k["kid"] not in kids]
+        return {"keys": own["keys"] + [dict(k) for k in self._found_keys]}
 
     def seal(self, cert: Certificate, image: np.ndarray, *, input_sha256: str | None,
              input_encoding: str | None) -> Certificate:

@@ -164,20 +164,22 @@ def key_files(spec: str | os.PathLike | list) -> list[Path]:
     return files
 
 
-def public_jwks(spec: str | os.PathLike | list) -> dict:
+def public_jwks(spec: str | os.PathLike | list, *, warn: bool = True) -> dict:
     """The key set (RFC 7517) of the keys named by ``spec``, as :meth:`Signer.jwks` publishes it, but needing no
-    private key: for ``certserve keys jwks`` over retired (public-only) keys."""
-    return {"keys": [_public_jwk(k) for k in _dedupe([_load_key(p) for p in key_files(spec)])]}
+    private key: for ``certserve keys jwks`` over retired (public-only) keys. ``warn=False``: no warning for a key
+    file readable by others (a server re-reading its keys already warned at start-up)."""
+    return {"keys": [_public_jwk(k) for k in _dedupe([_load_key(p, warn=warn) for p in key_files(spec)])]}
 
 
-def _load_key(path: Path) -> _Key:
+def _load_key(path: Path, *, warn: bool = True) -> _Key:
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise SigningKeyError(f"cannot read signing key {path}: {exc.strerror}") from None
     if b"PRIVATE KEY" in data:
         private = _parse_private(path, data)
-        _warn_if_exposed(path)
+        if warn:
+            _warn_if_exposed(path)
         public_obj = private.public_key()
     else:
         private, public_obj = None, _parse_public(path, data)

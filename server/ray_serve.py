@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import shutil
 import signal
@@ -295,6 +296,23 @@ def haproxy_private_files(directory: str) -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{directory}/server-state"}
 
 
+def gpus_per_replica(gpus: float, replicas: int) -> float:
+    """The GPU share of each of ``replicas`` replicas on a node with ``gpus`` GPUs: one each where there are enough,
+    else 1/k of one GPU with k = the replicas each GPU must hold (rounded up). Ray places a fractional request on ONE
+    GPU, so ``gpus / replicas`` (2 GPUs, 3 replicas: 2/3 each) left a replica that fits on no GPU: it stayed pending
+    and ``certserve serve --replicas 3`` never became ready."""
+    whole = math.floor(gpus)
+    if gpus <= 0 or replicas < 1:
+        return 0.0
+    if whole < 1:  # a node with a fraction of one GPU: all replicas share it
+        return gpus / replicas
+    return 1.0 / math.ceil(replicas / whole)
+
+
+class _StopRequested(Exception):
+    """SIGTERM/SIGINT while ``run_local`` is still starting the cluster or the replicas."""
+
+
 def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None,
               ingress: str = INGRESSES[0]) -> int:
     """``certserve serve --replicas N``: a local Ray cluster (this machine's cores, no dashboard), N replicas behind
@@ -314,17 +332,25 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         os.environ.setdefault(key, value)  # inherited by every Ray process started below
     cores = os.cpu_count() or 1
     stop = threading.Event()
+    starting = True
+
+    def on_signal(*_):
+        stop.set()
+        if starting:  # serve.run may wait forever (a replica Ray cannot place): stop waiting, clean up below
+            raise _StopRequested
+
     try:
         ray.init(num_cpus=cores, include_dashboard=False, _metrics_export_port=metrics_port,
                  _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # one machine: the loopback address
         for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
         # a --threads flag or CERTSERVE_THREADS wins over the replica's share of the cores
         args = {**args, "threads": settings.threads or max(1, cores // replicas)}
-        app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=min(1.0, gpus / replicas))
+        app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=gpus_per_replica(gpus, replicas))
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
+        starting = False
         log.warning("certserve: %d replicas ready on http://%s:%d behind %s (Ray metrics on port %s)", replicas, host,
                     port, ingress, ray._private.worker.global_worker.node.metrics_export_port)
         while not stop.wait(0.5):
@@ -333,6 +359,13 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         # delete the application first, with the proxy still up: each replica leaves the routing table, finishes its
         # ongoing requests (graceful_shutdown_timeout_s) and the proxy delivers their answers; only then stop Serve
         serve.delete(APP_NAME)
+    except _StopRequested:  # a signal during start-up: stop everything that started
+        starting = False
+        log.warning("certserve: stopping before every replica was ready")
+        try:  # the replicas already up may be answering requests (HAProxy routes to them): let them finish, as above
+            serve.delete(APP_NAME)
+        except Exception:  # noqa: BLE001 (not deployed yet, or Serve not started: serve.shutdown below stops the rest)
+            log.debug("deleting the application during start-up failed", exc_info=True)
     finally:
         if ray.is_initialized():
             try:
