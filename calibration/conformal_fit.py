@@ -21,6 +21,7 @@ Levels whose calibration part is too small for even one bin are left out.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 from scipy.optimize import isotonic_regression
@@ -32,10 +33,20 @@ from smoothing.conformal import (DEFAULT_LEVELS, bin_index, level_split, min_cal
 
 TUNING_STREAM = 71205  # the tuning cut draws from default_rng([split seed, TUNING_STREAM])
 SCALE_FLOOR = 0.05  # probit units: no bin may claim a spread below this (about 0.0125 in radius at sigma 0.25)
+BIN_SLACK = 1.05  # a level gets as many bins as keep >= BIN_SLACK x its minimum calibration size in each
+
+
+def level_min_images(alpha: float, bin_slack: float = BIN_SLACK) -> int:
+    """Calibration images (besides the tuning ones) that level ``alpha`` needs to be fitted at all (one bin):
+    ceil(bin_slack x min_calibration_size(delta)); :func:`fit_level` leaves the level out below it. The one rule
+    behind the fit, its refusal message and the pipeline's check before any work."""
+    need = min_calibration_size(level_split(alpha)[0])
+    # the float product as the fit has always used it; exact where need is beyond floats (a level below ~1e-307)
+    return math.ceil(bin_slack * need) if need < 2**1000 else math.ceil(Fraction(bin_slack) * need)
 
 
 def fit_calibration(g_tune, hits_tune, g_cal, hits_cal, num_samples: int, *, levels=DEFAULT_LEVELS,
-                    max_bins: int = 8, num_knots: int = 48, bin_slack: float = 1.05, gamma: float | None = None,
+                    max_bins: int = 8, num_knots: int = 48, bin_slack: float = BIN_SLACK, gamma: float | None = None,
                     scale: str = "spread", point: str = "isotonic") -> dict:
     """The bundle's ``calibration`` block: one fitted level per alpha of ``levels`` that the split supports.
 
@@ -51,7 +62,7 @@ def fit_calibration(g_tune, hits_tune, g_cal, hits_cal, num_samples: int, *, lev
             fitted.append(level)
     if not fitted:
         raise ValueError(f"{len(g_cal)} calibration images are too few for any level of {list(levels)} "
-                         f"(level {max(levels)} needs {min_calibration_size(level_split(max(levels))[0])})")
+                         f"(level {max(levels)} needs {level_min_images(max(levels), bin_slack)})")
     return {"method": "probit-mondrian", "guarantee": "marginal" if gamma is None else "training-conditional",
             "gamma": gamma, "samples_per_image": int(num_samples), "num_calibration": int(len(g_cal)),
             "num_tuning": int(len(g_tune)), "levels": fitted}
@@ -61,8 +72,7 @@ def fit_level(g_tune, hits_tune, g_cal, hits_cal, num_samples, alpha, *, max_bin
               scale, point="isotonic") -> dict | None:
     """One level: maps and edges from the tuning part, per-bin quantiles from the calibration part (None: too few)."""
     delta, alpha_1 = level_split(alpha)
-    need = min_calibration_size(delta)
-    num_bins = min(max_bins, int(len(g_cal) // math.ceil(bin_slack * need)))
+    num_bins = min(max_bins, int(len(g_cal) // level_min_images(alpha, bin_slack)))
     if num_bins < 1:
         return None
     z_tune = probit_labels(hits_tune, num_samples, alpha_1)

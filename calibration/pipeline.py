@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from calibration.config import PipelineConfig
-from calibration.conformal_fit import calibrate_surrogate, describe, tuning_cut
+from calibration.conformal_fit import calibrate_surrogate, describe, level_min_images, tuning_cut
 from calibration.counts import compute_counts, images_digest, labelled_calibration_images
 from calibration.data import declared_training, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
@@ -32,7 +32,6 @@ from models.defaults import default_batch_size
 from models.export import export_onnx
 from models.priors import FEATURE_NAMES, meta_features, softmax
 from models.sampling import SamplingEngine
-from smoothing import level_split, min_calibration_size
 
 
 def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) -> Path:
@@ -138,7 +137,7 @@ def _checked_tune_size(cfg: PipelineConfig) -> int:
         raise ValueError("--base-trained-on describes a model given with --base; without --base the base model is "
                          "trained here on the base-train split")
     usable = min(cfg.calibration_size, cfg.limit or cfg.calibration_size)
-    need, tune = min_calibration_size(level_split(max(cfg.levels))[0]), min(cfg.tune_size, usable // 2)
+    need, tune = level_min_images(max(cfg.levels)), min(cfg.tune_size, usable // 2)  # the fit's own rule
     if usable - tune < need:
         raise ValueError(f"the largest level {max(cfg.levels)} needs at least {need} calibration images besides the "
                          f"tuning ones; got {usable} of which {tune} tune (tune_size is capped at half the split)")

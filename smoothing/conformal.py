@@ -79,12 +79,14 @@ def training_conditional_rank(num_scores: int, delta: float, gamma: float) -> in
 
 
 def min_calibration_size(delta: float) -> int:
-    """Smallest number of calibration scores m for which the rank ceil((m+1)(1-delta)) is <= m (a finite q_hat)."""
+    """Smallest number of calibration scores m for which the rank ceil((m+1)(1-delta)) is <= m (a finite q_hat).
+
+    Exact, in closed form: for an integer m, ceil((m+1)(1-delta)) <= m iff (m+1)(1-delta) <= m iff m >= 1/delta - 1
+    (rational arithmetic on the given float delta). A search upward from the float estimate 1/delta looped once per
+    integer between that estimate and the exact value: ~10^9 steps at delta = 1e-25, so ``--levels 1e-25`` or such
+    a level in a manifest hung the pipeline's up-front check, the fit and the bundle loader."""
     check_alpha(delta, "delta")
-    m = max(1, math.floor(1 / float(delta)) - 2)
-    while conformal_rank(m, delta) > m:
-        m += 1
-    return m
+    return max(1, math.ceil(1 / Fraction(float(delta)) - 1))
 
 
 def conformal_quantile(scores, delta: float, *, gamma: float | None = None) -> float:

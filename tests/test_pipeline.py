@@ -293,11 +293,15 @@ def test_users_own_base_model_needs_a_declaration_of_its_training_images(tmp_pat
 
 
 def test_too_small_calibration_split_fails_before_training(tmp_path):
-    need = min_calibration_size(level_split(0.1)[0])
-    assert need == 11
+    """The check is the fit's own rule: ceil(1.05 x the conformal minimum 11) = 12 calibration images at level 0.1
+    (11, which passed this check until 2026-12, then failed in the fit after training and counting)."""
+    from calibration.conformal_fit import level_min_images
+
+    need = level_min_images(0.1)
+    assert need == 12 and min_calibration_size(level_split(0.1)[0]) == 11
     for sizes in ({"calibration_size": 2 * need - 2}, {"calibration_size": 40, "limit": 2 * need - 2}):
         cfg = PipelineConfig(out=str(tmp_path / "b"), work=str(tmp_path / "w"), **{**TINY, **sizes})
-        with pytest.raises(ValueError, match=r"level 0.1 needs at least 11 calibration images besides the tuning "
-                                             r"ones; got 20 of which 10 tune"):
+        with pytest.raises(ValueError, match=r"level 0.1 needs at least 12 calibration images besides the tuning "
+                                             r"ones; got 22 of which 11 tune"):
             run_pipeline(cfg, log=lambda *_: pytest.fail("must fail before logging any step"))
     assert not (tmp_path / "w" / "base.onnx").exists() and not (tmp_path / "b").exists()
