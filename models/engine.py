@@ -79,7 +79,7 @@ class SequentialEngine:
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
         self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
-        self._admitting = 0  # jobs taken from _pending, not yet in the job table (live_jobs counts them); _lock
+        self._open = 0  # jobs submitted whose futures are not done yet: live_jobs (see there); guarded by _lock
         self._cancelled: deque[_Job] = deque()
         self._table: JobTable | None = None
         self._image_shape: tuple | None = None  # of every job's image (the first submitted job's); guarded by _lock
@@ -105,10 +105,13 @@ class SequentialEngine:
 
     @property
     def live_jobs(self) -> int:
-        """Jobs submitted, not yet answered. An answered job whose slot is not yet freed (a zombie, models.jobs) does
-        not count: a caller replacing it from its future's callback is not refused with QueueFull."""
+        """Jobs submitted whose futures are not done: not a zombie, nor a cancelled job awaiting the engine's turn."""
         with self._lock:
-            return len(self._pending) + self._admitting + (self._table.unanswered() if self._table is not None else 0)
+            return self._open
+
+    def _closed(self, _future) -> None:  # every job future's first done callback (before the caller's)
+        with self._lock:
+            self._open -= 1
 
     @property
     def stopping(self) -> bool:
@@ -136,12 +139,14 @@ class SequentialEngine:
             if self.live_jobs >= self.max_live_jobs:
                 raise QueueFull(f"{self.max_live_jobs} sampling jobs are in flight")
             self._pending.append(job)  # the engine thread publishes the queue depth (one writer), at admission
+            self._open += 1  # until its future is done (_closed)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             if len(self._deadlines) > 2 * self.max_live_jobs + 64:  # answered jobs (image, future) wait there for
                 self._deadlines = [d for d in self._deadlines if not d[2].future.done()]  # their deadline: drop
                 heapq.heapify(self._deadlines)  # them (amortized O(1) per submit; at most ~2 max_live_jobs kept)
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
                 self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
+        fut.add_done_callback(self._closed)  # (on a future answered meanwhile: runs at once)
         fut.add_done_callback(queue_if_cancelled(self._cancelled, job))
         return fut
 
@@ -223,7 +228,7 @@ class SequentialEngine:
         with self._lock:
             self._accepting = False
             jobs = [entry[2] for entry in self._deadlines]
-            self._pending, self._admitting = [], 0
+            self._pending = []
         with self._state:
             answers = [a for job in jobs for a in self._answer_job(job, "shutdown")]
         resolve_futures(answers)
@@ -243,7 +248,6 @@ class SequentialEngine:
         """Admit pending jobs, drop cancelled and finished ones; at shutdown answer everyone. True: stop the loop."""
         with self._lock:
             admit, self._pending = self._pending, []
-            self._admitting = len(admit)  # still counted by live_jobs until they are in the table (QueueFull)
             table = self._table
             stopping = self._stop_at is not None and (time.monotonic() >= self._stop_at or not self._accepting
                                                       and not admit and (table is None or not table.running.any()))
@@ -255,9 +259,7 @@ class SequentialEngine:
             admit = [job for job in admit if not job.finished and not job.future.done()]
             kinds = [KINDS[job.spec.kind] for job in admit]
             schedules = [checkpoints_of(job.spec.budget) if job.spec.kind == "sequential" else None for job in admit]
-            with self._lock:  # from _admitting into the table in one step: live_jobs never counts a job twice
-                table.admit_many(admit, kinds, schedules)
-                self._admitting = 0
+            table.admit_many(admit, kinds, schedules)
             while self._cancelled:
                 job = self._cancelled.popleft()
                 job.finished, job.spec = True, None

@@ -146,7 +146,10 @@ _GUARDS = [Depends(require_key), Depends(admit)]
 async def certify(request: Request) -> Certificate:
     images, params = await parse_request(request, batch=False)
     (decoded,) = await _decode(request, images, params)
-    cert = await _certify_one(request, decoded, params)
+    try:
+        cert = await _certify_one(request, decoded, params)
+    finally:
+        _stop_watching(request)
     _observe_http(request, "/certify")
     return cert
 
@@ -177,6 +180,8 @@ async def certify_batch(request: Request) -> BatchResponse:
                                                   f"at once (CERTSERVE_MAX_LIVE_JOBS = {live}); send at most {live} "
                                                   f"images per batch") from None
         raise  # refused: no image of the batch is counted, not even one certified before the failure
+    finally:
+        _stop_watching(request)
     for cert in results:  # counted once the batch is answered
         request.app.state.metrics.observe_certificate(cert)
     _observe_http(request, "/certify/batch")
@@ -236,12 +241,36 @@ async def _certify_one(request: Request, d: Decoded, params: CertifyParams, *, c
 
 async def _cancel_on_disconnect(request: Request, work: asyncio.Future) -> bool:
     """Cancel ``work`` when the client disconnects; True when it did."""
-    while not work.done():
-        if await request.is_disconnected():
-            work.cancel()
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    if work.done():  # the surrogate's answer: no wait, nothing to watch
+        return False
+    gone = _disconnect_watch(request)
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if work.done() or gone.cancelled() or gone.exception() is not None:
+        return False
+    work.cancel()
+    return True
+
+
+def _disconnect_watch(request: Request) -> asyncio.Task:
+    """The request's one watch for its client going away (shared by a batch's images; the route stops it): ONE
+    ``receive()`` kept pending until ``http.disconnect``, never a poll. Each receive() call resumes reading the
+    connection (uvicorn's flow control), so polling it every 50 ms let a client pipeline its next request's body
+    into the server's memory without limit while this one sampled, past the body limit and the admission limit."""
+    watch = getattr(request.state, "disconnect_watch", None)
+    if watch is None:
+        watch = request.state.disconnect_watch = asyncio.ensure_future(_until_disconnect(request.receive))
+    return watch
+
+
+async def _until_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":  # the body was read whole: uvicorn sends nothing else
+        await asyncio.sleep(0.05)  # (an ASGI server that answers at once with empty bodies is not spun on)
+
+
+def _stop_watching(request: Request) -> None:
+    watch = getattr(request.state, "disconnect_watch", None)
+    if watch is not None:
+        watch.cancel()
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness",

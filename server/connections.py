@@ -10,8 +10,8 @@ admission limit can help.
 :func:`guarded_protocol` wraps uvicorn's HTTP protocol class: from the moment a connection opens, and again after
 each response, the next request's line and headers must arrive within ``timeout`` seconds (else: closed, with 408
 ``header_timeout`` if any of them had arrived) and within ``max_bytes`` bytes (else: 431 ``headers_too_large``,
-closed). Both answers use the JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is
-called for each (metrics).
+closed). These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text), use the
+JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is called for each (metrics).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from server.errors import error_bytes
 
 #: the request line and headers of one request may take at most this many bytes (nginx: 4 x 8 KiB; h11: 16 KiB)
 MAX_HEADER_BYTES = 64 * 1024
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes: int = MAX_HEADER_BYTES,
@@ -78,6 +78,19 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         def on_message_complete(self) -> None:
             self._message_done = True
             super().on_message_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to bytes its parser refuses (a malformed request line, header or chunked body): the
+            JSON envelope and what was expected, instead of its plain-text 'Invalid HTTP request received.'; only
+            the connection is closed where an answer is already being sent (a second one would corrupt it)."""
+            cycle = self.cycle
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
+                self._stop_timer()
+                self.transport.close()
+                return
+            self._refuse(400, "bad_request", "the request is not valid HTTP/1.1: a malformed request line, header "
+                         "(e.g. a Content-Length that is not one decimal number) or chunked body; send a "
+                         f"well-formed request ({msg.rstrip('.')})")
 
         def _awaiting(self) -> bool:
             """Between requests: the last response sent and the last request's body received (an answer sent before

@@ -137,7 +137,9 @@ def test_cancelled_job_is_dropped_and_engine_keeps_serving(make_engine, images, 
     long = engine.submit(JobSpec(images[EASY], 0.001, 10**7, deadline(120), tested_class=1))
     wait_until(lambda: engine.samples_processed > 0, 30, "the long job to start sampling")
     assert long.cancel() and long.cancelled()
-    wait_until(lambda: engine.live_jobs == 0, 10, "the cancelled job to be dropped")
+    assert engine.live_jobs == 0  # its place is free at once (tests/test_overload_review2.py)
+    table = engine._table  # the engine thread drops it at its next turn; its batches in flight then land
+    wait_until(lambda: not table.running.any() and not table.inflight.any(), 10, "the cancelled job to be dropped")
     before = engine.samples_processed
     time.sleep(0.3)
     assert engine.samples_processed == before, "the engine kept sampling for a cancelled job"
