@@ -59,7 +59,7 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
                             batch_size=cfg.batch_size or default_batch_size(device))
 
     with _timed(timings, "counts_surrogate_train_seconds"):  # 2. Monte-Carlo counts on surrogate-train
-        sur_counts = compute_counts(engine, ds.x_train[sur_idx], cfg.train_samples, seed=cfg.seed + 1,
+        sur_counts = compute_counts(engine, ds.x_train[sur_idx], cfg.train_samples, seed=surrogate_counts_seed(cfg.seed),
                                     out_dir=work / "counts-surrogate-train", model_sha256=base_sha,
                                     progress=cfg.progress)
 
@@ -304,6 +304,16 @@ def _check_counts_fit_bundle(labelled, manifest, counts_dir) -> None:
         raise ValueError(f"the split arguments give other splits ({splits.record()}) than the bundle was built with "
                          f"({prov['splits']}); pass the bundle's --calibration-size, --surrogate-size and "
                          f"--split-seed{legacy}")
+    pipeline_seed = (prov.get("seeds") or {}).get("pipeline")
+    if pipeline_seed is not None and int(labelled.meta["seed"]) == surrogate_counts_seed(int(pipeline_seed)):
+        raise ValueError(f"{counts_dir} was counted with seed {labelled.meta['seed']}, the seed of the noise the "
+                         "bundle's surrogate was trained on: calibration labels need noise independent of the "
+                         "surrogate; count with another --seed")
+
+
+def surrogate_counts_seed(pipeline_seed: int) -> int:
+    """The seed of the surrogate's training counts in a build with ``pipeline_seed``."""
+    return pipeline_seed + 1
 
 
 def _reusable_base(work: Path, trained_on: dict) -> bool:

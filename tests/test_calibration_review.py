@@ -122,3 +122,14 @@ def test_recalibration_refuses_a_user_base_model_without_a_training_declaration(
     declared = _with_provenance(tmp_path, "declared-none", base_trained_here=False,
                                 base_trained_on={"declared": "none", "meaning": "test"})
     assert load_bundle(_recal(declared, counts_dir, "fashion-mnist", tmp_path / "ok")).manifest.calibration
+
+
+def test_recalibration_refuses_counts_drawn_with_the_surrogates_training_seed(counts_dir, tmp_path):
+    """Counts drawn with the seed of the surrogate's training counts (the build's pipeline seed + 1) reuse the very
+    noise the surrogate was fitted to: its calibration labels are then not independent of the surrogate. Refused,
+    naming the seed (2026-12-06; the code before accepted them: this test failed)."""
+    ds = load_dataset("fashion-mnist")
+    bundle = _with_provenance(tmp_path, "same-seed", pool_sha256=images_digest(ds.x_train), seeds={"pipeline": 6})
+    with pytest.raises(ValueError, match="seed 7, the seed of the noise the bundle's surrogate was trained on"):
+        _recal(bundle, counts_dir, "fashion-mnist", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
