@@ -22,8 +22,9 @@ score the model on its own training images). A false declaration voids the guara
 from __future__ import annotations
 
 import gzip
-import os
 import hashlib
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +121,30 @@ def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> Dataset:
 
 
 def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """An .npz with x, y (and optional x_test, y_test, classes); without a test set, a seeded split is made."""
-    with np.load(path, allow_pickle=False) as data:
+    """An .npz with x, y (and optional x_test, y_test, classes); without a test set, a seeded split is made.
+    ValueError, saying what was expected, for anything else (the whole file is checked before any work)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, truncated, or object (pickled) arrays
+        raise ValueError(f"{path} is not a readable .npz of numeric arrays (np.savez of x, y, ...): {exc}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive of arrays 'x' and 'y'")
+    with data:
         if "x" not in data or "y" not in data:
             raise ValueError(f"{path} must contain arrays 'x' (images) and 'y' (labels); found {sorted(data.files)}")
-        x, y = _to_float(data["x"]), _labels(data["y"], path)
+        if ("x_test" in data) != ("y_test" in data):
+            raise ValueError(f"{path} must contain both 'x_test' and 'y_test' (a test set), or neither; found "
+                             f"{sorted(data.files)}")
+        x, y = _to_float(data["x"], f"{path}: x"), _labels(data["y"], path)
         if len(x) != len(y):
             raise ValueError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
-        classes = [str(c) for c in data["classes"]] if "classes" in data else [str(i) for i in range(int(y.max()) + 1)]
+        classes = (_class_names(data["classes"], path) if "classes" in data else
+                   [str(i) for i in range(int(y.max(initial=0)) + 1)])
         if "x_test" in data:
-            x_test, y_test = _to_float(data["x_test"]), _labels(data["y_test"], path)
+            x_test, y_test = _to_float(data["x_test"], f"{path}: x_test"), _labels(data["y_test"], path, "y_test")
+            if len(x_test) != len(y_test) or x_test.shape[1:] != x.shape[1:]:
+                raise ValueError(f"{path}: x_test must hold one image shaped like x's {x.shape[1:]} per label of "
+                                 f"y_test; got x_test {x_test.shape[1:]} x {len(x_test)}, y_test {len(y_test)} labels")
             source, size = np.arange(len(x)), len(x)
         else:
             perm = np.random.default_rng(seed).permutation(len(x))
@@ -138,7 +153,23 @@ def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Datase
             source, size = perm[:cut], len(perm)
     if y.max(initial=0) >= len(classes) or y_test.max(initial=0) >= len(classes):
         raise ValueError(f"{path}: labels exceed the {len(classes)} classes")
+    if len(classes) < 2:  # the bundle needs two classes or more: refused here, not after hours of work
+        raise ValueError(f"{path}: a classifier needs at least 2 classes; the labels (and 'classes') give "
+                         f"{classes}")
     return Dataset(path.stem, x, y, x_test, y_test, classes, source, size)
+
+
+def _class_names(arr, path) -> list[str]:
+    """The 'classes' array as names: 1-d, distinct and non-blank (what the bundle's manifest requires, checked
+    before any work); bytes decoded as UTF-8 (str(b'cat') would name a class "b'cat'")."""
+    arr = np.asarray(arr)
+    names = ([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in arr.tolist()]
+             if arr.ndim == 1 else None)
+    stripped = [n.strip() for n in names or []]
+    if names is None or not all(stripped) or len(set(stripped)) != len(stripped):
+        raise ValueError(f"{path}: 'classes' must be a 1-d array of distinct, non-blank class names in label "
+                         f"order (e.g. np.array(['cat', 'dog'])); got {arr!r}"[:400])
+    return names
 
 
 def make_splits(num_train: int, *, calibration: int, surrogate_train: int, seed: int = 0,
@@ -190,22 +221,28 @@ def declared_training(spec: str, ds: Dataset) -> tuple[np.ndarray | None, dict]:
                   "num_indices": int(len(np.unique(idx))), "excluded_from_pool": int(len(pool))}
 
 
-def _to_float(x: np.ndarray) -> np.ndarray:
+def _to_float(x: np.ndarray, what: str = "images") -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
-        raise ValueError(f"images must be N x H x W or N x C x H x W, got shape {x.shape}")
+        raise ValueError(f"{what} must be N x H x W or N x C x H x W, got shape {x.shape}")
+    if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # channels last: C would be read as H
+        raise ValueError(f"{what} has shape {x.shape}, channels last (N x H x W x C); expected N x C x H x W "
+                         "(np.transpose(x, (0, 3, 1, 2))) or N x H x W for grey images")
     if x.dtype == np.uint8:
         return (x.astype(np.float32) / 255.0)
-    x = x.astype(np.float32)
+    if x.dtype.kind not in "fbiu":
+        raise ValueError(f"{what} must be uint8 (0-255) or float (0-1) images, got dtype {x.dtype}")
+    dtype, x = x.dtype, x.astype(np.float32)
     if not np.all(np.isfinite(x)) or x.min(initial=0) < 0 or x.max(initial=0) > 1:
-        raise ValueError("float images must have values in [0, 1]")
+        raise ValueError(f"{what}: float images must have values in [0, 1] (or be uint8, 0-255); got {dtype} "
+                         f"values in [{np.nanmin(x) if x.size else 0}, {np.nanmax(x) if x.size else 0}]")
     return x
 
 
-def _labels(y, path) -> np.ndarray:
+def _labels(y, path, name: str = "y") -> np.ndarray:
     y = np.asarray(y)
     if y.dtype.kind not in "iu" or y.ndim != 1 or (y.size and y.min() < 0):
-        raise ValueError(f"{path}: y must be a 1-d array of non-negative integer labels")
+        raise ValueError(f"{path}: {name} must be a 1-d array of non-negative integer labels")
     return y.astype(np.int64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import platform
 import subprocess
@@ -27,7 +28,7 @@ from calibration.data import declared_training, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
 from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
-from models.bundle import create_bundle, sha256_file
+from models.bundle import BundleError, check_model, create_bundle, sha256_file
 from models.defaults import default_batch_size
 from models.export import export_onnx
 from models.priors import FEATURE_NAMES, meta_features, softmax
@@ -167,12 +168,19 @@ def _base_model(cfg: PipelineConfig, ds, splits, work: Path, device: str) -> _Ba
     directory when it was trained exactly so)."""
     if cfg.base:
         backend = OnnxBackend(Path(cfg.base), device=device if device == "cuda" else "cpu")
-        if tuple(backend.input_shape[1:]) != ds.input_shape:
-            raise ValueError(f"{cfg.base} takes input {backend.input_shape[1:]}, the data has {ds.input_shape}")
+        try:  # what the bundle will check at the end, checked before any work (a fixed batch axis failed the run
+            # with onnxruntime's traceback; a wider output than the data's classes, after all the counts)
+            check_model(backend, f"--base {cfg.base}", list(ds.input_shape), len(ds.classes), expected_by="--data")
+        except BundleError as exc:
+            raise ValueError(f"{exc} (--data {ds.name!r}: images {ds.input_shape}, {len(ds.classes)} classes)"
+                             ) from None
         return _Base(Path(cfg.base), backend, backend)
     onnx, script = work / "base.onnx", work / "base.pt"
-    trained_on = {"data": ds.name, "sigma": cfg.sigma, "splits": splits.record(), "epochs": cfg.base_epochs,
-                  "seed": cfg.seed}
+    # the pool's images and labels, not only the data's name: the split indices name other images in a regenerated
+    # or reshuffled file of the same name, where a reused base model's training images would land in calibration
+    trained_on = {"data": ds.name, "pool_sha256": images_digest(ds.x_train),
+                  "labels_sha256": hashlib.sha256(np.ascontiguousarray(ds.y_train, dtype=np.int64)).hexdigest(),
+                  "sigma": cfg.sigma, "splits": splits.record(), "epochs": cfg.base_epochs, "seed": cfg.seed}
     if _reusable_base(work, trained_on):
         module = torch.jit.load(str(script), map_location="cpu")
     else:
@@ -317,9 +325,10 @@ def surrogate_counts_seed(pipeline_seed: int) -> int:
 
 
 def _reusable_base(work: Path, trained_on: dict) -> bool:
-    """True when the work directory holds a base model trained as ``trained_on`` says (data, sigma, exact splits,
-    epochs, seed); False when it holds none. A base model trained otherwise is refused, not reused: its training
-    images could be this run's calibration images, which would void the surrogate's guarantee."""
+    """True when the work directory holds a base model trained as ``trained_on`` says (data, its pool's images and
+    labels, sigma, exact splits, epochs, seed); False when it holds none. A base model trained otherwise is refused,
+    not reused: its training images could be this run's calibration images, which would void the surrogate's
+    guarantee."""
     files = [work / name for name in ("base.onnx", "base.pt", "base.json")]
     if not any(f.exists() for f in files):
         return False

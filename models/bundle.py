@@ -298,34 +298,40 @@ def _check_shapes(bundle: Bundle) -> None:
             raise BundleError(f"artifact {role}: {bundle.path(role).name} is not a loadable ONNX model (weights in "
                               f"separate files, ONNX external data, are not supported: the manifest's sha256 must "
                               f"cover every byte served): {exc}") from None
-        want_in, want_out = expected[role]
-        inputs = backend.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].type != "tensor(float)":
-            found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
-            raise BundleError(f"artifact {role}: the model's inputs are {found}; expected exactly one float32 input "
-                              f"(tensor(float), batch x {want_in}): the server feeds it float32 values (pixels in "
-                              "[0, 1] plus float32 Gaussian noise); a model in another precision casts in its graph")
-        got_in = list(backend.input_shape[1:])
-        if got_in != want_in:
-            raise BundleError(f"artifact {role}: model input shape (batch, {got_in}) does not match manifest (batch, {want_in})")
-        outputs = backend.session.get_outputs()
-        if len(outputs) != 1:
-            raise BundleError(f"artifact {role}: the model has {len(outputs)} outputs ({[o.name for o in outputs]}); "
-                              f"expected exactly one, the (batch, {want_out}) float logits")
-        for n in (2, 1):  # probe passes: the engine batches many inputs (dynamic batch axis) and reads (batch, width)
-            # rows; the request path runs one clean image at a time (a torch .squeeze() exports as (K,) at batch 1)
-            try:
-                out = np.asarray(backend.forward(np.zeros((n, *want_in), dtype=np.float32)))
-            except Exception as exc:
-                raise BundleError(f"artifact {role}: a forward pass on a batch of {n} input(s) failed (the model "
-                                  f"needs a dynamic batch axis): {exc}") from None
-            if out.ndim != 2 or out.shape[0] != n:
-                raise BundleError(f"artifact {role}: a batch of {n} input(s) gives outputs of shape {out.shape}; "
-                                  f"expected ({n}, {want_out}): one row of {want_out} per input")
-            if out.shape[1] != want_out:
-                raise BundleError(f"artifact {role}: model has {out.shape[1]} outputs, manifest expects {want_out}")
-            if not np.issubdtype(out.dtype, np.floating):
-                raise BundleError(f"artifact {role}: model outputs {out.dtype} values; expected float logits")
+        check_model(backend, f"artifact {role}", *expected[role])
+
+
+def check_model(backend, what: str, want_in: list[int], want_out: int, *, expected_by: str = "manifest") -> None:
+    """BundleError (prefixed ``what``) unless ``backend``'s model takes one float32 input of (batch, ``want_in``)
+    with a dynamic batch axis and gives one (batch, ``want_out``) float output, as the server feeds and reads it.
+    Also how ``certserve calibrate all --base`` checks a user's model before any work (``expected_by``: "data")."""
+    inputs = backend.session.get_inputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
+        raise BundleError(f"{what}: the model's inputs are {found}; expected exactly one float32 input "
+                          f"(tensor(float), batch x {want_in}): the server feeds it float32 values (pixels in "
+                          "[0, 1] plus float32 Gaussian noise); a model in another precision casts in its graph")
+    got_in = list(backend.input_shape[1:])
+    if got_in != want_in:
+        raise BundleError(f"{what}: model input shape (batch, {got_in}) does not match {expected_by} (batch, {want_in})")
+    outputs = backend.session.get_outputs()
+    if len(outputs) != 1:
+        raise BundleError(f"{what}: the model has {len(outputs)} outputs ({[o.name for o in outputs]}); "
+                          f"expected exactly one, the (batch, {want_out}) float logits")
+    for n in (2, 1):  # probe passes: the engine batches many inputs (dynamic batch axis) and reads (batch, width)
+        # rows; the request path runs one clean image at a time (a torch .squeeze() exports as (K,) at batch 1)
+        try:
+            out = np.asarray(backend.forward(np.zeros((n, *want_in), dtype=np.float32)))
+        except Exception as exc:
+            raise BundleError(f"{what}: a forward pass on a batch of {n} input(s) failed (the model "
+                              f"needs a dynamic batch axis): {exc}") from None
+        if out.ndim != 2 or out.shape[0] != n:
+            raise BundleError(f"{what}: a batch of {n} input(s) gives outputs of shape {out.shape}; "
+                              f"expected ({n}, {want_out}): one row of {want_out} per input")
+        if out.shape[1] != want_out:
+            raise BundleError(f"{what}: model has {out.shape[1]} outputs, {expected_by} expects {want_out}")
+        if not np.issubdtype(out.dtype, np.floating):
+            raise BundleError(f"{what}: model outputs {out.dtype} values; expected float logits")
 
 
 def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shape: tuple[int, int, int],
