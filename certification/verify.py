@@ -183,19 +183,31 @@ def verify_document(doc: dict, jwks: KeySet | dict | str | Path, **kwargs) -> di
 
 def check_answers_request(claims: dict, *, alpha=None, mode=None, per_input=None) -> None:
     """Raise ``not_requested`` unless the verified ``claims`` answer a request with these parameters (None: not sent,
-    the server's default): guarantee alpha at most the request's, the method of a mode other than auto, and no
-    marginal (surrogate) guarantee where a per-input one was asked. A signature proves who issued a certificate, not
+    the server's default; best given as sent, the form fields' strings the server parsed): guarantee alpha at most
+    the request's, the method of a mode other than auto, and no marginal (surrogate) guarantee where a per-input one
+    was asked. A signature proves who issued a certificate, not
     that it answers this request: another certificate of the same image (a weaker alpha, a replay) also verifies."""
     cert = claims["certificate"]
     if alpha is not None and not cert["guarantee"]["alpha"] <= float(alpha):
-        raise VerificationError("not_requested", f"the certificate holds at alpha {cert['guarantee']['alpha']:g}; "
-                                                 f"the request asked for {float(alpha):g}")
+        raise VerificationError("not_requested", f"the certificate holds at alpha {cert['guarantee']['alpha']!r}; "
+                                                 f"the request asked for {float(alpha)!r}")
     if mode not in (None, "auto") and cert["method"] != mode:
         raise VerificationError("not_requested", f"the certificate's method is {cert['method']}; the request asked "
                                                  f"for mode {mode}")
-    if per_input in (True, "true") and cert["guarantee"]["kind"] == "conformal-marginal":
+    if per_input is not None and _as_sent_bool(per_input) and cert["guarantee"]["kind"] == "conformal-marginal":
         raise VerificationError("not_requested", "the certificate's guarantee is marginal (surrogate); the request "
                                                  "asked for a per-input guarantee")
+
+
+def _as_sent_bool(value) -> bool:
+    """A request's boolean parameter as the server reads it (pydantic's lax bool: "1", "yes", "True", "on", ... are
+    true); one the server would refuse (422) counts as true here, the stricter reading."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return True
 
 
 def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, object]]:

@@ -80,7 +80,7 @@ class CertserveClient:
         data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         answer = self._post("/certify", files={"image": ("image", data)}, data=fields, timeout=self._timeout(params))
-        return self._checked(_certificate(answer, answer), data, params)
+        return self._checked(_certificate(answer, answer), data, fields)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
@@ -88,7 +88,7 @@ class CertserveClient:
         answer = self._post("/certify/batch", files=files, data=fields, timeout=self._timeout(params))
         if not isinstance(answer.get("results"), list) or len(answer["results"]) != len(files):
             raise CertserveError(200, answer)
-        return [self._checked(_certificate(cert, answer), data, params)
+        return [self._checked(_certificate(cert, answer), data, fields)
                 for cert, (_, (_, data)) in zip(answer["results"], files)]
 
     def _timeout(self, params: dict) -> float:
@@ -103,7 +103,8 @@ class CertserveClient:
         """The server's public key set."""
         return self._get("/.well-known/jwks.json")
 
-    def _checked(self, cert: dict, image: bytes, params: dict) -> dict:
+    def _checked(self, cert: dict, image: bytes, fields: dict) -> dict:
+        """``fields``: the parameters as sent (strings): the request is checked as the server read it."""
         if not self.verify:
             return cert
         from certification.verify import VerificationError, check_answers_request, load_jwks, verify_document
@@ -116,8 +117,8 @@ class CertserveClient:
                 self._keyset, self._keyset_read = keyset, _monotonic()
             try:
                 claims = verify_document(cert, keyset, image_bytes=image, max_age=self.max_age)
-                check_answers_request(claims, alpha=params.get("alpha"), mode=params.get("mode"),
-                                      per_input=params.get("per_input"))
+                check_answers_request(claims, alpha=fields.get("alpha"), mode=fields.get("mode"),
+                                      per_input=fields.get("per_input"))
                 return cert
             except VerificationError as exc:  # a key rotated since the set was fetched: fetch it once more
                 if exc.reason != "unknown_kid" or pinned or attempt:

@@ -82,9 +82,12 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to bytes its parser refuses (a malformed request line, header or chunked body): the
             JSON envelope and what was expected, instead of its plain-text 'Invalid HTTP request received.'; only
-            the connection is closed where an answer is already being sent (a second one would corrupt it)."""
+            the connection is closed where an answer is already being sent (a second one would corrupt it) or an
+            earlier request on it is still unanswered (httptools parses pipelined requests ahead, each queued in
+            ``pipeline``: the 400 would reach that request's client as the answer to its valid request)."""
             cycle = self.cycle
-            if cycle is not None and cycle.response_started and not cycle.response_complete:
+            if getattr(self, "pipeline", None) or (cycle is not None and cycle.response_started
+                                                   and not cycle.response_complete):
                 self._stop_timer()
                 self.transport.close()
                 return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import re
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -21,6 +23,13 @@ ENV_PREFIX = "CERTSERVE_"
 #: calibration pipeline, and the CI / test harness's switches
 OTHER_VARIABLES = frozenset(ENV_PREFIX + name for name in ("JWKS", "FASHION_MNIST_DIR", "FUZZ_FAST_CASES",
                                                            "FUZZ_FULL_CASES", "DOCKER_CACHE", "SKIP_DOCKER"))
+#: Kubernetes' service links: for every Service of a pod's namespace, <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT
+#: NAME>], <NAME>_PORT and <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR] (Services whose name begins with "certserve-",
+#: as KubeRay's certserve-head-svc and certserve-serve-svc of deploy/kuberay, give CERTSERVE_ ones): not settings
+_NAME, _PROTO = r"CERTSERVE_(?:[A-Z0-9_]+_)?", r"_\d+_(?:TCP|UDP|SCTP)"
+_SERVICE_LINKS = [(re.compile(_NAME + form), kind) for form, kind in (
+    ("SERVICE_HOST", "address"), ("SERVICE_PORT(?:_[A-Z0-9_]+)?", "number"), (f"PORT{_PROTO}_PROTO", "protocol"),
+    (f"PORT{_PROTO}_PORT", "number"), (f"PORT{_PROTO}_ADDR", "address"), (f"PORT(?:{_PROTO})?", "url"))]
 
 
 class Settings(BaseSettings):
@@ -101,7 +110,8 @@ class Settings(BaseSettings):
         """A misspelled variable (``CERTSERVE_API_KEY`` for ``CERTSERVE_API_KEYS``) would otherwise be ignored and
         the server would start without the setting (here: without authentication): refused, naming the nearest."""
         known = {f"{ENV_PREFIX}{name.upper()}" for name in type(self).model_fields} | OTHER_VARIABLES
-        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+        unknown = sorted(k for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX) and k.upper() not in known
+                         and not _service_link(k, v))
         if unknown:
             suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
             hints = [f"{k} (did you mean {suffixes[near[0]]}?)" if (near := difflib.get_close_matches(
@@ -127,6 +137,29 @@ class Settings(BaseSettings):
                 raise ValueError(f"API key {i + 1} of {len(keys)} is empty or holds a space, a comma or a character "
                                  "that is not printable ASCII: each key must be 1 or more of ASCII 0x21-0x7E, no ','")
         return keys
+
+
+def _service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is a variable Kubernetes sets for a Service (its name and the form of its value)."""
+    return any(pattern.fullmatch(name) and _LINK_VALUES[kind](value) for pattern, kind in _SERVICE_LINKS)
+
+
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_url(value: str) -> bool:
+    url = re.fullmatch(r"(?:tcp|udp|sctp)://\[?([0-9A-Fa-f.:]+?)\]?:\d+", value)
+    return url is not None and _is_address(url[1])
+
+
+_LINK_VALUES = {"address": _is_address, "number": lambda v: v.isascii() and v.isdigit(),
+                "protocol": lambda v: v in ("tcp", "udp", "sctp"),
+                "url": _is_url}
 
 
 @lru_cache
