@@ -309,8 +309,10 @@ def gpus_per_replica(gpus: float, replicas: int) -> float:
     return 1.0 / math.ceil(replicas / whole)
 
 
-class _StopRequested(Exception):
-    """SIGTERM/SIGINT while ``run_local`` is still starting the cluster or the replicas."""
+class _StopRequested(BaseException):
+    """SIGTERM/SIGINT while ``run_local`` is still starting the cluster or the replicas (a BaseException, as
+    KeyboardInterrupt: Ray's own ``except Exception`` while it waits for its proxies must not turn it into another
+    error)."""
 
 
 def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None,
@@ -367,6 +369,7 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
         except Exception:  # noqa: BLE001 (not deployed yet, or Serve not started: serve.shutdown below stops the rest)
             log.debug("deleting the application during start-up failed", exc_info=True)
     finally:
+        starting = False  # a signal during the clean-up below (after any start-up failure) must not interrupt it
         if ray.is_initialized():
             try:
                 serve.shutdown()

@@ -163,6 +163,27 @@ def test_a_signal_while_the_replicas_start_stops_the_command(monkeypatch, restor
     assert stub.calls[-3:] == ["serve.delete", "serve.shutdown", "ray.shutdown"], stub.calls
 
 
+def test_a_signal_is_not_swallowed_by_rays_own_except_exception(monkeypatch, restore_signals):
+    """Ray waits for its proxies inside ``try: ... except Exception`` and raises its own TimeoutError from there: a
+    stop request that was an Exception became that error's traceback (exit 1) instead of a clean stop. It is a
+    BaseException now, as KeyboardInterrupt (2026-12-06; failed before: TimeoutError raised by run_local)."""
+    def run_like_ray(*a, **kw):
+        try:
+            time.sleep(6)
+        except Exception:  # noqa: BLE001 (what Ray's _wait_for_proxies_serving does)
+            raise TimeoutError("proxies did not become ready") from None
+        raise AssertionError("serve.run was not interrupted by SIGTERM")
+
+    stub = _Stub(monkeypatch, run=run_like_ray)
+    timer = threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert ray_serve.run_local({"device": "cpu"}, replicas=2, host="127.0.0.1", port=0) == 0
+    finally:
+        timer.cancel()
+    assert stub.calls[-2:] == ["serve.shutdown", "ray.shutdown"], stub.calls
+
+
 # --- the real command on a local Ray cluster (slow: a cluster start takes 20-40 s here) ---
 
 NETNS_OK, NETNS_WHY = netns.available()
