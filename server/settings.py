@@ -72,6 +72,15 @@ class Settings(BaseSettings):
                                                      description="comma-separated; empty = no authentication")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, v):
+        if isinstance(v, str) and _is_url(v):  # Kubernetes sets CERTSERVE_PORT=tcp://IP:PORT for a Service "certserve"
+            raise ValueError("is a Kubernetes service link (tcp://address:port, set for a Service named certserve in "
+                             "the pod's namespace), not a port: set CERTSERVE_PORT in the pod's env (it wins) or "
+                             "enableServiceLinks: false in its spec")
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_case_level(cls, v):

@@ -21,6 +21,7 @@ import asyncio
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,28 @@ def test_a_malformed_pipelined_request_is_not_answered_for_the_earlier_one(parse
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+def test_a_service_named_certserve_gets_a_clear_refusal_not_a_type_error(monkeypatch):
+    """A Kubernetes Service named ``certserve`` sets CERTSERVE_PORT=tcp://IP:PORT in every pod of its namespace: the
+    server refused it as 'Input should be a valid integer', which does not say where the value came from or what to
+    do. Now the message names the service link and the two fixes (2026-12-06; failed before: the integer message)."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    monkeypatch.setenv("CERTSERVE_PORT", "tcp://10.96.0.7:8000")
+    with pytest.raises(ValidationError, match="Kubernetes service link.*enableServiceLinks: false"):
+        Settings()
+    assert Settings(port=8001).port == 8001  # --port wins over the variable
+
+
+def test_the_shipped_kuberay_pods_take_no_service_links():
+    """deploy/kuberay's head and worker pods set enableServiceLinks: false, so no Service of their namespace (e.g. one
+    named certserve) puts CERTSERVE_* variables into their environment."""
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).parents[1] / "deploy/kuberay/rayservice.yaml").read_text())["spec"]
+    cluster = spec["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    assert pods and all(pod.get("enableServiceLinks") is False for pod in pods)
