@@ -12,6 +12,14 @@ each response, the next request's line and headers must arrive within ``timeout`
 ``header_timeout`` if any of them had arrived) and within ``max_bytes`` bytes (else: 431 ``headers_too_large``,
 closed). These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text), use the
 JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is called for each (metrics).
+
+Two more ways past the app's limits, both closed here as well. A client that never reads its answers: uvicorn waits
+for its write buffer to drain without a time limit, so such a connection held its request (and, for /certify, its
+admission slot: CERTSERVE_MAX_INFLIGHT_REQUESTS such connections refused everyone else 503 inflight_limit) for the
+life of the process; now a connection whose answer makes no progress for ``timeout`` seconds (writing paused, or
+unsent bytes left when it is closed) is aborted. And a chunked body's trailer section: httptools buffers it (by
+repeated bytes concatenation, on the event loop) and it is neither body (BodyLimit) nor headers, so one connection's
+160 MB trailer took 31 s of the event loop and +289 MB; now more than ``max_bytes`` of it is 431 ``headers_too_large``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,12 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         _header_timer: asyncio.TimerHandle | None = None
         _header_bytes = 0
         _message_done = True  # httptools: the current request's body has been received (or there is no request)
+        _write_timer: asyncio.TimerHandle | None = None  # an answer that makes no progress is aborted then
+        _aborted = False
+        _running = None  # httptools: the request whose app runs (self.cycle is the last one parsed, when pipelined)
+        _chunk_open = False  # httptools: a chunk header came and neither its data nor its end yet (the last chunk's
+        _body_events = 0  # header precedes the trailer section); on_body / on_chunk_complete calls
+        _trailer_bytes = 0  # bytes received while only trailer fields (or the last chunk's header) can be arriving
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -45,7 +59,61 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
 
         def connection_lost(self, exc) -> None:
             self._stop_timer()
+            self._stop_write_timer()
+            running = self._running
+            if running is not None and running is not self.cycle and not running.response_complete:
+                # httptools, pipelined: uvicorn marks only the last request parsed (self.cycle) disconnected; the
+                # one whose app runs would wait for a disconnect that never comes, then write to the closed
+                # transport (a RuntimeError: a 500 logged and counted)
+                running.disconnected = True
+                running.message_event.set()
             super().connection_lost(exc)
+
+        def _start_asgi_task(self, cycle, app) -> None:  # httptools: also a pipelined request, once its turn comes
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def pause_writing(self) -> None:  # the transport's buffer is above its high-water mark: the client does not
+            super().pause_writing()  # read; it has ``timeout`` seconds to read enough to resume writing
+            self._stop_write_timer()
+            self._abort_unless_drained()
+
+        def resume_writing(self) -> None:
+            self._stop_write_timer()
+            if not self._aborted:  # uvloop resumes an aborted transport before connection_lost: the app's send()
+                super().resume_writing()  # would then write to a closed transport (a RuntimeError, a 500 logged)
+
+        def _write_stalled(self) -> None:
+            self._write_timer = None
+            self._abort()
+
+        def _abort(self) -> None:
+            """Drop the connection now (close() would wait for the write buffer to drain, i.e. forever);
+            connection_lost then marks the request disconnected and wakes its send(): the app's request ends."""
+            self._stop_timer()
+            self._aborted = True
+            self.transport.abort()
+
+        def _stop_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _close(self) -> None:
+            """Close the connection; where answers are still unsent (a client that does not read), abort it unless
+            they drain within ``timeout`` seconds (asyncio's close() waits for the buffer without a limit)."""
+            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._abort_unless_drained()
+
+        def timeout_keep_alive_handler(self) -> None:  # uvicorn's keep-alive timer closes an idle connection
+            super().timeout_keep_alive_handler()
+            if self.transport.is_closing() and self.transport.get_write_buffer_size():
+                self._abort_unless_drained()
+
+        def _abort_unless_drained(self) -> None:
+            if self._write_timer is None:
+                self._write_timer = asyncio.get_running_loop().call_later(timeout, self._write_stalled)
 
         def data_received(self, data: bytes) -> None:
             waiting = self._header_timer is not None
@@ -54,9 +122,22 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             # headers then; h11 pauses reading instead)
             if waiting or not h11_based and self._message_done:
                 self._header_bytes += len(data)
+            in_trailer, body_events = self._chunk_open, self._body_events
             super().data_received(data)
             if self.transport.is_closing():
                 return
+            if not h11_based and not self._message_done and self._chunk_open:
+                # httptools buffers trailer fields whole (h11 bounds them itself): all of ``data`` was trailer where
+                # no chunk data or end came during it; else the trailer started within it (counted from the next)
+                whole = in_trailer and self._body_events == body_events
+                self._trailer_bytes = self._trailer_bytes + len(data) if whole else 0
+                if self._trailer_bytes > max_bytes:
+                    if self.cycle is not None and self.cycle.response_started:  # answered already: just close
+                        self._abort()
+                    else:
+                        self._refuse(431, "headers_too_large", f"the chunked body's trailer section exceeds "
+                                     f"{max_bytes} bytes")
+                    return
             if waiting and not self._awaiting():  # a request's headers are complete: the app has it (BodyLimit times
                 self._stop_timer()  # its body)
                 self._header_bytes = 0
@@ -76,8 +157,18 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
-            self._message_done = True
+            self._message_done, self._chunk_open, self._trailer_bytes = True, False, 0
             super().on_message_complete()
+
+        def on_chunk_header(self) -> None:  # httptools only (h11 has no such callback)
+            self._chunk_open = True
+
+        def on_chunk_complete(self) -> None:
+            self._chunk_open, self._body_events = False, self._body_events + 1
+
+        def on_body(self, body: bytes) -> None:
+            self._chunk_open, self._body_events = False, self._body_events + 1
+            super().on_body(body)
 
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to bytes its parser refuses (a malformed request line, header or chunked body): the
@@ -89,7 +180,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             if getattr(self, "pipeline", None) or (cycle is not None and cycle.response_started
                                                    and not cycle.response_complete):
                 self._stop_timer()
-                self.transport.close()
+                self._close()
                 return
             self._refuse(400, "bad_request", "the request is not valid HTTP/1.1: a malformed request line, header "
                          "(e.g. a Content-Length that is not one decimal number) or chunked body; send a "
@@ -122,7 +213,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             if self._header_bytes:  # part of a request came: say why it ends (an idle connection just closes)
                 self._refuse(408, "header_timeout", f"the request line and headers did not arrive within {timeout:g} s")
             else:
-                self.transport.close()
+                self._close()
 
         def _refuse(self, status: int, code: str, message: str) -> None:
             self._stop_timer()
@@ -132,7 +223,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
                 status, _REASONS[status], len(body))
             self.transport.write(head + b"connection: close\r\n\r\n" + body)
-            self.transport.close()
+            self._close()
 
     HeaderGuard.__name__ = HeaderGuard.__qualname__ = f"HeaderGuard{base.__name__}"
     return HeaderGuard

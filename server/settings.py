@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="time a client has to send its whole "
                                         "request body (from its arrival; beyond, 408 body_timeout): a trickled body "
                                         "must not hold an admission slot; also the time a connection has to send "
-                                        "a request's line and headers (408 header_timeout, server.connections)")
+                                        "a request's line and headers (408 header_timeout, server.connections), and the time an answer may "
+                                        "make no progress (a client that does not read it: the connection is dropped)")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
     max_batch_images: int = Field(64, ge=1)
     drain_seconds: float = Field(20.0, ge=0, le=3600, description="SIGTERM grace period for in-flight work")
