@@ -79,7 +79,9 @@ def settings_from_args(args: dict | None) -> Settings:
     if unknown:
         accepted = ", ".join(sorted(set(Settings.model_fields) - NOT_ARGS))
         raise ValueError(f"unknown certserve args {unknown} (host/port belong to http_options); accepted: {accepted}")
-    return Settings(**args)
+    # nor read from the environment: a replica does not listen, and a Kubernetes service link's CERTSERVE_PORT=tcp://...
+    # (refused there) failed every replica and `serve --replicas N --port P`, where --port wins for one process
+    return Settings(**args, **{name: Settings.model_fields[name].default for name in NOT_ARGS})
 
 
 def replica_settings(settings: Settings, replica: str) -> Settings:
