@@ -25,7 +25,14 @@ repeated bytes concatenation, on the event loop) and it is neither body (BodyLim
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
+
+try:  # the socket's send queue (server.connections._unsent); not on Windows
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    pass
 
 from server.errors import error_bytes
 
@@ -52,6 +59,8 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         _chunk_open = False  # httptools: a chunk header came and neither its data nor its end yet (the last chunk's
         _body_events = 0  # header precedes the trailer section); on_body / on_chunk_complete calls
         _trailer_bytes = 0  # bytes received while only trailer fields (or the last chunk's header) can be arriving
+        _write_left = 0  # the unsent bytes when the write timer was armed (fewer at its expiry: progress, re-armed)
+        _refused_later: str | None = None  # httptools: the parser refused bytes after a request still unanswered
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -85,7 +94,22 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
 
         def _write_stalled(self) -> None:
             self._write_timer = None
-            self._abort()
+            if not self.transport.get_write_buffer_size():
+                return  # drained (what the socket still holds is TCP's to deliver)
+            if self._unsent() < self._write_left:  # the client took some of it: progress, wait again
+                self._abort_unless_drained()
+            else:
+                self._abort()
+
+        def _unsent(self) -> int:
+            """Bytes the client has not taken: the transport's buffer, and the socket's send queue (Linux: what the
+            kernel holds unacknowledged; megabytes, and the transport's buffer moves only when much of it is gone)."""
+            left = self.transport.get_write_buffer_size()
+            try:
+                sock = self.transport.get_extra_info("socket")
+                return left + struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except (AttributeError, NameError, OSError, ValueError, struct.error):
+                return left
 
         def _abort(self) -> None:
             """Drop the connection now (close() would wait for the write buffer to drain, i.e. forever);
@@ -112,10 +136,15 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                 self._abort_unless_drained()
 
         def _abort_unless_drained(self) -> None:
+            """Abort once ``timeout`` seconds pass in which the client takes none of the unsent bytes (any taken
+            re-arm it, as nginx's send_timeout: a slow but steady reader of a large answer is not cut off)."""
             if self._write_timer is None:
+                self._write_left = self._unsent()
                 self._write_timer = asyncio.get_running_loop().call_later(timeout, self._write_stalled)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused_later is not None:  # the parser refused earlier bytes: nothing after them is read
+                return
             waiting = self._header_timer is not None
             # bytes that can only be request lines and headers: while the timer runs, and (httptools) once the
             # current request's body is in, also while its answer is computed (the parser buffers the next request's
@@ -149,6 +178,12 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self._refused_later is not None:  # the refused bytes' 400, once every earlier request is answered
+                running = self._running
+                if not self.transport.is_closing() and not self.pipeline and running.response_complete:
+                    self._unset_keepalive_if_required()
+                    self._bad_request(self._refused_later)
+                return
             if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
                 self._await_headers()
 
@@ -173,15 +208,31 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to bytes its parser refuses (a malformed request line, header or chunked body): the
             JSON envelope and what was expected, instead of its plain-text 'Invalid HTTP request received.'; only
-            the connection is closed where an answer is already being sent (a second one would corrupt it) or an
-            earlier request on it is still unanswered (httptools parses pipelined requests ahead, each queued in
-            ``pipeline``: the 400 would reach that request's client as the answer to its valid request)."""
+            the connection is closed where an answer is already being sent (a second one would corrupt it). httptools
+            parses pipelined requests ahead: where an earlier request on the connection is still unanswered (running,
+            or queued in ``pipeline``), its client would read the 400 as the answer to its valid request, so the 400
+            is written after the earlier answers (as h11 does: it parses the next request only then), reading stops,
+            and a queued request whose own body was refused is never run (the 400 is its answer)."""
+            if self._refused_later is not None:
+                return
             cycle = self.cycle
-            if getattr(self, "pipeline", None) or (cycle is not None and cycle.response_started
-                                                   and not cycle.response_complete):
+            if not h11_based:
+                queued, running = self.pipeline, self._running
+                if queued and queued[0][0] is cycle and not self._message_done:
+                    queued.popleft()  # the refused bytes are the body of the last request queued
+                if queued or (running is not None and not running.response_complete
+                              and (running is not cycle or self._message_done)):
+                    self._stop_timer()
+                    self._refused_later = msg
+                    self.flow.pause_reading()
+                    return
+            if cycle is not None and cycle.response_started and not cycle.response_complete:
                 self._stop_timer()
                 self._close()
                 return
+            self._bad_request(msg)
+
+        def _bad_request(self, msg: str) -> None:
             self._refuse(400, "bad_request", "the request is not valid HTTP/1.1: a malformed request line, header "
                          "(e.g. a Content-Length that is not one decimal number) or chunked body; send a "
                          f"well-formed request ({msg.rstrip('.')})")
