@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -258,3 +259,12 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("smoothing: observed rates (runs=0: exact dynamic program)")
     for module, name, rate, bound, runs in _RATES:
         terminalreporter.write_line(f"rate={rate:<9.5f} bound={bound:<7g} runs={runs:<7d} {module.split('/')[-1]}::{name}")
+
+
+@pytest.fixture
+def restore_signals():
+    """The SIGTERM / SIGINT handlers as they were before the test (tests of commands that install their own)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

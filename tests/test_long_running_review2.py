@@ -7,10 +7,8 @@ Each test says what it failed with on the old code.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
@@ -18,59 +16,33 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-import server.app
-from bench.server_process import free_port
-from server import serve
 from server.metrics import Metrics
-from server.settings import Settings
+from tests.serve_harness import serving
 
 
 @pytest.fixture
 def served(monkeypatch, request):
     """``certserve serve`` (run_serve) in a thread with CERTSERVE_BODY_TIMEOUT_SECONDS=0.5; yields (port, app).
     Indirect parameter "h11": uvicorn's h11 protocol (its choice where httptools is not installed)."""
-    monkeypatch.setenv("CERTSERVE_BODY_TIMEOUT_SECONDS", "0.5")
-    if getattr(request, "param", None) == "h11":
-        from uvicorn.protocols.http import auto
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-        monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
     async def slow(request):
         await asyncio.sleep(1.5)
         return JSONResponse({"status": "slow"})
 
     app = Starlette(routes=[Route("/healthz", lambda request: JSONResponse({"status": "ok"})), Route("/slow", slow)])
     app.state.metrics = Metrics()
-    servers: list = []
-    made = serve._draining_server_class
-
-    def recording():
-        cls, uvicorn = made()
-
-        class Recorded(cls):
-            def __init__(self, config):
-                super().__init__(config)
-                servers.append(self)
-        return Recorded, uvicorn
-
-    monkeypatch.setattr(serve, "_draining_server_class", recording)
-    monkeypatch.setattr(serve, "check_configuration", lambda *a, **k: None)
-    monkeypatch.setattr(serve, "freeze_startup_heap", lambda: None)  # not the test process's heap
-    monkeypatch.setattr(server.app, "create_app", lambda settings, **kwargs: app)
-    port = free_port()
-    args = argparse.Namespace(bundle=None, host="127.0.0.1", port=port, device=None, threads=None,
-                              log_level="warning", replicas=1, ingress="haproxy", ray_metrics_port=None)
-    assert Settings().body_timeout_seconds == 0.5
-    thread = threading.Thread(target=serve.run_serve, args=(args,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not (servers and servers[0].started):
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
+    with serving(monkeypatch, app, h11=getattr(request, "param", None) == "h11") as (port, _):
         yield port, app
-    finally:
-        servers[0].should_exit = True
-        thread.join(timeout=10)
+
+
+def _flooded(sock: socket.socket, head: bytes) -> bytes | None:
+    """Send ``head`` then 4 MiB of "a" (it may be refused and closed meanwhile); what came back before the close."""
+    sock.sendall(head)
+    try:
+        for _ in range(64):
+            sock.sendall(b"a" * 65536)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused and closed while it was still sending
+    return _closed_within(sock, 5)
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
@@ -122,13 +94,7 @@ def test_headers_beyond_64_kib_are_refused_without_buffering_them(served):
     port, app = served
     sock = socket.create_connection(("127.0.0.1", port))
     try:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        try:
-            for _ in range(64):
-                sock.sendall(b"a" * 65536)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused and closed while we were still sending
-        answer = _closed_within(sock, 5)
+        answer = _flooded(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
     finally:
         sock.close()
     assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer

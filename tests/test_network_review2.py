@@ -7,10 +7,8 @@ the admission limit counts /certify requests). Each test says what it failed wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -19,12 +17,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-import server.app
-from bench.server_process import free_port
-from server import serve
 from server.metrics import Metrics
-from server.settings import Settings
-from tests.test_long_running_review2 import _closed_within
+from tests.serve_harness import serving
+from tests.test_long_running_review2 import _closed_within, _flooded
 
 BIG = 8 * 2**20  # an answer larger than the socket buffers (loopback: up to 4 MB on the server's side)
 
@@ -34,11 +29,6 @@ def served(monkeypatch, request):
     """``certserve serve`` in a thread (CERTSERVE_BODY_TIMEOUT_SECONDS=0.5) around an app whose ``running`` list
     holds the requests not yet answered (as admit's slot, whose release waits for the response to be sent); yields
     (port, running, the uvicorn server); then no request may have raised (an internal error)."""
-    monkeypatch.setenv("CERTSERVE_BODY_TIMEOUT_SECONDS", "0.5")
-    if request.param == "h11":
-        from uvicorn.protocols.http import auto
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-        monkeypatch.setattr(auto, "AutoHTTPProtocol", H11Protocol)
     running: list = []
     failures = app_failures = []
 
@@ -71,38 +61,9 @@ def served(monkeypatch, request):
 
     wrapped = Counting(app)
     wrapped.state = app.state
-    servers: list = []
-    made = serve._draining_server_class
-
-    def recording():
-        cls, uvicorn = made()
-
-        class Recorded(cls):
-            def __init__(self, config):
-                super().__init__(config)
-                servers.append(self)
-        return Recorded, uvicorn
-
-    monkeypatch.setattr(serve, "_draining_server_class", recording)
-    monkeypatch.setattr(serve, "check_configuration", lambda *a, **k: None)
-    monkeypatch.setattr(serve, "freeze_startup_heap", lambda: None)
-    monkeypatch.setattr(server.app, "create_app", lambda settings, **kwargs: wrapped)
-    port = free_port()
-    args = argparse.Namespace(bundle=None, host="127.0.0.1", port=port, device=None, threads=None,
-                              log_level="warning", replicas=1, ingress="haproxy", ray_metrics_port=None)
-    assert Settings().body_timeout_seconds == 0.5
-    thread = threading.Thread(target=serve.run_serve, args=(args,), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not (servers and servers[0].started):
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield port, running, servers[0]
+    with serving(monkeypatch, wrapped, h11=request.param == "h11") as (port, srv):
+        yield port, running, srv
         assert not app_failures, app_failures
-    finally:
-        servers[0].should_exit = True
-        thread.join(timeout=10)
 
 
 def _reading_nothing(port: int) -> socket.socket:
@@ -179,13 +140,7 @@ def test_a_chunked_bodys_trailer_is_bounded_like_headers(served):
     it itself). Failed on the old code: no answer, the connection still open, after 4 MiB of trailer."""
     port, _, _ = served
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: ")
-        try:
-            for _ in range(64):
-                sock.sendall(b"a" * 65536)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused and closed while it was still sending
-        answer = _closed_within(sock, 5)
+        answer = _flooded(sock, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: ")
     assert answer is not None, "the connection is still open"
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith((b"HTTP/1.1 431 ", b"HTTP/1.1 400 ")), head

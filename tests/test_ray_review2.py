@@ -105,14 +105,6 @@ class _NotServed(Exception):
     pass
 
 
-@pytest.fixture
-def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("gpus", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("replicas", [2, 3, 4, 5, 7])
 def test_every_local_replica_fits_on_one_gpu(monkeypatch, restore_signals, gpus, replicas):

@@ -15,7 +15,6 @@ Fast: Ray and Serve are stand-ins here; no cluster starts.
 from __future__ import annotations
 
 import os
-import signal
 import textwrap
 
 import pytest
@@ -29,14 +28,6 @@ SERVICE_LINK = "tcp://10.96.0.7:8000"  # what a Service named certserve sets in 
 
 class _Started(Exception):
     """serve.run reached: the command got past its settings."""
-
-
-@pytest.fixture
-def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 def test_replica_settings_do_not_read_the_port_of_a_service_link(monkeypatch):

@@ -120,10 +120,9 @@ def test_a_non_finite_surrogate_logit_abstains_instead_of_raising(bad):
     assert below.p_lower is None and not below.radius.any() and below.z_hat[1] == 0.0
 
 
-def test_auto_falls_back_to_sampling_and_surrogate_mode_abstains_on_a_nan_surrogate_output():
-    """Through the real app (embedded bundle, seeded engine): a surrogate whose clean pass gives NaN was a 500
-    'internal' for mode=auto and mode=surrogate. Now auto samples (fallback surrogate_abstained, a per-input
-    certificate) and surrogate answers an abstaining certificate. Failed on the code before this test."""
+def _post_with_a_nan_surrogate(*bodies: dict, submitted: list | None = None) -> list:
+    """POST each JSON body (``image`` added: a grey image) to /certify of the real app (embedded bundle, seeded
+    engine) whose surrogate's clean pass gives NaN logits; ``submitted`` collects the engine's job specs."""
     import asyncio
 
     import httpx
@@ -137,15 +136,23 @@ def test_auto_falls_back_to_sampling_and_surrogate_mode_abstains_on_a_nan_surrog
             service = app.state.service
             k = len(service.classes)
             service.surrogate.forward = lambda x: np.full((len(x), k), np.nan, dtype=np.float32)
+            if submitted is not None:
+                submit = service.engine.submit
+                service.engine.submit = lambda spec: (submitted.append(spec), submit(spec))[1]
             image = np.full(service.shape, 0.5, dtype=np.float32).tolist()
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as ac:
-                auto = await ac.post("/certify", json={"image": image, "mode": "auto", "max_samples": 500,
-                                                       "alpha": 0.1})
-                sur = await ac.post("/certify", json={"image": image, "mode": "surrogate", "alpha": 0.1})
-        return auto, sur
+                return [await ac.post("/certify", json={"image": image, **body}) for body in bodies]
 
-    auto, sur = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_auto_falls_back_to_sampling_and_surrogate_mode_abstains_on_a_nan_surrogate_output():
+    """Through the real app (embedded bundle, seeded engine): a surrogate whose clean pass gives NaN was a 500
+    'internal' for mode=auto and mode=surrogate. Now auto samples (fallback surrogate_abstained, a per-input
+    certificate) and surrogate answers an abstaining certificate. Failed on the code before this test."""
+    auto, sur = _post_with_a_nan_surrogate({"mode": "auto", "max_samples": 500, "alpha": 0.1},
+                                           {"mode": "surrogate", "alpha": 0.1})
     assert auto.status_code == 200, auto.text
     assert auto.json()["method"] == "sequential" and auto.json()["fallback_reason"] == "surrogate_abstained"
     assert sur.status_code == 200, sur.text
@@ -184,32 +191,12 @@ def test_a_proposal_of_radius_zero_is_no_proposal_in_the_server_and_its_replay()
     checkpoint with a tiny radius (seeded simulation at pA = 0.8: mean radius 0.035 instead of 0.095). The server now
     submits no proposal there, and calibration.evaluate.replay_per_input replays it the same way. Failed on the code
     before this test: the submitted proposal_radius was 0.0, and the replay stopped every row at t = 64 (TARGET)."""
-    import asyncio
-
-    import httpx
-
-    from calibration.evaluate import replay_per_input
-    from server.app import create_app
-    from server.settings import Settings
-    from smoothing import PER_INPUT_MIN_GAIN, best_radius_decision
     from calibration import front
+    from calibration.evaluate import replay_per_input
+    from smoothing import PER_INPUT_MIN_GAIN, best_radius_decision
 
     submitted = []
-
-    async def main():
-        app = create_app(Settings(max_samples=2000, drain_seconds=0), seed=5)
-        async with app.router.lifespan_context(app):
-            service = app.state.service
-            k = len(service.classes)
-            service.surrogate.forward = lambda x: np.full((len(x), k), np.nan, dtype=np.float32)
-            submit = service.engine.submit
-            service.engine.submit = lambda spec: (submitted.append(spec), submit(spec))[1]
-            image = np.full(service.shape, 0.5, dtype=np.float32).tolist()
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as ac:
-                return await ac.post("/certify", json={"image": image, "per_input": True, "max_samples": 500})
-
-    r = asyncio.run(main())
+    (r,) = _post_with_a_nan_surrogate({"per_input": True, "max_samples": 500}, submitted=submitted)
     assert r.status_code == 200, r.text
     assert len(submitted) == 1 and submitted[0].proposal_radius is None
 
