@@ -6,6 +6,7 @@ id the app echoes. Imports no Ray: the proxy loads it before any replica exists.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -27,7 +28,12 @@ class ProxyErrors:
     the proxy sends nothing at all (uvicorn would then answer a bare ``500 Internal Server Error``); Serve's
     backpressure answers an unmarked ``503``; while the application is not deployed (starting, or deleted at
     shutdown) the proxy answers an unmarked ``404`` for every path (the app is mounted at ``/``, so its own 404s are
-    marked). None of them certified anything: the client should retry, possibly on another replica, and this says so."""
+    marked). None of them certified anything: the client should retry, possibly on another replica, and this says so.
+
+    Whatever the proxy raises, ``asyncio.CancelledError`` included (a ``BaseException``, which ``except Exception``
+    let through to uvicorn's bare 500), becomes the same 503 while no answer has started. Once the client has its
+    whole answer, a later failure is logged, not raised: uvicorn would close the keep-alive connection, and drop the
+    next request the client may already have sent on it ("Server disconnected without sending a response")."""
 
     def __init__(self, app):
         self.app = app
@@ -36,10 +42,10 @@ class ProxyErrors:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope = one_request_id(scope)
-        started = replaced = False
+        started = replaced = complete = False
 
         async def checked_send(message):
-            nonlocal started, replaced
+            nonlocal started, replaced, complete
             if replaced:
                 return  # the proxy's own body of the replaced answer
             if message["type"] == "http.response.start":
@@ -48,17 +54,34 @@ class ProxyErrors:
                 if (message["status"] >= 500 or message["status"] == 404) and REPLICA_HEADER not in headers:
                     replaced = True
                     await send_unavailable(send, message["status"], headers)
+                    complete = True
                     return
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
 
         try:
             await self.app(scope, receive, checked_send)
-        except Exception:
-            if started:
-                raise
-            log.warning("Ray's proxy failed before any response; answering 503", exc_info=True)
+        except (Exception, asyncio.CancelledError) as exc:
+            if started and not complete:
+                raise  # a partial answer: only closing the connection tells the client it is cut
+            if complete:
+                log.warning("Ray's proxy failed after a complete response; keeping the connection", exc_info=True)
+            else:
+                log.warning("Ray's proxy failed before any response; answering 503", exc_info=True)
+                await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise  # this task was cancelled (the server stops): the client has its answer, honour the cancel
+            return
         if not started:
             await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task has a cancel() pending (not merely an inner future's CancelledError passing by)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+; before, a CancelledError is taken as a cancel
+    return task is not None and (cancelling is None or cancelling() > 0)
 
 
 def one_request_id(scope: dict) -> dict:
