@@ -204,9 +204,22 @@ def test_a_killed_replica_is_replaced_and_certserve_clients_see_no_failure(clust
       (RAY_SERVE_HAPROXY_RETRY_ON=conn-failure) this test fails on HAProxy's effective config.
     - Serve's Python proxy: 503 replica_unavailable + Retry-After (the proxy's bare 500, rewritten by
       server.ray_serve.ProxyErrors), never a 500 or a dropped connection. Checked against the bug: without
-      RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH this test fails with 500s."""
+      RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH this test fails with 500s.
+
+    With the Python proxy, a SIGKILL that happens to cut no request in flight (seen once in ~15 runs: every client
+    got 200) checks nothing; the kill is then repeated once on another replica."""
+    known = set(cluster.replicas)
+    for _ in (1, 2):
+        if _kill_and_check(cluster, images, known):
+            return
+    pytest.fail("the SIGKILL should have cut requests in flight (two kills, no 503 seen)")
+
+
+def _kill_and_check(cluster, images, known: set) -> bool:
+    """One SIGKILL under load with every check of the test above; True when it cut requests in flight (haproxy:
+    always taken as True, its replays hide them). ``known``: the replica ids seen so far (the replacement's is added)."""
     log_from = len(cluster.haproxy_lines)
-    results, errors, victim, client_failures, killed_at = kill_a_replica_under_load(cluster, images)
+    results, errors, victim, client_failures, killed_at = kill_a_replica_under_load(cluster, images, known)
     log = cluster.haproxy_lines[log_from:]
     failures = errors + [(at, f"HTTP {r.status_code}: {r.text[:80]}") for at, r in results if r.status_code == 500]
     codes = [r.status_code for _, r in results]
@@ -226,24 +239,24 @@ def test_a_killed_replica_is_replaced_and_certserve_clients_see_no_failure(clust
         assert not failures, failures
         # the victim's held requests came from plain clients (503 here) or CertserveClients (a 503 they retried)
         retried = [status for at, status in cluster.client_statuses if at >= killed_at - 0.5]
-        assert 503 in codes or 503 in retried, "the SIGKILL should have cut requests in flight"
         assert set(retried) <= {200, 503}, sorted(set(retried))
-    replaced_after = _replaced_after(cluster, results, killed_at)
+    replaced_after = _replaced_after(known, results, killed_at)
+    known |= {r.headers.get(REPLICA) for _, r in results if r.headers.get(REPLICA)}
     assert replaced_after is not None, f"no replacement replica answered within 120 s: {cluster.server.log_tail(40)}"
     assert victim not in cluster.replica_pids()
     print(f"{cluster.ingress}: replacement replica answered {replaced_after:.1f} s after the SIGKILL; "
           f"{held_requests_replayed(log, killed_at)} held requests replayed, {codes.count(503)} got 503, "
           f"{len(failures)} plain-client failures in the kill's race, {codes.count(200)} got 200")
+    return cluster.ingress == "haproxy" or 503 in codes or 503 in retried
 
 
-def _replaced_after(cluster, results, killed_at: float) -> float | None:
-    """Seconds from the kill to the first answer of a replica id not seen before (None: none)."""
-    known = cluster.replicas | {None}
-    times = [at for at, r in results if r.status_code == 200 and r.headers.get(REPLICA) not in known]
+def _replaced_after(known: set, results, killed_at: float) -> float | None:
+    """Seconds from the kill to the first answer of a replica id not in ``known`` (None: none)."""
+    times = [at for at, r in results if r.status_code == 200 and r.headers.get(REPLICA) not in known | {None}]
     return min(times) - killed_at if times else None
 
 
-def kill_a_replica_under_load(cluster, images):
+def kill_a_replica_under_load(cluster, images, known: set):
     """8 clients post sequential requests back to back, 4 plain httpx clients (no retries) and 4 CertserveClients;
     after 2 s one replica process is SIGKILLed; the load runs until a replica id not seen before has answered a plain
     client (or 120 s). Returns the plain clients' ((answer time, response) list, (time, error) list), the victim pid,
@@ -282,7 +295,7 @@ def kill_a_replica_under_load(cluster, images):
         os.kill(victim, signal.SIGKILL)
         killed_at = time.time()
         end = killed_at + 120
-        while _replaced_after(cluster, list(results), killed_at) is None and time.time() < end:
+        while _replaced_after(known, list(results), killed_at) is None and time.time() < end:
             time.sleep(0.5)
     finally:
         stop.set()
