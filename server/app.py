@@ -23,19 +23,17 @@ from certification.errors import ServiceError
 from certification.seal import audit_unavailable, certserve_version
 from certification.service import CertificationService
 from models.bundle import Bundle, load_bundle
-from server.errors import error_body, install_error_handlers
+from server.errors import error_body, error_responses, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import BodyLimit, RequestContext
 from server.requests import Decoded, decode_all, parse_request, request_pixel_limit
-from server.schemas import BatchResponse, Certificate, CertifyParams, ErrorResponse, HealthResponse, JWKS, ModelCard, \
+from server.schemas import BatchResponse, Certificate, CertifyParams, HealthResponse, JWKS, ModelCard, \
     ReadyResponse, request_body_doc, request_schemas
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("certserve")
-_ERRORS = {status: {"model": ErrorResponse} for status in (401, 408, 413, 415, 422, 500, 503)}
-_ERRORS[499] = {"model": ErrorResponse, "description": "client_closed_request: the client went away before its "
-                "answer (logged and counted; nobody reads it)"}
-_STARTING = {503: {"model": ErrorResponse, "description": "starting: the bundle is still loading (Retry-After)"}}
+_ERRORS = error_responses(400, 401, 408, 413, 415, 422, 431, 499, 500, 503)  # every status a certify route answers
+_STARTING = error_responses(503, only=("starting",))
 
 
 def build_service(settings: Settings, *, observer=None, seed: int | None = None,
@@ -78,7 +76,7 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
             finally:  # decodes already queued still run; a new one is refused (503 draining, server.requests)
                 app.state.decoder.shutdown(wait=False)
 
-    app = FastAPI(title="certserve", version=certserve_version(), lifespan=lifespan,
+    app = FastAPI(title="certserve", version=certserve_version(), lifespan=lifespan, redirect_slashes=False,
                   description="Certified robustness (randomized smoothing) for image classifiers: a calibrated "
                               "surrogate in one forward pass, an anytime-valid sequential test when needed.")
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
@@ -277,7 +275,7 @@ def _stop_watching(request: Request) -> None:
             description="200 `{\"status\": \"ok\"}` while the process can serve, also while it starts, drains or "
                         "its audit log is unwritable (those pass). 503 `engine_down` once the sampling engine's thread "
                         "has died after start-up: it never comes back, so the process must be restarted.",
-            responses={503: {"model": ErrorResponse}})
+            responses=error_responses(503, only=("engine_down",)))
 async def healthz(request: Request):
     if readiness(request.app.state) == "engine_down":
         return JSONResponse(error_body("engine_down", "the sampling engine's thread has stopped: restart this "
@@ -305,7 +303,8 @@ def readiness(state) -> str:
                         "writable yet; certification requests are refused up front meanwhile) or, behind Ray Serve "
                         "only, `starting` / `draining`: a single `certserve serve` "
                         "process accepts no connection before it is ready and stops accepting new ones on SIGTERM.",
-            responses={200: {"model": ReadyResponse}, 503: {"model": ErrorResponse}})
+            responses={200: {"model": ReadyResponse},
+                       **error_responses(503, only=("engine_down", "audit_unavailable", "starting", "draining"))})
 async def readyz(request: Request) -> JSONResponse:
     status = readiness(request.app.state)
     if status == "ready":
@@ -331,6 +330,8 @@ async def models(request: Request) -> list[ModelCard]:
     return [service.card()]
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from certification.errors import CODES, ServiceError
+from server.schemas import ErrorResponse
 
 STATUS = {
     "unauthorized": 401, "bad_request": 422, "bad_json": 422, "bad_multipart": 422, "missing_image": 422,
@@ -28,6 +29,27 @@ STATUS = {
 assert set(STATUS) == set(CODES), "every service error code needs exactly one HTTP status"
 
 
+#: codes of the statuses the connection answers (server.connections) before a request exists, and their meaning there
+CONNECTION_CODES = {400: {"bad_request": "malformed HTTP/1.1: request line, header or chunked body; request_id null"}}
+
+
+def error_responses(*statuses: int, only: tuple[str, ...] = ()) -> dict:
+    """OpenAPI ``responses`` of these error statuses: the envelope, each code the status is answered with (STATUS, and
+    the connection's 400; ``only`` these where given) with its meaning, and Retry-After on a 503: what a client
+    generated from the document needs."""
+    docs = {}
+    for status in statuses:
+        meaning = CONNECTION_CODES.get(status) or {c: CODES[c] for c, s in STATUS.items()
+                                                   if s == status and (not only or c in only)}
+        doc = {"model": ErrorResponse,
+               "description": "error.code: " + "; ".join(f"`{c}` ({meaning[c]})" for c in sorted(meaning))}
+        if status == 503:
+            doc["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                              "schema": {"type": "integer"}}}
+        docs[status] = doc
+    return docs
+
+
 def error_body(code: str, message: str, request_id: str | None) -> dict:
     return {"error": {"code": code, "message": message, "request_id": request_id}}
 
@@ -37,8 +59,11 @@ def error_bytes(code: str, message: str, request_id: str | None) -> bytes:
 
 
 def error_response(exc: ServiceError, request_id: str | None) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-    return JSONResponse(error_body(exc.code, exc.message, request_id), status_code=STATUS[exc.code], headers=headers)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    if exc.code == "unauthorized":  # RFC 9110 15.5.2: a 401 MUST say which scheme it takes
+        headers["WWW-Authenticate"] = 'Bearer realm="certserve"'
+    return JSONResponse(error_body(exc.code, exc.message, request_id), status_code=STATUS[exc.code],
+                        headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
@@ -59,17 +84,24 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         if on_error is not None:
             on_error(code)
-        return JSONResponse(error_body(code, _routing_message(request, exc), request_id(request)),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+        if "GET" in allow and "HEAD" not in allow:  # a GET route takes HEAD too (server.middleware)
+            headers["Allow"] = ", ".join([*allow, "HEAD"])
+        return JSONResponse(error_body(code, _routing_message(request, exc, headers), request_id(request)),
+                            status_code=exc.status_code, headers=headers or None)
 
-    def _routing_message(request: Request, exc: StarletteHTTPException) -> str:
+    def _routing_message(request: Request, exc: StarletteHTTPException, headers: dict) -> str:
         """Starlette's bare "Not Found" / "Method Not Allowed", made to say what the API expects."""
         target = f"{request.method} {request.url.path}"
         if exc.status_code == 404 and exc.detail == "Not Found":
-            routes = ", ".join(f"{m.upper()} {path}" for path, ops in app.openapi()["paths"].items() for m in ops)
-            return f"no such route: {target}; the routes are {routes} (and /docs, /openapi.json)"
+            paths = app.openapi()["paths"]
+            routes = ", ".join(f"{m.upper()} {path}" for path, ops in paths.items() for m in ops)
+            bare = request.url.path.rstrip("/")
+            hint = f"; did you mean {bare} (no trailing slash)?" if bare != request.url.path and bare in paths else ""
+            return f"no such route: {target}{hint}; the routes are {routes} (and /docs, /openapi.json)"
         if exc.status_code == 405 and exc.detail == "Method Not Allowed":
-            allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            allowed = headers.get("Allow", "")
             return f"{target}: method not allowed; {request.url.path} takes {allowed or 'another method'}"
         return str(exc.detail)
 

@@ -16,7 +16,8 @@ class RequestContext:
     """X-Request-ID in and out, the arrival time (deadlines count from it), and the last line of the error contract:
     any exception that reaches here becomes ``500 {"error": {"code": "internal", ...}}`` with the request id, is
     logged with its traceback and reported to ``on_internal_error`` (a metric); a request cancelled by the drain
-    window gets ``503 draining``, reported to ``on_reject("draining")``."""
+    window gets ``503 draining``, reported to ``on_reject("draining")``. A HEAD request is answered as its GET, without
+    the body."""
 
     def __init__(self, app, on_internal_error=None, on_reject=None):
         self.app, self.on_internal_error, self.on_reject = app, on_internal_error, on_reject
@@ -30,12 +31,17 @@ class RequestContext:
         state["request_id"] = request_id
         state["received"] = time.monotonic()
         started = False
+        head = scope.get("method") == "HEAD"
+        if head:  # HEAD wherever GET (RFC 9110 9.3.2; probes and load balancers send it): the GET's answer, status
+            scope = {**scope, "method": "GET"}  # and headers, without its body (FastAPI's GET routes answered 405)
 
         async def send_with_id(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
