@@ -18,6 +18,7 @@ local Ray cluster in a private network namespace (tests/ray_cluster_helpers.py),
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,11 +182,23 @@ def test_a_signal_is_not_swallowed_by_rays_own_except_exception(monkeypatch, res
 NETNS_OK, NETNS_WHY = netns.available()
 
 
-def _serve(tmp_path, replicas: int, resources: dict) -> ServerProc:
-    port, metrics_port = free_ports(2)
-    env = {**ENV, "RAY_TMPDIR": str(tmp_path), "RAY_OVERRIDE_RESOURCES": json.dumps(resources)}
-    return ServerProc(tmp_path, "--replicas", str(replicas), "--ray-metrics-port", str(metrics_port), env=env,
-                      tag="ray", port=port)
+@contextlib.contextmanager
+def _serve_in_namespace(prefix: str, replicas: int, resources: dict):
+    """``certserve serve --replicas N`` in a private network namespace, Ray told it has ``resources``
+    (RAY_OVERRIDE_RESOURCES); yields the ServerProc; afterwards checks that no process is left in the namespace."""
+    tmp = Path(os.path.realpath("/tmp")) / f"{prefix}{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
+    tmp.mkdir()
+    with netns.private_network() as namespace:
+        port, metrics_port = free_ports(2)
+        env = {**ENV, "RAY_TMPDIR": str(tmp), "RAY_OVERRIDE_RESOURCES": json.dumps(resources)}
+        server = ServerProc(tmp, "--replicas", str(replicas), "--ray-metrics-port", str(metrics_port), env=env,
+                            tag="ray", port=port)
+        try:
+            yield server
+        finally:
+            server.close()
+            _assert_nothing_left(namespace)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _assert_nothing_left(namespace: str) -> None:
@@ -205,54 +218,38 @@ def _assert_nothing_left(namespace: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not NETNS_OK, reason=f"no private network namespace here ({NETNS_WHY}); run as root")
-def test_replicas_beyond_the_gpus_all_start(tmp_path):
+def test_replicas_beyond_the_gpus_all_start():
     """3 replicas on a node with 2 GPUs (Ray told so by RAY_OVERRIDE_RESOURCES; the replicas run on the CPU, device
     auto): all three start and answer. With 2/3 of a GPU each, the third was never placed and the command never
     logged ready."""
-    tmp = Path(os.path.realpath("/tmp")) / f"r2g{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
-    tmp.mkdir()
-    with netns.private_network() as namespace:
-        server = _serve(tmp, 3, {"GPU": 2})
-        try:
-            end = time.monotonic() + 240
-            while "replicas ready" not in server.log() and time.monotonic() < end and server.proc.poll() is None:
-                time.sleep(1)
-            assert "3 replicas ready" in server.log(), server.log_tail(20)
-            seen = set()
-            with httpx.Client(base_url=server.url, timeout=30) as client:
-                end = time.monotonic() + 60
-                while len(seen) < 3 and time.monotonic() < end:
-                    r = client.get("/readyz")
-                    assert r.status_code == 200, r.text
-                    seen.add(r.headers[REPLICA])
-            assert len(seen) == 3
-            code, _ = server.sigterm_and_wait(drain=60)
-            assert code == 0, server.log_tail(20)
-        finally:
-            server.close()
-            _assert_nothing_left(namespace)
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _serve_in_namespace("r2g", 3, {"GPU": 2}) as server:
+        end = time.monotonic() + 240
+        while "replicas ready" not in server.log() and time.monotonic() < end and server.proc.poll() is None:
+            time.sleep(1)
+        assert "3 replicas ready" in server.log(), server.log_tail(20)
+        seen = set()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            end = time.monotonic() + 60
+            while len(seen) < 3 and time.monotonic() < end:
+                r = client.get("/readyz")
+                assert r.status_code == 200, r.text
+                seen.add(r.headers[REPLICA])
+        assert len(seen) == 3
+        code, _ = server.sigterm_and_wait(drain=60)
+        assert code == 0, server.log_tail(20)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not NETNS_OK, reason=f"no private network namespace here ({NETNS_WHY}); run as root")
-def test_sigterm_while_a_replica_cannot_start_stops_everything(tmp_path):
+def test_sigterm_while_a_replica_cannot_start_stops_everything():
     """2 replicas of 1 CPU each on a cluster that has 1 CPU (RAY_OVERRIDE_RESOURCES): the second replica is never
     placed and ``serve.run`` waits for ever. SIGTERM then stops the command (exit 0) and every Ray process; before,
     it was ignored (still running minutes later) and a SIGKILL left Ray's agents behind."""
-    tmp = Path(os.path.realpath("/tmp")) / f"r2c{os.getpid()}"
-    tmp.mkdir()
-    with netns.private_network() as namespace:
-        server = _serve(tmp, 2, {"CPU": 1})
-        try:
-            end = time.monotonic() + 120
-            while "taken more than" not in server.log() and time.monotonic() < end and server.proc.poll() is None:
-                time.sleep(1)  # Serve's warning that a replica waits to be scheduled (after 30 s)
-            assert "replicas ready" not in server.log() and server.proc.poll() is None, server.log_tail(20)
-            code, seconds = server.sigterm_and_wait(drain=45)
-            assert code == 0, server.log_tail(20)
-            print(f"SIGTERM during start-up to exit: {seconds:.1f} s")
-        finally:
-            server.close()
-            _assert_nothing_left(namespace)
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _serve_in_namespace("r2c", 2, {"CPU": 1}) as server:
+        end = time.monotonic() + 120
+        while "taken more than" not in server.log() and time.monotonic() < end and server.proc.poll() is None:
+            time.sleep(1)  # Serve's warning that a replica waits to be scheduled (after 30 s)
+        assert "replicas ready" not in server.log() and server.proc.poll() is None, server.log_tail(20)
+        code, seconds = server.sigterm_and_wait(drain=45)
+        assert code == 0, server.log_tail(20)
+        print(f"SIGTERM during start-up to exit: {seconds:.1f} s")
