@@ -15,6 +15,7 @@ import hashlib
 import json
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -250,15 +251,19 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
         "code_version": _code_version(), "created_unix": int(time.time()), "command": command}}
     if built.get("recalibration") is not None:
         provenance["earlier_recalibrations"] = [*built.get("earlier_recalibrations", []), built["recalibration"]]
-    new = create_bundle(out, base=bundle.path("base"), surrogate=bundle.path("surrogate"), meta=bundle.path("meta"),
-                        sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
-                        version=m.version, calibration=calibration, meta_features=m.meta_features,
-                        provenance=provenance, overwrite=overwrite)
-    changed = [role for role, art in new.manifest.artifacts.items() if art.sha256 != m.artifacts[role].sha256]
-    if changed:  # a model file replaced on disk while this ran: the calibration was fitted on the verified bytes
-        (Path(new.root) / "manifest.json").unlink()
+    changed = [role for role, art in m.artifacts.items() if sha256_file(bundle.path(role)) != art.sha256]
+    if changed:  # a model file replaced on disk while this ran: refused before out changes (it was refused after
+        # out's bundle had been replaced, then unlinking its manifest destroyed the bundle an --overwrite named)
         raise ValueError(f"{', '.join(changed)} of {bundle_dir} changed on disk during the recalibration; nothing "
                          "was written: rerun it")
+    with tempfile.TemporaryDirectory() as tmp:  # the verified bytes the calibration was fitted on, not the files
+        models = {role: Path(tmp) / f"{role}.onnx" for role in m.artifacts}
+        for role, path in models.items():
+            path.write_bytes(bundle.model_bytes(role))
+        new = create_bundle(out, base=models["base"], surrogate=models.get("surrogate"), meta=models.get("meta"),
+                            sigma=m.sigma, input_shape=tuple(m.input.shape), classes=list(m.classes), name=m.name,
+                            version=m.version, calibration=calibration, meta_features=m.meta_features,
+                            provenance=provenance, overwrite=overwrite)
     log(f"bundle written to {new.root}")
     return new.root
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from models.bundle_dir import STAGING_PREFIX, build_lock, clear_leftovers, read_lock
 from models.priors import FEATURE_NAMES
 from models.strict_json import RepeatedKey, unique_keys
 from smoothing import min_calibration_size
@@ -208,6 +210,9 @@ class Bundle:
         art = self.manifest.artifacts.get(role)
         return None if art is None else self.root / art.file
 
+    def model_bytes(self, role: str) -> bytes:
+        return self._models[role]  # the bytes whose sha256 was checked at load
+
     @property
     def model_sha256(self) -> str:
         return self.manifest.artifacts["base"].sha256
@@ -239,7 +244,11 @@ def load_bundle(root: str | Path = DEFAULT_BUNDLE_DIR, *, check_models: bool = T
 
     ``for_recalibration``: the surrogate's calibration block is dropped unread (any version), so that a bundle whose
     calibration is old or missing can be recalibrated (``certserve calibrate conformal``); never for serving."""
-    root = Path(root)
+    with read_lock(Path(root)):  # a build of root (create_bundle) swaps no file while this reads
+        return _load_bundle(Path(root), check_models, for_recalibration)
+
+
+def _load_bundle(root: Path, check_models: bool, for_recalibration: bool) -> Bundle:
     manifest_path = root / "manifest.json"
     if not root.is_dir():
         raise BundleError(f"bundle directory {root} does not exist")
@@ -340,20 +349,28 @@ def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shap
                   provenance: dict | None = None, overwrite: bool = False) -> Bundle:
     """Write a bundle directory (copies the ONNX files, hashes them, writes the manifest) and verify it by loading.
 
-    The new bundle is built and verified in a staging directory inside ``out`` first: a refused one (a bad sigma, a
-    model that does not match the classes or shape) leaves ``out`` as it was, an existing bundle there (``overwrite``)
-    intact, and a new ``out`` not created; only a verified one replaces its files (renames)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+    The new bundle is built and verified in a fresh staging directory inside ``out`` first: a refused one (a bad
+    sigma, a model that does not match the classes or shape) leaves ``out`` as it was, an existing bundle there
+    (``overwrite``) intact, and a new ``out`` not created; only a verified one replaces its files (renames), holding
+    ``out``'s lock (models.bundle_dir: another build of ``out`` waits, a load waits for the swap)."""
+    out, created = Path(out), not os.path.lexists(out)
+    if not created and not out.is_dir():
         raise BundleError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BundleError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".staging-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=not created)  # FileExistsError: another build created it meanwhile
+    with build_lock(out):
+        clear_leftovers(out)
+        if any(out.iterdir()) and not overwrite:
+            raise BundleError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        _stage_and_swap(out, created, base=base, sigma=sigma, input_shape=input_shape, classes=classes, name=name,
+                        version=version, surrogate=surrogate, meta=meta, calibration=calibration,
+                        meta_features=meta_features, provenance=provenance)
+        return _load_bundle(out, True, False)  # still locked: this build's bundle, not a next build's
+
+
+def _stage_and_swap(out: Path, created: bool, *, base, sigma, input_shape, classes, name, version, surrogate, meta,
+                    calibration, meta_features, provenance) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))  # unique (a pid is not, across containers)
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
         artifacts = {}
         for role, src in (("base", base), ("surrogate", surrogate), ("meta", meta)):
             if src is None:
@@ -381,4 +398,3 @@ def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shap
             (out / file).unlink()
     os.replace(staging / "manifest.json", out / "manifest.json")
     shutil.rmtree(staging, ignore_errors=True)
-    return load_bundle(out)
