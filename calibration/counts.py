@@ -9,9 +9,11 @@ the images; a directory holding counts of a different run is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +40,14 @@ def compute_counts(engine: SamplingEngine, images: np.ndarray, num_samples: int,
             "num_images": int(len(images)), "num_classes": engine.num_classes, "shard_size": int(shard_size),
             "images_sha256": images_digest(images), "backend": engine.backend.name}
     meta_path = out_dir / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        differs = {k: (old.get(k), v) for k, v in meta.items() if k != "backend" and old.get(k) != v}
-        if differs:
-            raise ValueError(f"{out_dir} holds counts of a different run (differs in {sorted(differs)}); "
-                             "use another --out directory or delete it")
-    else:
-        _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
+    if not meta_path.exists():  # created only if absent: of two runs started at once, the second compares below
+        with contextlib.suppress(FileExistsError):
+            _atomic_write(meta_path, json.dumps(meta, indent=2).encode(), exclusive=True)
+    old = json.loads(meta_path.read_text())
+    differs = {k: (old.get(k), v) for k, v in meta.items() if k != "backend" and old.get(k) != v}
+    if differs:
+        raise ValueError(f"{out_dir} holds counts of a different run (differs in {sorted(differs)}); "
+                         "use another --out directory or delete it")
     num_shards = -(-len(images) // shard_size)
     todo = [s for s in range(num_shards) if not _shard_path(out_dir, s).exists()]
     done_samples = (len(images) - sum(len(range(s * shard_size, min(len(images), (s + 1) * shard_size))) for s in todo))
@@ -140,10 +142,19 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``path`` whole or not at all, through a temp file of its own (two runs writing into one directory never
+    share one); ``exclusive``: only if ``path`` does not exist yet (FileExistsError otherwise, nothing replaced)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if exclusive:
+            os.link(tmp, path)  # atomic create-if-absent
+        else:
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -303,3 +303,32 @@ def test_in_graph_noise_backend_argument_checks(test_images):
     graph = OnnxBackend(BASE, threads=1, device="cpu", noise_sigma=SIGMA, noise_in_graph=True, seed=1)
     with pytest.raises(ValueError, match="sigma=0.25"):
         graph.noisy_predictions(test_images[0][:1], np.array([4]), 0.5, np.random.default_rng(0))
+
+
+def test_a_run_started_alongside_another_with_other_settings_is_refused(backend, test_images, base_sha, tmp_path,
+                                                                        monkeypatch):
+    """Two counts runs with different settings started into one directory at the same instant both see no meta.json
+    (simulated: this run's existence check is made to miss the other run's meta.json). The second one's write used
+    to replace the first one's meta.json and count on, so one run's shards were later read as the other's (seed 3
+    labelled seed 9 here). meta.json is now created only if absent and every run compares itself with the one on
+    disk. Checked against the bug: with the old check-then-replace write this test fails (no ValueError, meta.json
+    overwritten with seed 3)."""
+    x = test_images[0][:6]
+    out = tmp_path / "c"
+    kw = dict(out_dir=out, model_sha256=base_sha, shard_size=4, progress=False)
+    assert compute_counts(_engine(backend), x, 20, seed=9, max_shards=0, **kw) is None  # the other run: meta only
+    real_exists = type(out).exists
+    monkeypatch.setattr(type(out), "exists", lambda p: False if p.name == "meta.json" else real_exists(p))
+    with pytest.raises(ValueError, match=r"different run.*seed"):
+        compute_counts(_engine(backend), x, 20, seed=3, **kw)
+    assert json.loads((out / "meta.json").read_text())["seed"] == 9
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"]  # no shard, no temp file left
+
+
+def test_writes_leave_no_temp_files(backend, test_images, base_sha, tmp_path):
+    """Every file is written through a temp file of its own (two runs into one directory never share one), and the
+    temp files are gone once a run has finished."""
+    x = test_images[0][:6]
+    compute_counts(_engine(backend), x, 10, out_dir=tmp_path / "c", seed=1, model_sha256=base_sha, shard_size=4,
+                   progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["meta.json", "shard-000000.npy", "shard-000001.npy"]
