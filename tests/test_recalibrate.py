@@ -182,15 +182,23 @@ def test_bundle_whose_base_model_was_declared_trained_on_part_of_the_pool_is_ref
     assert not (tmp_path / "x").exists()
 
 
-def test_a_model_file_replaced_during_recalibration_is_not_shipped(counts_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("out_holds_a_bundle", [False, True])
+def test_a_model_file_replaced_during_recalibration_is_not_shipped(counts_dir, tmp_path, monkeypatch,
+                                                                   out_holds_a_bundle):
     """The calibration is fitted on the verified bytes of the bundle's surrogate; if the file on disk changes while
     the recalibration runs, the new bundle would ship the other model under a fresh valid hash next to that
     calibration. Refused, and no verifying bundle is left. Run against the code before this fix (2026-12-05): the
-    bundle was written with the swapped surrogate; this test failed (found by review)."""
+    bundle was written with the swapped surrogate; this test failed (found by review).
+    ``out_holds_a_bundle`` (`calibrate conformal SRC --out DEPLOYED --overwrite`): DEPLOYED is still its old,
+    loadable bundle, byte for byte. Run against the code before 2026-12-06: the new bundle was swapped into DEPLOYED
+    first and its manifest then unlinked, destroying the bundle there; this case failed (found by review)."""
     import calibration.pipeline as pipeline
 
-    src = tmp_path / "src"
+    src, out = tmp_path / "src", tmp_path / "out"
     shutil.copytree(DEFAULT_BUNDLE_DIR, src)
+    if out_holds_a_bundle:
+        shutil.copytree(DEFAULT_BUNDLE_DIR, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out_holds_a_bundle else None
     real = pipeline.calibrate_surrogate
 
     def fit_then_swap(*args, **kwargs):
@@ -201,5 +209,10 @@ def test_a_model_file_replaced_during_recalibration_is_not_shipped(counts_dir, t
     monkeypatch.setattr(pipeline, "calibrate_surrogate", fit_then_swap)
     with pytest.raises(ValueError, match="changed on disk"):
         recalibrate(src, counts_dir=counts_dir, data="fashion-mnist", calibration_size=8000, surrogate_size=16000,
-                    split_seed=0, tune_size=16, levels=(0.2, 0.1), out=tmp_path / "out", log=lambda *_: None)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+                    split_seed=0, tune_size=16, levels=(0.2, 0.1), out=out, overwrite=out_holds_a_bundle,
+                    log=lambda *_: None)
+    if out_holds_a_bundle:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert load_bundle(out).manifest.calibration is not None
+    else:
+        assert not (out / "manifest.json").exists()
