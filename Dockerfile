@@ -157,8 +157,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     CERTSERVE_HOST=0.0.0.0 \
     CERTSERVE_PORT=8000 \
+    CERTSERVE_DRAIN_SECONDS=5 \
     HOME=/tmp
 # HOME: the user has no home directory; what caches under ~ (Ray in the Ray image: ~/.ray) writes to /tmp instead.
+# CERTSERVE_DRAIN_SECONDS: `docker stop` sends SIGKILL 10 s after SIGTERM unless given -t; the server's default drain
+# (20 s, + 3 s to write the answers) would be cut there, and every request still in flight would lose its answer
+# (the connection dropped, exit 137). 5 s (+ 3) fits: in-flight requests get their certificate so far (stopped_by:
+# shutdown) and the process exits 0. With a longer stop timeout (`docker stop -t`, compose's stop_grace_period,
+# Kubernetes' terminationGracePeriodSeconds, 30 s by default) raise it, to at most that timeout - 4.
 
 # Mount another bundle at run time: -v /path/bundle:/bundle:ro -e CERTSERVE_BUNDLE=/bundle
 WORKDIR /tmp

@@ -153,6 +153,12 @@ def key_files(spec: str | os.PathLike | list) -> list[Path]:
     for part in parts:
         path = Path(part).expanduser()
         if path.is_dir():
+            # glob finds nothing in a directory it may not list (a 0700 `keys generate` directory mounted into the
+            # image, whose user is not its owner): that is a permission error, not an empty key directory
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise SigningKeyError(f"signing key directory {path} cannot be listed by this process (uid "
+                                      f"{os.getuid()}): make it readable and searchable (r-x) by that user or its "
+                                      "group, e.g. chown or chmod 750/755")
             found = sorted((p for p in path.glob("*.pem") if p.is_file()), key=lambda p: p.name, reverse=True)
             if not found:
                 raise SigningKeyError(f"signing key directory {path} holds no *.pem file")

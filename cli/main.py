@@ -7,6 +7,8 @@ This is the only module that imports both the product (``server``, ``certificati
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -49,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_sigterm_as_init() -> None:
+    """As PID 1 (the image runs ``certserve serve`` in exec form, without an init), the kernel drops every signal whose
+    action is the default: a SIGTERM before uvicorn installs its handler (imports, bundle verification, warm-up:
+    seconds) was ignored, the server came up regardless, and ``docker stop`` (or Kubernetes) waited its whole timeout
+    and killed it (exit 137). Here it ends the process as it would any other one (128 + 15), until a command
+    installs its own handler (uvicorn's drain, Ray's)."""
+    if os.getpid() == 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm_as_init()  # first: the imports below take a while
     args = build_parser().parse_args(argv)
     args.command_line = " ".join(["certserve", *(sys.argv[1:] if argv is None else argv)])  # for provenance records
     from models.bundle import BundleError

@@ -13,6 +13,14 @@ from server.settings import Settings
 #: Ray ingresses of `certserve serve --replicas N --ingress ...` (server.ray_serve.ingress_environment); the first is
 #: the default. Here, not in server.ray_serve, so that the CLI lists them without importing Ray.
 INGRESSES = ("haproxy", "proxy")
+#: seconds uvicorn still waits after the drain for the answers to be written before it cancels what is open
+ANSWER_GRACE_SECONDS = 3
+
+
+def stop_seconds(drain_seconds: float) -> int:
+    """How long SIGTERM -> exit may take (uvicorn's graceful-shutdown timeout): the drain, then the answers' grace.
+    A supervisor's kill timeout must exceed it (``docker stop``: 10 s by default; the image sets its drain to fit)."""
+    return int(drain_seconds) + ANSWER_GRACE_SECONDS
 
 
 def freeze_startup_heap() -> None:
@@ -172,7 +180,7 @@ def run_serve(args) -> int:
     server_class, uvicorn = _draining_server_class()
     app = create_app(settings, bundle=bundle)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_seconds) + 3, lifespan="on",
+                            timeout_graceful_shutdown=stop_seconds(settings.drain_seconds), lifespan="on",
                             http=http_protocol(app, settings))
     server = server_class(config)
     server.app_state = app.state
