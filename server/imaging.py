@@ -62,7 +62,7 @@ def decode_image(data: bytes | str | list, *, shape: tuple[int, int, int], max_p
         if not raw:
             raise ImageError("the image is empty (0 bytes)")
         arr = (_from_npy(raw, max_pixels, admit) if raw.startswith(_NPY_MAGIC) else
-               _from_pil(raw, max_pixels, admit, convert, steps))
+               _from_pil(raw, max_pixels, admit, convert, steps, None if resize else shape))
     return _conform(arr, shape, resize, convert, steps), steps
 
 
@@ -95,7 +95,10 @@ def _b64(text: str) -> bytes:
 
 
 def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert: bool = False,
-              steps: list[str] | None = None) -> np.ndarray:
+              steps: list[str] | None = None, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Decode a PNG or JPEG. ``shape`` (the model's, when the request does not ask to resize): an image of another
+    height x width is refused from its header, before anything is decoded (as :func:`_conform` would refuse it
+    after decoding: a large image's decode cost the server its time and memory for nothing)."""
     try:
         img = Image.open(io.BytesIO(raw))
         width, height = img.size  # header only, nothing decoded yet
@@ -117,6 +120,8 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                          "image_too_large")
+    if shape is not None and (height, width) != shape[1:]:
+        raise ImageError(_size_message((height, width), shape))
     admit(width * height)
     if img.format == "PNG":
         _check_png_data(raw, width, height)  # bounded by the pixel check above, as decoding
@@ -355,10 +360,15 @@ def _conform(arr: np.ndarray, shape: tuple[int, int, int], resize: bool, convert
         steps.append(f"converted {original}->{c} channels")
     if arr.shape[1:] != (h, w):
         if not resize:
-            raise ImageError(f"image is {arr.shape[1]}x{arr.shape[2]} (HxW); the model expects {h}x{w} "
-                             f"(shape ({c}, {h}, {w})). Send resize=true to resize.")
+            raise ImageError(_size_message(arr.shape[1:], shape))
         steps.append(f"resized {arr.shape[1]}x{arr.shape[2]}->{h}x{w}")
         arr = np.stack([np.asarray(Image.fromarray(ch.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
                         for ch in arr])
         arr = np.clip(arr, 0.0, 1.0)
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _size_message(hw: tuple[int, int], shape: tuple[int, int, int]) -> str:
+    c, h, w = shape
+    return (f"image is {hw[0]}x{hw[1]} (HxW); the model expects {h}x{w} (shape ({c}, {h}, {w})). Send resize=true "
+            "to resize.")

@@ -46,6 +46,20 @@ def test_wrong_size_with_resize_is_accepted_and_echoed(client, easy):
     assert body["class_index"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_wrong_size_without_resize_is_refused_before_decoding(client, easy, monkeypatch, fmt):
+    """A PNG or JPEG of another height x width than the model's, without resize=true, is refused from its header:
+    422 naming both sizes, and Pillow decodes nothing (a 4096x4096 image was decoded, 50 MB of pixels and 200 MB of
+    floats, only to be refused). Checked against the code before (2026-12-06): Image.load ran, this test failed."""
+    big = encode(np.asarray(Image.fromarray(easy).resize((56, 40), Image.BILINEAR)), fmt)
+    loads = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda im: (loads.append(im.size), real_load(im))[1])
+    r = post_file(client, big)
+    assert_error(r, 422, "40x56 (HxW)", "expects 28x28", "resize=true", code="bad_image")
+    assert loads == []
+
+
 def test_convert_and_resize_together(client, easy):
     rgb = np.stack([np.asarray(Image.fromarray(easy).resize((40, 32)))] * 3, axis=-1)
     r = client.post("/certify", json={"image": base64.b64encode(encode(rgb)).decode(), "convert": True,
