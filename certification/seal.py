@@ -1,8 +1,9 @@
 """Sealing an issued certificate: input hashes, signature (when a key is configured), audit record (when a log is).
 
-The certification service calls :meth:`Sealer.seal` on every certificate it issues, single or batch, after the
-certificate is built and before it is returned. The order is fixed: hash -> sign -> audit; if the audit record cannot
-be written, the certificate is NOT returned (``ServiceError("audit_unavailable")``, 503): no certificate leaves the
+The certification service calls :meth:`Sealer.seal_async` (the audit append in the sealer's writer thread, off the
+event loop) on every certificate it issues, single or batch, after the certificate is built and before it is
+returned. The order is fixed: hash -> sign -> audit; if the audit record cannot be written, the certificate is NOT
+returned (``ServiceError("audit_unavailable")``, 503): no certificate leaves the
 server without its record. While the log is unhealthy (an append failed and no probe has found it writable since,
 :meth:`certification.audit.AuditLog.healthy`), :meth:`Sealer.audit_available` is False: the server then reports not
 ready and refuses certification requests up front (:func:`audit_unavailable`), before any sampling.
@@ -10,10 +11,12 @@ ready and refuses certification requests up front (:func:`audit_unavailable`), b
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -57,6 +60,9 @@ class Sealer:
         self.model = {"model_name": m.name, "model_version": m.version, "sigma": float(m.sigma),
                       "manifest_sha256": bundle.manifest_sha256, "model_sha256": bundle.model_sha256}
         self.version = certserve_version()
+        # the one thread that writes audit records for the event loop (seal_async): appends serialize on the log's
+        # lock anyway, and a slow append (fsync, another process's flock, a stalled disk) then never holds the loop
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="certserve-audit") if audit is not None else None
 
     @classmethod
     def from_config(cls, bundle: Bundle, config: ServiceConfig, *, observer: object | None = None) -> Sealer:
@@ -96,6 +102,29 @@ class Sealer:
         Changes nothing the certificate claims (class, radius, guarantee): its guarantee is the one stated in its
         ``guarantee`` field. Raises ``ServiceError("audit_unavailable")`` when the record cannot be written."""
         started = time.perf_counter()
+        self._stamp(cert, image, input_sha256, input_encoding)
+        if self.audit is not None:
+            self._record(cert)
+        return self._sealed(cert, started)
+
+    async def seal_async(self, cert: Certificate, image: np.ndarray, *, input_sha256: str | None,
+                         input_encoding: str | None) -> Certificate:
+        """:meth:`seal` for the event loop: hashes and signature here (~0.1 ms), the audit record in the writer
+        thread (its flock, write and fsync can take milliseconds, or seconds on a stalled disk: on the loop they held
+        every request, surrogate answers and /healthz included). Cancelled before its turn, nothing is written."""
+        started = time.perf_counter()
+        self._stamp(cert, image, input_sha256, input_encoding)
+        if self.audit is not None:
+            try:
+                pending = self._writer.submit(self._record, cert)
+            except RuntimeError:  # closed (the service stopped): written here, as before
+                self._record(cert)
+            else:
+                await asyncio.wrap_future(pending)
+        return self._sealed(cert, started)
+
+    def _stamp(self, cert: Certificate, image: np.ndarray, input_sha256: str | None,
+               input_encoding: str | None) -> None:
         cert.input = InputInfo(sha256=input_sha256, encoding=input_encoding, tensor_sha256=tensor_sha256(image),
                                tensor_shape=list(image.shape))
         if self.signer is not None:
@@ -104,14 +133,17 @@ class Sealer:
                                         tensor_shape=image.shape, preprocessing=cert.preprocessing,
                                         kid=self.signer.kid, server_version=self.version, **self.model)
             cert.signature = self.signer.sign(claims)
-        if self.audit is not None:
-            try:
-                self.audit.append_json(b'{"certificate":' + cert.model_dump_json().encode() + b"}")
-            except AuditError as exc:
-                log.error("certificate %s refused: %s", cert.request_id, exc)
-                if self._on_audit_failure is not None:
-                    self._on_audit_failure()
-                raise audit_unavailable() from None
+
+    def _record(self, cert: Certificate) -> None:
+        try:
+            self.audit.append_json(b'{"certificate":' + cert.model_dump_json().encode() + b"}")
+        except AuditError as exc:
+            log.error("certificate %s refused: %s", cert.request_id, exc)
+            if self._on_audit_failure is not None:
+                self._on_audit_failure()
+            raise audit_unavailable() from None
+
+    def _sealed(self, cert: Certificate, started: float) -> Certificate:
         if self._on_seal is not None:
             self._on_seal(time.perf_counter() - started)
         return cert
@@ -121,5 +153,7 @@ class Sealer:
         return self.audit is None or self.audit.healthy()
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # records already submitted are written first
         if self.audit is not None:
             self.audit.close()

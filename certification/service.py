@@ -92,7 +92,7 @@ class CertificationService:
         Raises ``ServiceError("audit_unavailable")`` instead of answering a certificate that has no audit record."""
         cert = await self._certify(image, params, request_id=request_id, decode_ms=decode_ms,
                                    preprocessing=preprocessing, received=received)
-        return self.sealer.seal(cert, image, input_sha256=input_sha256, input_encoding=input_encoding)
+        return await self.sealer.seal_async(cert, image, input_sha256=input_sha256, input_encoding=input_encoding)
 
     async def _certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
                        preprocessing: list[str] | None = None, received: float | None = None) -> Certificate:

@@ -113,8 +113,8 @@ class Metrics(EngineObserver):
 
     def observe_cancelled(self, mode: str) -> None:
         """One job dropped before its certificate (client gone, or the request cancelled by the server), under the
-        route that waited on the engine: mode=auto waits only on its sequential fallback (its surrogate route answers
-        without ever yielding to the event loop); every other mode is its own route."""
+        route that waited on the engine: mode=auto waits only on its sequential fallback (its surrogate route waits on
+        nothing but its audit record, where a log is configured); every other mode is its own route."""
         self.requests.labels("sequential" if mode == "auto" else mode, "cancelled").inc()
 
     def on_seal(self, seconds: float) -> None:

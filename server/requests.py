@@ -1,8 +1,10 @@
 """Decode stage of a request: multipart or JSON body -> (raw images, :class:`CertifyParams`), then raw -> tensor.
 
 Decoding is CPU work (a 4096x4096 PNG takes ~0.2-1.3 s): it runs in an executor, off the event loop, except for small
-images (at most ``INLINE_BYTES`` on the wire and ``INLINE_PIXELS`` declared), which are decoded inline (~0.05 ms for
-28x28, less than a thread hand-off). A request decodes at most :func:`request_pixel_limit` pixels in all.
+images (at most ``INLINE_BYTES`` on the wire and ``INLINE_PIXELS`` declared, or a nested array of at most
+``INLINE_NUMBERS`` numbers), which are decoded inline (~0.05 ms for a 28x28 PNG, ~0.5 ms for a 28x28 array, less than
+a thread hand-off); a batch yields to the event loop after each inline decode. A request decodes at most
+:func:`request_pixel_limit` pixels in all.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import FormParser, MultiPartException
 
 from certification.errors import ServiceError
 from certification.plan import CertifyParams
@@ -32,6 +34,8 @@ from server.schemas import JSONBatchRequest, JSONCertifyRequest
 
 INLINE_BYTES = 64 * 1024  # an image this small on the wire ...
 INLINE_PIXELS = 128 * 128  # ... that declares at most this many pixels is decoded on the event loop (<= ~0.2 ms)
+INLINE_NUMBERS = 4096  # a nested array costs ~0.6 us a number (parsed lists -> array, compact JSON for its hash):
+# inline up to ~2.5 ms (a 3x32x32 image); a 128x128 one took ~11 ms of event loop
 REQUEST_PIXEL_FACTOR = 4  # a request decodes at most 4 x CERTSERVE_MAX_PIXELS in all (see request_pixel_limit)
 _FORM = ("multipart/form-data", "application/x-www-form-urlencoded")
 
@@ -100,9 +104,13 @@ async def _parse_form(request: Request, batch: bool, multipart: bool) -> tuple[l
             raise ServiceError("bad_multipart", "could not parse the multipart body: it ends before its closing "
                                                 f"boundary '--{boundary.decode('latin-1')}--' (cut short?)")
     spare = settings.max_batch_images + 64  # every image as a text field, and the parameters
-    try:  # a part may be as large as the body (base64 text fields; Starlette's default is 1 MiB)
-        form = await request.form(max_files=max(256, spare), max_fields=max(64, spare),
-                                  max_part_size=settings.max_body_bytes)
+    limits = dict(max_fields=max(64, spare), max_part_size=settings.max_body_bytes)  # a part may be as large as the
+    try:  # body (base64 text fields; Starlette's default is 1 MiB)
+        if not multipart and len(await request.body()) > INLINE_BYTES:  # unquoting took ~75 ms for 4 MiB of base64:
+            form = await _in_pool(request.app.state.decoder,  # off the event loop, as a large JSON body
+                                  partial(_urlencoded_form, request.headers, await request.body(), **limits))
+        else:
+            form = await request.form(max_files=max(256, spare), **limits)
     except (StarletteHTTPException, MultiPartException) as exc:
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
         kind = "multipart" if multipart else "urlencoded"
@@ -129,6 +137,14 @@ async def _parse_form(request: Request, batch: bool, multipart: bool) -> tuple[l
     except ValidationError as exc:
         raise ServiceError("bad_request", pydantic_message(exc)) from None
     return images, params
+
+
+def _urlencoded_form(headers, raw: bytes, **limits):
+    """Starlette's own parser of an application/x-www-form-urlencoded body (as ``request.form()``), run to the end in
+    this thread (a pool thread: no event loop here)."""
+    async def body():
+        yield raw
+    return asyncio.run(FormParser(headers, body(), **limits).parse())
 
 
 def pydantic_message(exc: ValidationError) -> str:
@@ -193,6 +209,8 @@ async def decode_all(raws: list, params: CertifyParams, *, shape: tuple[int, int
 
     out = []
     for raw in raws:
+        if out:  # a batch: other requests get the loop between two images (64 inline decodes held it ~55 ms)
+            await asyncio.sleep(0)
         try:
             out.append(await _decode_one(raw, params, admit, executor, shape=shape, max_pixels=max_pixels))
         except ServiceError as exc:
@@ -219,8 +237,8 @@ def _small(raw) -> bool:
     if not isinstance(raw, list):
         return len(raw) <= (INLINE_BYTES if isinstance(raw, bytes) else INLINE_BYTES * 4 // 3 + 1024)
     count, rows = 0, [raw]  # numbers and lists of a nested list, counted up to just beyond the inline limit
-    while rows and count <= INLINE_PIXELS:
+    while rows and count <= INLINE_NUMBERS:
         row = rows.pop()
         count += len(row)
         rows.extend(item for item in row if type(item) is list)
-    return count <= INLINE_PIXELS
+    return count <= INLINE_NUMBERS
