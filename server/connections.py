@@ -34,7 +34,7 @@ try:  # the socket's send queue (server.connections._unsent); not on Windows
 except ImportError:  # pragma: no cover
     pass
 
-from server.errors import error_bytes
+from server.errors import ANSWERED_BY_CONNECTION, error_bytes
 
 #: the request line and headers of one request may take at most this many bytes (nginx: 4 x 8 KiB; h11: 16 KiB)
 MAX_HEADER_BYTES = 64 * 1024
@@ -60,7 +60,8 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         _body_events = 0  # header precedes the trailer section); on_body / on_chunk_complete calls
         _trailer_bytes = 0  # bytes received while only trailer fields (or the last chunk's header) can be arriving
         _write_left = 0  # the unsent bytes when the write timer was armed (fewer at its expiry: progress, re-armed)
-        _refused_later: str | None = None  # httptools: the parser refused bytes after a request still unanswered
+        _refused_later: tuple | None = None  # httptools: (status, code, message) of bytes refused (malformed, or
+        # headers beyond max_bytes) after a request still unanswered: answered once every earlier one is
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -174,7 +175,11 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                 self._await_headers()
             in_headers = self._header_timer is not None if h11_based else self._message_done
             if in_headers and self._header_bytes > max_bytes:
-                self._refuse(431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
+                refusal = (431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
+                if self._earlier_unanswered():  # httptools: a pipelined request's headers, while an earlier answer
+                    self._hold(refusal)  # is pending (its client would read the 431 as that answer)
+                else:
+                    self._refuse(*refusal)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -182,7 +187,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                 running = self._running
                 if not self.transport.is_closing() and not self.pipeline and running.response_complete:
                     self._unset_keepalive_if_required()
-                    self._bad_request(self._refused_later)
+                    self._refuse(*self._refused_later)
                 return
             if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
                 self._await_headers()
@@ -222,20 +227,32 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                     queued.popleft()  # the refused bytes are the body of the last request queued
                 if queued or (running is not None and not running.response_complete
                               and (running is not cycle or self._message_done)):
-                    self._stop_timer()
-                    self._refused_later = msg
-                    self.flow.pause_reading()
+                    self._hold(self._bad_request(msg))
                     return
             if cycle is not None and cycle.response_started and not cycle.response_complete:
                 self._stop_timer()
                 self._close()
                 return
-            self._bad_request(msg)
+            self._refuse(*self._bad_request(msg))
 
-        def _bad_request(self, msg: str) -> None:
-            self._refuse(400, "bad_request", "the request is not valid HTTP/1.1: a malformed request line, header "
-                         "(e.g. a Content-Length that is not one decimal number) or chunked body; send a "
-                         f"well-formed request ({msg.rstrip('.')})")
+        @staticmethod
+        def _bad_request(msg: str) -> tuple:
+            return (400, "bad_request", "the request is not valid HTTP/1.1: a malformed request line, header (e.g. a "
+                    "Content-Length that is not one decimal number) or chunked body; send a well-formed request "
+                    f"({msg.rstrip('.')})")
+
+        def _earlier_unanswered(self) -> bool:
+            """httptools: a request parsed before the bytes now arriving is still unanswered (its app runs, or it is
+            queued in ``pipeline``)."""
+            running = self._running
+            return not h11_based and bool(self.pipeline or running is not None and not running.response_complete)
+
+        def _hold(self, refusal: tuple) -> None:
+            """Answer ``refusal`` (status, code, message) once every earlier request is answered (on_response_complete:
+            written now, its client would read it as the answer to its earlier, valid request); read nothing more."""
+            self._stop_timer()
+            self._refused_later = refusal
+            self.flow.pause_reading()
 
         def _awaiting(self) -> bool:
             """Between requests: the last response sent and the last request's body received (an answer sent before
@@ -270,6 +287,10 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
             self._stop_timer()
             if on_reject is not None:
                 on_reject(code)
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:  # this answers a request whose app runs (its body
+                # refused): the app then sees a disconnect, not its client's; its error is not counted a second time
+                cycle.scope.setdefault("state", {})[ANSWERED_BY_CONNECTION] = code
             body = error_bytes(code, message, None)
             head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % (
                 status, _REASONS[status], len(body))

@@ -31,6 +31,10 @@ assert set(STATUS) == set(CODES), "every service error code needs exactly one HT
 
 #: codes of the statuses the connection answers (server.connections) before a request exists, and their meaning there
 CONNECTION_CODES = {400: {"bad_request": "malformed HTTP/1.1: request line, header or chunked body; request_id null"}}
+#: request state key (scope["state"]) set by the connection layer (server.connections) when it answers a request
+#: whose app runs (400 for its malformed chunked body, 431 for its trailer) and closes the connection: the app then
+#: sees a disconnect, but its client did not go away and the answer is counted already: the app's error is not
+ANSWERED_BY_CONNECTION = "answered_by_connection"
 
 
 def error_responses(*statuses: int, only: tuple[str, ...] = ()) -> dict:
@@ -73,17 +77,19 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     def request_id(request: Request) -> str | None:
         return getattr(request.state, "request_id", None)
 
+    def count(request: Request, code: str) -> None:  # once per request: not where the connection answered it
+        if on_error is not None and getattr(request.state, ANSWERED_BY_CONNECTION, None) is None:
+            on_error(code)
+
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
-        if on_error is not None:
-            on_error(exc.code)
+        count(request, exc.code)
         return error_response(exc, request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        if on_error is not None:
-            on_error(code)
+        count(request, code)
         headers = dict(getattr(exc, "headers", None) or {})
         allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
         if "GET" in allow and "HEAD" not in allow:  # a GET route takes HEAD too (server.middleware)
@@ -107,6 +113,5 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        if on_error is not None:
-            on_error("bad_request")
+        count(request, "bad_request")
         return JSONResponse(error_body("bad_request", str(exc.errors()[:5]), request_id(request)), status_code=422)
