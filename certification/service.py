@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,12 +87,17 @@ class CertificationService:
 
     async def certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
                       preprocessing: list[str] | None = None, received: float | None = None,
-                      input_sha256: str | None = None, input_encoding: str | None = None) -> Certificate:
+                      input_sha256: str | None = None, input_encoding: str | None = None,
+                      on_route: Callable[[str], None] | None = None) -> Certificate:
         """Certify one decoded (C, H, W) image (guarantee: see :meth:`_certify`), then seal the certificate: input
         hashes (``input_sha256`` of the image as received, computed where it was received), signature, audit record.
-        Raises ``ServiceError("audit_unavailable")`` instead of answering a certificate that has no audit record."""
+        Raises ``ServiceError("audit_unavailable")`` instead of answering a certificate that has no audit record.
+        ``on_route(route)``: called with the certificate's route once it is built, before it waits on its audit record
+        (a request cancelled meanwhile is counted under that route, e.g. an auto request's surrogate answer)."""
         cert = await self._certify(image, params, request_id=request_id, decode_ms=decode_ms,
                                    preprocessing=preprocessing, received=received)
+        if on_route is not None:
+            on_route(cert.method)
         return await self.sealer.seal_async(cert, image, input_sha256=input_sha256, input_encoding=input_encoding)
 
     async def _certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,

@@ -224,16 +224,17 @@ async def _certify_one(request: Request, d: Decoded, params: CertifyParams, *, c
     the certificate, a batch once it is answered)."""
     state = request.app.state
     service: CertificationService = state.service
+    routed: list[str] = []  # the certificate's route once built (it may then wait on its audit record)
     work = asyncio.ensure_future(service.certify(d.image, params, request_id=request.state.request_id,
                                                  decode_ms=d.decode_ms, preprocessing=d.steps,
                                                  received=request.state.received, input_sha256=d.input_sha256,
-                                                 input_encoding=d.input_encoding))
+                                                 input_encoding=d.input_encoding, on_route=routed.append))
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, work))
     try:
         cert = await work
     except asyncio.CancelledError:
         if not getattr(request.state, "batch_refused", False):  # a refused batch's other images: not cancellations
-            state.metrics.observe_cancelled(params.mode)
+            state.metrics.observe_cancelled(params.mode, routed[0] if routed else None)
         if watcher.done() and not watcher.cancelled() and watcher.result():
             # the client went away: the job was dropped; nobody reads this answer
             raise ServiceError("client_closed_request", "the client closed the connection") from None

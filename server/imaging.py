@@ -129,8 +129,8 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                          "image_too_large")
-    if shape is not None and (height, width) != shape[1:]:
-        raise ImageError(_size_message((height, width), shape))
+    if shape is not None and (height, width) != shape[1:] and not _oriented(img):  # (oriented: refused below, with
+        raise ImageError(_size_message((height, width), shape))  # what to do; its stored size is not the one shown)
     admit(width * height)
     if img.format == "PNG":
         _check_png_data(raw, width, height)  # bounded by the pixel check above, as decoding
@@ -163,6 +163,13 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
         return arr / 65535.0
     arr = arr / 255.0
     return arr if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
+
+
+def _oriented(img: Image.Image) -> bool:
+    """An EXIF orientation other than 1 in what Pillow read of the header (a JPEG's APP1, a PNG's eXIf before its
+    data; nothing is decoded): such an image is refused after decoding for its orientation, not for its stored size
+    (rotated, a 32x28 stored image is shown 28x32; "send resize=true" would only lead to that refusal)."""
+    return "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION) in range(2, 9)
 
 
 def _has_transparent_pixels(img: Image.Image) -> bool:

@@ -111,11 +111,12 @@ class Metrics(EngineObserver):
         if cert.fallback_reason is not None:
             self.fallbacks.labels(cert.fallback_reason).inc()
 
-    def observe_cancelled(self, mode: str) -> None:
-        """One job dropped before its certificate (client gone, or the request cancelled by the server), under the
-        route that waited on the engine: mode=auto waits only on its sequential fallback (its surrogate route waits on
-        nothing but its audit record, where a log is configured); every other mode is its own route."""
-        self.requests.labels("sequential" if mode == "auto" else mode, "cancelled").inc()
+    def observe_cancelled(self, mode: str, route: str | None = None) -> None:
+        """One job dropped before its certificate (client gone, or the request cancelled by the server), under
+        ``route`` where its certificate was built already (it waited on its audit record: an auto request's surrogate
+        answer too), else under the route that waited on the engine: mode=auto's sequential fallback; every other
+        mode is its own route."""
+        self.requests.labels(route or ("sequential" if mode == "auto" else mode), "cancelled").inc()
 
     def on_seal(self, seconds: float) -> None:
         """One certificate sealed (input hashes, signature, audit line) in ``seconds`` (called by the service)."""
