@@ -10,6 +10,7 @@ the images; a directory holding counts of a different run is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -142,6 +143,9 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
 def _atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``path`` whole or not at all, through a temp file of its own (two runs writing into one directory never
     share one); ``exclusive``: only if ``path`` does not exist yet (FileExistsError otherwise, nothing replaced)."""
@@ -152,7 +156,16 @@ def _atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         if exclusive:
-            os.link(tmp, path)  # atomic create-if-absent
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+            except FileExistsError:
+                raise
+            except OSError as exc:  # a file system without hard links (vfat, some FUSE, network and overlay ones)
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                if path.exists():  # create-if-absent as before the link: not atomic, two runs started in the same
+                    raise FileExistsError(path) from None  # instant may still both write (the later one wins)
+                os.replace(tmp, path)
         else:
             os.replace(tmp, path)
     finally:

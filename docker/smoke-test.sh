@@ -288,7 +288,18 @@ print("in-flight request at SIGTERM:", json.dumps({k: cert.get(k) for k in ("sto
 assert cert["stopped_by"] == "shutdown", cert
 EOF
 INFLIGHT=$!
-sleep 2
+# stop once the request is a live job (not after a fixed sleep: on a slow machine the client may not have sent it)
+python3 - "$BASE_URL" "$INFLIGHT" <<'EOF' || { cat "$CACHE/inflight.log"; die "the long request never became a live job"; }
+import os, re, sys, time, urllib.request
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    os.kill(int(sys.argv[2]), 0)  # the client still waits for its answer (ProcessLookupError: it ended early)
+    text = urllib.request.urlopen(sys.argv[1] + "/metrics", timeout=10).read().decode()
+    if any(float(v) >= 1 for v in re.findall(r"^certserve_live_jobs (\S+)$", text, re.M)):
+        sys.exit(0)
+    time.sleep(0.2)
+sys.exit("no live job after 60 s")
+EOF
 T_STOP=$(date +%s.%N)
 "$DOCKER" stop "$CONTAINER" >/dev/null
 STOP_S=$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$T_STOP" "$(date +%s.%N)")

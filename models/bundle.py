@@ -21,13 +21,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from models.bundle_dir import STAGING_PREFIX, build_lock, clear_leftovers, read_lock
+from models.bundle_dir import ARTIFACT_FILES, STAGING_PREFIX, build_lock, read_lock
 from models.priors import FEATURE_NAMES
 from models.strict_json import RepeatedKey, unique_keys
 from smoothing import min_calibration_size
 
 SCHEMA_VERSION = 2
-ARTIFACT_FILES = {"base": "base.onnx", "surrogate": "surrogate.onnx", "meta": "meta.onnx"}
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "bundles" / "fmnist-sigma0.25"
 
 
@@ -357,8 +356,7 @@ def create_bundle(out: str | Path, *, base: str | Path, sigma: float, input_shap
     if not created and not out.is_dir():
         raise BundleError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=not created)  # FileExistsError: another build created it meanwhile
-    with build_lock(out):
-        clear_leftovers(out)
+    with build_lock(out):  # and clears what killed builds left
         if any(out.iterdir()) and not overwrite:
             raise BundleError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
         _stage_and_swap(out, created, base=base, sigma=sigma, input_shape=input_shape, classes=classes, name=name,
