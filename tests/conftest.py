@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -268,3 +269,17 @@ def restore_signals():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """Every test leaves os.environ as it found it. The process environment is inherited by every subprocess a later
+    test starts: ``server.ray_serve.run_local`` sets Ray's ingress variables with os.environ.setdefault, and its
+    stubbed tests (tests/test_ray_review2.py) left RAY_SERVE_ENABLE_HA_PROXY=1 behind, so the "proxy" cluster of
+    tests/test_ray_serve.py ran HAProxy in whole-suite runs (its replays and bare 500s failed the Python proxy's
+    checks; the file alone passed)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

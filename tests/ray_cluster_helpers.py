@@ -76,6 +76,15 @@ class Cluster:
                 pids.append(pid)
         return pids
 
+    def serve_log_tail(self, lines: int = 40, pattern: str = "proxy_*.log") -> str:
+        """The last ``lines`` of Ray Serve's log files matching ``pattern`` (its proxy's, by default), for failure
+        messages: what the ingress saw when a client got a 500 or a dropped connection."""
+        out = []
+        for path in sorted(Path(self.ray_tmp).glob(f"ray/session_latest/logs/serve/{pattern}")):
+            out.append(f"--- {path.name}")
+            out.extend(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(out) or f"(no {pattern} under {self.ray_tmp}/ray/session_latest/logs/serve)"
+
     def _read_haproxy_log(self) -> None:
         while True:
             try:
