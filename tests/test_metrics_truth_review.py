@@ -25,18 +25,8 @@ import pytest
 
 from server.metrics import Metrics
 from tests.metrics_helpers import families, value
+from tests.test_connections_review2 import _read_until_closed
 from tests.test_rev6a_review2 import _serve
-
-
-def _read_until_closed(sock: socket.socket, seconds: float) -> bytes:
-    sock.settimeout(seconds)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionResetError, socket.timeout):
-        pass
-    return data
 
 
 def test_a_pipelined_request_with_oversized_headers_does_not_answer_the_earlier_one():
