@@ -10,7 +10,9 @@ admission limit can help.
 :func:`guarded_protocol` wraps uvicorn's HTTP protocol class: from the moment a connection opens, and again after
 each response, the next request's line and headers must arrive within ``timeout`` seconds (else: closed, with 408
 ``header_timeout`` if any of them had arrived) and within ``max_bytes`` bytes (else: 431 ``headers_too_large``,
-closed). These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text), use the
+closed). The bytes are counted as they are read, before the parser sees them: a header section that arrives whole
+in one read (at most asyncio's 256 KiB) is parsed and passes (h11 refuses one above 16 KiB itself, 400), so what
+this bounds is what a connection can make the server buffer, not every header section's size. These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text), use the
 JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is called for each (metrics).
 
 Two more ways past the app's limits, both closed here as well. A client that never reads its answers: uvicorn waits
