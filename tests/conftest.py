@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -283,3 +286,103 @@ def restore_environment():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+# uvicorn's loggers exist from the start, so that restore_logging below also puts back the first configuration
+for _name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+    logging.getLogger(_name)
+
+
+def _ours(handler) -> bool:
+    """pytest attaches its capture handlers to the root and every non-propagating logger in each phase: not ours."""
+    return not type(handler).__module__.startswith("_pytest")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Every test leaves the loggers' levels, handlers, propagate and disabled flags as it found them. A uvicorn
+    server run in-process (tests/serve_harness.py, the connection tests) applies uvicorn's logging dictConfig: it left
+    "uvicorn.error"/"uvicorn.access" at the last test's level (CRITICAL from the connection tests: later tests'
+    uvicorn tracebacks were dropped from their captured logs) and replaced their handlers with streams of that test."""
+    manager = logging.root.manager
+    loggers = [logging.root] + [lg for lg in list(manager.loggerDict.values()) if isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.level, [h for h in lg.handlers if _ours(h)], lg.propagate, lg.disabled) for lg in loggers]
+    disable = manager.disable
+    yield
+    for lg, level, handlers, propagate, disabled in saved:
+        now = [h for h in lg.handlers if _ours(h)]
+        if lg.level != level:
+            lg.setLevel(level)
+        if now != handlers:
+            for h in now:
+                if h not in handlers:
+                    lg.removeHandler(h)
+            for h in handlers:
+                if h not in lg.handlers:
+                    lg.addHandler(h)
+        lg.propagate, lg.disabled = propagate, disabled
+    if manager.disable != disable:
+        logging.disable(disable)
+
+
+# Threads that live as long as the process by design (tqdm's monitor, started once by the first progress bar).
+_PROCESS_LIFETIME_THREADS = ("tqdm_monitor",)
+_module_start: dict = {}
+
+
+def _child_processes() -> dict[int, str]:
+    """This process's descendants that are still running (not zombies), pid -> command line."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if fields[0] != "Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = {}, [os.getpid()]
+    while todo:
+        for pid in parents.get(todo.pop(), []):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    out[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+            except OSError:
+                continue
+            todo.append(pid)
+    return out
+
+
+def _left_running(start: dict) -> list[str]:
+    threads = [f"thread {t.name!r}" for t in threading.enumerate()
+               if t.ident not in start["threads"] and t.is_alive() and t.name not in _PROCESS_LIFETIME_THREADS]
+    children = [f"process {pid} ({cmd})" for pid, cmd in _child_processes().items() if pid not in start["children"]]
+    return threads + children
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    if _module_start.get("path") != item.path:  # before the module's fixtures start anything
+        _module_start.update(path=item.path, threads={t.ident for t in threading.enumerate()},
+                             children=set(_child_processes()))
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of a module and its module fixtures' finalizers: every thread and child process the module
+    started has ended (a few seconds' grace). Engine threads, uvicorn servers, Ray clusters or readers left running
+    keep their memory and CPU for the rest of the session and can change what later tests see (thread counts, ports,
+    Ray's cluster address). Found this way: an engine's deadline watcher (test_engine_lifecycle) and the HAProxy
+    log reader of every Ray cluster (tests/ray_cluster_helpers.py)."""
+    result = yield
+    if nextitem is None or nextitem.path != item.path:
+        start, _module_start["path"] = dict(_module_start), None
+        deadline = time.monotonic() + 5
+        while (left := _left_running(start)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if left:
+            pytest.fail(f"{item.path.name} left running after its last test: {'; '.join(left)}", pytrace=False)
+    return result

@@ -44,7 +44,8 @@ class Cluster:
         self.haproxy_log = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.haproxy_log.bind(("127.0.0.1", 0))
         self.haproxy_lines: list[str] = []  # read as they come (a full socket buffer would drop lines)
-        threading.Thread(target=self._read_haproxy_log, daemon=True).start()
+        self.haproxy_reader = threading.Thread(target=self._read_haproxy_log, name="haproxy-log-reader", daemon=True)
+        self.haproxy_reader.start()
         log_target = f"127.0.0.1:{self.haproxy_log.getsockname()[1]}"
         env = {**ENV, "RAY_TMPDIR": self.ray_tmp, "RAY_SERVE_HAPROXY_LOG_TARGET": log_target}
         self.t0 = time.monotonic()
@@ -88,9 +89,12 @@ class Cluster:
     def _read_haproxy_log(self) -> None:
         while True:
             try:
-                self.haproxy_lines.append(self.haproxy_log.recv(65536).decode(errors="replace"))
+                data = self.haproxy_log.recv(65536)
             except OSError:  # closed
                 return
+            if not data:  # shut down by close() (HAProxy sends no empty datagram)
+                return
+            self.haproxy_lines.append(data.decode(errors="replace"))
 
     def haproxy_config(self) -> str:
         """The config file the running HAProxy of this cluster was started with (its ``-f`` argument)."""
@@ -113,5 +117,12 @@ class Cluster:
             except OSError:
                 pass
         self.server.close()
+        # close() alone does not wake a recv blocked in another thread: the reader stayed blocked for the rest of
+        # the session (one thread per cluster); shutdown() makes its recv return b""
+        try:
+            self.haproxy_log.shutdown(socket.SHUT_RDWR)
+        except OSError:  # ENOTCONN for an unconnected UDP socket, after waking the reader all the same
+            pass
+        self.haproxy_reader.join(timeout=5)
         self.haproxy_log.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

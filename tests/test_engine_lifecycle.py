@@ -113,10 +113,13 @@ def test_submit_refuses_work_once_the_engine_thread_is_gone(backend, images, mon
 
     monkeypatch.setattr(SequentialEngine, "_prepare", broken)
     engine = start(Recording(backend, batch_size=64))
-    engine._thread.join(timeout=30)
-    assert not engine.alive
-    with pytest.raises(EngineStopped):
-        engine.submit(JobSpec(images[EASY], 0.01, 64, time.monotonic() + 60, kind="fixed", tested_class=1))
+    try:
+        engine._thread.join(timeout=30)
+        assert not engine.alive
+        with pytest.raises(EngineStopped):
+            engine.submit(JobSpec(images[EASY], 0.01, 64, time.monotonic() + 60, kind="fixed", tested_class=1))
+    finally:
+        engine.stop()  # its deadline watcher outlives the dead engine thread until a stop (it was left running)
 
 
 def test_stop_answers_at_its_stop_time_without_waiting_for_a_batch_still_running(backend, images):

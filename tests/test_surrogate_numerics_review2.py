@@ -161,16 +161,14 @@ def test_auto_falls_back_to_sampling_and_surrogate_mode_abstains_on_a_nan_surrog
     assert body["stopped_by"] == "abstained" and body["p_lower"] is None
 
 
-def test_a_radius_is_never_signed_next_to_a_p_lower_of_one_half():
+def test_a_radius_is_never_signed_next_to_a_p_lower_of_one_half(monkeypatch):
     """p_lower is Phi(z_lower) one ulp down: for 0 < z_lower < ~3e-16 that is 1/2 or below, and the radius sigma z_lower
     (> 0, certified) next to it was refused by certification.verify as INVALID: inconsistent ("a radius needs
     p_lower > 1/2") although the server signed it. Now such a radius is 0 (an abstention: it is below 1e-15 sigma)."""
-    import sys
-
     from certification.verify import _check_consistent
     from smoothing.conformal import conformal_certificate, validated_conformal_certificate
 
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # not left in sys.path
     from test_verify_review2 import _claims
 
     g = np.array([0.5, 0.5, 0.5, 0.5])
