@@ -24,6 +24,7 @@ from models.sampling import PendingCounts
 from server.app import create_app
 from server.client import CertserveClient
 from server.settings import Settings
+from tests.test_engine_races import wait_until
 
 SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
          "path": "/certify", "raw_path": b"/certify", "query_string": b"", "root_path": "",
@@ -165,15 +166,6 @@ class _GatedSampler:
         self._pool.shutdown(wait=True)
 
 
-def _wait_until(condition, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
-
-
 def test_a_cancelled_job_stops_sampling():
     """A job whose future is cancelled (its client went away) is dropped at the engine's next turn: no further batch
     samples for it. Bug guarded against (run against it, this test failed: the fixed job kept its slot running and
@@ -186,11 +178,11 @@ def test_a_cancelled_job_stops_sampling():
     try:
         fut = engine.submit(JobSpec(np.array([1, 0], dtype=np.float32), 0.01, 10**7, time.monotonic() + 60,
                                     kind="fixed", tested_class=1))
-        assert _wait_until(lambda: sampler.launched >= 1)  # sampling, its batches held back
+        assert wait_until(lambda: sampler.launched >= 1, timeout=10.0)  # sampling, its batches held back
         assert fut.cancel()
         sampler.gate.set()
         table = engine._table
-        assert _wait_until(lambda: not table.running.any() and not table.inflight.any()), \
+        assert wait_until(lambda: not table.running.any() and not table.inflight.any(), timeout=10.0), \
             "the engine kept sampling for a cancelled job"
         launched = sampler.launched
         time.sleep(0.2)
