@@ -181,7 +181,10 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if device != "cpu" and _ort_has_cuda():
-        return OnnxBackend(path, threads=threads, device="cuda", noise_sigma=noise_sigma, seed=seed, nice=nice,
+        # onnxruntime-gpu lists its CUDA provider whether or not a GPU can run it (no GPU, no driver, a CUDA library
+        # missing), and its session then starts on the CPU: ``cuda`` refuses that (OnnxBackend), ``auto`` takes it
+        # (host noise, as a CPU session) instead of failing to start on a machine without a GPU
+        return OnnxBackend(path, threads=threads, device=device, noise_sigma=noise_sigma, seed=seed, nice=nice,
                            spin=spin)
     if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
         if _torch_cuda_missing() is None:
