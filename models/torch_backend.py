@@ -5,7 +5,8 @@ On the device, one batch is: gather the chunk images, draw e ~ N(0, sigma^2 I) (
 reseeded per batch from the caller's generator; on the CPU by the caller's numpy generator itself), run the
 model in float32 (TF32 off: the certificate is about the bundle's fp32 model, not a lower-precision twin), arg-max,
 and reduce the labels to per-chunk counts with one ``scatter_add``; only the (J, K) counts are copied back, into
-pinned memory, asynchronously. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its
+pinned memory, asynchronously. On CUDA a batch runs at a bucketed size (:func:`models.backends.padded_batch_size`:
+the extra copies are drawn and discarded), so ``cudnn.benchmark`` tunes a few shapes instead of one per batch size. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its
 bookkeeping with the device and reads the counts when it needs them.
 
 torch is optional for serving (the CPU image has none): it is imported when this backend is built, never before.
@@ -20,15 +21,19 @@ import types
 
 import numpy as np
 
+from models.backends import padded_batch_size
+
 
 class TorchBackend:
     """A torch module on ``device``; see the module docstring. ``name`` is ``torch-<device>``."""
 
-    def __init__(self, module, *, device: str):
+    def __init__(self, module, *, device: str, pad_batches: bool | None = None):
         import torch
 
         self.torch = torch
         self.device = device
+        #: batches run at models.backends.padded_batch_size (default on CUDA: cudnn.benchmark tunes once per shape)
+        self.pad_batches = device.startswith("cuda") if pad_batches is None else bool(pad_batches)
         self.name = f"torch-{device}"
         self.num_outputs = None
         if device.startswith("cuda"):
@@ -106,9 +111,10 @@ class TorchBackend:
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
                                         self._to_device(np.ascontiguousarray(sizes, dtype=np.int64)),
                                         output_size=total)  # output_size: no device -> host sync
-        noise = self._noise((total, *x.shape[1:]), rng)
-        batch = noise.mul_(float(sigma)).add_(x.index_select(0, owner))
-        logits = self.module(batch)  # a row with a NaN has no class (torch.argmax would pick the NaN's): NAN_LABEL
+        rows = padded_batch_size(total) if self.pad_batches else total
+        noise = self._noise((rows, *x.shape[1:]), rng)  # rows beyond total: copies of image 0, discarded below
+        batch = noise.mul_(float(sigma)).add_(x.index_select(0, torch.nn.functional.pad(owner, (0, rows - total))))
+        logits = self.module(batch)[:total]  # a row with a NaN has no class (torch.argmax would pick the NaN's): -1
         return owner, logits.argmax(dim=1).masked_fill_(logits.isnan().any(dim=1), -1)
 
     def _noise(self, shape: tuple, rng):
