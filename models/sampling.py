@@ -92,6 +92,20 @@ class SamplingEngine:
         counts = self._host_counts(backend, images, sizes, rng)
         return counts, time.perf_counter() - t0
 
+    def warm_up(self, image: np.ndarray, rng: np.random.Generator) -> int:
+        """On a backend that runs its batches at bucketed sizes (a device backend, ``pad_batches``:
+        :func:`models.backends.padded_batch_size`), one call at every bucket up to ``batch_size``, so cuDNN's tuning
+        per input shape happens before the first request rather than in it. The samples are discarded. Returns the
+        number of calls (0 where the backend does not pad: the CPU)."""
+        if not getattr(self.backend, "pad_batches", False):
+            return 0
+        from models.backends import padded_batch_size
+
+        buckets = sorted({padded_batch_size(n) for n in range(1, self.batch_size + 1)})
+        for size in buckets:
+            self.count_chunks(image[None], np.array([size]), rng)
+        return len(buckets)
+
     # ------------------------------------------------------------------------------------------ synchronous
     def count_chunks(self, images: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One model call: counts (J, K) of classes over sizes[j] noisy copies of images[j] (sum(sizes) samples)."""

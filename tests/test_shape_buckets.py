@@ -98,3 +98,24 @@ def test_in_graph_noise_pads_the_index_and_returns_one_label_per_copy():
         pa, pb = ca[chunk] / sizes[chunk], cb[chunk] / sizes[chunk]
         se = np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / sizes[chunk]) + 1e-9
         assert np.all(np.abs(pa - pb) <= 5 * se), (pa, pb)
+
+
+def test_warm_up_runs_every_bucket_once_on_a_padding_backend_and_nothing_on_the_cpu():
+    """SamplingEngine.warm_up (called by CertificationService.start before the engine takes a job): one call per
+    bucket up to the batch size on a backend that pads (a device backend: cuDNN tunes then, not in a request), none
+    on a host backend. Failed once with the buckets taken from 1..batch_size - 1 (the full batch's shape missing)."""
+    torch = pytest.importorskip("torch")
+    from models.backends import OnnxBackend
+    from models.bundle import load_bundle
+    from models.sampling import SamplingEngine
+    from models.torch_backend import TorchBackend
+
+    seen: list[int] = []
+    device_like = TorchBackend(_recording_linear(torch, seen), device="cpu", pad_batches=True)
+    engine = SamplingEngine(device_like, sigma=0.25, num_classes=K, batch_size=2049)
+    assert engine.warm_up(IMAGES[0], np.random.default_rng(0)) == 13
+    assert seen == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3072]
+    host = OnnxBackend(load_bundle().path("base"), threads=1, device="cpu")
+    assert not host.pad_batches
+    assert SamplingEngine(host, sigma=0.25, num_classes=K).warm_up(np.zeros((1, 28, 28), np.float32),
+                                                                   np.random.default_rng(0)) == 0
