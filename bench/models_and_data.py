@@ -60,8 +60,11 @@ def make_sampling_engine(args, bundle, backend):
     from models.defaults import default_batch_size
 
     batch = args.batch_size or default_batch_size(backend.device)
-    return SamplingEngine(backend, sigma=bundle.manifest.sigma, num_classes=len(bundle.manifest.classes),
-                          batch_size=batch)
+    engine = SamplingEngine(backend, sigma=bundle.manifest.sigma, num_classes=len(bundle.manifest.classes),
+                            batch_size=batch)
+    shape = tuple(bundle.manifest.input.shape)
+    engine.warm_up(np.full(shape, 0.5, dtype=np.float32), np.random.default_rng(0))  # as the service: every shape
+    return engine
 
 
 def clean_argmax(backend, images: np.ndarray, chunk: int = 1000) -> np.ndarray:
