@@ -197,28 +197,42 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
     where a GPU is usable, else ``cpu``; torch is imported only when an NVIDIA driver is present."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    ort_on_cpu = None
     if device != "cpu" and _ort_has_cuda():
-        # onnxruntime-gpu lists its CUDA provider whether or not a GPU can run it (no GPU, no driver, a CUDA library
-        # missing), and its session then starts on the CPU: ``cuda`` refuses that (OnnxBackend), ``auto`` takes it
-        # (host noise, as a CPU session) instead of failing to start on a machine without a GPU
-        return OnnxBackend(path, threads=threads, device=device, noise_sigma=noise_sigma, seed=seed, nice=nice,
-                           spin=spin)
+        # onnxruntime-gpu lists its CUDA provider whether or not a GPU can run it (no GPU, no driver, a CUDA or cuDNN
+        # library missing or of another version), and its session then starts on the CPU: then PyTorch on CUDA, if
+        # it can run, else (auto) that CPU session, with host noise, or (cuda) an error saying both reasons
+        ort_on_cpu = OnnxBackend(path, threads=threads, device="auto", noise_sigma=noise_sigma, seed=seed, nice=nice,
+                                 spin=spin)
+        if ort_on_cpu.device == "cuda":
+            return ort_on_cpu
     if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
-        if _torch_cuda_missing() is None:
+        if (torch_missing := _torch_cuda_missing()) is None:
             from models.torch_backend import TorchBackend
 
             return TorchBackend.from_onnx(path, device="cuda")
         if device == "cuda":
-            raise RuntimeError(f"device='cuda' requested, but {cuda_unavailable()}")
-    return OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed, nice=nice, spin=spin)
+            ort = ("onnxruntime-gpu's CUDA provider started its session on the CPU (no usable GPU, or its CUDA/cuDNN "
+                   "libraries missing)" if ort_on_cpu is not None else
+                   "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            raise RuntimeError(f"device='cuda' requested, but {ort} and PyTorch cannot run it either "
+                               f"({torch_missing})")
+    return ort_on_cpu or OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed,
+                                     nice=nice, spin=spin)
 
 
 def cuda_unavailable() -> str | None:
-    """None when ``device='cuda'`` can run here (onnxruntime's CUDA provider, or PyTorch on CUDA), else why not."""
-    if _ort_has_cuda() or (reason := _torch_cuda_missing()) is None:
+    """None when ``device='cuda'`` can run here (PyTorch on CUDA, or onnxruntime's CUDA provider on a host with an
+    NVIDIA driver), else why not. onnxruntime-gpu lists its provider on any host, so the list alone is no proof: on
+    a host without a driver its session starts on the CPU, which ``cuda`` refuses only once the service starts."""
+    if (torch_missing := _torch_cuda_missing()) is None:
         return None
-    return (f"onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu) and PyTorch cannot run it either "
-            f"({reason})")
+    driver = Path("/proc/driver/nvidia/version").exists()
+    if _ort_has_cuda() and driver:
+        return None
+    ort = ("onnxruntime-gpu is installed but no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)"
+           if _ort_has_cuda() else "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    return f"{ort} and PyTorch cannot run it either ({torch_missing})"
 
 
 def _ort_has_cuda() -> bool:

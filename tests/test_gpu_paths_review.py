@@ -358,3 +358,52 @@ def test_auto_runs_on_the_cpu_where_onnxruntime_gpu_has_no_gpu(monkeypatch):
         assert one.sum() == 50 and np.array_equal(one, two)  # host noise from the caller's generator
         with pytest.raises(RuntimeError, match="device='cuda' requested"):
             onnx_backend(model, device="cuda", noise_sigma=SIGMA, threads=1)
+
+
+def test_a_gpu_host_whose_onnxruntime_cuda_cannot_start_runs_pytorch_on_the_gpu(monkeypatch):
+    """onnxruntime-gpu's CUDA provider can fail to start on a host that has a GPU (its CUDA or cuDNN libraries of
+    another version): its session then runs on the CPU. The chooser then takes PyTorch on the GPU where that can run
+    (``auto`` and ``cuda`` alike), and ``cuda`` without it fails naming both reasons. Failed before: ``auto`` kept
+    the CPU session on a GPU host, and ``cuda`` refused at once without trying PyTorch."""
+    import onnxruntime as ort
+
+    import models.backends as backends
+    import models.torch_backend as torch_backend
+    from models.bundle import load_bundle
+
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    model = load_bundle().model_bytes("base")
+    chosen = object()
+    monkeypatch.setattr(torch_backend.TorchBackend, "from_onnx", classmethod(lambda cls, path, device: chosen))
+    monkeypatch.setattr(backends, "_torch_cuda_missing", lambda: None)
+    monkeypatch.setattr(backends.Path, "exists", lambda self: str(self) == "/proc/driver/nvidia/version")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnxruntime: the CUDA provider is not available
+        assert backends.onnx_backend(model, device="auto", threads=1) is chosen
+        assert backends.onnx_backend(model, device="cuda", threads=1) is chosen
+        monkeypatch.setattr(backends, "_torch_cuda_missing", lambda: "torch.cuda.is_available() is False")
+        with pytest.raises(RuntimeError, match="started its session on the CPU.*torch.cuda.is_available"):
+            backends.onnx_backend(model, device="cuda", threads=1)
+        assert backends.onnx_backend(model, device="auto", threads=1).device == "cpu"
+
+
+def test_the_configuration_check_does_not_trust_onnxruntime_gpus_provider_list(monkeypatch):
+    """``serve`` checks ``device: cuda`` before start-up (server.serve.check_configuration, one-line exit 2). The
+    check trusted onnxruntime-gpu's provider list, which names CUDA on any host: on a host with no NVIDIA driver and
+    no PyTorch CUDA it passed, and start-up then failed with a traceback. Failed before: no error raised."""
+    import onnxruntime as ort
+
+    import models.backends as backends
+    from server.serve import check_configuration
+    from server.settings import Settings
+
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    monkeypatch.setattr(backends, "_torch_cuda_missing", lambda: "torch is not installed")
+    monkeypatch.setattr(backends.Path, "exists", lambda self: False if str(self).startswith("/proc/driver") else
+                        type(self).is_file(self) or type(self).is_dir(self))
+    with pytest.raises(ValueError, match=r"cuda, but onnxruntime-gpu is installed but no NVIDIA driver .*torch is not installed"):
+        check_configuration(Settings(device="cuda"))
+    monkeypatch.setattr(backends.Path, "exists", lambda self: True)
+    assert backends.cuda_unavailable() is None  # a driver and onnxruntime-gpu: its provider can run
