@@ -7,8 +7,9 @@ httptools parser buffers a header of any size (one 200 MB header: +280 MB of ser
 sees such a connection (the ASGI call starts once the headers are complete), so neither ``BodyLimit`` nor the
 admission limit can help.
 
-:func:`guarded_protocol` wraps uvicorn's HTTP protocol class: from the moment a connection opens, and again after
-each response, the next request's line and headers must arrive within ``timeout`` seconds (else: closed, with 408
+:func:`guarded_protocol` wraps uvicorn's HTTP protocol class: from the moment a connection opens, and on a kept-alive
+connection from the first byte of its next request (it may stay idle ``idle_timeout`` seconds after an answer, then
+it is closed), the request's line and headers must arrive within ``timeout`` seconds (else: closed, with 408
 ``header_timeout`` if any of them had arrived) and within ``max_bytes`` bytes (else: 431 ``headers_too_large``,
 closed). The bytes are counted as they are read, before the parser sees them: a header section that arrives whole
 in one read (at most asyncio's 256 KiB) is parsed and passes (h11 refuses one above 16 KiB itself, 400), so what
@@ -43,9 +44,13 @@ MAX_HEADER_BYTES = 64 * 1024
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes: int = MAX_HEADER_BYTES,
+def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeout: float | None = None,
+                     max_bytes: int = MAX_HEADER_BYTES,
                      on_reject: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
-    """A subclass of uvicorn's HTTP protocol ``base`` (httptools or h11) that bounds each request's header phase."""
+    """A subclass of uvicorn's HTTP protocol ``base`` (httptools or h11) that bounds each request's header phase.
+    ``idle_timeout`` (default ``timeout``): how long a connection may stay idle after an answer (keep-alive) before
+    the first byte of its next request; from that byte its line and headers have ``timeout`` seconds."""
+    idle_timeout = timeout if idle_timeout is None else idle_timeout
     import h11  # uvicorn's dependency
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -62,6 +67,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         _body_events = 0  # header precedes the trailer section); on_body / on_chunk_complete calls
         _trailer_bytes = 0  # bytes received while only trailer fields (or the last chunk's header) can be arriving
         _write_left = 0  # the unsent bytes when the write timer was armed (fewer at its expiry: progress, re-armed)
+        _idle = False  # the header timer is the keep-alive wait (idle_timeout) for the first byte of the next request
         _refused_later: tuple | None = None  # httptools: (status, code, message) of bytes refused (malformed, or
         # headers beyond max_bytes) after a request still unanswered: answered once every earlier one is
 
@@ -148,6 +154,8 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
         def data_received(self, data: bytes) -> None:
             if self._refused_later is not None:  # the parser refused earlier bytes: nothing after them is read
                 return
+            if self._idle and self._header_timer is not None:  # the next request's first bytes: its line and
+                self._await_headers()  # headers have ``timeout`` from now (no longer the keep-alive wait)
             waiting = self._header_timer is not None
             # bytes that can only be request lines and headers: while the timer runs, and (httptools) once the
             # current request's body is in, also while its answer is computed (the parser buffers the next request's
@@ -174,7 +182,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                 self._stop_timer()  # its body)
                 self._header_bytes = 0
             elif not waiting and self._awaiting():  # the rest of a body answered early (413, 401, ...) has arrived
-                self._await_headers()
+                self._await_headers(idle=True)
             in_headers = self._header_timer is not None if h11_based else self._message_done
             if in_headers and self._header_bytes > max_bytes:
                 refusal = (431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
@@ -192,7 +200,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                     self._refuse(*self._refused_later)
                 return
             if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
-                self._await_headers()
+                self._await_headers(idle=True)
 
         def on_headers_complete(self) -> None:  # httptools (h11 has no such callback: its state says it)
             self._message_done, self._header_bytes = False, 0
@@ -267,9 +275,13 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, max_bytes:
                 return self.conn.their_state is h11.IDLE
             return self._message_done
 
-        def _await_headers(self) -> None:
+        def _await_headers(self, idle: bool = False) -> None:
+            """Arm the header timer: ``timeout``, or after an answer with nothing of the next request in yet, the
+            keep-alive wait ``idle_timeout``."""
             self._stop_timer()  # _header_bytes: counted since the last headers ended (part of the next may be in)
-            self._header_timer = asyncio.get_running_loop().call_later(timeout, self._expired)
+            self._idle = idle and not self._header_bytes
+            wait = idle_timeout if self._idle else timeout
+            self._header_timer = asyncio.get_running_loop().call_later(wait, self._expired)
 
         def _stop_timer(self) -> None:
             if self._header_timer is not None:

@@ -78,6 +78,7 @@ def http_protocol(app, settings: Settings) -> type:
 
     rejected = getattr(getattr(app.state, "metrics", None), "rejected", None)
     return guarded_protocol(AutoHTTPProtocol, timeout=settings.body_timeout_seconds,
+                            idle_timeout=settings.keep_alive_seconds,
                             on_reject=None if rejected is None else lambda code: rejected.labels(code).inc())
 
 
@@ -181,6 +182,7 @@ def run_serve(args) -> int:
     app = create_app(settings, bundle=bundle)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=stop_seconds(settings.drain_seconds), lifespan="on",
+                            timeout_keep_alive=settings.keep_alive_seconds,
                             http=http_protocol(app, settings))
     server = server_class(config)
     server.app_state = app.state

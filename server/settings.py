@@ -66,6 +66,12 @@ class Settings(BaseSettings):
                                         "must not hold an admission slot; also the time a connection has to send "
                                         "a request's line and headers (408 header_timeout, server.connections), and the time an answer may "
                                         "make no progress (a client that does not read it: the connection is dropped)")
+    keep_alive_seconds: float = Field(75.0, gt=0, le=3600, description="how long a connection may stay idle "
+                                      "after an answer before its next request starts (HTTP keep-alive): longer than "
+                                      "the idle timeouts of common clients and load balancers (httpx 5 s, aiohttp "
+                                      "15 s, AWS ALB and nginx upstreams 60 s), so that they close idle connections "
+                                      "first; a server that closes one while a request is being sent on it makes "
+                                      "that request fail (a reset) without an answer")
     max_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image (width x height) accepted")
     max_batch_images: int = Field(64, ge=1)
     drain_seconds: float = Field(20.0, ge=0, le=3600, description="SIGTERM grace period for in-flight work")
