@@ -322,8 +322,11 @@ class JobTable:
 
 @functools.lru_cache(maxsize=64)
 def checkpoints_of(budget: int) -> np.ndarray:
-    """A sequential job's checkpoint schedule (:func:`smoothing.checkpoint_schedule`), one array per budget."""
-    return checkpoint_schedule(budget)
+    """A sequential job's checkpoint schedule (:func:`smoothing.checkpoint_schedule`), one array per budget, shared
+    by every job with that budget: read-only, so no caller can change another job's checkpoints."""
+    schedule = checkpoint_schedule(budget)
+    schedule.flags.writeable = False
+    return schedule
 
 
 def check_spec(spec, num_classes: int | None = None) -> None:

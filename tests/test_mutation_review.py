@@ -157,3 +157,13 @@ def test_engine_jobs_take_class_prior_and_proposal_from_the_clean_image(client, 
                 want = float(proposal_radius(answer.z_hat, sigma=SIGMA))
                 assert spec.proposal_radius == (want or None), i
     assert len(specs) == 9
+
+
+def test_a_shared_checkpoint_schedule_cannot_be_changed_by_a_caller():
+    """models.jobs.checkpoints_of caches one schedule array per budget, shared by every job with that budget (the
+    job table copies it): a caller writing into it changed every later job's checkpoints. Failed before: the write
+    went through."""
+    schedule = checkpoints_of(1000)
+    with pytest.raises(ValueError, match="read-only"):
+        schedule[0] = 1
+    assert checkpoints_of(1000)[0] == 64
