@@ -407,3 +407,17 @@ def test_the_configuration_check_does_not_trust_onnxruntime_gpus_provider_list(m
         check_configuration(Settings(device="cuda"))
     monkeypatch.setattr(backends.Path, "exists", lambda self: True)
     assert backends.cuda_unavailable() is None  # a driver and onnxruntime-gpu: its provider can run
+
+
+def test_the_cuda_check_does_not_import_torch_where_onnxruntime_can_run_cuda(monkeypatch):
+    """A GPU host with onnxruntime-gpu and its driver: ``cuda`` can run, and finding that out must not import torch
+    (seconds, and hundreds of MiB of RSS the service would then keep for nothing)."""
+    import onnxruntime as ort
+
+    import models.backends as backends
+
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    monkeypatch.setattr(backends.Path, "exists", lambda self: True)
+    monkeypatch.setattr(backends, "_torch_cuda_missing", lambda: pytest.fail("torch was consulted"))
+    assert backends.cuda_unavailable() is None
