@@ -177,12 +177,14 @@ def run_serve(args) -> int:
         return run_local(replica_args, replicas=args.replicas, host=settings.host, port=settings.port,
                          metrics_port=args.ray_metrics_port, ingress=args.ingress)
     from server.app import create_app
+    from server.connections import MAX_HEADER_BYTES
 
     server_class, uvicorn = _draining_server_class()
     app = create_app(settings, bundle=bundle)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=stop_seconds(settings.drain_seconds), lifespan="on",
                             timeout_keep_alive=settings.keep_alive_seconds,
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES,  # h11 (no httptools): not its 16 KiB
                             http=http_protocol(app, settings))
     server = server_class(config)
     server.app_state = app.state

@@ -101,15 +101,20 @@ def test_headers_beyond_64_kib_are_refused_without_buffering_them(served):
     assert b'"code": "headers_too_large"' in answer and b"65536 bytes" in answer
 
 
+@pytest.mark.parametrize("served", ["auto", "h11"], indirect=True)
 def test_keep_alive_requests_and_ordinary_headers_still_pass(served):
     """The guard ends with each request's headers and restarts after its answer: requests on one connection, each
-    within the time limit, all get their answer (also with headers near 32 KiB)."""
+    within the time limit, all get their answer (also with headers near 32 KiB: on h11, uvicorn's protocol where
+    httptools is missing, these got h11's own 400 above 16 KiB until serve raised its limit to the guard's 64 KiB)."""
     port, _ = served
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.settimeout(5)
         for k in range(4):
             big = b"X-Pad: " + b"p" * 32_000 + b"\r\n" if k == 1 else b""
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n")
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n"
+            for i in range(0, len(request), 8_000):  # in parts, as a network delivers them: not in one read
+                sock.sendall(request[i:i + 8_000])
+                time.sleep(0.02)
             assert b"200 OK" in sock.recv(65536)
             time.sleep(0.3)  # below the 0.5 s header limit, between requests
 
