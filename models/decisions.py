@@ -151,8 +151,10 @@ class DecisionTables:
     def decide(self, table: JobTable, due: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
         """(codes, L_t) of ``due``: :func:`policy_decisions`, from the precomputed tables where they exist; L_t as
         its ``lower_out`` for the jobs evaluated now, NaN for those looked up (and target-radius jobs)."""
-        codes, found = self.lookup(table, due)
         lower = np.full(len(due), np.nan)
+        if not self._tables:  # nothing tabulated (always on a CPU sampler): every job evaluated now
+            return policy_decisions(table, due, sigma, lower), lower
+        codes, found = self.lookup(table, due)
         if not found.all():
             evaluated = np.full(int(np.count_nonzero(~found)), np.nan)
             codes[~found] = policy_decisions(table, due[~found], sigma, evaluated)

@@ -71,9 +71,8 @@ class SequentialEngine:
         self.sampler, self.sigma = sampler, sampler.sigma
         self.max_live_jobs, self.depth = int(max_live_jobs), max(1, int(depth))
         self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
-        # decisions tabulated while the model runs (DecisionTables): free on a GPU; on a CPU they take the model's cores
-        device = getattr(getattr(sampler, "backend", None), "device", "cpu")
-        self.precompute, self._tables = device != "cpu", DecisionTables()
+        device = getattr(getattr(sampler, "backend", None), "device", "cpu")  # decisions tabulated while the model
+        self.precompute, self._tables = device != "cpu", DecisionTables()  # runs: free on a GPU, not on a CPU's cores
         self.observer = observer or EngineObserver()
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
@@ -222,9 +221,9 @@ class SequentialEngine:
             self.sampler.close()
 
     def _answer_unanswered(self) -> None:
-        """The engine thread is ending on a fault: refuse new jobs and answer every unanswered one now (pending,
-        being admitted or in the table: each stays in the deadline heap until answered) with the certificate of its
-        landed samples, marked ``shutdown``, one at a time as the watcher's stop-time pass does."""
+        """The engine thread is ending on a fault: refuse new jobs and answer every unanswered one now (pending, being
+        admitted or in the table: each stays in the deadline heap until answered) with the certificate of its landed
+        samples, marked ``shutdown``, one at a time as the watcher's stop-time pass does."""
         with self._lock:
             self._accepting = False
             jobs = [entry[2] for entry in self._deadlines]
@@ -324,8 +323,9 @@ class SequentialEngine:
                 self.decided += len(due)
                 codes, known[due] = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
-                table.advance_checkpoint(due[~stop])
-                stopped_now = table.settle(due[stop], codes[stop], stop_bounds(table, due[stop], known, self.sigma))
+                table.advance_checkpoint(due[~stop] if stop.any() else due)  # (most steps: every job continues)
+                if stop.any():
+                    stopped_now = table.settle(due[stop], codes[stop], stop_bounds(table, due[stop], known, self.sigma))
             stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them
             names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
