@@ -69,6 +69,7 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeo
         _trailer_bytes = 0  # bytes received while only trailer fields (or the last chunk's header) can be arriving
         _write_left = 0  # the unsent bytes when the write timer was armed (fewer at its expiry: progress, re-armed)
         _idle = False  # the header timer is the keep-alive wait (idle_timeout) for the first byte of the next request
+        _begun = False  # httptools: the parser has begun a request whose headers are not complete yet
         _refused_later: tuple | None = None  # httptools: (status, code, message) of bytes refused (malformed, or
         # headers beyond max_bytes) after a request still unanswered: answered once every earlier one is
 
@@ -203,8 +204,12 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeo
             if not self.transport.is_closing() and self._awaiting():  # idle again (not a pipelined request)
                 self._await_headers(idle=True)
 
+        def on_message_begin(self) -> None:  # httptools: a request's first byte was parsed (h11: its buffer says it)
+            self._begun = True
+            super().on_message_begin()
+
         def on_headers_complete(self) -> None:  # httptools (h11 has no such callback: its state says it)
-            self._message_done, self._header_bytes = False, 0
+            self._message_done, self._header_bytes, self._begun = False, 0, False
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -280,6 +285,9 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeo
             """Arm the header timer: ``timeout``, or after an answer with nothing of the next request in yet, the
             keep-alive wait ``idle_timeout``."""
             self._stop_timer()  # _header_bytes: counted since the last headers ended (part of the next may be in)
+            if idle and not self._header_bytes:  # bytes of the next request read uncounted (with a body's rest, or
+                # h11: during the answer) are no idle wait: the header limit, and a 408 at its end
+                self._header_bytes = len(self.conn.trailing_data[0]) if h11_based else int(self._begun)
             self._idle = idle and not self._header_bytes
             wait = idle_timeout if self._idle else timeout
             self._header_timer = asyncio.get_running_loop().call_later(wait, self._expired)
