@@ -69,8 +69,10 @@ class OnnxBackend:
             model = noisy_argmax_model(source, noise_sigma, seed=seed)
             self._noisy_session = _session(ort, model.SerializeToString(), opts, providers, nice, self.device)
             self._noise_sigma = float(noise_sigma)
-        #: in-graph noise batches run at :func:`padded_batch_size` (on CUDA: cuDNN tunes once per input shape)
+        #: in-graph noise batches run at :func:`padded_batch_size` (on CUDA: cuDNN tunes once per input shape), at
+        #: most ``pad_limit`` rows (set by models.sampling.SamplingEngine: its batch size)
         self.pad_batches = self.device == "cuda" if pad_batches is None else bool(pad_batches)
+        self.pad_limit: int | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
@@ -87,7 +89,8 @@ class OnnxBackend:
             index = np.repeat(np.arange(len(images), dtype=np.int64), repeats)
             total = len(index)
             if self.pad_batches:  # rows beyond total: copies of image 0, drawn and discarded (shape buckets)
-                index = np.concatenate([index, np.zeros(padded_batch_size(total) - total, dtype=np.int64)])
+                index = np.concatenate([index, np.zeros(padded_batch_size(total, self.pad_limit) - total,
+                                                          dtype=np.int64)])
             return self._noisy_session.run(None, {NOISY_IMAGES: np.ascontiguousarray(images, dtype=np.float32),
                                                   NOISY_INDEX: index})[0][:total]
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
@@ -98,16 +101,20 @@ class OnnxBackend:
         return np.where(nan, NAN_LABEL, labels) if nan.any() else labels
 
 
-def padded_batch_size(n: int) -> int:
+def padded_batch_size(n: int, limit: int | None = None) -> int:
     """The batch size a device backend runs ``n`` noisy copies at: the next power of two up to 1,024, then the next
-    multiple of 1,024 (the extra copies are drawn and discarded, never counted). cuDNN tunes its convolution
-    algorithms once per input shape (torch's ``cudnn.benchmark``, onnxruntime's default exhaustive search), and the
-    engine's batches take hundreds of distinct sizes (116-215 in 127-282 batches of a 16,384-sample run), so nearly
-    every batch paid a tuning run; with these buckets a run up to 16,384 sees at most 26 shapes, at a cost of < 2x
+    multiple of 1,024 (the extra copies are drawn and discarded, never counted), but never above ``limit`` (the
+    engine's batch size, which the operator sizes to the device's memory) where ``n`` fits in it: ``limit`` itself
+    is then the last bucket. cuDNN tunes its convolution algorithms once per input shape (torch's
+    ``cudnn.benchmark``, onnxruntime's default exhaustive search), and the engine's batches take hundreds of
+    distinct sizes (116-215 in 127-282 batches of a 16,384-sample run), so nearly every batch paid a tuning run;
+    with these buckets a run up to 16,384 sees at most 26 shapes, at a cost of < 2x
     rows below 1,024 (small batches are latency-bound on a GPU) and < 1,024 rows above."""
     if n <= 1024:
-        return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
-    return -(-int(n) // 1024) * 1024
+        bucket = 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+    else:
+        bucket = -(-int(n) // 1024) * 1024
+    return bucket if limit is None or n > limit else min(bucket, int(limit))
 
 
 #: The label of a noisy copy whose logits hold a NaN (no arg-max: numpy and torch would pick the NaN's class,

@@ -58,6 +58,9 @@ class SamplingEngine:
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
         self.runner_nice = int(runner_nice)  # > 0: the runner thread yields the CPU to the request path
+        if getattr(backend, "pad_batches", False):  # padded batches stay within the batch size (device memory);
+            # a backend shared by engines: the largest of their batch sizes, which one of them runs anyway
+            backend.pad_limit = max(self.batch_size, getattr(backend, "pad_limit", None) or 0)
         self._runner: concurrent.futures.ThreadPoolExecutor | None = None
         self._runner_lock = threading.Lock()
 
@@ -95,13 +98,15 @@ class SamplingEngine:
     def warm_up(self, image: np.ndarray, rng: np.random.Generator) -> int:
         """On a backend that runs its batches at bucketed sizes (a device backend, ``pad_batches``:
         :func:`models.backends.padded_batch_size`), one call at every bucket up to ``batch_size``, so cuDNN's tuning
-        per input shape happens before the first request rather than in it. The samples are discarded. Returns the
-        number of calls (0 where the backend does not pad: the CPU)."""
+        per input shape happens before the first request rather than in it (the largest bucket is the batch size:
+        one that does not fit the device fails here, at start-up). The samples are discarded. Returns the number of
+        calls (0 where the backend does not pad: the CPU)."""
         if not getattr(self.backend, "pad_batches", False):
             return 0
         from models.backends import padded_batch_size
 
-        buckets = sorted({padded_batch_size(n) for n in range(1, self.batch_size + 1)})
+        limit = getattr(self.backend, "pad_limit", None)
+        buckets = sorted({padded_batch_size(n, limit) for n in range(1, self.batch_size + 1)})
         for size in buckets:
             self.count_chunks(image[None], np.array([size]), rng)
         return len(buckets)

@@ -34,6 +34,7 @@ class TorchBackend:
         self.device = device
         #: batches run at models.backends.padded_batch_size (default on CUDA: cudnn.benchmark tunes once per shape)
         self.pad_batches = device.startswith("cuda") if pad_batches is None else bool(pad_batches)
+        self.pad_limit: int | None = None  # at most this many rows (models.sampling.SamplingEngine: its batch size)
         self.name = f"torch-{device}"
         self.num_outputs = None
         if device.startswith("cuda"):
@@ -111,7 +112,7 @@ class TorchBackend:
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
                                         self._to_device(np.ascontiguousarray(sizes, dtype=np.int64)),
                                         output_size=total)  # output_size: no device -> host sync
-        rows = padded_batch_size(total) if self.pad_batches else total
+        rows = padded_batch_size(total, self.pad_limit) if self.pad_batches else total
         noise = self._noise((rows, *x.shape[1:]), rng)  # rows beyond total: copies of image 0, discarded below
         batch = noise.mul_(float(sigma)).add_(x.index_select(0, torch.nn.functional.pad(owner, (0, rows - total))))
         logits = self.module(batch)[:total]  # a row with a NaN has no class (torch.argmax would pick the NaN's): -1

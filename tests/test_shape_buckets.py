@@ -114,8 +114,45 @@ def test_warm_up_runs_every_bucket_once_on_a_padding_backend_and_nothing_on_the_
     device_like = TorchBackend(_recording_linear(torch, seen), device="cpu", pad_batches=True)
     engine = SamplingEngine(device_like, sigma=0.25, num_classes=K, batch_size=2049)
     assert engine.warm_up(IMAGES[0], np.random.default_rng(0)) == 13
-    assert seen == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3072]
+    assert seen == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 2049]  # the batch size: the last bucket
     host = OnnxBackend(load_bundle().path("base"), threads=1, device="cpu")
     assert not host.pad_batches
     assert SamplingEngine(host, sigma=0.25, num_classes=K).warm_up(np.zeros((1, 28, 28), np.float32),
                                                                    np.random.default_rng(0)) == 0
+
+
+@pytest.mark.parametrize("batch_size", [20_000, 1_100, 600])
+def test_padding_never_runs_more_rows_than_the_engines_batch_size(batch_size):
+    """The operator sizes CERTSERVE_BATCH_SIZE to the device's memory: a padded batch (and the warm-up's largest
+    bucket) must not exceed it. Failed before: batch_size 20,000 ran 20,480 rows, 1,100 ran 2,048 and 600 ran 1,024
+    (nearly twice the memory; the warm-up at start-up ran out of it first), in the engine's full batches as in the
+    warm-up; now the batch size itself is the last bucket (one more shape at most)."""
+    torch = pytest.importorskip("torch")
+    from models.backends import OnnxBackend
+    from models.sampling import SamplingEngine
+    from models.torch_backend import TorchBackend
+
+    seen: list[int] = []
+    backend = TorchBackend(_recording_linear(torch, seen), device="cpu", pad_batches=True)
+    engine = SamplingEngine(backend, sigma=0.25, num_classes=K, batch_size=batch_size)
+    buckets = engine.warm_up(IMAGES[0], np.random.default_rng(0))
+    assert max(seen) == batch_size and len(seen) == buckets == len(set(seen))
+    seen.clear()
+    counts = engine.count(IMAGES[:2], np.array([batch_size - 7, 7 + batch_size // 3]), np.random.default_rng(1))
+    assert counts.sum() == batch_size + batch_size // 3 and max(seen) <= batch_size
+    w = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["output"])],
+        "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")])
+    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+    ort = OnnxBackend(raw, device="cpu", threads=1, noise_sigma=0.25, noise_in_graph=True, seed=5, pad_batches=True)
+    runs, session = [], ort._noisy_session
+    ort._noisy_session = type("Recorder", (), {"run": lambda self, out, feeds: runs.append(
+        len(feeds["certserve_index"])) or session.run(out, feeds)})()
+    sampler = SamplingEngine(ort, sigma=0.25, num_classes=5, batch_size=batch_size)
+    assert sampler.count(IMAGES[:1], batch_size, None).sum() == batch_size
+    assert runs == [batch_size]
