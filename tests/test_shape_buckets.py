@@ -42,6 +42,32 @@ def _recording_linear(torch, seen: list):
     return Linear()
 
 
+def _linear_onnx() -> bytes:
+    """(N, 3, 2, 2) -> flatten -> MatMul (12, 5): a tiny ONNX classifier for the in-graph noise path."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["output"])],
+        "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def _in_graph_recording(sigma: float):
+    """(onnxruntime backend with seeded in-graph noise, forced to pad; the list of index lengths each run saw)."""
+    from models.backends import OnnxBackend
+
+    backend = OnnxBackend(_linear_onnx(), device="cpu", threads=1, noise_sigma=sigma, noise_in_graph=True, seed=5,
+                          pad_batches=True)
+    runs, session = [], backend._noisy_session
+    backend._noisy_session = type("Recorder", (), {"run": lambda self, out, feeds: runs.append(
+        len(feeds["certserve_index"])) or session.run(out, feeds)})()
+    return backend, runs
+
+
 @pytest.mark.parametrize("sizes", [[3, 0, 700, 2], [1025], [1, 1, 1], [0, 0]])
 def test_torch_padding_changes_no_count_and_no_label(sizes):
     """Forced on the CPU (where the noise comes from the caller's generator), a padded batch gives exactly the
@@ -71,27 +97,15 @@ def test_in_graph_noise_pads_the_index_and_returns_one_label_per_copy():
     """onnxruntime's in-graph noise path (the CUDA provider's; seeded here to run on the CPU), forced to pad: the
     session runs the bucketed number of copies and the caller gets exactly one label per copy it asked for, with
     the class rates of the unpadded path."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from models.backends import OnnxBackend
 
-    w = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["input", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["output"])],
-        "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 2, 2])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")])
-    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    backend = OnnxBackend(raw, device="cpu", threads=1, noise_sigma=0.3, noise_in_graph=True, seed=5, pad_batches=True)
-    runs = []
-    session = backend._noisy_session
-    backend._noisy_session = type("Recorder", (), {"run": lambda self, out, feeds: runs.append(
-        len(feeds["certserve_index"])) or session.run(out, feeds)})()
+    backend, runs = _in_graph_recording(0.3)
     sizes = np.array([700, 0, 1400])
     labels = backend.noisy_predictions(IMAGES[:3], sizes, 0.3, None)
     assert runs == [padded_batch_size(2100)] == [3072]
     assert labels.shape == (2100,)
-    host = OnnxBackend(raw, device="cpu", threads=1).noisy_predictions(IMAGES[:3], sizes, 0.3, np.random.default_rng(0))
+    host = OnnxBackend(_linear_onnx(), device="cpu", threads=1).noisy_predictions(IMAGES[:3], sizes, 0.3,
+                                                                                  np.random.default_rng(0))
     ca, cb = tally_chunks(labels, sizes, 5), tally_chunks(host, sizes, 5)
     assert ca.sum(axis=1).tolist() == sizes.tolist()
     for chunk in (0, 2):
@@ -140,19 +154,7 @@ def test_padding_never_runs_more_rows_than_the_engines_batch_size(batch_size):
     seen.clear()
     counts = engine.count(IMAGES[:2], np.array([batch_size - 7, 7 + batch_size // 3]), np.random.default_rng(1))
     assert counts.sum() == batch_size + batch_size // 3 and max(seen) <= batch_size
-    w = np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["input", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["output"])],
-        "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 2, 2])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")])
-    raw = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-    ort = OnnxBackend(raw, device="cpu", threads=1, noise_sigma=0.25, noise_in_graph=True, seed=5, pad_batches=True)
-    runs, session = [], ort._noisy_session
-    ort._noisy_session = type("Recorder", (), {"run": lambda self, out, feeds: runs.append(
-        len(feeds["certserve_index"])) or session.run(out, feeds)})()
+    ort, runs = _in_graph_recording(0.25)
     sampler = SamplingEngine(ort, sigma=0.25, num_classes=5, batch_size=batch_size)
     assert sampler.count(IMAGES[:1], batch_size, None).sum() == batch_size
     assert runs == [batch_size]
