@@ -5,9 +5,10 @@ On the device, one batch is: gather the chunk images, draw e ~ N(0, sigma^2 I) (
 reseeded per batch from the caller's generator; on the CPU by the caller's numpy generator itself), run the
 model in float32 (TF32 off: the certificate is about the bundle's fp32 model, not a lower-precision twin), arg-max,
 and reduce the labels to per-chunk counts with one ``scatter_add``; only the (J, K) counts are copied back, into
-pinned memory, asynchronously. On CUDA a batch runs at a bucketed size (:func:`models.backends.padded_batch_size`:
-the extra copies are drawn and discarded), so ``cudnn.benchmark`` tunes a few shapes instead of one per batch size. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its
-bookkeeping with the device and reads the counts when it needs them.
+pinned memory, asynchronously. :meth:`TorchBackend.launch_counts` returns at once; the engine overlaps its
+bookkeeping with the device and reads the counts when it needs them. On CUDA a batch runs at a bucketed size
+(:func:`models.backends.padded_batch_size`, at most the engine's batch size: the extra copies are drawn and
+discarded), so ``cudnn.benchmark`` tunes a few shapes instead of one per batch size.
 
 torch is optional for serving (the CPU image has none): it is imported when this backend is built, never before.
 """

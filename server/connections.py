@@ -14,8 +14,8 @@ it is closed), the request's line and headers must arrive within ``timeout`` sec
 closed). The bytes are counted as they are read, before the parser sees them: a header section that arrives whole
 in one read (at most asyncio's 256 KiB) is parsed and passes (h11 too: ``certserve serve`` raises its own 16 KiB
 limit to ``max_bytes``), so what this bounds is what a connection can make the server buffer, not every header
-section's size. These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text), use the
-JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is called for each (metrics).
+section's size. These answers, and 400 ``bad_request`` for bytes uvicorn's parser refuses (its own is plain text),
+use the JSON error envelope (no request id: there was no request yet). ``on_reject(code)`` is called for each (metrics).
 
 Two more ways past the app's limits, both closed here as well. A client that never reads its answers: uvicorn waits
 for its write buffer to drain without a time limit, so such a connection held its request (and, for /certify, its
@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover
 
 from server.errors import ANSWERED_BY_CONNECTION, error_bytes
 
-#: the request line and headers of one request may take at most this many bytes (nginx: 4 x 8 KiB; h11's default: 16 KiB)
+#: the request line and headers of one request may take at most this many bytes (nginx: 4 x 8 KiB; h11: 16 KiB)
 MAX_HEADER_BYTES = 64 * 1024
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
