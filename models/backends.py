@@ -232,12 +232,13 @@ def cuda_unavailable() -> str | None:
     """None when ``device='cuda'`` can run here (PyTorch on CUDA, or onnxruntime's CUDA provider on a host with an
     NVIDIA driver), else why not. onnxruntime-gpu lists its provider on any host, so the list alone is no proof: on
     a host without a driver its session starts on the CPU, which ``cuda`` refuses only once the service starts."""
-    if _ort_has_cuda() and Path("/proc/driver/nvidia/version").exists():
+    ort_cuda = _ort_has_cuda()
+    if ort_cuda and Path("/proc/driver/nvidia/version").exists():
         return None  # checked first: importing torch to find out costs seconds and hundreds of MiB for nothing
     if (torch_missing := _torch_cuda_missing()) is None:
         return None
     ort = ("onnxruntime-gpu is installed but no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)"
-           if _ort_has_cuda() else "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+           if ort_cuda else "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
     return f"{ort} and PyTorch cannot run it either ({torch_missing})"
 
 

@@ -323,8 +323,8 @@ class SequentialEngine:
                 self.decided += len(due)
                 codes, known[due] = self._tables.decide(table, due, self.sigma)
                 stop = codes != int(Stop.CONTINUE)
-                table.advance_checkpoint(due[~stop] if stop.any() else due)  # (most steps: every job continues)
-                if stop.any():
+                table.advance_checkpoint(due[~stop] if (any_stop := stop.any()) else due)  # most steps: all go on
+                if any_stop:
                     stopped_now = table.settle(due[stop], codes[stop], stop_bounds(table, due[stop], known, self.sigma))
             stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them

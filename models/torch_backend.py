@@ -115,7 +115,8 @@ class TorchBackend:
                                         output_size=total)  # output_size: no device -> host sync
         rows = padded_batch_size(total, self.pad_limit) if self.pad_batches else total
         noise = self._noise((rows, *x.shape[1:]), rng)  # rows beyond total: copies of image 0, discarded below
-        batch = noise.mul_(float(sigma)).add_(x.index_select(0, torch.nn.functional.pad(owner, (0, rows - total))))
+        index = owner if rows == total else torch.nn.functional.pad(owner, (0, rows - total))  # padding: image 0
+        batch = noise.mul_(float(sigma)).add_(x.index_select(0, index))
         logits = self.module(batch)[:total]  # a row with a NaN has no class (torch.argmax would pick the NaN's): -1
         return owner, logits.argmax(dim=1).masked_fill_(logits.isnan().any(dim=1), -1)
 
