@@ -318,10 +318,10 @@ class SequentialEngine:
             settled = table.settled(landed)  # stopped by their policy earlier, last samples now counted
             due = table.at_checkpoint(landed)  # neither of the above: those are not running a policy
             stopped_now = due[:0]  # stopped at this checkpoint with nothing in flight: answered now
-            known = np.full(table.capacity, np.nan)  # L_t the policy computed at these counts, by slot (due only)
-            if len(due):
+            known = np.full(table.capacity, np.nan)  # L_t the policies computed at these counts, by slot
+            if len(due) or len(settled):  # settled: only their L_t, in the same kernel call (DecisionTables.decide)
                 self.decided += len(due)
-                codes, known[due] = self._tables.decide(table, due, self.sigma)
+                codes, known[np.concatenate([due, settled])] = self._tables.decide(table, due, self.sigma, settled)
                 stop = codes != int(Stop.CONTINUE)
                 table.advance_checkpoint(due[~stop] if (any_stop := stop.any()) else due)  # most steps: all go on
                 if any_stop:

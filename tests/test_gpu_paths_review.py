@@ -95,8 +95,8 @@ def _replay(device: str, seed: int, *, batch_size: int, max_live: int, njobs: in
     tables, decisions, found = engine._tables, [], [0]
     decide, lookup = tables.decide, tables.lookup
 
-    def logged_decide(table, due, sigma):
-        codes, lower = decide(table, due, sigma)
+    def logged_decide(table, due, sigma, settled=None):
+        codes, lower = decide(table, due, sigma, settled)
         decisions.append([(int(table.gen[s]), int(table.est_done[s]), int(c)) for s, c in zip(due, codes)])
         return codes, lower
 
