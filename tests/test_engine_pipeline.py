@@ -292,8 +292,9 @@ def test_a_stale_decision_table_is_never_looked_up(images, stale):
     table.land(batch, counts)
     if stale == "slot_reused":
         table.gen[slot] = 8  # another job in the same slot
-    elif stale == "checkpoint_moved":
+    elif stale == "checkpoint_moved":  # counted up to the NEW checkpoint, same hits: only the checkpoint guard tells
         table.advance_checkpoint(np.array([slot]))
+        table.est_done[slot] = table.cp[slot]
     elif stale == "not_at_checkpoint":
         table.est_done[slot] -= 1
     elif stale == "hits_beyond":
