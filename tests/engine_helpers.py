@@ -68,3 +68,22 @@ def bound_hits(p_lower: float, trials: int, bound) -> int:
     s = int(np.argmin(np.abs(values - p_lower)))
     assert float(bound(s)) == pytest.approx(p_lower, rel=1e-12, abs=1e-15)
     return s
+
+
+def tiny_linear_model(torch, k=K, nan_above=None, record=None):
+    """(N, 3, 2, 2) -> (N, k) linear logits; NaN logits where the first noisy pixel exceeds ``nan_above``;
+    ``record`` (a list) receives every input batch."""
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(12, k, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            if record is not None:
+                record.append(x.detach().clone())
+            y = x.flatten(1) @ self.w
+            if nan_above is not None:
+                y = torch.where(x.flatten(1)[:, :1] > nan_above, torch.full_like(y, float("nan")), y)
+            return y
+
+    return Linear()

@@ -25,6 +25,7 @@ import pytest
 from models.engine import JobSpec, SequentialEngine
 from models.jobs import resolve_futures
 from models.sampling import SamplingEngine, tally_chunks
+from tests.engine_helpers import tiny_linear_model
 
 K, SIGMA = 10, 0.25
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -180,25 +181,6 @@ def torch():
     return pytest.importorskip("torch")
 
 
-def _linear(torch, k=K, nan_above=None, record=None):
-    """(N, 3, 2, 2) -> (N, k) linear logits; NaN logits where the first noisy pixel exceeds ``nan_above``;
-    ``record`` (a list) receives every input batch."""
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(12, k, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, x):
-            if record is not None:
-                record.append(x.detach().clone())
-            y = x.flatten(1) @ self.w
-            if nan_above is not None:
-                y = torch.where(x.flatten(1)[:, :1] > nan_above, torch.full_like(y, float("nan")), y)
-            return y
-
-    return Linear()
-
-
 IMAGES = np.random.default_rng(0).random((5, 3, 2, 2), dtype=np.float32)
 
 
@@ -210,7 +192,7 @@ def test_device_counts_are_the_host_tally_of_the_same_labels(torch, sizes):
     and NaN logits (about a third of the copies here), counted for no class."""
     from models.torch_backend import TorchBackend
 
-    backend = TorchBackend(_linear(torch, nan_above=1.2), device="cpu")
+    backend = TorchBackend(tiny_linear_model(torch, nan_above=1.2), device="cpu")
     sizes = np.array(sizes, dtype=np.int64)
     images = IMAGES[:len(sizes)]
     counts = backend.launch_counts(images, sizes, 0.5, np.random.default_rng(3), K).result()
@@ -225,7 +207,7 @@ def test_device_counts_refuse_a_class_beyond_the_bundles(torch):
     it too); a label == K exactly is the boundary (it would be the next chunk's first class in a flat tally)."""
     from models.torch_backend import TorchBackend
 
-    backend = TorchBackend(_linear(torch, k=K + 1), device="cpu")
+    backend = TorchBackend(tiny_linear_model(torch, k=K + 1), device="cpu")
     images, sizes = IMAGES, np.full(5, 200)
     labels = backend.noisy_predictions(images, sizes, 0.5, np.random.default_rng(1))
     assert labels.max() == K  # the model does predict the extra class
@@ -233,7 +215,7 @@ def test_device_counts_refuse_a_class_beyond_the_bundles(torch):
         backend.launch_counts(images, sizes, 0.5, np.random.default_rng(1), K).result()
     with pytest.raises(ValueError, match="predicted class"):
         tally_chunks(labels, sizes, K)
-    narrow = TorchBackend(_linear(torch, k=K - 3), device="cpu")  # fewer outputs: counted, the rest zero
+    narrow = TorchBackend(tiny_linear_model(torch, k=K - 3), device="cpu")  # fewer outputs: counted, the rest zero
     counts = narrow.launch_counts(images, sizes, 0.5, np.random.default_rng(1), K).result()
     assert counts.shape == (5, K) and counts.sum() == 1000 and not counts[:, K - 3:].any()
 
@@ -247,7 +229,7 @@ def test_device_noise_is_iid_gaussian_unclipped_and_fresh(torch):
     from models.torch_backend import TorchBackend
 
     seen = []
-    backend = TorchBackend(_linear(torch, record=seen), device="cpu")
+    backend = TorchBackend(tiny_linear_model(torch, record=seen), device="cpu")
     rng, sigma = np.random.default_rng(7), 0.5
     image = np.repeat(IMAGES[:1], 2, axis=0)  # one image as two chunks
     sizes = np.array([3000, 3000])
@@ -274,7 +256,7 @@ def test_tf32_is_off_before_a_cuda_module_is_built(torch):
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark)
-    flags, module = [], _linear(torch)
+    flags, module = [], tiny_linear_model(torch)
 
     def to(device):
         flags.append((device, cudnn.allow_tf32, matmul.allow_tf32))

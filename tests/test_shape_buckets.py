@@ -15,6 +15,7 @@ import pytest
 
 from models.backends import padded_batch_size
 from models.sampling import tally_chunks
+from tests.engine_helpers import tiny_linear_model
 
 K = 10
 IMAGES = np.random.default_rng(3).random((4, 3, 2, 2), dtype=np.float32)
@@ -27,19 +28,6 @@ def test_buckets_are_few_and_never_smaller_than_the_batch():
     assert len(set(padded[1:].tolist())) <= 26
     assert np.all(padded[1:1025] < 2 * sizes[1:1025]) and np.all(padded[1025:] - sizes[1025:] < 1024)
     assert [padded_batch_size(n) for n in (1, 2, 3, 1000, 1024, 1025, 16_384)] == [1, 2, 4, 1024, 1024, 2048, 16_384]
-
-
-def _recording_linear(torch, seen: list):
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.randn(12, K, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, x):
-            seen.append(int(x.shape[0]))
-            return x.flatten(1) @ self.w
-
-    return Linear()
 
 
 def _linear_onnx() -> bytes:
@@ -77,8 +65,8 @@ def test_torch_padding_changes_no_count_and_no_label(sizes):
 
     sizes = np.array(sizes, dtype=np.int64)
     seen_pad, seen_plain = [], []
-    padded = TorchBackend(_recording_linear(torch, seen_pad), device="cpu", pad_batches=True)
-    plain = TorchBackend(_recording_linear(torch, seen_plain), device="cpu")
+    padded = TorchBackend(tiny_linear_model(torch, record=seen_pad), device="cpu", pad_batches=True)
+    plain = TorchBackend(tiny_linear_model(torch, record=seen_plain), device="cpu")
     assert padded.pad_batches and not plain.pad_batches  # the default pads on CUDA only
     images = IMAGES[:len(sizes)]
     got = padded.launch_counts(images, sizes, 0.25, np.random.default_rng(11), K).result()
@@ -90,7 +78,7 @@ def test_torch_padding_changes_no_count_and_no_label(sizes):
     np.testing.assert_array_equal(tally_chunks(labels, sizes, K), plain.launch_counts(
         images, sizes, 0.25, np.random.default_rng(12), K).result())
     total = int(sizes.sum())
-    assert seen_pad[0] == padded_batch_size(total) and seen_plain[0] == total
+    assert len(seen_pad[0]) == padded_batch_size(total) and len(seen_plain[0]) == total
 
 
 def test_in_graph_noise_pads_the_index_and_returns_one_label_per_copy():
@@ -124,11 +112,11 @@ def test_warm_up_runs_every_bucket_once_on_a_padding_backend_and_nothing_on_the_
     from models.sampling import SamplingEngine
     from models.torch_backend import TorchBackend
 
-    seen: list[int] = []
-    device_like = TorchBackend(_recording_linear(torch, seen), device="cpu", pad_batches=True)
+    batches: list = []
+    device_like = TorchBackend(tiny_linear_model(torch, record=batches), device="cpu", pad_batches=True)
     engine = SamplingEngine(device_like, sigma=0.25, num_classes=K, batch_size=2049)
     assert engine.warm_up(IMAGES[0], np.random.default_rng(0)) == 13
-    assert seen == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 2049]  # the batch size: the last bucket
+    assert [len(x) for x in batches] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 2049]  # the batch size: the last bucket
     host = OnnxBackend(load_bundle().path("base"), threads=1, device="cpu")
     assert not host.pad_batches
     assert SamplingEngine(host, sigma=0.25, num_classes=K).warm_up(np.zeros((1, 28, 28), np.float32),
@@ -146,14 +134,15 @@ def test_padding_never_runs_more_rows_than_the_engines_batch_size(batch_size):
     from models.sampling import SamplingEngine
     from models.torch_backend import TorchBackend
 
-    seen: list[int] = []
-    backend = TorchBackend(_recording_linear(torch, seen), device="cpu", pad_batches=True)
+    batches: list = []
+    backend = TorchBackend(tiny_linear_model(torch, record=batches), device="cpu", pad_batches=True)
     engine = SamplingEngine(backend, sigma=0.25, num_classes=K, batch_size=batch_size)
     buckets = engine.warm_up(IMAGES[0], np.random.default_rng(0))
+    seen = [len(x) for x in batches]
     assert max(seen) == batch_size and len(seen) == buckets == len(set(seen))
-    seen.clear()
+    batches.clear()
     counts = engine.count(IMAGES[:2], np.array([batch_size - 7, 7 + batch_size // 3]), np.random.default_rng(1))
-    assert counts.sum() == batch_size + batch_size // 3 and max(seen) <= batch_size
+    assert counts.sum() == batch_size + batch_size // 3 and max(len(x) for x in batches) <= batch_size
     ort, runs = _in_graph_recording(0.25)
     sampler = SamplingEngine(ort, sigma=0.25, num_classes=5, batch_size=batch_size)
     assert sampler.count(IMAGES[:1], batch_size, None).sum() == batch_size
