@@ -187,15 +187,15 @@ class JobTable:
         self.target[slots] = [np.nan if sp.target_radius is None else sp.target_radius for sp in specs]
         self.proposal[slots] = [np.nan if sp.proposal_radius is None else sp.proposal_radius for sp in specs]
         self.min_gain[slots] = [DEFAULT_MIN_GAIN if sp.min_gain is None else sp.min_gain for sp in specs]
-        self.stop_lower[slots] = np.nan
-        self.cp_idx[slots] = 0
-        for slot, schedule in zip(slots, schedules):
-            if schedule is not None:
-                self.schedules[slot, :len(schedule)] = schedule
-                self.schedules[slot, len(schedule):] = schedule[-1]
-                self.cp[slot] = schedule[0]
-        self.sel_counts[slots] = 0
-        self.est_counts[slots] = 0
+        self.stop_lower[slots], self.cp_idx[slots] = np.nan, 0
+        shared: dict[int, list[int]] = {}  # jobs by schedule object (checkpoints_of: one per budget), one write each
+        for k in (k for k, schedule in enumerate(schedules) if schedule is not None):
+            shared.setdefault(id(schedules[k]), []).append(k)
+        for ks in shared.values():
+            schedule, rows = schedules[ks[0]], slots[ks]
+            self.schedules[rows, :len(schedule)], self.schedules[rows, len(schedule):] = schedule, schedule[-1]
+            self.cp[rows] = schedule[0]
+        self.sel_counts[slots] = self.est_counts[slots] = 0
         self.images[slots] = np.stack([sp.image for sp in specs])
         for slot, job in zip(slots, jobs):
             self.jobs[slot] = job
