@@ -174,8 +174,9 @@ def test_nan_logits_under_noise_count_for_no_class(tmp_path):
     counted as class 0 on the host paths (numpy's and torch's argmax take the first NaN as the maximum; onnxruntime's
     ArgMax skips NaN): mode=cohen then certified class 0 at radius 0.55 (sigma 0.25, 500 samples) for an image whose
     clean class is 8 and whose every noisy prediction was NaN. Every CPU path now counts such a copy for no class (a
-    miss for the tested class), next to a chunk of finite logits in the same batch that keeps its counts, and Cohen's
-    certify on those counts abstains. Run against the old code: class-0 counts; this test failed."""
+    miss for the tested class): here both chunks of the batch are all-NaN and count nothing, and Cohen's certify on
+    those counts abstains (that finite chunks of the same batch keep their counts is the next test's). Run against
+    the old code: class-0 counts; this test failed."""
     from smoothing import certify
 
     image = np.full((1, 1, 28, 28), 0.5, np.float32)
