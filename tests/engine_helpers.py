@@ -87,3 +87,22 @@ def tiny_linear_model(torch, k=K, nan_above=None, record=None):
             return y
 
     return Linear()
+
+
+class BernoulliModel:
+    """A stand-in model: copy i of image x is class c(x) with probability p(x), else another class; images flagged
+    in pixel (0, 1, 0) give NaN logits (no class, -1) on a tenth of their copies. Noise from the caller's generator,
+    so a seeded engine replays the same batches."""
+
+    name = "bernoulli"
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def noisy_predictions(self, images, repeats, sigma, rng):
+        p = np.repeat(images[:, 0, 0, 0].astype(np.float64), repeats)
+        c = np.repeat(images[:, 0, 0, 1].astype(np.int64), repeats)
+        nan = np.repeat(images[:, 0, 1, 0] > 0.5, repeats)
+        u = rng.random(len(p))
+        out = np.where(u < p, c, (c + 1 + (u * 7).astype(np.int64) % (K - 1)) % K)
+        return np.where(nan & (u > 0.9), -1, out)

@@ -25,32 +25,13 @@ import pytest
 from models.engine import JobSpec, SequentialEngine
 from models.jobs import resolve_futures
 from models.sampling import SamplingEngine, tally_chunks
-from tests.engine_helpers import tiny_linear_model
+from tests.engine_helpers import BernoulliModel, tiny_linear_model
 
 K, SIGMA = 10, 0.25
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 # ------------------------------------------------------------------------------------ 1. the engine's decision tables
-class _Bernoulli:
-    """A stand-in model: copy i of image x is class c(x) with probability p(x), else another class; images flagged
-    in pixel (0, 1, 0) give NaN logits (no class, -1) on a tenth of their copies. Noise from the caller's generator,
-    so a seeded engine replays the same batches."""
-
-    name = "bernoulli"
-
-    def __init__(self, device: str):
-        self.device = device
-
-    def noisy_predictions(self, images, repeats, sigma, rng):
-        p = np.repeat(images[:, 0, 0, 0].astype(np.float64), repeats)
-        c = np.repeat(images[:, 0, 0, 1].astype(np.int64), repeats)
-        nan = np.repeat(images[:, 0, 1, 0] > 0.5, repeats)
-        u = rng.random(len(p))
-        out = np.where(u < p, c, (c + 1 + (u * 7).astype(np.int64) % (K - 1)) % K)
-        return np.where(nan & (u > 0.9), -1, out)
-
-
 class _Logged(SamplingEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -91,7 +72,7 @@ def _replay(device: str, seed: int, *, batch_size: int, max_live: int, njobs: in
     deadline answers (as the watcher gives them) and a shutdown at steps drawn from ``seed`` alone: (answers,
     decisions, batches, table lookups found)."""
     specs, events = _specs(np.random.default_rng(1000 + seed), njobs), np.random.default_rng(2000 + seed)
-    sampler = _Logged(_Bernoulli(device), sigma=SIGMA, num_classes=K, batch_size=batch_size)
+    sampler = _Logged(BernoulliModel(device), sigma=SIGMA, num_classes=K, batch_size=batch_size)
     engine = SequentialEngine(sampler, seed=seed, max_live_jobs=max_live, depth=depth, speculate=True)
     tables, decisions, found = engine._tables, [], [0]
     decide, lookup = tables.decide, tables.lookup
@@ -171,7 +152,7 @@ def test_decision_tables_change_no_answer_decision_or_batch(seed, batch_size, ma
 
 def test_precompute_follows_the_backends_device():
     for device, on in (("cpu", False), ("cuda", True), ("cuda:1", True)):
-        sampler = SamplingEngine(_Bernoulli(device), sigma=SIGMA, num_classes=K)
+        sampler = SamplingEngine(BernoulliModel(device), sigma=SIGMA, num_classes=K)
         assert SequentialEngine(sampler).precompute is on
 
 
