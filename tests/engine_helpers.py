@@ -106,3 +106,20 @@ class BernoulliModel:
         u = rng.random(len(p))
         out = np.where(u < p, c, (c + 1 + (u * 7).astype(np.int64) % (K - 1)) % K)
         return np.where(nan & (u > 0.9), -1, out)
+
+
+def engine_turn(engine, inflight, more_to_come: bool) -> bool:
+    """One turn of the engine thread's loop (SequentialEngine._run), driven by a test on an engine whose threads were
+    never started: admit, launch up to the pipeline depth, tabulate decisions (device engines), land the oldest batch.
+    True: the loop ends (a stop, or nothing in flight and ``more_to_come`` False)."""
+    if engine._prepare(inflight):
+        return True
+    while len(inflight) < engine.depth and engine._launch_next(inflight):
+        pass
+    if inflight and engine.precompute:
+        with engine._state:
+            engine._tables.precompute(engine._table, engine.sigma)
+    if inflight:
+        engine._land_oldest(inflight)
+        return False
+    return not more_to_come

@@ -25,7 +25,7 @@ import pytest
 from models.engine import JobSpec, SequentialEngine
 from models.jobs import resolve_futures
 from models.sampling import SamplingEngine, tally_chunks
-from tests.engine_helpers import BernoulliModel, tiny_linear_model
+from tests.engine_helpers import BernoulliModel, engine_turn, tiny_linear_model
 
 K, SIGMA = 10, 0.25
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -105,16 +105,7 @@ def _replay(device: str, seed: int, *, batch_size: int, max_live: int, njobs: in
                     resolve_futures(answers)
             if step == stop_step:
                 engine._stop_at = time.monotonic() - 1.0
-            if engine._prepare(inflight):
-                break
-            while len(inflight) < engine.depth and engine._launch_next(inflight):
-                pass
-            if inflight and engine.precompute:
-                with engine._state:
-                    tables.precompute(engine._table, engine.sigma)
-            if inflight:
-                engine._land_oldest(inflight)
-            elif not queue:
+            if engine_turn(engine, inflight, more_to_come=bool(queue)):
                 break
             step += 1
             assert step < 50_000

@@ -32,7 +32,7 @@ from models.decisions import STOP_NAMES
 from models.engine import JobSpec, SequentialEngine
 from models.jobs import SEQUENTIAL, JobTable
 from models.sampling import SamplingEngine
-from tests.engine_helpers import BernoulliModel
+from tests.engine_helpers import BernoulliModel, engine_turn
 
 K, SIGMA = 10, 0.25
 
@@ -97,16 +97,7 @@ def _replay(device: str, seed: int, *, reference: bool, batch_size: int, max_liv
         for _ in range(20_000):
             while queue and engine.live_jobs < max_live:
                 futures.append(engine.submit(queue.pop(0)))
-            if engine._prepare(inflight):
-                break
-            while len(inflight) < engine.depth and engine._launch_next(inflight):
-                pass
-            if inflight and engine.precompute:
-                with engine._state:
-                    tables.precompute(engine._table, engine.sigma)
-            if inflight:
-                engine._land_oldest(inflight)
-            elif not queue:
+            if engine_turn(engine, inflight, more_to_come=bool(queue)):
                 break
         engine._stop_at = time.monotonic() - 1.0
         engine._prepare(inflight)
