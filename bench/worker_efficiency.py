@@ -204,6 +204,8 @@ subset of) the model calls of the worker slice just run, and one call at the ful
 makes the worker and the raw model see the same machine load. Worker samples/s = samples of the batches finished
 in the measured span / (span - parked time). Efficiency = worker samples/s / raw samples/s at the mean batch; the
 IQR column is over the per-cycle ratios. "Model busy fraction" = time inside model calls / worker time.
+On the 2-core CPU the 1-job efficiency moves by about +-0.05 from run to run (0.84-0.92 over ten runs of this
+section's 1-job row on 2026-12-06, same code): one run's 1-job verdict there is within that noise.
 
 {table}
 
