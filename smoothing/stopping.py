@@ -161,7 +161,7 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     # them in the same kernel call; a job found without a radius but not predicted gets them in a second call below,
     # so the codes are the rule's whatever the prediction, which only saves that call's fixed cost.
     maybe_low = np.flatnonzero((t > 0) & (_rough_lower(s, t_safe, alpha) <= _LOW_PREDICTION))
-    p = bounds.lower([(s, t_safe, every), ((s * t_proj) // t_safe, t_proj, every),
+    p = bounds.lower([(s, t_safe, every), (_projected_hits(s, t_proj, t_safe), t_proj, every),
                       *_futility_points(s, t_safe, budget, maybe_low)])
     if lower_out is not None:
         lower_out[:] = p[0]
@@ -229,7 +229,20 @@ def _futility_points(s, t_safe, budget, jobs):
     """The bounds of the futility rule for ``jobs`` (as :meth:`_BoundBatch.lower` points): the mirrored lower bound
     (whose 1 - L is U_t) and the plug-in projection at the budget."""
     sj, tj, bj = s[jobs], t_safe[jobs], budget[jobs]
-    return [(tj - sj, tj, jobs, "mirrored"), ((sj * bj) // tj, bj, jobs)]
+    return [(tj - sj, tj, jobs, "mirrored"), (_projected_hits(sj, bj, tj), bj, jobs)]
+
+
+def _projected_hits(hits, draws, past):
+    """The plug-in projection floor(hits * draws / past) of int64 arrays, exactly as the one-job path's Python ints
+    give it: in int64 where the product fits (hits <= budget <= 2^31 at the engine's counts), in Python ints for the
+    entries whose product would overflow (a caller's counts beyond 2^31.5 draws, whose int64 product wrapped around
+    and gave a code other than the rule's)."""
+    big = hits > (2**62) // np.maximum(draws, 1)
+    if not big.any():
+        return (hits * draws) // past
+    out = (np.where(big, 0, hits) * draws) // past
+    out[big] = [int(h) * int(d) // int(p) for h, d, p in zip(hits[big], draws[big], past[big])]
+    return out
 
 
 class _BoundBatch:
