@@ -18,6 +18,11 @@ from pathlib import Path
 import numpy as np
 
 
+#: exists exactly where an NVIDIA kernel driver is loaded
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+_NO_ORT_CUDA = "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)"
+
+
 class OnnxBackend:
     """onnxruntime session over an ONNX classifier with input (N, C, H, W) float32 pixels in [0, 1]."""
 
@@ -39,7 +44,7 @@ class OnnxBackend:
         available = ort.get_available_providers()
         want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
         if device == "cuda" and not want_cuda:
-            raise RuntimeError("device='cuda' requested but onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            raise RuntimeError(f"device='cuda' requested but {_NO_ORT_CUDA}")
         # use_tf32=0: the certificate is about the bundle's fp32 model, not a lower-precision twin
         providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] if want_cuda else []) + ["CPUExecutionProvider"]
         source = str(path) if isinstance(path, (str, os.PathLike)) else path
@@ -213,15 +218,14 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
                                  spin=spin)
         if ort_on_cpu.device == "cuda":
             return ort_on_cpu
-    if device == "cuda" or (device == "auto" and Path("/proc/driver/nvidia/version").exists()):
+    if device == "cuda" or (device == "auto" and NVIDIA_DRIVER.exists()):
         if (torch_missing := _torch_cuda_missing()) is None:
             from models.torch_backend import TorchBackend
 
             return TorchBackend.from_onnx(path, device="cuda")
         if device == "cuda":
             ort = ("onnxruntime-gpu's CUDA provider started its session on the CPU (no usable GPU, or its CUDA/cuDNN "
-                   "libraries missing)" if ort_on_cpu is not None else
-                   "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+                   "libraries missing)" if ort_on_cpu is not None else _NO_ORT_CUDA)
             raise RuntimeError(f"device='cuda' requested, but {ort} and PyTorch cannot run it either "
                                f"({torch_missing})")
     return ort_on_cpu or OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed,
@@ -233,12 +237,12 @@ def cuda_unavailable() -> str | None:
     NVIDIA driver), else why not. onnxruntime-gpu lists its provider on any host, so the list alone is no proof: on
     a host without a driver its session starts on the CPU, which ``cuda`` refuses only once the service starts."""
     ort_cuda = _ort_has_cuda()
-    if ort_cuda and Path("/proc/driver/nvidia/version").exists():
+    if ort_cuda and NVIDIA_DRIVER.exists():
         return None  # checked first: importing torch to find out costs seconds and hundreds of MiB for nothing
     if (torch_missing := _torch_cuda_missing()) is None:
         return None
-    ort = ("onnxruntime-gpu is installed but no NVIDIA driver is loaded (/proc/driver/nvidia/version is missing)"
-           if ort_cuda else "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    ort = (f"onnxruntime-gpu is installed but no NVIDIA driver is loaded ({NVIDIA_DRIVER} is missing)"
+           if ort_cuda else _NO_ORT_CUDA)
     return f"{ort} and PyTorch cannot run it either ({torch_missing})"
 
 
