@@ -8,8 +8,9 @@ unless the request asks for ``resize`` / ``convert``; what was done is echoed ba
 changed: transparent pixels (also a 16-bit grey tRNS value), animations (only a first frame would be certified), an
 EXIF orientation (the pixels would be certified as stored, not as shown), PNG data that does not fill exactly the
 rows the header declares (Pillow zero-fills missing rows), and a CMYK JPEG without ``convert`` (4 channels; with it,
-Pillow's CMYK->RGB formula is applied and echoed). A JPEG of more than ``JPEG_MAX_SCANS`` scans is refused before
-decoding (each progressive scan is a pass over the whole image: a few MB of tiny scans took minutes).
+Pillow's CMYK->RGB formula is applied and echoed), and JPEG data that libjpeg would complete by invention (a scan
+cut short, scans missing, damaged codes: :mod:`server.jpeg_data`, which also refuses a JPEG of more than
+``JPEG_MAX_SCANS`` scans before decoding).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from server.jpeg_data import jpeg_problem
+
 _NPY_MAGIC = b"\x93NUMPY"
 _LINE_BREAKS = b"\r\n"
 _NOT_TEXT = re.compile(r"[^\x20-\x7e\r\n\t]")  # what base64 text never holds: control bytes, non-ASCII
 _EXIF_ORIENTATION = 0x0112
 _FORMATS = ("PNG", "JPEG")
-JPEG_MAX_SCANS = 500  # as TurboJPEG's TJFLAG_LIMITSCANS; an encoder's progressive JPEG has about 10
 
 
 # The pixel count is checked against ``max_pixels`` from the header before anything is decoded (below). PIL's own
@@ -134,8 +136,8 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
     admit(width * height)
     if img.format == "PNG":
         _check_png_data(raw, width, height)  # bounded by the pixel check above, as decoding
-    else:
-        _check_jpeg_scans(raw)
+    elif (problem := jpeg_problem(raw)) is not None:  # too many scans, or data that libjpeg would invent
+        raise ImageError(problem)
     if img.mode == "CMYK":  # JPEG: 4 channels, and no standard RGB without its colour profile
         if not convert:
             raise ImageError("the image is CMYK (4 channels); the model takes grey or RGB: send it as RGB or grey, "
@@ -229,45 +231,6 @@ def _check_png_data(raw: bytes, width: int, height: int) -> None:
     if got > expected:
         raise ImageError(f"the image data is truncated or corrupt: the PNG holds more image data than its "
                          f"{width}x{height} header declares")
-
-
-_JPEG_STANDALONE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length: TEM, SOI, RST0-7
-_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # in entropy-coded data: the next marker (not a stuffed
-# 0xFF 0x00, a restart marker or a fill byte)
-_JPEG_ANY_MARKER = re.compile(rb"\xff[^\x00\xff]")  # between segments: libjpeg's next_marker skips other bytes
-
-
-def _check_jpeg_scans(raw: bytes) -> None:
-    """Refuse a JPEG of more than JPEG_MAX_SCANS scans (SOS segments), counted along its marker segments; the
-    entropy-coded data after each SOS is skipped by a regular expression (C speed). Bytes between segments are skipped
-    to the next marker, as the decoder does; any other malformed structure is left to the decoder."""
-    pos, scans = 2, 0
-    while pos + 4 <= len(raw):
-        if raw[pos] != 0xFF:  # bytes between segments: libjpeg (and Pillow) skip them with a warning and read on,
-            found = _JPEG_ANY_MARKER.search(raw, pos)  # so the count resyncs at the next marker as they do (else one
-            if found is None:  # junk byte hid every later scan from the count)
-                return
-            pos = found.start()
-            continue
-        marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif marker == 0xD9:  # EOI
-            return
-        elif marker in _JPEG_STANDALONE:
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(raw[pos + 2:pos + 4], "big")
-            if marker == 0xDA:
-                scans += 1
-                if scans > JPEG_MAX_SCANS:
-                    raise ImageError(f"the JPEG has more than {JPEG_MAX_SCANS} scans (each one a pass over the whole "
-                                     "image; a progressive JPEG from an encoder has about 10): re-encode it, e.g. as "
-                                     "baseline JPEG or PNG")
-                found = _JPEG_MARKER.search(raw, pos)
-                if found is None:
-                    return
-                pos = found.start()
 
 
 def _from_npy(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.ndarray:

@@ -28,7 +28,8 @@ from fastapi.testclient import TestClient
 from PIL import Image, TiffImagePlugin
 
 from server.app import create_app
-from server.imaging import JPEG_MAX_SCANS, ImageError, decode_image
+from server.imaging import ImageError, decode_image
+from server.jpeg_data import JPEG_MAX_SCANS
 from server.settings import Settings
 
 SHAPE = (1, 28, 28)  # the embedded bundle's input
@@ -118,7 +119,7 @@ def test_encoders_jpegs_pass_the_scan_count(monkeypatch, mode, options, scans):
     data = encode(Image.fromarray(pixels), "JPEG", exif=exif, **options)
     image, _ = decode(data, convert=True)
     assert image.shape == SHAPE
-    monkeypatch.setattr("server.imaging.JPEG_MAX_SCANS", scans - 1)
+    monkeypatch.setattr("server.jpeg_data.JPEG_MAX_SCANS", scans - 1)
     with pytest.raises(ImageError, match="scans"):
         decode(data, convert=True)
 
