@@ -365,3 +365,26 @@ def test_a_successful_append_makes_a_failed_log_healthy_at_once(tmp_path, monkey
     assert log.healthy()
     log.close()
     assert [r["seq"] for r in audit_module.read_records(tmp_path / "audit.jsonl")] == [2]
+
+
+def test_a_cohen_jobs_selection_counts_copies_with_no_class_as_drawn():
+    """A selection chunk's samples count as drawn whether or not a copy had a class (a copy with a NaN logit counts
+    for none: models.backends.NAN_LABEL), so the job selects its class once its n0 selection samples have landed.
+    Bug guarded against (run against it, this test failed): ``JobTable.land`` adding ``counts.sum(1)`` instead of the
+    chunk's size to ``sel_done``; a Cohen job whose selection draws held NaN copies stayed below n0 forever, drew
+    selection samples again and never selected a class (its estimation samples never started)."""
+    from models.engine import JobSpec
+    from models.jobs import COHEN, Batch, JobTable
+
+    class Job:
+        spec = JobSpec(np.zeros((1, 4, 4), np.float32), 0.01, 400, 1e12, kind="cohen", n0=50)
+        order, slot = 0, -1
+
+    table = JobTable((1, 4, 4), 3, capacity=1)
+    slot = table.admit(Job(), COHEN, None)
+    batch = table.allocate(1000)
+    assert batch.selection.tolist() == [True] and batch.sizes.tolist() == [50]
+    counts = np.array([[10, 37, 0]])  # 3 of the 50 copies counted for no class
+    assert table.land(batch, counts).tolist() == [slot]
+    assert (int(table.sel_done[slot]), int(table.cls[slot])) == (50, 1)
+    assert not table.allocate(1000).selection.any()  # estimation samples next, no more selection
