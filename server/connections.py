@@ -195,6 +195,10 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeo
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self.transport.is_closing() and self.transport.get_write_buffer_size():
+                # the answer closed the connection (Connection: close, HTTP/1.0) with its rest unsent below the
+                # high-water mark (writing never paused): close() would wait for the client without a limit
+                self._abort_unless_drained()
             if self._refused_later is not None:  # the refused bytes' 400, once every earlier request is answered
                 running = self._running
                 if not self.transport.is_closing() and not self.pipeline and running.response_complete:
@@ -235,6 +239,11 @@ def guarded_protocol(base: type[asyncio.Protocol], *, timeout: float, idle_timeo
             is written after the earlier answers (as h11 does: it parses the next request only then), reading stops,
             and a queued request whose own body was refused is never run (the 400 is its answer)."""
             if self._refused_later is not None:
+                return
+            if h11_based and self._header_timer is not None and self._header_bytes > max_bytes:
+                # h11's own bound on an unfinished request head (h11_max_incomplete_event_size: the same max_bytes)
+                # refused it before this guard counted it: too large, not malformed
+                self._refuse(431, "headers_too_large", f"the request line and headers exceed {max_bytes} bytes")
                 return
             cycle = self.cycle
             if not h11_based:
