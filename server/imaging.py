@@ -249,6 +249,7 @@ def _from_npy(raw: bytes, max_pixels: int, admit: Callable[[int], None]) -> np.n
         raise ImageError(f".npy dtype {dtype} is not accepted: use uint8 (0-255) or float (0-1)")
     if math.prod(dims) > 4 * max_pixels:  # exact (np.prod in int64 wraps around: 2**32 x 2**32 gave 0)
         raise ImageError(f".npy array of shape {dims} exceeds the pixel limit {max_pixels}", "image_too_large")
+    _check_pixels(dims, max_pixels)
     admit(_pixels(dims))
     expected = buf.tell() + math.prod(dims) * dtype.itemsize  # header, then exactly the array's bytes
     if len(raw) != expected:  # np.load ignores bytes after the array (and reads a short one as truncated)
@@ -281,6 +282,7 @@ def _from_nested(data: list, max_pixels: int, admit: Callable[[int], None]) -> n
         raise ImageError("image array must be a rectangular nested list of numbers (floats in [0, 1])") from None
     if arr.size > 4 * max_pixels:
         raise ImageError(f"image array of shape {arr.shape} exceeds the pixel limit {max_pixels}", "image_too_large")
+    _check_pixels(arr.shape, max_pixels)
     return _check_range(arr)
 
 
@@ -304,6 +306,13 @@ def _pixels(dims) -> int:
     if len(dims) == 3 and dims[-1] in (1, 3):
         return dims[0] * dims[1]
     return math.prod(dims)
+
+
+def _check_pixels(dims, max_pixels: int) -> None:
+    """An array's width x height against max_pixels, as a PNG's header (its 4 x bound on numbers is for channels)."""
+    if (pixels := _pixels(dims)) > max_pixels:
+        raise ImageError(f"image array of shape {tuple(dims)} is {pixels} pixels (width x height); the limit is "
+                         f"{max_pixels}", "image_too_large")
 
 
 def _check_range(arr: np.ndarray) -> np.ndarray:
