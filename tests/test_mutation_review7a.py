@@ -30,6 +30,8 @@ from server.app import create_app
 from server.imaging import ImageError, decode_image
 from server.middleware import BodyLimit, RequestContext, send_json
 from server.settings import Settings
+from tests.input_hardening_helpers import assert_error as error
+from tests.input_hardening_helpers import client  # noqa: F401 (the module-scoped app client fixture)
 
 SURROGATE = {"mode": "surrogate"}
 EASY = 2  # Fashion-MNIST test image #2: a trouser; the surrogate certifies it (one forward pass, no sampling)
@@ -58,19 +60,6 @@ def post_file(client, data: bytes, path: str = "/certify", **fields):
     return client.post(path, files={"image": ("x.png", data, "application/octet-stream")}, data=form)
 
 
-def error(r, status: int, code: str, *fragments: str) -> dict:
-    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:300]}"
-    err = r.json()["error"]
-    assert err["code"] == code, err
-    for fragment in fragments:
-        assert fragment.lower() in err["message"].lower(), f"{fragment!r} not in {err['message']!r}"
-    return err
-
-
-@pytest.fixture(scope="module")
-def client():
-    with TestClient(create_app(Settings(max_samples=500), seed=0), raise_server_exceptions=False) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
