@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 
 
@@ -116,7 +117,7 @@ def _run_all(args) -> int:
 
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     cfg = PipelineConfig(**{k: v for k, v in vars(args).items() if k in names})
-    run_pipeline(cfg, command=" ".join(["certserve", *sys.argv[1:]]))
+    run_pipeline(cfg, command=getattr(args, "command_line", None) or " ".join(["certserve", *sys.argv[1:]]))
     return 0
 
 
@@ -149,7 +150,17 @@ def _run_counts(args) -> int:
 def _run_conformal(args) -> int:
     from calibration.pipeline import recalibrate
 
-    levels = _float_list(args.levels)
+    try:
+        levels = _float_list(args.levels)
+    except ValueError:
+        levels = ()
+    # checked before any work, naming the flag (as `calibrate all`): --max-bins 0 was refused after the fit as "too
+    # few calibration images", --levels '' / 'a' with "max() arg is an empty sequence" / "could not convert ..."
+    if not levels or not all(math.isfinite(a) and 0 < a < 1 for a in levels):
+        raise ValueError("--levels must be one or more comma-separated risk levels strictly between 0 and 1, got "
+                         f"{args.levels!r}")
+    if args.max_bins < 1:
+        raise ValueError(f"--max-bins must be an integer >= 1, got {args.max_bins}")
     recalibrate(args.bundle, counts_dir=args.counts, data=args.data, calibration_size=args.calibration_size,
                 surrogate_size=args.surrogate_size, split_seed=args.split_seed, tune_size=args.tune_size, out=args.out,
                 overwrite=args.overwrite, levels=levels, max_bins=args.max_bins, scale=args.scale, gamma=args.gamma,
