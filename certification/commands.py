@@ -112,6 +112,7 @@ def _verify(args) -> int:
     except UnicodeDecodeError:
         print("INVALID (malformed): the certificate file is not text (UTF-8)", file=sys.stderr)
         return 1
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Notepad, PowerShell's Out-File) is not the certificate's
     try:
         keyset = load_jwks(args.jwks)
         text = text.strip()

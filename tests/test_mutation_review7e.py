@@ -503,3 +503,14 @@ def test_the_last_503_is_raised_not_waited_on(mock_http):
     with CertserveClient("http://certserve.test", retries=1) as client, pytest.raises(CertserveError) as info:
         client.certify(IMAGE)
     assert info.value.status == 503 and len(server.requests) == 2 and slept == [1.0]
+
+
+@pytest.mark.parametrize("form", ["json", "jws"])
+def test_verify_takes_a_certificate_saved_with_a_byte_order_mark(tmp_path, capsys, signer, form):
+    """A certificate saved by an editor or shell that writes a UTF-8 byte-order mark (Windows Notepad, PowerShell's
+    Out-File) verifies as the same bytes without it. Failed on the code before: INVALID (malformed), exit 1."""
+    doc, token = sign_certificate(signer, issued_at=int(time.time()))
+    text = json.dumps(doc, indent=2) if form == "json" else token
+    (tmp_path / "cert.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert run_cli("verify", tmp_path / "cert.txt", "--jwks", _jwks_file(tmp_path, signer)) == 0
+    assert capsys.readouterr().err.startswith("VALID (signature): ")
