@@ -23,7 +23,9 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from server.metrics import Metrics
+from tests.asgi_helpers import DisconnectingClient, json_post_scope
 from tests.serve_harness import serving
+from tests.test_long_running_review2 import _closed_within
 
 CHUNK = 16 * 1024  # below the transport's 64 KiB high-water mark: one chunk left unsent pauses nothing
 
@@ -155,13 +157,8 @@ def _pacing_app() -> Starlette:
 
 
 def _read_until_closed(sock: socket.socket, seconds: float = 5) -> bytes:
-    sock.settimeout(seconds)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
+    data = _closed_within(sock, seconds)
+    assert data is not None, f"the connection is still open after {seconds} s"
     return data
 
 
@@ -300,10 +297,6 @@ def _cancelled_while_audited(tmp_path, path: str, payload: dict, blocked_from: i
     from server.settings import Settings
 
     body = json.dumps(payload).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
     release, writing, calls = threading.Event(), threading.Event(), []
 
     async def main():
@@ -319,30 +312,19 @@ def _cancelled_while_audited(tmp_path, path: str, payload: dict, blocked_from: i
                     release.wait(10)
                 real_append(obj)
             audit.append_json = slow_append
-            gone, sent = asyncio.Event(), []
-            messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def receive():
-                if messages:
-                    return messages.pop()
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message):
-                sent.append(message)
-
+            client = DisconnectingClient(body)
             try:
-                task = asyncio.ensure_future(app(scope, receive, send))
+                task = asyncio.ensure_future(app(json_post_scope(path, body), client.receive, client.send))
                 for _ in range(1000):  # a certificate is built and waits on its audit record
                     if writing.is_set():
                         break
                     await asyncio.sleep(0.01)
                 assert writing.is_set(), "no audit record waited"
-                gone.set()
+                client.gone.set()
                 await asyncio.wait_for(task, timeout=10)
             finally:
                 release.set()
-            return app.state.metrics.render().decode(), sent
+            return app.state.metrics.render().decode(), client.sent
 
     return asyncio.run(main())
 

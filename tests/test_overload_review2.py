@@ -24,6 +24,7 @@ from calibration.data import load_fashion_mnist
 from models.engine import SequentialEngine
 from server.app import create_app
 from server.settings import Settings
+from tests.asgi_helpers import json_post_scope
 from tests.test_engine_races import LabelSampler, fixed_job, wait_until
 from tests.test_long_running_review2 import _closed_within, served  # noqa: F401 (served: a fixture)
 
@@ -33,13 +34,6 @@ EASY = 2
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return load_fashion_mnist().x_test[:8]
-
-
-def _scope(path: str, body: bytes) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
 
 
 class Connection:
@@ -85,7 +79,7 @@ def _run(settings: Settings, path: str, payload: dict, *, leave_after: float | N
         app = create_app(settings, seed=seed)
         async with app.router.lifespan_context(app):
             conn = Connection(body)
-            task = asyncio.ensure_future(app(_scope(path, body), conn.receive, conn.send))
+            task = asyncio.ensure_future(app(json_post_scope(path, body), conn.receive, conn.send))
             if leave_after is not None:
                 await asyncio.sleep(leave_after)
                 conn.gone.set()
@@ -200,7 +194,7 @@ def test_the_request_after_a_client_gone_takes_its_place(images):
             engine.sampler.launch = held_launch
             body = json.dumps(long).encode()
             gone = Connection(body)
-            task = asyncio.ensure_future(app(_scope("/certify", body), gone.receive, gone.send))
+            task = asyncio.ensure_future(app(json_post_scope("/certify", body), gone.receive, gone.send))
             for _ in range(500):
                 if engine.samples_processed > 500:
                     break
@@ -211,7 +205,7 @@ def test_the_request_after_a_client_gone_takes_its_place(images):
             await task
             body = json.dumps(short).encode()
             nxt = Connection(body)
-            waiting = asyncio.ensure_future(app(_scope("/certify", body), nxt.receive, nxt.send))
+            waiting = asyncio.ensure_future(app(json_post_scope("/certify", body), nxt.receive, nxt.send))
             await asyncio.sleep(0.2)
             gate.set()
             await asyncio.wait_for(waiting, 60)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from calibration.data import load_fashion_mnist
 from server.app import create_app
 from server.settings import Settings
+from tests.asgi_helpers import DisconnectingClient, json_post_scope
 from tests.metrics_helpers import EASY, families, samples, value
 
 METHODS = ("surrogate", "sequential", "fixed", "cohen")
@@ -106,35 +107,20 @@ def test_cancelled_requests_are_labelled_by_route_and_precreated():
     x = load_fashion_mnist().x_test
     body = json.dumps({"image": x[EASY].tolist(), "target_radius": 5.0, "max_samples": 10**6,
                        "deadline_ms": 20_000}).encode()  # fallback below_target_radius: a sequential job, never done
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/certify", "raw_path": b"/certify", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
 
     async def main():
         app = create_app(Settings(max_samples=10**6, drain_seconds=0), seed=11)
         async with app.router.lifespan_context(app):
             before = app.state.metrics.render().decode()
-            engine, gone, sent = app.state.service.engine, asyncio.Event(), []
-            messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def receive():
-                if messages:
-                    return messages.pop()
-                await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message):
-                sent.append(message)
-
-            task = asyncio.ensure_future(app(scope, receive, send))
+            engine, client = app.state.service.engine, DisconnectingClient(body)
+            task = asyncio.ensure_future(app(json_post_scope("/certify", body), client.receive, client.send))
             for _ in range(600):  # the job is live and sampling
                 if engine.live_jobs and engine.samples_processed > 64:
                     break
                 await asyncio.sleep(0.01)
-            gone.set()
+            client.gone.set()
             await asyncio.wait_for(task, timeout=30)
-            return before, app.state.metrics.render().decode(), sent
+            return before, app.state.metrics.render().decode(), client.sent
 
     before, after, sent = asyncio.run(main())
     assert sent[0]["status"] == 499

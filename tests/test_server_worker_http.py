@@ -14,19 +14,13 @@ import httpx
 from server.app import create_app
 from server.settings import Settings
 from tests import worker_helpers
+from tests.asgi_helpers import DisconnectingClient, json_post_scope
 from tests.worker_helpers import EASY
 
 images = worker_helpers.images  # the module-scoped fixture
 
 
 # ---------------------------------------------------------------------------------------------------- through HTTP
-def _scope(path: str, body: bytes) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
-
-
 def test_http_queue_full_is_503_with_retry_after(images):
     """max_live_jobs=1: of several concurrent Cohen requests one is admitted, the others are refused at once."""
     img = images[EASY].tolist()
@@ -93,28 +87,13 @@ def test_http_client_disconnect_drops_the_job(images):
     async def main():
         app = create_app(Settings(max_samples=10**6, drain_seconds=0), seed=24)
         async with app.router.lifespan_context(app):
-            engine = app.state.service.engine
-            gone = asyncio.Event()
-            first = True
-
-            async def receive():
-                nonlocal first
-                if first:
-                    first = False
-                    return {"type": "http.request", "body": body, "more_body": False}
-                if not gone.is_set():
-                    await gone.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message):
-                pass
-
-            task = asyncio.ensure_future(app(_scope("/certify", body), receive, send))
+            engine, client = app.state.service.engine, DisconnectingClient(body)
+            task = asyncio.ensure_future(app(json_post_scope("/certify", body), client.receive, client.send))
             for _ in range(600):  # the job is live and sampling
                 if engine.live_jobs and engine.samples_processed > 64:
                     break
                 await asyncio.sleep(0.01)
-            gone.set()
+            client.gone.set()
             dropped_at = None
             for _ in range(300):  # up to ~3 s for the engine to drop it
                 await asyncio.sleep(0.01)
