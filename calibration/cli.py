@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 
 
@@ -148,6 +147,7 @@ def _run_counts(args) -> int:
 
 
 def _run_conformal(args) -> int:
+    from calibration.config import LEVELS_EXPECTED, levels_ok
     from calibration.pipeline import recalibrate
 
     try:
@@ -156,9 +156,8 @@ def _run_conformal(args) -> int:
         levels = ()
     # checked before any work, naming the flag (as `calibrate all`): --max-bins 0 was refused after the fit as "too
     # few calibration images", --levels '' / 'a' with "max() arg is an empty sequence" / "could not convert ..."
-    if not levels or not all(math.isfinite(a) and 0 < a < 1 for a in levels):
-        raise ValueError("--levels must be one or more comma-separated risk levels strictly between 0 and 1, got "
-                         f"{args.levels!r}")
+    if not levels_ok(levels):
+        raise ValueError(f"--levels must be {LEVELS_EXPECTED}, got {args.levels!r}")
     if args.max_bins < 1:
         raise ValueError(f"--max-bins must be an integer >= 1, got {args.max_bins}")
     recalibrate(args.bundle, counts_dir=args.counts, data=args.data, calibration_size=args.calibration_size,

@@ -46,10 +46,7 @@ class PipelineConfig:
             if not ok:
                 problems.append(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
 
-        def finite(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(finite(self.sigma) and self.sigma > 0, "sigma", "a finite number > 0")
+        need(_finite(self.sigma) and self.sigma > 0, "sigma", "a finite number > 0")
         for name in ("calibration_size", "surrogate_size", "base_epochs", "surrogate_epochs", "train_samples",
                      "cal_samples", "tune_size", "max_bins"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
@@ -57,17 +54,29 @@ class PipelineConfig:
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.limit is None or _is_int(self.limit) and self.limit >= 0, "limit",
              "an integer >= 0 (0 or none: no limit)")
-        need(len(self.levels) > 0 and all(finite(a) and 0 < a < 1 for a in self.levels), "levels",
-             "one or more comma-separated risk levels strictly between 0 and 1")
+        need(levels_ok(self.levels), "levels", LEVELS_EXPECTED)
         need(self.calibration_scale in ("spread", "unit"), "calibration_scale", "'spread' or 'unit'")
-        need(self.gamma is None or finite(self.gamma) and 0 < self.gamma < 1, "gamma",
+        need(self.gamma is None or _finite(self.gamma) and 0 < self.gamma < 1, "gamma",
              "strictly between 0 and 1 (or none: marginal)")
-        need(finite(self.meta_fraction) and 0 < self.meta_fraction < 1, "meta_fraction", "strictly between 0 and 1")
+        need(_finite(self.meta_fraction) and 0 < self.meta_fraction < 1, "meta_fraction", "strictly between 0 and 1")
         need(self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'")
         for name in ("data", "out", "work"):
             need(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "", name, "a non-empty path")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+#: What ``--levels`` must be (checked by PipelineConfig and by ``calibrate conformal``).
+LEVELS_EXPECTED = "one or more comma-separated risk levels strictly between 0 and 1"
+
+
+def levels_ok(levels) -> bool:
+    """A usable risk ladder: at least one level, each a finite number strictly between 0 and 1."""
+    return len(levels) > 0 and all(_finite(a) and 0 < a < 1 for a in levels)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_int(v) -> bool:
