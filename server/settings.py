@@ -136,6 +136,21 @@ class Settings(BaseSettings):
                              "listed in README (Configuration); unset or rename it")
         return self
 
+    @model_validator(mode="after")
+    def _each_variable_once(self):
+        """pydantic-settings reads the names case-insensitively: with ``CERTSERVE_API_KEYS=secret`` and
+        ``certserve_api_keys=`` both set, the later in the environment won, and the server could start without the
+        value configured (here: without authentication). Refused, naming both (never a value)."""
+        names: dict[str, list[str]] = {}
+        for name in os.environ:
+            if name.upper().startswith(ENV_PREFIX):
+                names.setdefault(name.upper(), []).append(name)
+        twice = sorted(" and ".join(sorted(group)) for group in names.values() if len(group) > 1)
+        if twice:
+            raise ValueError(f"one variable set twice under names that differ only in case: {'; '.join(twice)} "
+                             "(certserve would read whichever comes last in the environment); unset one")
+        return self
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
