@@ -92,12 +92,21 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     results = evaluate(args)
-    results["command_args"] = " ".join(sys.argv[3:]) if len(sys.argv) > 3 else ""
+    results["command_args"] = _command_args(args)
     write_report(results, Path(args.out))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"report written to {args.out}")
     return 0
+
+
+def _command_args(args) -> str:
+    """What followed ``certserve calibrate evaluate``, for the report's Command line: from the command cli.main.main
+    was given (``args.command_line``), not the host process's sys.argv (another tool's or pytest's arguments when
+    main(argv) is called from code)."""
+    line = getattr(args, "command_line", None)
+    words = line.split(" ")[3:] if line else sys.argv[3:]
+    return " ".join(words)
 
 
 def evaluate(args) -> dict:
