@@ -147,7 +147,7 @@ def _run_counts(args) -> int:
 
 
 def _run_conformal(args) -> int:
-    from calibration.config import LEVELS_EXPECTED, levels_ok
+    from calibration.config import levels_problem
     from calibration.pipeline import recalibrate
 
     try:
@@ -155,9 +155,11 @@ def _run_conformal(args) -> int:
     except ValueError:
         levels = ()
     # checked before any work, naming the flag (as `calibrate all`): --max-bins 0 was refused after the fit as "too
-    # few calibration images", --levels '' / 'a' with "max() arg is an empty sequence" / "could not convert ..."
-    if not levels_ok(levels):
-        raise ValueError(f"--levels must be {LEVELS_EXPECTED}, got {args.levels!r}")
+    # few calibration images", --levels '' / 'a' with "max() arg is an empty sequence" / "could not convert ...",
+    # --levels 0.1,0.1 by the bundle's schema after the fit
+    problem = levels_problem(levels)
+    if problem is not None:
+        raise ValueError(f"--levels must be {problem}, got {args.levels!r}")
     if args.max_bins < 1:
         raise ValueError(f"--max-bins must be an integer >= 1, got {args.max_bins}")
     recalibrate(args.bundle, counts_dir=args.counts, data=args.data, calibration_size=args.calibration_size,

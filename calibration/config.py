@@ -54,7 +54,8 @@ class PipelineConfig:
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.limit is None or _is_int(self.limit) and self.limit >= 0, "limit",
              "an integer >= 0 (0 or none: no limit)")
-        need(levels_ok(self.levels), "levels", LEVELS_EXPECTED)
+        levels_wrong = levels_problem(self.levels)
+        need(levels_wrong is None, "levels", levels_wrong)
         need(self.calibration_scale in ("spread", "unit"), "calibration_scale", "'spread' or 'unit'")
         need(self.gamma is None or _finite(self.gamma) and 0 < self.gamma < 1, "gamma",
              "strictly between 0 and 1 (or none: marginal)")
@@ -68,11 +69,16 @@ class PipelineConfig:
 
 #: What ``--levels`` must be (checked by PipelineConfig and by ``calibrate conformal``).
 LEVELS_EXPECTED = "one or more comma-separated risk levels strictly between 0 and 1"
+LEVELS_DISTINCT = "distinct risk levels (each level once: a bundle's ladder has no level twice)"
 
 
-def levels_ok(levels) -> bool:
-    """A usable risk ladder: at least one level, each a finite number strictly between 0 and 1."""
-    return len(levels) > 0 and all(_finite(a) and 0 < a < 1 for a in levels)
+def levels_problem(levels) -> str | None:
+    """None for a usable risk ladder, else what ``--levels`` must be: at least one level, each a finite number
+    strictly between 0 and 1, none twice (the bundle refuses a repeated level, which was found only after the
+    whole build had trained and counted)."""
+    if not (len(levels) > 0 and all(_finite(a) and 0 < a < 1 for a in levels)):
+        return LEVELS_EXPECTED
+    return LEVELS_DISTINCT if len(set(levels)) != len(levels) else None
 
 
 def _finite(v) -> bool:

@@ -135,13 +135,14 @@ def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Datase
         if ("x_test" in data) != ("y_test" in data):
             raise ValueError(f"{path} must contain both 'x_test' and 'y_test' (a test set), or neither; found "
                              f"{sorted(data.files)}")
-        x, y = _to_float(data["x"], f"{path}: x"), _labels(data["y"], path)
+        x, y = _to_float(_array(data, "x", path), f"{path}: x"), _labels(_array(data, "y", path), path)
         if len(x) != len(y):
             raise ValueError(f"{path}: x has {len(x)} images but y has {len(y)} labels")
-        classes = (_class_names(data["classes"], path) if "classes" in data else
+        classes = (_class_names(_array(data, "classes", path), path) if "classes" in data else
                    [str(i) for i in range(int(y.max(initial=0)) + 1)])
         if "x_test" in data:
-            x_test, y_test = _to_float(data["x_test"], f"{path}: x_test"), _labels(data["y_test"], path, "y_test")
+            x_test = _to_float(_array(data, "x_test", path), f"{path}: x_test")
+            y_test = _labels(_array(data, "y_test", path), path, "y_test")
             if len(x_test) != len(y_test) or x_test.shape[1:] != x.shape[1:]:
                 raise ValueError(f"{path}: x_test must hold one image shaped like x's {x.shape[1:]} per label of "
                                  f"y_test; got x_test {x_test.shape[1:]} x {len(x_test)}, y_test {len(y_test)} labels")
@@ -157,6 +158,16 @@ def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Datase
         raise ValueError(f"{path}: a classifier needs at least 2 classes; the labels (and 'classes') give "
                          f"{classes}")
     return Dataset(path.stem, x, y, x_test, y_test, classes, source, size)
+
+
+def _array(data, name: str, path) -> np.ndarray:
+    """``data[name]``, read now: an .npz opens lazily, so an object (pickled) or damaged member fails here, said as
+    load_npz says it (numpy's own message names neither the file nor what was expected)."""
+    try:
+        return data[name]
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a readable .npz of numeric arrays (np.savez of x, y, ...): {name}: {exc}"
+                         ) from None
 
 
 def _class_names(arr, path) -> list[str]:
@@ -243,6 +254,7 @@ def _to_float(x: np.ndarray, what: str = "images") -> np.ndarray:
 
 def _labels(y, path, name: str = "y") -> np.ndarray:
     y = np.asarray(y)
-    if y.dtype.kind not in "iu" or y.ndim != 1 or (y.size and y.min() < 0):
-        raise ValueError(f"{path}: {name} must be a 1-d array of non-negative integer labels")
+    # a uint64 label >= 2**63 (e.g. -1 stored unsigned) would turn negative in the cast to int64
+    if y.dtype.kind not in "iu" or y.ndim != 1 or (y.size and (y.min() < 0 or y.max() > np.iinfo(np.int64).max)):
+        raise ValueError(f"{path}: {name} must be a 1-d array of non-negative integer labels (below 2**63)")
     return y.astype(np.int64)
