@@ -217,6 +217,19 @@ def assert_rate_at_most(rate: float, bound: float, runs: int, what: str) -> None
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module's tests (``pytestmark = pytest.mark.usefixtures(...)``): the tiny
+    trainings of the pipeline tests are per-step-overhead bound (e.g. 1500 full-batch steps of the meta fit on 20
+    rows); with two threads on a busy 2-core machine they were measured 3-10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def backend():
     """The embedded bundle's base model on CPU onnxruntime, 2 threads (engine and sampler tests)."""
     from models.bundle import load_bundle

@@ -21,12 +21,7 @@ from models.export import export_onnx
 SIDE = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

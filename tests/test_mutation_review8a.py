@@ -35,12 +35,7 @@ from models.networks import SmallCNN
 from models.sampling import SamplingEngine
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _npz(path: Path, **arrays) -> Path:

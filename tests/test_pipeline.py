@@ -45,14 +45,7 @@ def _seed_everything(seed: int = 0) -> None:
     np.random.seed(seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny trainings here are per-step-overhead bound (e.g. 1500 full-batch steps of the meta fit on 20 rows);
-    with two intra-op threads on a busy 2-core machine they were measured 3-10x slower, so use one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
