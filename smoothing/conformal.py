@@ -74,8 +74,32 @@ def training_conditional_rank(num_scores: int, delta: float, gamma: float) -> in
     check_alpha(delta, "delta")
     check_alpha(gamma, "gamma")
     k = np.arange(1, num_scores + 1)
-    ok = beta_dist.cdf(1.0 - delta, k, num_scores + 1 - k) <= gamma
-    return int(k[ok][0]) if ok.any() else num_scores + 1
+    tail = beta_dist.cdf(1.0 - delta, k, num_scores + 1 - k)
+    ok = np.flatnonzero(tail <= gamma)
+    rank = int(k[ok[0]]) if len(ok) else num_scores + 1
+    while rank <= num_scores and abs(tail[rank - 1] - gamma) <= _TIE_WINDOW * gamma \
+            and _tail_exceeds(num_scores, rank, delta, gamma):
+        rank += 1  # the double-precision tail said <= gamma, the exact one is above: one rank up (conservative)
+    return rank
+
+
+#: Relative distance from gamma within which :func:`training_conditional_rank` does not trust the double-precision
+#: Beta tail (scipy's is accurate to ~1e-14 relative) and decides with :func:`_tail_exceeds` instead.
+_TIE_WINDOW = 1e-9
+
+
+def _tail_exceeds(num_scores: int, rank: int, delta: float, gamma: float) -> bool:
+    """Whether P(Beta(rank, m + 1 - rank) < 1 - delta) > gamma, decided at 80 significant digits (mpmath; delta and
+    gamma taken as the exact binary values of the floats given). Used only near a tie: a tail that rounds to <= gamma
+    in double precision but is above it would give a rank one too low, a PAC guarantee slightly weaker than stated.
+    A tail within 1e-70 of gamma counts as equal (an exact tie, e.g. P(max of 2 uniforms < 0.5) = 0.25, qualifies:
+    the condition is <= gamma). Hand-written around mpmath's regularized incomplete beta; scipy has no
+    arbitrary-precision version."""
+    import mpmath
+
+    with mpmath.workdps(80):
+        tail = mpmath.betainc(rank, num_scores + 1 - rank, 0, 1 - mpmath.mpf(float(delta)), regularized=True)
+        return bool(tail - mpmath.mpf(float(gamma)) > mpmath.mpf(10) ** -70)
 
 
 def min_calibration_size(delta: float) -> int:

@@ -108,6 +108,25 @@ def test_training_conditional_rank_bounds_the_realised_miss_rate(size):
     assert sm.training_conditional_rank(20, 0.05, 0.1) == 21  # too few scores: no finite quantile
 
 
+@pytest.mark.parametrize("m, delta, rank, gamma", [(19, 0.3, 18, 0.010421847026626876),
+                                                   (50, 0.05, 49, 0.2794317523206957), (5, 0.3, 5, 0.16807)])
+def test_training_conditional_rank_is_conservative_at_a_float_tie(m, delta, rank, gamma):
+    """gamma just below the exact tail P(Beta(rank, m + 1 - rank) < 1 - delta) (the largest double below it, found
+    by a search against mpmath at 80 digits; at (5, 0.3) the tail is (1 - 0.3)^5 with 0.3 the binary float, a hair
+    above 0.16807), where scipy's double-precision tail rounds to <= gamma: ``rank`` does NOT qualify, the PAC rank
+    is the next one. Run against the old comparison of scipy's tail alone (2026-12-07): it returned ``rank``, one
+    rank too low; this test failed."""
+    import mpmath
+    from scipy.stats import beta as beta_dist
+
+    with mpmath.workdps(80):
+        exact = mpmath.betainc(rank, m + 1 - rank, 0, 1 - mpmath.mpf(delta), regularized=True)
+        assert exact > mpmath.mpf(gamma)  # the premise: the true tail is above gamma ...
+    assert beta_dist.cdf(1 - delta, rank, m + 1 - rank) <= gamma  # ... and double precision says it is not
+    assert sm.training_conditional_rank(m, delta, gamma) == rank + 1
+    assert sm.training_conditional_rank(m, delta, float(np.nextafter(float(exact), 1.0))) == rank  # clear: qualifies
+
+
 @pytest.mark.parametrize("gamma", [0.1, 0.45, 0.5, 0.9, 0.99])
 def test_training_conditional_quantile_keeps_the_marginal_guarantee(gamma):
     """With ``gamma`` the certificate still states the marginal guarantee, so the quantile's rank k must give an
