@@ -103,9 +103,12 @@ def _verify(args) -> int:
     from certification.verify import (VerificationError, load_jwks, parse_document, verify_certificate,
                                       verify_document)
 
+    if args.image is not None and not args.image.strip():  # `--image "$IMG"` with IMG unset: never skip the check
+        print("certserve verify: --image is empty; expected the path of the certified image file", file=sys.stderr)
+        return 2
     try:
         text = sys.stdin.read() if args.cert == "-" else Path(args.cert).read_text(encoding="utf-8")
-        image = Path(args.image).read_bytes() if args.image else None
+        image = Path(args.image).read_bytes() if args.image is not None else None
     except OSError as exc:
         print(f"certserve verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2

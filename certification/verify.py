@@ -175,7 +175,7 @@ def verify_document(doc: dict, jwks: KeySet | dict | str | Path, **kwargs) -> di
         raise VerificationError("unsigned", "the certificate carries no signature (is a signing key configured?)")
     claims = verify_certificate(cert["signature"], jwks, **kwargs)
     for name, plain, signed in _plain_and_signed(cert, claims):
-        if _as_json(plain) != _as_json(signed):  # as JSON: 1 is not true
+        if not _same_json(plain, signed):  # as JSON values: 1 is not true, 0 is 0.0
             raise VerificationError("claims_mismatch", f"{name} is {plain!r}; signed {signed!r}" if signed is not None
                                     else f"{name} is {plain!r}, which the signature does not cover")
     return claims
@@ -233,8 +233,19 @@ def _plain_and_signed(cert: dict, claims: dict) -> list[tuple[str, object, objec
 _PLAIN_FIELDS = frozenset(CERTIFIED_FIELDS) | {"preprocessing", "timings", "model", "input", "signature"}
 
 
-def _as_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def _same_json(a, b) -> bool:
+    """Whether two parsed JSON values state the same thing: numbers by value (JSON has one number type, and
+    JavaScript, Go or jq 1.6 write a float 0.0 the server signed as ``0``), never a boolean for a number (``1`` is not
+    ``true``), objects key by key, arrays item by item, anything else by type and value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if _number(a) and _number(b):
+        return a == b  # exact: int == float compares the values, 2**53 + 1 is not 2.0**53
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # a tuple: a caller's Python dict
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def certificate_of(doc: dict) -> dict:
