@@ -106,8 +106,11 @@ def _verify(args) -> int:
     if args.image is not None and not args.image.strip():  # `--image "$IMG"` with IMG unset: never skip the check
         print("certserve verify: --image is empty; expected the path of the certified image file", file=sys.stderr)
         return 2
+    if not str(args.jwks).strip():  # `--jwks "$KEYS"` or CERTSERVE_JWKS= set empty
+        print("certserve verify: --jwks is empty; expected a key set (JWKS) file or an http(s) URL", file=sys.stderr)
+        return 2
     try:
-        text = sys.stdin.read() if args.cert == "-" else Path(args.cert).read_text(encoding="utf-8")
+        text = _certificate_text(args.cert)
         image = Path(args.image).read_bytes() if args.image is not None else None
     except OSError as exc:
         print(f"certserve verify: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
@@ -134,3 +137,13 @@ def _verify(args) -> int:
           f"{claims['model']['version']} key {claims['server']['kid']}",
           file=sys.stderr)
     return 0
+
+
+def _certificate_text(cert: str) -> str:
+    """The certificate ``verify`` was given: standard input for ``-``, the compact JWS itself when the argument is one
+    (``eyJ...``: a JSON header, three dot-separated parts) and names no file, else the file's text."""
+    if cert == "-":
+        return sys.stdin.read()
+    if cert.startswith("eyJ") and cert.count(".") == 2 and not os.path.exists(cert):
+        return cert
+    return Path(cert).read_text(encoding="utf-8")

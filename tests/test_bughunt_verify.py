@@ -77,3 +77,43 @@ def test_an_empty_image_path_is_refused_not_skipped(signer, tmp_path, capsys):
         assert "--image is empty" in err and err.count("\n") == 1 and "VALID" not in err
     assert run_cli("verify", cert, "--jwks", jwks_file, "--image", tmp_path / "other.png") == 1
     assert capsys.readouterr().err.startswith("INVALID (image_mismatch)")
+
+
+def test_a_compact_jws_given_on_the_command_line_verifies(signer, tmp_path, capsys):
+    """The help says the argument is "a certificate JSON file ... or a compact JWS": ``certserve verify eyJ...`` (the
+    token pasted) was read as a FILE NAME and exited 2, "cannot read eyJ...: File name too long". Now a token that
+    names no file is verified as the token (a tampered one is INVALID, exit 1); a file path still reads the file.
+    Run against the code before (2026-12-07, Path(args.cert).read_text for every argument but -): failed (exit 2)."""
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps(signer.jwks()))
+    _, token = sign_certificate(signer, issued_at=int(time.time()))
+    assert run_cli("verify", token, "--jwks", jwks_file, "--image", _image_file(tmp_path)) == 0
+    assert capsys.readouterr().err.startswith("VALID (signature, image)")
+    head, payload, sig = token.split(".")
+    forged = ".".join([head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]])
+    assert run_cli("verify", forged, "--jwks", jwks_file) == 1
+    assert capsys.readouterr().err.startswith("INVALID (")
+    (tmp_path / "token.jws").write_text(token)
+    assert run_cli("verify", tmp_path / "token.jws", "--jwks", jwks_file) == 0
+    capsys.readouterr()
+    assert run_cli("verify", tmp_path / "eyJ.missing.jws", "--jwks", jwks_file) == 2  # a path: a missing file
+    assert "certserve verify: cannot read " in capsys.readouterr().err
+
+
+def test_an_empty_key_set_is_refused_saying_what_was_expected(signer, tmp_path, capsys):
+    """``--jwks "$KEYS"`` with KEYS unset (or CERTSERVE_JWKS set empty) said "cannot read key set : Is a directory"
+    (the empty path read as the current directory). Now exit 2 naming the flag and what it expects. Run against the
+    code before (2026-12-07): failed (that message)."""
+    doc, _ = sign_certificate(signer, issued_at=int(time.time()))
+    cert = tmp_path / "cert.json"
+    cert.write_text(json.dumps(doc))
+    for empty in ("", " "):
+        assert run_cli("verify", cert, "--jwks", empty) == 2
+        err = capsys.readouterr().err
+        assert err == "certserve verify: --jwks is empty; expected a key set (JWKS) file or an http(s) URL\n", err
+
+
+def _image_file(tmp_path):
+    path = tmp_path / "image.png"
+    path.write_bytes(IMAGE)
+    return path
