@@ -14,8 +14,9 @@ shipped one) record no ``tuning_cut``: their first ``num_tuning`` images tuned.
   exchangeable with a new input's and the guarantee of :mod:`smoothing.conformal` holds.
 
 One such fit per risk level of the ladder (each level has its own label share alpha_1 = alpha / 10 and its own
-number of bins: as many as keep >= ``bin_slack`` x the minimum calibration size in each, at most ``max_bins``).
-Levels whose calibration part is too small for even one bin are left out.
+number of bins: as many as keep >= ``bin_slack`` x the minimum calibration size in each, at most ``max_bins``; with
+``gamma``, the size the training-conditional rank needs, :func:`level_min_images`). Levels whose calibration part is
+too small for even one bin are left out.
 """
 
 from __future__ import annotations
@@ -29,18 +30,23 @@ from scipy.special import expit, ndtri
 
 from smoothing import clopper_pearson_lower
 from smoothing.conformal import (DEFAULT_LEVELS, bin_index, level_split, min_calibration_size, mondrian_quantiles,
-                                 piecewise, probit_labels)
+                                 piecewise, probit_labels, training_conditional_min_size)
 
 TUNING_STREAM = 71205  # the tuning cut draws from default_rng([split seed, TUNING_STREAM])
 SCALE_FLOOR = 0.05  # probit units: no bin may claim a spread below this (about 0.0125 in radius at sigma 0.25)
 BIN_SLACK = 1.05  # a level gets as many bins as keep >= BIN_SLACK x its minimum calibration size in each
 
 
-def level_min_images(alpha: float, bin_slack: float = BIN_SLACK) -> int:
+def level_min_images(alpha: float, bin_slack: float = BIN_SLACK, gamma: float | None = None) -> int:
     """Calibration images (besides the tuning ones) that level ``alpha`` needs to be fitted at all (one bin):
-    ceil(bin_slack x min_calibration_size(delta)); :func:`fit_level` leaves the level out below it. The one rule
-    behind the fit, its refusal message and the pipeline's check before any work."""
-    need = min_calibration_size(level_split(alpha)[0])
+    ceil(bin_slack x the minimum number of scores for a finite quantile: min_calibration_size(delta), with ``gamma``
+    the larger training_conditional_min_size(delta, gamma)); :func:`fit_level` leaves the level out below it. The one
+    rule behind the fit, its refusal message and the pipeline's check before any work. (With gamma it used the
+    marginal minimum: a level kept, advertised, and abstaining in every bin, which one bin would have certified.)"""
+    delta = level_split(alpha)[0]
+    need = min_calibration_size(delta)
+    if gamma is not None:
+        need = max(need, training_conditional_min_size(delta, gamma))
     # the float product as the fit has always used it; exact where need is beyond floats (a level below ~1e-307)
     return math.ceil(bin_slack * need) if need < 2**1000 else math.ceil(Fraction(bin_slack) * need)
 
@@ -62,7 +68,7 @@ def fit_calibration(g_tune, hits_tune, g_cal, hits_cal, num_samples: int, *, lev
             fitted.append(level)
     if not fitted:
         raise ValueError(f"{len(g_cal)} calibration images are too few for any level of {list(levels)} "
-                         f"(level {max(levels)} needs {level_min_images(max(levels), bin_slack)})")
+                         f"(level {max(levels)} needs {level_min_images(max(levels), bin_slack, gamma)})")
     return {"method": "probit-mondrian", "guarantee": "marginal" if gamma is None else "training-conditional",
             "gamma": gamma, "samples_per_image": int(num_samples), "num_calibration": int(len(g_cal)),
             "num_tuning": int(len(g_tune)), "levels": fitted}
@@ -72,7 +78,7 @@ def fit_level(g_tune, hits_tune, g_cal, hits_cal, num_samples, alpha, *, max_bin
               scale, point="isotonic") -> dict | None:
     """One level: maps and edges from the tuning part, per-bin quantiles from the calibration part (None: too few)."""
     delta, alpha_1 = level_split(alpha)
-    num_bins = min(max_bins, int(len(g_cal) // level_min_images(alpha, bin_slack)))
+    num_bins = min(max_bins, int(len(g_cal) // level_min_images(alpha, bin_slack, gamma)))
     if num_bins < 1:
         return None
     z_tune = probit_labels(hits_tune, num_samples, alpha_1)

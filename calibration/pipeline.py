@@ -139,7 +139,7 @@ def _checked_tune_size(cfg: PipelineConfig) -> int:
         raise ValueError("--base-trained-on describes a model given with --base; without --base the base model is "
                          "trained here on the base-train split")
     usable = min(cfg.calibration_size, cfg.limit or cfg.calibration_size)
-    need, tune = level_min_images(max(cfg.levels)), min(cfg.tune_size, usable // 2)  # the fit's own rule
+    need, tune = level_min_images(max(cfg.levels), gamma=cfg.gamma), min(cfg.tune_size, usable // 2)  # the fit's rule
     if usable - tune < need:
         raise ValueError(f"the largest level {max(cfg.levels)} needs at least {need} calibration images besides the "
                          f"tuning ones; got {usable} of which {tune} tune (tune_size is capped at half the split)")

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -81,7 +81,7 @@ class ConformalLevel(_Strict):
     scale: list[float] = Field(min_length=1)
     edges: list[float]
     q_hat: list[float | None] = Field(min_length=1)
-    bin_sizes: list[int]
+    bin_sizes: list[Annotated[int, Field(ge=0)]]  # counts (a negative one let another bin claim more scores)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -183,6 +183,8 @@ class Manifest(_Strict):
         recalibrating = bool(info.context and info.context.get("recalibrating"))
         if "surrogate" in self.artifacts and self.calibration is None and not recalibrating:
             raise ValueError("a surrogate needs its conformal 'calibration' block")
+        if self.calibration is not None and "surrogate" not in self.artifacts:  # /v1/models stated its alpha_cal
+            raise ValueError("a 'calibration' block needs the 'surrogate' artifact it calibrates (or remove the block)")
         if "meta" in self.artifacts and not self.meta_features:
             raise ValueError("a meta model needs 'meta_features' (its input order)")
         names = [c.strip() for c in self.classes]

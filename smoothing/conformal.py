@@ -113,6 +113,24 @@ def min_calibration_size(delta: float) -> int:
     return max(1, math.ceil(1 / Fraction(float(delta)) - 1))
 
 
+def training_conditional_min_size(delta: float, gamma: float) -> int:
+    """Smallest number of scores m for which :func:`training_conditional_rank` can be <= m (a finite PAC quantile):
+    the largest of m scores has coverage Beta(m, 1), P(coverage < 1 - delta) = (1 - delta)^m, so m >= log(gamma) /
+    log(1 - delta); the float estimate is then moved to where the Beta CDF that the rank reads agrees (a few steps)."""
+    check_alpha(delta, "delta")
+    check_alpha(gamma, "gamma")
+    estimate = math.log(gamma) / math.log1p(-float(delta))
+    if not estimate < 2**53:  # beyond exact float integers (or overflowed, delta ~1e-320): log(1/gamma) / delta,
+        return math.ceil(Fraction(-math.log(gamma)) / Fraction(float(delta)))  # never below the exact m
+    m = max(1, math.ceil(estimate))
+    for _ in range(4):
+        if beta_dist.cdf(1.0 - delta, m, 1) > gamma:
+            m += 1
+        elif m > 1 and beta_dist.cdf(1.0 - delta, m - 1, 1) <= gamma:
+            m -= 1
+    return m
+
+
 def conformal_quantile(scores, delta: float, *, gamma: float | None = None) -> float:
     """Split-conformal quantile: the k-th smallest score, +inf when k exceeds m. k = ceil((m+1)(1-delta)) (marginal:
     P(s_new > q) <= delta over the calibration draw and s_new) or, with ``gamma``, the larger of that rank and the
@@ -199,8 +217,26 @@ def conformal_lower(g, *, knots, values, scale, edges, q_hat) -> np.ndarray:
     edges = _checked_edges(edges)  # the checks of bin_index and piecewise, in their order
     knots, values = _checked_knots(knots, values)
     scale = _checked_knots(knots, scale)[1]
-    return _lower_of_checked(np.asarray(g, dtype=np.float64), knots, values, scale, edges,
-                             np.asarray(q_hat, dtype=np.float64))
+    g, q_hat = np.asarray(g, dtype=np.float64), np.asarray(q_hat, dtype=np.float64)
+    _check_level(g, knots, values, scale, edges, q_hat)
+    return _lower_of_checked(g, knots, values, scale, edges, q_hat)
+
+
+def _check_level(g, knots, values, scale, edges, q_hat) -> None:
+    """ValueError unless the arrays are what :func:`validated_conformal_certificate` assumes (and what a fit and the
+    bundle's schema give): finite knots, values and edges, every scale finite and > 0, one quantile per bin (finite,
+    or +inf: the bin abstains), log-odds that are numbers (+-inf allowed). Unchecked, a negative scale turned the
+    quantile's correction around (a radius above the point estimate's), a NaN map or log-odds gave p_lower NaN, and
+    a q_hat shorter than the bins raised IndexError (a longer one was silently cut)."""
+    if not (np.all(np.isfinite(knots)) and np.all(np.isfinite(values)) and np.all(np.isfinite(edges))):
+        raise ValueError("knots, values and bin edges must be finite numbers")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(f"every scale must be a finite number > 0 (scores are divided by it), got {scale.tolist()}")
+    if q_hat.shape != (edges.size + 1,) or np.any(np.isnan(q_hat)) or np.any(q_hat == -np.inf):
+        raise ValueError(f"q_hat must hold one quantile per bin ({edges.size + 1} for {edges.size} bin edges), each "
+                         f"finite or +inf (the bin abstains), got {q_hat.tolist()}")
+    if np.any(np.isnan(g)):
+        raise ValueError("log-odds g must be numbers (+-inf allowed), got NaN")
 
 
 #: Absolute rounding allowance of z_lower = h(g) - q v(g), relative to the magnitudes of the level's maps (not of
