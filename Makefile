@@ -62,7 +62,7 @@ bundle-recalibrate: setup
 	  echo "removing $(BUNDLE_COUNTS): counts of another base model"; rm -rf $(BUNDLE_COUNTS); fi
 	$(VENV)/bin/certserve calibrate counts --model $(BUNDLE)/base.onnx --split calibration --n 10000 --sigma 0.25 \
 	  --seed 103 --device $(DEVICE) --out $(BUNDLE_COUNTS)
-	$(VENV)/bin/certserve calibrate conformal $(BUNDLE) --counts $(BUNDLE_COUNTS) --tune-size 1024 \
+	$(VENV)/bin/certserve calibrate conformal $(BUNDLE) --counts $(BUNDLE_COUNTS) --tune-size 1024 --tuning-cut first \
 	  --out $(BUNDLE) --overwrite
 
 evaluate: setup

@@ -61,6 +61,10 @@ def add_calibrate_commands(sub) -> None:
     conf.add_argument("--split-seed", type=int, default=0)
     conf.add_argument("--tune-size", type=int, required=True, help="a seeded random N of the counted images (the "
                       "cut recorded as tuning_cut) tune the maps and bin edges; the rest calibrate")
+    conf.add_argument("--tuning-cut", choices=["random", "first"], default="random",
+                      help="first: the first --tune-size counted images tune, not a seeded random cut: the shipped "
+                      "bundle's cut, the images the default --max-bins and --scale were chosen on "
+                      "(docs/conformal-knobs.md); needs counts of the whole calibration split")
     conf.add_argument("--levels", default=",".join(str(a) for a in PipelineConfig.levels), help="risk levels")
     conf.add_argument("--max-bins", type=int, default=PipelineConfig.max_bins)
     conf.add_argument("--scale", choices=["spread", "unit"], default=PipelineConfig.calibration_scale)
@@ -165,7 +169,7 @@ def _run_conformal(args) -> int:
     recalibrate(args.bundle, counts_dir=args.counts, data=args.data, calibration_size=args.calibration_size,
                 surrogate_size=args.surrogate_size, split_seed=args.split_seed, tune_size=args.tune_size, out=args.out,
                 overwrite=args.overwrite, levels=levels, max_bins=args.max_bins, scale=args.scale, gamma=args.gamma,
-                command=getattr(args, "command_line", None))
+                command=getattr(args, "command_line", None), first_tuning=args.tuning_cut == "first")
     return 0
 
 

@@ -218,7 +218,7 @@ def _meta_prior(cfg: PipelineConfig, x_meta, counts_meta, base_backend, sur_back
 
 def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, surrogate_size: int, split_seed: int,
                 tune_size: int, out, overwrite: bool = False, command: str | None = None, log=print,
-                **options) -> Path:
+                first_tuning: bool = False, **options) -> Path:
     """A copy of a bundle whose surrogate calibration is refitted from count shards of its calibration split
     (``certserve calibrate counts --split calibration`` with the bundle's base model; their ``meta.json`` must name
     its sha256 and the images counted). The models are copied unchanged.
@@ -227,7 +227,12 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     there); an earlier recalibration's record moves to the list ``earlier_recalibrations`` (oldest first), and
     ``calibration_from`` becomes "recalibration". The build's top-level fields about its calibration
     (``samples_per_image.calibration``, ``config.cal_samples``, ``config.tune_size``, ``tuning_cut``, ...) then
-    describe a calibration that the ``recalibration`` record supersedes."""
+    describe a calibration that the ``recalibration`` record supersedes.
+
+    ``first_tuning``: the split's first ``tune_size`` images tune instead of a seeded random cut (recorded as no
+    ``tuning_cut``, as bundles fitted before 2026-12-05): the shipped bundle's cut, the images its calibration knobs
+    (``max_bins``, ``scale``) were chosen on (docs/conformal-knobs.md), so that a rebuild calibrates on none of them.
+    Only with counts of the whole calibration split (what that record means)."""
     from models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir, for_recalibration=True)
@@ -239,7 +244,10 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     _check_counts_fit_bundle(labelled, m, counts_dir)
     if bundle.path("surrogate") is None:
         raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
-    cut = tuning_cut(split_seed)
+    if first_tuning and labelled.meta["num_images"] != len(labelled.splits.calibration):
+        raise ValueError(f"--tuning-cut first needs counts of the whole calibration split "
+                         f"({len(labelled.splits.calibration)} images); {counts_dir} counted {labelled.meta['num_images']}")
+    cut = None if first_tuning else tuning_cut(split_seed)
     calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
                                       labelled.meta["num_samples"], tune_size=tune_size, cut=cut, **options)
     log(describe(calibration))
@@ -247,7 +255,8 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     provenance = {**built, "calibration_from": "recalibration", "recalibration": {
         "from_bundle": m.name, "dataset": labelled.dataset, "pool_sha256": labelled.pool_sha256,
         "counts": {k: labelled.meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
-        "splits": labelled.splits.record(), "tune_size": tune_size, "tuning_cut": cut, "options": options,
+        "splits": labelled.splits.record(), "tune_size": tune_size, **({"tuning_cut": cut} if cut else {}),
+        "options": options,
         "code_version": _code_version(), "created_unix": int(time.time()), "command": command}}
     if built.get("recalibration") is not None:
         provenance["earlier_recalibrations"] = [*built.get("earlier_recalibrations", []), built["recalibration"]]

@@ -216,3 +216,34 @@ def test_a_model_file_replaced_during_recalibration_is_not_shipped(counts_dir, t
         assert load_bundle(out).manifest.calibration is not None
     else:
         assert not (out / "manifest.json").exists()
+
+
+def test_tuning_cut_first_tunes_on_the_images_the_knobs_were_chosen_on(counts_dir, tmp_path):
+    """``calibrate conformal --tuning-cut first`` (what `make bundle-recalibrate` runs): the split's first tune-size
+    images tune, as in the shipped bundle, whose first 1,024 are the images docs/conformal-knobs.md chose the
+    default --max-bins and --scale on, so a rebuild calibrates on none of them (with the seeded random cut about 900
+    of those 1,024 calibrated: knobs chosen on calibration data). Recorded as no ``tuning_cut``, which
+    calibration.conformal_fit.tuning_indices reads back as those images; refused for counts of part of the split.
+    Run against the code before (2026-12-07: no such option, every recalibration cut at random): failed."""
+    from calibration.conformal_fit import calibrate_surrogate, tuning_indices
+
+    with pytest.raises(ValueError, match="needs counts of the whole calibration split"):
+        _recal(DEFAULT_BUNDLE_DIR, counts_dir, tmp_path / "x", first_tuning=True)
+    ds = load_dataset("fashion-mnist")
+    splits = make_splits(len(ds.x_train), calibration=8000, surrogate_train=16000, seed=0)
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    whole = tmp_path / "counts-8000"
+    engine = SamplingEngine(bundle.backend("base", device="cpu", threads=1), sigma=0.25, num_classes=10,
+                            batch_size=4096)
+    compute_counts(engine, ds.x_train[splits.calibration], 2, out_dir=whole, seed=7, model_sha256=bundle.model_sha256,
+                   shard_size=4000, progress=False)
+    assert cli_main(["calibrate", "conformal", str(DEFAULT_BUNDLE_DIR), "--counts", str(whole), "--tune-size", "1024",
+                     "--tuning-cut", "first", "--levels", "0.2", "--out", str(tmp_path / "first")]) == 0
+    made = load_bundle(tmp_path / "first").manifest
+    assert "tuning_cut" not in made.provenance["recalibration"]
+    np.testing.assert_array_equal(tuning_indices(made.provenance, 1024, 6976, len(ds.x_train)),
+                                  splits.calibration[:1024])
+    counts = np.concatenate([np.load(p) for p in sorted(whole.glob("shard-*.npy"))])
+    want = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), ds.x_train[splits.calibration], counts, 2,
+                               tune_size=1024, cut=None, levels=(0.2,), max_bins=2, scale="spread", gamma=None)
+    assert made.calibration.levels[0].model_dump() == want["levels"][0]
