@@ -122,7 +122,7 @@ def check_configuration(settings: Settings, *, replicas: int = 1):
 
         Signer.from_paths(settings.signing_key)  # SigningKeyError (a ValueError) names the file and the problem
     if settings.audit_log:
-        audit = Path(settings.audit_log)
+        audit = Path(settings.audit_log).resolve()  # a symlink: its target, as certification.audit.AuditLog opens it
         if replicas == 1:
             _check_appendable(audit)
         else:

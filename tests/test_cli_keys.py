@@ -113,11 +113,13 @@ def _bad_keys(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("case", ["bundle", "rsa", "encrypted", "garbage", "audit", "signing", "number"])
+@pytest.mark.parametrize("case", ["bundle", "rsa", "encrypted", "garbage", "audit", "audit-link", "signing", "number"])
 def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
     """Port 1 (privileged; never reached when the check works). Run against the code before 2026-12-05: failed
     (a uvicorn start-up traceback and exit 3 for each case); the two settings cases then still printed pydantic's
-    multi-line dump (4 lines with a documentation link), also failing here."""
+    multi-line dump (4 lines with a documentation link), also failing here. ``audit-link``: a symlinked audit log
+    (README supports them) whose target lies under a regular file; the check looked at the link's own directory and
+    passed, then the log's start-up mkdir failed (FileExistsError traceback, exit 3): failed here before 2026-12-07."""
     env, args = {}, []
     if case == "signing":
         env = {"CERTSERVE_REQUIRE_SIGNING": "true"}
@@ -128,6 +130,10 @@ def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
     elif case == "audit":
         (tmp_path / "afile").write_text("x")
         env = {"CERTSERVE_AUDIT_LOG": str(tmp_path / "afile" / "audit.jsonl")}
+    elif case == "audit-link":
+        (tmp_path / "afile").write_text("x")
+        (tmp_path / "link.jsonl").symlink_to(tmp_path / "afile" / "logs" / "audit.jsonl")
+        env = {"CERTSERVE_AUDIT_LOG": str(tmp_path / "link.jsonl")}
     else:
         env = {"CERTSERVE_SIGNING_KEY": str(_bad_keys(tmp_path)[case])}
     r = _serve(tmp_path, env, *args)
@@ -135,7 +141,7 @@ def test_serve_configuration_errors_are_one_line_exit_2(tmp_path, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("certserve: error: "), r.stderr[-3000:]
     assert {"bundle": "does not exist", "rsa": "not Ed25519", "encrypted": "encrypted", "garbage": "neither",
-            "audit": "audit log", "signing": "CERTSERVE_REQUIRE_SIGNING is true",
+            "audit": "audit log", "audit-link": "is not a directory", "signing": "CERTSERVE_REQUIRE_SIGNING is true",
             "number": "max_samples (CERTSERVE_MAX_SAMPLES)"}[case] in lines[0]
     assert not (tmp_path / "afile").is_dir()
 
