@@ -86,6 +86,11 @@ async def _parse_json(request: Request, batch: bool) -> tuple[list, CertifyParam
     except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also integers beyond Python's digit limit
         raise ServiceError("bad_json", "the body is not valid JSON (or nests deeper, or has longer numbers, than "
                                        "a request can)") from None
+    if isinstance(body, dict) and body.get(field) is None:  # as a form without the field: missing_image, not a
+        # pydantic "Field required" / "image.str: Input should be a valid string" under bad_request
+        raise ServiceError("missing_image", f"JSON key '{field}' is required: "
+                           + ("a list of images, each " if batch else "") + "base64 of PNG, JPEG or .npy bytes, or a "
+                           "nested array (C,H,W or H,W) of floats in [0, 1]")
     try:
         req = (JSONBatchRequest if batch else JSONCertifyRequest).model_validate(body, strict=True)  # JSON has types:
         # true is not a sample budget, "0.1" not an alpha (form fields are text and are parsed below)
