@@ -145,7 +145,7 @@ def test_batch_and_the_get_routes_validate_against_the_schema(client, doc):
     ({"content": b"{", "headers": {"content-type": "application/json"}}, 422, "bad_json"),
     ({"json": {"image": GREY, "alpha": 1}}, 422, "bad_request"),
     ({"json": {"image": GREY, "mode": "surrogate", "alpha": 1e-9}}, 422, "alpha_below_alpha_cal"),
-    ({"json": {}}, 422, "bad_request"),
+    ({"json": {}}, 422, "missing_image"),
 ], ids=["401", "413", "415", "422-json", "422-range", "422-surrogate", "422-missing"])
 def test_errors_validate_against_the_schema(client, doc, kwargs, status, code):
     r = client.post("/certify", **kwargs)
