@@ -179,20 +179,20 @@ def tuning_indices(provenance: dict | None, num_tuning: int, num_calibration: in
     return used[tuning_positions(n, num_tuning, record)]
 
 
-def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_size: int, cut: dict | None,
+def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_size: int, cut: dict | str,
                         **options) -> dict:
     """The calibration block of ``surrogate`` (a backend with ``forward``) from full Monte-Carlo class counts
     (N, K) of ``images``: a seeded random ``tune_size`` of the images tune (``cut``, from :func:`tuning_cut`,
-    fixed before the labels are read; None: the first ``tune_size``, the cut of bundles fitted before 2026-12-05,
-    recorded as no ``tuning_cut``), the rest calibrate. The surrogate's class is taken from its clean forward
+    fixed before the labels are read; ``"first"``: the first ``tune_size``, the cut of bundles fitted before
+    2026-12-05, recorded as no ``tuning_cut``), the rest calibrate. The surrogate's class is taken from its clean forward
     pass, then its count is read."""
     from smoothing import surrogate_log_odds
 
-    if cut is not None and (not isinstance(cut, dict) or cut.get("method") != "seeded-permutation"):
-        raise ValueError(f"cut must be a seeded tuning cut (tuning_cut(split_seed)) or None, got {cut!r}")
+    if cut != "first" and (not isinstance(cut, dict) or cut.get("method") != "seeded-permutation"):
+        raise ValueError(f"cut must be a seeded tuning cut (tuning_cut(split_seed)) or 'first', got {cut!r}")
     if len(counts) != len(images):
         raise ValueError(f"{len(counts)} count rows for {len(images)} images")
-    tune = tuning_positions(len(images), tune_size, None if cut is None else {"tuning_cut": cut})
+    tune = tuning_positions(len(images), tune_size, None if cut == "first" else {"tuning_cut": cut})
     cal = np.setdiff1d(np.arange(len(images)), tune)
     cls, g = surrogate_log_odds(surrogate.forward(images))
     hits = np.asarray(counts)[np.arange(len(cls)), cls]

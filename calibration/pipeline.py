@@ -247,7 +247,7 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     if first_tuning and labelled.meta["num_images"] != len(labelled.splits.calibration):
         raise ValueError(f"--tuning-cut first needs counts of the whole calibration split "
                          f"({len(labelled.splits.calibration)} images); {counts_dir} counted {labelled.meta['num_images']}")
-    cut = None if first_tuning else tuning_cut(split_seed)
+    cut = "first" if first_tuning else tuning_cut(split_seed)
     calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
                                       labelled.meta["num_samples"], tune_size=tune_size, cut=cut, **options)
     log(describe(calibration))
@@ -255,7 +255,7 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
     provenance = {**built, "calibration_from": "recalibration", "recalibration": {
         "from_bundle": m.name, "dataset": labelled.dataset, "pool_sha256": labelled.pool_sha256,
         "counts": {k: labelled.meta[k] for k in ("num_samples", "seed", "num_images", "sigma")},
-        "splits": labelled.splits.record(), "tune_size": tune_size, **({"tuning_cut": cut} if cut else {}),
+        "splits": labelled.splits.record(), "tune_size": tune_size, **({} if first_tuning else {"tuning_cut": cut}),
         "options": options,
         "code_version": _code_version(), "created_unix": int(time.time()), "command": command}}
     if built.get("recalibration") is not None:

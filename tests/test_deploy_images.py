@@ -237,6 +237,7 @@ def test_make_bundle_runs_the_documented_recipe_of_the_shipped_bundle():
                   if _options(c).get("--out") == bundle or (c[1] == "counts" and "--seed" in c)}
     assert set(documented) == {"all", "counts", "conformal"}
     cal_samples = made["all"].pop("--cal-samples", None)
+    assert documented["all"].pop("--cal-samples", None) == cal_samples  # README's command is the build's
     for sub, opts in made.items():
         opts.pop("--device", None)
         documented[sub].pop("--device", None)

@@ -245,5 +245,5 @@ def test_tuning_cut_first_tunes_on_the_images_the_knobs_were_chosen_on(counts_di
                                   splits.calibration[:1024])
     counts = np.concatenate([np.load(p) for p in sorted(whole.glob("shard-*.npy"))])
     want = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), ds.x_train[splits.calibration], counts, 2,
-                               tune_size=1024, cut=None, levels=(0.2,), max_bins=2, scale="spread", gamma=None)
+                               tune_size=1024, cut="first", levels=(0.2,), max_bins=2, scale="spread", gamma=None)
     assert made.calibration.levels[0].model_dump() == want["levels"][0]
