@@ -96,7 +96,9 @@ RUN python3 -m venv /opt/venv && \
 
 # Check what was installed: the embedded bundle; onnxruntime imports from exactly one distribution, the one ORT_PACKAGE
 # names; a GPU build has the CUDA provider, and on a base with a CUDA runtime every library of that provider resolves
-# (a release built for another CUDA major version fails here, not at the first request).
+# (a release built for another CUDA major version fails here, not at the first request). Run from /: in /src,
+# `python -c` imports the copied sources (the current directory comes first on sys.path), not the installed package.
+WORKDIR /
 RUN /opt/venv/bin/python -c "import importlib.metadata as md, os, re, onnxruntime as ort, models.bundle as b; \
 assert (b.DEFAULT_BUNDLE_DIR / 'manifest.json').is_file(), 'the embedded bundle is missing'; \
 norm = lambda name: name.lower().replace('_', '-'); \
@@ -170,6 +172,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 8000
+# The health check connects where the server listens: CERTSERVE_HOST (127.0.0.1 for the wildcard 0.0.0.0, ::1 for ::)
+# and CERTSERVE_PORT.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-c", "import os,urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CERTSERVE_PORT', '8000'), timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request as u; e = os.environ.get; h = e('CERTSERVE_HOST') or '127.0.0.1'; h = {'0.0.0.0': '127.0.0.1', '::': '::1'}.get(h, h); u.urlopen('http://%s:%s/healthz' % ('[%s]' % h if ':' in h else h, e('CERTSERVE_PORT', '8000')), timeout=4)"]
 CMD ["certserve", "serve"]
