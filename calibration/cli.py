@@ -59,8 +59,9 @@ def add_calibrate_commands(sub) -> None:
     conf.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     conf.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
     conf.add_argument("--split-seed", type=int, default=0)
-    conf.add_argument("--tune-size", type=int, required=True, help="a seeded random N of the counted images (the "
-                      "cut recorded as tuning_cut) tune the maps and bin edges; the rest calibrate")
+    conf.add_argument("--tune-size", type=int, required=True, help="N of the counted images tune the maps and bin "
+                      "edges (a seeded random N, the cut recorded as tuning_cut; the first N with --tuning-cut "
+                      "first); the rest calibrate")
     conf.add_argument("--tuning-cut", choices=["random", "first"], default="random",
                       help="first: the first --tune-size counted images tune, not a seeded random cut: the shipped "
                       "bundle's cut, the images the default --max-bins and --scale were chosen on "

@@ -184,8 +184,8 @@ def calibrate_surrogate(surrogate, images, counts, num_samples: int, *, tune_siz
     """The calibration block of ``surrogate`` (a backend with ``forward``) from full Monte-Carlo class counts
     (N, K) of ``images``: a seeded random ``tune_size`` of the images tune (``cut``, from :func:`tuning_cut`,
     fixed before the labels are read; ``"first"``: the first ``tune_size``, the cut of bundles fitted before
-    2026-12-05, recorded as no ``tuning_cut``), the rest calibrate. The surrogate's class is taken from its clean forward
-    pass, then its count is read."""
+    2026-12-05, recorded as no ``tuning_cut``), the rest calibrate. The surrogate's class is taken from its clean
+    forward pass, then its count is read."""
     from smoothing import surrogate_log_odds
 
     if cut != "first" and (not isinstance(cut, dict) or cut.get("method") != "seeded-permutation"):

@@ -246,7 +246,8 @@ def recalibrate(bundle_dir, *, counts_dir, data: str, calibration_size: int, sur
         raise ValueError(f"bundle {m.name!r} has no surrogate to calibrate")
     if first_tuning and labelled.meta["num_images"] != len(labelled.splits.calibration):
         raise ValueError(f"--tuning-cut first needs counts of the whole calibration split "
-                         f"({len(labelled.splits.calibration)} images); {counts_dir} counted {labelled.meta['num_images']}")
+                         f"({len(labelled.splits.calibration)} images); {counts_dir} counted "
+                         f"{labelled.meta['num_images']}")
     cut = "first" if first_tuning else tuning_cut(split_seed)
     calibration = calibrate_surrogate(bundle.backend("surrogate", device="cpu"), labelled.images, labelled.counts,
                                       labelled.meta["num_samples"], tune_size=tune_size, cut=cut, **options)

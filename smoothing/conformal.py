@@ -77,15 +77,23 @@ def training_conditional_rank(num_scores: int, delta: float, gamma: float) -> in
     tail = beta_dist.cdf(1.0 - delta, k, num_scores + 1 - k)
     ok = np.flatnonzero(tail <= gamma)
     rank = int(k[ok[0]]) if len(ok) else num_scores + 1
-    while rank <= num_scores and abs(tail[rank - 1] - gamma) <= _TIE_WINDOW * gamma \
-            and _tail_exceeds(num_scores, rank, delta, gamma):
+    while rank <= num_scores and not _rank_qualifies(num_scores, rank, tail[rank - 1], delta, gamma):
         rank += 1  # the double-precision tail said <= gamma, the exact one is above: one rank up (conservative)
     return rank
 
 
-#: Relative distance from gamma within which :func:`training_conditional_rank` does not trust the double-precision
-#: Beta tail (scipy's is accurate to ~1e-14 relative) and decides with :func:`_tail_exceeds` instead.
+#: Relative distance from gamma within which :func:`_rank_qualifies` does not trust the double-precision Beta tail
+#: (scipy's is accurate to ~1e-14 relative) and decides with :func:`_tail_exceeds` instead.
 _TIE_WINDOW = 1e-9
+
+
+def _rank_qualifies(num_scores: int, rank: int, tail: float, delta: float, gamma: float) -> bool:
+    """Whether ``rank`` of ``num_scores`` meets the PAC condition, given ``tail`` = the double-precision
+    P(Beta(rank, m + 1 - rank) < 1 - delta): tail <= gamma, and near a tie (within _TIE_WINDOW) also exactly. The
+    one rule of :func:`training_conditional_rank` and :func:`training_conditional_min_size`."""
+    if not tail <= gamma:
+        return False
+    return abs(tail - gamma) > _TIE_WINDOW * gamma or not _tail_exceeds(num_scores, rank, delta, gamma)
 
 
 def _tail_exceeds(num_scores: int, rank: int, delta: float, gamma: float) -> bool:
@@ -116,17 +124,21 @@ def min_calibration_size(delta: float) -> int:
 def training_conditional_min_size(delta: float, gamma: float) -> int:
     """Smallest number of scores m for which :func:`training_conditional_rank` can be <= m (a finite PAC quantile):
     the largest of m scores has coverage Beta(m, 1), P(coverage < 1 - delta) = (1 - delta)^m, so m >= log(gamma) /
-    log(1 - delta); the float estimate is then moved to where the Beta CDF that the rank reads agrees (a few steps)."""
+    log(1 - delta); the float estimate is then moved to where the rank's own rule (:func:`_rank_qualifies`, the same
+    Beta CDF and tie decision) agrees (a few steps)."""
     check_alpha(delta, "delta")
     check_alpha(gamma, "gamma")
     estimate = math.log(gamma) / math.log1p(-float(delta))
     if not estimate < 2**53:  # beyond exact float integers (or overflowed, delta ~1e-320): log(1/gamma) / delta,
         return math.ceil(Fraction(-math.log(gamma)) / Fraction(float(delta)))  # never below the exact m
     m = max(1, math.ceil(estimate))
+    def largest_qualifies(size):  # the largest of ``size`` scores meets the PAC condition
+        return _rank_qualifies(size, size, float(beta_dist.cdf(1.0 - delta, size, 1)), delta, gamma)
+
     for _ in range(4):
-        if beta_dist.cdf(1.0 - delta, m, 1) > gamma:
+        if not largest_qualifies(m):
             m += 1
-        elif m > 1 and beta_dist.cdf(1.0 - delta, m - 1, 1) <= gamma:
+        elif m > 1 and largest_qualifies(m - 1):
             m -= 1
     return m
 

@@ -127,6 +127,17 @@ def test_training_conditional_rank_is_conservative_at_a_float_tie(m, delta, rank
     assert sm.training_conditional_rank(m, delta, float(np.nextafter(float(exact), 1.0))) == rank  # clear: qualifies
 
 
+def test_the_pac_minimum_size_follows_the_ranks_rule_at_a_float_tie():
+    """smoothing.conformal.training_conditional_min_size sizes a level's bins (calibration.conformal_fit); it must
+    agree with training_conditional_rank, which needs 6 scores at delta = 0.3, gamma = 0.16807 (a hair below
+    (1 - 0.3)^5: 5 scores give no finite quantile). Run against the min size's own double-precision comparison
+    (2026-12-07): it returned 5, a bin size whose quantile is +inf; this test failed."""
+    from smoothing.conformal import training_conditional_min_size
+
+    assert sm.training_conditional_rank(5, 0.3, 0.16807) == 6
+    assert training_conditional_min_size(0.3, 0.16807) == 6
+
+
 @pytest.mark.parametrize("gamma", [0.1, 0.45, 0.5, 0.9, 0.99])
 def test_training_conditional_quantile_keeps_the_marginal_guarantee(gamma):
     """With ``gamma`` the certificate still states the marginal guarantee, so the quantile's rank k must give an
