@@ -5,12 +5,12 @@ MIME wraps base64, are dropped), or a nested list of floats in [0, 1] shaped (C,
 is checked from the header BEFORE decoding (decompression bombs), and reported to the caller's ``admit`` (a request's
 budget of pixels) before anything is decoded. A wrong size or channel count is rejected with the expected shape,
 unless the request asks for ``resize`` / ``convert``; what was done is echoed back. Refused rather than silently
-changed: transparent pixels (also a 16-bit grey tRNS value), animations (only a first frame would be certified), an
-EXIF orientation (the pixels would be certified as stored, not as shown), PNG data that does not fill exactly the
-rows the header declares (Pillow zero-fills missing rows), and a CMYK JPEG without ``convert`` (4 channels; with it,
-Pillow's CMYK->RGB formula is applied and echoed), and JPEG data that libjpeg would complete by invention (a scan
-cut short, scans missing, damaged codes: :mod:`server.jpeg_data`, which also refuses a JPEG of more than
-``JPEG_MAX_SCANS`` scans before decoding).
+changed: transparent pixels (also a 16-bit, 4-bit or 2-bit grey tRNS value), palette indices beyond the palette,
+animations (only a first frame would be certified), an EXIF orientation (the pixels would be certified as stored,
+not as shown), PNG data that does not fill exactly the rows the header declares (Pillow zero-fills missing rows),
+and a CMYK JPEG without ``convert`` (4 channels; with it, Pillow's CMYK->RGB formula is applied and echoed), and
+JPEG data that libjpeg would complete by invention (a scan cut short, scans missing, damaged codes:
+:mod:`server.jpeg_data`, which also refuses a JPEG of more than ``JPEG_MAX_SCANS`` scans before decoding).
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
     try:
         img.load()  # decoding is bounded by the pixel check above
         orientation = img.getexif().get(_EXIF_ORIENTATION)  # after load: a PNG's eXIf chunk may follow its IDAT
-        transparent = _has_transparent_pixels(img)
+        grey_bits = raw[24] if img.format == "PNG" and raw[25:26] == b"\x00" else 8  # IHDR: grey, its bit depth
+        transparent = _has_transparent_pixels(img, grey_bits)
+        beyond = _palette_overflow(img)
         if img.mode not in ("L", "RGB"):
             if not img.mode.startswith("I"):  # 16-bit grey stays as it is (scaled below)
                 img = img.convert("L" if img.mode in ("1", "LA", "F") else "RGB")  # palette, alpha, CMYK -> RGB
@@ -159,6 +161,9 @@ def _from_pil(raw: bytes, max_pixels: int, admit: Callable[[int], None], convert
         raise ImageError(f"the image has EXIF orientation {orientation}: it is shown rotated or mirrored, but its "
                          "pixels are stored unrotated and would be certified as stored. Apply the orientation to "
                          "the pixels (e.g. PIL.ImageOps.exif_transpose) and send the image without it")
+    if beyond:  # Pillow paints them black, a colour of its own making (as for a palette PNG without PLTE)
+        raise ImageError(f"the image data is truncated or corrupt: the palette PNG uses palette index {beyond[0]}, "
+                         f"but its palette (PLTE) has {beyond[1]} entries")
     if transparent:  # dropping the alpha would certify pixels that were not shown
         raise ImageError("the image has transparent pixels: flatten it onto a background (no alpha) first")
     if img.mode.startswith("I"):  # 16-bit PNG: scale, do not clip to 8 bits
@@ -174,14 +179,29 @@ def _oriented(img: Image.Image) -> bool:
     return "exif" in img.info and img.getexif().get(_EXIF_ORIENTATION) in range(2, 9)
 
 
-def _has_transparent_pixels(img: Image.Image) -> bool:
-    """True where some pixel is not fully opaque (a fully opaque alpha channel is dropped: nothing changes)."""
+def _has_transparent_pixels(img: Image.Image, grey_bits: int = 8) -> bool:
+    """True where some pixel is not fully opaque (a fully opaque alpha channel is dropped: nothing changes).
+    ``grey_bits``: the bit depth of a grey PNG (8 otherwise)."""
     if "A" not in img.getbands() and "transparency" not in img.info:
         return False
+    if img.mode == "L" and grey_bits in (2, 4):  # Pillow scales a 2- or 4-bit grey PNG's pixels to 8 bits (x 85,
+        # x 17), not its tRNS grey value: convert("RGBA") matched no pixel and transparent ones were certified
+        value, top = img.info["transparency"], (1 << grey_bits) - 1
+        return not isinstance(value, int) or value <= top and bool((np.asarray(img) == value * (255 // top)).any())
     if img.mode.startswith("I"):  # 16-bit grey: convert("RGBA") ignores its tRNS grey value; compare the pixels
         value = img.info["transparency"]
         return not isinstance(value, int) or bool((np.asarray(img) == value).any())
     return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+def _palette_overflow(img: Image.Image) -> tuple[int, int] | None:
+    """(largest index, palette entries) of a palette image that uses an index its palette does not have (PNG spec:
+    an error; Pillow decodes such pixels as black), else None."""
+    if img.mode != "P" or img.palette is None:
+        return None
+    entries = len(img.palette.palette) // len(img.palette.mode)
+    largest = int(np.asarray(img).max(initial=0))
+    return (largest, entries) if largest >= entries else None
 
 
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
