@@ -72,7 +72,8 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
                          f"samples/s, bookkeeping {r['bookkeeping_ms']:.2f} ms/step ({r.get('cpu_ms', 0):.2f} ms CPU)"
                          + (f"; split over {max(d['sharded'], key=int)} engine processes: "
                             f"{d['sharded'][max(d['sharded'], key=int)]['samples_per_s'] / 1e6:.2f} M "
-                            f"({d['shard_scaling']:.2f}x)" if d.get("sharded") else ""),
+                            f"({d['shard_scaling']:.2f}x one spawned engine process, run the same way: "
+                            f"{d['sharded']['1']['samples_per_s'] / 1e6:.2f} M)" if d.get("sharded") else ""),
                          ">= 20 M samples/s, <= 0.8 ms/step", d["verdict"], when])
         elif base == "coldstart":
             al = d.get("after_load") or {}

@@ -46,10 +46,37 @@ def latency_summary(ms) -> dict:
             "max": float(ms.max())}
 
 
+def all_answered_200(r: dict) -> bool:
+    """Every request of a load row answered 200: failures (an open-loop exception, a hey tick without an answer)
+    are in ``codes`` next to the status codes, and ``n`` may not count them."""
+    total = sum(r["codes"].values())
+    return total > 0 and r["codes"].get("200", 0) == total
+
+
 def hey_period(qps: float) -> float:
     """Seconds between the ticks of one hey worker at ``-q qps`` (hey: ``time.Tick(time.Duration(1e6/qps) *
     time.Microsecond)``, whole microseconds)."""
     return int(1e6 / qps) * 1e-6
+
+
+def _worker_chains(sends, ends, period: float, workers: int) -> tuple[list[np.ndarray], float]:
+    """(each worker's requests as indices in send order, the send tolerance): ``workers`` > 1 share one file, each
+    request goes to the worker free longest (see :func:`intended_latencies`)."""
+    tol = min(period / 4, 1e-3)  # hey's csv rounds to 0.1 ms; sends jitter around their tick by well under this
+    order = np.argsort(sends, kind="stable")
+    chains: list[list[int]] = [[] for _ in range(max(1, workers))]
+    free_at = np.full(len(chains), -np.inf)
+    for i in order:
+        idle = np.flatnonzero(free_at <= sends[i] + tol)
+        w = int(idle[np.argmin(free_at[idle])]) if len(idle) else int(np.argmin(free_at))
+        chains[w].append(i)
+        free_at[w] = ends[i]
+    return [np.asarray(c, dtype=np.int64) for c in chains], tol
+
+
+def _tick_origin(s: np.ndarray, period: float) -> float:
+    """The ticker's start of one worker's sends ``s`` (sorted): send i is at or after tick i + 1."""
+    return float(np.min(s - period * np.arange(1, len(s) + 1)))
 
 
 def intended_latencies(sends, ends, period: float, workers: int = 1) -> np.ndarray:
@@ -63,29 +90,46 @@ def intended_latencies(sends, ends, period: float, workers: int = 1) -> np.ndarr
     request's end: the open-loop latency a request due at the tick would at best have seen. Workers are rebuilt
     from the send and end times (``workers`` > 1 share one file: each request goes to the worker free longest);
     each worker's tick lattice is fitted to its sends (send i is at or after tick i + 1, Go tickers do not drift).
-    Ticks after a worker's last send are not counted."""
+    Ticks after a worker's last send are not counted; a request that failed is not in hey's csv, so its tick gets the
+    latency of the next answered one (:func:`unanswered_ticks` counts the ticks without an answer)."""
     sends, ends = np.asarray(sends, dtype=np.float64), np.asarray(ends, dtype=np.float64)
     if not len(sends):
         return np.zeros(0)
-    tol = min(period / 4, 1e-3)  # hey's csv rounds to 0.1 ms; sends jitter around their tick by well under this
-    order = np.argsort(sends, kind="stable")
-    chains: list[list[int]] = [[] for _ in range(max(1, workers))]
-    free_at = np.full(len(chains), -np.inf)
-    for i in order:
-        idle = np.flatnonzero(free_at <= sends[i] + tol)
-        w = int(idle[np.argmin(free_at[idle])]) if len(idle) else int(np.argmin(free_at))
-        chains[w].append(i)
-        free_at[w] = ends[i]
+    chains, tol = _worker_chains(sends, ends, period, workers)
     out = []
     for chain in chains:
-        if not chain:
+        if not len(chain):
             continue
         s, e = sends[chain], ends[chain]
-        origin = float(np.min(s - period * np.arange(1, len(s) + 1)))  # the ticker's start: send i >= tick i + 1
+        origin = _tick_origin(s, period)
         ticks = origin + period * np.arange(1, int(np.floor((s[-1] - origin + tol) / period)) + 1)
         idx = np.minimum(np.searchsorted(s, ticks - tol, side="left"), len(s) - 1)
         out.append(np.maximum(e[idx] - ticks, e[idx] - s[idx]))
     return 1e3 * np.concatenate(out)
+
+
+def unanswered_ticks(sends, ends, period: float, until: float, workers: int = 1) -> int:
+    """Ticks up to ``until`` (the end of the run, on the csv's clock) that no answered request accounts for: hey
+    sends a request on every tick its worker is idle for, and its csv leaves out the requests that failed
+    (connection refused or reset, timeout). Per worker: its ticks, minus its answered requests, minus the ticks
+    dropped while a request was in flight (all but the one the ticker buffers; all of them for the last request,
+    which may have ended after hey stopped). The count is over the workers of a file, so it holds however
+    :func:`intended_latencies` split a shared file among them; a worker with no answer loses every tick. A client
+    stall longer than the period (a tick not received in time) counts too: its ticks were not sent either."""
+    sends, ends = np.asarray(sends, dtype=np.float64), np.asarray(ends, dtype=np.float64)
+    chains, tol = _worker_chains(sends, ends, period, workers) if len(sends) else ([], 0.0)
+    lost = 0
+    for chain in chains:
+        if not len(chain):
+            continue
+        s, e = sends[chain], ends[chain]
+        origin = _tick_origin(s, period)
+        busy = np.floor((e + tol - origin) / period) - np.floor((s + tol - origin) / period)  # ticks in flight
+        dropped = np.maximum(busy - 1, 0)
+        dropped[-1] = busy[-1]
+        lost += max(0, int(np.floor((until - origin) / period)) - len(s) - int(dropped.sum()))
+    lost += (max(1, workers) - sum(1 for c in chains if len(c))) * int(np.floor(until / period))
+    return lost
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -193,6 +193,9 @@ def bench_worker(args, ctx) -> tuple[str, str, str, dict]:
          "raw samples/s @ mean batch", "**efficiency**", "per-cycle efficiency (IQR)", "raw replay of the same batches",
          "efficiency vs replay", "model busy fraction", f"raw @ full batch {sampler.batch_size}",
          "worker / full batch", "certificates/s"], rows)
+    noise = ("" if device != "cpu" else "\nOn a 2-core CPU the 1-job efficiency moved by about +-0.05 from run to run "
+             "(0.84-0.92 over ten runs of this section's 1-job row on 2026-12-06, git 0d623f6): one run's 1-job "
+             "verdict there is within that noise.")
     body = f"""Sampler: `{source}` via `{backend.name}`, batch size {sampler.batch_size}; sigma = {sampler.sigma},
 alpha = {ALPHA}, budget {BUDGET:,}, KT prior (1/2, 1/2), best-radius policy; tested class = the base model's clean
 arg-max; images = the first 1,000 Fashion-MNIST test images, cycled. A finished job is replaced at once (from its
@@ -203,9 +206,7 @@ its next model call, by the raw model in the same process: `SamplingEngine.count
 subset of) the model calls of the worker slice just run, and one call at the full batch size. The fine interleaving
 makes the worker and the raw model see the same machine load. Worker samples/s = samples of the batches finished
 in the measured span / (span - parked time). Efficiency = worker samples/s / raw samples/s at the mean batch; the
-IQR column is over the per-cycle ratios. "Model busy fraction" = time inside model calls / worker time.
-On the 2-core CPU the 1-job efficiency moves by about +-0.05 from run to run (0.84-0.92 over ten runs of this
-section's 1-job row on 2026-12-06, same code): one run's 1-job verdict there is within that noise.
+IQR column is over the per-cycle ratios. "Model busy fraction" = time inside model calls / worker time.{noise}
 
 {table}
 
