@@ -166,12 +166,17 @@ def _cohen_reference(path, n: int, labels, alpha: float) -> dict | None:
     from models.bundle import load_bundle
     from smoothing import certify
 
+    from calibration.counts import images_digest
+
     bundle = load_bundle()
+    m = bundle.manifest
     with np.load(path, allow_pickle=False) as d:
         info, selection, stream = json.loads(str(d["info"])), d["selection"][:n], d["stream"][:n]
-    if len(stream) < n or info["key"]["n"] != 10_000 or info["key"]["model"] != bundle.model_sha256:
-        return None  # not Cohen-10k streams of the served model for these images
-    m = bundle.manifest
+    key = info["key"]
+    if (len(stream) < n or key["n"] != 10_000 or key.get("n0") != 100 or key["model"] != bundle.model_sha256
+            or key.get("sigma") != m.sigma or key.get("data") != "fashion-mnist"
+            or info.get("images_sha256") != images_digest(load_test_images(int(key["images"]))[0])):
+        return None  # not Cohen-10k (n0 = 100) streams of the served model at its sigma for these test images
     counts = np.stack([(stream == c).sum(axis=1) for c in range(len(m.classes))], axis=1)
     cert = certify(selection, counts, alpha, m.sigma, trials=stream.shape[1])  # a NaN copy (label -1) is a miss
     correct = (cert.class_index == np.asarray(labels[:n])) & (cert.class_index >= 0)

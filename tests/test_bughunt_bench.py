@@ -108,3 +108,37 @@ def test_evaluation_targets_do_not_flip_on_the_last_bit_of_a_float():
     res["methods"]["auto"]["certified_accuracy"]["0"] = acc(882)  # 1.1 pp: still missed
     res["methods"]["surrogate"]["certified_accuracy"]["0.5"] = acc(559)  # 0.799 x: still missed
     assert [ok for _, _, ok in report.targets(res)] == [False, False]
+
+
+def test_auto_sections_cohen_reference_only_from_matching_streams(tmp_path):
+    """bench.auto_mode's Cohen-10k reference row read any cached streams whose n and model matched: streams drawn at
+    another sigma, with another n0, or for other images (an --data file) were printed as "Cohen-10k, 10,100
+    samples, same images". Now every part of the evaluation cache's key that the row claims is checked, and the
+    images by their digest. Failed on the old code: yes (the wrong-sigma cache gave a reference)."""
+    import json
+
+    from bench.auto_mode import _cohen_reference
+    from bench.models_and_data import load_test_images
+    from calibration.counts import images_digest
+    from models.bundle import load_bundle
+
+    bundle, n = load_bundle(), 4
+    images, labels = load_test_images(n)
+    rng = np.random.default_rng(0)
+    stream = np.repeat(labels[:, None], 10_000, axis=1).astype(np.int16)
+    selection = np.zeros((n, len(bundle.manifest.classes)), dtype=np.int64)
+    selection[np.arange(n), labels] = 100
+
+    def cache(**change):
+        key = {"model": bundle.model_sha256, "data": "fashion-mnist", "images": n, "n": 10_000, "n0": 100,
+               "seed": 0, "sigma": bundle.manifest.sigma, "sampler_sha256": None, **change}
+        info = {"key": key, "images_sha256": images_digest(images)}
+        path = tmp_path / f"streams-{rng.integers(1 << 30)}.npz"
+        np.savez(path, info=json.dumps(info), selection=selection, stream=stream)
+        return path
+
+    ref = _cohen_reference(cache(), n, labels, 0.001)
+    assert ref is not None and ref["acc0"] == 1.0
+    assert _cohen_reference(cache(sigma=0.5), n, labels, 0.001) is None
+    assert _cohen_reference(cache(n0=10), n, labels, 0.001) is None
+    assert _cohen_reference(cache(images=n + 1), n, labels, 0.001) is None  # the digest is of other images
