@@ -6,6 +6,7 @@ import datetime
 import email.utils
 import json
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -43,23 +44,37 @@ class CertserveClient:
     connection the server closed without answering, a refused connection, or a 500/502/504 that is not certserve's
     JSON error (the ingress's own). A retry is safe: an unanswered request certified nothing the client saw, and the
     retry is a new certificate with fresh noise, not chosen by its outcome. certserve's own errors are not retried;
-    ``retries`` < 0 is a ValueError. Any other answer that is not a certificate (another server's error body, a login
-    page answered with 200) raises :class:`CertserveError`. ``timeout`` (seconds) bounds each HTTP request; a
-    request with ``deadline_ms`` waits at least ``deadline_ms / 1000 + DEADLINE_MARGIN`` seconds for its answer.
+    ``retries`` that is no integer >= 0, or ``max_age`` that is no finite number >= 0, is a ValueError. Any other
+    answer that is not a certificate (another server's error body, a login page answered with 200) raises
+    :class:`CertserveError`. ``timeout`` (seconds; None: none) bounds each HTTP request; a request with
+    ``deadline_ms`` waits at least ``deadline_ms / 1000 + DEADLINE_MARGIN`` seconds for its answer.
     ``verify=True`` checks every certificate's signature, its signed claims against its plain fields and the hash of
     the image sent (and its age, with ``max_age`` seconds), and that it answers the request (its alpha at most the one
     asked, the method of the mode asked, a per-input guarantee where asked); a failure raises
-    :class:`certification.verify.VerificationError` (``reason``: a stable code). Keys come from ``jwks`` (a file, URL
-    or dict: pin them for independence from the server) or else the server's ``/.well-known/jwks.json``; a set read
-    from a URL or file (the server's included) is read again after :data:`JWKS_MAX_AGE` seconds, and at once (once)
-    when a certificate names a key it lacks (a rotation).
+    :class:`certification.verify.VerificationError` (``reason``: a stable code), and so does a key set that cannot be
+    fetched or read (``jwks_unavailable``: no connection, an answer other than 200) or is not a JWKS (``bad_jwks``).
+    Keys come from ``jwks`` (a file, URL or dict: pin them for independence from the server) or else the server's
+    ``/.well-known/jwks.json``; a set read from a URL or file (the server's included) is read again after
+    :data:`JWKS_MAX_AGE` seconds, and at once (once) when a certificate names a key it lacks (a rotation).
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 120.0,
                  retries: int = 3, verify: bool = False, jwks: str | Path | dict | None = None,
                  max_age: float | None = None):
-        if retries < 0:
-            raise ValueError(f"retries must be >= 0, got {retries}")
+        if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, numbers.Real)
+                                    or not (math.isfinite(max_age) and max_age >= 0)):
+            # refused here, not by the check after the server has issued (and logged) a certificate per call
+            raise ValueError(f"max_age must be a finite number of seconds >= 0 or None, got {max_age!r}")
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ValueError(f"url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}: {exc}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:  # "localhost:8000": scheme "localhost"
+            raise ValueError(f"url must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}")
+        if jwks is not None and (not isinstance(jwks, (str, Path, dict)) or isinstance(jwks, str) and not jwks.strip()):
+            raise ValueError(f"jwks must be a key set file or URL (not empty) or a dict, got {jwks!r:.80}")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.timeout = retries, timeout
@@ -83,6 +98,10 @@ class CertserveClient:
         return self._checked(_certificate(answer, answer), data, fields)
 
     def certify_batch(self, images: list[str | Path | bytes], **params) -> list[dict]:
+        """Certify several images (paths or bytes, at least one) with the same params, in one request."""
+        one = isinstance(images, (str, bytes, bytearray, Path))  # would be read as one image per character (byte)
+        if one or not (images := list(images)):  # no image: no form sent at all, a puzzling 415
+            raise ValueError(f"certify_batch takes a non-empty list of images (paths or bytes), got {images!r:.80}")
         files = [("images", ("image", Path(i).read_bytes() if isinstance(i, (str, Path)) else i)) for i in images]
         fields = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         answer = self._post("/certify/batch", files=files, data=fields, timeout=self._timeout(params))
@@ -97,7 +116,9 @@ class CertserveClient:
             deadline = float(params.get("deadline_ms")) / 1000
         except (TypeError, ValueError):
             return self.timeout  # none (or not a number: the server answers 422 at once)
-        return max(self.timeout, deadline + DEADLINE_MARGIN) if math.isfinite(deadline) else self.timeout
+        if self.timeout is None or not math.isfinite(deadline):  # None: httpx's "no timeout", longer than any
+            return self.timeout
+        return max(self.timeout, deadline + DEADLINE_MARGIN)
 
     def jwks(self) -> dict:
         """The server's public key set."""
@@ -113,7 +134,7 @@ class CertserveClient:
         for attempt in (0, 1):  # the set is read once into a local: another thread may drop or replace it meanwhile
             keyset, read = self._keyset, self._keyset_read
             if keyset is None or (not pinned and _monotonic() - read > JWKS_MAX_AGE):
-                keyset = load_jwks(self._jwks_source if self._jwks_source is not None else self.jwks())
+                keyset = load_jwks(self._jwks_source) if self._jwks_source is not None else self._server_keyset()
                 self._keyset, self._keyset_read = keyset, _monotonic()
             try:
                 claims = verify_document(cert, keyset, image_bytes=image, max_age=self.max_age)
@@ -127,8 +148,36 @@ class CertserveClient:
                     self._keyset = None
         raise AssertionError("unreachable")
 
+    def _server_keyset(self):
+        """The server's key set for ``verify=True``: a fetch that fails (no connection, a non-200 answer) is
+        ``VerificationError("jwks_unavailable")``, an answer that is no JSON key set ``"bad_jwks"``, as for
+        ``certserve verify``."""
+        from certification.verify import VerificationError, load_jwks
+
+        url = f"{self._http.base_url}/.well-known/jwks.json"
+        try:
+            r = self._http.get("/.well-known/jwks.json")
+        except httpx.HTTPError as exc:
+            raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}: {exc}"
+                                    ) from None
+        if r.status_code != 200:
+            raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
+        try:
+            raw = r.json()
+        except (ValueError, RecursionError):
+            raise VerificationError("bad_jwks", f"key set {url} is not JSON") from None
+        if not isinstance(raw, dict):  # load_jwks would read a string as a path
+            raise VerificationError("bad_jwks", f'key set {url} must be a JSON object {{"keys": [...]}}')
+        try:
+            return load_jwks(raw)
+        except VerificationError as exc:
+            raise VerificationError(exc.reason, f"key set {url}: {exc}") from None
+
     def model(self) -> dict:
-        return self._get("/v1/models")[0]
+        models = self._get("/v1/models")
+        if not (isinstance(models, list) and models and isinstance(models[0], dict)):
+            raise CertserveError(200, models)  # another server's JSON (an auth proxy's {"error": ...} with 200)
+        return models[0]
 
     def ready(self) -> bool:
         try:
@@ -231,11 +280,14 @@ def add_certify_command(sub) -> None:
     p.add_argument("--resize", action="store_true", default=None)
     p.add_argument("--convert", action="store_true", default=None)
     p.add_argument("--verify", action="store_true", help="check each certificate's signature and image hash")
-    p.add_argument("--jwks", default=None, help="key set (file or URL) for --verify; default: the server's")
+    p.add_argument("--jwks", default=None, help="key set (file or URL) for --verify (only with it); default: the "
+                                                "server's")
     p.set_defaults(func=_run_certify)
 
 
 def _run_certify(args) -> int:
+    if args.jwks is not None and not args.verify:  # a pinned key set, and not one certificate checked against it
+        raise ValueError("--jwks is the key set of --verify: add --verify to check the certificates against it")
     params = {k: getattr(args, k) for k in ("alpha", "mode", "target_radius", "max_samples", "deadline_ms",
                                             "per_input", "resize", "convert")}
     failed = 0

@@ -167,6 +167,9 @@ def run_serve(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if getattr(args, "replicas", 1) < 1:
         raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
+    metrics_port = getattr(args, "ray_metrics_port", None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:  # else Ray's node timed out starting (traceback)
+        raise ValueError(f"--ray-metrics-port must be a port, 0-65535 (0: Ray picks one); got {metrics_port}")
     bundle = check_configuration(settings, replicas=getattr(args, "replicas", 1))
     if getattr(args, "replicas", 1) > 1:
         try:
