@@ -69,12 +69,12 @@ class ProxyErrors:
                 log.warning("Ray's proxy failed after a complete response; keeping the connection", exc_info=True)
             else:
                 log.warning("Ray's proxy failed before any response; answering 503", exc_info=True)
-                await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
+                await send_unavailable(send, 500, _request_id_only(scope))
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                 raise  # this task was cancelled (the server stops): the client has its answer, honour the cancel
             return
         if not started:
-            await send_unavailable(send, 500, {k.lower(): v for k, v in scope.get("headers", [])})
+            await send_unavailable(send, 500, _request_id_only(scope))
 
 
 def _being_cancelled() -> bool:
@@ -95,6 +95,12 @@ def one_request_id(scope: dict) -> dict:
     request_id = ids[0] if _echoable(ids[0]) else uuid.uuid4().hex[:16].encode()
     return {**scope, "headers": [(k, v) for k, v in headers if k.lower() != b"x-request-id"] +
             [(b"x-request-id", request_id)]}
+
+
+def _request_id_only(scope) -> dict[bytes, bytes]:
+    """The request's X-Request-ID (as :func:`send_unavailable`'s headers): the rest of a REQUEST's headers is not an
+    answer's (a client's own Retry-After was copied into the 503)."""
+    return {k.lower(): v for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"}
 
 
 async def send_unavailable(send, status: int, headers: dict[bytes, bytes]) -> None:

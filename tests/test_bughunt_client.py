@@ -205,3 +205,31 @@ def test_a_url_the_client_cannot_use_is_refused_when_it_is_made(url, tmp_path, c
     assert main(["certify", str(tmp_path / "a.png"), str(tmp_path / "a.png"), "--url", url]) == 2
     err = capsys.readouterr().err
     assert err.startswith("certserve: error: url must be an http(s) URL") and err.count("\n") == 1, err
+
+
+def test_the_proxys_503_for_no_answer_ignores_the_requests_own_retry_after():
+    """server.ray_proxy.ProxyErrors answers 503 replica_unavailable where Ray's proxy started no answer or failed
+    before one; it built that 503's headers from the REQUEST's headers, so a client's own ``Retry-After: 86400`` came
+    back as the server's advice (and any header value a client chose). Failed on the old code: yes (retry-after
+    86400); now the default 1 s, with the request id still echoed."""
+    import asyncio
+
+    pytest.importorskip("ray.serve")
+    from server.ray_proxy import ProxyErrors
+
+    scope = {"type": "http", "method": "POST", "path": "/certify",
+             "headers": [(b"x-request-id", b"req-7"), (b"retry-after", b"86400")]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def silent(scope, receive, send):  # the proxy returns without starting an answer
+        return None
+
+    asyncio.run(ProxyErrors(silent)(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    assert sent[0]["status"] == 503 and headers[b"retry-after"] == b"1" and headers[b"x-request-id"] == b"req-7"
