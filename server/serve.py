@@ -92,7 +92,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--log-level", default=None)
     p.add_argument("--replicas", type=int, default=1,
                    help="N > 1: a local Ray Serve application with N replicas, one engine each (needs certserve[ray])")
-    p.add_argument("--ingress", choices=INGRESSES, default=INGRESSES[0],
+    p.add_argument("--ingress", choices=INGRESSES, default=None,
                    help="with --replicas: Ray's HAProxy ingress (default; replays a dead replica's requests on "
                         "another) or Serve's Python proxy (answers them 503 + Retry-After)")
     p.add_argument("--ray-metrics-port", type=int, default=None,
@@ -168,6 +168,9 @@ def run_serve(args) -> int:
     if getattr(args, "replicas", 1) < 1:
         raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
     metrics_port = getattr(args, "ray_metrics_port", None)
+    ingress = getattr(args, "ingress", None)
+    if getattr(args, "replicas", 1) == 1 and (ingress is not None or metrics_port is not None):
+        raise ValueError("--ingress and --ray-metrics-port apply to a Ray Serve application: add --replicas N (N > 1)")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:  # else Ray's node timed out starting (traceback)
         raise ValueError(f"--ray-metrics-port must be a port, 0-65535 (0: Ray picks one); got {metrics_port}")
     bundle = check_configuration(settings, replicas=getattr(args, "replicas", 1))
@@ -178,7 +181,7 @@ def run_serve(args) -> int:
             raise ValueError(f"--replicas needs Ray Serve: pip install 'certserve[ray]' ({exc})") from None
         replica_args = {k: v for k, v in overrides.items() if k not in ("host", "port")}
         return run_local(replica_args, replicas=args.replicas, host=settings.host, port=settings.port,
-                         metrics_port=args.ray_metrics_port, ingress=args.ingress)
+                         metrics_port=metrics_port, ingress=ingress or INGRESSES[0])
     from server.app import create_app
     from server.connections import MAX_HEADER_BYTES
 

@@ -41,7 +41,7 @@ def serving(monkeypatch, app, *, h11: bool = False, body_timeout: str = "0.5"):
     monkeypatch.setattr(server.app, "create_app", lambda settings, **kwargs: app)
     port = free_port()
     args = argparse.Namespace(bundle=None, host="127.0.0.1", port=port, device=None, threads=None,
-                              log_level="warning", replicas=1, ingress="haproxy", ray_metrics_port=None)
+                              log_level="warning", replicas=1, ingress=None, ray_metrics_port=None)
     assert Settings().body_timeout_seconds == float(body_timeout)
     thread = threading.Thread(target=serve.run_serve, args=(args,), daemon=True)
     thread.start()

@@ -121,6 +121,23 @@ def test_serve_refuses_a_metrics_port_that_is_no_port_before_ray_starts(port, mo
     assert err.count("\n") == 1 and err.startswith("certserve: error: --ray-metrics-port must be a port"), err
 
 
+@pytest.mark.parametrize("flags", [["--ingress", "proxy"], ["--ray-metrics-port", "8080"]])
+def test_serve_refuses_ray_flags_without_replicas(flags, monkeypatch, capsys):
+    """``certserve serve --ingress proxy`` (or ``--ray-metrics-port``) without ``--replicas N`` started one plain
+    process and ignored the flag: the operator believed a Ray ingress or metrics port was set. Now one line, exit 2,
+    before the server starts. Failed on the old code: yes (it went on to start the server, stubbed here)."""
+    from cli.main import main
+    from server import serve
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(serve, "check_configuration", started)
+    assert main(["serve", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("certserve: error: --ingress and --ray-metrics-port apply"), err
+
+
 def test_arguments_the_client_cannot_use_are_refused_when_it_is_made(app, image):
     """Refused only after the server had issued (and logged) a certificate, on every call: ``max_age=-1`` (ValueError
     from the check), ``max_age="600"`` (TypeError "must be real number, not str"); ``retries=1.5`` passed the ``< 0``
