@@ -4,11 +4,12 @@ Each test failed on the code before its fix (see the docstrings)."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import numpy as np
 import pytest
+
+from tests.bench_helpers import tool
 
 # A stand-in for hey (same flags, same csv, one connection, a Go-like ticker of 1/q s) whose server answers in 0.5 ms
 # until FAKE_HEY_DOWN_AT s, and then refuses connections: hey keeps sending at every tick, and, like the real hey,
@@ -31,10 +32,7 @@ FAKE_HEY_DOWN = textwrap.dedent("""\
 
 @pytest.fixture
 def fake_hey_down(tmp_path):
-    path = tmp_path / "hey"
-    path.write_text(f"#!{sys.executable}\n" + FAKE_HEY_DOWN)
-    path.chmod(0o755)
-    return str(path)
+    return tool(tmp_path, "hey", FAKE_HEY_DOWN)[0]
 
 
 def test_hey_row_of_a_server_that_went_down_is_not_a_pass(fake_hey_down, tmp_path, monkeypatch):
