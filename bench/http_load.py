@@ -21,11 +21,10 @@ from bench.server_process import ServerProc
 
 
 def parse_hey_csv(paths: list[Path], period: float, workers: int = 1, duration: float | None = None) -> dict:
-    """Status codes and latency of hey's csv files (``workers`` connections of ``-q`` tick ``period`` s per file).
-    The percentiles are over every tick, from the tick (``intended_latencies``: no coordinated omission); ``n`` is
-    the requests answered, ``scheduled`` the ticks, ``p50/p99_from_send`` what hey itself reports. hey's csv omits
-    failed requests: given the run's ``duration`` (``-z``), ticks no answer accounts for are ``codes["no answer"]``
-    (``unanswered_ticks``) and the span (achieved rate) is the whole run, not up to the last answer."""
+    """Status codes and latency of hey's csv files (``workers`` connections of ``-q`` tick ``period`` s per file),
+    percentiles over every tick, from the tick (``intended_latencies``: no coordinated omission); ``n``: requests
+    answered, ``scheduled``: ticks, ``p50/p99_from_send``: hey's own. hey's csv omits failed requests: with the run's
+    ``duration`` (``-z``) the ticks no answer accounts for are ``codes["no answer"]`` and the span is the whole run."""
     lat, codes, ends, sent, lost = [], {}, [], [], 0
     for p in paths:
         rows = [parts for line in p.read_text().splitlines()[1:] if len(parts := line.split(",")) >= 8]
@@ -36,15 +35,13 @@ def parse_hey_csv(paths: list[Path], period: float, workers: int = 1, duration: 
         sent.append(1e3 * rt)
         ends.extend(offset + rt)
         lat.append(intended_latencies(offset, offset + rt, period, workers))
-        if duration is not None:
-            lost += unanswered_ticks(offset, offset + rt, period, duration, workers)
-    if lost:
-        codes["no answer"] = lost
+        lost += unanswered_ticks(offset, offset + rt, period, duration, workers) if duration is not None else 0
+    codes.update({"no answer": lost} if lost else {})
     summary = latency_summary(np.concatenate(lat) if lat else [])
     from_send = np.concatenate(sent) if sent else np.zeros(0)
     summary.update({"scheduled": summary["n"], "n": len(from_send), "codes": codes, "p50_from_send": pct(from_send, 50),
-                    "p99_from_send": pct(from_send, 99),
-                    "span_s": max([*ends, duration or 0.0]) if ends or duration else float("nan")})
+                    "p99_from_send": pct(from_send, 99), "span_s": max([*ends, duration or 0.0]) if ends or duration
+                    else float("nan")})
     return summary
 
 
