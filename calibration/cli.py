@@ -13,7 +13,7 @@ def add_calibrate_commands(sub) -> None:
     cal_sub = cal.add_subparsers(dest="calibrate", required=True)
 
     from calibration.config import PipelineConfig
-    from calibration.evaluate import positive_int
+    from calibration.evaluate import finite_float, non_negative_int, positive_int
 
     all_ = cal_sub.add_parser("all", help="build a full bundle (base, surrogate, meta) from data",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -37,14 +37,14 @@ def add_calibrate_commands(sub) -> None:
     counts.add_argument("--split", choices=["calibration", "surrogate-train", "base-train", "test"], default="test")
     counts.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     counts.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
-    counts.add_argument("--split-seed", type=int, default=0)
+    counts.add_argument("--split-seed", type=non_negative_int, default=0)
     counts.add_argument("--limit", type=positive_int, default=None, help="a seeded random N images of a training-pool split "
                         "(Splits.limited, kept in index order; what `calibrate conformal` reads back); the first N "
                         "of test")
     counts.add_argument("--n", type=positive_int, required=True, help="noise samples per image")
-    counts.add_argument("--sigma", type=float, required=True)
-    counts.add_argument("--seed", type=int, default=0)
-    counts.add_argument("--batch-size", type=int, default=1024)
+    counts.add_argument("--sigma", type=finite_float, required=True)
+    counts.add_argument("--seed", type=non_negative_int, default=0)
+    counts.add_argument("--batch-size", type=positive_int, default=1024)
     counts.add_argument("--device", default="auto")
     counts.add_argument("--out", required=True, help="directory of count shards (rerun to resume)")
     counts.set_defaults(func=_run_counts)
@@ -58,7 +58,7 @@ def add_calibrate_commands(sub) -> None:
     conf.add_argument("--data", default="fashion-mnist")
     conf.add_argument("--calibration-size", type=int, default=PipelineConfig.calibration_size)
     conf.add_argument("--surrogate-size", type=int, default=PipelineConfig.surrogate_size)
-    conf.add_argument("--split-seed", type=int, default=0)
+    conf.add_argument("--split-seed", type=non_negative_int, default=0)
     conf.add_argument("--tune-size", type=int, required=True, help="N of the counted images tune the maps and bin "
                       "edges (a seeded random N, the cut recorded as tuning_cut; the first N with --tuning-cut "
                       "first); the rest calibrate")
@@ -141,7 +141,13 @@ def _run_counts(args) -> int:
         splits = make_splits(len(ds.x_train), calibration=args.calibration_size,
                              surrogate_train=args.surrogate_size, seed=args.split_seed).limited(args.limit)
         images = ds.x_train[getattr(splits, args.split.replace("-", "_"))]
-    backend = load_backend(args.model, device=args.device)
+    try:
+        backend = load_backend(args.model, device=args.device)
+    except RuntimeError as exc:  # --device cuda where neither onnxruntime nor torch can run it: said on one line
+        if args.device != "cuda":
+            raise
+        raise ValueError(f"--device cuda: {exc}") from None
+    _check_model_fits(backend, args.model, ds)  # before meta.json records this run in --out
     engine = SamplingEngine(backend, sigma=args.sigma, num_classes=len(ds.classes), batch_size=args.batch_size)
     counts = compute_counts(engine, images, args.n, out_dir=args.out, seed=args.seed,
                             model_sha256=sha256_file(args.model))
@@ -149,6 +155,29 @@ def _run_counts(args) -> int:
     print(json.dumps({"images": len(counts), "samples_per_image": args.n, "mean_top_rate": round(float(np.mean(top)), 4),
                       "out": args.out}))
     return 0
+
+
+def _check_model_fits(backend, path: str, ds) -> None:
+    """BundleError/ValueError unless the model takes ``ds``'s images and gives one logit per class of ``ds``:
+    another input shape failed in onnxruntime (a traceback) after meta.json was written; more outputs than classes
+    failed only where a noisy copy predicted one, fewer counted silently (a class never counted)."""
+    import numpy as np
+
+    from calibration.data import check_fits
+    from models.bundle import check_model
+
+    if hasattr(backend, "session"):  # onnxruntime: the bundle's own check (one float input, dynamic batch axis)
+        check_model(backend, f"--model {path}", list(ds.input_shape), len(ds.classes), expected_by="--data")
+        return
+    try:
+        out = np.asarray(backend.forward(np.zeros((2, *ds.input_shape), dtype=np.float32)))
+    except Exception as exc:  # noqa: BLE001 - whatever the framework raises, said on one line
+        raise ValueError(f"--model {path}: a forward pass on a batch of 2 images of --data's shape "
+                         f"{ds.input_shape} failed: {exc}") from None
+    if out.ndim != 2 or len(out) != 2:
+        raise ValueError(f"--model {path}: a batch of 2 images gives outputs of shape {out.shape}; expected "
+                         f"(2, {len(ds.classes)}): one row of logits per image")
+    check_fits(ds, ds.input_shape, out.shape[1], f"--model {path}")
 
 
 def _run_conformal(args) -> int:

@@ -48,7 +48,7 @@ def compute_counts(engine: SamplingEngine, images: np.ndarray, num_samples: int,
     differs = {k: (old.get(k), v) for k, v in meta.items() if k != "backend" and old.get(k) != v}
     if differs:
         raise ValueError(f"{out_dir} holds counts of a different run (differs in {sorted(differs)}); "
-                         "use another --out directory or delete it")
+                         "use another --out directory (`calibrate all`: another --work) or delete it")
     num_shards = -(-len(images) // shard_size)
     todo = [s for s in range(num_shards) if not _shard_path(out_dir, s).exists()]
     done_samples = (len(images) - sum(len(range(s * shard_size, min(len(images), (s + 1) * shard_size))) for s in todo))

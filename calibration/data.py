@@ -143,6 +143,9 @@ def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Datase
         if "x_test" in data:
             x_test = _to_float(_array(data, "x_test", path), f"{path}: x_test")
             y_test = _labels(_array(data, "y_test", path), path, "y_test")
+            if not len(x_test):  # a test accuracy of no images is NaN, recorded as null; evaluate stacks nothing
+                raise ValueError(f"{path}: x_test holds no images; store a test set (x_test, y_test) or neither "
+                                 "(a seeded 20% of x is then held out)")
             if len(x_test) != len(y_test) or x_test.shape[1:] != x.shape[1:]:
                 raise ValueError(f"{path}: x_test must hold one image shaped like x's {x.shape[1:]} per label of "
                                  f"y_test; got x_test {x_test.shape[1:]} x {len(x_test)}, y_test {len(y_test)} labels")
@@ -241,7 +244,12 @@ def _to_float(x: np.ndarray, what: str = "images") -> np.ndarray:
     if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # channels last: C would be read as H
         raise ValueError(f"{what} has shape {x.shape}, channels last (N x H x W x C); expected N x C x H x W "
                          "(np.transpose(x, (0, 3, 1, 2))) or N x H x W for grey images")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{what} has shape {x.shape}: images of no pixels; expected N x H x W or N x C x H x W")
     if x.dtype == np.uint8:
+        if x.size and x.max() == 1:  # 0/1 images stored as uint8 would be read as 0 and 1/255: all but black
+            raise ValueError(f"{what}: uint8 images are read as 0-255, but these hold only the values 0 and 1; "
+                             "store 0/1 images as float (x.astype(np.float32)) or scale them to 0-255")
         return (x.astype(np.float32) / 255.0)
     if x.dtype.kind not in "fbiu":
         raise ValueError(f"{what} must be uint8 (0-255) or float (0-1) images, got dtype {x.dtype}")
@@ -258,3 +266,13 @@ def _labels(y, path, name: str = "y") -> np.ndarray:
     if y.dtype.kind not in "iu" or y.ndim != 1 or (y.size and (y.min() < 0 or y.max() > np.iinfo(np.int64).max)):
         raise ValueError(f"{path}: {name} must be a 1-d array of non-negative integer labels (below 2**63)")
     return y.astype(np.int64)
+
+
+def check_fits(ds: Dataset, input_shape, num_classes: int, what: str) -> None:
+    """ValueError unless ``ds``'s images and classes are what ``what`` (a bundle, a model) takes: images of another
+    shape fail inside the model (onnxruntime's traceback); another class count silently compares labels with
+    classes of another meaning (an evaluation's accuracies, a count's columns)."""
+    if ds.input_shape != tuple(int(d) for d in input_shape) or len(ds.classes) != int(num_classes):
+        raise ValueError(f"--data {ds.name!r} holds images of shape {ds.input_shape} in {len(ds.classes)} classes; "
+                         f"{what} takes images of shape {tuple(input_shape)} in {num_classes} classes: pass the data "
+                         "it was built for")

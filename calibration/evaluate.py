@@ -56,6 +56,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for a seed: an integer >= 0 (numpy refuses a negative one mid-run, naming no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type for a threshold: a finite number (nan would silently route every image to the fallback)."""
     try:
@@ -83,7 +94,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sampler", default=None, help="sample with this copy of the base model instead (e.g. TorchScript on GPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=0)
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=non_negative_int, default=12345)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--json", default=None, help="also write raw per-method metrics as JSON")
     p.add_argument("--streams", default=None, help="cache of the sampled streams (.npz): reused when it matches")
@@ -110,11 +121,12 @@ def _command_args(args) -> str:
 
 
 def evaluate(args) -> dict:
-    from calibration.data import load_dataset
+    from calibration.data import check_fits, load_dataset
 
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
     ds = load_dataset(args.data)
+    check_fits(ds, m.input.shape, len(m.classes), f"bundle {m.name!r}")
     x, y = ds.x_test[: args.images], ds.y_test[: args.images]
     base = bundle.backend("base", device="cpu")
     # clean forward passes (fixed before any noise): surrogate class, log-odds and point estimate, meta prior

@@ -27,7 +27,7 @@ from calibration.conformal_fit import calibrate_surrogate, describe, level_min_i
 from calibration.counts import compute_counts, images_digest, labelled_calibration_images
 from calibration.data import declared_training, load_dataset, make_splits
 from calibration.meta import fit_meta_prior
-from calibration.train import pick_device, save_torchscript, train_base, train_surrogate
+from calibration.train import check_trainable, pick_device, save_torchscript, train_base, train_surrogate
 from models.backends import OnnxBackend, load_backend
 from models.bundle import BundleError, check_model, create_bundle, sha256_file
 from models.defaults import default_batch_size
@@ -44,6 +44,7 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
     work.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     ds = load_dataset(cfg.data)
+    check_trainable(ds.input_shape)
     seen, base_trained_on = declared_training(cfg.base_trained_on, ds) if cfg.base else (None, None)
     splits = make_splits(len(ds.x_train), calibration=cfg.calibration_size, surrogate_train=cfg.surrogate_size,
                          seed=cfg.split_seed, exclude=seen).limited(cfg.limit)
@@ -117,9 +118,14 @@ def meta_cut(num_images: int, fraction: float, seed: int) -> tuple[np.ndarray, n
     a seeded random ``fraction`` (at least one) holds out for the meta-learner. Not the last ones: the split is in
     pool-index order, and a pool stored in order (an .npz sorted by class) would train the surrogate on some classes
     and the meta-learner on others (the surrogate's arg-max is the class every sequential route tests)."""
-    n_meta = max(1, int(round(num_images * fraction)))
+    n_meta = meta_size(num_images, fraction)
     held = np.sort(np.random.default_rng([int(seed), META_STREAM]).permutation(num_images)[:n_meta])
     return np.setdiff1d(np.arange(num_images), held), held
+
+
+def meta_size(num_images: int, fraction: float) -> int:
+    """How many of ``num_images`` surrogate-train images :func:`meta_cut` holds out for the meta-learner."""
+    return max(1, int(round(num_images * fraction)))
 
 
 def _checked_tune_size(cfg: PipelineConfig) -> int:
@@ -128,6 +134,10 @@ def _checked_tune_size(cfg: PipelineConfig) -> int:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    work = Path(cfg.work).resolve()
+    if work == out.resolve() or out.resolve() in work.parents:  # the work files would make out non-empty: refused
+        raise ValueError(f"--work {cfg.work} lies in --out {cfg.out}: the bundle directory would hold the work "
+                         "files (and be refused, after all the work, as not empty); use a --work outside --out")
     if cfg.base and cfg.base_trained_on is None:
         raise ValueError(
             "--base needs --base-trained-on: the calibration split is carved from the training images of --data, "
@@ -138,6 +148,11 @@ def _checked_tune_size(cfg: PipelineConfig) -> int:
     if cfg.base_trained_on is not None and not cfg.base:
         raise ValueError("--base-trained-on describes a model given with --base; without --base the base model is "
                          "trained here on the base-train split")
+    n_sur = min(cfg.surrogate_size, cfg.limit or cfg.surrogate_size)  # an empty part failed after base and counts
+    if n_sur - meta_size(n_sur, cfg.meta_fraction) < 1:
+        raise ValueError(f"the surrogate-train split ({n_sur} images) with --meta-fraction {cfg.meta_fraction} "
+                         "leaves no image to train the surrogate on (the rest fit the meta prior): use a larger "
+                         "--surrogate-size (and --limit) or a smaller --meta-fraction")
     usable = min(cfg.calibration_size, cfg.limit or cfg.calibration_size)
     need, tune = level_min_images(max(cfg.levels), gamma=cfg.gamma), min(cfg.tune_size, usable // 2)  # the fit's rule
     if usable - tune < need:

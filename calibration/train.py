@@ -19,8 +19,13 @@ from models.networks import SmallCNN
 
 
 def pick_device(device: str = "auto") -> str:
+    """``auto``: cuda where torch finds a GPU, else cpu; ``cuda`` without one is a ValueError (it was torch's
+    AssertionError "Torch not compiled with CUDA enabled" at the first training step: a traceback)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch finds no usable CUDA GPU (torch.cuda.is_available() is False); "
+                         "pass --device cpu or auto")
     return device
 
 
@@ -79,13 +84,26 @@ def train_surrogate(x: np.ndarray, counts: np.ndarray, *, init: nn.Module | None
     model = SmallCNN(c, num_classes, h, w, width_mult=width_mult)
     if init is not None:
         model.load_state_dict({k: v.detach().cpu() for k, v in init.state_dict().items()})
-    soft = (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+    total = counts.sum(axis=1, keepdims=True)
+    if not np.all(total > 0):  # a row of no counted sample would be a NaN label: NaN weights, a failed export
+        raise ValueError(f"the base model predicted no class on any noisy copy of {int(np.sum(total <= 0))} of the "
+                         f"{len(counts)} surrogate-train images (NaN logits: inputs are pixels plus Gaussian noise, "
+                         "outside [0, 1]); a base model must give finite logits for noisy inputs")
+    soft = (counts / total).astype(np.float32)
 
     def soft_ce(logits, q):
         return -(q * nn.functional.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
     return _loop(model, x, soft, soft_ce, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                  desc="surrogate")
+
+
+def check_trainable(input_shape) -> None:
+    """ValueError unless SmallCNN (base and surrogate) can take images of ``input_shape`` (C, H, W): its two 2 x 2
+    max-pools need H and W of at least 4 (smaller images failed mid-training with torch's traceback)."""
+    if min(input_shape[1:]) < 4:
+        raise ValueError(f"images of shape {tuple(input_shape)} (C, H, W) are too small for the networks trained "
+                         "here (base, surrogate): H and W must be at least 4")
 
 
 def save_torchscript(model: nn.Module, example: torch.Tensor, path) -> None:
