@@ -60,9 +60,13 @@ class OnnxBackend:
         out = self.session.get_outputs()[0]
         self.output_name = out.name
         self.num_outputs = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None  # [] : rank unknown
-        # On a GPU the noise is drawn inside the graph, on the device: only clean images and indices cross the bus.
+        # On a GPU the noise is drawn inside the graph, on the device: only clean images and indices cross the bus
+        # (a graph older than the wrapper's ops, opset 9: on the host, as on the CPU).
         in_graph = (self.device == "cuda" and noise_sigma is not None) if noise_in_graph is None else noise_in_graph
         self._noisy_session = None
+        base = _onnx_model(source) if in_graph else None
+        if in_graph and noise_in_graph is None and _in_graph_unsupported(base):
+            in_graph = False
         if in_graph:
             if noise_sigma is None:
                 raise ValueError("noise_sigma is required to draw the noise inside the graph")
@@ -71,7 +75,7 @@ class OnnxBackend:
                                  "repeats its stream after ~2^31 values (~2.7 M noisy 28x28 images) and every "
                                  "unseeded CPU kernel of a process starts from the same seed. A CPU session draws "
                                  "its noise on the host; pass a seed only to test the graph itself")
-            model = noisy_argmax_model(source, noise_sigma, seed=seed)
+            model = noisy_argmax_model(base, noise_sigma, seed=seed)
             self._noisy_session = _session(ort, model.SerializeToString(), opts, providers, nice, self.device)
             self._noise_sigma = float(noise_sigma)
         #: in-graph noise batches run at :func:`padded_batch_size` (on CUDA: cuDNN tunes once per input shape), at
@@ -155,7 +159,9 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     import onnx
     from onnx import TensorProto, helper
 
-    base = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    base = source if isinstance(source, onnx.ModelProto) else _onnx_model(source)
+    if (why := _in_graph_unsupported(base)) is not None:
+        raise ValueError(f"the in-graph noise wrapper cannot wrap this model: {why}; draw its noise on the host")
     graph = base.graph
     initializer_names = {init.name for init in graph.initializer}
     real_inputs = [i for i in graph.input if i.name not in initializer_names]
@@ -199,12 +205,32 @@ def noisy_argmax_model(source, sigma: float, *, seed: int | None = None):
     return model
 
 
+def _onnx_model(source):
+    """The ONNX ModelProto of a file or of its bytes."""
+    import onnx
+
+    return onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+
+
+def _in_graph_unsupported(base) -> str | None:
+    """Why :func:`noisy_argmax_model` cannot wrap ``base``, or None: its IsNaN and Where need the default domain's
+    opset >= 9, and an IR version below 4 lists every initializer as a graph input (the wrapper's inputs are its own).
+    Such a graph (ONNX 1.3 or older: the model zoo's opset-7/8 classifiers) loads and runs everywhere else, so the
+    CUDA provider draws its noise on the host instead (it failed the service's start with onnx's ValidationError)."""
+    opset = next((o.version for o in base.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < 9:
+        return f"its opset {opset} is below 9 (IsNaN, Where)"
+    if base.ir_version < 4:
+        return f"its IR version {base.ir_version} is below 4 (initializers listed as graph inputs)"
+    return None
+
+
 def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
                  noise_sigma: float | None = None, seed: int | None = None, nice: int = 0, spin: bool = True):
     """The best backend for the ONNX model ``path`` on ``device``.
 
     ``cpu``: onnxruntime on the CPU. ``cuda``: onnxruntime's CUDA provider when onnxruntime-gpu is installed (noise
-    drawn in the graph), else PyTorch on CUDA (:class:`models.torch_backend.TorchBackend`, the graph converted by
+    drawn in the graph; on the host for a graph below opset 9), else PyTorch on CUDA (:class:`models.torch_backend.TorchBackend`, the graph converted by
     onnx2torch; noise, arg-max and per-chunk counts on the device); an error if neither can run. ``auto``: ``cuda``
     where a GPU is usable, else ``cpu``; torch is imported only when an NVIDIA driver is present."""
     if device not in ("auto", "cpu", "cuda"):

@@ -270,12 +270,12 @@ def _load_bundle(root: Path, check_models: bool, for_recalibration: bool) -> Bun
         raw = {**raw, "schema_version": SCHEMA_VERSION}  # version 2 changed only the calibration block
     if found == 1 and raw.get("calibration") is not None:
         raise BundleError(f"{manifest_path}: schema_version 1 holds the old surrogate calibration (one q_hat in "
-                          f"probability units); recalibrate it with `certserve calibrate conformal` (expected "
-                          f"{SCHEMA_VERSION})")
+                          f"probability units): recalibrate, `certserve calibrate conformal` (expected {SCHEMA_VERSION})")
     if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"{manifest_path}: schema_version {found!r} is not supported (expected {SCHEMA_VERSION})")
-    try:
-        manifest = Manifest.model_validate(raw, context={"recalibrating": for_recalibration})
+    try:  # JSON's own types, as a request's: "0.1" is no alpha, true no bin size (lax mode read them as numbers)
+        manifest = Manifest.model_validate_json(json.dumps(raw), strict=True,
+                                                context={"recalibrating": for_recalibration})
     except ValidationError as exc:
         raise BundleError(f"{manifest_path} does not match the bundle schema: {exc}") from None
     models = {}

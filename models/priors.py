@@ -22,9 +22,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def tested_class(base_logits: np.ndarray, surrogate_probs: np.ndarray | None) -> np.ndarray:
-    """The class c whose hit rate pA is tested: the surrogate's arg-max when there is one, else the base model's."""
-    source = surrogate_probs if surrogate_probs is not None else base_logits
-    return np.asarray(source).argmax(axis=1)
+    """The class c whose hit rate pA is tested: the surrogate's arg-max when there is one, else the base model's. A
+    surrogate row that is no distribution (NaN: its logits held a NaN or a +inf, where models.surrogate abstains) has
+    no arg-max and gets the base model's class (numpy's arg-max took the first NaN: class 0, whatever the image)."""
+    base = np.asarray(base_logits).argmax(axis=1)
+    if surrogate_probs is None:
+        return base
+    probs = np.asarray(surrogate_probs)
+    return np.where(np.all(np.isfinite(probs), axis=1), probs.argmax(axis=1), base)
 
 
 def meta_features(base_logits: np.ndarray, surrogate_probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
