@@ -230,8 +230,9 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
     """The best backend for the ONNX model ``path`` on ``device``.
 
     ``cpu``: onnxruntime on the CPU. ``cuda``: onnxruntime's CUDA provider when onnxruntime-gpu is installed (noise
-    drawn in the graph; on the host for a graph below opset 9), else PyTorch on CUDA (:class:`models.torch_backend.TorchBackend`, the graph converted by
-    onnx2torch; noise, arg-max and per-chunk counts on the device); an error if neither can run. ``auto``: ``cuda``
+    drawn in the graph; on the host for a graph below opset 9), else PyTorch on CUDA
+    (:class:`models.torch_backend.TorchBackend`, the graph converted by onnx2torch; noise, arg-max and per-chunk
+    counts on the device); an error if neither can run. ``auto``: ``cuda``
     where a GPU is usable, else ``cpu``; torch is imported only when an NVIDIA driver is present."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")

@@ -21,7 +21,8 @@ def _flatten_matmul_onnx(opset: int, ir_version: int) -> bytes:
     if ir_version < 4:
         inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [12, 5]))
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["input"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["output"])],
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+         helper.make_node("MatMul", ["flat", "W"], ["output"])],
         "m", inputs, [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 5])],
         initializer=[numpy_helper.from_array(w, "W")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
@@ -91,7 +92,8 @@ def _nan_surrogate_onnx() -> bytes:
 
     w = np.random.default_rng(0).standard_normal((784, 10)).astype(np.float32)
     nodes = [helper.make_node("Sub", ["input", "shift"], ["d"]), helper.make_node("Sqrt", ["d"], ["r"]),
-             helper.make_node("Flatten", ["r"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["output"])]
+             helper.make_node("Flatten", ["r"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W"], ["output"])]
     graph = helper.make_graph(
         nodes, "nan_surrogate", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 28, 28])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
