@@ -47,23 +47,21 @@ def _small_n(n: int) -> int:
 
 def positive_int(text: str) -> int:
     """argparse type for counts and sizes: an integer >= 1 (a negative one would slice from the end, silently)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type for a seed: an integer >= 0 (numpy refuses a negative one mid-run, naming no flag)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
 
 

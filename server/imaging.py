@@ -184,13 +184,11 @@ def _has_transparent_pixels(img: Image.Image, grey_bits: int = 8) -> bool:
     ``grey_bits``: the bit depth of a grey PNG (8 otherwise)."""
     if "A" not in img.getbands() and "transparency" not in img.info:
         return False
-    if img.mode == "L" and grey_bits in (2, 4):  # Pillow scales a 2- or 4-bit grey PNG's pixels to 8 bits (x 85,
-        # x 17), not its tRNS grey value: convert("RGBA") matched no pixel and transparent ones were certified
-        value, top = img.info["transparency"], (1 << grey_bits) - 1
-        return not isinstance(value, int) or value <= top and bool((np.asarray(img) == value * (255 // top)).any())
-    if img.mode.startswith("I"):  # 16-bit grey: convert("RGBA") ignores its tRNS grey value; compare the pixels
-        value = img.info["transparency"]
-        return not isinstance(value, int) or bool((np.asarray(img) == value).any())
+    if img.mode.startswith("I") or img.mode == "L" and grey_bits in (2, 4):  # convert("RGBA") ignores a 16-bit grey
+        # tRNS value, and matches no pixel of a 2- or 4-bit one (Pillow scales those pixels to 8 bits, x 85 or x 17,
+        # not the tRNS value): compare the pixels with the value, scaled as they are
+        value, scale = img.info["transparency"], 255 // ((1 << grey_bits) - 1) if img.mode == "L" else 1
+        return not isinstance(value, int) or bool((np.asarray(img) == value * scale).any())
     return img.convert("RGBA").getchannel("A").getextrema()[0] < 255
 
 

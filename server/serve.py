@@ -165,22 +165,22 @@ def run_serve(args) -> int:
                  if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if getattr(args, "replicas", 1) < 1:
-        raise ValueError(f"--replicas must be >= 1; got {args.replicas}")
-    metrics_port = getattr(args, "ray_metrics_port", None)
-    ingress = getattr(args, "ingress", None)
-    if getattr(args, "replicas", 1) == 1 and (ingress is not None or metrics_port is not None):
+    replicas, metrics_port, ingress = (getattr(args, "replicas", 1), getattr(args, "ray_metrics_port", None),
+                                       getattr(args, "ingress", None))
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1; got {replicas}")
+    if replicas == 1 and (ingress is not None or metrics_port is not None):
         raise ValueError("--ingress and --ray-metrics-port apply to a Ray Serve application: add --replicas N (N > 1)")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:  # else Ray's node timed out starting (traceback)
         raise ValueError(f"--ray-metrics-port must be a port, 0-65535 (0: Ray picks one); got {metrics_port}")
-    bundle = check_configuration(settings, replicas=getattr(args, "replicas", 1))
-    if getattr(args, "replicas", 1) > 1:
+    bundle = check_configuration(settings, replicas=replicas)
+    if replicas > 1:
         try:
             from server.ray_serve import run_local  # Ray is an optional extra: imported only here
         except ImportError as exc:
             raise ValueError(f"--replicas needs Ray Serve: pip install 'certserve[ray]' ({exc})") from None
         replica_args = {k: v for k, v in overrides.items() if k not in ("host", "port")}
-        return run_local(replica_args, replicas=args.replicas, host=settings.host, port=settings.port,
+        return run_local(replica_args, replicas=replicas, host=settings.host, port=settings.port,
                          metrics_port=metrics_port, ingress=ingress or INGRESSES[0])
     from server.app import create_app
     from server.connections import MAX_HEADER_BYTES
