@@ -57,12 +57,18 @@ class VerificationError(Exception):
         super().__init__(message.replace("\n", " "))
 
 
-def load_jwks(source: str | Path | dict, *, timeout: float = 10.0) -> KeySet:
-    """A public key set from a dict, a file path, or an http(s) URL. Private parameters are dropped."""
+def load_jwks(source: str | Path | dict, *, timeout: float = 10.0, client=None) -> KeySet:
+    """A public key set from a dict, a file path, or an http(s) URL. Private parameters are dropped. ``client``
+    (optional, an ``httpx.Client``): fetch a URL through it (its transport, headers and base URL), with the same
+    limits as without one (no redirects, :data:`MAX_JWKS_BYTES`, the whole answer within about ``timeout``)."""
     if isinstance(source, dict):
         raw = source
     elif str(source).startswith(("http://", "https://")):
-        raw = _fetch_jwks(str(source), timeout)
+        raw = _fetch_jwks(str(source), timeout, client)
+        try:
+            return _keyset(raw)
+        except VerificationError as exc:  # name the set: the caller may not know which URL was read
+            raise VerificationError(exc.reason, f"key set {source}: {exc}") from None
     else:
         try:
             raw = json.loads(Path(source).read_text())
@@ -91,16 +97,17 @@ def parse_document(text: str) -> dict:
 MAX_JWKS_BYTES = 1 << 20
 
 
-def _fetch_jwks(url: str, timeout: float) -> dict:
-    """GET ``url`` (no redirects): the whole answer within about ``timeout`` seconds (httpx's ``timeout`` bounds each
-    read, so a server sending a byte every few seconds would otherwise hold the verifier indefinitely) and at most
-    :data:`MAX_JWKS_BYTES`."""
+def _fetch_jwks(url: str, timeout: float, client=None) -> dict:
+    """GET ``url`` (no redirects), through ``client`` where given: the whole answer within about ``timeout`` seconds
+    (httpx's ``timeout`` bounds each read, so a server sending a byte every few seconds would otherwise hold the
+    verifier indefinitely) and at most :data:`MAX_JWKS_BYTES`."""
     import httpx
 
     deadline = time.monotonic() + timeout
     body = bytearray()
+    stream = httpx.stream if client is None else client.stream
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=False) as r:
+        with stream("GET", url, timeout=timeout, follow_redirects=False) as r:
             if r.status_code != 200:
                 raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
             for chunk in r.iter_bytes():
@@ -111,7 +118,8 @@ def _fetch_jwks(url: str, timeout: float) -> dict:
                     raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: not complete "
                                                                 f"within {timeout:g} s")
     except httpx.HTTPError as exc:
-        raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}") from None
+        raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}: {exc}"
+                                ) from None
     try:
         return json.loads(bytes(body))
     except (ValueError, RecursionError):

@@ -23,17 +23,20 @@ DEADLINE_MARGIN = 30.0
 
 
 class CertserveError(RuntimeError):
-    """An answer that is not a certificate: ``status`` and ``body`` (the parsed JSON, else the text). Any body is
-    taken, certserve's error envelope or another server's (an ingress, an auth proxy, a login page)."""
+    """An answer that is not a certificate: ``status`` and ``body`` (the parsed JSON, else the text); ``code``: the
+    error code of certserve's envelope (``invalid_parameter``, ``bad_image``, ``overloaded``, ...; README "API"),
+    None for another server's body (an ingress, an auth proxy, a login page). The message is
+    ``HTTP <status> (<code>): <message>``, or ``HTTP <status>: <body>`` without a code."""
 
     def __init__(self, status: int, body: dict | list | str | None):
-        self.status, self.body = status, body
+        self.status, self.body, self.code = status, body, None
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):  # certserve's envelope: {"error": {"code": ..., "message": ...}}
             message = error.get("message", error)
+            self.code = error["code"] if isinstance(error.get("code"), str) else None
         else:  # {"error": "invalid_token"}, {"error": null, ...}, a list, text
             message = error if error is not None else body
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}{f' ({self.code})' if self.code else ''}: {message}")
 
 
 class CertserveClient:
@@ -149,29 +152,13 @@ class CertserveClient:
         raise AssertionError("unreachable")
 
     def _server_keyset(self):
-        """The server's key set for ``verify=True``: a fetch that fails (no connection, a non-200 answer) is
-        ``VerificationError("jwks_unavailable")``, an answer that is no JSON key set ``"bad_jwks"``, as for
-        ``certserve verify``."""
-        from certification.verify import VerificationError, load_jwks
+        """The server's key set for ``verify=True``, read as ``certserve verify`` reads one (:func:`load_jwks`, through
+        this client's connection): a fetch that fails (no connection, a non-200 answer) is
+        ``VerificationError("jwks_unavailable")``, an answer that is no JSON key set (or over 1 MiB) ``"bad_jwks"``."""
+        from certification.verify import load_jwks
 
-        url = f"{self._http.base_url}/.well-known/jwks.json"
-        try:
-            r = self._http.get("/.well-known/jwks.json")
-        except httpx.HTTPError as exc:
-            raise VerificationError("jwks_unavailable", f"cannot fetch key set {url}: {type(exc).__name__}: {exc}"
-                                    ) from None
-        if r.status_code != 200:
-            raise VerificationError("jwks_unavailable", f"key set {url} answered HTTP {r.status_code}")
-        try:
-            raw = r.json()
-        except (ValueError, RecursionError):
-            raise VerificationError("bad_jwks", f"key set {url} is not JSON") from None
-        if not isinstance(raw, dict):  # load_jwks would read a string as a path
-            raise VerificationError("bad_jwks", f'key set {url} must be a JSON object {{"keys": [...]}}')
-        try:
-            return load_jwks(raw)
-        except VerificationError as exc:
-            raise VerificationError(exc.reason, f"key set {url}: {exc}") from None
+        timeout = self.timeout if self.timeout is not None else 10.0
+        return load_jwks(f"{self._http.base_url}/.well-known/jwks.json", timeout=timeout, client=self._http)
 
     def model(self) -> dict:
         models = self._get("/v1/models")

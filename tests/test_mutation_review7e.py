@@ -256,7 +256,8 @@ def test_the_error_message_is_certserves_own(mock_http):
     mock_http(Server(httpx.Response(422, json=body)))
     with CertserveClient("http://certserve.test") as client, pytest.raises(CertserveError) as info:
         client.certify(IMAGE, alpha=0.9)
-    assert str(info.value) == "HTTP 422: alpha must lie in (0, 0.5)" and info.value.body == body
+    assert str(info.value) == "HTTP 422 (invalid_parameter): alpha must lie in (0, 0.5)" and info.value.body == body
+    assert info.value.code == "invalid_parameter"
 
 
 def test_get_refuses_an_error_and_ready_is_false_while_starting(mock_http):
@@ -328,7 +329,7 @@ def test_certify_command_reports_each_failure_on_stderr_goes_on_and_exits_1(mock
     assert [json.loads(line) for line in captured.out.splitlines()] == [{"image": str(good), **CERT}]
     errors = [json.loads(line) for line in captured.err.splitlines()]
     assert [e["image"] for e in errors] == [str(slow), str(bad)]
-    assert errors[1]["error"] == "HTTP 422: not an image"
+    assert errors[1]["error"] == "HTTP 422 (bad_image): not an image"
     assert {r["auth"] for r in server.requests} == {"Bearer k1"}
     assert {json.dumps(r["fields"], sort_keys=True) for r in server.requests} == \
         {json.dumps({"alpha": "0.01", "per_input": "true"}, sort_keys=True)}

@@ -1,0 +1,52 @@
+"""Items noticed and left by earlier reviews, fixed in stop 37: each test names the bug it guards and failed on the
+code before its fix (run once against it)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from certification.verify import MAX_JWKS_BYTES, VerificationError
+from server.client import CertserveClient, CertserveError
+
+
+def _client_answering(jwks_answer) -> CertserveClient:
+    client = CertserveClient("http://certserve.test", verify=True)
+    client._http.close()
+    client._http = httpx.Client(base_url="http://certserve.test", transport=httpx.MockTransport(jwks_answer))
+    return client
+
+
+def test_the_clients_key_set_fetch_has_the_verifiers_size_cap():
+    """``CertserveClient(verify=True)`` read the server's key set with its own GET (``_server_keyset``), without
+    ``certserve verify``'s 1 MiB cap: a 2 MiB answer was read whole and parsed. Now it is read through
+    :func:`certification.verify.load_jwks` and refused (``bad_jwks``) past the cap. Failed on the old client (it
+    raised bad_jwks only after parsing, with "must be a JSON object", not the size)."""
+    huge = b'{"keys": [], "pad": "' + b"x" * (2 * MAX_JWKS_BYTES) + b'"}'
+    with _client_answering(lambda r: httpx.Response(200, content=huge)) as client, \
+            pytest.raises(VerificationError) as info:
+        client._server_keyset()
+    assert info.value.reason == "bad_jwks" and f"larger than {MAX_JWKS_BYTES} bytes" in str(info.value)
+    assert "http://certserve.test/.well-known/jwks.json" in str(info.value)
+
+
+def test_the_clients_key_set_fetch_names_a_key_the_set_cannot_hold():
+    """The same path names the key set's URL for an entry that is no Ed25519 key (``certserve verify`` and the
+    client say the same thing). Guards the wrapping kept from the old client when its fetch moved to load_jwks."""
+    bad = {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "!"}]}
+    with _client_answering(lambda r: httpx.Response(200, json=bad)) as client, \
+            pytest.raises(VerificationError) as info:
+        client._server_keyset()
+    assert info.value.reason == "bad_jwks"
+    assert str(info.value).startswith("key set http://certserve.test/.well-known/jwks.json: ")
+
+
+def test_certserve_error_carries_the_servers_error_code():
+    """``CertserveError`` said ``HTTP 422: <message>``: a caller had to dig the code (``bad_image``,
+    ``invalid_parameter``, ``overloaded``) out of ``body``. It is now ``code`` and part of the message; another
+    server's body has no code. Failed on the old client (no attribute ``code``)."""
+    envelope = {"error": {"code": "bad_image", "message": "not an image", "request_id": "r1"}}
+    error = CertserveError(422, envelope)
+    assert error.code == "bad_image" and str(error) == "HTTP 422 (bad_image): not an image"
+    for body in ({"error": "invalid_token"}, "<html>Sign in</html>", ["a"], {"error": {"code": 7, "message": "m"}}):
+        assert CertserveError(401, body).code is None and not str(CertserveError(401, body)).startswith("HTTP 401 (")
