@@ -167,8 +167,7 @@ class Manifest(_Strict):
     schema_version: int
     name: str = Field(min_length=1)
     version: str = "1"
-    sigma: float = Field(gt=0, allow_inf_nan=False, strict=True)  # not inf (1e999 loaded, then failed the engine at
-    # start-up), nor a bool or a string read as a number ("sigma": true loaded as sigma 1.0)
+    sigma: float = Field(gt=0, allow_inf_nan=False, strict=True)  # no inf (failed the engine), no true read as 1.0
     input: InputSpec
     classes: list[str] = Field(min_length=2)
     artifacts: dict[Literal["base", "surrogate", "meta"], Artifact]
@@ -264,14 +263,15 @@ def _load_bundle(root: Path, check_models: bool, for_recalibration: bool) -> Bun
         raise BundleError(f"{manifest_path}: key {exc.args[0]!r} appears twice in one object (JSON readers disagree "
                           "on which value counts, and the manifest's sha256 covers both)") from None
     found = raw.get("schema_version") if isinstance(raw, dict) else None
-    if for_recalibration and found in (1, SCHEMA_VERSION):
+    version = found if type(found) is int else None  # JSON's integer only: true and 1.0 are no version
+    if for_recalibration and version in (1, SCHEMA_VERSION):
         raw = {**raw, "calibration": None}
-    if found == 1 and raw.get("calibration") is None:
-        raw = {**raw, "schema_version": SCHEMA_VERSION}  # version 2 changed only the calibration block
-    if found == 1 and raw.get("calibration") is not None:
+    if version == 1 and raw.get("calibration") is None:
+        raw, version = {**raw, "schema_version": SCHEMA_VERSION}, SCHEMA_VERSION  # v2 changed only the calibration
+    if version == 1:
         raise BundleError(f"{manifest_path}: schema_version 1 holds the old surrogate calibration (one q_hat in "
                           f"probability units): recalibrate, `certserve calibrate conformal` (expected {SCHEMA_VERSION})")
-    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION:
         raise BundleError(f"{manifest_path}: schema_version {found!r} is not supported (expected {SCHEMA_VERSION})")
     try:  # JSON's own types, as a request's: "0.1" is no alpha, true no bin size (lax mode read them as numbers)
         manifest = Manifest.model_validate_json(json.dumps(raw), strict=True,

@@ -7,7 +7,12 @@ import httpx
 import pytest
 
 from certification.verify import MAX_JWKS_BYTES, VerificationError
+from models.bundle import SCHEMA_VERSION, BundleError, load_bundle
 from server.client import CertserveClient, CertserveError
+from tests import bundle_helpers
+from tests.bundle_helpers import _read_manifest, _write_manifest
+
+bundle_copy = bundle_helpers.bundle_copy  # the fixture
 
 
 def _client_answering(jwks_answer) -> CertserveClient:
@@ -50,3 +55,21 @@ def test_certserve_error_carries_the_servers_error_code():
     assert error.code == "bad_image" and str(error) == "HTTP 422 (bad_image): not an image"
     for body in ({"error": "invalid_token"}, "<html>Sign in</html>", ["a"], {"error": {"code": 7, "message": "m"}}):
         assert CertserveError(401, body).code is None and not str(CertserveError(401, body)).startswith("HTTP 401 (")
+
+
+@pytest.mark.parametrize("version", [True, 1.0, 2.0])
+@pytest.mark.parametrize("calibration_kept", [False, True])
+def test_a_schema_version_that_is_no_json_integer_is_refused(bundle_copy, version, calibration_kept):
+    """``"schema_version": true`` (or 1.0) compared equal to 1 in Python: a manifest without calibration was taken for
+    a version-1 bundle and upgraded, so it loaded (and with its calibration it got version 1's "recalibrate" advice).
+    A version is JSON's integer only: now each is "not supported". Failed on the old loader in all six cases (2.0
+    was refused, but by the schema validator, with a message that did not name the version)."""
+    manifest = _read_manifest(bundle_copy)
+    manifest["schema_version"] = version
+    if not calibration_kept:
+        manifest.update(calibration=None, meta_features=None)
+        manifest["artifacts"] = {"base": manifest["artifacts"]["base"]}
+    _write_manifest(bundle_copy, manifest)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    assert f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})" in str(info.value)
