@@ -13,7 +13,7 @@ def add_calibrate_commands(sub) -> None:
     cal_sub = cal.add_subparsers(dest="calibrate", required=True)
 
     from calibration.config import PipelineConfig
-    from calibration.evaluate import finite_float, non_negative_int, positive_int
+    from calibration.evaluate import non_negative_int, positive_float, positive_int
 
     all_ = cal_sub.add_parser("all", help="build a full bundle (base, surrogate, meta) from data",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -42,7 +42,7 @@ def add_calibrate_commands(sub) -> None:
                         "(Splits.limited, kept in index order; what `calibrate conformal` reads back); the first N "
                         "of test")
     counts.add_argument("--n", type=positive_int, required=True, help="noise samples per image")
-    counts.add_argument("--sigma", type=finite_float, required=True)
+    counts.add_argument("--sigma", type=positive_float, required=True)
     counts.add_argument("--seed", type=non_negative_int, default=0)
     counts.add_argument("--batch-size", type=positive_int, default=1024)
     counts.add_argument("--device", default="auto")
@@ -130,6 +130,7 @@ def _run_counts(args) -> int:
 
     from calibration.counts import compute_counts
     from calibration.data import load_dataset, make_splits
+    from calibration.evaluate import sampler_on
     from models.backends import load_backend
     from models.bundle import sha256_file
     from models.sampling import SamplingEngine
@@ -141,12 +142,7 @@ def _run_counts(args) -> int:
         splits = make_splits(len(ds.x_train), calibration=args.calibration_size,
                              surrogate_train=args.surrogate_size, seed=args.split_seed).limited(args.limit)
         images = ds.x_train[getattr(splits, args.split.replace("-", "_"))]
-    try:
-        backend = load_backend(args.model, device=args.device)
-    except RuntimeError as exc:  # --device cuda where neither onnxruntime nor torch can run it: said on one line
-        if args.device != "cuda":
-            raise
-        raise ValueError(f"--device cuda: {exc}") from None
+    backend = sampler_on(args.device, lambda: load_backend(args.model, device=args.device))
     _check_model_fits(backend, args.model, ds)  # before meta.json records this run in --out
     engine = SamplingEngine(backend, sigma=args.sigma, num_classes=len(ds.classes), batch_size=args.batch_size)
     counts = compute_counts(engine, images, args.n, out_dir=args.out, seed=args.seed,

@@ -67,13 +67,38 @@ def _int_at_least(text: str, low: int, expected: str) -> int:
 
 def finite_float(text: str) -> float:
     """argparse type for a threshold: a finite number (nan would silently route every image to the fallback)."""
+    return _float_where(text, lambda v: True, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a noise level: a finite number > 0 (0 or less drew no noise, or noise of the wrong sign)."""
+    return _float_where(text, lambda v: v > 0, "a finite number > 0")
+
+
+def request_alpha(text: str) -> float:
+    """argparse type for a risk level: a number in (0, 0.5), as a request's alpha (README "API")."""
+    return _float_where(text, lambda v: 0 < v < 0.5, "a number in (0, 0.5), as a request's alpha")
+
+
+def _float_where(text: str, ok, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if not (np.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
     return value
+
+
+def sampler_on(device: str, load):
+    """``load()``: the sampling backend on ``device``. ``--device cuda`` where neither onnxruntime nor torch can run
+    it is a ValueError on one line (``certserve: error: ...``, exit 2), not a traceback."""
+    try:
+        return load()
+    except RuntimeError as exc:
+        if device != "cuda":
+            raise
+        raise ValueError(f"--device cuda: {exc}") from None
 
 
 def add_arguments(p) -> None:
@@ -81,7 +106,7 @@ def add_arguments(p) -> None:
     p.add_argument("--images", type=positive_int, default=1000, help="first N images of the official test set")
     p.add_argument("--n", type=positive_int, default=10000, help="samples per image (Cohen-10k's n, sequential budget)")
     p.add_argument("--n0", type=positive_int, default=100, help="Cohen selection samples")
-    p.add_argument("--alpha", type=float, default=0.001)
+    p.add_argument("--alpha", type=request_alpha, default=0.001)
     p.add_argument("--fraction", type=float, default=None, help="sequential methods: the fraction rule at this "
                    "fraction instead of smoothing's default marginal-gain rule")
     p.add_argument("--auto-budget", type=positive_int, default=None,
@@ -222,7 +247,8 @@ def _streams(args, bundle, x) -> tuple[np.ndarray, np.ndarray, str, float, float
             legacy = None if Path(args.data).suffix == ".npz" else digest
             if info["key"] == key and info.get("images_sha256", legacy) == digest:
                 return d["selection"], d["stream"], info["sampler"], info["per_sample"], info["seconds"]
-    sampler = load_backend(args.sampler, device=args.device) if args.sampler else bundle.backend("base", device=args.device)
+    sampler = sampler_on(args.device, lambda: load_backend(args.sampler, device=args.device) if args.sampler
+                         else bundle.backend("base", device=args.device))
     batch = args.batch_size or default_batch_size(getattr(sampler, "device", "cpu"))
     engine = SamplingEngine(sampler, sigma=bundle.manifest.sigma, num_classes=len(bundle.manifest.classes),
                             batch_size=batch)

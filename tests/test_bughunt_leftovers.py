@@ -73,3 +73,48 @@ def test_a_schema_version_that_is_no_json_integer_is_refused(bundle_copy, versio
     with pytest.raises(BundleError) as info:
         load_bundle(bundle_copy)
     assert f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})" in str(info.value)
+
+
+@pytest.mark.parametrize("flag, value", [("--alpha", "0.5"), ("--alpha", "0"), ("--alpha", "nan"), ("--alpha", "x")])
+def test_evaluate_alpha_is_checked_when_parsed(flag, value, capsys):
+    """``calibrate evaluate --alpha 0.5`` (or 0, nan) parsed and ran the whole evaluation (minutes of sampling) to
+    a report of another meaning or a late error; now it is refused at once, as a request's alpha. Failed on the old
+    parser (type=float) in every case ("x": refused, but without the range expected)."""
+    from cli.main import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["calibrate", "evaluate", flag, value])
+    assert info.value.code == 2 and "(0, 0.5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-0.25"])
+def test_counts_sigma_must_be_positive(value, capsys):
+    """``calibrate counts --sigma 0`` counted clean predictions as Monte-Carlo counts (and -0.25 the same noise
+    under another name, recorded in meta.json as a sigma no bundle can have). Failed on the old parser
+    (finite_float took both)."""
+    from cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "counts", "--model", "m.onnx", "--n", "4", "--sigma", value,
+                                   "--out", "o"])
+    assert "must be a finite number > 0" in capsys.readouterr().err
+
+
+def _cuda_runs() -> bool:
+    import onnxruntime
+    import torch
+
+    return torch.cuda.is_available() or "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(_cuda_runs(), reason="the refusal of --device cuda needs a machine where CUDA cannot run")
+def test_evaluate_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    """``calibrate evaluate --device cuda`` where no GPU can run died with load_backend's RuntimeError traceback
+    (after the clean passes); now ``certserve: error: --device cuda: ...``, exit 2, as ``calibrate counts``. Failed on
+    the old code (RuntimeError raised out of main)."""
+    from cli.main import main
+
+    code = main(["calibrate", "evaluate", "--images", "2", "--n", "4", "--n0", "2", "--device", "cuda",
+                 "--out", str(tmp_path / "r.md")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("certserve: error: --device cuda: "), err
