@@ -25,6 +25,9 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, *, i
         with torch.no_grad():
             want = module(x).numpy()
         got = OnnxBackend(path, threads=1).forward(x.numpy())
-        if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=1e-4):
+        if got.shape != want.shape:
+            raise RuntimeError(f"ONNX export of {path.name} does not match torch: output shape {got.shape} at batch "
+                               f"{batch}, torch gives {want.shape}")
+        if not np.allclose(got, want, atol=atol, rtol=1e-4):
             raise RuntimeError(f"ONNX export of {path.name} does not match torch (max diff {np.abs(got - want).max()})")
     return path

@@ -118,3 +118,23 @@ def test_evaluate_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "r.md")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("certserve: error: --device cuda: "), err
+
+
+def test_an_export_whose_output_shape_differs_says_so(tmp_path, monkeypatch):
+    """``export_onnx``'s check computed ``np.abs(got - want)`` for its message also when the shapes differ: numpy's
+    "operands could not be broadcast" replaced the message meant for the user. The export is real; onnxruntime's
+    answer is replaced by one with an extra class (the fault a mismatched graph gives). Failed on the old code
+    (ValueError from numpy)."""
+    import numpy as np
+    import torch
+
+    import models.export as export
+
+    class OneClassMore(export.OnnxBackend):
+        def forward(self, x):
+            out = super().forward(x)
+            return np.concatenate([out, out[:, :1]], axis=1)
+
+    monkeypatch.setattr(export, "OnnxBackend", OneClassMore)
+    with pytest.raises(RuntimeError, match=r"output shape \(1, 3\) at batch 1, torch gives \(1, 2\)"):
+        export.export_onnx(torch.nn.Linear(4, 2), torch.zeros(1, 4), tmp_path / "m.onnx")
