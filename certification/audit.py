@@ -10,9 +10,10 @@ record of a certificate that was never answered (``append`` had not returned). O
 start -- truncates it to the last complete line (logged as a warning, counted in ``repaired_bytes``), so a restarted
 log holds only complete lines; :func:`read_records` reports such a tail unless told to skip it.
 
-A short write while running (disk full, file-size limit) is undone with ``ftruncate`` to the size before the write,
-so no partial line survives an error, and :class:`AuditError` is raised: the caller must not answer the certificate
-(the server answers 503 ``audit_unavailable`` and counts the failure). ``fsync=True`` additionally survives power
+A short write while running (disk full, file-size limit), or a failed ``fsync`` of a complete line, is undone with
+``ftruncate`` to the size before the write, so no line of a refused record survives an error, and
+:class:`AuditError` is raised: the caller must not answer the certificate (the server answers 503
+``audit_unavailable`` and counts the failure). ``fsync=True`` additionally survives power
 loss, at the cost of one disk flush per certificate.
 
 If that ``ftruncate`` fails too, the descriptor is closed and the next append reopens the file, which drops the
@@ -106,11 +107,11 @@ class AuditLog:
         obj = obj.strip()
         if not (obj.startswith(b"{") and obj.endswith(b"}")) or b"\n" in obj:
             raise ValueError("an audit record must be one JSON object on one line")
-        with self._lock:  # stamped under the lock: logged_at never decreases along the file
-            line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
+        with self._lock:
             try:
                 self._lock_current()  # other processes writing this log wait here (and we for them)
-                try:
+                try:  # stamped under both locks: logged_at never decreases along the file, whichever process wrote
+                    line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
                     self._repair()
                     size = self._size() if self.max_bytes else 0
                     if self.max_bytes and size + len(line) > self.max_bytes and size > 0:
@@ -249,7 +250,11 @@ class AuditLog:
             self._undo(start)
             raise OSError(28, f"short write ({written} of {len(line)} bytes; disk full?)")
         if self.fsync:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError:  # not persisted: refused, so its line must not stay (the log holds answered ones)
+                self._undo(start)
+                raise
 
     def _undo(self, start: int) -> None:
         try:

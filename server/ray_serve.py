@@ -86,10 +86,11 @@ def settings_from_args(args: dict | None) -> Settings:
 
 def replica_settings(settings: Settings, replica: str) -> Settings:
     """Each replica appends to its own audit log (its records together; a shared one would be safe too, under the
-    log's flock), next to the configured one, ``audit.jsonl`` -> ``audit.replica-<id>.jsonl``."""
+    log's flock), next to the configured one, ``audit.jsonl`` -> ``audit.replica-<id>.jsonl``; a symlinked one is
+    resolved first, as one process's log is (certification.audit) and as ``certserve serve`` checks its directory."""
     if not settings.audit_log:
         return settings
-    path = Path(settings.audit_log)
+    path = Path(settings.audit_log).resolve()
     return settings.model_copy(update={"audit_log": str(path.with_name(f"{path.stem}.replica-{replica}{path.suffix}"))})
 
 
