@@ -97,8 +97,8 @@ def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     if len(s) <= _SCALAR_NEWTON_MAX:
         return np.array([_lower_bound_one(int(s[i]), int(t[i]), float(alpha[i]), float(a[i]), float(b[i]), kt_weight)
                          for i in range(len(s))], dtype=np.float64)
+    f = (t - s).astype(np.float64)  # exact int64 difference, rounded once: float(t - S) as _lower_bound_one (t > 2^53)
     s = s.astype(np.float64)
-    f = t.astype(np.float64) - s
     out = np.zeros(s.shape, dtype=np.float64)
     live = s > 0
     if not live.any():

@@ -155,8 +155,9 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     t_safe = np.maximum(t, 1)
     bounds = _BoundBatch(alpha, a, b, float(kt_weight))
     every = np.arange(s.size)
-    # projections are exact integers: S_t = t projects to t' hits
-    t_proj = np.minimum(2 * t_safe, np.maximum(budget, t_safe)) if fraction is None else budget
+    # projections are exact integers: S_t = t projects to t' hits; t' = min(2t, max(B, t)) without forming 2t (it
+    # wraps around in int64 for t >= 2^62; the one-job path's Python ints do not)
+    t_proj = t_safe + np.minimum(t_safe, np.maximum(budget - t_safe, 0)) if fraction is None else budget
     # The futility rule needs two more bounds where nothing is certified (r_now = 0). Jobs that may be there get
     # them in the same kernel call; a job found without a radius but not predicted gets them in a second call below,
     # so the codes are the rule's whatever the prediction, which only saves that call's fixed cost.
