@@ -16,8 +16,14 @@ A short write while running (disk full, file-size limit), or a failed ``fsync`` 
 ``audit_unavailable`` and counts the failure). ``fsync=True`` additionally survives power
 loss, at the cost of one disk flush per certificate.
 
-If that ``ftruncate`` fails too, the descriptor is closed and the next append reopens the file, which drops the
-unterminated tail first (or refuses that append too), so a torn line is never glued to the next record.
+If that ``ftruncate`` fails too, the descriptor is closed and the next append reopens the file, which first cuts
+the refused line (the size to cut back to is remembered: a complete line, e.g. after a failed ``fsync``, is cut too,
+while it is still the file's last line; one that another process's record already follows is logged as an error),
+then drops any unterminated tail (or refuses that append too), so a torn line is never glued to the next record.
+
+:meth:`AuditLog.close` is final for health checks: a closed log answers :meth:`AuditLog.healthy` from its last state
+without probing (a probe would reopen the file). An append after ``close`` still writes its record (the service
+stopping under a request) and closes the file again.
 
 Health: after an append fails the log is *unhealthy* (:meth:`AuditLog.healthy` is False; the server's /readyz answers
 503 ``audit_unavailable`` and certification requests are refused before any sampling) for at least ``HOLD_SECONDS``
@@ -87,6 +93,8 @@ class AuditLog:
         self.repaired_bytes = 0
         self._failed = False  # an append failed and no append or probe has succeeded since
         self._failed_at = 0.0  # time.monotonic() of the latest failed append
+        self._closed = False  # close() was called: no probe reopens the file, an append closes it again
+        self._refused: tuple | None = None  # (file id, offset, line) of a refused line an undo could not cut
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
             self._lock_current()
@@ -112,6 +120,7 @@ class AuditLog:
                 self._lock_current()  # other processes writing this log wait here (and we for them)
                 try:  # stamped under both locks: logged_at never decreases along the file, whichever process wrote
                     line = obj[:-1] + (b',' if obj != b"{}" else b"") + b'"logged_at":%.3f}\n' % time.time()
+                    self._cut_refused()
                     self._repair()
                     size = self._size() if self.max_bytes else 0
                     if self.max_bytes and size + len(line) > self.max_bytes and size > 0:
@@ -119,6 +128,9 @@ class AuditLog:
                     self._write_whole(line)
                 finally:
                     self._unlock()
+                    if self._closed and self._fd is not None:  # closed meanwhile (shutdown): stays closed
+                        os.close(self._fd)
+                        self._fd = None
             except OSError as exc:
                 self._failed, self._failed_at = True, time.monotonic()
                 raise AuditError(exc.errno, f"audit log {self.path}: {exc.strerror or exc}") from None
@@ -129,8 +141,8 @@ class AuditLog:
         now still cannot open ``PATH`` for appending (or its filesystem has less than ``PROBE_FREE_BYTES`` free); a
         passing probe makes the log healthy again (half-open: the next append decides). Never waits: called on the
         event loop, it answers "unhealthy" while an append holds the lock (a slow disk must not stall the probes)."""
-        if not self._failed:
-            return True
+        if not self._failed or self._closed:  # closed: the last state, no probe (it would reopen the file)
+            return not self._failed
         if time.monotonic() - self._failed_at < HOLD_SECONDS or not self._lock.acquire(blocking=False):
             return False
         try:
@@ -150,6 +162,7 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -244,24 +257,43 @@ class AuditLog:
         try:
             written = os.write(self._fd, line)
         except OSError:
-            self._undo(start)
+            self._undo(start, line)
             raise
         if written != len(line):  # short write: disk full or file-size limit; leave no torn line
-            self._undo(start)
+            self._undo(start, line)
             raise OSError(28, f"short write ({written} of {len(line)} bytes; disk full?)")
         if self.fsync:
             try:
                 os.fsync(self._fd)
             except OSError:  # not persisted: refused, so its line must not stay (the log holds answered ones)
-                self._undo(start)
+                self._undo(start, line)
                 raise
 
-    def _undo(self, start: int) -> None:
+    def _undo(self, start: int, line: bytes) -> None:
         try:
             os.ftruncate(self._fd, start)
-        except OSError:  # the partial line stays for now: closed, the next append reopens and drops it first
+        except OSError:  # the line (or part) stays for now: closed, the next append reopens and cuts it first
+            self._refused = (self._ino, start, line)
             os.close(self._fd)
             self._fd = None
+
+    def _cut_refused(self) -> None:
+        """Cut a refused line that :meth:`_undo` could not, if it is still the end of the current file (under the
+        lock); a torn part of it is left to :meth:`_repair`. Raises (the append is refused) if the cut fails."""
+        if self._refused is None:
+            return
+        ino, start, line = self._refused
+        size = self._size()
+        if ino == self._ino and size >= start + len(line) and os.pread(self._fd, len(line), start) == line:
+            if size > start + len(line):  # another process appended after it: cutting would drop its records
+                log.error("audit log %s: a refused record (%d bytes at offset %d) could not be removed: other "
+                          "records follow it; its certificate was never answered", self.path, len(line), start)
+            else:
+                os.ftruncate(self._fd, start)
+                self.repaired_bytes += len(line)
+                log.warning("audit log %s: removed a refused record (%d bytes) that a failed undo had left; its "
+                            "certificate was never answered", self.path, len(line))
+        self._refused = None
 
     def _rotate(self) -> None:
         """PATH.i -> PATH.(i+1) newest last (the oldest beyond ``backups`` deleted), PATH -> PATH.1, new PATH, all

@@ -18,7 +18,9 @@ from certification.plan import FallbackReason
 from models.engine import EngineObserver
 
 # sub-millisecond buckets: a surrogate answer takes well under 1 ms of service time; 15-45 s around the default 30 s
-# deadline, so a deadline-cut request (answered a few ms after 30 s) lands in (30, 32], not in (30, 60]
+# deadline, so a deadline-cut request (answered a few ms after 30 s from its arrival) lands in (30, 32], not in
+# (30, 60], of certserve_http_request_duration_seconds (from arrival); certserve_request_duration_seconds starts at
+# the decode, so there it lands lower by the time before its decode began (a slow upload)
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    15.0, 20.0, 30.0, 32.0, 45.0, 60.0)
 SAMPLE_BUCKETS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
