@@ -46,7 +46,8 @@ def check_probability(p, name: str, *, open_interval: bool = True) -> np.ndarray
 
 
 def check_counts(successes, trials) -> tuple[np.ndarray, np.ndarray]:
-    """Return (successes, trials) as int64 arrays; both must be whole numbers with 0 <= successes <= trials."""
+    """Return (successes, trials) as int64 arrays; both must be whole numbers with 0 <= successes <= trials < 2^62
+    (integers and whole floats alike; booleans and strings are refused)."""
     s = _as_count(successes, "successes")
     t = _as_count(trials, "trials")
     if (s > t).any():
@@ -55,13 +56,15 @@ def check_counts(successes, trials) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_nonneg_int(value, name: str) -> np.ndarray:
-    """Return ``value`` as an int64 array of whole numbers >= 0."""
+    """Return ``value`` as an int64 array of whole numbers in [0, 2^62)."""
     return _as_count(value, name)
 
 
 def _as_count(value, name: str) -> np.ndarray:
     arr = np.asarray(value)
-    if arr.dtype.kind in "iu":
+    if arr.dtype.kind in "iu":  # the same limit as float counts (a uint64 >= 2^63 would wrap negative in the cast)
+        if (arr >= 2**62).any():
+            raise ValueError(f"{name} must be below 2^62, got {_show(value)}")
         out = arr.astype(np.int64, copy=False)
     elif arr.dtype.kind == "f":
         f = arr.astype(np.float64, copy=False)

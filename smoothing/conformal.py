@@ -36,7 +36,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 from scipy.stats import beta as beta_dist
 
-from smoothing._checks import check_alpha
+from smoothing._checks import _show, check_alpha
 from smoothing.cohen import clopper_pearson_lower
 from smoothing.radius import radius_from_probit, validated_radius_from_probit
 
@@ -214,8 +214,12 @@ def _checked_edges(edges) -> np.ndarray:
 def mondrian_quantiles(scores, bins, num_bins: int, delta: float, *, gamma: float | None = None) -> np.ndarray:
     """Per-bin conformal quantiles (num_bins,): bin b's quantile of the scores whose ``bins`` entry is b (+inf for a
     bin with too few scores). Guarantee (per bin): P(s_new > q_b | new input in bin b) <= delta (marginal) or the
-    training-conditional version with ``gamma``; see :func:`conformal_quantile`."""
+    training-conditional version with ``gamma``; see :func:`conformal_quantile`. ``bins``: integer bin indices
+    (whole floats allowed); a fractional or NaN label (its score would fall in no bin), a boolean or a string is
+    refused."""
     s, b = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(bins).ravel()
+    if b.dtype.kind not in "iuf" or (b.dtype.kind == "f" and not np.all(np.isfinite(b) & (b == np.round(b)))):
+        raise ValueError(f"bins must be integer bin indices, got {_show(bins)}")
     if s.shape != b.shape:
         raise ValueError(f"scores and bins differ in length ({s.size} vs {b.size})")
     if b.size and (b.min() < 0 or b.max() >= num_bins):

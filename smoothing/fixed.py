@@ -39,6 +39,10 @@ _PLAN_GROWTH = 1.1
 #: a point mass at the sample sizes a plan reaches, and beyond ~1e12 the predictive's betaln(k + a, n - k + b) -
 #: betaln(a, b) cancels catastrophically (expected radii far above the all-hits radius, even inf, at a + b ~ 1e15).
 _MAX_PLAN_STRENGTH = 1e8
+#: The largest candidate n a plan may scan (each candidate tabulates n + 1 CP radii, ~4 us each, for every input's
+#: predictive): reached only with a tiny or zero min_gain and a budget beyond it, which is refused (_check_scan).
+#: The default lambda's scan stops near 10^4 samples at any budget up to the server's 2^31.
+MAX_PLAN_SAMPLES = 2**20
 
 
 def fixed_n_certificate(successes, trials, alpha, sigma):
@@ -68,15 +72,23 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     number of samples spent. A wrong prior misallocates samples but cannot make a certificate invalid: n depends on
     the clean input only. Vectorized over (a, b); returns int64 (scalar for scalar input). Any finite a, b > 0 gets a
     candidate (:data:`_MAX_PLAN_STRENGTH` caps a + b; an expected radius is kept within [0, the all-hits radius]).
+    ``budget`` is one whole number >= 1 and ``min_gain`` one finite number >= 0 (arrays, booleans and strings are
+    refused); a min_gain so small that the scan could reach candidates beyond :data:`MAX_PLAN_SAMPLES` (2^20)
+    samples with this budget (min_gain = 0 with a budget above 2^20) is refused rather than tabulated.
     """
     a, b = _plannable(*check_prior(a, b))
     check_sigma(sigma)
     alpha_f = float(check_alpha(alpha))
-    budget = int(check_nonneg_int(budget, "budget"))
+    budget_arr = check_nonneg_int(budget, "budget")
+    if budget_arr.ndim:
+        raise ValueError(f"budget must be one whole number (one budget for every input), got {budget!r}")
+    budget = int(budget_arr)
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget!r}")
-    if not (np.isfinite(min_gain) and min_gain >= 0):
-        raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample), got {min_gain!r}")
+    gain = np.asarray(min_gain)
+    if gain.ndim or gain.dtype.kind not in "iuf" or not (np.isfinite(gain) and gain >= 0):
+        raise ValueError(f"min_gain must be a finite number >= 0 (radius per sample; one number), got {min_gain!r}")
+    min_gain = float(gain)
     w = check_kt_weight(kt_weight)
     a, b = np.broadcast_arrays(a, b)
     flat_a, flat_b = a.ravel(), b.ravel()
@@ -87,6 +99,7 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     # minus lambda m is below every input's best objective for all remaining m, no later candidate can win
     ceiling = np.asarray(radius_from_probability(alpha_f ** (1.0 / np.asarray(candidates, np.float64)), sigma))
     reachable = np.maximum.accumulate((ceiling - min_gain * np.asarray(candidates))[::-1])[::-1]
+    _check_scan(candidates, reachable, min_gain, budget)
     for j, n in enumerate(candidates):
         if reachable[j] < best.min():
             break
@@ -96,6 +109,18 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
         best[better], choice[better] = gain[better], n
     out = choice.reshape(a.shape)
     return out if out.ndim else int(out)
+
+
+def _check_scan(candidates, reachable, min_gain, budget):
+    """ValueError when the scan could tabulate a candidate beyond MAX_PLAN_SAMPLES. After the first candidate every
+    input's best objective is >= -min_gain * candidates[0] (expected radii are clipped at >= 0), so the pruning stops
+    the scan before the first candidate whose ``reachable`` is below that: only a tiny (or zero) min_gain with a
+    huge budget gets there, where each candidate n builds a table of n + 1 radii (2^31: ~17 GB, hours)."""
+    scanned = np.asarray(candidates)[reachable >= -min_gain * candidates[0]]
+    if scanned.size and scanned[-1] > MAX_PLAN_SAMPLES:
+        raise ValueError(f"min_gain={min_gain!r} with budget={budget!r}: the plan could scan sample sizes up to "
+                         f"{int(scanned[-1])}, beyond its limit of 2^20 (each candidate n tabulates n + 1 radii); "
+                         f"raise min_gain or lower the budget to 2^20")
 
 
 def _plannable(a, b):

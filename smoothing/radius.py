@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from smoothing._checks import check_probability, check_sigma
+from smoothing._checks import _floats, check_probability, check_sigma
 
 #: Relative amount by which every certified radius is shrunk, so that rounding inside ``ndtri`` (a few ulp)
 #: can never make a reported radius larger than the exact one.
@@ -36,8 +36,9 @@ def radius_from_probit(z_lower, sigma):
 
     Guarantee: inherits the one of ``z_lower`` (as :func:`radius_from_probability`). Rounded down (relative 1e-10);
     an infinite bound (p_lower == 1, which no finite sample gives) certifies nothing rather than infinity.
+    ``z_lower``: numbers (booleans, strings and complex values are refused, as everywhere in smoothing).
     """
-    r = _radius_of_probit(np.asarray(z_lower, dtype=np.float64), check_sigma(sigma))
+    r = _radius_of_probit(_floats(z_lower, "z_lower"), check_sigma(sigma))
     return r if r.ndim else float(r)
 
 
@@ -69,8 +70,9 @@ def _radius_of_probit(z, sigma):
 
 
 def probability_for_radius(radius, sigma):
-    """The probability Phi(radius / sigma) that a lower bound must exceed to certify ``radius`` (>= 0)."""
-    r = np.asarray(radius, dtype=np.float64)
+    """The probability Phi(radius / sigma) that a lower bound must exceed to certify ``radius`` (finite numbers >= 0;
+    booleans, strings and complex values are refused)."""
+    r = _floats(radius, "radius")
     if r.size == 0 or not np.all(np.isfinite(r)) or np.any(r < 0):
         raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
     p = ndtr(r / check_sigma(sigma))

@@ -117,7 +117,8 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
       r_now >= fraction * r(S_B, B), the projection at the full budget B.
 
     FUTILITY (both rules) when r_now = 0 and either U_t < 1/2 (no radius reachable, at level alpha) or, after
-    ``min_futility_trials`` samples, the projection at the budget certifies nothing. BUDGET when t >= B.
+    ``min_futility_trials`` samples (one whole number >= 0; negative, fractional, NaN, boolean, string or array
+    values are refused), the projection at the budget certifies nothing. BUDGET when t >= B.
     Prior: (1 - kt_weight) Beta(a, b) + kt_weight KT; the certificate must use the same prior.
     Guarantee: as for every policy, validity comes from the confidence sequence at any stopping time; lambda and the
     fraction only trade samples for radius.
@@ -127,8 +128,11 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
     arrays = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), _check_budget(budget),
                                  check_sigma(sigma), _check_min_gain(min_gain))
+    futility_trials = check_nonneg_int(min_futility_trials, "min_futility_trials")
+    if futility_trials.ndim:
+        raise ValueError(f"min_futility_trials must be one whole number >= 0, got {min_futility_trials!r}")
     out = validated_best_radius_codes(*(np.ravel(x) for x in arrays), kt_weight=check_kt_weight(kt_weight),
-                                      fraction=fraction, min_futility_trials=min_futility_trials)
+                                      fraction=fraction, min_futility_trials=int(futility_trials))
     out = out.reshape(arrays[0].shape)
     return out if out.ndim else Stop(int(out))
 
@@ -355,8 +359,12 @@ def checkpoint_schedule(budget: int, *, first: int = 64, growth: float = DEFAULT
 
     The sequential worker sizes each job's chunks by this schedule (so the policy runs once per chunk), and the
     offline evaluation replays it, so both spend the same number of samples for the same hits. Any schedule keeps
-    the guarantee; geometric growth bounds the overshoot past the ideal stopping time to a factor ``growth``.
+    the guarantee; geometric growth bounds the overshoot past the ideal stopping time to a factor ``growth``
+    (one finite number > 1: NaN, inf, booleans, strings and arrays are refused).
     """
+    g = np.asarray(growth)
+    if g.ndim or g.dtype.kind not in "iuf" or not np.isfinite(g):  # NaN passed "growth <= 1" and failed in the loop
+        raise ValueError(f"growth must be a finite number > 1, got {growth!r}")
     if budget < 1 or first < 1 or growth <= 1.0:
         raise ValueError(f"need budget >= 1, first >= 1 and growth > 1; got {budget}, {first}, {growth}")
     points = [min(first, budget)]

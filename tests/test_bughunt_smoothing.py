@@ -5,23 +5,35 @@ there); both broke the documented bit-for-bit agreement, so a job's answer depen
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from smoothing import Stop, best_radius_decision, lower_bound
+from smoothing import DEFAULT_KT_WEIGHT, KT_PRIOR, Stop, best_radius_decision, lower_bound
+from smoothing.stopping import validated_best_radius_codes
 from smoothing.confseq import _lower_bound_kernel, _lower_bound_one
 
 
 def test_best_radius_decision_one_job_equals_batched_at_counts_beyond_2_62():
     """Guards: the batched marginal-gain rule computed t' = min(2t, max(B, t)) in int64, and 2t wrapped around for
-    integer counts t >= 2^62 (accepted by check_counts): t' became negative, the projected radius 0, and the rule said
-    CERTIFIED where the one-job path (Python ints) said BUDGET (min_gain = 0). Failed on the unfixed code: yes."""
+    integer counts t >= 2^62 (then accepted by check_counts): t' became negative, the projected radius 0, and the
+    rule said CERTIFIED where the one-job path (Python ints) said BUDGET (min_gain = 0). Failed on the unfixed code:
+    yes. check_counts now refuses integer counts from 2^62 (as it refused float counts), so the public function
+    refuses them; the unchecked entry point the engine calls keeps the one-job == batched guard at those counts."""
     kw = dict(sigma=0.25, alpha=0.001, budget=4000, min_gain=0.0)
     for t in (2**62, 2**62 + 12345, 2**63 - 1):
         for s in (t, t - t // 4):
+            with pytest.raises(ValueError, match=r"below 2\^62"):
+                best_radius_decision(s, t, **kw)
             with np.errstate(all="ignore"):
-                one = best_radius_decision(s, t, **kw)
-                two = best_radius_decision(np.array([s, s]), np.array([t, t]), **kw)
-            assert one == Stop.BUDGET, (s, t, one)
-            assert two.tolist() == [int(one)] * 2, (s, t, one, two)
+                one = validated_best_radius_codes(*_job_arrays(s, t, 1), kt_weight=DEFAULT_KT_WEIGHT)
+                two = validated_best_radius_codes(*_job_arrays(s, t, 2), kt_weight=DEFAULT_KT_WEIGHT)
+            assert one.tolist() == [Stop.BUDGET], (s, t, one)
+            assert two.tolist() == [int(Stop.BUDGET)] * 2, (s, t, two)
+
+
+def _job_arrays(s, t, n):
+    """Validated per-job arrays (s, t, alpha, a, b, budget, sigma, min_gain) of n identical jobs."""
+    return (np.full(n, s, np.int64), np.full(n, t, np.int64), np.full(n, 0.001), np.full(n, KT_PRIOR[0]),
+            np.full(n, KT_PRIOR[1]), np.full(n, 4000, np.int64), np.full(n, 0.25), np.full(n, 0.0))
 
 
 def test_lower_bound_float_path_equals_vectorized_kernel_beyond_2_53():

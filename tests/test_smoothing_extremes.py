@@ -54,9 +54,10 @@ def test_probit_radius_is_never_above_the_exact_one_when_subnormal():
 def test_certify_refuses_estimation_totals_that_overflow_int64():
     """Five classes of 2^62 estimation counts: the int64 total wrapped around to 2^62, the top class's own count, so
     Clopper-Pearson saw all hits (p_lower 0.999999999999, radius 1.76 at sigma 0.25) for an estimate of 1/5. Failed on
-    the old code (it returned that certificate); totals of 2^62 and more are now refused."""
+    the old code (it returned that certificate); totals of 2^62 and more are now refused. (Here five counts of 2^61:
+counts of 2^62 are now refused on their own, with the counts' message, not the total's.)"""
     with pytest.raises(ValueError, match="total below 2\\^62"):
-        certify([1, 0, 0, 0, 0], [2**62] * 5, 0.001, 0.25)
+        certify([1, 0, 0, 0, 0], [2**61] * 5, 0.001, 0.25)  # each below the counts' limit 2^62, the total not
     with pytest.raises(ValueError):
         certify([[1, 0], [0, 1]], [[2**62, 5], [3, 4]], 0.001, 0.25)
     ok = certify([9, 1], [990, 10], 0.001, 0.25)  # ordinary counts still certify
