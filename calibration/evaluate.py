@@ -76,8 +76,8 @@ def positive_float(text: str) -> float:
 
 
 def request_alpha(text: str) -> float:
-    """argparse type for a risk level: a number in (0, 0.5), as a request's alpha (README "API")."""
-    return _float_where(text, lambda v: 0 < v < 0.5, "a number in (0, 0.5), as a request's alpha")
+    """argparse type for a risk level: a number in [1e-15, 1), as a request's alpha (certification.plan)."""
+    return _float_where(text, lambda v: 1e-15 <= v < 1, "a number in [1e-15, 1), as a request's alpha")
 
 
 def _float_where(text: str, ok, expected: str) -> float:

@@ -75,16 +75,17 @@ def test_a_schema_version_that_is_no_json_integer_is_refused(bundle_copy, versio
     assert f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})" in str(info.value)
 
 
-@pytest.mark.parametrize("flag, value", [("--alpha", "0.5"), ("--alpha", "0"), ("--alpha", "nan"), ("--alpha", "x")])
+@pytest.mark.parametrize("flag, value", [("--alpha", "1"), ("--alpha", "0"), ("--alpha", "1e-16"), ("--alpha", "nan"),
+                                         ("--alpha", "x")])
 def test_evaluate_alpha_is_checked_when_parsed(flag, value, capsys):
-    """``calibrate evaluate --alpha 0.5`` (or 0, nan) parsed and ran the whole evaluation (minutes of sampling) to
-    a report of another meaning or a late error; now it is refused at once, as a request's alpha. Failed on the old
-    parser (type=float) in every case ("x": refused, but without the range expected)."""
+    """``calibrate evaluate --alpha 1`` (or 0, 1e-16, nan) parsed and ran the whole evaluation (minutes of sampling)
+    to a late error; now it is refused at once, by a request's rule (certification.plan: [1e-15, 1)). Failed on the
+    old parser (type=float) in every case ("x": refused, but without the range expected)."""
     from cli.main import build_parser
 
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["calibrate", "evaluate", flag, value])
-    assert info.value.code == 2 and "(0, 0.5)" in capsys.readouterr().err
+    assert info.value.code == 2 and "[1e-15, 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "-0.25"])
