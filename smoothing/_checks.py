@@ -60,6 +60,15 @@ def check_nonneg_int(value, name: str) -> np.ndarray:
     return _as_count(value, name)
 
 
+def check_one_nonneg_int(value, name: str, expected: str = "one whole number >= 0") -> int:
+    """Return ``value``, ONE whole number in [0, 2^62), as an int (an array is refused: ``name`` must be
+    ``expected``)."""
+    out = _as_count(value, name)
+    if out.ndim:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(out)
+
+
 def _as_count(value, name: str) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype.kind in "iu":  # the same limit as float counts (a uint64 >= 2^63 would wrap negative in the cast)

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import betaln, gammaln
 
-from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
+from smoothing._checks import check_alpha, check_counts, check_one_nonneg_int, check_prior, check_sigma
 from smoothing.cohen import clopper_pearson_lower
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
 from smoothing.radius import radius_from_probability
@@ -79,10 +79,7 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     a, b = _plannable(*check_prior(a, b))
     check_sigma(sigma)
     alpha_f = float(check_alpha(alpha))
-    budget_arr = check_nonneg_int(budget, "budget")
-    if budget_arr.ndim:
-        raise ValueError(f"budget must be one whole number (one budget for every input), got {budget!r}")
-    budget = int(budget_arr)
+    budget = check_one_nonneg_int(budget, "budget", "one whole number (one budget for every input)")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget!r}")
     gain = np.asarray(min_gain)

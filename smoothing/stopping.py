@@ -14,7 +14,8 @@ import itertools
 import numpy as np
 from scipy.special import ndtr
 
-from smoothing._checks import check_alpha, check_counts, check_nonneg_int, check_prior, check_sigma
+from smoothing._checks import (check_alpha, check_counts, check_nonneg_int, check_one_nonneg_int, check_prior,
+                              check_sigma)
 from smoothing.confseq import _lower_bound_one, upper_from_mirrored, validated_lower_bound
 from smoothing.eprocess import validated_rejects
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
@@ -128,11 +129,9 @@ def best_radius_decision(successes, trials, *, sigma, alpha, budget, a=KT_PRIOR[
         raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
     arrays = np.broadcast_arrays(s, t, check_alpha(alpha), *check_prior(a, b), _check_budget(budget),
                                  check_sigma(sigma), _check_min_gain(min_gain))
-    futility_trials = check_nonneg_int(min_futility_trials, "min_futility_trials")
-    if futility_trials.ndim:
-        raise ValueError(f"min_futility_trials must be one whole number >= 0, got {min_futility_trials!r}")
+    futility_trials = check_one_nonneg_int(min_futility_trials, "min_futility_trials")
     out = validated_best_radius_codes(*(np.ravel(x) for x in arrays), kt_weight=check_kt_weight(kt_weight),
-                                      fraction=fraction, min_futility_trials=int(futility_trials))
+                                      fraction=fraction, min_futility_trials=futility_trials)
     out = out.reshape(arrays[0].shape)
     return out if out.ndim else Stop(int(out))
 
