@@ -20,7 +20,8 @@ class ServiceConfig:
     threads: int = 0  # onnxruntime threads of the engine's sampler (0: all cores)
     batch_size: int = 0  # noise samples per model call (0: models.defaults.default_batch_size(device))
     max_live_jobs: int = 512  # engine jobs in flight; beyond, ServiceError("queue_full")
-    sampler_nice: int = 10  # CPU sampler threads run at this lower priority: the request path keeps the CPU
+    sampler_idle: bool = True  # CPU sampler threads run under SCHED_IDLE: a waking request-path thread preempts them
+    sampler_nice: int = 10  # without SCHED_IDLE: CPU sampler threads run at this lower priority
     signing_key: str | None = None  # Ed25519 PEM file, directory or list (certification.signing); None: unsigned
     audit_log: str | None = None  # JSON-lines audit log of every certificate (certification.audit); None: none
     audit_max_bytes: int = 100 * 2**20  # rotate the audit log beyond this size (0: never)

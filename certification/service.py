@@ -20,6 +20,7 @@ from certification.config import ServiceConfig
 from certification.errors import ServiceError
 from certification.plan import CertifyParams, Plan, make_plan, request_alpha, samples_every_image
 from certification.seal import Sealer
+from models.backends import ThreadPriority
 from models.bundle import Bundle
 from models.defaults import default_batch_size
 from models.engine import EngineObserver, EngineStopped, JobResult, JobSpec, QueueFull, SequentialEngine
@@ -42,11 +43,13 @@ class CertificationService:
         self.base = bundle.backend("base", threads=1, device="cpu")
         self.surrogate = bundle.backend("surrogate", threads=1, device="cpu") if bundle.path("surrogate") else None
         self.meta = bundle.backend("meta", threads=1, device="cpu") if bundle.path("meta") else None
+        # the sampler's threads yield the CPU to the request path (models.backends.ThreadPriority)
+        priority = ThreadPriority(nice=config.sampler_nice, idle=config.sampler_idle)
         sampler = bundle.backend("base", threads=config.threads or None, device=config.device,
-                                 nice=config.sampler_nice, spin=False)  # bookkeeping overlaps the model call
+                                 priority=priority, spin=False)  # bookkeeping overlaps the model call
         sampling = SamplingEngine(sampler, sigma=m.sigma, num_classes=len(self.classes),
                                   batch_size=config.batch_size or default_batch_size(sampler.device),
-                                  runner_nice=config.sampler_nice)
+                                  runner_priority=priority)
         self.engine = SequentialEngine(sampling, max_live_jobs=config.max_live_jobs, seed=seed, observer=observer)
         self.model_info = ModelInfo(name=m.name, version=m.version, sha256=bundle.model_sha256,
                                     manifest_sha256=bundle.manifest_sha256)

@@ -13,6 +13,8 @@ x + e is never clipped: the smoothed classifier, and the L2 radius of a certific
 from __future__ import annotations
 
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,8 @@ class OnnxBackend:
 
     def __init__(self, path: str | os.PathLike | bytes, *, threads: int | None = None, device: str = "auto",
                  noise_sigma: float | None = None, noise_in_graph: bool | None = None, seed: int | None = None,
-                 nice: int = 0, spin: bool = True, pad_batches: bool | None = None):
-        """``nice`` > 0: the session's intra-op threads run at that lower priority (they are created by a thread
+                 priority: ThreadPriority | None = None, spin: bool = True, pad_batches: bool | None = None):
+        """``priority``: the session's intra-op threads run at that lower priority (they are created by a thread
         that lowered its own; Linux threads inherit it), so the request path keeps the CPU when both want it.
         ``spin=False``: its pool threads sleep instead of spinning between runs, leaving the cores to the engine's
         bookkeeping, which overlaps the model call (on 2 cores: worker efficiency 0.85 -> 0.94 at 8 jobs)."""
@@ -51,7 +53,7 @@ class OnnxBackend:
         if isinstance(source, bytes):  # a bundle's verified bytes: weights in other files (ONNX external data), which
             # no hash covers, are never looked up (onnxruntime would search the working directory for them)
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", os.devnull)
-        self.session = _session(ort, source, opts, providers, nice, device)
+        self.session = _session(ort, source, opts, providers, priority, device)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.name = f"onnxruntime-{self.device}"
         inp = self.session.get_inputs()[0]
@@ -76,7 +78,8 @@ class OnnxBackend:
                                  "unseeded CPU kernel of a process starts from the same seed. A CPU session draws "
                                  "its noise on the host; pass a seed only to test the graph itself")
             model = noisy_argmax_model(base, noise_sigma, seed=seed)
-            self._noisy_session = _session(ort, model.SerializeToString(), opts, providers, nice, self.device)
+            self._noisy_session = _session(ort, model.SerializeToString(), opts, providers, priority,
+                                           self.device)
             self._noise_sigma = float(noise_sigma)
         #: in-graph noise batches run at :func:`padded_batch_size` (on CUDA: cuDNN tunes once per input shape), at
         #: most ``pad_limit`` rows (set by models.sampling.SamplingEngine: its batch size)
@@ -134,11 +137,11 @@ NAN_LABEL = -1
 NOISY_IMAGES, NOISY_INDEX, NOISY_LABELS = "certserve_images", "certserve_index", "certserve_labels"
 
 
-def _session(ort, source, opts, providers, nice: int, device: str):
+def _session(ort, source, opts, providers, priority: ThreadPriority | None, device: str):
     """An InferenceSession that never falls back silently: asked for CUDA explicitly, it must run on CUDA; and a
     CUDA session's runtime fallback to the CPU is off (a failing run raises instead of switching providers, which
     would also restart an in-graph noise stream)."""
-    session = in_thread_with_nice(lambda: ort.InferenceSession(source, opts, providers=providers), nice)
+    session = in_thread_with_priority(lambda: ort.InferenceSession(source, opts, providers=providers), priority)
     on_cuda = "CUDAExecutionProvider" in session.get_providers()
     if device == "cuda" and not on_cuda:
         raise RuntimeError("device='cuda' requested but onnxruntime created the session on the CPU "
@@ -226,7 +229,8 @@ def _in_graph_unsupported(base) -> str | None:
 
 
 def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threads: int | None = None,
-                 noise_sigma: float | None = None, seed: int | None = None, nice: int = 0, spin: bool = True):
+                 noise_sigma: float | None = None, seed: int | None = None, priority: ThreadPriority | None = None,
+                 spin: bool = True):
     """The best backend for the ONNX model ``path`` on ``device``.
 
     ``cpu``: onnxruntime on the CPU. ``cuda``: onnxruntime's CUDA provider when onnxruntime-gpu is installed (noise
@@ -241,8 +245,8 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
         # onnxruntime-gpu lists its CUDA provider whether or not a GPU can run it (no GPU, no driver, a CUDA or cuDNN
         # library missing or of another version), and its session then starts on the CPU: then PyTorch on CUDA, if
         # it can run, else (auto) that CPU session, with host noise, or (cuda) an error saying both reasons
-        ort_on_cpu = OnnxBackend(path, threads=threads, device="auto", noise_sigma=noise_sigma, seed=seed, nice=nice,
-                                 spin=spin)
+        ort_on_cpu = OnnxBackend(path, threads=threads, device="auto", noise_sigma=noise_sigma, seed=seed,
+                                 priority=priority, spin=spin)
         if ort_on_cpu.device == "cuda":
             return ort_on_cpu
     if device == "cuda" or (device == "auto" and NVIDIA_DRIVER.exists()):
@@ -256,7 +260,7 @@ def onnx_backend(path: str | os.PathLike | bytes, *, device: str = "auto", threa
             raise RuntimeError(f"device='cuda' requested, but {ort} and PyTorch cannot run it either "
                                f"({torch_missing})")
     return ort_on_cpu or OnnxBackend(path, threads=threads, device="cpu", noise_sigma=noise_sigma, seed=seed,
-                                     nice=nice, spin=spin)
+                                     priority=priority, spin=spin)
 
 
 def cuda_unavailable() -> str | None:
@@ -292,20 +296,48 @@ def _torch_cuda_missing() -> str | None:
     return None if importlib.util.find_spec("onnx2torch") else "onnx2torch is not installed"
 
 
-def in_thread_with_nice(make, nice: int):
-    """``make()``, called in a short-lived thread whose nice value is raised by ``nice`` when ``nice`` > 0 (threads
-    created inside it, such as onnxruntime's pool, inherit it); called directly otherwise."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return make()
-    import threading
+@dataclass(frozen=True)
+class ThreadPriority:
+    """How far a thread yields the CPU to the request path; Linux threads inherit it, so a thread that applies it
+    before creating a pool (onnxruntime's intra-op threads) lowers the pool too.
 
+    ``idle``: Linux's SCHED_IDLE policy: the thread runs only on CPU time no normal thread wants, and a normal thread
+    that wakes up (the event loop, a clean forward pass) preempts it at once instead of waiting for its time slice.
+    Where SCHED_IDLE is unavailable or refused, and when ``idle`` is False: ``nice`` (> 0) added to the thread's nice
+    value, which only weights the CPU shares. Applying it never fails the caller (a lowered priority is a latency
+    optimization, not a guarantee)."""
+
+    nice: int = 0
+    idle: bool = False
+
+    @property
+    def lowered(self) -> bool:
+        return self.idle or self.nice > 0
+
+    def apply_to_current_thread(self) -> None:
+        tid = threading.get_native_id()
+        if self.idle and hasattr(os, "SCHED_IDLE"):
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                return
+            except OSError:
+                pass
+        if self.nice > 0 and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, self.nice)
+            except OSError:
+                pass
+
+
+def in_thread_with_priority(make, priority: ThreadPriority | None):
+    """``make()``, called in a short-lived thread that first applies ``priority`` (threads created inside it, such
+    as onnxruntime's pool, inherit it); called directly when ``priority`` lowers nothing."""
+    if priority is None or not priority.lowered:
+        return make()
     box: dict = {}
 
     def run():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:
-            pass
+        priority.apply_to_current_thread()
         try:
             box["value"] = make()
         except BaseException as exc:  # re-raised in the caller

@@ -15,12 +15,13 @@ which releases the GIL inside the model call. Batches run in launch order.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+from models.backends import ThreadPriority
 
 
 class PendingCounts:
@@ -48,7 +49,7 @@ class SamplingEngine:
     optionally, ``launch_counts(images, sizes, sigma, rng, num_classes)`` for device-side counts)."""
 
     def __init__(self, backend, *, sigma: float, num_classes: int, batch_size: int = 1024,
-                 runner_nice: int = 0):
+                 runner_priority: ThreadPriority | None = None):
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         if batch_size < 1:
@@ -57,7 +58,7 @@ class SamplingEngine:
         self.sigma = float(sigma)
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
-        self.runner_nice = int(runner_nice)  # > 0: the runner thread yields the CPU to the request path
+        self.runner_priority = runner_priority  # the runner thread yields the CPU to the request path
         if getattr(backend, "pad_batches", False):  # padded batches stay within the batch size (device memory);
             # a backend shared by engines: the largest of their batch sizes, which one of them runs anyway
             backend.pad_limit = max(self.batch_size, getattr(backend, "pad_limit", None) or 0)
@@ -86,8 +87,8 @@ class SamplingEngine:
         with self._runner_lock:
             if self._runner is None:
                 self._runner = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="certserve-sampler", initializer=_lower_priority,
-                    initargs=(self.runner_nice,))
+                    1, thread_name_prefix="certserve-sampler",
+                    initializer=(self.runner_priority or ThreadPriority()).apply_to_current_thread)
             return self._runner
 
     def _timed_host_counts(self, backend, images, sizes, rng) -> tuple[np.ndarray, float]:
@@ -169,12 +170,3 @@ def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.n
     width = num_classes + 1  # the last column: no class (NaN logits), dropped
     flat = np.bincount(owner * width + np.where(preds < 0, num_classes, preds), minlength=len(sizes) * width)
     return flat.reshape(len(sizes), width)[:, :num_classes]
-
-
-def _lower_priority(nice: int) -> None:
-    """Raise this thread's nice value (Linux: per thread; threads it creates inherit it). Never fails the caller."""
-    if nice > 0 and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError:
-            pass

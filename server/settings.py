@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(0, ge=0, description="noise samples per model call (0: 16384 on GPU, 1024 on CPU)")
     max_live_jobs: int = Field(512, ge=1, description="sampling jobs (sequential, fixed, cohen) in flight; beyond "
                                "this requests get 503 queue_full")
-    sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads, so the "
-                                                           "event loop and clean passes keep the CPU (0: same)")
+    sampler_idle: bool = Field(True, description="the CPU sampler's threads run under Linux's SCHED_IDLE policy: "
+                               "a waking event loop or clean pass preempts them at once (false: CERTSERVE_SAMPLER_NICE)")
+    sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads where "
+                              "SCHED_IDLE is off or refused, so the event loop and clean passes keep the CPU (0: same)")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
     default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sampling job (sequential, "
                                      "fixed, cohen) whose request sets none (at most a request's own limit, 600,000)")

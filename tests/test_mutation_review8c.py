@@ -132,8 +132,8 @@ def test_the_service_config_defaults_are_the_settings_defaults(clean_env):
 
 SERVICE_VALUES = {"default_alpha": 0.01, "max_samples": 20_000, "auto_max_samples": 3_000, "auto_min_surrogate_z": 0.5,
                   "cohen_n0": 50, "default_deadline_ms": 10_000, "device": "cpu", "threads": 2, "batch_size": 256,
-                  "max_live_jobs": 7, "sampler_nice": 3, "signing_key": "keys/", "audit_log": "audit.jsonl",
-                  "audit_max_bytes": 5, "audit_backups": 2, "audit_fsync": True}
+                  "max_live_jobs": 7, "sampler_idle": False, "sampler_nice": 3, "signing_key": "keys/",
+                  "audit_log": "audit.jsonl", "audit_max_bytes": 5, "audit_backups": 2, "audit_fsync": True}
 
 
 def test_every_configured_service_setting_reaches_the_service(clean_env):
