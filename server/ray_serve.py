@@ -12,6 +12,9 @@ its own replica only, so ``max_ongoing_requests`` is sized to let it fill its ba
   requests short: each runs to its own end (at the latest its deadline), so ``graceful_shutdown_timeout_s`` covers
   the window plus the default deadline (:func:`replica_options`); a request with a longer deadline still running when
   Serve kills the replica is replayed on another one by HAProxy (a new certificate) or retried by CertserveClient.
+  ``certserve serve --replicas N`` handles signals as uvicorn does (server.ray_signals): the first SIGTERM/SIGINT
+  drains as above and exits 0; a second one while that drain runs stops Ray at once (its replicas, proxies and
+  HAProxy), cutting the requests still in flight, and exits 1.
 - Every response carries ``X-Certserve-Replica`` (the Serve replica id, also the ``replica`` label of its metrics).
 - Metrics: :class:`MetricsBridge` copies the replica's prometheus-client registry into Ray's metrics API, so Ray's
   metrics endpoint on every node exports ``ray_certserve_*`` series with ``application``/``deployment``/``replica``
@@ -32,7 +35,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -46,6 +48,7 @@ from server.app import build_service, create_app
 from server.errors import error_bytes
 from server.metrics import Metrics
 from server.ray_proxy import REPLICA_HEADER, ProxyErrors
+from server.ray_signals import FORCED_EXIT, ForceStop, StopRequested, StopSignals
 from server.serve import INGRESSES, freeze_startup_heap
 from server.settings import Settings
 
@@ -312,17 +315,12 @@ def gpus_per_replica(gpus: float, replicas: int) -> float:
     return 1.0 / math.ceil(replicas / whole)
 
 
-class _StopRequested(BaseException):
-    """SIGTERM/SIGINT while ``run_local`` is still starting the cluster or the replicas (a BaseException, as
-    KeyboardInterrupt: Ray's own ``except Exception`` while it waits for its proxies must not turn it into another
-    error)."""
-
-
 def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: int | None = None,
               ingress: str = INGRESSES[0]) -> int:
     """``certserve serve --replicas N``: a local Ray cluster (this machine's cores, no dashboard), N replicas behind
-    ``ingress`` (:func:`ingress_environment`) on host:port; SIGTERM/SIGINT -> Serve drains the replicas, everything
-    stops, exit 0. Variables already set in the environment win over these defaults."""
+    ``ingress`` (:func:`ingress_environment`) on host:port. Variables already set in the environment win over these
+    defaults. SIGTERM/SIGINT (server.ray_signals): the first -> Serve drains the replicas, everything stops, returns
+    0; a second one during that drain -> Ray stops at once without waiting for it, returns ``FORCED_EXIT`` (1)."""
     import ray
 
     settings = settings_from_args(args)
@@ -336,47 +334,50 @@ def run_local(args: dict, *, replicas: int, host: str, port: int, metrics_port: 
     for key, value in local.items():
         os.environ.setdefault(key, value)  # inherited by every Ray process started below
     cores = os.cpu_count() or 1
-    stop = threading.Event()
-    starting = True
-
-    def on_signal(*_):
-        stop.set()
-        if starting:  # serve.run may wait forever (a replica Ray cannot place): stop waiting, clean up below
-            raise _StopRequested
-
+    signals = StopSignals()
     try:
-        ray.init(num_cpus=cores, include_dashboard=False, _metrics_export_port=metrics_port,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # one machine: the loopback address
-        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own SIGTERM handler
-            signal.signal(sig, on_signal)
-        gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
-        # a --threads flag or CERTSERVE_THREADS wins over the replica's share of the cores
-        args = {**args, "threads": settings.threads or max(1, cores // replicas)}
-        app = build_deployment(args, replicas=replicas, cpus=cores / replicas, gpus=gpus_per_replica(gpus, replicas))
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        starting = False
-        log.warning("certserve: %d replicas ready on http://%s:%d behind %s (Ray metrics on port %s)", replicas, host,
-                    port, ingress, ray._private.worker.global_worker.node.metrics_export_port)
-        while not stop.wait(0.5):
-            pass
-        log.warning("certserve: stopping (replicas drain their ongoing requests)")
-        # delete the application first, with the proxy still up: each replica leaves the routing table, finishes its
-        # ongoing requests (graceful_shutdown_timeout_s) and the proxy delivers their answers; only then stop Serve
-        serve.delete(APP_NAME)
-    except _StopRequested:  # a signal during start-up: stop everything that started
-        starting = False
-        log.warning("certserve: stopping before every replica was ready")
-        try:  # the replicas already up may be answering requests (HAProxy routes to them): let them finish, as above
+        try:
+            ray.init(num_cpus=cores, include_dashboard=False, _metrics_export_port=metrics_port,
+                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING)  # one machine: the loopback address
+            signals.install()  # after ray.init, which installs its own SIGTERM handler
+            gpus = ray.cluster_resources().get("GPU", 0.0) if settings.device != "cpu" else 0.0
+            # a --threads flag or CERTSERVE_THREADS wins over the replica's share of the cores
+            args = {**args, "threads": settings.threads or max(1, cores // replicas)}
+            app = build_deployment(args, replicas=replicas, cpus=cores / replicas,
+                                   gpus=gpus_per_replica(gpus, replicas))
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(app, name=APP_NAME, route_prefix="/")
+            signals.serving()
+            log.warning("certserve: %d replicas ready on http://%s:%d behind %s (Ray metrics on port %s)", replicas,
+                        host, port, ingress, ray._private.worker.global_worker.node.metrics_export_port)
+            while not signals.requested.wait(0.5):
+                pass
+            log.warning("certserve: stopping (replicas drain their ongoing requests; a second signal stops at once)")
+            # delete the application first, with the proxy still up: each replica leaves the routing table,
+            # finishes its ongoing requests (graceful_shutdown_timeout_s) and the proxy delivers their answers; only
+            # then stop Serve
             serve.delete(APP_NAME)
-        except Exception:  # noqa: BLE001 (not deployed yet, or Serve not started: serve.shutdown below stops the rest)
-            log.debug("deleting the application during start-up failed", exc_info=True)
+        except StopRequested:  # a signal during start-up: stop everything that started
+            log.warning("certserve: stopping before every replica was ready")
+            try:  # the replicas already up may be answering requests (HAProxy routes to them): let them finish
+                serve.delete(APP_NAME)
+            except Exception:  # noqa: BLE001 (not deployed yet, or Serve not started: serve.shutdown below stops it)
+                log.debug("deleting the application during start-up failed", exc_info=True)
+    except ForceStop:  # a second signal during the drain: the finally below stops Ray without waiting for it
+        pass
     finally:
-        starting = False  # a signal during the clean-up below (after any start-up failure) must not interrupt it
-        if ray.is_initialized():
-            try:
+        try:  # Serve's graceful shutdown (its replicas finish what they hold), unless a second signal forced the stop
+            signals.serving()  # a first signal during this clean-up (after a start-up failure) does not cut it
+            if ray.is_initialized() and not signals.forced:
                 serve.shutdown()
-            finally:
+        except ForceStop:  # a second signal while Serve shuts down
+            pass
+        finally:  # nothing interrupts ray.shutdown: it stops every process of the local cluster
+            signals.shield()
+            if ray.is_initialized():
+                if signals.forced:
+                    log.warning("certserve: stopping Ray now (requests still in flight are cut)")
                 ray.shutdown()
-        shutil.rmtree(private, ignore_errors=True)
-    return 0
+            signals.restore()
+            shutil.rmtree(private, ignore_errors=True)
+    return FORCED_EXIT if signals.forced else 0

@@ -173,6 +173,11 @@ def run_serve(args) -> int:
         raise ValueError("--ingress and --ray-metrics-port apply to a Ray Serve application: add --replicas N (N > 1)")
     if metrics_port is not None and not 0 <= metrics_port <= 65535:  # else Ray's node timed out starting (traceback)
         raise ValueError(f"--ray-metrics-port must be a port, 0-65535 (0: Ray picks one); got {metrics_port}")
+    if replicas > 1 and settings.port == 0:  # else HAProxy failed to start (a traceback), or the Python proxy
+        # listened on a port nobody was told (Serve does not report it: the ready line said port 0)
+        raise ValueError("--port 0 (CERTSERVE_PORT=0, any free port) cannot be used with --replicas N: Ray's HAProxy "
+                         "ingress refuses to bind port 0 and Serve's Python proxy does not report the port it got; "
+                         "give a fixed port")
     bundle = check_configuration(settings, replicas=replicas)
     if replicas > 1:
         try:
