@@ -12,7 +12,8 @@ CODES = {
     "bad_json": "the body is not valid JSON",
     "bad_multipart": "the multipart body could not be parsed",
     "missing_image": "the image field is missing",
-    "too_many_images": "more images than a batch request may carry",
+    "too_many_images": "more images than a batch request may carry (CERTSERVE_MAX_BATCH_IMAGES), or more sampling "
+                       "jobs than the engine runs at once (CERTSERVE_MAX_LIVE_JOBS): not retryable, split the batch",
     "bad_image": "the image could not be decoded or does not fit the model's input",
     "image_too_large": "the image has more pixels than the server accepts",
     "body_too_large": "the request body exceeds the server's limit",
@@ -24,7 +25,7 @@ CODES = {
     "no_surrogate": "mode=surrogate on a bundle without a surrogate",
     "per_input_unavailable": "mode=surrogate with per_input=true (the surrogate's guarantee is marginal)",
     "alpha_below_alpha_cal": "mode=surrogate with alpha below the lowest calibrated level",
-    "queue_full": "the engine holds its limit of live jobs; retry later",
+    "queue_full": "the engine holds its limit of live jobs; retry later (a batch that fits an idle engine)",
     "inflight_limit": "the server holds its limit of requests in flight; retry later",
     "draining": "the server is shutting down; retry on another replica",
     "replica_unavailable": "the Ray Serve replica serving the request stopped before answering; retry",

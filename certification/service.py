@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +29,24 @@ from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
 from models.surrogate import SurrogateAnswer, surrogate_answer
 from smoothing import PER_INPUT_MIN_GAIN, planned_sample_size, proposal_radius
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One image's route, decided before any job starts (:meth:`CertificationService.route`): the surrogate's logits
+    and answer (None where the mode does not use it), the plan, and when routing started (``time.perf_counter()``,
+    the start of the certificate's ``total_ms``)."""
+
+    logits: np.ndarray | None
+    surrogate_ms: float | None
+    answer: SurrogateAnswer | None
+    plan: Plan
+    started: float
+
+    @property
+    def needs_job(self) -> bool:
+        """Whether this image becomes an engine job (sequential, fixed, cohen), i.e. takes one of max_live_jobs."""
+        return self.plan.route != "surrogate"
 
 
 class CertificationService:
@@ -93,20 +112,36 @@ class CertificationService:
     async def certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
                       preprocessing: list[str] | None = None, received: float | None = None,
                       input_sha256: str | None = None, input_encoding: str | None = None,
-                      on_route: Callable[[str], None] | None = None) -> Certificate:
+                      on_route: Callable[[str], None] | None = None, routed: Routed | None = None) -> Certificate:
         """Certify one decoded (C, H, W) image (guarantee: see :meth:`_certify`), then seal the certificate: input
         hashes (``input_sha256`` of the image as received, computed where it was received), signature, audit record.
         Raises ``ServiceError("audit_unavailable")`` instead of answering a certificate that has no audit record.
         ``on_route(route)``: called with the certificate's route once it is built, before it waits on its audit record
-        (a request cancelled meanwhile is counted under that route, e.g. an auto request's surrogate answer)."""
+        (a request cancelled meanwhile is counted under that route, e.g. an auto request's surrogate answer).
+        ``routed``: this image's :meth:`route` for these ``params``, already decided by the caller (else here)."""
         cert = await self._certify(image, params, request_id=request_id, decode_ms=decode_ms,
-                                   preprocessing=preprocessing, received=received)
+                                   preprocessing=preprocessing, received=received, routed=routed)
         if on_route is not None:
             on_route(cert.method)
         return await self.sealer.seal_async(cert, image, input_sha256=input_sha256, input_encoding=input_encoding)
 
+    def route(self, image: np.ndarray, params: CertifyParams, *, received: float | None = None) -> Routed:
+        """Decide one decoded image's route from clean passes only (the surrogate's forward pass where the mode uses
+        it, then :func:`certification.plan.make_plan`); ``received`` (time.monotonic() at arrival) anchors the
+        deadline. Raises ServiceError for a mode=surrogate request that the surrogate cannot answer."""
+        started = time.perf_counter()
+        logits, surrogate_ms = self._surrogate_logits(image, params)
+        cal = self.manifest.calibration
+        answer = (surrogate_answer(logits, cal, self.manifest.sigma, request_alpha(params, self.config))
+                  if logits is not None and params.mode in ("auto", "surrogate") else None)
+        plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
+                         surrogate_radius=answer.radius if answer else None, sigma=self.manifest.sigma,
+                         arrival=received if received is not None else time.monotonic())
+        return Routed(logits, surrogate_ms, answer, plan, started)
+
     async def _certify(self, image: np.ndarray, params: CertifyParams, *, request_id: str, decode_ms: float = 0.0,
-                       preprocessing: list[str] | None = None, received: float | None = None) -> Certificate:
+                       preprocessing: list[str] | None = None, received: float | None = None,
+                       routed: Routed | None = None) -> Certificate:
         """Certify one decoded (C, H, W) image; ``received`` (time.monotonic() at arrival) anchors the deadline.
 
         Guarantee of the result (stated in its ``guarantee`` field): surrogate route, marginal over inputs
@@ -116,14 +151,9 @@ class CertificationService:
         request's alpha (Clopper-Pearson on n planned from the clean image, class from the clean image; a deadline
         cut depends on the clock only); cohen route, per input at the request's alpha (Clopper-Pearson with
         separate selection samples)."""
-        started = time.perf_counter()
-        logits, surrogate_ms = self._surrogate_logits(image, params)
-        cal = self.manifest.calibration
-        answer = (surrogate_answer(logits, cal, self.manifest.sigma, request_alpha(params, self.config))
-                  if logits is not None and params.mode in ("auto", "surrogate") else None)
-        plan = make_plan(params, self.config, alpha_cal=cal.alpha_cal if cal else None,
-                         surrogate_radius=answer.radius if answer else None, sigma=self.manifest.sigma,
-                         arrival=received if received is not None else time.monotonic())
+        routed = routed if routed is not None else self.route(image, params, received=received)
+        logits, surrogate_ms, answer, plan, started = (routed.logits, routed.surrogate_ms, routed.answer, routed.plan,
+                                                       routed.started)
         common = dict(classes=self.classes, model=self.model_info, request_id=request_id,
                       preprocessing=preprocessing or [], fallback_reason=plan.fallback_reason)
         if plan.route == "surrogate":

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from certification.errors import ServiceError
 from certification.seal import audit_unavailable, certserve_version
-from certification.service import CertificationService
+from certification.service import CertificationService, Routed
 from models.bundle import Bundle, load_bundle
 from server.errors import error_body, error_responses, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
@@ -165,12 +165,13 @@ async def certify_batch(request: Request) -> BatchResponse:
     if len(images) > limit:
         raise ServiceError("too_many_images", f"at most {limit} images per batch request; got {len(images)}")
     decoded = await _decode(request, images, params)  # every image, before any job starts
+    routes = await _admit_batch(request, decoded, params)
     jobs = []
     try:
-        for d in decoded:  # one image's surrogate pass and seal per loop turn: started all at once, a batch of 64
-            if jobs:  # ran back to back (~40 ms) before any other request's step
+        for d, routed in zip(decoded, routes):  # one image's surrogate pass and seal per loop turn: started all at
+            if jobs:  # once, a batch of 64 ran back to back (~40 ms) before any other request's step
                 await asyncio.sleep(0)
-            jobs.append(asyncio.ensure_future(_certify_one(request, d, params, count=False)))
+            jobs.append(asyncio.ensure_future(_certify_one(request, d, params, count=False, routed=routed)))
         results = await asyncio.gather(*jobs)
     except asyncio.CancelledError:  # (also between two starts: no job is left running)
         for job in jobs:
@@ -178,13 +179,6 @@ async def certify_batch(request: Request) -> BatchResponse:
         raise
     except Exception as exc:  # one image failed (e.g. queue_full): the batch is refused, its other jobs dropped now
         await _drop_batch(request, exc, jobs)  # (not left running after the answer)
-        live = request.app.state.settings.max_live_jobs
-        if (getattr(exc, "code", None) == "queue_full" and request.app.state.service.samples_every_image(params)
-                and len(decoded) > live):  # every image samples, so no retry can pass it (a plain auto batch: the
-            # surrogate may answer some of its images)
-            raise ServiceError("too_many_images", f"this batch needs sampling for more images than the server runs "
-                                                  f"at once (CERTSERVE_MAX_LIVE_JOBS = {live}); send at most {live} "
-                                                  f"images per batch") from None
         raise  # refused: no image of the batch is counted, not even one certified before the failure
     finally:
         _stop_watching(request)
@@ -192,6 +186,34 @@ async def certify_batch(request: Request) -> BatchResponse:
         request.app.state.metrics.observe_certificate(cert)
     _observe_http(request, "/certify/batch")
     return BatchResponse(results=list(results))
+
+
+async def _admit_batch(request: Request, decoded: list[Decoded], params: CertifyParams) -> list:
+    """Refuse, before any job starts, a batch that needs more engine jobs than CERTSERVE_MAX_LIVE_JOBS: not even an
+    idle engine could hold them at once, so 503 queue_full + Retry-After would be retried in vain; 422
+    too_many_images says to split it. A batch within the limit may still get 503 queue_full from a busy engine.
+
+    Only a batch of more images than the limit can need more jobs. Where the surrogate may answer some of its images
+    (``auto`` with a surrogate that can route), each image is routed here (its surrogate pass, one per loop turn) and
+    the routes are returned for the certification to reuse; else a list of None (routed as each image starts)."""
+    service, live = request.app.state.service, request.app.state.settings.max_live_jobs
+    routes: list = [None] * len(decoded)
+    if len(decoded) <= live or params.mode == "surrogate":  # (mode=surrogate never samples)
+        return routes
+    if service.samples_every_image(params):
+        needed = len(decoded)
+    else:
+        for i, d in enumerate(decoded):
+            if i:
+                await asyncio.sleep(0)
+            routes[i] = service.route(d.image, params, received=request.state.received)
+        needed = sum(routed.needs_job for routed in routes)
+    if needed > live:
+        raise ServiceError("too_many_images", f"this batch needs {needed} sampling jobs (one per image the surrogate "
+                                              f"does not answer) but the server runs at most {live} at once "
+                                              f"(CERTSERVE_MAX_LIVE_JOBS = {live}), so no retry can pass it; split it "
+                                              f"into batches of at most {live} images")
+    return routes
 
 
 async def _drop_batch(request: Request, exc: Exception, jobs: list) -> None:
@@ -219,22 +241,24 @@ async def _decode(request: Request, images: list, params: CertifyParams) -> list
                             request_pixels=request_pixel_limit(settings.max_pixels, settings.max_batch_images, shape))
 
 
-async def _certify_one(request: Request, d: Decoded, params: CertifyParams, *, count: bool = True) -> Certificate:
+async def _certify_one(request: Request, d: Decoded, params: CertifyParams, *, count: bool = True,
+                       routed: Routed | None = None) -> Certificate:
     """certify a decoded image (cancelled when the client goes away) -> count (``count=False``: the caller counts
-    the certificate, a batch once it is answered)."""
+    the certificate, a batch once it is answered); ``routed``: its route if already decided (:func:`_admit_batch`)."""
     state = request.app.state
     service: CertificationService = state.service
-    routed: list[str] = []  # the certificate's route once built (it may then wait on its audit record)
+    routes: list[str] = []  # the certificate's route once built (it may then wait on its audit record)
     work = asyncio.ensure_future(service.certify(d.image, params, request_id=request.state.request_id,
                                                  decode_ms=d.decode_ms, preprocessing=d.steps,
                                                  received=request.state.received, input_sha256=d.input_sha256,
-                                                 input_encoding=d.input_encoding, on_route=routed.append))
+                                                 input_encoding=d.input_encoding, on_route=routes.append,
+                                                 routed=routed))
     watcher = asyncio.ensure_future(_cancel_on_disconnect(request, work))
     try:
         cert = await work
     except asyncio.CancelledError:
         if not getattr(request.state, "batch_refused", False):  # a refused batch's other images: not cancellations
-            state.metrics.observe_cancelled(params.mode, routed[0] if routed else None)
+            state.metrics.observe_cancelled(params.mode, routes[0] if routes else None)
         if watcher.done() and not watcher.cancelled() and watcher.result():
             # the client went away: the job was dropped; nobody reads this answer
             raise ServiceError("client_closed_request", "the client closed the connection") from None

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 from fastapi.testclient import TestClient
 
 from calibration.data import load_fashion_mnist
+from models.engine import JobSpec
 from server.app import create_app
 from server.settings import Settings
 from tests.asgi_helpers import DisconnectingClient, json_post_scope
@@ -154,16 +156,24 @@ def test_batch_refused_for_queue_full_drops_its_other_jobs_uncounted():
 
 def test_batch_refused_after_a_surrogate_answer_counts_none_of_its_images():
     """An auto batch whose first image the surrogate answers at once and whose third is refused (queue_full:
-    max_live_jobs=1, the second image's sequential fallback holds the one slot) is answered 503: none of its images is
-    a certificate the client gets, so no certserve_requests_total series moves (the HELP: "The other images of a batch
-    refused for another error (e.g. queue_full) are not counted"). Run against the code before this test: failed
-    (surrogate/certified counted 1 for the refused batch)."""
+    max_live_jobs=2, one slot held by another job, the second image's sequential fallback holds the other) is
+    answered 503: none of its images is a certificate the client gets, so no certserve_requests_total series moves
+    (the HELP: "The other images of a batch refused for another error (e.g. queue_full) are not counted"). Run
+    against the code before this test: failed (surrogate/certified counted 1 for the refused batch). (Its two
+    fallbacks fit an idle engine: with max_live_jobs=1, as first written, the batch is now refused up front with 422
+    too_many_images, tests/test_leftovers_serve.py.)"""
     x = load_fashion_mnist().x_test
-    with TestClient(create_app(Settings(max_samples=10**6, max_live_jobs=1, drain_seconds=0), seed=13)) as c:
-        # image EASY: the surrogate certifies it (radius >= 1.6 sigma); image 0: below auto's threshold -> sequential
-        r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in (EASY, 0, 0)], "max_samples": 10**6,
-                                           "deadline_ms": 10_000})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    with TestClient(create_app(Settings(max_samples=10**6, max_live_jobs=2, drain_seconds=0), seed=13)) as c:
+        engine = c.app.state.service.engine  # another request's job, straight on the engine (counted nowhere)
+        held = engine.submit(JobSpec(x[0].astype("float32"), 0.01, 10**7, time.monotonic() + 60, kind="fixed"))
+        try:
+            # image EASY: the surrogate certifies it (radius >= 1.6 sigma); image 0: below auto's threshold ->
+            # sequential
+            r = c.post("/certify/batch", json={"images": [x[i].tolist() for i in (EASY, 0, 0)],
+                                               "max_samples": 10**6, "deadline_ms": 10_000})
+        finally:
+            held.cancel()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full", r.text
         text = c.get("/metrics").text
     assert {k: v for k, v in _requests_total(text).items() if v} == {}
     fam = families(text)
