@@ -359,8 +359,11 @@ def checkpoint_schedule(budget: int, *, first: int = 64, growth: float = DEFAULT
     The sequential worker sizes each job's chunks by this schedule (so the policy runs once per chunk), and the
     offline evaluation replays it, so both spend the same number of samples for the same hits. Any schedule keeps
     the guarantee; geometric growth bounds the overshoot past the ideal stopping time to a factor ``growth``
-    (one finite number > 1: NaN, inf, booleans, strings and arrays are refused).
+    (one finite number > 1: NaN, inf, booleans, strings and arrays are refused). ``budget`` and ``first`` are each
+    one whole number >= 1 (integers or whole floats; 100.5, booleans, strings and arrays are refused).
     """
+    budget = check_one_nonneg_int(budget, "budget", "one whole number >= 1 (samples)")
+    first = check_one_nonneg_int(first, "first", "one whole number >= 1 (samples)")
     g = np.asarray(growth)
     if g.ndim or g.dtype.kind not in "iuf" or not np.isfinite(g):  # NaN passed "growth <= 1" and failed in the loop
         raise ValueError(f"growth must be a finite number > 1, got {growth!r}")

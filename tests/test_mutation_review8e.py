@@ -161,6 +161,9 @@ def test_pruning_waits_for_the_input_with_the_lowest_objective(monkeypatch):
     lam = 1e-4
     monkeypatch.setattr(fixed, "expected_radius", lambda a, b, n, sigma, alpha, w: np.where(
         a == 1.0, radius_from_probability(alpha ** (1.0 / n), sigma), 2 * lam * n))
+    # the stub's radii are no prior's expected radius, so the per-prior bound (fixed._radius_bounds) does not hold
+    # for them: prune by the all-hits radius alone, as the scan did when this test was written
+    monkeypatch.setattr(fixed, "_radius_bounds", lambda a, b, w, candidates, ceiling, sigma, full: np.array(full))
     kw = {"sigma": 1.0, "alpha": 0.001, "budget": 10**6, "min_gain": lam}
     alone = [fixed.planned_sample_size(a, 1.0, **kw) for a in (1.0, 2.0)]
     assert alone[1] > 2 * alone[0]
