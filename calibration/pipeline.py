@@ -97,7 +97,8 @@ def run_pipeline(cfg: PipelineConfig, log=print, *, command: str | None = None) 
         "torch": torch.__version__, "base_quality": base_quality, "base_trained_here": not cfg.base,
         "base_trained_on": base_trained_on, "tuning_cut": tuning_cut(cfg.split_seed), "calibration_from": "build",
         "meta_fit": meta_fit, "meta_cut": {"method": "seeded-permutation", "seed": cfg.split_seed,
-                                           "stream": META_STREAM}, "config": dataclasses.asdict(cfg),
+                                           "stream": META_STREAM},
+        "config": {**dataclasses.asdict(cfg), "tune_size": tune, "tune_size_requested": cfg.tune_size},  # used, asked
         "timings": {k_: round(v, 1) for k_, v in timings.items()}, "command": command,
     }
     bundle = create_bundle(

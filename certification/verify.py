@@ -60,23 +60,24 @@ class VerificationError(Exception):
 def load_jwks(source: str | Path | dict, *, timeout: float = 10.0, client=None) -> KeySet:
     """A public key set from a dict, a file path, or an http(s) URL. Private parameters are dropped. ``client``
     (optional, an ``httpx.Client``): fetch a URL through it (its transport, headers and base URL), with the same
-    limits as without one (no redirects, :data:`MAX_JWKS_BYTES`, the whole answer within about ``timeout``)."""
+    limits as without one (no redirects, :data:`MAX_JWKS_BYTES`, the whole answer within about ``timeout``).
+    Every error names its source: "key set PATH ...", "key set URL ...", "key set (inline dict) ..."."""
     if isinstance(source, dict):
-        raw = source
+        raw, name = source, "(inline dict)"
     elif str(source).startswith(("http://", "https://")):
-        raw = _fetch_jwks(str(source), timeout, client)
-        try:
-            return _keyset(raw)
-        except VerificationError as exc:  # name the set: the caller may not know which URL was read
-            raise VerificationError(exc.reason, f"key set {source}: {exc}") from None
+        raw, name = _fetch_jwks(str(source), timeout, client), str(source)
     else:
+        name = str(source)
         try:
             raw = json.loads(Path(source).read_text())
         except OSError as exc:
-            raise VerificationError("jwks_unavailable", f"cannot read key set {source}: {exc.strerror}") from None
+            raise VerificationError("jwks_unavailable", f"cannot read key set {name}: {exc.strerror}") from None
         except (ValueError, RecursionError):  # RecursionError: nested too deep for the JSON decoder
-            raise VerificationError("bad_jwks", f"key set {source} is not JSON") from None
-    return _keyset(raw)
+            raise VerificationError("bad_jwks", f"key set {name} is not JSON") from None
+    try:
+        return _keyset(raw)
+    except VerificationError as exc:  # name the set: the caller may not know which file or URL was read
+        raise VerificationError(exc.reason, f"key set {name}: {exc}") from None
 
 
 def parse_document(text: str) -> dict:
@@ -128,7 +129,7 @@ def _fetch_jwks(url: str, timeout: float, client=None) -> dict:
 
 def _keyset(raw) -> KeySet:
     if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
-        raise VerificationError("bad_jwks", 'key set must be a JSON object {"keys": [...]}')
+        raise VerificationError("bad_jwks", 'must be a JSON object {"keys": [...]}')
     keys = []
     for entry in raw["keys"]:
         if not isinstance(entry, dict) or entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
@@ -139,7 +140,7 @@ def _keyset(raw) -> KeySet:
             if "kid" not in public:
                 key = OKPKey.import_key({**public, "kid": key.thumbprint()})
         except (JoseError, ValueError, TypeError):
-            raise VerificationError("bad_jwks", f"key set entry {entry.get('kid')!r} is not an Ed25519 JWK") from None
+            raise VerificationError("bad_jwks", f"entry {entry.get('kid')!r} is not an Ed25519 JWK") from None
         keys.append(key)
     return KeySet(keys)
 
