@@ -38,7 +38,7 @@ from scipy.stats import beta as beta_dist
 
 from smoothing._checks import _show, check_alpha
 from smoothing.cohen import clopper_pearson_lower
-from smoothing.radius import radius_from_probit, validated_radius_from_probit
+from smoothing.radius import _MIN_RADIUS, RADIUS_ROUNDING, radius_from_probit, validated_radius_from_probit
 
 #: Risk levels a bundle is calibrated at (where its split is large enough), largest first.
 DEFAULT_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -175,6 +175,17 @@ def surrogate_log_odds(logits) -> tuple[np.ndarray, np.ndarray]:
     return c, z[rows, c] - (top + np.log(np.exp(others - top[:, None]).sum(axis=1)))
 
 
+def surrogate_log_odds_one(row) -> tuple[int, float]:
+    """:func:`surrogate_log_odds` of ONE finite logit row (K,), K >= 2, already validated (the served surrogate's
+    answer, once per request): the same numpy operations on the row, so (class, log-odds) are bit for bit the batch's
+    row (tests/test_surrogate_one.py), at a fraction of the cost of the 2-d path's fancy indexing."""
+    c = int(row.argmax())
+    others = row.copy()
+    others[c] = -np.inf
+    top = others.max()
+    return c, float(row[c] - (top + np.log(np.exp(others - top).sum())))
+
+
 def probit_labels(class_counts, num_samples, alpha_1) -> np.ndarray:
     """Labels z_i = max(Phi^-1(l_i), 0), l_i the one-sided (1 - alpha_1) Clopper-Pearson lower bound of k_i / n.
 
@@ -280,6 +291,7 @@ def _lower_of_checked(g, knots, values, scale, edges, q_hat) -> np.ndarray:
 #: certification.verify allows for the server's rounding, so a radius signed next to it is never refused there.
 PHI_ABS_MARGIN = 4 * 2.0**-53
 PHI_REL_MARGIN = 2.0**-52  # times 16 + 2 z^2, for z < 0
+_SMALLEST_NORMAL = float(np.finfo(np.float64).tiny)
 
 
 def _p_lower(z) -> np.ndarray:
@@ -293,7 +305,7 @@ def _p_lower(z) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         rel = np.minimum((16.0 + 2.0 * z * z) * PHI_REL_MARGIN, 1.0)  # z = -inf: 0 * (1 - 1), not 0 * -inf
         p = np.where(z >= 0.0, v - PHI_ABS_MARGIN, np.nextafter(v * (1.0 - rel), 0.0))
-    return np.where(p < np.finfo(np.float64).tiny, 0.0, p)
+    return np.where(p < _SMALLEST_NORMAL, 0.0, p)
 
 
 def _certificate(z, radius) -> tuple[np.ndarray, np.ndarray]:
@@ -315,6 +327,35 @@ def conformal_certificate(g, sigma, **calibration) -> tuple[np.ndarray, np.ndarr
     (:func:`_p_lower`; 0 where the bin abstains)."""
     z = conformal_lower(g, **calibration)
     return _certificate(z, radius_from_probit(z, sigma))
+
+
+def validated_conformal_certificate_one(g: float, sigma: float, *, knots, values, scale, edges,
+                                        q_hat) -> tuple[float, float]:
+    """:func:`validated_conformal_certificate` (same guarantee) for ONE log-odds value, on Python floats: the same
+    operations in the same order as :func:`_lower_of_checked`, :func:`_p_lower` and the radius of
+    :func:`smoothing.radius.validated_radius_from_probit`, so (p_lower, radius) are bit for bit the array path's
+    (tests/test_surrogate_one.py compares them over seeded grids); the served surrogate answers one image per request
+    and the array path's numpy calls on one-element arrays cost ~10x more than the answer itself.
+
+    Guarantee (marginal, per bin; module docstring): over inputs exchangeable with the calibration inputs of their
+    bin and over the calibration draw, P(radius > the smoothed classifier's true radius for the surrogate's class)
+    <= the level; not per input, not conditional on certifying. Rounded down as the array path."""
+    q = float(q_hat[int(np.searchsorted(edges, g, side="right"))])
+    if math.isfinite(q):
+        z_hat, u = float(np.interp(g, knots, values)), float(np.interp(g, knots, scale))
+        slack = LOWER_ROUNDING * (float(np.abs(values).max()) + abs(q) * float(scale.max()))
+        z = z_hat - q * u - slack
+    else:  # the bin abstains
+        z = -math.inf
+    r = sigma * z * (1.0 - RADIUS_ROUNDING) if z > 0 else 0.0
+    radius = r if math.isfinite(r) and r >= _MIN_RADIUS else 0.0
+    v = float(ndtr(z))
+    if z >= 0.0:
+        p = v - PHI_ABS_MARGIN
+    else:
+        p = math.nextafter(v * (1.0 - min((16.0 + 2.0 * z * z) * PHI_REL_MARGIN, 1.0)), 0.0)
+    p = 0.0 if p < _SMALLEST_NORMAL else p
+    return p, (radius if p > 0.5 else 0.0)
 
 
 def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_hat) -> tuple[np.ndarray, np.ndarray]:
