@@ -63,13 +63,15 @@ def check_nonneg_int(value, name: str) -> np.ndarray:
 def check_one_nonneg_int(value, name: str, expected: str = "one whole number >= 0") -> int:
     """Return ``value``, ONE whole number in [0, 2^62), as an int (an array is refused: ``name`` must be
     ``expected``)."""
-    out = _as_count(value, name)
+    out = _as_count(value, name, expected)
     if out.ndim:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(out)
 
 
-def _as_count(value, name: str) -> np.ndarray:
+def _as_count(value, name: str, expected: str | None = None) -> np.ndarray:
+    """``value`` as int64 counts in [0, 2^62); a negative one is refused with ``expected`` where given (the caller's
+    own range, e.g. ">= 1"), else ">= 0"."""
     arr = np.asarray(value)
     if arr.dtype.kind in "iu":  # the same limit as float counts (a uint64 >= 2^63 would wrap negative in the cast)
         if (arr >= 2**62).any():
@@ -85,7 +87,7 @@ def _as_count(value, name: str) -> np.ndarray:
     else:
         raise ValueError(f"{name} must be whole numbers, got {_show(value)}")
     if (out < 0).any():
-        raise ValueError(f"{name} must be >= 0, got {_show(value)}")
+        raise ValueError(f"{name} must be {expected or '>= 0'}, got {_show(value)}")
     return out
 
 

@@ -82,7 +82,7 @@ def planned_sample_size(a=KT_PRIOR[0], b=KT_PRIOR[1], *, sigma, alpha, budget, m
     a, b = _plannable(*check_prior(a, b))
     check_sigma(sigma)
     alpha_f = float(check_alpha(alpha))
-    budget = check_one_nonneg_int(budget, "budget", "one whole number (one budget for every input)")
+    budget = check_one_nonneg_int(budget, "budget", "one whole number >= 1 (one budget for every input)")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget!r}")
     gain = np.asarray(min_gain)
