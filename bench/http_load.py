@@ -98,17 +98,15 @@ wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"
     text = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=duration + 120).stdout
     unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     out = {"command": f"`wrk -t1 -c{connections} -d{duration:g}s --latency -s post.lua URL/certify`", "raw": text}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    out["rps"] = float(m.group(1)) if m else float("nan")
-    m = re.search(r"(\d+) requests in", text)
-    out["requests"] = int(m.group(1)) if m else 0
+    for key, pattern, cast, default in (("rps", r"Requests/sec:\s+([\d.]+)", float, float("nan")),
+                                        ("requests", r"(\d+) requests in", int, 0),
+                                        ("non2xx", r"Non-2xx or 3xx responses:\s+(\d+)", int, 0),
+                                        ("socket_errors", r"Socket errors:(.*)", str.strip, "none")):
+        m = re.search(pattern, text)
+        out[key] = cast(m.group(1)) if m else default
     for q in ("50", "75", "90", "99"):
         m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
         out[f"p{q}"] = float(m.group(1)) * unit[m.group(2)] if m else float("nan")
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    out["non2xx"] = int(m.group(1)) if m else 0
-    m = re.search(r"Socket errors:(.*)", text)
-    out["socket_errors"] = m.group(1).strip() if m else "none"
     return out
 
 
@@ -351,10 +349,10 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                      f"{mx['sequential_done']} of them answered during the run, status codes {mx['sequential_codes']}, "
                      f"worker about {mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 "
                      f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core "
-                     f"(threads = 0) under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`, default): the event loop and the "
-                     f"clean passes preempt it when they wake. Measured alternatives, each with a higher p99: nice 0, "
-                     f"one sampler thread (half the rate), nice +10 (the previous default; paired A/B on 2026-12-07, "
-                     f"7 pairs: mean p99 11.7 ms against 10.5 ms under SCHED_IDLE).\n")
+                     f"(threads = 0) under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the event loop and the clean passes "
+                     f"preempt it when they wake (A/B, 7 pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 was worse). "
+                     f"GIL switch interval 0.5 ms (`CERTSERVE_GIL_SWITCH_MS`; at Python's 5 ms the engine thread's "
+                     f"bookkeeping held the loop longer: A/B, 3 pairs, mean p99 10.2 -> 8.4 ms).\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
@@ -375,6 +373,8 @@ multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
 Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) no gen-2 collection pauses the loop
 (~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request.
+The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
+3 pairs: burst p99 47.2 -> 44.1 ms); a clean-pass thread off the loop was measured and not kept (47.8 against 45.8).
 
 How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
