@@ -89,11 +89,11 @@ def create_app(settings: Settings | None = None, *, service: CertificationServic
     app.state.ready, app.state.draining, app.state.inflight = False, False, 0
     app.state.decoder = None  # the lifespan's decode executor (None: asyncio's default)
     metrics.ready.set_function(lambda: float(readiness(app.state) == "ready"))  # read at scrape time, as /readyz
-    count_rejected = lambda code: metrics.rejected.labels(code).inc()  # noqa: E731
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected,
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.observe_rejected,
                        timeout=settings.body_timeout_seconds)
-    app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc, on_reject=count_rejected)
-    install_error_handlers(app, on_error=count_rejected)
+    app.add_middleware(RequestContext, on_internal_error=metrics.internal_errors.inc,
+                       on_reject=metrics.observe_rejected)
+    install_error_handlers(app, on_error=metrics.observe_rejected)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
     return app
@@ -317,11 +317,15 @@ def _stop_watching(request: Request) -> None:
             responses=error_responses(503, only=("engine_down",)))
 async def healthz(request: Request):
     if readiness(request.app.state) == "engine_down":
-        request.app.state.metrics.rejected.labels("engine_down").inc()  # an error answer, counted as every other
-        return JSONResponse(error_body("engine_down", "the sampling engine's thread has stopped: restart this "
-                                       "process", request.state.request_id), status_code=503,
-                            headers={"Retry-After": "1"})
+        return _probe_refusal(request, "engine_down", "the sampling engine's thread has stopped: restart this process")
     return {"status": "ok"}
+
+
+def _probe_refusal(request: Request, code: str, message: str) -> JSONResponse:
+    """A probe's 503 + Retry-After with the error envelope, counted as every other error answer."""
+    request.app.state.metrics.observe_rejected(code)
+    return JSONResponse(error_body(code, message, request.state.request_id), status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 def readiness(state) -> str:
@@ -349,9 +353,7 @@ async def readyz(request: Request) -> JSONResponse:
     status = readiness(request.app.state)
     if status == "ready":
         return JSONResponse({"status": "ready"})
-    request.app.state.metrics.rejected.labels(status).inc()  # an error answer, counted as every other
-    return JSONResponse(error_body(status, f"not ready: {status}", request.state.request_id), status_code=503,
-                        headers={"Retry-After": "1"})
+    return _probe_refusal(request, status, f"not ready: {status}")
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify signed certificates (JWKS, RFC 7517)",

@@ -113,6 +113,10 @@ class Metrics(EngineObserver):
         if cert.fallback_reason is not None:
             self.fallbacks.labels(cert.fallback_reason).inc()
 
+    def observe_rejected(self, code: str) -> None:
+        """One error answer, under its code (certserve_rejected_requests_total)."""
+        self.rejected.labels(code).inc()
+
     def observe_cancelled(self, mode: str, route: str | None = None) -> None:
         """One job dropped before its certificate (client gone, or the request cancelled by the server), under
         ``route`` where its certificate was built already (it waited on its audit record: an auto request's surrogate

@@ -76,10 +76,10 @@ def http_protocol(app, settings: Settings) -> type:
 
     from server.connections import guarded_protocol
 
-    rejected = getattr(getattr(app.state, "metrics", None), "rejected", None)
+    metrics = getattr(app.state, "metrics", None)
     return guarded_protocol(AutoHTTPProtocol, timeout=settings.body_timeout_seconds,
                             idle_timeout=settings.keep_alive_seconds,
-                            on_reject=None if rejected is None else lambda code: rejected.labels(code).inc())
+                            on_reject=None if metrics is None else metrics.observe_rejected)
 
 
 def add_serve_command(sub) -> None:

@@ -38,7 +38,7 @@ from scipy.stats import beta as beta_dist
 
 from smoothing._checks import _show, check_alpha
 from smoothing.cohen import clopper_pearson_lower
-from smoothing.radius import _MIN_RADIUS, RADIUS_ROUNDING, radius_from_probit, validated_radius_from_probit
+from smoothing.radius import radius_from_probit, validated_radius_from_probit, validated_radius_of_probit_one
 
 #: Risk levels a bundle is calibrated at (where its split is large enough), largest first.
 DEFAULT_LEVELS = (0.1, 0.05, 0.01, 0.005, 0.001)
@@ -308,6 +308,17 @@ def _p_lower(z) -> np.ndarray:
     return np.where(p < _SMALLEST_NORMAL, 0.0, p)
 
 
+def _p_lower_one(z: float) -> float:
+    """:func:`_p_lower` of one float z, on Python floats: the same operations in the same order (bit-identical; same
+    guarantee)."""
+    v = float(ndtr(z))
+    if z >= 0.0:
+        p = v - PHI_ABS_MARGIN
+    else:
+        p = math.nextafter(v * (1.0 - min((16.0 + 2.0 * z * z) * PHI_REL_MARGIN, 1.0)), 0.0)
+    return 0.0 if p < _SMALLEST_NORMAL else p
+
+
 def _certificate(z, radius) -> tuple[np.ndarray, np.ndarray]:
     """(p_lower, radius) with radius 0 where p_lower is not above 1/2: for 0 < z_lower < ~1.2e-15, Phi(z_lower)
     less :data:`PHI_ABS_MARGIN` is 1/2 or below, and a radius next to it contradicts it (certification.verify refuses
@@ -347,15 +358,8 @@ def validated_conformal_certificate_one(g: float, sigma: float, *, knots, values
         z = z_hat - q * u - slack
     else:  # the bin abstains
         z = -math.inf
-    r = sigma * z * (1.0 - RADIUS_ROUNDING) if z > 0 else 0.0
-    radius = r if math.isfinite(r) and r >= _MIN_RADIUS else 0.0
-    v = float(ndtr(z))
-    if z >= 0.0:
-        p = v - PHI_ABS_MARGIN
-    else:
-        p = math.nextafter(v * (1.0 - min((16.0 + 2.0 * z * z) * PHI_REL_MARGIN, 1.0)), 0.0)
-    p = 0.0 if p < _SMALLEST_NORMAL else p
-    return p, (radius if p > 0.5 else 0.0)
+    p = _p_lower_one(z)
+    return p, (validated_radius_of_probit_one(z, sigma) if p > 0.5 else 0.0)  # as _certificate
 
 
 def validated_conformal_certificate(g, sigma, *, knots, values, scale, edges, q_hat) -> tuple[np.ndarray, np.ndarray]:
