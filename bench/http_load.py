@@ -351,8 +351,8 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                      f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core "
                      f"(threads = 0) under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the event loop and the clean passes "
                      f"preempt it when they wake (A/B, 7 pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 was worse). "
-                     f"`CERTSERVE_GIL_SWITCH_MS=0.5` (default 5, Python's) lowered this p99 (A/B, 3 pairs: 10.2 -> 8.4 "
-                     f"ms) but raised the surrogate-only bursts p99 (43.6 -> 47.2 ms): not the default.\n")
+                     f"`CERTSERVE_GIL_SWITCH_MS=0.5` lowered this p99 on one 2-core machine (A/B: 10.2 -> 8.4 ms), "
+                     f"not on another (7.0 -> 7.6); it raised bursts on both (47.2 vs 43.6, 45.2 vs 40.6 ms).\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart

@@ -45,9 +45,10 @@ def build_service(settings: Settings, *, observer=None, seed: int | None = None,
     if bundle is None:
         bundle = load_bundle(settings.bundle)  # verifies hashes, shapes and schema; raises BundleError
     # The engine thread's bookkeeping (numpy on small arrays, which keeps the GIL) and the event loop share the GIL;
-    # a waking loop waits for it up to the switch interval. 0.5 ms instead of Python's 5: surrogate p99 with 8
-    # sequential requests in flight 10.2 -> 8.4 ms, but without them bursts 43.6 -> 47.2 ms and p50 3.2 -> 3.6 ms
-    # (docs/benchmarks.md (b)); the default keeps 5. Process-wide: this process serves one app.
+    # a waking loop waits for it up to the switch interval. 0.5 ms instead of Python's 5 helped the surrogate's p99
+    # with 8 sequential requests in flight on one 2-core machine (10.2 -> 8.4 ms) but not on another (7.0 -> 7.6),
+    # and cost surrogate-only bursts on both (43.6 -> 47.2, 40.6 -> 45.2 ms; docs/benchmarks.md (b)): the default
+    # keeps 5. Process-wide: this process serves one app.
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     return CertificationService(bundle, settings.service_config(), observer=observer, seed=seed)
 

@@ -60,8 +60,9 @@ class Settings(BaseSettings):
     sampler_nice: int = Field(10, ge=0, le=19, description="nice value added to the CPU sampler's threads where "
                               "SCHED_IDLE is off or refused, so the event loop and clean passes keep the CPU (0: same)")
     gil_switch_ms: float = Field(5.0, ge=0.05, le=100, allow_inf_nan=False, description="the process's GIL switch "
-                                 "interval (Python's default, 5 ms): 0.5 lowers the surrogate's p99 under sequential "
-                                 "load and raises it without (docs/benchmarks.md (b))")
+                                 "interval (Python's default, 5 ms): 0.5 may lower the surrogate's p99 under "
+                                 "sequential load, depending on the machine, and raises it without "
+                                 "(docs/benchmarks.md (b))")
     max_inflight_requests: int = Field(1024, ge=1, description="certification requests in flight; beyond, 503")
     default_deadline_ms: int = Field(30_000, ge=1, le=600_000, description="deadline of a sampling job (sequential, "
                                      "fixed, cohen) whose request sets none (at most a request's own limit, 600,000)")
