@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_EFFICIENCY_MANY, TARGET_EFFICIENCY_ONE,
-                                 TARGET_P99_MS, UNDER_LOAD_TARGETS, floor3, markdown_table)
+from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_P99_MS, UNDER_LOAD_TARGETS,
+                                 efficiency_targets_text, floor3, markdown_table)
 
 SECTION_RE = re.compile(r"<!-- section:(\S+) -->\n(.*?)<!-- /section:\1 -->\n?", re.DOTALL)
 PENDING_TOTAL = "(whole invocation: still running)"
@@ -40,9 +40,10 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
         base = key.split("-")[0]
         if base == "worker":
             effs = ", ".join(f"{r['jobs']}: {floor3(r['efficiency'])}" for r in d["rows"])
-            rows.append([f"(a) worker efficiency, {d['sampler']}", f"by concurrent jobs: {effs}",
-                         f">= {TARGET_EFFICIENCY_ONE} at 1 job, >= {TARGET_EFFICIENCY_MANY} at >= 8 jobs", d["verdict"],
-                         when])
+            # the targets the run was judged by (runs before 2026-12-07 stored none: the CPU's, for every device)
+            targets = d.get("targets") or efficiency_targets_text("cpu")
+            rows.append([f"(a) worker efficiency, {d['sampler']}", f"by concurrent jobs: {effs}{_gpu_memory(d)}",
+                         targets, d["verdict"], when])
         elif base == "http":
             p = d["primary"]
             w = d["results"].get("wrk", {})
@@ -96,6 +97,12 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
     return markdown_table(["benchmark", "measured", "target", "verdict", "run (UTC)"], rows)
 
 
+def _gpu_memory(worker: dict) -> str:
+    """"; GPU memory peak N MiB" of a worker section that measured it (a CUDA sampler), else ""."""
+    peaks = [r["gpu_peak_mib"] for r in worker["rows"] if r.get("gpu_peak_mib") is not None]
+    return f"; GPU memory peak {max(peaks):,.0f} MiB (torch allocator)" if peaks else ""
+
+
 def write_report(path: Path, new: dict[str, tuple[str, dict]]) -> dict:
     sections = read_sections(path)
     sections.update(new)
@@ -108,7 +115,8 @@ bench.overload`), (g) from `bench/signing.py` (`python -m bench.signing`) and (h
 summary). Each section states the exact command, date, machine and machine load of the run that produced it;
 re-running a subset (`certserve bench server --only worker,http,...`) replaces only those sections. The worker and
 certs sections are keyed by sampler (`onnxruntime-cpu`, `torch-cuda`, ...), so a GPU run (`--only worker,certs
---sampler base.pt --device cuda`) adds its own sections next to the CPU ones.
+--device cuda`) adds its own sections next to the CPU ones; `bench/device_run.sh` runs every GPU check in one call of a
+GPU host without network (after `make device-pack` where pip works).
 
 ## Summary
 

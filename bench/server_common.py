@@ -12,8 +12,9 @@ import numpy as np
 SECTIONS = ("worker", "http", "certs", "auto", "coldstart", "engine")  # report order (a)-(e), (i); (f) overload.py
 ALPHA = 0.001  # the server's default request alpha
 BUDGET = 10_000  # the server's default max_samples; Cohen-10k's n
-TARGET_EFFICIENCY_ONE = 0.9  # worker efficiency with 1 job (issue 11)
-TARGET_EFFICIENCY_MANY = 0.95  # with >= 8 jobs (issue 11)
+#: issue 11's worker-efficiency targets by sampler device: (label, fewest jobs, most jobs or None, efficiency)
+EFFICIENCY_TARGETS = {"cpu": (("1 job", 1, 1, 0.9), (">= 8 jobs", 8, None, 0.95)),
+                      "cuda": ((">= 64 jobs", 64, None, 0.85), (">= 512 jobs", 512, None, 0.9))}
 TARGET_P99_MS = 20.0
 #: issue 11's surrogate-path p99 targets under load: (HTTP bench row, label, p99 ms)
 UNDER_LOAD_TARGETS = (("hey_burst", "bursts of 20", 40.0), ("hey_mixed", "with 8 sequential requests in flight", 10.0))
@@ -31,6 +32,29 @@ def floor3(x: float) -> str:
     """``x`` rounded DOWN to 3 decimals: an efficiency shown next to a ">= target" verdict never reads as met when
     it is not (0.8996 is "0.899", not "0.900")."""
     return f"{np.floor(x * 1000) / 1000:.3f}" if np.isfinite(x) else f"{x}"
+
+
+def efficiency_verdict(device: str, rows: list[dict]) -> tuple[str, str, str]:
+    """(verdict, targets, measured) of worker-efficiency ``rows`` (dicts with ``jobs`` and ``efficiency``) against
+    :data:`EFFICIENCY_TARGETS` of ``device`` ("cuda", "cuda:N"; any other is held to the CPU's): PASS only when every
+    target has at least one measured row in its job range and the lowest efficiency there meets it; measured gives
+    that lowest value per target (floored, :func:`floor3`), or "not measured"."""
+    met, parts = True, []
+    for label, lo, hi, bound in _efficiency_targets(device):
+        effs = [r["efficiency"] for r in rows if r["jobs"] >= lo and (hi is None or r["jobs"] <= hi)]
+        worst = min(effs) if effs else float("nan")
+        met = met and bool(effs) and worst >= bound
+        parts.append(f"{label}: {floor3(worst) if effs else 'not measured'}")
+    return ("PASS" if met else "FAIL"), efficiency_targets_text(device), "; ".join(parts)
+
+
+def efficiency_targets_text(device: str) -> str:
+    """The worker-efficiency targets of ``device`` as the report states them (">= 0.9 at 1 job, ...")."""
+    return ", ".join(f">= {bound:g} at {label}" for label, _, _, bound in _efficiency_targets(device))
+
+
+def _efficiency_targets(device: str) -> tuple:
+    return EFFICIENCY_TARGETS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 def pct(values, q: float) -> float:

@@ -63,8 +63,9 @@ class SlowBackend:
         return np.zeros(int(np.sum(sizes)), dtype=np.int64)
 
 
-def run_bench_worker(monkeypatch, effs: dict[int, float]) -> dict:
-    """bench_worker over fake measurements: raw model at 1,000 samples/s, worker at effs[N] x that over 10 s."""
+def run_bench_worker(monkeypatch, effs: dict[int, float], device: str = "cpu") -> dict:
+    """bench_worker over fake measurements: raw model at 1,000 samples/s, worker at effs[N] x that over 10 s, on a
+    sampler that says it runs on ``device`` (on "cuda" without a GPU no memory is read)."""
 
     def measured(sampler, images, classes, n_jobs, **kw):
         eff = effs[n_jobs]
@@ -74,7 +75,7 @@ def run_bench_worker(monkeypatch, effs: dict[int, float]) -> dict:
                 "sizes_logged": 40, "w_slice": 0.5}
 
     patch(monkeypatch, worker, interleaved_worker=measured,
-          load_sampler_backend=lambda args: (None, SimpleNamespace(device="cpu", name="ort"), "fake.onnx"),
+          load_sampler_backend=lambda args: (None, SimpleNamespace(device=device, name="ort"), "fake.onnx"),
           make_sampling_engine=lambda *a: SimpleNamespace(batch_size=1024, sigma=0.25),
           load_test_images=lambda n: (np.zeros((2, 1, 2, 2)), np.zeros(2)), clean_argmax=lambda *a: np.zeros(2))
     args = SimpleNamespace(jobs=",".join(str(j) for j in effs), full=False, seed=0)
