@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system run test test-slow bench bundle bundle-recalibrate evaluate clean
+.PHONY: setup system run test test-slow bench bundle bundle-recalibrate evaluate device-pack clean
 setup: $(VENV)/.installed system
 
 # Debian packages: real Fashion-MNIST (the pipeline and its tests read $(FMNIST)), prometheus (promtool lints the
@@ -70,3 +70,21 @@ evaluate: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Issue 11's device checks (bench/device_run.sh) on a lent GPU machine, which has PyTorch, numpy, scipy, onnxruntime
+# (CPU) and no network: `make device-pack` puts what it lacks in .devicerun/ (ignored, ~15 MB), which the device call
+# carries: wheels of the server's other packages for its Python 3.12, at the versions this venv runs, and the
+# Fashion-MNIST test set. Then one call: run `bash bench/device_run.sh` with carry [".devicerun"] (see that script).
+DEVICE_PACKAGES := fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv annotated-types \
+  annotated-doc typing-inspection typing_extensions opentelemetry-api uvicorn httptools python-multipart joserfc \
+  cryptography cffi pycparser simplejpeg onnx2torch
+DEVICE_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+  manylinux2014_x86_64 manylinux_2_34_x86_64 manylinux_2_31_x86_64,--platform $(p))
+
+device-pack: setup
+	rm -rf .devicerun && mkdir -p .devicerun/wheels .devicerun/fashion-mnist
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(DEVICE_PLATFORMS) \
+	  -d .devicerun/wheels $$($(PY) -c 'import importlib.metadata as m, sys; \
+	  print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(DEVICE_PACKAGES))
+	cp $(FMNIST)/t10k-images-idx3-ubyte.gz $(FMNIST)/t10k-labels-idx1-ubyte.gz .devicerun/fashion-mnist/
+	du -sh .devicerun

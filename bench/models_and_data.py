@@ -9,10 +9,10 @@ import numpy as np
 
 
 def load_test_images(limit: int) -> tuple[np.ndarray, np.ndarray]:
-    from calibration.data import load_fashion_mnist
+    from calibration.data import load_fashion_mnist_test
 
-    ds = load_fashion_mnist()
-    return ds.x_test[:limit], ds.y_test[:limit]
+    images, labels = load_fashion_mnist_test()
+    return images[:limit], labels[:limit]
 
 
 def load_sampler_backend(args):

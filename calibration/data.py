@@ -97,27 +97,30 @@ def load_dataset(source: str) -> Dataset:
 
 
 def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> Dataset:
-    files = {k: root / f"{k}.gz" for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-    missing = [str(p) for p in files.values() if not p.is_file()]
+    train, test = _fashion_mnist_split(root, "train"), _fashion_mnist_split(root, "t10k")
+    return Dataset("fashion-mnist", *train, *test, list(FASHION_MNIST_CLASSES))
+
+
+def load_fashion_mnist_test(root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the Fashion-MNIST test split alone: only its two files are needed (the benchmarks' input,
+    e.g. on a GPU host that was carried the test set only, bench/device_run.sh)."""
+    return _fashion_mnist_split(root, "t10k")
+
+
+def _fashion_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images as float32 in [0, 1], int64 labels) of ``split`` ("train" or "t10k") from Debian's idx .gz files."""
+    files = [root / f"{split}-images-idx3-ubyte.gz", root / f"{split}-labels-idx1-ubyte.gz"]
+    missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST not found ({', '.join(missing)}). Install it with: "
             "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
         )
-
-    def images(p):
-        with gzip.open(p, "rb") as fh:
-            raw = np.frombuffer(fh.read(), dtype=np.uint8, offset=16)
-        return _to_float(raw.reshape(-1, 28, 28))
-
-    def labels(p):
-        with gzip.open(p, "rb") as fh:
-            return np.frombuffer(fh.read(), dtype=np.uint8, offset=8).astype(np.int64)
-
-    return Dataset("fashion-mnist", images(files["train-images-idx3-ubyte"]), labels(files["train-labels-idx1-ubyte"]),
-                   images(files["t10k-images-idx3-ubyte"]), labels(files["t10k-labels-idx1-ubyte"]),
-                   list(FASHION_MNIST_CLASSES))
+    with gzip.open(files[0], "rb") as fh:
+        images = _to_float(np.frombuffer(fh.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28))
+    with gzip.open(files[1], "rb") as fh:
+        labels = np.frombuffer(fh.read(), dtype=np.uint8, offset=8).astype(np.int64)
+    return images, labels
 
 
 def load_npz(path: Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
