@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_P99_MS, UNDER_LOAD_TARGETS,
-                                 efficiency_targets_text, floor3, markdown_table)
+from bench.server_common import (SECTIONS, TARGET_AUTO_SAMPLES, TARGET_P99_MS, UNDER_LOAD_TARGETS, efficiency_verdict,
+                                 floor3, markdown_table)
 
 SECTION_RE = re.compile(r"<!-- section:(\S+) -->\n(.*?)<!-- /section:\1 -->\n?", re.DOTALL)
 PENDING_TOTAL = "(whole invocation: still running)"
@@ -40,10 +40,11 @@ def summary_table(sections: dict[str, tuple[str, dict]]) -> str:
         base = key.split("-")[0]
         if base == "worker":
             effs = ", ".join(f"{r['jobs']}: {floor3(r['efficiency'])}" for r in d["rows"])
-            # the targets the run was judged by (runs before 2026-12-07 stored none: the CPU's, for every device)
-            targets = d.get("targets") or efficiency_targets_text("cpu")
+            # every stored run judged by issue 11's targets of its own device: a CUDA run before 2026-12-07 printed
+            # the CPU's targets in its section (its verdict there was FAIL under both)
+            verdict, targets, _ = efficiency_verdict(d.get("device", "cpu"), d["rows"])
             rows.append([f"(a) worker efficiency, {d['sampler']}", f"by concurrent jobs: {effs}{_gpu_memory(d)}",
-                         targets, d["verdict"], when])
+                         targets, verdict, when])
         elif base == "http":
             p = d["primary"]
             w = d["results"].get("wrk", {})

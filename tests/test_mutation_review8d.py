@@ -229,6 +229,17 @@ def test_worker_verdict_is_pass_only_when_the_devices_targets_are_met(monkeypatc
     assert ("at >= 512 jobs" in data["targets"]) == device.startswith("cuda")
 
 
+@pytest.mark.parametrize("device, verdict, target", [("cuda", "PASS", ">= 0.85 at >= 64 jobs, >= 0.9 at >= 512 jobs"),
+                                                     ("cpu", "FAIL", ">= 0.9 at 1 job, >= 0.95 at >= 8 jobs")])
+def test_worker_summary_judges_a_stored_run_by_its_own_devices_targets(device, verdict, target):
+    """A CUDA run stored before 2026-12-07 (no "targets", its verdict judged by the CPU's) showed the CPU's targets
+    and its stored FAIL in the summary; the summary now applies the targets of the run's device to its rows. Against
+    that code (targets and verdict read as stored) the cuda case read "FAIL" under the CPU's targets."""
+    rows = [{"jobs": 1, "efficiency": 0.35}, {"jobs": 64, "efficiency": 0.86}, {"jobs": 512, "efficiency": 0.91}]
+    row = summary_row(f"worker-{device}", {"device": device, "sampler": device, "verdict": "FAIL", "rows": rows})
+    assert f"| {target} | {verdict} |" in row
+
+
 # ---------------------------------------------------------------------------------------------- engine_bench
 @pytest.fixture
 def small_table(monkeypatch):
