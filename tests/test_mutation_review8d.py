@@ -137,8 +137,8 @@ def test_server_bench_main_writes_the_section_with_its_run_and_the_whole_invocat
 
     def bench_worker(args, ctx):
         clock.advance(5.0)
-        return "worker-fake", "(a) fake", "body", {"sampler": "fake", "verdict": "PASS",
-                                                  "rows": [{"jobs": 1, "efficiency": 0.95}]}
+        rows = [{"jobs": 1, "efficiency": 0.95}, {"jobs": 8, "efficiency": 0.96}]  # meets the CPU targets
+        return "worker-fake", "(a) fake", "body", {"sampler": "fake", "verdict": "PASS", "rows": rows}
 
     patch(monkeypatch, server_bench, time=clock, bench_worker=bench_worker, code_version=lambda: "git abc (clean)",
           machine_description=lambda: clock.advance(30.0) or "test machine")
