@@ -39,7 +39,7 @@ import numpy as np
 
 from models.decisions import STOP_NAMES, DecisionTables, certificates, stop_bounds
 from models.jobs import (KINDS, Batch, EngineStopped, JobResult, JobSpec, JobTable, QueueFull, check_spec,
-                         checkpoints_of, queue_if_cancelled, resolve_futures)
+                         checkpoints_of, job_done_callback, resolve_futures)
 from models.sampling import SamplingEngine
 from smoothing import Stop
 
@@ -78,7 +78,7 @@ class SequentialEngine:
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
         self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
-        self._open = 0  # jobs submitted whose futures are not done yet: live_jobs (see there); guarded by _lock
+        self._open, self._count = 0, threading.Lock()  # jobs whose futures are not done (live_jobs), its lock
         self._cancelled: deque[_Job] = deque()
         self._table: JobTable | None = None
         self._image_shape: tuple | None = None  # of every job's image (the first submitted job's); guarded by _lock
@@ -105,11 +105,11 @@ class SequentialEngine:
     @property
     def live_jobs(self) -> int:
         """Jobs submitted whose futures are not done: not a zombie, nor a cancelled job awaiting the engine's turn."""
-        with self._lock:
+        with self._count:
             return self._open
 
-    def _closed(self, _future) -> None:  # every job future's first done callback (before the caller's)
-        with self._lock:
+    def _closed(self) -> None:  # from every job future's first done callback (before the caller's)
+        with self._count:
             self._open -= 1
 
     @property
@@ -135,18 +135,18 @@ class SequentialEngine:
             if shape != (self._image_shape or shape):  # the job table holds one image shape: the first job's
                 raise ValueError(f"every job's image must have the first job's shape {self._image_shape}, got {shape}")
             self._image_shape = shape
-            if self.live_jobs >= self.max_live_jobs:
-                raise QueueFull(f"{self.max_live_jobs} sampling jobs are in flight")
+            with self._count:
+                if self._open >= self.max_live_jobs:
+                    raise QueueFull(f"{self.max_live_jobs} sampling jobs are in flight")
+                self._open += 1  # until its future is done (_closed)
             self._pending.append(job)  # the engine thread publishes the queue depth (one writer), at admission
-            self._open += 1  # until its future is done (_closed)
             heapq.heappush(self._deadlines, (spec.deadline, job.order, job))
             if len(self._deadlines) > 2 * self.max_live_jobs + 64:  # answered jobs (image, future) wait there for
                 self._deadlines = [d for d in self._deadlines if not d[2].future.done()]  # their deadline: drop
                 heapq.heapify(self._deadlines)  # them (amortized O(1) per submit; at most ~2 max_live_jobs kept)
             if self._engine_idle or self._deadlines[0][2] is job:  # else no one waits for it (a wake-up costs
                 self._lock.notify_all()  # the engine thread a lock hand-over: skipped under load)
-        fut.add_done_callback(self._closed)  # (on a future answered meanwhile: runs at once)
-        fut.add_done_callback(queue_if_cancelled(self._cancelled, job))
+        fut.add_done_callback(job_done_callback(self._closed, self._cancelled, job))  # (answered meanwhile: at once)
         return fut
 
     def stop(self, grace: float = 0.0, *, wait: bool = True, accept: bool = False) -> None:

@@ -57,8 +57,7 @@ class JobResult:
     radius: float
     p_lower: float | None
     samples: int
-    # certified / target / futility (the job's policy), budget (sequential: budget spent; cohen, fixed: n drawn;
-    # the service reports a fixed job's n as 'planned'), deadline, shutdown
+    # certified / target / futility (policy), budget (spent; cohen, fixed: n drawn, 'planned'), deadline, shutdown
     stopped_by: str
     queue_seconds: float
     sampling_seconds: float
@@ -72,18 +71,19 @@ class EngineStopped(RuntimeError):
     """The engine is draining or stopped and accepts no new jobs."""
 
 
-def queue_if_cancelled(cancelled: deque, job) -> Callable[[concurrent.futures.Future], None]:
-    """A done callback for ``job.future``: appends the job to ``cancelled`` (for the engine thread) if the future was
-    cancelled. It holds the job by weak reference, so job -> future -> callback -> job is no reference cycle: an
-    answered job is freed by reference counting, not left to the cyclic garbage collector, whose full passes over
-    ~10^5 dead jobs held the interpreter lock for tens of milliseconds under load. A job that is gone was answered
-    already: nothing to cancel."""
-    return functools.partial(_queue_if_cancelled, cancelled, weakref.ref(job))
+def job_done_callback(closed: Callable[[], None], cancelled: deque, job) -> Callable[[concurrent.futures.Future], None]:
+    """The engine's one done callback for ``job.future``: calls ``closed()`` (its count of open jobs), then queues
+    the job in ``cancelled`` for the engine thread if its caller cancelled the future (a job the engine finished,
+    ``job.finished`` set before its future is resolved, skips that check and its lock). Held by weak reference: no
+    cycle job -> future -> callback -> job, so answered jobs are freed by reference counting, not by the cyclic
+    collector (its passes over ~10^5 dead jobs held the interpreter lock for tens of ms). Gone: already answered."""
+    return functools.partial(_job_done, closed, cancelled, weakref.ref(job))
 
 
-def _queue_if_cancelled(cancelled: deque, job_ref: weakref.ref, future: concurrent.futures.Future) -> None:
+def _job_done(closed, cancelled: deque, job_ref: weakref.ref, future: concurrent.futures.Future) -> None:
+    closed()
     job = job_ref()
-    if job is not None and future.cancelled():
+    if job is not None and not job.finished and future.cancelled():
         cancelled.append(job)
 
 

@@ -13,7 +13,7 @@ import gc
 import time
 
 from models.engine import SequentialEngine
-from models.jobs import queue_if_cancelled
+from models.jobs import job_done_callback
 from tests.test_engine_races import LabelSampler, fixed_job
 
 
@@ -47,8 +47,32 @@ def test_answered_jobs_leave_no_reference_cycles():
 
 
 def test_cancelled_job_still_reaches_the_engine():
-    """The weak reference does not lose a cancellation: the job of a cancelled future is queued for the engine."""
-    queue, future = collections.deque(), concurrent.futures.Future()
-    job = type("Job", (), {})()  # any object that can be weakly referenced: the callback only queues it
-    future.add_done_callback(queue_if_cancelled(queue, job))
-    assert future.cancel() and list(queue) == [job]
+    """The weak reference does not lose a cancellation: the job of a cancelled future is queued for the engine, and
+    the engine's count of open jobs is told either way."""
+    queue, future, closed = collections.deque(), concurrent.futures.Future(), []
+    job = type("Job", (), {"finished": False})()  # any object with .finished that can be weakly referenced
+    future.add_done_callback(job_done_callback(lambda: closed.append(1), queue, job))
+    assert future.cancel() and list(queue) == [job] and closed == [1]
+
+
+def test_a_job_the_engine_answered_is_not_queued_as_cancelled():
+    """A future resolved by the engine (its job marked finished first) closes the count and queues nothing."""
+    queue, future, closed = collections.deque(), concurrent.futures.Future(), []
+    job = type("Job", (), {"finished": True})()
+    future.add_done_callback(job_done_callback(lambda: closed.append(1), queue, job))
+    future.set_result(None)
+    assert not queue and closed == [1]
+
+
+def test_live_jobs_counts_down_as_futures_finish_or_are_cancelled():
+    """live_jobs: +1 per submit, -1 when its future is done, answered or cancelled (one callback does both duties);
+    a cancelled job reaches the engine thread, which drops it."""
+    engine = SequentialEngine(LabelSampler(), max_live_jobs=8, seed=0)
+    far = time.monotonic() + 60
+    futures = [engine.submit(fixed_job(i, far, budget=64)) for i in range(3)]
+    assert engine.live_jobs == 3
+    assert futures[0].cancel() and engine.live_jobs == 2
+    engine.start()
+    assert all(f.result(timeout=60).samples == 64 for f in futures[1:])
+    assert engine.live_jobs == 0
+    engine.stop(0.0)
