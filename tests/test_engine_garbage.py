@@ -56,7 +56,8 @@ def test_cancelled_job_still_reaches_the_engine():
 
 
 def test_a_job_the_engine_answered_is_not_queued_as_cancelled():
-    """A future resolved by the engine (its job marked finished first) closes the count and queues nothing."""
+    """A future resolved by the engine (its job marked finished first) closes the count and queues nothing. Failed
+    against a callback that returned early for finished jobs before telling the count (checked)."""
     queue, future, closed = collections.deque(), concurrent.futures.Future(), []
     job = type("Job", (), {"finished": True})()
     future.add_done_callback(job_done_callback(lambda: closed.append(1), queue, job))
@@ -66,7 +67,8 @@ def test_a_job_the_engine_answered_is_not_queued_as_cancelled():
 
 def test_live_jobs_counts_down_as_futures_finish_or_are_cancelled():
     """live_jobs: +1 per submit, -1 when its future is done, answered or cancelled (one callback does both duties);
-    a cancelled job reaches the engine thread, which drops it."""
+    a cancelled job reaches the engine thread, which drops it. Failed against a callback that skipped the count for
+    jobs the engine had answered (live_jobs stayed 3; checked): the engine then refuses work forever."""
     engine = SequentialEngine(LabelSampler(), max_live_jobs=8, seed=0)
     far = time.monotonic() + 60
     futures = [engine.submit(fixed_job(i, far, budget=64)) for i in range(3)]
