@@ -68,7 +68,7 @@ def test_a_job_the_engine_answered_is_not_queued_as_cancelled():
 def test_live_jobs_counts_down_as_futures_finish_or_are_cancelled():
     """live_jobs: +1 per submit, -1 when its future is done, answered or cancelled (one callback does both duties);
     a cancelled job reaches the engine thread, which drops it. Failed against a callback that skipped the count for
-    jobs the engine had answered (live_jobs stayed 3; checked): the engine then refuses work forever."""
+    jobs the engine had answered (live_jobs stayed at 2; checked): the engine then refuses work forever."""
     engine = SequentialEngine(LabelSampler(), max_live_jobs=8, seed=0)
     far = time.monotonic() + 60
     futures = [engine.submit(fixed_job(i, far, budget=64)) for i in range(3)]
