@@ -12,7 +12,9 @@ scalar root finders are not). For fixed (S, t) the rejection condition on p0 <= 
     g(v) = log m(S, F) - log(1/alpha) - S v - F log(1 - e^v),   F = t - S,   m = the prior-predictive mixture,
 
 which is convex and decreasing in v on (-inf, log(S/t)]. Newton's method started left of the root therefore moves
-monotonically right and never passes the root: *every iterate is itself a valid (conservative) lower bound*.
+monotonically right and never passes the root: *every iterate is itself a valid (conservative) lower bound*. The
+start is one tangent step off a Gaussian approximation of the root, which lands left of it from either side
+(:func:`_closer_start`); the final iterate is verified with the e-value test whatever the start.
 The threshold carries a floating-point margin, so the reported L_t is rounded down, never up.
 """
 
