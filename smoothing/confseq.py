@@ -120,10 +120,7 @@ def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     shrink = 1.0 - _ULP_MARGIN
 
     def g_and_slope(v, at=slice(None)):  # g and g' at v for the entries ``at``
-        one_minus = -np.expm1(v)  # 1 - p0, accurate when p0 is close to 1
-        g = const[at] - shrink * (s[at] * v + f[at] * np.log(one_minus))
-        slope = -shrink * (s[at] - f[at] * np.exp(v) / one_minus)  # < 0 left of the MLE
-        return g, slope
+        return _g_and_slope(v, const[at], s[at], f[at], shrink)
 
     ok = g_and_slope(np.full(s.shape, _LOG_P_FLOOR))[0] >= 0  # else even p0 = 1e-300 is not rejected: L_t = 0
     # Start at v1 = const / (shrink S), clipped to [floor, log p_hat]: as F log(1 - e^v) <= 0, g(v1) >= const -
@@ -180,11 +177,7 @@ def _lower_bound_one(s: int, t: int, alpha: float, a: float, b: float, kt_weight
     const = mix - log_threshold - _ULP_MARGIN * (magnitude + log_threshold)
     shrink = 1.0 - _ULP_MARGIN
 
-    def g_and_slope(v):
-        one_minus = -np.expm1(v)
-        return const - shrink * (s * v + f * np.log(one_minus)), -shrink * (s - f * np.exp(v) / one_minus)
-
-    if not g_and_slope(_LOG_P_FLOOR)[0] >= 0:
+    if not _g_and_slope(_LOG_P_FLOOR, const, s, f, shrink)[0] >= 0:
         return 0.0
     start = _closer_start_one(float(min(max(const / (shrink * s), _LOG_P_FLOOR), log_phat)), float(const), s, f,
                               shrink, float(log_phat))
@@ -192,9 +185,16 @@ def _lower_bound_one(s: int, t: int, alpha: float, a: float, b: float, kt_weight
     for attempt in range(40):  # the kernel's check: verify with the e-value test, step back where rounding slipped
         if log_e_excess(s, s + f, np.exp(v), log_threshold, mix, magnitude) >= 0:
             return float(np.exp(v))
-        gv, slope = g_and_slope(v)
+        gv, slope = _g_and_slope(v, const, s, f, shrink)
         v = v - ((min(gv, 0.0) / slope if slope < 0 else 0.0) + max(1e-12 * abs(v), 1e-15) * 4.0**attempt)
     return float(np.exp(v)) if log_e_excess(s, s + f, np.exp(v), log_threshold, mix, magnitude) >= 0 else 0.0
+
+
+def _g_and_slope(v, const, s, f, shrink):
+    """(g(v), g'(v)) of the module docstring's g, on arrays or on Python floats alike (numpy's ufuncs: the same bits
+    either way). g' < 0 left of the MLE. :func:`_newton_scalar` inlines it (with its check that 1 - p0 > 0)."""
+    one_minus = -np.expm1(v)  # 1 - p0, accurate when p0 is close to 1
+    return const - shrink * (s * v + f * np.log(one_minus)), -shrink * (s - f * np.exp(v) / one_minus)
 
 
 def _newton_scalar(v, const, s, f, shrink, log_phat):
@@ -238,9 +238,7 @@ def _closer_start(v1, const, s, f, shrink, log_phat):
     width = t + 2.0 * np.maximum(gap, 0.0)  # >= t > 0
     p0 = (centre - np.sqrt(np.maximum(centre * centre - width * s * (s / t), 0.0))) / width
     v0 = np.maximum(np.log(np.maximum(p0, 1e-300)), v1)
-    one_minus = -np.expm1(v0)
-    g0 = const - shrink * (s * v0 + f * np.log(one_minus))
-    slope0 = -shrink * (s - f * np.exp(v0) / one_minus)
+    g0, slope0 = _g_and_slope(v0, const, s, f, shrink)
     use = (gap > 0) & (v0 < log_phat) & (slope0 < 0)
     return np.where(use, np.minimum(np.maximum(v0 - g0 / np.where(use, slope0, -1.0), v1), log_phat), v1)
 
@@ -257,9 +255,7 @@ def _closer_start_one(v1, const, s, f, shrink, log_phat):
     width = t + 2.0 * gap
     p0 = (centre - np.sqrt(max(centre * centre - width * s * (s / t), 0.0))) / width
     v0 = max(float(np.log(max(p0, 1e-300))), v1)
-    one_minus = -np.expm1(v0)
-    g0 = const - shrink * (s * v0 + f * np.log(one_minus))
-    slope0 = -shrink * (s - f * np.exp(v0) / one_minus)
+    g0, slope0 = _g_and_slope(v0, const, s, f, shrink)
     if not (v0 < log_phat and slope0 < 0):
         return v1
     return float(min(max(v0 - g0 / slope0, v1), log_phat))
