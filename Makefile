@@ -71,7 +71,7 @@ evaluate: setup
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
-# Issue 11's device checks (bench/device_run.sh) on a lent GPU machine, which has PyTorch, numpy, scipy, onnxruntime
+# Issue 11's device checks (bench/device_run.sh) on a lent GPU machine, which has PyTorch, numpy, scipy, numba, onnxruntime
 # (CPU) and no network: `make device-pack` puts what it lacks in .devicerun/ (ignored, ~15 MB), which the device call
 # carries: wheels of the server's other packages for its Python 3.12, at the versions this venv runs, and the
 # Fashion-MNIST test set. Then one call: run `bash bench/device_run.sh` with carry [".devicerun"] (see that script).

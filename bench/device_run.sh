@@ -44,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -d "$PACK/fashion-mnist" ]; then export CERTSERVE_FASHION_MNIST_DIR="$(cd "$PACK/fashion-mnist" && pwd)"; fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "(no nvidia-smi)"
 head -15 "$OUT/nvidia-smi.txt" 2>/dev/null
-$PY -c "import fastapi, uvicorn, pydantic_settings, joserfc, simplejpeg, multipart, onnxruntime, scipy, torch, sys
+$PY -c "import fastapi, uvicorn, pydantic_settings, joserfc, simplejpeg, multipart, onnxruntime, scipy, numba, torch, sys
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.cuda.is_available(),
       '| onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())" \
   || { echo "!! a package is missing: run make device-pack here and carry .devicerun"; exit 98; }

@@ -29,6 +29,7 @@ from models.priors import class_and_prior, softmax
 from models.sampling import SamplingEngine
 from models.surrogate import SurrogateAnswer, surrogate_answer
 from smoothing import PER_INPUT_MIN_GAIN, planned_sample_size, proposal_radius
+from smoothing.kernels import warm_up as warm_up_kernels
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CertificationService:
         """Start the engine and run every session once (one tiny job; on a device, one batch per batch shape), so
         the first request pays no setup."""
         x = np.full((1, *self.shape), 0.5, dtype=np.float32)
+        warm_up_kernels()  # the sequential path's compiled bounds and rules (numba)
         class_and_prior(self.base, self.surrogate, self.meta, x)
         self.engine.sampler.warm_up(x[0], np.random.default_rng())  # before any job: its samples count for none
         self.engine.start()

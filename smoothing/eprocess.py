@@ -15,7 +15,9 @@ pA <= p0 and any prior (any (a, b) and any weight) fixed before sampling:
     P(exists t: E_t(p0) >= 1/alpha and S_t >= p0 t) <= alpha.
 
 An informative prior only moves power around; it can never break this bound. Everything is evaluated in log space
-(``betaln``, ``xlogy``), which is exact enough for t up to 1e7 and beyond, and vectorized over jobs.
+(``betaln``, ``xlogy``), which is exact enough for t up to 1e7 and beyond. The test itself (:func:`rejects`) runs in
+the compiled :func:`smoothing.kernels.rejects_one`, the very function the confidence sequence verifies its bounds
+with, and rejects only with a margin of 64 ulp of the magnitudes involved (:data:`smoothing.kernels.ULP_MARGIN`).
 
 Hand-written (not a library call) because no maintained package offers a vectorized, composite-null-valid
 Beta-mixture e-process; the kernel is a few lines and is cross-checked in tests against direct numerical integration
@@ -28,13 +30,9 @@ import numpy as np
 from scipy.special import xlog1py, xlogy
 
 from smoothing._checks import check_alpha, check_counts, check_prior, check_probability
+from smoothing.kernels import ULP_MARGIN as _ULP_MARGIN  # noqa: F401 (the margin's one definition; tests read it)
+from smoothing.kernels import rejects_many
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight, log_marginal
-
-# Relative safety margin on the log-threshold: a rejection is declared only when log E exceeds log(1/alpha) by more
-# than 64 ulp of the magnitudes involved, so floating-point error cannot create a rejection that exact arithmetic
-# would not. The magnitudes include those of the log-gamma terms inside betaln, ~ (t + a + b) log(t + a + b): its
-# absolute error grows with them (measured: 1.6e-10 at t = 1e5, 1.3e-8 at t = 1e7), not with betaln's own value.
-_ULP_MARGIN = 64 * np.finfo(np.float64).eps
 
 
 def log_e_value(successes, trials, p0, a=KT_PRIOR[0], b=KT_PRIOR[1], *, kt_weight=DEFAULT_KT_WEIGHT):
@@ -65,20 +63,9 @@ def validated_rejects(s, t, p0, alpha, a, b, kt_weight):
     """:func:`rejects` (same guarantee, same answers, always an array) for arguments the caller has validated: int64
     counts 0 <= s <= t, p0 in (0, 1), alpha in (0, 1), a, b > 0 (arrays broadcasting together), ``kt_weight`` a
     float in [0, 1]. The stopping policies use it on the engine's job table, whose parameters are checked once at
-    submission (models.jobs.check_spec), not at every step."""
-    log_threshold = -np.log(alpha)
-    mix, magnitude = log_marginal(s, t - s, a, b, kt_weight)
-    return (log_e_excess(s, t, p0, log_threshold, mix, magnitude) >= 0) & (s >= p0 * t)
-
-
-def log_e_excess(s, t, p, log_threshold, mix, magnitude):
-    """log E_t(p0) - log(1/alpha) - margin; >= 0 exactly where the e-value test rejects (given S_t >= p0 t).
-
-    ``mix`` = log m(S, F) and ``magnitude`` come from :func:`smoothing.priors.log_marginal` (p0-independent, so the
-    confidence sequence computes them once per job). The margin is 64 ulp of all magnitudes summed, so
-    floating-point error cannot create a rejection that exact arithmetic would not. Unvalidated inputs: internal
-    kernel shared by :func:`rejects` and the confidence sequence.
-    """
-    f = t - s
-    log_null = xlogy(s, p) + xlog1py(f, -p)  # <= 0
-    return mix - log_null - log_threshold - _ULP_MARGIN * (magnitude - log_null + log_threshold)
+    submission (models.jobs.check_spec), not at every step. Compiled (:func:`smoothing.kernels.rejects_many`): the
+    very test the confidence sequence verifies its bounds with, so L_t is always a rejected p0."""
+    arrays = np.broadcast_arrays(np.asarray(s, np.int64), np.asarray(t, np.int64), np.asarray(p0, np.float64),
+                                 np.asarray(alpha, np.float64), np.asarray(a, np.float64), np.asarray(b, np.float64))
+    flat = [np.ravel(x) for x in arrays]
+    return rejects_many(*flat, float(kt_weight)).reshape(arrays[0].shape)

@@ -78,22 +78,6 @@ def log_marginal(s, f, a, b, kt_weight):
     return mix.reshape(s.shape), magnitude.reshape(s.shape)
 
 
-def log_marginal_one(s: float, f: float, a: float, b: float, kt_weight: float):
-    """:func:`log_marginal` for ONE job on Python floats (np.float64 results): the same operations in the same order,
-    so bit-identical to the array version (tests/test_smoothing_confseq_exact.py compares them on a grid), without
-    the ~30 us of array handling that dominate a one-job policy decision."""
-    w = float(kt_weight)
-    if w == 0.0:
-        return _beta_term(s, f, a, b)
-    kt_a, kt_b = KT_PRIOR
-    kt, kt_magnitude = _beta_term(s, f, kt_a, kt_b)
-    if w == 1.0 or (a == kt_a and b == kt_b):
-        return kt, kt_magnitude
-    own, own_magnitude = _beta_term(s, f, a, b)
-    return (np.logaddexp(np.log1p(-w) + own, np.log(w) + kt),
-            kt_magnitude + (own_magnitude + abs(np.log(w)) + abs(np.log1p(-w))))
-
-
 def _beta_term(s, f, a, b):
     """(log B(a + S, b + F) - log B(a, b), magnitude of the terms) for one Beta component."""
     num, den = betaln(a + s, b + f), betaln(a, b)

@@ -16,10 +16,11 @@ from scipy.special import ndtr
 
 from smoothing._checks import (check_alpha, check_counts, check_nonneg_int, check_one_nonneg_int, check_prior,
                               check_sigma)
-from smoothing.confseq import _lower_bound_one, upper_from_mirrored, validated_lower_bound
+from smoothing.confseq import upper_from_mirrored, validated_lower_bound
 from smoothing.eprocess import validated_rejects
+from smoothing.kernels import best_radius_codes, best_radius_one
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
-from smoothing.radius import validated_radius, validated_radius_one
+from smoothing.radius import validated_radius
 
 
 #: Defaults of the best-radius rules. ``DEFAULT_MIN_GAIN`` (radius units per sample) is the marginal-gain rule's
@@ -148,19 +149,13 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     counts, L_t at (s, max(t, 1)) with this prior and ``kt_weight``: bit for bit what
     ``validated_lower_bound(s, max(t, 1), alpha, a, b, kt_weight)`` returns, so a caller answering a job the rule
     stops here can issue that bound as the job's certificate instead of computing it again."""
-    if s.size == 1 and fraction is None:  # a lone job (a per-input request): the same rule on Python floats
-        code, lower = _best_radius_one(int(s[0]), int(t[0]), float(alpha[0]), float(a[0]), float(b[0]),
-                                       int(budget[0]), float(sigma[0]), float(min_gain[0]), float(kt_weight),
-                                       min_futility_trials)
-        if lower_out is not None:
-            lower_out[0] = lower
-        return np.array([code], dtype=np.int8)
+    if fraction is None:  # the marginal-gain rule: compiled, one call for all jobs (smoothing.kernels)
+        return _marginal_gain_codes(s, t, alpha, a, b, budget, sigma, min_gain, float(kt_weight),
+                                    min_futility_trials, lower_out)
     t_safe = np.maximum(t, 1)
     bounds = _BoundBatch(alpha, a, b, float(kt_weight))
     every = np.arange(s.size)
-    # projections are exact integers: S_t = t projects to t' hits; t' = min(2t, max(B, t)) without forming 2t (it
-    # wraps around in int64 for t >= 2^62; the one-job path's Python ints do not)
-    t_proj = t_safe + np.minimum(t_safe, np.maximum(budget - t_safe, 0)) if fraction is None else budget
+    t_proj = budget  # the fraction rule projects to the budget
     # The futility rule needs two more bounds where nothing is certified (r_now = 0). Jobs that may be there get
     # them in the same kernel call; a job found without a radius but not predicted gets them in a second call below,
     # so the codes are the rule's whatever the prediction, which only saves that call's fixed cost.
@@ -171,10 +166,7 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
         lower_out[:] = p[0]
     radii = validated_radius(np.concatenate(p[:2]), np.concatenate([sigma, sigma]))  # one call for both
     r_now, r_proj = radii[:s.size], radii[s.size:]
-    if fraction is None:
-        settled = (r_now > 0) & (r_proj - r_now < min_gain * np.maximum(t_proj - t, 1))
-    else:
-        settled = (r_now > 0) & (r_now >= fraction * r_proj)
+    settled = (r_now > 0) & (r_now >= fraction * r_proj)
     # futility only where nothing is certified yet (U_t < 1/2 is impossible where L_t > 1/2; L_t <= S_t/t <= U_t)
     futile = np.zeros(s.shape, dtype=bool)
     low = np.flatnonzero((r_now <= 0) & (t > 0))
@@ -208,25 +200,26 @@ def _rough_lower(s, t, alpha):
     return s / t - np.sqrt((np.log(1.0 / alpha) + 0.5 * np.log(t + 1.0) + 4.0) / (2.0 * t))
 
 
-def _best_radius_one(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, min_futility_trials):
-    """(code, L_t) of the marginal-gain rule of :func:`validated_best_radius_codes` for one job on Python floats: the
-    same bounds (confseq._lower_bound_one, bit-identical to the kernel), radii and comparisons in the same order, at
-    ~1/3 of the cost of the array path on one-element arrays (tests/test_smoothing_stopping.py checks the codes
-    agree); L_t is the bound at (s, max(t, 1)), as the array path's ``lower_out``."""
-    def radius(hits, draws, a_, b_):
-        return validated_radius_one(_lower_bound_one(hits, draws, alpha, a_, b_, kt_weight), sigma)
-
-    t_safe = max(t, 1)
-    t_proj = min(2 * t_safe, max(budget, t_safe))  # exact integers, as in the array path
-    lower = _lower_bound_one(s, t_safe, alpha, a, b, kt_weight)
-    r_now = validated_radius_one(lower, sigma)
-    if t > 0 and r_now > 0 and radius((s * t_proj) // t_safe, t_proj, a, b) - r_now < min_gain * max(t_proj - t, 1):
-        return int(Stop.CERTIFIED), lower
-    if t > 0 and r_now <= 0:
-        upper = upper_from_mirrored(_lower_bound_one(t_safe - s, t_safe, alpha, b, a, kt_weight))
-        if upper < 0.5 or (t >= min_futility_trials and radius((s * budget) // t_safe, budget, a, b) <= 0):
-            return int(Stop.FUTILITY), lower
-    return (int(Stop.BUDGET) if t >= budget else int(Stop.CONTINUE)), lower
+def _marginal_gain_codes(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, min_futility_trials, lower_out):
+    """The marginal-gain rule of :func:`validated_best_radius_codes` (and ``lower_out``), by the compiled
+    :func:`smoothing.kernels.best_radius_codes`; the plug-in projections are exact integers computed here: S_t = t
+    projects to t' hits, t' = min(2t, max(B, t)) formed without 2t (which wraps around in int64 for t >= 2^62)."""
+    t_safe = np.maximum(t, 1)
+    if s.size == 1:  # one job (a per-input request): Python ints, exact at any size, cheaper than array calls
+        s0, t0, b0 = int(s[0]), int(t_safe[0]), int(budget[0])
+        t_proj = min(2 * t0, max(b0, t0))
+        code, lower = best_radius_one(s0, int(t[0]), s0 * t_proj // t0, t_proj, s0 * b0 // t0, b0, float(alpha[0]),
+                                      float(a[0]), float(b[0]), float(sigma[0]), float(min_gain[0]), kt_weight,
+                                      min_futility_trials)
+        if lower_out is not None:
+            lower_out[0] = lower
+        return np.array([code], dtype=np.int8)
+    s, t, t_safe, budget = (np.asarray(x, dtype=np.int64) for x in (s, t, t_safe, budget))
+    t_proj = t_safe + np.minimum(t_safe, np.maximum(budget - t_safe, 0))
+    alpha, a, b, sigma, min_gain = (np.asarray(x, dtype=np.float64) for x in (alpha, a, b, sigma, min_gain))
+    return best_radius_codes(s, t, _projected_hits(s, t_proj, t_safe), t_proj, _projected_hits(s, budget, t_safe),
+                             budget, alpha, a, b, sigma, min_gain, kt_weight, min_futility_trials,
+                             np.empty(s.size) if lower_out is None else lower_out)
 
 
 def _futility_points(s, t_safe, budget, jobs):

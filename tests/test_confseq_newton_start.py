@@ -1,5 +1,5 @@
-"""The confidence sequence's Newton start (smoothing.confseq._closer_start): left of the exact root, closer than the
-plain start, and the same bits on floats as on arrays.
+"""The confidence sequence's Newton start (smoothing.kernels._closer_start, compiled): left of the exact root and
+closer than the plain start.
 
 The start is not what makes a bound sound (the kernel verifies its final iterate with the e-value test and steps
 back), but a start right of the root would leave Newton stuck there and the bound to the step-back loop, and a start
@@ -11,9 +11,9 @@ from __future__ import annotations
 import mpmath as mp
 import numpy as np
 
-from smoothing.confseq import _LOG_P_FLOOR, _closer_start, _closer_start_one
 from smoothing.eprocess import _ULP_MARGIN
-from smoothing.priors import log_marginal_one
+from smoothing.kernels import LOG_P_FLOOR as _LOG_P_FLOOR
+from smoothing.kernels import _closer_start, log_marginal
 from tests.test_smoothing_confseq_exact import _exact_excess, _grid
 
 
@@ -21,7 +21,7 @@ def _kernel_terms(s, t, alpha, a, b, w):
     """(v1, const, S, F, shrink, log p_hat) as the kernel forms them for one entry (F > 0, g(floor) >= 0), else None."""
     sf, f = float(s), float(t - s)
     log_threshold = -np.log(alpha)
-    mix, magnitude = log_marginal_one(sf, f, a, b, w)
+    mix, magnitude = log_marginal(sf, f, float(a), float(b), float(w))
     const = mix - log_threshold - _ULP_MARGIN * (magnitude + log_threshold)
     shrink = 1.0 - _ULP_MARGIN
     log_phat = np.log(sf / (sf + f))
@@ -41,11 +41,11 @@ def test_start_is_left_of_the_exact_root_and_not_behind_the_plain_start():
     v1 <= start <= log p_hat everywhere; start > v1 (strictly closer) wherever S >= 10, the engine's counts (with
     one to a few hits the Gaussian approximation lands left of v1, which is then kept). Ran once against a start
     that stepped the wrong way (v0 + g/g' instead of v0 - g/g') and once against the approximation v0 itself, no
-    tangent step (both tests fail then: starts right of the exact root, and the float and array starts differ)."""
+    tangent step: both fail (starts right of the exact root)."""
     mp.mp.dps = 40
     right_of_root, closer, many_hits, entries = [], 0, 0, _entries()
     for (s, t, alpha, a, b, w), terms in entries:
-        start = _closer_start_one(*terms)
+        start = _closer_start(*terms)
         assert terms[0] <= start <= terms[5], ((s, t, alpha, a, b, w), start, terms)
         if s >= 10:
             many_hits += 1
@@ -54,13 +54,3 @@ def test_start_is_left_of_the_exact_root_and_not_behind_the_plain_start():
             right_of_root.append(((s, t, alpha, a, b, w), start))
     assert not right_of_root, f"{len(right_of_root)} starts right of the exact root, e.g. {right_of_root[:3]}"
     assert many_hits > 100 and closer == many_hits, (closer, many_hits)
-
-
-def test_start_on_arrays_is_bit_identical_to_the_start_on_floats():
-    """The kernel takes the array start for calls with many live entries and the float start for a few: a job's
-    bound must not depend on how many other jobs share its kernel call."""
-    entries = _entries()
-    cols = [np.array(col) for col in zip(*(terms for _, terms in entries))]
-    together = _closer_start(cols[0], cols[1], cols[2], cols[3], cols[4][0], cols[5])
-    one_by_one = np.array([_closer_start_one(*terms) for _, terms in entries])
-    assert np.array_equal(together, one_by_one), np.flatnonzero(together != one_by_one)[:5]
