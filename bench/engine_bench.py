@@ -169,8 +169,9 @@ Bookkeeping = the engine thread's wall time per step outside the null sampler (a
 update, policies, certificates, futures and their callbacks); its CPU time (``time.thread_time``) is shown next to
 it because wall time on a shared 2-core machine includes waiting for the CPU.
 What it shows: for fixed-n jobs the engine's machinery alone; for sequential jobs the policy decisions dominate (one
-vectorized `smoothing` call per step: its fixed cost is paid every step, and about one evaluation per job per
-checkpoint interval of ~10% of its samples), so their ceiling is the policy's, not the engine's.
+compiled `smoothing.kernels` call per step, about one evaluation per job per checkpoint interval of ~10% of its
+samples, each ~2 Newton-inverted bounds with scipy's betaln: arithmetic, not call overhead), so their ceiling is the
+policy's, not the engine's.
 No GPU was lent to the task that built this engine (issue 11): the `torch-cuda` sections (a) and (c) above are the
 previous engine's H100 figures; the torch backend is checked against onnxruntime on the CPU
 (tests/test_torch_backend.py).
