@@ -56,16 +56,9 @@ def validated_radius(p_lower, sigma):
     return _radius_of_probit(ndtri(np.where(p_lower > 0.5, p_lower, 0.5)), sigma)
 
 
-def validated_radius_one(p_lower: float, sigma: float) -> float:
-    """:func:`validated_radius` of one bound on Python floats: the same operations in the same order (bit-identical;
-    the one-job policy decision uses it; tests/test_smoothing_stopping.py compares the two bit for bit)."""
-    return validated_radius_of_probit_one(ndtri(p_lower if p_lower > 0.5 else 0.5), sigma)
-
-
 def validated_radius_of_probit_one(z: float, sigma: float) -> float:
     """:func:`validated_radius_from_probit` of one probit bound on Python floats (the same operations in the same
-    order as its array path, bit-identical; the served surrogate's one-image certificate and
-    :func:`validated_radius_one` use it)."""
+    order as its array path, bit-identical; the served surrogate's one-image certificate uses it)."""
     r = sigma * z * (1.0 - RADIUS_ROUNDING) if z > 0 else 0.0
     return float(r) if np.isfinite(r) and r >= _MIN_RADIUS else 0.0
 

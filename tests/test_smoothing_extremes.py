@@ -22,7 +22,8 @@ from scipy.special import ndtr
 from smoothing import (DEFAULT_KT_WEIGHT, certify, lower_bound, radius_from_probability, radius_from_probit,
                        target_radius_decision)
 from smoothing.confseq import _lower_bound_kernel, _lower_bound_one
-from smoothing.radius import validated_radius, validated_radius_one
+from smoothing.kernels import radius_one as validated_radius_one  # the compiled rule's conversion
+from smoothing.radius import validated_radius
 
 
 def _exact_radius(p, sigma):
@@ -83,7 +84,7 @@ def _exact_excess(s, t, p, alpha, a, b, w):
 def test_lower_bound_is_exactly_valid_at_the_corners_of_its_domain():
     """Guards the confidence sequence at extreme inputs (found sound by the review: passed on the code it reviewed).
     Every returned L_t > 0 satisfies the module's definition exactly (60 digits): log E_t(L_t) >= log(1/alpha) and
-    L_t <= S/t; _lower_bound_one equals the vectorized kernel bit for bit; bounds are finite in [0, 1]."""
+    L_t <= S/t; _lower_bound_one equals the array kernel bit for bit; bounds are finite in [0, 1]."""
     ts = [1, 2, 10, 1000, 10**7, 2**31]
     alphas = [5e-324, 1e-300, 1e-15, 0.05, 0.999, 1 - 2**-53]
     priors = [1e-3, 1.0, 1e6, 1e300]

@@ -142,10 +142,11 @@ def test_best_radius_decision_with_per_job_parameters_follows_its_rule():
 
 
 def test_one_bound_radius_equals_the_array_radius():
-    """The one-job rule converts its bounds with smoothing.radius.validated_radius_one: bit-identical to the array
+    """The compiled rule converts its bounds with smoothing.kernels.radius_one: bit-identical to the array
     conversion on a grid that includes 0, 1/2, the ulps next to it and 1 (infinite probit: radius 0). Run once
     against a float conversion that skipped the rounding down (1 - RADIUS_ROUNDING): fails."""
-    from smoothing.radius import validated_radius, validated_radius_one
+    from smoothing.kernels import radius_one as validated_radius_one
+    from smoothing.radius import validated_radius
 
     p = np.concatenate([[0.0, 0.5, np.nextafter(0.5, 1.0), np.nextafter(1.0, 0.0), 1.0],
                         np.random.default_rng(14).uniform(0.0, 1.0, 2000), 1.0 - np.logspace(-16, -1, 200)])
@@ -174,12 +175,13 @@ def test_best_radius_decision_follows_its_rule_whatever_the_futility_prediction(
 
 
 def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
-    """A lone job's decision runs the whole rule on Python floats (smoothing.stopping._best_radius_one, the path
-    of a per-input request alone in the engine); for two jobs the rule runs on arrays with every bound computed on
-    floats (smoothing.confseq._lower_bound_one). Calls of one and of two jobs must give the documented rule's
-    codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs gives them. Run once against
-    each of three bugs: the prior's a and b swapped in the float bound's marginal likelihood, the mirrored prior
-    left unmirrored in the one-job futility bound, the one-job gain divided by t' instead of t' - t: each fails."""
+    """A lone job's decision (the path of a per-input request alone in the engine) runs the compiled rule with its
+    projections in Python ints; two jobs run it with numpy projections (smoothing.stopping._marginal_gain_codes;
+    before the rule was compiled, these were a float path and an array path). Calls of one and of two jobs must
+    give the documented rule's codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs gives them. Run once against
+    each of three bugs (in the former float path): the prior's a and b swapped in the float bound's marginal
+    likelihood, the mirrored prior left unmirrored in the one-job futility bound, the one-job gain divided by t'
+    instead of t' - t: each fails."""
     rng = np.random.default_rng(12)
     s, t = _grid(300)
     pick = rng.choice(s.size, 600, replace=False)
