@@ -178,7 +178,8 @@ def test_best_radius_decision_for_one_or_two_jobs_follows_its_rule():
     """A lone job's decision (the path of a per-input request alone in the engine) runs the compiled rule with its
     projections in Python ints; two jobs run it with numpy projections (smoothing.stopping._marginal_gain_codes;
     before the rule was compiled, these were a float path and an array path). Calls of one and of two jobs must
-    give the documented rule's codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs gives them. Run once against
+    give the documented rule's codes, FUTILITY included, as the rule evaluated in one vectorized call over all jobs
+    gives them. Run once against
     each of three bugs (in the former float path): the prior's a and b swapped in the float bound's marginal
     likelihood, the mirrored prior left unmirrored in the one-job futility bound, the one-job gain divided by t'
     instead of t' - t: each fails."""
