@@ -195,7 +195,8 @@ def test_scalar_and_vectorized_newton_give_the_same_bounds(size):
     """One point (confseq._lower_bound_one) and a whole grid (the kernel) both run the compiled
     smoothing.kernels.lower_bound_one now (before: a float path and a numpy path); the exact-root tests above call
     one point at a time, so they check the one-point path. Here the whole grid in ONE call (the vectorized kernel)
-    must give bit-identical bounds, lower and upper, so both paths carry those tests' guarantees. Ran once against a scalar
+    must give bit-identical bounds, lower and upper, so both paths carry those tests' guarantees. Ran once against a
+    scalar
     loop with a looser stopping test than the vectorized loop's (1e-12 for 1e-15, and again 1e-9 for 1e-12 since the
     tolerance is 1e-12), and once against a float path whose rounding margin left out
     the threshold's term: both fail. It also failed on an AVX-512 machine while the float path's Newton loop used
