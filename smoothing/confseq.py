@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from smoothing._checks import check_alpha, check_counts, check_prior
-from smoothing.kernels import lower_bound_one, lower_bounds
+from smoothing.kernels import lower_bounds
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
 from smoothing.radius import radius_from_probability
 
@@ -96,8 +96,3 @@ def _lower_bound_kernel(s, t, alpha, a, b, kt_weight):
     return lower_bounds(np.asarray(s, dtype=np.int64), np.asarray(t, dtype=np.int64), np.asarray(alpha, np.float64),
                         np.asarray(a, np.float64), np.asarray(b, np.float64), float(kt_weight))
 
-
-def _lower_bound_one(s: int, t: int, alpha: float, a: float, b: float, kt_weight: float) -> float:
-    """L_t of one entry (:func:`smoothing.kernels.lower_bound_one`, the very function each entry of
-    :func:`_lower_bound_kernel` runs: bit-identical to it). Guarantee as :func:`lower_bound`."""
-    return lower_bound_one(int(s), int(t), float(alpha), float(a), float(b), float(kt_weight))

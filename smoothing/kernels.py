@@ -175,7 +175,10 @@ def lower_bound_one(hits, trials, alpha, a, b, kt_weight):
         return 0.0  # even p0 = 1e-300 is not rejected
     v1 = min(max(const / (shrink * s), LOG_P_FLOOR), log_phat)  # g(v1) >= 0: left of the root
     v = _newton(_closer_start(v1, const, s, f, shrink, log_phat), const, s, f, shrink, log_phat)
-    for attempt in range(40):  # verify with the e-value test itself; step back where rounding slipped past the root
+    # Convexity keeps every iterate left of the root in exact arithmetic; rounding in a long first jump can still land
+    # a few ulp past it. Verify with the e-value test itself and step back where needed: a Newton step taken from the
+    # right of the root of a convex decreasing function lands left of it, plus a growing margin.
+    for attempt in range(40):
         if _log_e_excess(s, f, math.exp(v), log_threshold, mix, magnitude) >= 0:
             return math.exp(v)
         gv, slope = _g_and_slope(v, const, s, f, shrink)

@@ -142,8 +142,7 @@ def validated_best_radius_codes(s, t, alpha, a, b, budget, sigma, min_gain, *, k
     """:func:`best_radius_decision` (same codes, always an int8 array) for arguments the caller has validated: 1-d
     arrays of one length, int64 counts 0 <= s <= t and budget >= 1, floats alpha in (0, 1), a, b > 0, sigma > 0,
     min_gain finite >= 0; ``kt_weight`` a float in [0, 1]. The engine checks each job's
-    parameters once, when it is submitted (models.jobs.check_spec), and decides hundreds of jobs per step; one job's
-    decision costs ~4x more with the checks than without.
+    parameters once, when it is submitted (models.jobs.check_spec), and decides hundreds of jobs per step.
 
     ``lower_out`` (optional, a float64 array of the same length) receives the bound the rule computed at the current
     counts, L_t at (s, max(t, 1)) with this prior and ``kt_weight``: bit for bit what

@@ -9,7 +9,8 @@ import pytest
 
 from smoothing import DEFAULT_KT_WEIGHT, KT_PRIOR, Stop, best_radius_decision, lower_bound
 from smoothing.stopping import validated_best_radius_codes
-from smoothing.confseq import _lower_bound_kernel, _lower_bound_one
+from smoothing.confseq import _lower_bound_kernel
+from smoothing.kernels import lower_bound_one as _lower_bound_one
 
 
 def test_best_radius_decision_one_job_equals_batched_at_counts_beyond_2_62():

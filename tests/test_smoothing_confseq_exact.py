@@ -192,7 +192,7 @@ def test_all_hits_give_a_positive_monotone_bound():
 
 
 def test_scalar_and_vectorized_newton_give_the_same_bounds(size):
-    """One point (confseq._lower_bound_one) and a whole grid (the kernel) both run the compiled
+    """One point (kernels.lower_bound_one) and a whole grid (the kernel) both run the compiled
     smoothing.kernels.lower_bound_one now (before: a float path and a numpy path); the exact-root tests above call
     one point at a time, so they check the one-point path. Here the whole grid in ONE call (the vectorized kernel)
     must give bit-identical bounds, lower and upper, so both paths carry those tests' guarantees. Ran once against a

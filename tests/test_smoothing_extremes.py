@@ -21,7 +21,8 @@ from scipy.special import ndtr
 
 from smoothing import (DEFAULT_KT_WEIGHT, certify, lower_bound, radius_from_probability, radius_from_probit,
                        target_radius_decision)
-from smoothing.confseq import _lower_bound_kernel, _lower_bound_one
+from smoothing.confseq import _lower_bound_kernel
+from smoothing.kernels import lower_bound_one as _lower_bound_one
 from smoothing.kernels import radius_one as validated_radius_one  # the compiled rule's conversion
 from smoothing.radius import validated_radius
 
