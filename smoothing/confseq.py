@@ -15,10 +15,10 @@ p0 <= S/t reads g(v) >= 0 with v = log p0 and
 which is convex and decreasing in v on (-inf, log(S/t)]. Newton's method started left of the root therefore moves
 monotonically right and never passes the root: *every iterate is itself a valid (conservative) lower bound*. The
 start is one tangent step off a Gaussian approximation of the root, which lands left of it from either side
-(:func:`smoothing.kernels._closer_start`); Newton stops once a step moves v by <= 1e-12 relative (then the iterate
-is short of the root by <= ~1e-12 relative), and the final iterate is verified with the e-value test itself
-(stepped back where rounding slipped past the root) whatever the start. The threshold carries a floating-point
-margin, so the reported L_t is rounded down, never up.
+(:func:`smoothing.kernels._closer_start`); Newton stops once a step moves v by <= 1e-12 relative, or quadratic
+convergence predicts the next one would (then the iterate is short of the root by <= ~1e-12 relative), and the
+final iterate is verified with the e-value test itself (stepped back where rounding slipped past the root) whatever
+the start. The threshold carries a floating-point margin, so the reported L_t is rounded down, never up.
 """
 
 from __future__ import annotations

