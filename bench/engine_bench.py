@@ -191,7 +191,7 @@ What the target asks of the policy: at 512 live jobs a step carries {at512['mean
 {TARGET_SAMPLES_PER_S / per_decision / 1e3:,.0f} k evaluations/s, {1e6 * per_decision / TARGET_SAMPLES_PER_S:.2f} us
 each with every other piece of bookkeeping included. Measured: {decisions_per_s / 1e3:,.0f} k evaluations/s,
 {1e3 * at512['decision_ms'] / max(at512['decided_per_step'], 1):.2f} us each for the policies and certificates alone
-(numpy kernels over all jobs at once).
+(one compiled `smoothing.kernels` call for all jobs of a step).
 
 Across processes. The bookkeeping is Python under one interpreter lock per process, so its ceiling grows with
 engine processes, which is what ``certserve serve --replicas N`` runs (Ray replicas, each with its own engine and
