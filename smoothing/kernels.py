@@ -52,7 +52,6 @@ _LOG_BETA_KT = float(scipy.special.betaln(_KT, _KT))  # log B(1/2, 1/2) = log pi
 _CONTINUE, _CERTIFIED, _FUTILITY, _BUDGET = 0, 2, 3, 4  # smoothing.stopping.Stop
 
 
-
 def _compiled(function):
     """numba.njit with numba's on-disk cache, releasing the interpreter lock; where no cache directory is writable (a
     read-only file system: numba then refuses ``cache=True``), compiled in each process instead (~5 s at first use)."""
