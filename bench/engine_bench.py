@@ -4,10 +4,14 @@ The null sampler stands in for the model: each job's "image" is a row index into
 advance (row r: i.i.d. labels with P(class 0) = pA_r, the other classes uniform), and a batch's counts are that
 table's next labels for each chunk, tallied per chunk with one bincount: the (J, K) counts a device-side reduction
 returns. Everything else is the real :class:`models.engine.SequentialEngine` (job table, allocation, pipelining,
-policies, certificates, futures, deadline watcher). N jobs are kept live (a finished job is replaced at once from its
-future's done callback). Reported per N: samples/s over the whole engine (null sampler included), the engine
-thread's bookkeeping time per step (everything but the null sampler's own time), and how much of it is policy
-decisions and certificates.
+policies, certificates, futures, deadline watcher). N jobs are kept live: a finished job is replaced at once by a
+feeder thread (``bench.server_common.LiveJobs``), as the server's event loop submits its requests, so the submits
+share the interpreter lock with the engine thread as they do in the server. The process is set up as ``certserve
+serve``'s: the compiled kernels loaded and the start-up heap frozen (``server.serve.freeze_startup_heap``) before any
+job (without the freeze, each full garbage collection scanned the ~1.6x10^5 start-up objects, numba's and numpy's
+included, for ~65-80 ms, which the server never pays). Reported per N: samples/s over the whole engine (null sampler
+included), the engine thread's bookkeeping time per step (everything but the null sampler's own time), and how much
+of it is policy decisions and certificates.
 """
 
 from __future__ import annotations
@@ -72,8 +76,13 @@ def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int,
     ``barrier`` (:func:`run_sharded`), the measured window starts once every party has warmed up."""
     from models.engine import JobSpec, SequentialEngine
 
+    from server.serve import freeze_startup_heap
+    from smoothing.kernels import warm_up
+
     null = NullSampler(batch_size, seed)
     engine = SequentialEngine(null, max_live_jobs=n_jobs, seed=seed)
+    warm_up()  # as the service's start-up does, then as `certserve serve` does once started:
+    freeze_startup_heap()
     live = LiveJobs(engine, lambda i: JobSpec(np.array([i % ROWS], dtype=np.float32), 0.001, 10_000,
                                               time.monotonic() + 3600, kind=kind, tested_class=0))
     live.start(n_jobs)
