@@ -108,7 +108,7 @@ def _log_marginal(s, f, a, b, w, log_beta_ab):
 
 @_compiled
 def _log_e_excess(s, f, p, log_threshold, mix, magnitude):
-    """log E_t(p) - log(1/alpha) - margin (:func:`smoothing.eprocess.log_e_excess`): >= 0 where the test rejects."""
+    """log E_t(p) - log(1/alpha) - the 64-ulp margin (smoothing.eprocess's test): >= 0 where the test rejects."""
     log_null = (s * math.log(p) if s != 0.0 else 0.0) + (f * math.log1p(-p) if f != 0.0 else 0.0)
     return mix - log_null - log_threshold - ULP_MARGIN * (magnitude - log_null + log_threshold)
 

@@ -57,10 +57,11 @@ def test_the_gain_rule_projection_does_not_overflow_beyond_two_to_the_31_draws()
 
 # ----------------------------------------------------------------------------------- stopping: lone-job path
 def test_a_lone_job_runs_the_fraction_rule_when_asked():
-    """A lone job takes the float fast path (_best_radius_one) only for the marginal-gain rule; with ``fraction``
-    it must get the fraction rule's code, the same as in a call of several jobs. Bug guarded against (run against
-    it, this test failed): the fast path taken whatever ``fraction`` (``if s.size == 1:``), so a lone job ran the
-    gain rule; the existing one-job fraction cases (2000/2000 and 100/100) get the same code from both rules."""
+    """A lone job takes the one-job path (smoothing.kernels.best_radius_one, through stopping._marginal_gain_codes)
+    only for the marginal-gain rule; with ``fraction`` it must get the fraction rule's code, the same as in a call of
+    several jobs. Bug guarded against (run against it, this test failed): the fast path taken whatever ``fraction``
+    (``if s.size == 1:``), so a lone job ran the gain rule; the existing one-job fraction cases (2000/2000 and
+    100/100) get the same code from both rules."""
     from smoothing import best_radius_decision
 
     kw = {"sigma": 0.25, "alpha": 0.001, "budget": 10_000, "kt_weight": 0.0}
