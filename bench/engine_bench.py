@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from bench.server_common import LiveJobs, markdown_table
+from bench.server_common import LiveJobs, markdown_table, set_up_as_the_server
 
 TARGET_SAMPLES_PER_S = 20e6  # at 512 live jobs
 TARGET_BOOKKEEPING_MS = 0.8  # per 16,384-sample step
@@ -75,13 +75,10 @@ def run_null(n_jobs: int, kind: str, batch_size: int, seconds: float, seed: int,
     """Keep ``n_jobs`` jobs of ``kind`` live on a fresh engine over a NullSampler for ``seconds``; measure. With a
     ``barrier`` (:func:`run_sharded`), the measured window starts once every party has warmed up."""
     from models.engine import JobSpec, SequentialEngine
-    from server.serve import freeze_startup_heap
-    from smoothing.kernels import warm_up
 
     null = NullSampler(batch_size, seed)
     engine = SequentialEngine(null, max_live_jobs=n_jobs, seed=seed)
-    warm_up()  # the compiled kernels, loaded as the service's start-up loads them
-    freeze_startup_heap()  # then what `certserve serve` does once started, before any request
+    set_up_as_the_server()  # kernels loaded, start-up heap frozen: before any job
     live = LiveJobs(engine, lambda i: JobSpec(np.array([i % ROWS], dtype=np.float32), 0.001, 10_000,
                                               time.monotonic() + 3600, kind=kind, tested_class=0))
     live.start(n_jobs)

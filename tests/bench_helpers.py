@@ -15,6 +15,8 @@ import numpy as np
 
 import bench.http_load as http_load
 import bench.worker_efficiency as worker
+import server.serve
+import smoothing.kernels
 
 URL = "http://127.0.0.1:9"
 
@@ -63,11 +65,17 @@ class SlowBackend:
         return np.zeros(int(np.sum(sizes)), dtype=np.int64)
 
 
-def run_bench_worker(monkeypatch, effs: dict[int, float], device: str = "cpu") -> dict:
+def run_bench_worker(monkeypatch, effs: dict[int, float], device: str = "cpu", events: list | None = None) -> dict:
     """bench_worker over fake measurements: raw model at 1,000 samples/s, worker at effs[N] x that over 10 s, on a
-    sampler that says it runs on ``device`` (on "cuda" without a GPU no memory is read)."""
+    sampler that says it runs on ``device`` (on "cuda" without a GPU no memory is read). The kernels' warm-up and the
+    heap freeze are recorded in ``events`` (with "row N" per measured row), not run: the test process is never
+    frozen."""
+    events = [] if events is None else events
+    monkeypatch.setattr(smoothing.kernels, "warm_up", lambda: events.append("warm-up"))
+    monkeypatch.setattr(server.serve, "freeze_startup_heap", lambda: events.append("freeze"))
 
     def measured(sampler, images, classes, n_jobs, **kw):
+        events.append(f"row {n_jobs}")
         eff = effs[n_jobs]
         return {"samples": 10_000 * eff, "active": 10.0, "batches": 40, "jobs": 160, "model": 4.0, "certs": 20,
                 "cert_samples": 4_000, "raw": {"mean": [1000, 1.0], "replay": [2000, 1.0], "full": [4000, 1.0]},

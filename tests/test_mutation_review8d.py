@@ -305,6 +305,16 @@ def test_run_null_sets_the_process_up_as_the_server_does_before_the_first_job(mo
     assert events[:3] == ["warm-up", "freeze", "submit"], events[:3]
 
 
+def test_bench_worker_sets_the_process_up_as_the_server_does_before_the_first_row():
+    """Section (a) measures the engine in a process set up as ``certserve serve``'s, as section (i) does: kernels
+    loaded, then the start-up heap frozen, before the first row's jobs. Mutants (each run once, each failed): the
+    set-up removed; moved after the first row; the freeze before the warm-up (bench.server_common)."""
+    events: list[str] = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_bench_worker(monkeypatch, {1: 0.92, 8: 0.96}, events=events)
+    assert events == ["warm-up", "freeze", "row 1", "row 8"], events
+
+
 @pytest.mark.parametrize("seq512, verdict", [((21e6, 0.8), "PASS"), ((19.9e6, 0.5), "FAIL"), ((25e6, 0.81), "FAIL")])
 def test_engine_verdict_is_on_the_512_sequential_row_and_needs_both_targets(monkeypatch, seq512, verdict):
     """Mutants: the verdict read from the 512 FIXED row (which here passes); either target sufficing; the samples/s
