@@ -305,13 +305,12 @@ def test_run_null_sets_the_process_up_as_the_server_does_before_the_first_job(mo
     assert events[:3] == ["warm-up", "freeze", "submit"], events[:3]
 
 
-def test_bench_worker_sets_the_process_up_as_the_server_does_before_the_first_row():
+def test_bench_worker_sets_the_process_up_as_the_server_does_before_the_first_row(monkeypatch):
     """Section (a) measures the engine in a process set up as ``certserve serve``'s, as section (i) does: kernels
     loaded, then the start-up heap frozen, before the first row's jobs. Mutants (each run once, each failed): the
     set-up removed; moved after the first row; the freeze before the warm-up (bench.server_common)."""
     events: list[str] = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        run_bench_worker(monkeypatch, {1: 0.92, 8: 0.96}, events=events)
+    run_bench_worker(monkeypatch, {1: 0.92, 8: 0.96}, events=events)
     assert events == ["warm-up", "freeze", "row 1", "row 8"], events
 
 
