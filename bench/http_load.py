@@ -283,7 +283,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     after = server.metrics()
     if hey:
         print("  hey -c 20 -q 10 (synchronized bursts)", flush=True)
-        results["hey_burst"] = run_hey_burst(hey, server.url, body_path, rate, min(10.0, duration), ctx["workdir"])
+        results["hey_burst"] = run_hey_burst(hey, server.url, body_path, rate, duration, ctx["workdir"])
     if hey:
         clients = 8
         print(f"  hey again, with {clients} sequential requests in flight", flush=True)
@@ -291,7 +291,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
         with SequentialLoad(server.url, images[:64], clients) as seq:
             time.sleep(2.0)
             t_mixed = time.perf_counter()
-            results["hey_mixed"] = run_hey_staggered(hey, server.url, body_path, rate, min(10.0, duration), 4,
+            results["hey_mixed"] = run_hey_staggered(hey, server.url, body_path, rate, duration, 4,
                                                      ctx["workdir"], "mixed")
             seq_after = server.metrics()
             t_mixed = time.perf_counter() - t_mixed + 2.0
@@ -299,11 +299,9 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
         mixed["sequential_done"], mixed["sequential_codes"] = seq.done, dict(seq.codes)
         key = "certserve_samples_processed_total"
         mixed["worker_samples_per_s"] = (seq_after.get(key, 0.0) - seq_before.get(key, 0.0)) / t_mixed
-        results["hey_mixed"]["command"] = (results["hey_mixed"]["command"] + f", while {clients} closed-loop clients "
-                                           "post mode=sequential requests (test images 0-63)")
+        mixed["command"] += f", while {clients} closed-loop clients post mode=sequential requests (test images 0-63)"
     print("  open-loop Poisson generator (asyncio, raw HTTP/1.1)", flush=True)
-    results["open_loop"] = run_open_loop(server.url, body_path.read_bytes(), rate, min(10.0, duration),
-                                         [args.seed, 41])
+    results["open_loop"] = run_open_loop(server.url, body_path.read_bytes(), rate, min(10.0, duration), [args.seed, 41])
     if wrk:
         print("  wrk: saturation throughput", flush=True)
         results["wrk"] = run_wrk(wrk, server.url, body_path, 10.0, ctx["workdir"])
@@ -346,13 +344,15 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     if "hey_mixed" in results:
         mx = results["hey_mixed"]
         mixed_txt = (f"\nWith the worker busy (8 closed-loop clients posting `mode=sequential` requests, "
-                     f"{mx['sequential_done']} of them answered during the run, status codes {mx['sequential_codes']}, "
-                     f"worker about {mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 "
-                     f"{mx['p50']:.1f} ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core "
-                     f"(threads = 0) under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the event loop and the clean passes "
-                     f"preempt it when they wake (A/B, 7 pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 was worse). "
-                     f"`CERTSERVE_GIL_SWITCH_MS=0.5` lowered this p99 on one 2-core machine (A/B: 10.2 -> 8.4 ms), "
-                     f"not on another (7.0 -> 7.6); it raised bursts on both (47.2 vs 43.6, 45.2 vs 40.6 ms).\n")
+                     f"{mx['sequential_done']} answered, status codes {mx['sequential_codes']}, worker about "
+                     f"{mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 {mx['p50']:.1f} "
+                     f"ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core (threads = 0) "
+                     "under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the loop and the clean passes preempt it. "
+                     "`CERTSERVE_GIL_SWITCH_MS=0.5` (A/B on three 2-core machines): this p99 10.2 -> 8.4, 7.0 -> 7.6, "
+                     "9.1 -> 8.6 ms (the last 2026-12-07, 10 pairs); bursts 43.6 -> 47.2, 40.6 -> 45.2, 38.4 -> 36.9; "
+                     "primary row 5.1 -> 6.4 (the last): the default stays 5 ms. In 10 s windows (the row's length "
+                     "before 2026-12-07) this p99 ranged 9.1-11.3 ms over 11 runs within an hour, then 7.7-8.0 in 25 s "
+                     "windows: one run decides little.\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart

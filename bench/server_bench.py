@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker batch size (0: the server's default, 16384 on cuda, 1024 on cpu)")
     parser.add_argument("--jobs", default="1,8,64,256", help="worker section: concurrent job counts")
     parser.add_argument("--rate", type=float, default=200.0, help="http section: fixed request rate (req/s)")
-    parser.add_argument("--duration", type=float, default=None, help="http section: seconds at the fixed rate "
-                                                                      "(default 25, --full 30)")
+    parser.add_argument("--duration", type=float, default=None, help="http section: seconds of each hey row (steady, "
+                        "bursts, with sequential load; default 25, --full 30)")
     parser.add_argument("--cert-images", type=int, default=None, help="certs section: test images (default 40, "
                                                                        "--full 200)")
     parser.add_argument("--cohen-worker", action="store_true",
