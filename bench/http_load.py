@@ -347,12 +347,12 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                      f"{mx['sequential_done']} answered, status codes {mx['sequential_codes']}, worker about "
                      f"{mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 {mx['p50']:.1f} "
                      f"ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core (threads = 0) "
-                     "under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the loop and the clean passes preempt it. "
-                     "`CERTSERVE_GIL_SWITCH_MS=0.5` (A/B on three 2-core machines): this p99 10.2 -> 8.4, 7.0 -> 7.6, "
-                     "9.1 -> 8.6 ms (the last 2026-12-07, 10 pairs); bursts 43.6 -> 47.2, 40.6 -> 45.2, 38.4 -> 36.9; "
-                     "primary row 5.1 -> 6.4 (the last): the default stays 5 ms. In 10 s windows (the row's length "
-                     "before 2026-12-07) this p99 ranged 9.1-11.3 ms over 11 runs within an hour, then 7.7-8.0 in 25 s "
-                     "windows: one run decides little.\n")
+                     "under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the loop and the clean passes preempt it (A/B, 7 "
+                     "pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 was worse). `CERTSERVE_GIL_SWITCH_MS=0.5` (A/B "
+                     "on three 2-core machines): this p99 10.2 -> 8.4, 7.0 -> 7.6, 9.1 -> 8.6 ms (the last 2026-12-07, "
+                     "10 pairs); bursts 43.6 -> 47.2, 40.6 -> 45.2, 38.4 -> 36.9; primary row 5.1 -> 6.4 (the last): "
+                     "the default stays 5 ms. In 10 s windows (the row's length before 2026-12-07) this p99 ranged "
+                     "9.1-11.3 ms over 11 runs within an hour, then 7.7-8.0 in 25 s windows: one run decides little.\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
