@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.http_clients import RawHTTP, SequentialLoad
 from bench.machine import ensure_tool, tool_version
 from bench.models_and_data import load_test_images
 from bench.server_common import (ALPHA, BOUNDARY, TARGET_P99_MS, UNDER_LOAD_TARGETS, all_answered_200, hey_period,
@@ -110,46 +110,6 @@ wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"
     return out
 
 
-class _RawHTTP:
-    """A minimal HTTP/1.1 keep-alive client on asyncio streams (a pool of connections to one host): far cheaper
-    per request than httpx, so that the open-loop generator, which shares the machine with the server, keeps up."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.idle: list = []
-
-    async def post(self, path: str, body: bytes, content_type: str) -> int:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        writer.write(head + body)
-        await writer.drain()
-        status_line = await reader.readline()
-        length, keep = 0, True
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value.strip())
-            elif name == "connection" and value.strip().lower() == "close":
-                keep = False
-        if length:
-            await reader.readexactly(length)
-        if keep:
-            self.idle.append(conn)
-        else:
-            writer.close()
-        return int(status_line.split()[1])
-
-    def close(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-
-
 def run_open_loop(url: str, body: bytes, rate: float, duration: float, seed) -> dict:
     """Open-loop Poisson arrivals at ``rate`` (asyncio, raw HTTP/1.1 keep-alive connections, a new connection only
     when none is idle); latency from the SCHEDULED send time, so there is no coordinated omission and any
@@ -162,7 +122,7 @@ def run_open_loop(url: str, body: bytes, rate: float, duration: float, seed) -> 
 
     async def main():
         lat, lag, codes = [], [], {}
-        client = _RawHTTP(host, int(port))
+        client = RawHTTP(host, int(port))
         for _ in range(8):  # open a few connections before the clock starts
             await client.post("/certify", body, ctype)
         loop = asyncio.get_running_loop()
@@ -198,41 +158,13 @@ def run_open_loop(url: str, body: bytes, rate: float, duration: float, seed) -> 
     return out
 
 
-class SequentialLoad:
-    """``clients`` closed-loop clients in a background thread, each posting mode=sequential requests (real test
-    images, default alpha and budget) back to back until stopped: the worker is busy while the surrogate path is
-    measured."""
-
-    def __init__(self, url: str, images: np.ndarray, clients: int):
-        self.bodies = [multipart_body(png_bytes(x), mode="sequential") for x in images]
-        self.host, port = url.removeprefix("http://").split(":")
-        self.port, self.clients = int(port), clients
-        self.done, self.codes, self.samples = 0, {}, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self):
-        client = _RawHTTP(self.host, self.port)
-        ctype = f"multipart/form-data; boundary={BOUNDARY}"
-
-        async def loop(k):
-            i = k
-            while not self._stop.is_set():
-                code = str(await client.post("/certify", self.bodies[i % len(self.bodies)], ctype))
-                self.codes[code] = self.codes.get(code, 0) + 1
-                self.done += 1
-                i += self.clients
-
-        await asyncio.gather(*(loop(k) for k in range(self.clients)))
-        client.close()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=300)
+def with_loop_cpu(server: ServerProc, run) -> dict:
+    """``run()``'s row plus ``loop_cpu_ms``: the CPU time of the server's event-loop thread per request answered in
+    the row (:meth:`ServerProc.loop_cpu_seconds`; other clients' requests meanwhile count in the time, not the n)."""
+    cpu0 = server.loop_cpu_seconds()
+    row = run()
+    row["loop_cpu_ms"] = 1e3 * (server.loop_cpu_seconds() - cpu0) / max(row["n"], 1)
+    return row
 
 
 def http_row(name: str, r: dict) -> list[str]:
@@ -240,7 +172,8 @@ def http_row(name: str, r: dict) -> list[str]:
     other = {k: v for k, v in r["codes"].items() if k != "200"}
     achieved = r["n"] / r["span_s"] if r.get("span_s") else float("nan")
     return [name, f"{r['offered_rate']:g}", f"{achieved:.1f}", f"{r['n']:,}", f"{ok:,}" + (f" (other: {other})"
-            if other else ""), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"**{r['p99']:.1f}**", f"{r['max']:.1f}"]
+            if other else ""), f"{r['p50']:.1f}", f"{r['p90']:.1f}", f"**{r['p99']:.1f}**", f"{r['max']:.1f}",
+            f"{r.get('loop_cpu_ms', float('nan')):.2f}"]
 
 
 def first_surrogate_image(url: str, pngs: list[bytes]) -> tuple[int, dict]:
@@ -276,14 +209,16 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     before = server.metrics()
     if hey:
         print(f"  hey: {rate:g} req/s for {duration:g} s (4 evenly phased single-connection streams)", flush=True)
-        results["hey_even"] = run_hey_staggered(hey, server.url, body_path, rate, duration, 4, ctx["workdir"], "even")
+        results["hey_even"] = with_loop_cpu(server, lambda: run_hey_staggered(hey, server.url, body_path, rate,
+                                                                              duration, 4, ctx["workdir"], "even"))
     else:
         notes.append("`hey` is not installed and could not be installed: the fixed-rate rows below come from the "
                      "Python open-loop generator only.")
     after = server.metrics()
     if hey:
         print("  hey -c 20 -q 10 (synchronized bursts)", flush=True)
-        results["hey_burst"] = run_hey_burst(hey, server.url, body_path, rate, duration, ctx["workdir"])
+        results["hey_burst"] = with_loop_cpu(server, lambda: run_hey_burst(hey, server.url, body_path, rate, duration,
+                                                                           ctx["workdir"]))
     if hey:
         clients = 8
         print(f"  hey again, with {clients} sequential requests in flight", flush=True)
@@ -291,8 +226,8 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
         with SequentialLoad(server.url, images[:64], clients) as seq:
             time.sleep(2.0)
             t_mixed = time.perf_counter()
-            results["hey_mixed"] = run_hey_staggered(hey, server.url, body_path, rate, duration, 4,
-                                                     ctx["workdir"], "mixed")
+            results["hey_mixed"] = with_loop_cpu(server, lambda: run_hey_staggered(
+                hey, server.url, body_path, rate, duration, 4, ctx["workdir"], "mixed"))
             seq_after = server.metrics()
             t_mixed = time.perf_counter() - t_mixed + 2.0
         mixed = results["hey_mixed"]
@@ -301,7 +236,8 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
         mixed["worker_samples_per_s"] = (seq_after.get(key, 0.0) - seq_before.get(key, 0.0)) / t_mixed
         mixed["command"] += f", while {clients} closed-loop clients post mode=sequential requests (test images 0-63)"
     print("  open-loop Poisson generator (asyncio, raw HTTP/1.1)", flush=True)
-    results["open_loop"] = run_open_loop(server.url, body_path.read_bytes(), rate, min(10.0, duration), [args.seed, 41])
+    results["open_loop"] = with_loop_cpu(server, lambda: run_open_loop(server.url, body_path.read_bytes(), rate,
+                                                                       min(10.0, duration), [args.seed, 41]))
     if wrk:
         print("  wrk: saturation throughput", flush=True)
         results["wrk"] = run_wrk(wrk, server.url, body_path, 10.0, ctx["workdir"])
@@ -325,7 +261,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                              results["hey_mixed"]))
     rows.append(http_row("open-loop Poisson (Python, complement)", results["open_loop"]))
     table = markdown_table(["load generator", "offered req/s", "achieved req/s", "requests", "200 OK", "p50 ms",
-                            "p90 ms", "p99 ms", "max ms"], rows)
+                            "p90 ms", "p99 ms", "max ms", "event loop CPU ms/request"], rows)
     primary = results.get("hey_even", results["open_loop"])
     verdict = "PASS" if primary["p99"] <= TARGET_P99_MS and all_answered_200(primary) else "FAIL"
     under_load = {name: ("PASS" if r["p99"] <= target and all_answered_200(r) else "FAIL")
@@ -341,18 +277,33 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                    f" latency at saturation p50 {w['p50']:.1f} ms, p90 {w['p90']:.1f} ms, p99 {w['p99']:.1f} ms.\n")
     commands = "\n".join(f"- {name}: {r['command']}" for name, r in results.items())
     mixed_txt = ""
+
+    def loop_cpu(name: str) -> str:
+        return f"{results[name]['loop_cpu_ms']:.2f} ms" if name in results else "(not measured)"
+
+    def same_work(mx: dict) -> str:
+        ratio = mx["loop_cpu_ms"] / results["hey_even"]["loop_cpu_ms"] if "hey_even" in results else float("nan")
+        return (f"{ratio:.2f}x as much work per request on the loop" + (
+            "; the tail the load adds is time the loop (or the client) waits for a core or the interpreter lock"
+            if ratio <= 1.15 else ""))
+
     if "hey_mixed" in results:
         mx = results["hey_mixed"]
         mixed_txt = (f"\nWith the worker busy (8 closed-loop clients posting `mode=sequential` requests, "
                      f"{mx['sequential_done']} answered, status codes {mx['sequential_codes']}, worker about "
                      f"{mx['worker_samples_per_s']:,.0f} samples/s) the same surrogate load saw p50 {mx['p50']:.1f} "
-                     f"ms and p99 {mx['p99']:.1f} ms. The sampler's onnxruntime pool uses every core (threads = 0) "
-                     "under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the loop and the clean passes preempt it (A/B, 7 "
-                     "pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 was worse). `CERTSERVE_GIL_SWITCH_MS=0.5` (A/B "
-                     "on three 2-core machines): this p99 10.2 -> 8.4, 7.0 -> 7.6, 9.1 -> 8.6 ms (the last 2026-12-07, "
-                     "10 pairs); bursts 43.6 -> 47.2, 40.6 -> 45.2, 38.4 -> 36.9; primary row 5.1 -> 6.4 (the last): "
-                     "the default stays 5 ms. In 10 s windows (the row's length before 2026-12-07) this p99 ranged "
-                     "9.1-11.3 ms over 11 runs within an hour, then 7.7-8.0 in 25 s windows: one run decides little.\n")
+                     f"ms and p99 {mx['p99']:.1f} ms. The event loop's own CPU per request was "
+                     f"{mx['loop_cpu_ms']:.2f} ms (the sequential requests' handling included) against "
+                     f"{loop_cpu('hey_even')} without the load: {same_work(mx)}. The sampler's "
+                     "onnxruntime pool uses every core (threads = 0) under SCHED_IDLE (`CERTSERVE_SAMPLER_IDLE`): the "
+                     "loop and the clean passes preempt it (A/B, 7 pairs: mean p99 10.5 ms, 11.7 at nice +10; nice 0 "
+                     "was worse). A thread budget instead (`CERTSERVE_THREADS=1`, a core left to the loop; A/B "
+                     "2026-12-07, 3 pairs): this p99 9.7, 8.1, 11.7 ms against 8.9, 9.1, 11.2 with every core, and 12% "
+                     "fewer sequential answers. `CERTSERVE_GIL_SWITCH_MS=0.5` (A/B on three 2-core machines): this "
+                     "p99 10.2 -> 8.4, 7.0 -> 7.6, 9.1 -> 8.6 ms (the last 2026-12-07, 10 pairs); bursts 43.6 -> 47.2, "
+                     "40.6 -> 45.2, 38.4 -> 36.9; primary row 5.1 -> 6.4 (the last): the default stays 5 ms. In 10 s "
+                     "windows (the row's length before 2026-12-07) this p99 ranged 9.1-11.3 ms over 11 runs within an "
+                     "hour, then 7.7-8.0 in 25 s windows: one run decides little.\n")
     server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
@@ -372,7 +323,9 @@ sequential/cohen ones; mean in-handler time (decode + surrogate + response model
 multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
 Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) no gen-2 collection pauses the loop
-(~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request.
+(~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request
+(the loop's CPU per request, last column, is lower in bursts, {loop_cpu('hey_burst')}, than at evenly spaced
+arrivals, {loop_cpu('hey_even')}: back-to-back requests share one wake-up and warm caches).
 The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
 3 pairs: burst p99 47.2 -> 44.1 ms); a clean-pass thread off the loop was measured and not kept (47.8 against 45.8).
 

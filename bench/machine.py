@@ -35,14 +35,21 @@ def proc_cpu_seconds(pid: int) -> float:
     return stat[1] if stat else 0.0
 
 
-def _proc_stat(pid: int) -> tuple[int, float, int] | None:
-    """(parent pid, CPU seconds, start time in ticks) of a live process, from /proc/<pid>/stat; None if gone."""
+def _proc_stat(pid: int, tid: int | None = None) -> tuple[int, float, int] | None:
+    """(parent pid, CPU seconds, start time in ticks) of a live process, from /proc/<pid>/stat, or of its thread
+    ``tid`` (/proc/<pid>/task/<tid>/stat: that thread's own CPU seconds); None if gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+        with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat", encoding="utf-8") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
         return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) that thread ``tid`` of the live process ``pid`` has used (NaN if gone)."""
+    stat = _proc_stat(pid, tid)
+    return float("nan") if stat is None else stat[1]
 
 
 class CpuMeter:

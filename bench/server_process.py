@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.machine import CpuMeter, proc_status
+from bench.machine import CpuMeter, proc_status, thread_cpu_seconds
 
 
 def free_port() -> int:
@@ -113,6 +113,11 @@ class ServerProc:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"server still running {drain + 15}s after SIGTERM") from None
         return code, time.monotonic() - t_term
+
+    def loop_cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server's main thread, where uvicorn runs the event loop (one process:
+        parsing, the surrogate's clean pass, responses and logging; not the engine's or the sampler's threads)."""
+        return thread_cpu_seconds(self.proc.pid, self.proc.pid)
 
     def rss(self) -> dict:
         return proc_status(self.proc.pid)

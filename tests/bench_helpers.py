@@ -143,7 +143,7 @@ WRK_OUTPUT = ("Running 10s test @ http://x/certify\n  Latency Distribution\n    
 
 
 class BlockingHTTP:
-    """_RawHTTP stand-in whose post blocks the event loop for 20 ms: requests due together queue behind each other."""
+    """RawHTTP stand-in whose post blocks the event loop for 20 ms: requests due together queue behind each other."""
 
     def __init__(self, host, port):
         pass
@@ -169,7 +169,8 @@ def run_bench_http(monkeypatch, tmp_path, even: dict, mixed: dict) -> dict:
     clock = FakeClock()
     counters = iter([{}, {}, {"certserve_samples_processed_total": 1000.0},
                      {"certserve_samples_processed_total": 13000.0}])
-    server = SimpleNamespace(url=URL, cmd=["/x/certserve", "serve"], metrics=lambda: next(counters))
+    server = SimpleNamespace(url=URL, cmd=["/x/certserve", "serve"], metrics=lambda: next(counters),
+                             loop_cpu_seconds=lambda: 0.2 * clock.now())  # the loop busy 20% of the fake time
 
     def staggered(hey, url, body, rate, duration, streams, workdir, tag):
         clock.advance(10.0)

@@ -12,10 +12,12 @@ real SamplingEngine over a tiny fake backend; no server, no network.
 from __future__ import annotations
 
 import io
+import math
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -377,7 +379,7 @@ def test_wrk_percentiles_are_converted_to_ms_from_each_unit(tmp_path):
 def test_open_loop_latency_is_measured_from_the_scheduled_time(monkeypatch):
     """Mutant: latency measured from the task's start (the delay before a due request is sent is not counted):
     10 arrivals due within ~10 ms behind a 20 ms blocking step each wait up to ~200 ms."""
-    monkeypatch.setattr(http_load, "_RawHTTP", BlockingHTTP)
+    monkeypatch.setattr(http_load, "RawHTTP", BlockingHTTP)
     out = http_load.run_open_loop(URL, b"x", 1000.0, 0.01, 0)
     assert out["codes"] == {"200": 10} and out["n"] == 10
     assert out["max"] >= 150.0 and out["p50"] >= 80.0
@@ -386,9 +388,9 @@ def test_open_loop_latency_is_measured_from_the_scheduled_time(monkeypatch):
 def test_http_row_states_the_achieved_rate_and_the_p99():
     """Mutants: achieved req/s inverted (span / n); the bold p99 column showing the p90."""
     r = {"offered_rate": 200.0, "n": 1000, "span_s": 5.0, "codes": {"200": 998, "503": 2}, "p50": 1.0, "p90": 2.0,
-         "p99": 3.5, "max": 9.0}
+         "p99": 3.5, "max": 9.0, "loop_cpu_ms": 1.25}
     assert http_load.http_row("x", r) == ["x", "200", "200.0", "1,000", "998 (other: {'503': 2})", "1.0", "2.0",
-                                         "**3.5**", "9.0"]
+                                         "**3.5**", "9.0", "1.25"]
 
 
 @pytest.mark.parametrize("even, mixed, mixed_verdict", [
@@ -405,6 +407,27 @@ def test_http_verdicts_read_each_rows_p99_and_codes_against_its_own_target(monke
     assert data["under_load_verdicts"] == {"hey_burst": "PASS", "hey_mixed": mixed_verdict}
     assert data["results"]["hey_mixed"]["worker_samples_per_s"] == pytest.approx(1000.0)
     assert f"(primary row): FAIL** (p99 {even['p99']:.1f} ms" in data["body"]
+    # the loop's CPU over each 10 s row (2 s) per answered request (1,000), not per tick nor over the 2 s lead-in
+    assert data["results"]["hey_even"]["loop_cpu_ms"] == pytest.approx(2.0)
+    assert data["results"]["hey_mixed"]["loop_cpu_ms"] == pytest.approx(2.0)
+    assert ("CPU per request was 2.00 ms (the sequential requests' handling included) against 2.00 ms without the "
+            "load: 1.00x as much work per request on the loop; the tail the load adds is time") in data["body"]
+
+
+def test_thread_cpu_seconds_reads_one_thread_not_the_whole_process():
+    """The event-loop column of section (b) reads the server's main thread. Mutant: the process's CPU
+    (/proc/<pid>/stat), which would include a busy side thread's 0.3 s here. Failed on that mutant: yes."""
+    def spin():
+        t = time.thread_time()
+        while time.thread_time() - t < 0.3:
+            pass
+
+    side = threading.Thread(target=spin)
+    side.start()
+    side.join()
+    mine = machine.thread_cpu_seconds(os.getpid(), threading.get_native_id())
+    assert mine == pytest.approx(time.thread_time(), abs=0.05)
+    assert math.isnan(machine.thread_cpu_seconds(os.getpid(), 2**22 + 7))  # above Linux's pid_max: no such thread
 
 
 # ---------------------------------------------------------------------------------------------- machine
