@@ -325,7 +325,7 @@ multipart decoding, scheduling and the client.
 Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) no gen-2 collection pauses the loop
 (~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request
 (the loop's CPU per request, last column, is lower in bursts, {loop_cpu('hey_burst')}, than at evenly spaced
-arrivals, {loop_cpu('hey_even')}: back-to-back requests share one wake-up and warm caches).
+arrivals, {loop_cpu('hey_even')}: likely because back-to-back requests share wake-ups and warm caches).
 The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
 3 pairs: burst p99 47.2 -> 44.1 ms); a clean-pass thread off the loop was measured and not kept (47.8 against 45.8).
 
