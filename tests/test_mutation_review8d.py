@@ -407,7 +407,7 @@ def test_http_verdicts_read_each_rows_p99_and_codes_against_its_own_target(monke
     assert data["under_load_verdicts"] == {"hey_burst": "PASS", "hey_mixed": mixed_verdict}
     assert data["results"]["hey_mixed"]["worker_samples_per_s"] == pytest.approx(1000.0)
     assert f"(primary row): FAIL** (p99 {even['p99']:.1f} ms" in data["body"]
-    # the loop's CPU over each 10 s row (2 s) per answered request (1,000), not per tick nor over the 2 s lead-in
+    # the loop's CPU over each 10 s row only (2 s; not over the mixed row's 2 s lead-in) per answered request (1,000)
     assert data["results"]["hey_even"]["loop_cpu_ms"] == pytest.approx(2.0)
     assert data["results"]["hey_mixed"]["loop_cpu_ms"] == pytest.approx(2.0)
     assert ("CPU per request was 2.00 ms (the sequential requests' handling included) against 2.00 ms without the "
