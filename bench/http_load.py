@@ -1,5 +1,6 @@
 """Section (b): the HTTP surrogate path of a running server at a fixed rate (hey), in synchronized bursts, with the
-worker busy, under an open-loop Poisson generator, and at saturation (wrk)."""
+worker busy (each of these three hey rows in rounds, pooled: ``bench.hey_runs``), under an open-loop Poisson
+generator, and at saturation (wrk)."""
 
 from __future__ import annotations
 
@@ -11,79 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.http_clients import RawHTTP, SequentialLoad
+from bench.hey_runs import RAW, pool_runs, run_rounds, with_loop_cpu
+from bench.http_clients import RawHTTP
 from bench.machine import ensure_tool, tool_version
 from bench.models_and_data import load_test_images
-from bench.server_common import (ALPHA, BOUNDARY, TARGET_P99_MS, UNDER_LOAD_TARGETS, all_answered_200, hey_period,
-                                 intended_latencies, latency_summary, markdown_table, multipart_body, pct,
-                                 png_bytes, unanswered_ticks)
+from bench.server_common import (ALPHA, BOUNDARY, TARGET_P99_MS, UNDER_LOAD_TARGETS, all_answered_200, latency_summary,
+                                 markdown_table, multipart_body, pct, png_bytes)
 from bench.server_process import ServerProc
-
-
-def parse_hey_csv(paths: list[Path], period: float, workers: int = 1, duration: float | None = None) -> dict:
-    """Status codes and latency of hey's csv files (``workers`` connections of ``-q`` tick ``period`` s per file),
-    percentiles over every tick, from the tick (``intended_latencies``: no coordinated omission); ``n``: requests
-    answered, ``scheduled``: ticks, ``p50/p99_from_send``: hey's own. hey's csv omits failed requests: with the run's
-    ``duration`` (``-z``) the ticks no answer accounts for are ``codes["no answer"]`` and the span is the whole run."""
-    lat, codes, ends, sent, lost = [], {}, [], [], 0
-    for p in paths:
-        rows = [parts for line in p.read_text().splitlines()[1:] if len(parts := line.split(",")) >= 8]
-        rt = np.array([float(r[0]) for r in rows])
-        offset = np.array([float(r[7]) for r in rows])
-        for r in rows:
-            codes[r[6]] = codes.get(r[6], 0) + 1
-        sent.append(1e3 * rt)
-        ends.extend(offset + rt)
-        lat.append(intended_latencies(offset, offset + rt, period, workers))
-        lost += unanswered_ticks(offset, offset + rt, period, duration, workers) if duration is not None else 0
-    codes.update({"no answer": lost} if lost else {})
-    summary = latency_summary(np.concatenate(lat) if lat else [])
-    from_send = np.concatenate(sent) if sent else np.zeros(0)
-    summary.update({"scheduled": summary["n"], "n": len(from_send), "codes": codes, "p50_from_send": pct(from_send, 50),
-                    "p99_from_send": pct(from_send, 99), "span_s": max([*ends, duration or 0.0]) if ends or duration
-                    else float("nan")})
-    return summary
-
-
-def run_hey_staggered(hey: str, url: str, body: Path, rate: float, duration: float, streams: int, workdir: Path,
-                      tag: str) -> dict:
-    """``streams`` hey processes with one connection each at rate/streams req/s, started 1/rate s apart, so the
-    arrivals are evenly spaced at ``rate`` (a plain ``hey -c N -q Q`` ticks all N workers together: bursts)."""
-    procs, paths = [], []
-    per = rate / streams
-    for i in range(streams):
-        path = workdir / f"hey-{tag}-{i}.csv"
-        fh = open(path, "wb")  # noqa: SIM115 (closed after the process exits)
-        cmd = [hey, "-z", f"{duration:g}s", "-c", "1", "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
-               "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv", url + "/certify"]
-        procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.DEVNULL), fh))
-        paths.append(path)
-        time.sleep(1.0 / rate)
-    for proc, fh in procs:
-        proc.wait(timeout=duration + 120)
-        fh.close()
-    out = parse_hey_csv(paths, hey_period(per), duration=duration)
-    out["command"] = (f"{streams} x `hey -z {duration:g}s -c 1 -q {per:g} -cpus 1 -m POST -T 'multipart/form-data; "
-                      f"boundary=...' -D body.bin -o csv URL/certify`, started {1e3 / rate:g} ms apart")
-    out["offered_rate"] = rate
-    out["duration"] = duration
-    return out
-
-
-def run_hey_burst(hey: str, url: str, body: Path, rate: float, duration: float, workdir: Path) -> dict:
-    conc = 20
-    per = rate / conc
-    path = workdir / "hey-burst.csv"
-    with open(path, "wb") as fh:
-        subprocess.run([hey, "-z", f"{duration:g}s", "-c", str(conc), "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
-                        "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv",
-                        url + "/certify"], check=False, stdout=fh, stderr=subprocess.DEVNULL,
-                       timeout=duration + 120)
-    out = parse_hey_csv([path], hey_period(per), conc, duration)
-    out["command"] = f"`hey -z {duration:g}s -c {conc} -q {per:g} -cpus 1 -m POST ... -o csv URL/certify`"
-    out["offered_rate"] = rate
-    out["duration"] = duration
-    return out
 
 
 def run_wrk(wrk: str, url: str, body: Path, duration: float, workdir: Path, connections: int = 8) -> dict:
@@ -158,15 +93,6 @@ def run_open_loop(url: str, body: bytes, rate: float, duration: float, seed) -> 
     return out
 
 
-def with_loop_cpu(server: ServerProc, run) -> dict:
-    """``run()``'s row plus ``loop_cpu_ms``: the CPU time of the server's event-loop thread per request answered in
-    the row (:meth:`ServerProc.loop_cpu_seconds`; other clients' requests meanwhile count in the time, not the n)."""
-    cpu0 = server.loop_cpu_seconds()
-    row = run()
-    row["loop_cpu_ms"] = 1e3 * (server.loop_cpu_seconds() - cpu0) / max(row["n"], 1)
-    return row
-
-
 def http_row(name: str, r: dict) -> list[str]:
     ok = r["codes"].get("200", 0)
     other = {k: v for k, v in r["codes"].items() if k != "200"}
@@ -191,6 +117,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     import httpx
 
     duration, rate = args.duration or (30.0 if args.full else 25.0), args.rate
+    repeats = max(1, int(args.http_repeats))
     images, labels = load_test_images(200)
     pick, answer = first_surrogate_image(server.url, [png_bytes(x) for x in images])
     png = png_bytes(images[pick])
@@ -206,35 +133,15 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     hey = ensure_tool("hey")
     wrk = ensure_tool("wrk")
     results, notes = {}, []
-    before = server.metrics()
     if hey:
-        print(f"  hey: {rate:g} req/s for {duration:g} s (4 evenly phased single-connection streams)", flush=True)
-        results["hey_even"] = with_loop_cpu(server, lambda: run_hey_staggered(hey, server.url, body_path, rate,
-                                                                              duration, 4, ctx["workdir"], "even"))
+        runs = run_rounds(server, hey, body_path, rate, duration, ctx["workdir"], images, repeats)
+        results.update({name: pool_runs(rows) for name, rows in runs.items()})
+        surrogate_n, surrogate_s, other_methods = (results["hey_even"][key]
+                                                   for key in ("surrogate_n", "surrogate_s", "other_methods"))
     else:
         notes.append("`hey` is not installed and could not be installed: the fixed-rate rows below come from the "
                      "Python open-loop generator only.")
-    after = server.metrics()
-    if hey:
-        print("  hey -c 20 -q 10 (synchronized bursts)", flush=True)
-        results["hey_burst"] = with_loop_cpu(server, lambda: run_hey_burst(hey, server.url, body_path, rate, duration,
-                                                                           ctx["workdir"]))
-    if hey:
-        clients = 8
-        print(f"  hey again, with {clients} sequential requests in flight", flush=True)
-        seq_before = server.metrics()
-        with SequentialLoad(server.url, images[:64], clients) as seq:
-            time.sleep(2.0)
-            t_mixed = time.perf_counter()
-            results["hey_mixed"] = with_loop_cpu(server, lambda: run_hey_staggered(
-                hey, server.url, body_path, rate, duration, 4, ctx["workdir"], "mixed"))
-            seq_after = server.metrics()
-            t_mixed = time.perf_counter() - t_mixed + 2.0
-        mixed = results["hey_mixed"]
-        mixed["sequential_done"], mixed["sequential_codes"] = seq.done, dict(seq.codes)
-        key = "certserve_samples_processed_total"
-        mixed["worker_samples_per_s"] = (seq_after.get(key, 0.0) - seq_before.get(key, 0.0)) / t_mixed
-        mixed["command"] += f", while {clients} closed-loop clients post mode=sequential requests (test images 0-63)"
+        surrogate_n = surrogate_s = other_methods = 0.0
     print("  open-loop Poisson generator (asyncio, raw HTTP/1.1)", flush=True)
     results["open_loop"] = with_loop_cpu(server, lambda: run_open_loop(server.url, body_path.read_bytes(), rate,
                                                                        min(10.0, duration), [args.seed, 41]))
@@ -244,13 +151,6 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     else:
         notes.append("`wrk` is not installed: no saturation throughput.")
 
-    def delta(key):
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    sur_n = delta('certserve_request_duration_seconds_count{method="surrogate"}')
-    sur_s = delta('certserve_request_duration_seconds_sum{method="surrogate"}')
-    other_methods = sum(delta(f'certserve_request_duration_seconds_count{{method="{m}"}}')
-                        for m in ("sequential", "cohen"))
     rows = []
     if "hey_even" in results:
         rows.append(http_row("**hey, 4 evenly phased streams (primary)**", results["hey_even"]))
@@ -266,9 +166,13 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     verdict = "PASS" if primary["p99"] <= TARGET_P99_MS and all_answered_200(primary) else "FAIL"
     under_load = {name: ("PASS" if r["p99"] <= target and all_answered_200(r) else "FAIL")
                   for name, _, target in UNDER_LOAD_TARGETS if (r := results.get(name))}
+    def each_run(r: dict) -> str:
+        p99s = " / ".join(f"{run['p99']:.1f}" for run in r.get("runs", []))
+        return f"; each run alone: p99 {p99s} ms" if len(r.get("runs", [])) > 1 else ""
+
     load_txt = "".join(f"\n**Target: p99 <= {target:g} ms, {what} (issue 11): {under_load[name]}** "
-                       f"(p99 {results[name]['p99']:.1f} ms)." for name, what, target in UNDER_LOAD_TARGETS
-                       if name in under_load)
+                       f"(p99 {results[name]['p99']:.1f} ms{each_run(results[name])})."
+                       for name, what, target in UNDER_LOAD_TARGETS if name in under_load)
     wrk_txt = ""
     if "wrk" in results:
         w = results["wrk"]
@@ -303,8 +207,8 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                      "p99 10.2 -> 8.4, 7.0 -> 7.6, 9.1 -> 8.6 ms (the last 2026-12-07, 10 pairs); bursts 43.6 -> 47.2, "
                      "40.6 -> 45.2, 38.4 -> 36.9; primary row 5.1 -> 6.4 (the last): the default stays 5 ms. In 10 s "
                      "windows (the row's length before 2026-12-07) this p99 ranged 9.1-11.3 ms over 11 runs within an "
-                     "hour, then 7.7-8.0 in 25 s windows: one run decides little.\n")
-    server_mean = sur_s / sur_n * 1e3 if sur_n else float("nan")
+                     "hour, then 7.7-8.0 in 25 s windows: one run decides little, hence the rounds.\n")
+    server_mean = surrogate_s / surrogate_n * 1e3 if surrogate_n else float("nan")
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
 form with one PNG ({len(png)} bytes; Fashion-MNIST test image #{pick}, label {int(labels[pick])}), no other fields
@@ -315,10 +219,10 @@ the same 2-core machine as the server (loopback), so they compete with it for CP
 {table}
 
 **Target: p99 <= {TARGET_P99_MS:g} ms at {rate:g} req/s (primary row): {verdict}** (p99 {primary['p99']:.1f} ms,
-p50 {primary['p50']:.1f} ms, {primary['n'] / primary['span_s']:.1f} req/s achieved).{load_txt}
+p50 {primary['p50']:.1f} ms, {primary['n'] / primary['span_s']:.1f} req/s achieved{each_run(primary)}).{load_txt}
 
-During the primary run the server's own metrics counted {sur_n:,.0f} surrogate answers and {other_methods:,.0f}
-sequential/cohen ones; mean in-handler time (decode + surrogate + response model, from
+During the primary row's runs the server's own metrics counted {surrogate_n:,.0f} surrogate answers and
+{other_methods:,.0f} sequential/cohen ones; mean in-handler time (decode + surrogate + response model, from
 `certserve_request_duration_seconds`) {server_mean:.2f} ms per request: the rest of the latency is HTTP parsing,
 multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
@@ -328,6 +232,10 @@ Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) 
 arrivals, {loop_cpu('hey_even')}: likely because back-to-back requests share wake-ups and warm caches).
 The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
 3 pairs: burst p99 47.2 -> 44.1 ms); a clean-pass thread off the loop was measured and not kept (47.8 against 45.8).
+
+The three hey rows run in {repeats} rounds, in turn (steady, bursts, with the sequential load), so that a slow minute of
+this shared machine falls on every row alike; each row's percentiles are over every tick of its {repeats} runs pooled
+({repeats} x {duration:g} s), and "each run alone" gives the p99 each run would have reported by itself.
 
 How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
@@ -346,8 +254,8 @@ Commands:
 {commands}
 {chr(10).join('- ' + n for n in notes)}"""
     data = {"rate": rate, "duration": duration, "verdict": verdict, "under_load_verdicts": under_load,
-            "primary": {k: v for k, v in primary.items() if k != "raw"},
-            "results": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in results.items()},
+            "repeats": repeats, "primary": {k: v for k, v in primary.items() if k not in ("raw", RAW)},
+            "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("raw", RAW)} for k, v in results.items()},
             "server_mean_ms": server_mean, "hey": tool_version("hey") if hey else None,
             "wrk": tool_version("wrk") if wrk else None}
     return "http", "(b) HTTP surrogate path at a fixed rate", body, data

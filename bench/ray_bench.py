@@ -36,7 +36,8 @@ import httpx
 import numpy as np
 
 from bench import netns
-from bench.http_load import first_surrogate_image, run_hey_staggered
+from bench.hey_runs import run_hey_staggered
+from bench.http_load import first_surrogate_image
 from bench.machine import (CpuMeter, code_version, describe_load, ensure_tool, machine_description, proc_cpu_seconds,
                            proc_status)
 from bench.models_and_data import load_test_images

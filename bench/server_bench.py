@@ -24,14 +24,14 @@ Run as ``certserve bench server [--only worker,http,...] [--full]`` or ``python 
 ``--sampler model.pt --device cuda`` the worker and certs sections use a TorchScript base model on the GPU, e.g.
 ``certserve bench server --only worker,certs --sampler runs/fmnist-sigma0.25/base.pt --device cuda`` (their report
 sections are keyed by sampler, so this adds ``torch-cuda`` sections next to the CPU ones). The serve-based sections
-always serve the bundle, on ``--serve-device`` (default auto). Default mode: about 4-5 minutes on the 2-core
+always serve the bundle, on ``--serve-device`` (default auto). Default mode: about 6 minutes on the 2-core
 development machine; ``--full`` runs longer windows, 200 images for certs (plus Cohen through the worker) and 1,000
 for auto, and takes several times longer.
 
 This module parses the options and runs the sections; each section lives in its own module (``worker_efficiency``,
-``http_load``, ``cert_rate``, ``auto_mode``, ``cold_start``), with the report in ``report``, the spawned server in
-``server_process``, machine description and load in ``machine``, test images and the sampled base model in
-``models_and_data`` and shared constants and helpers in ``server_common``.
+``http_load`` with its hey rows in ``hey_runs``, ``cert_rate``, ``auto_mode``, ``cold_start``), with the report in
+``report``, the spawned server in ``server_process``, machine description and load in ``machine``, test images and
+the sampled base model in ``models_and_data`` and shared constants and helpers in ``server_common``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="http section: fixed request rate (req/s)")
     parser.add_argument("--duration", type=float, default=None, help="http section: seconds of each hey row (steady, "
                         "bursts, with sequential load; default 25, --full 30)")
+    parser.add_argument("--http-repeats", type=int, default=3, help="http section: rounds of the three hey rows, "
+                        "run in turn and pooled per row (default 3)")
     parser.add_argument("--cert-images", type=int, default=None, help="certs section: test images (default 40, "
                                                                        "--full 200)")
     parser.add_argument("--cohen-worker", action="store_true",

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import bench.hey_runs as hey_runs
 import bench.http_load as http_load
 import bench.worker_efficiency as worker
 import server.serve
@@ -157,36 +158,48 @@ class BlockingHTTP:
 
 
 def hey_result(p90: float, p99: float, ok: int = 1000) -> dict:
+    """A hey row of 1,000 ticks whose raw latencies (``bench.hey_runs.RAW``) have exactly these p90 and p99."""
     codes = {"200": ok} if ok == 1000 else {"200": ok, "503": 1000 - ok}
+    ticks = np.concatenate([np.full(899, 1.0), np.full(90, p90), np.full(11, p99)])
     return {"n": 1000, "scheduled": 1000, "span_s": 5.0, "codes": codes, "mean": 1.0, "p50": 1.0, "p90": p90,
-            "p99": p99, "max": p99 + 1, "p99_from_send": p99, "offered_rate": 200.0, "command": "hey", "duration": 5}
+            "p99": p99, "max": p99 + 1, "p99_from_send": p99, "offered_rate": 200.0, "command": "hey", "duration": 5,
+            hey_runs.RAW: {"ticks": ticks, "from_send": ticks}}
 
 
-def run_bench_http(monkeypatch, tmp_path, even: dict, mixed: dict) -> dict:
-    """bench_http with hey present (wrk not), fake load runs of 10 s each on a fake clock; bursts p99 39 ms."""
+def run_bench_http(monkeypatch, tmp_path, even: dict | list, mixed: dict | list, repeats: int = 1,
+                   order: list | None = None) -> dict:
+    """bench_http with hey present (wrk not), fake load runs of 10 s each on a fake clock; bursts p99 39 ms. ``even``
+    and ``mixed``: one row for every round, or one per round; ``order`` (optional) receives the rows' tags as run.
+    The fake worker counts 100 samples per fake second."""
     import httpx
 
     clock = FakeClock()
-    counters = iter([{}, {}, {"certserve_samples_processed_total": 1000.0},
-                     {"certserve_samples_processed_total": 13000.0}])
-    server = SimpleNamespace(url=URL, cmd=["/x/certserve", "serve"], metrics=lambda: next(counters),
-                             loop_cpu_seconds=lambda: 0.2 * clock.now())  # the loop busy 20% of the fake time
+    server = SimpleNamespace(url=URL, cmd=["/x/certserve", "serve"], loop_cpu_seconds=lambda: 0.2 * clock.now(),
+                             metrics=lambda: {"certserve_samples_processed_total": 100.0 * clock.now()})
+    rows = {"even": iter(even if isinstance(even, list) else [even] * repeats),
+            "mixed": iter(mixed if isinstance(mixed, list) else [mixed] * repeats)}
+    order = [] if order is None else order
 
     def staggered(hey, url, body, rate, duration, streams, workdir, tag):
         clock.advance(10.0)
-        return dict({"even": even, "mixed": mixed}[tag])  # a KeyError for a burst row run as staggered streams
+        order.append(tag)
+        return dict(next(rows[tag]))  # a KeyError for a burst row run as staggered streams
+
+    def burst(*a):
+        order.append("burst")
+        return hey_result(30.0, 39.0)
 
     client = SimpleNamespace(post=lambda *a, **kw: None)
     monkeypatch.setattr(httpx, "Client", lambda **kw: contextlib.nullcontext(client))
-    patch(monkeypatch, http_load, time=clock, run_hey_staggered=staggered, tool_version=lambda name: "1",
+    patch(monkeypatch, hey_runs, time=clock, run_hey_staggered=staggered, run_hey_burst=burst,
+          SequentialLoad=lambda *a: contextlib.nullcontext(SimpleNamespace(done=50, codes={"200": 50})))
+    patch(monkeypatch, http_load, time=clock, tool_version=lambda name: "1",
           load_test_images=lambda n: (np.zeros((4, 1, 28, 28)), np.zeros(4)),
           first_surrogate_image=lambda url, pngs: (0, {"class_index": 1, "radius": 0.7,
                                                        "guarantee": {"kind": "conformal-marginal"}}),
           ensure_tool=lambda name: name if name == "hey" else None,
-          SequentialLoad=lambda *a: contextlib.nullcontext(SimpleNamespace(done=50, codes={"200": 50})),
-          run_hey_burst=lambda *a: hey_result(30.0, 39.0),
           run_open_loop=lambda *a: dict(hey_result(3.0, 5.0), send_lag_p99=0.1))
-    args = SimpleNamespace(duration=None, full=False, rate=200.0, seed=0)
+    args = SimpleNamespace(duration=None, full=False, rate=200.0, seed=0, http_repeats=repeats)
     with contextlib.redirect_stdout(io.StringIO()):
         _, _, body, data = http_load.bench_http(args, {"workdir": tmp_path}, server)
     return dict(data, body=body)

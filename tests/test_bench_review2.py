@@ -49,7 +49,7 @@ def test_hey_rows_measure_from_the_tick_not_from_the_send(fake_hey, tmp_path, mo
     """A 200 ms stall at 50 req/s holds up the ~10 requests due during it. hey sends only one of them (late, from
     its buffered tick) and measures it from its send: p99 0.5 ms, a PASS of any target. Measured from the ticks,
     every due request counts: p99 ~ 180 ms. Without a stall both measures agree."""
-    from bench.http_load import run_hey_staggered
+    from bench.hey_runs import run_hey_staggered
 
     if stall:
         monkeypatch.setenv("FAKE_HEY_STALL_FROM", str(stall[0]))

@@ -41,12 +41,12 @@ def test_hey_row_of_a_server_that_went_down_is_not_a_pass(fake_hey_down, tmp_pat
     read "all 200", achieved 50 req/s, p99 0.5 ms: the (b) verdicts' `codes["200"] == n` held and the summary said
     "p99 0.5 ms at 50 req/s", PASS. Now the ticks after the last answer count as unanswered and the rate is over
     the whole run. Failed on the old code: yes (codes == {"200": 49}, achieved 49.0 req/s)."""
-    from bench import http_load
+    from bench import hey_runs, http_load
 
     monkeypatch.setenv("FAKE_HEY_DOWN_AT", "1.0")
     body = tmp_path / "body.bin"
     body.write_bytes(b"x")
-    out = http_load.run_hey_staggered(fake_hey_down, "http://127.0.0.1:9", body, 50.0, 3.0, 1, tmp_path, "d")
+    out = hey_runs.run_hey_staggered(fake_hey_down, "http://127.0.0.1:9", body, 50.0, 3.0, 1, tmp_path, "d")
     assert out["n"] == 49 and out["codes"]["200"] == 49
     assert out["codes"].get("no answer") == 100  # ticks 50 .. 149 (1.0031 .. 2.9831 s): sent, never answered
     assert out["n"] / out["span_s"] < 17.0  # 49 answers over the 3 s run, not over its first second
@@ -56,11 +56,11 @@ def test_hey_row_of_a_server_that_went_down_is_not_a_pass(fake_hey_down, tmp_pat
 def test_hey_row_of_a_healthy_server_counts_no_lost_ticks(fake_hey_down, tmp_path):
     """The same run with the server up throughout: every tick answered, nothing under "no answer" (guards the fix
     above against flagging the normal end of a -z run)."""
-    from bench import http_load
+    from bench import hey_runs, http_load
 
     body = tmp_path / "body.bin"
     body.write_bytes(b"x")
-    out = http_load.run_hey_staggered(fake_hey_down, "http://127.0.0.1:9", body, 50.0, 3.0, 1, tmp_path, "u")
+    out = hey_runs.run_hey_staggered(fake_hey_down, "http://127.0.0.1:9", body, 50.0, 3.0, 1, tmp_path, "u")
     assert out["codes"] == {"200": 149} and out["scheduled"] == 149 and http_load.all_answered_200(out)
 
 
