@@ -209,6 +209,10 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
                      "windows (the row's length before 2026-12-07) this p99 ranged 9.1-11.3 ms over 11 runs within an "
                      "hour, then 7.7-8.0 in 25 s windows: one run decides little, hence the rounds.\n")
     server_mean = surrogate_s / surrogate_n * 1e3 if surrogate_n else float("nan")
+    rounds_txt = (f"The three hey rows run in {repeats} rounds, in turn (steady, bursts, with the sequential load), so "
+                  "that a slow minute of this shared machine falls on every row alike; each row's percentiles are "
+                  f"over every tick of its {repeats} runs pooled ({repeats} x {duration:g} s), and \"each run alone\" "
+                  "gives the p99 each run would have reported by itself.\n\n") if "hey_even" in results else ""
     body = f"""Server: `{' '.join(Path(server.cmd[0]).name if i == 0 else c for i, c in enumerate(server.cmd))}` (default
 settings: uvicorn, one process, access log on at level info, output to a file). Request: POST /certify, multipart
 form with one PNG ({len(png)} bytes; Fashion-MNIST test image #{pick}, label {int(labels[pick])}), no other fields
@@ -233,11 +237,7 @@ arrivals, {loop_cpu('hey_even')}: likely because back-to-back requests share wak
 The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
 3 pairs: burst p99 47.2 -> 44.1 ms); a clean-pass thread off the loop was measured and not kept (47.8 against 45.8).
 
-The three hey rows run in {repeats} rounds, in turn (steady, bursts, with the sequential load), so that a slow minute of
-this shared machine falls on every row alike; each row's percentiles are over every tick of its {repeats} runs pooled
-({repeats} x {duration:g} s), and "each run alone" gives the p99 each run would have reported by itself.
-
-How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
+{rounds_txt}How the rows differ: hey's `-q` is a per-worker rate and its workers' tickers start together, so `-c 20 -q 10`
 sends 20 requests at once every 100 ms (a queue of 20 forms at each tick); the primary row runs 4 hey processes
 with one connection each at {rate / 4:g} req/s, started {1e3 / rate:g} ms apart, i.e. one request every
 {1e3 / rate:g} ms with up to 4 in flight. hey itself measures from each request's send, and a response slower

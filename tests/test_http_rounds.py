@@ -61,4 +61,5 @@ def test_rounds_run_the_rows_in_turn_and_judge_the_pooled_p99(monkeypatch, tmp_p
     assert loaded["n"] == 3000 and loaded["p99"] == pytest.approx(8.0)
     assert data["under_load_verdicts"] == {"hey_burst": "PASS", "hey_mixed": "PASS"}
     assert "(p99 8.0 ms; each run alone: p99 8.0 / 8.0 / 30.0 ms)" in data["body"]
+    assert "over every tick of its 3 runs pooled (3 x 25 s)" in data["body"]
     assert data["repeats"] == 3 and hey_runs.RAW not in loaded  # the raw latencies are not stored in the report
