@@ -166,6 +166,7 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     verdict = "PASS" if primary["p99"] <= TARGET_P99_MS and all_answered_200(primary) else "FAIL"
     under_load = {name: ("PASS" if r["p99"] <= target and all_answered_200(r) else "FAIL")
                   for name, _, target in UNDER_LOAD_TARGETS if (r := results.get(name))}
+
     def each_run(r: dict) -> str:
         p99s = " / ".join(f"{run['p99']:.1f}" for run in r.get("runs", []))
         return f"; each run alone: p99 {p99s} ms" if len(r.get("runs", [])) > 1 else ""
