@@ -169,7 +169,8 @@ def hey_result(p90: float, p99: float, ok: int = 1000) -> dict:
 def run_bench_http(monkeypatch, tmp_path, even: dict | list, mixed: dict | list, repeats: int = 1,
                    order: list | None = None) -> dict:
     """bench_http with hey present (wrk not), fake load runs of 10 s each on a fake clock; bursts p99 39 ms. ``even``
-    and ``mixed``: one row for every round, or one per round; ``order`` (optional) receives the rows' tags as run.
+    and ``mixed``: one row reused in every round, or a list of one per round; ``order`` (optional) receives the rows'
+    tags in the order they ran.
     The fake worker counts 100 samples per fake second."""
     import httpx
 
