@@ -33,12 +33,12 @@ def parse_hey_csv(paths: list[Path], period: float, workers: int = 1, duration: 
         lat.append(intended_latencies(offset, offset + rt, period, workers))
         lost += unanswered_ticks(offset, offset + rt, period, duration, workers) if duration is not None else 0
     codes.update({"no answer": lost} if lost else {})
-    summary = latency_summary(np.concatenate(lat) if lat else [])
+    ticks = np.concatenate(lat) if lat else np.zeros(0)
     from_send = np.concatenate(sent) if sent else np.zeros(0)
+    summary = latency_summary(ticks)
     summary.update({"scheduled": summary["n"], "n": len(from_send), "codes": codes, "p50_from_send": pct(from_send, 50),
                     "p99_from_send": pct(from_send, 99), "span_s": max([*ends, duration or 0.0]) if ends or duration
-                    else float("nan"), RAW: {"ticks": np.concatenate(lat) if lat else np.zeros(0),
-                                             "from_send": from_send}})
+                    else float("nan"), RAW: {"ticks": ticks, "from_send": from_send}})
     return summary
 
 
@@ -92,8 +92,6 @@ def with_loop_cpu(server: ServerProc, run) -> dict:
     return row
 
 
-SURROGATE_COUNT = 'certserve_request_duration_seconds_count{method="surrogate"}'
-SURROGATE_SUM = 'certserve_request_duration_seconds_sum{method="surrogate"}'
 SAMPLES = "certserve_samples_processed_total"
 
 
@@ -111,15 +109,21 @@ def run_rounds(server: ServerProc, hey: str, body: Path, rate: float, duration: 
         even = with_loop_cpu(server, lambda: run_hey_staggered(hey, server.url, body, rate, duration, 4, workdir,
                                                                "even"))
         after = server.metrics()
-        delta = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
-        even.update(surrogate_n=delta(SURROGATE_COUNT), surrogate_s=delta(SURROGATE_SUM),
-                    other_methods=sum(delta(f'certserve_request_duration_seconds_count{{method="{m}"}}')
-                                      for m in ("sequential", "cohen")))
+        even.update(surrogate_n=_gained(before, after, "count", "surrogate"),
+                    surrogate_s=_gained(before, after, "sum", "surrogate"),
+                    other_methods=_gained(before, after, "count", "sequential") + _gained(before, after, "count",
+                                                                                          "cohen"))
         runs["hey_even"].append(even)
         runs["hey_burst"].append(with_loop_cpu(server, lambda: run_hey_burst(hey, server.url, body, rate, duration,
                                                                              workdir)))
         runs["hey_mixed"].append(run_mixed(server, hey, body, rate, duration, workdir, images))
     return runs
+
+
+def _gained(before: dict, after: dict, stat: str, method: str) -> float:
+    """How much ``certserve_request_duration_seconds_<stat>{method=...}`` (count or sum) grew between two snapshots."""
+    key = f'certserve_request_duration_seconds_{stat}{{method="{method}"}}'
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 def run_mixed(server: ServerProc, hey: str, body: Path, rate: float, duration: float, workdir: Path, images,
@@ -144,11 +148,9 @@ def pool_runs(runs: list[dict]) -> dict:
     """One row from runs of the same load: percentiles over every tick of every run (their latencies pooled, not an
     average of per-run percentiles), requests, ticks, status codes, time span and sequential answers summed, the
     loop's CPU per answered request over all of them, the worker's samples/s averaged; ``runs`` keeps what each run
-    alone reported (p50, p99, loop CPU). One run is returned as it is, with its ``runs`` entry."""
+    alone reported (p50, p99, loop CPU)."""
     each = [{"p50": r["p50"], "p99": r["p99"], "loop_cpu_ms": r.get("loop_cpu_ms", float("nan"))} for r in runs]
     row = dict(runs[0], runs=each)
-    if len(runs) == 1:
-        return row
     ticks = np.concatenate([r[RAW]["ticks"] for r in runs])
     from_send = np.concatenate([r[RAW]["from_send"] for r in runs])
     row.update(latency_summary(ticks), scheduled=len(ticks), n=sum(r["n"] for r in runs),
