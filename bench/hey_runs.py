@@ -51,9 +51,8 @@ def run_hey_staggered(hey: str, url: str, body: Path, rate: float, duration: flo
     for i in range(streams):
         path = workdir / f"hey-{tag}-{i}.csv"
         fh = open(path, "wb")  # noqa: SIM115 (closed after the process exits)
-        cmd = [hey, "-z", f"{duration:g}s", "-c", "1", "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
-               "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv", url + "/certify"]
-        procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.DEVNULL), fh))
+        procs.append((subprocess.Popen(_hey_command(hey, url, body, duration, 1, per), stdout=fh,
+                                       stderr=subprocess.DEVNULL), fh))
         paths.append(path)
         time.sleep(1.0 / rate)
     for proc, fh in procs:
@@ -67,15 +66,20 @@ def run_hey_staggered(hey: str, url: str, body: Path, rate: float, duration: flo
     return out
 
 
+def _hey_command(hey: str, url: str, body: Path, duration: float, connections: int, per: float) -> list[str]:
+    """hey posting ``body`` (multipart) to URL/certify for ``duration`` s from ``connections`` workers at ``per``
+    req/s each, on one CPU, one csv line per request on stdout."""
+    return [hey, "-z", f"{duration:g}s", "-c", str(connections), "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
+            "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv", url + "/certify"]
+
+
 def run_hey_burst(hey: str, url: str, body: Path, rate: float, duration: float, workdir: Path) -> dict:
     conc = 20
     per = rate / conc
     path = workdir / "hey-burst.csv"
     with open(path, "wb") as fh:
-        subprocess.run([hey, "-z", f"{duration:g}s", "-c", str(conc), "-q", f"{per:g}", "-cpus", "1", "-m", "POST",
-                        "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body), "-o", "csv",
-                        url + "/certify"], check=False, stdout=fh, stderr=subprocess.DEVNULL,
-                       timeout=duration + 120)
+        subprocess.run(_hey_command(hey, url, body, duration, conc, per), check=False, stdout=fh,
+                       stderr=subprocess.DEVNULL, timeout=duration + 120)
     out = parse_hey_csv([path], hey_period(per), conc, duration)
     out["command"] = f"`hey -z {duration:g}s -c {conc} -q {per:g} -cpus 1 -m POST ... -o csv URL/certify`"
     out["offered_rate"] = rate
