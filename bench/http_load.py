@@ -186,6 +186,13 @@ def bench_http(args, ctx, server: ServerProc) -> tuple[str, str, str, dict]:
     def loop_cpu(name: str) -> str:
         return f"{results[name]['loop_cpu_ms']:.2f} ms" if name in results else "(not measured)"
 
+    def burst_scale() -> str:
+        burst = results.get("hey_burst", {})
+        if not burst.get("loop_cpu_ms", 0.0) > 0:  # no burst row, or its loop CPU not measured (NaN, 0)
+            return ""
+        return (f", so its p50 is {burst['p50'] / burst['loop_cpu_ms']:.0f} x and its p99 "
+                f"{burst['p99'] / burst['loop_cpu_ms']:.0f} x the loop's CPU per request")
+
     def same_work(mx: dict) -> str:
         ratio = mx["loop_cpu_ms"] / results["hey_even"]["loop_cpu_ms"] if "hey_even" in results else float("nan")
         return (f"{ratio:.2f}x as much work per request on the loop" + (
@@ -232,7 +239,7 @@ During the primary row's runs the server's own metrics counted {surrogate_n:,.0f
 multipart decoding, scheduling and the client.
 {wrk_txt}{mixed_txt}
 Since the server freezes its start-up heap (`server.serve.freeze_startup_heap`) no gen-2 collection pauses the loop
-(~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave, so its p99 ~ 20 x CPU per request
+(~120 ms before: the burst p99 was 127-167 ms); a burst's requests interleave{burst_scale()}
 (the loop's CPU per request, last column, is lower in bursts, {loop_cpu('hey_burst')}, than at evenly spaced
 arrivals, {loop_cpu('hey_even')}: likely because back-to-back requests share wake-ups and warm caches).
 The one-image surrogate answer runs on one-value kernels (smoothing.conformal `*_one`, ~30 us instead of ~170; A/B,
