@@ -63,3 +63,12 @@ def test_rounds_run_the_rows_in_turn_and_judge_the_pooled_p99(monkeypatch, tmp_p
     assert "(p99 8.0 ms; each run alone: p99 8.0 / 8.0 / 30.0 ms)" in data["body"]
     assert "over every tick of its 3 runs pooled (3 x 25 s)" in data["body"]
     assert data["repeats"] == 3 and hey_runs.RAW not in loaded  # the raw latencies are not stored in the report
+
+
+def test_burst_sentence_states_the_measured_ratio_to_the_loops_cpu(monkeypatch, tmp_path):
+    """The burst row's p99 over the loop's CPU per request is computed from the row (39 ms / 2.00 ms: 20 x), not a
+    fixed claim (the text before: 'its p99 ~ 20 x CPU per request', whatever was measured; this test failed on it:
+    checked once)."""
+    data = run_bench_http(monkeypatch, tmp_path, even=hey_result(2.0, 4.0), mixed=hey_result(5.0, 8.0))
+    assert data["results"]["hey_burst"]["loop_cpu_ms"] == pytest.approx(2.0)
+    assert "and its p99 20 x the loop's CPU per request" in " ".join(data["body"].split())
