@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,14 @@ class OnnxBackend:
         Host noise comes from ``rng`` (reproducible for a seeded generator). In-graph noise (CUDA) comes from the
         session's own generator, seeded once at load: i.i.d. and fresh on every call, but not replayable from ``rng``.
         """
+        return self.prepare_noisy(images, repeats, sigma, rng)()
+
+    def prepare_noisy(self, images: np.ndarray, repeats: np.ndarray, sigma: float,
+                      rng: np.random.Generator) -> Callable[[], np.ndarray]:
+        """:meth:`noisy_predictions` in two parts: the host's part now (the noisy copies assembled, host noise drawn
+        from ``rng``), and the model call, returned as a function to run later (it gives the arg-max classes). The
+        sampler's runner thread draws the next batch's noise before it hands out the current batch's counts
+        (:class:`models.sampling.SamplingEngine`)."""
         if self._noisy_session is not None:
             if float(sigma) != self._noise_sigma:
                 raise ValueError(f"this session draws noise at sigma={self._noise_sigma}, asked for {sigma}")
@@ -103,14 +112,19 @@ class OnnxBackend:
             if self.pad_batches:  # rows beyond total: copies of image 0, drawn and discarded (shape buckets)
                 index = np.concatenate([index, np.zeros(padded_batch_size(total, self.pad_limit) - total,
                                                           dtype=np.int64)])
-            return self._noisy_session.run(None, {NOISY_IMAGES: np.ascontiguousarray(images, dtype=np.float32),
-                                                  NOISY_INDEX: index})[0][:total]
+            feed = {NOISY_IMAGES: np.ascontiguousarray(images, dtype=np.float32), NOISY_INDEX: index}
+            return lambda: self._noisy_session.run(None, feed)[0][:total]
         batch = np.repeat(np.asarray(images, dtype=np.float32), repeats, axis=0)
         batch += rng.standard_normal(batch.shape, dtype=np.float32) * np.float32(sigma)
-        logits = self.forward(batch)
-        nan = np.isnan(logits).any(axis=1)
-        labels = logits.argmax(axis=1)  # numpy takes the first NaN as the maximum: a NaN row has no class
-        return np.where(nan, NAN_LABEL, labels) if nan.any() else labels
+        return lambda: _labels(self.forward(batch))
+
+
+def _labels(logits: np.ndarray) -> np.ndarray:
+    """Arg-max class of each row of ``logits``; NAN_LABEL where a row holds a NaN (numpy would take the first NaN
+    as the maximum: such a row has no class)."""
+    nan = np.isnan(logits).any(axis=1)
+    labels = logits.argmax(axis=1)
+    return np.where(nan, NAN_LABEL, labels) if nan.any() else labels
 
 
 def padded_batch_size(n: int, limit: int | None = None) -> int:

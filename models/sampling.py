@@ -8,15 +8,18 @@ chunk: on the device (a backend with ``launch_counts``: only the (J, K) counts c
 calls (the generator advances), so any set of chunks of one image forms an i.i.d. sample of f(x + e).
 
 :meth:`SamplingEngine.launch` starts a batch and returns at once (the engine overlaps its bookkeeping with the model):
-a device backend queues asynchronous kernels; a host backend (onnxruntime) runs in the sampler's one runner thread,
-which releases the GIL inside the model call. Batches run in launch order.
+a device backend queues asynchronous kernels; a host backend (onnxruntime) runs in the sampler's one runner thread
+(:class:`_HostRunner`), which releases the GIL inside the model call. Batches run in launch order.
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -62,7 +65,7 @@ class SamplingEngine:
         if getattr(backend, "pad_batches", False):  # padded batches stay within the batch size (device memory);
             # a backend shared by engines: the largest of their batch sizes, which one of them runs anyway
             backend.pad_limit = max(self.batch_size, getattr(backend, "pad_limit", None) or 0)
-        self._runner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._runner: _HostRunner | None = None
         self._runner_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ asynchronous
@@ -74,27 +77,28 @@ class SamplingEngine:
         backend = self.backend
         if hasattr(backend, "launch_counts"):
             return backend.launch_counts(images, sizes, self.sigma, rng, self.num_classes)
-        return PendingCounts(self._pool().submit(self._timed_host_counts, backend, images, sizes, rng))
+        return PendingCounts(self._pool().submit(backend, images, sizes, rng))
 
     def close(self) -> None:
         """Stop the runner thread (after the batches already launched); a later launch starts a new one."""
         with self._runner_lock:
             runner, self._runner = self._runner, None
         if runner is not None:
-            runner.shutdown(wait=True)
+            runner.shutdown()
 
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _pool(self) -> _HostRunner:
         with self._runner_lock:
             if self._runner is None:
-                self._runner = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="certserve-sampler",
-                    initializer=(self.runner_priority or ThreadPriority()).apply_to_current_thread)
+                self._runner = _HostRunner(self, self.runner_priority or ThreadPriority())
             return self._runner
 
-    def _timed_host_counts(self, backend, images, sizes, rng) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        counts = self._host_counts(backend, images, sizes, rng)
-        return counts, time.perf_counter() - t0
+    def _noisy_call(self, backend, images, sizes, rng) -> Callable[[], np.ndarray]:
+        """The model call of one batch with its host part done (noise drawn from ``rng`` now), where the backend
+        separates them (``prepare_noisy``); else the whole of ``noisy_predictions``, noise drawn when it runs."""
+        prepare = getattr(backend, "prepare_noisy", None)
+        if prepare is not None:
+            return prepare(images, sizes, self.sigma, rng)
+        return lambda: backend.noisy_predictions(images, sizes, self.sigma, rng)
 
     def warm_up(self, image: np.ndarray, rng: np.random.Generator) -> int:
         """On a backend that runs its batches at bucketed sizes (a device backend, ``pad_batches``:
@@ -170,3 +174,102 @@ def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.n
     width = num_classes + 1  # the last column: no class (NaN logits), dropped
     flat = np.bincount(owner * width + np.where(preds < 0, num_classes, preds), minlength=len(sizes) * width)
     return flat.reshape(len(sizes), width)[:, :num_classes]
+
+
+class _HostBatch:
+    """One launched batch of a host backend: its host part (:meth:`prepare`: the noisy copies, noise drawn), then its
+    model call and tally, and its counts handed out (:meth:`run`: (counts, seconds of both parts) or the exception
+    of whichever part failed)."""
+
+    def __init__(self, sampler: SamplingEngine, backend, images, sizes, rng):
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._sampler, self._sizes, self._args = sampler, sizes, (backend, images, sizes, rng)
+        self._call: Callable[[], np.ndarray] | None = None
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+
+    def prepare(self) -> None:
+        self._call = self._timed(lambda: self._sampler._noisy_call(*self._args))
+        self._args = None
+
+    def run(self) -> None:
+        call, self._call = self._call, None
+        counts = None if self._error else self._timed(
+            lambda: tally_chunks(np.asarray(call()), self._sizes, self._sampler.num_classes))
+        if self._error is not None:
+            self.future.set_exception(self._error)
+        else:
+            self.future.set_result((counts, self._seconds))
+
+    def _timed(self, part: Callable[[], object]):
+        """``part()``, its time added to the batch's; None where it raised (the exception is the batch's outcome,
+        as a thread pool's future would carry it)."""
+        t0 = time.perf_counter()
+        try:
+            return part()
+        except BaseException as exc:
+            self._error = exc
+            return None
+        finally:
+            self._seconds += time.perf_counter() - t0
+
+
+class _HostRunner:
+    """A host backend's batches, in launch order, through two threads: one draws each batch's noise (its host part:
+    numpy), the other runs the model calls (onnxruntime releases the GIL throughout) and hands out the counts.
+
+    So the next batch's noise is drawn while the current model call runs, and the model call starts as soon as the
+    previous one has ended. With one thread doing both (a thread pool before), the next call started only after its
+    noise had been drawn, and later still where the engine thread, woken by the counts, took the GIL while numpy
+    filled the noise and held it through its bookkeeping: measured on a 2-core VM at 1 live job, model busy 0.70 of
+    the time against 0.79 for back-to-back synchronous calls. One thread draws all the noise, from the batches' own
+    generator in launch order, so the batches, their samples and counts are the same; at most the engine's
+    ``depth`` batches (launched, not landed) hold their noisy copies at once, as before."""
+
+    def __init__(self, sampler: SamplingEngine, priority: ThreadPriority):
+        self._sampler = sampler
+        self._to_prepare: queue.SimpleQueue = queue.SimpleQueue()
+        to_run: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock, self._closed = threading.Lock(), False
+        stages = [("certserve-sampler-noise", self._to_prepare, _HostBatch.prepare, to_run),
+                  ("certserve-sampler", to_run, _HostBatch.run, None)]
+        self._threads = [threading.Thread(target=_stage, args=(priority, *stage[1:]), name=stage[0], daemon=True)
+                         for stage in stages]
+        for thread in self._threads:
+            thread.start()
+        _RUNNERS.add(self)
+
+    def submit(self, backend, images, sizes, rng) -> concurrent.futures.Future:
+        batch = _HostBatch(self._sampler, backend, images, sizes, rng)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the sampler's runner is shut down")
+            self._to_prepare.put(batch)
+        return batch.future
+
+    def shutdown(self) -> None:
+        """Run the batches already launched, then end both threads."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._to_prepare.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+def _stage(priority: ThreadPriority, inbox: queue.SimpleQueue, work: Callable[[_HostBatch], None],
+           outbox: queue.SimpleQueue | None) -> None:
+    """One thread of :class:`_HostRunner`: ``work`` on each batch in arrival order, passed on to ``outbox``; None ends
+    it (and is passed on)."""
+    priority.apply_to_current_thread()
+    while (batch := inbox.get()) is not None:
+        work(batch)
+        if outbox is not None:
+            outbox.put(batch)
+    if outbox is not None:
+        outbox.put(None)
+
+
+_RUNNERS: weakref.WeakSet[_HostRunner] = weakref.WeakSet()
+atexit.register(lambda: [runner.shutdown() for runner in list(_RUNNERS)])  # no model call left running at exit

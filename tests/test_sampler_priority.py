@@ -1,5 +1,6 @@
 """The CPU sampler's threads yield the CPU to the request path (issue 11, item 6): ``CERTSERVE_SAMPLER_IDLE`` (default)
-puts the engine's sampler threads -- onnxruntime's intra-op pool and the runner thread -- under Linux's SCHED_IDLE
+puts the engine's sampler threads -- onnxruntime's intra-op pool, the runner thread and the thread that draws the
+noise -- under Linux's SCHED_IDLE
 policy; ``false`` falls back to ``CERTSERVE_SAMPLER_NICE``. The request path's own threads are never lowered.
 
 Checked through the real :class:`certification.service.CertificationService` over the embedded bundle, with real
@@ -27,15 +28,16 @@ def _task_ids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
-def _service_threads(config: ServiceConfig) -> tuple[CertificationService, set[int], int]:
-    """A service built with ``config`` after one batch of its sampler: (service, threads it created, runner's id)."""
+def _service_threads(config: ServiceConfig) -> tuple[CertificationService, set[int], list[int]]:
+    """A service built with ``config`` after one batch of its sampler: (service, threads it created, the ids of its
+    two sampler threads: the noise thread and the runner)."""
     before = _task_ids()
     service = CertificationService(load_bundle(), config, seed=3)
     x = np.full(service.shape, 0.5, dtype=np.float32)
     service.engine.sampler.launch(x[None], np.array([16]), np.random.default_rng(5)).result()
-    runner = [t.native_id for t in threading.enumerate() if t.name.startswith("certserve-sampler")]
-    assert len(runner) == 1, [t.name for t in threading.enumerate()]
-    return service, _task_ids() - before, runner[0]
+    sampler = [t.native_id for t in threading.enumerate() if t.name.startswith("certserve-sampler")]
+    assert len(sampler) == 2, [t.name for t in threading.enumerate()]
+    return service, _task_ids() - before, sampler
 
 
 def _policy(tid: int) -> int:
@@ -43,15 +45,15 @@ def _policy(tid: int) -> int:
 
 
 def test_sampler_threads_run_under_sched_idle_by_default():
-    """The default config lowers the sampler's pool (threads=2: one pool thread besides the caller) and its runner
-    to SCHED_IDLE, and leaves the calling (request-path) thread as it was.
+    """The default config lowers the sampler's pool (threads=2: one pool thread besides the caller), its runner and
+    its noise thread to SCHED_IDLE, and leaves the calling (request-path) thread as it was.
     Fails on the code before CERTSERVE_SAMPLER_IDLE (nice +10 only: every new thread stays SCHED_OTHER): checked."""
     assert ServiceConfig().sampler_idle is True
-    service, new, runner = _service_threads(ServiceConfig(threads=2))
+    service, new, sampler = _service_threads(ServiceConfig(threads=2))
     try:
-        assert _policy(runner) == os.SCHED_IDLE
+        assert [_policy(t) for t in sampler] == [os.SCHED_IDLE] * 2
         idle = [t for t in new if _policy(t) == os.SCHED_IDLE]
-        assert len(idle) >= 2, {t: _policy(t) for t in new}  # the runner and onnxruntime's pool thread
+        assert len(idle) >= 3, {t: _policy(t) for t in new}  # the sampler's two threads and onnxruntime's pool thread
         assert _policy(threading.get_native_id()) == os.SCHED_OTHER
     finally:
         service.engine.sampler.close()
@@ -62,10 +64,10 @@ def test_sampler_idle_false_falls_back_to_nice():
     caller's. Fails if the flag is ignored (SCHED_IDLE regardless) or the nice fallback is lost: checked by
     forcing idle=True in CertificationService."""
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    service, new, runner = _service_threads(ServiceConfig(threads=2, sampler_idle=False, sampler_nice=7))
+    service, new, sampler = _service_threads(ServiceConfig(threads=2, sampler_idle=False, sampler_nice=7))
     try:
-        assert _policy(runner) == os.SCHED_OTHER
-        assert os.getpriority(os.PRIO_PROCESS, runner) == min(19, base + 7)
+        assert [_policy(t) for t in sampler] == [os.SCHED_OTHER] * 2
+        assert [os.getpriority(os.PRIO_PROCESS, t) for t in sampler] == [min(19, base + 7)] * 2
         assert all(_policy(t) == os.SCHED_OTHER for t in new)
     finally:
         service.engine.sampler.close()
