@@ -102,8 +102,7 @@ class OnnxBackend:
                       rng: np.random.Generator) -> Callable[[], np.ndarray]:
         """:meth:`noisy_predictions` in two parts: the host's part now (the noisy copies assembled, host noise drawn
         from ``rng``), and the model call, returned as a function to run later (it gives the arg-max classes). The
-        sampler's runner thread draws the next batch's noise before it hands out the current batch's counts
-        (:class:`models.sampling.SamplingEngine`)."""
+        sampler draws the next batch's noise while the current model call runs (:class:`models.sampling._HostRunner`)."""
         if self._noisy_session is not None:
             if float(sigma) != self._noise_sigma:
                 raise ValueError(f"this session draws noise at sigma={self._noise_sigma}, asked for {sigma}")

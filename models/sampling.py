@@ -8,8 +8,9 @@ chunk: on the device (a backend with ``launch_counts``: only the (J, K) counts c
 calls (the generator advances), so any set of chunks of one image forms an i.i.d. sample of f(x + e).
 
 :meth:`SamplingEngine.launch` starts a batch and returns at once (the engine overlaps its bookkeeping with the model):
-a device backend queues asynchronous kernels; a host backend (onnxruntime) runs in the sampler's one runner thread
-(:class:`_HostRunner`), which releases the GIL inside the model call. Batches run in launch order.
+a device backend queues asynchronous kernels; a host backend (onnxruntime) runs in the sampler's two threads
+(:class:`_HostRunner`: one draws the noise, the other runs the model calls, which release the GIL). Batches run in
+launch order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from models.backends import ThreadPriority
 
 class PendingCounts:
     """Counts of one launched batch. ``result()`` blocks until they are on the host; ``model_seconds`` is then the
-    time the model call took (runner thread: its own wall time; device: launch to completion)."""
+    time the model call took (host: its noise draw, model call and tally; device: launch to completion)."""
 
     def __init__(self, future: concurrent.futures.Future):
         self._future = future
@@ -61,7 +62,7 @@ class SamplingEngine:
         self.sigma = float(sigma)
         self.num_classes = int(num_classes)
         self.batch_size = int(batch_size)
-        self.runner_priority = runner_priority  # the runner thread yields the CPU to the request path
+        self.runner_priority = runner_priority  # the runner's threads yield the CPU to the request path
         if getattr(backend, "pad_batches", False):  # padded batches stay within the batch size (device memory);
             # a backend shared by engines: the largest of their batch sizes, which one of them runs anyway
             backend.pad_limit = max(self.batch_size, getattr(backend, "pad_limit", None) or 0)
@@ -80,7 +81,7 @@ class SamplingEngine:
         return PendingCounts(self._pool().submit(backend, images, sizes, rng))
 
     def close(self) -> None:
-        """Stop the runner thread (after the batches already launched); a later launch starts a new one."""
+        """Stop the runner's threads (after the batches already launched); a later launch starts new ones."""
         with self._runner_lock:
             runner, self._runner = self._runner, None
         if runner is not None:
