@@ -30,7 +30,8 @@ from models.backends import ThreadPriority
 
 class PendingCounts:
     """Counts of one launched batch. ``result()`` blocks until they are on the host; ``model_seconds`` is then the
-    time the model call took (host: its noise draw, model call and tally; device: launch to completion)."""
+    time the model call took (host: the call and its tally, not the noise drawn before it; device: launch to
+    completion)."""
 
     def __init__(self, future: concurrent.futures.Future):
         self._future = future
@@ -179,40 +180,38 @@ def tally_chunks(preds: np.ndarray, sizes: np.ndarray, num_classes: int) -> np.n
 
 class _HostBatch:
     """One launched batch of a host backend: its host part (:meth:`prepare`: the noisy copies, noise drawn), then its
-    model call and tally, and its counts handed out (:meth:`run`: (counts, seconds of both parts) or the exception
-    of whichever part failed)."""
+    model call and tally, and its counts handed out (:meth:`run`: (counts, seconds of the model call and tally) or
+    the exception of whichever part failed). The noise is drawn while the previous model call runs, so its time is
+    not the model's."""
 
     def __init__(self, sampler: SamplingEngine, backend, images, sizes, rng):
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._sampler, self._sizes, self._args = sampler, sizes, (backend, images, sizes, rng)
         self._call: Callable[[], np.ndarray] | None = None
         self._error: BaseException | None = None
-        self._seconds = 0.0
 
     def prepare(self) -> None:
-        self._call = self._timed(lambda: self._sampler._noisy_call(*self._args))
+        self._call = self._guarded(lambda: self._sampler._noisy_call(*self._args))
         self._args = None
 
     def run(self) -> None:
         call, self._call = self._call, None
-        counts = None if self._error else self._timed(
+        t0 = time.perf_counter()
+        counts = None if self._error else self._guarded(
             lambda: tally_chunks(np.asarray(call()), self._sizes, self._sampler.num_classes))
         if self._error is not None:
             self.future.set_exception(self._error)
         else:
-            self.future.set_result((counts, self._seconds))
+            self.future.set_result((counts, time.perf_counter() - t0))
 
-    def _timed(self, part: Callable[[], object]):
-        """``part()``, its time added to the batch's; None where it raised (the exception is the batch's outcome,
-        as a thread pool's future would carry it)."""
-        t0 = time.perf_counter()
+    def _guarded(self, part: Callable[[], object]):
+        """``part()``, or None where it raised: the exception is then the batch's outcome (as a thread pool's future
+        would carry it)."""
         try:
             return part()
         except BaseException as exc:
             self._error = exc
             return None
-        finally:
-            self._seconds += time.perf_counter() - t0
 
 
 class _HostRunner:
