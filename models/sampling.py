@@ -223,8 +223,8 @@ class _HostRunner:
     noise had been drawn, and later still where the engine thread, woken by the counts, took the GIL while numpy
     filled the noise and held it through its bookkeeping: measured on a 2-core VM at 1 live job, model busy 0.70 of
     the time against 0.79 for back-to-back synchronous calls. One thread draws all the noise, from the batches' own
-    generator in launch order, so the batches, their samples and counts are the same; at most the engine's
-    ``depth`` batches (launched, not landed) hold their noisy copies at once, as before."""
+    generator in launch order, so the batches, their samples and counts are the same. The cost: two batches' noisy
+    copies may be held at once (the one in the model, the next one drawn) instead of one."""
 
     def __init__(self, sampler: SamplingEngine, priority: ThreadPriority):
         self._sampler = sampler
@@ -238,6 +238,7 @@ class _HostRunner:
         for thread in self._threads:
             thread.start()
         _RUNNERS.add(self)
+        weakref.finalize(self, self._to_prepare.put, None)  # a runner dropped without shutdown(): its threads end
 
     def submit(self, backend, images, sizes, rng) -> concurrent.futures.Future:
         batch = _HostBatch(self._sampler, backend, images, sizes, rng)
@@ -267,6 +268,7 @@ def _stage(priority: ThreadPriority, inbox: queue.SimpleQueue, work: Callable[[_
         work(batch)
         if outbox is not None:
             outbox.put(batch)
+        del batch  # not held while waiting: a batch refers to its sampler, which holds the runner (finalize above)
     if outbox is not None:
         outbox.put(None)
 

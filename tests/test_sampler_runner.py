@@ -8,6 +8,7 @@ wrappers below forward every call to that backend unchanged and only record or h
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -134,3 +135,17 @@ def test_close_runs_the_launched_batches_and_a_later_launch_starts_again(backend
         assert again.result().sum() == 9
     finally:
         sampler.close()
+
+
+def test_a_sampler_dropped_without_close_ends_its_threads(backend, images):
+    """A sampler dropped without close() (its runner unreachable) does not leave its two threads waiting forever.
+    Fails while a stage thread held its last batch during its wait (batch -> sampler -> runner kept the runner
+    reachable, so its finalizer never ran): checked."""
+    sampler = SamplingEngine(backend, sigma=SIGMA, num_classes=K)
+    sampler.launch(images[:1], np.array([6]), np.random.default_rng(2)).result()
+    threads = list(sampler._runner._threads)
+    del sampler
+    gc.collect()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(t.is_alive() for t in threads)
