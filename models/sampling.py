@@ -15,7 +15,6 @@ launch order.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import queue
 import threading
@@ -237,8 +236,9 @@ class _HostRunner:
                          for stage in stages]
         for thread in self._threads:
             thread.start()
-        _RUNNERS.add(self)
-        weakref.finalize(self, self._to_prepare.put, None)  # a runner dropped without shutdown(): its threads end
+        # shutdown(), a runner dropped without it, and interpreter exit (finalize's atexit) all end the threads
+        # the same way: after the batches launched, so no model call is left running at exit
+        self._end = weakref.finalize(self, _end_stages, self._to_prepare, self._threads)
 
     def submit(self, backend, images, sizes, rng) -> concurrent.futures.Future:
         batch = _HostBatch(self._sampler, backend, images, sizes, rng)
@@ -251,12 +251,17 @@ class _HostRunner:
     def shutdown(self) -> None:
         """Run the batches already launched, then end both threads."""
         with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._to_prepare.put(None)
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+            self._closed = True  # no batch is queued after this (submit checks it under the lock)
+        self._end()  # once: a later call does nothing
+
+
+def _end_stages(inbox: queue.SimpleQueue, threads: list[threading.Thread]) -> None:
+    """End the stage threads of a :class:`_HostRunner` after the batches already queued, and wait for them, unless
+    called in one of them (the runner collected there, its last batch just dropped: joining would wait for itself)."""
+    inbox.put(None)
+    if threading.current_thread() not in threads:
+        for thread in threads:
+            thread.join()
 
 
 def _stage(priority: ThreadPriority, inbox: queue.SimpleQueue, work: Callable[[_HostBatch], None],
@@ -271,7 +276,3 @@ def _stage(priority: ThreadPriority, inbox: queue.SimpleQueue, work: Callable[[_
         del batch  # not held while waiting: a batch refers to its sampler, which holds the runner (finalize above)
     if outbox is not None:
         outbox.put(None)
-
-
-_RUNNERS: weakref.WeakSet[_HostRunner] = weakref.WeakSet()
-atexit.register(lambda: [runner.shutdown() for runner in list(_RUNNERS)])  # no model call left running at exit
