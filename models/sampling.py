@@ -123,11 +123,12 @@ class SamplingEngine:
         sizes = np.asarray(sizes, dtype=np.int64)
         if hasattr(self.backend, "launch_counts"):
             return self.launch(images, sizes, rng).result()
-        return self._host_counts(self.backend, images, sizes, rng)
+        return self._host_counts(self._noisy_call(self.backend, images, sizes, rng), sizes)
 
-    def _host_counts(self, backend, images, sizes, rng) -> np.ndarray:
-        preds = np.asarray(backend.noisy_predictions(images, sizes, self.sigma, rng))
-        return tally_chunks(preds, sizes, self.num_classes)
+    def _host_counts(self, noisy_call: Callable[[], np.ndarray], sizes: np.ndarray) -> np.ndarray:
+        """Counts (J, K) of one host batch: its model call (:meth:`_noisy_call`) run and tallied per chunk; the one
+        tally of both the synchronous path and the runner's."""
+        return tally_chunks(np.asarray(noisy_call()), sizes, self.num_classes)
 
     def predictions(self, image: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
         """The ordered stream of num_samples noisy predictions for one image (used by the offline evaluation)."""
@@ -196,8 +197,7 @@ class _HostBatch:
     def run(self) -> None:
         call, self._call = self._call, None
         t0 = time.perf_counter()
-        counts = None if self._error else self._guarded(
-            lambda: tally_chunks(np.asarray(call()), self._sizes, self._sampler.num_classes))
+        counts = None if self._error else self._guarded(lambda: self._sampler._host_counts(call, self._sizes))
         if self._error is not None:
             self.future.set_exception(self._error)
         else:
