@@ -265,6 +265,21 @@ def test_null_sampler_counts_each_chunks_next_labels_of_its_row_with_class_zero_
     assert np.abs((null.labels == 0).mean(axis=1) - null.p_a).max() < 0.05
 
 
+def test_null_sampler_wraps_around_its_rows_and_gives_chunks_of_one_row_the_same_labels(small_table):
+    """The compiled tally (bench.engine_bench.tally_rows) against the numpy gather and bincount it replaced. Mutants
+    (each run once, each failed): the row index not wrapped at the row's end (reads the next row); the cursor set
+    to the chunk's size instead of advanced by it; the second chunk of a shared row starting after the first."""
+    null = small_table
+    null = small_table  # rows 200 and 250: pA in [0.3, 0.75], varied labels
+    null.cursor[200] = null.labels.shape[1] - 3  # 3 labels left in row 200: its chunk wraps to the row's start
+    rows, sizes = np.array([[200.0], [250.0], [250.0]], dtype=np.float32), np.array([5, 4, 6])
+    counts = null.launch(rows, sizes, None).result()
+    wrapped = np.concatenate([null.labels[200, -3:], null.labels[200, :2]])
+    tally = lambda labels: np.bincount(labels, minlength=10).tolist()  # noqa: E731
+    assert counts.tolist() == [tally(wrapped), tally(null.labels[250, :4]), tally(null.labels[250, :6])]
+    assert null.cursor[200] == 2 and null.cursor[250] == 6  # the row's last chunk sets its cursor
+
+
 def test_run_null_reports_the_measured_windows_rates_with_the_null_sampler_taken_out(monkeypatch, small_table):
     """Mutants: the null sampler's time counted as bookkeeping (or its CPU as engine CPU); bookkeeping in s; samples,
     steps or decisions of the warm-up counted in the window; no warm-up before the window (start-up counted)."""
