@@ -50,7 +50,8 @@ class NullSampler:
         self.batch_size, self.sigma, self.num_classes = batch_size, 0.25, NUM_CLASSES
         self.seconds = self.cpu_seconds = 0.0
         self.calls = 0
-        tally_rows(self.labels, self.cursor.copy(), np.zeros(1, np.int64), np.ones(1, np.int64), NUM_CLASSES)  # compiled
+        # compiled (or loaded from numba's cache) here, before any job: not in the engine thread's first step
+        tally_rows(self.labels, self.cursor.copy(), np.zeros(1, np.int64), np.ones(1, np.int64), NUM_CLASSES)
 
     def launch(self, images, sizes, rng):
         t0, c0 = time.perf_counter(), time.thread_time()
