@@ -30,12 +30,15 @@ from numba.extending import get_cython_function_address
 
 from smoothing.radius import _MIN_RADIUS, RADIUS_ROUNDING
 
-# scipy's betaln and ndtri as external C symbols: numba caches code that calls them by name (a ctypes pointer held as
-# a global would make every function using it uncacheable, i.e. compiled again in every process, ~2.5 s).
+# scipy's betaln, ndtri and ndtr (its real variant: the fused function's second entry) as external C symbols: numba
+# caches code that calls them by name (a ctypes pointer held as a global would make every function using it
+# uncacheable, i.e. compiled again in every process, ~2.5 s).
 llvm.add_symbol("certserve_betaln", get_cython_function_address("scipy.special.cython_special", "betaln"))
 llvm.add_symbol("certserve_ndtri", get_cython_function_address("scipy.special.cython_special", "ndtri"))
+llvm.add_symbol("certserve_ndtr", get_cython_function_address("scipy.special.cython_special", "__pyx_fuse_1ndtr"))
 _betaln = types.ExternalFunction("certserve_betaln", types.float64(types.float64, types.float64))
 _ndtri = types.ExternalFunction("certserve_ndtri", types.float64(types.float64))
+_ndtr = types.ExternalFunction("certserve_ndtr", types.float64(types.float64))
 
 #: Relative safety margin of the e-value test: a rejection is declared only when log E exceeds log(1/alpha) by more
 #: than 64 ulp of the magnitudes involved, so floating-point error cannot create a rejection that exact arithmetic
@@ -239,20 +242,35 @@ def radius_one(p_lower, sigma):
 
 
 @_compiled
+def _verifies(s, t, radius, sigma, alpha, a, b, kt_weight, log_beta_ab):
+    """True where ``s`` hits in ``t`` > 0 draws verify ``radius``: H0: pA <= Phi(radius / sigma) rejected at alpha (the
+    test of :func:`rejects_one`, given the job's ``log_beta_ab`` = :func:`_prior_log_beta`), as the target-radius and
+    proposal policies verify theirs (smoothing.stopping._radius_verified: Phi at least 1/2, never where it rounds to
+    1). Then L_t >= Phi(radius / sigma) up to L_t's own rounding: the test stands for the bound's radius >= ``radius``
+    without computing the bound. A stopping rule's step only (no guarantee needed)."""
+    p = max(_ndtr(radius / sigma), 0.5)
+    if not p < 1.0:
+        return False
+    sf, ff = float(s), float(t - s)
+    mix, magnitude = _log_marginal(sf, ff, a, b, kt_weight, log_beta_ab)
+    return _log_e_excess(sf, ff, p, -math.log(alpha), mix, magnitude) >= 0 and s >= p * t
+
+
+@_compiled
 def best_radius_one(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma, min_gain, kt_weight, min_trials):
     """(code, L_t) of the marginal-gain rule (:func:`smoothing.stopping.best_radius_decision`) for one job: CERTIFIED
-    where r_now > 0 and (r(s_proj, t_proj) - r_now) / (t_proj - t) < min_gain; else FUTILITY where r_now = 0 and U_t
-    < 1/2 or (t >= min_trials and r(s_budget, budget) = 0); else BUDGET where t >= budget; else CONTINUE. The plug-in
+    where r_now > 0 and (s_proj, t_proj) does not verify r_now + min_gain max(t_proj - t, 1) (:func:`_verifies`: one
+    e-value test, ~1/5 of the bound r(s_proj, t_proj) it replaces); else FUTILITY where r_now = 0 and U_t < 1/2 or
+    (t >= min_trials and r(s_budget, budget) = 0); else BUDGET where t >= budget; else CONTINUE. The plug-in
     projections s_proj = floor(S t_proj / t), s_budget = floor(S B / t) come exact from the caller. L_t is the bound at
     (s, max(t, 1)) (module docstring's guarantee). No guarantee of its own: any stopping rule keeps validity."""
     t_safe = max(t, 1)
     log_beta_ab = _prior_log_beta(a, b, kt_weight)  # the job's prior: one betaln for all its bounds here
     lower = _lower_bound(s, t_safe, alpha, a, b, kt_weight, log_beta_ab)
     r_now = radius_one(lower, sigma)
-    if t > 0 and r_now > 0:
-        r_proj = radius_one(_lower_bound(s_proj, t_proj, alpha, a, b, kt_weight, log_beta_ab), sigma)
-        if r_proj - r_now < min_gain * max(t_proj - t, 1):
-            return _CERTIFIED, lower
+    if t > 0 and r_now > 0 and not _verifies(s_proj, t_proj, r_now + min_gain * max(t_proj - t, 1), sigma, alpha,
+                                             a, b, kt_weight, log_beta_ab):
+        return _CERTIFIED, lower
     if t > 0 and r_now <= 0:
         # 1 - L of the misses is U_t; log B(b, a) = log B(a, b): scipy's betaln orders its arguments itself, so
         # the job's log_beta_ab is the same bits (checked on 3e6 random pairs) and is not computed again

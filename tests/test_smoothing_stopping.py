@@ -86,10 +86,15 @@ def _best_rule(s, t, alpha, budget, a, b, w, min_gain=None, fraction=None, min_f
     def radius(hits, draws):
         return radius_from_probability(lower_bound(hits, draws, alpha, a, b, kt_weight=w), SIGMA)
 
+    def verifies(hits, draws, r):  # as the target-radius policy verifies its target: the e-value test at Phi(r / sigma)
+        p = np.maximum(probability_for_radius(r, SIGMA), 0.5)
+        return (p < 1.0) & rejects(hits, draws, np.minimum(p, np.nextafter(1.0, 0.0)), alpha, a, b, kt_weight=w)
+
     r_now = radius(s, t1)
     if fraction is None:
         t_next = np.minimum(2 * t1, budget)
-        settled = (r_now > 0) & (radius((s * t_next) // t1, t_next) - r_now < min_gain * np.maximum(t_next - t, 1))
+        goal = r_now + min_gain * np.maximum(t_next - t, 1)
+        settled = (r_now > 0) & ~verifies((s * t_next) // t1, t_next, goal)
     else:
         settled = (r_now > 0) & (r_now >= fraction * radius((s * budget) // t1, np.full_like(s, budget)))
     r_budget = radius((s * budget) // t1, np.full_like(s, budget))
