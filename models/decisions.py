@@ -10,7 +10,8 @@ import numpy as np
 
 from models.jobs import COHEN, SEQUENTIAL, JobTable
 from smoothing import Stop, clopper_pearson_lower, lower_bound, radius_from_probability
-from smoothing.stopping import validated_best_radius_codes, validated_proposal_codes, validated_target_codes
+from smoothing.stopping import (validated_best_radius_codes, validated_best_radius_rows, validated_proposal_codes,
+                                validated_target_codes)
 
 STOP_NAMES = {int(Stop.TARGET): "target", int(Stop.CERTIFIED): "certified", int(Stop.FUTILITY): "futility",
               int(Stop.BUDGET): "budget"}
@@ -25,13 +26,20 @@ def policy_decisions(table: JobTable, slots: np.ndarray, sigma: float,
     p_lower :func:`certificates` gives them now (the same kernel, prior, KT weight and alpha); target-radius jobs
     are left as they were (NaN by convention: not computed)."""
     codes = np.zeros(len(slots), dtype=np.int8)  # Stop.CONTINUE
-    for mask in policy_groups(table, slots):
+    targeted, proposed, best = policy_groups(table, slots)
+    for mask in (targeted, proposed):
         if mask.any():
             group = slots[mask]
             lower = None if lower_out is None else np.full(len(group), np.nan)
             codes[mask] = _policy_at(table, group, table.hits(group), table.est_done[group], sigma, lower)
             if lower_out is not None:
                 lower_out[mask] = lower
+    if best.any():  # most jobs: one compiled call that reads their counts and parameters from the table itself
+        group, lower = slots[best], np.empty(int(np.count_nonzero(best)))
+        codes[best] = validated_best_radius_rows(group, table.est_counts, table.cls, table.est_done, table.alpha,
+                                                 table.a, table.b, table.budget, sigma, table.min_gain, lower_out=lower)
+        if lower_out is not None:
+            lower_out[best] = lower
     return codes
 
 

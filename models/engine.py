@@ -41,6 +41,7 @@ from models.decisions import STOP_NAMES, DecisionTables, certificates, stop_boun
 from models.jobs import (KINDS, Batch, EngineStopped, JobResult, JobSpec, JobTable, QueueFull, check_spec,
                          checkpoints_of, job_done_callback, resolve_futures)
 from models.sampling import SamplingEngine
+from models.table_kernels import warm_up as warm_up_table_kernels
 from smoothing import Stop
 
 
@@ -68,13 +69,13 @@ class SequentialEngine:
 
     def __init__(self, sampler: SamplingEngine, *, max_live_jobs: int = 512, seed: int | None = None,
                  observer: EngineObserver | None = None, depth: int = 2, speculate: bool = True):
+        warm_up_table_kernels()  # the job table's compiled loops, loaded (or compiled) before any job
         self.sampler, self.sigma = sampler, sampler.sigma
         self.max_live_jobs, self.depth = int(max_live_jobs), max(1, int(depth))
         self.speculate = bool(speculate)  # spare batch capacity runs best-radius jobs ahead (JobTable.speculative)
         device = getattr(getattr(sampler, "backend", None), "device", "cpu")  # decisions tabulated while the model
         self.precompute, self._tables = device != "cpu", DecisionTables()  # runs: free on a GPU, not on a CPU's cores
-        self.observer = observer or EngineObserver()
-        self._rng = np.random.default_rng(seed)
+        self.observer, self._rng = observer or EngineObserver(), np.random.default_rng(seed)
         self._lock = threading.Condition()  # guards _pending, _deadlines, _accepting, _stop_at, _engine_idle
         self._state = threading.Lock()  # guards the job table between the engine thread and the deadline watcher
         self._pending: list[_Job] = []
@@ -86,8 +87,7 @@ class SequentialEngine:
         self._accepting, self._engine_idle = True, False  # _engine_idle: the engine thread waits in _idle for work
         self._stop_at: float | None = None  # monotonic time after which remaining jobs are finished as "shutdown"
         self._thread = self._watcher = None  # threading.Thread: the engine thread and the deadline watcher, once started
-        self._order = itertools.count()
-        self.samples_processed = self.batches = 0
+        self._order, self.samples_processed, self.batches = itertools.count(), 0, 0
         self.bookkeeping_seconds = 0.0  # engine-thread time outside waiting for the model (benchmarks)
         self.decision_seconds = 0.0  # of which policies and certificates of finished jobs
         self.decided = 0  # policy evaluations (jobs at a checkpoint)

@@ -26,11 +26,12 @@ from typing import Literal
 
 import numpy as np
 
+from models.table_kernels import (COHEN, FIXED, SEQUENTIAL, add_counts, admit_rows, aheads, edf_take, free_idle,
+                                  wants)
 from smoothing import DEFAULT_MIN_GAIN, KT_PRIOR, checkpoint_schedule
 from smoothing.cohen import MIN_CP_ALPHA
 from smoothing.stopping import MAX_BUDGET
 
-SEQUENTIAL, COHEN, FIXED = 0, 1, 2
 KINDS = {"sequential": SEQUENTIAL, "cohen": COHEN, "fixed": FIXED}
 
 
@@ -168,26 +169,21 @@ class JobTable:
             self._grow(2 * self.capacity)
         slots = np.flatnonzero(~self.live)[:n]  # the first free slots
         specs = [job.spec for job in jobs]
-        kind = np.asarray(kinds, dtype=np.int64)
         widest = max((len(sc) for sc in schedules if sc is not None), default=0)
         if widest > self.schedules.shape[1]:
             wide = np.zeros((self.capacity, widest), dtype=np.int64)
             wide[:, :self.schedules.shape[1]] = self.schedules
             self.schedules = wide
-        self.live[slots], self.running[slots], self.started[slots], self.stopping[slots] = True, True, False, False
-        self.gen[slots] = [job.order for job in jobs]
-        self.kind[slots] = kind
-        self.n0[slots] = np.where(kind == COHEN, [sp.n0 for sp in specs], 0)
-        self.budget[slots] = [sp.budget for sp in specs]
-        self.assigned[slots] = self.inflight[slots] = self.sel_done[slots] = self.est_done[slots] = 0
-        self.cls[slots] = np.where(kind == COHEN, -1, [sp.tested_class for sp in specs])
-        self.deadline[slots] = [sp.deadline for sp in specs]
-        self.alpha[slots] = [sp.alpha for sp in specs]
-        self.a[slots], self.b[slots] = np.array([sp.prior for sp in specs], dtype=np.float64).T
-        self.target[slots] = [np.nan if sp.target_radius is None else sp.target_radius for sp in specs]
-        self.proposal[slots] = [np.nan if sp.proposal_radius is None else sp.proposal_radius for sp in specs]
-        self.min_gain[slots] = [DEFAULT_MIN_GAIN if sp.min_gain is None else sp.min_gain for sp in specs]
-        self.stop_lower[slots], self.cp_idx[slots] = np.nan, 0
+        ints = np.array([(job.order, kind, sp.n0 if kind == COHEN else 0, sp.budget, -1 if kind == COHEN
+                          else sp.tested_class) for job, sp, kind in zip(jobs, specs, kinds)], dtype=np.int64)
+        floats = np.array([(sp.deadline, sp.alpha, *sp.prior, np.nan if sp.target_radius is None else sp.target_radius,
+                            np.nan if sp.proposal_radius is None else sp.proposal_radius,
+                            DEFAULT_MIN_GAIN if sp.min_gain is None else sp.min_gain) for sp in specs],
+                          dtype=np.float64)
+        admit_rows(slots, ints, floats, self.gen, self.kind, self.n0, self.budget, self.cls, self.deadline, self.alpha,
+                   self.a, self.b, self.target, self.proposal, self.min_gain, self.live, self.running, self.started,
+                   self.stopping, self.assigned, self.inflight, self.sel_done, self.est_done, self.cp_idx,
+                   self.stop_lower, self.sel_counts, self.est_counts)
         shared: dict[int, list[int]] = {}  # jobs by schedule object (checkpoints_of: one per budget), one write each
         for k in (k for k, schedule in enumerate(schedules) if schedule is not None):
             shared.setdefault(id(schedules[k]), []).append(k)
@@ -195,7 +191,6 @@ class JobTable:
             schedule, rows = schedules[ks[0]], slots[ks]
             self.schedules[rows, :len(schedule)], self.schedules[rows, len(schedule):] = schedule, schedule[-1]
             self.cp[rows] = schedule[0]
-        self.sel_counts[slots] = self.est_counts[slots] = 0
         self.images[slots] = np.stack([sp.image for sp in specs])
         for slot, job in zip(slots, jobs):
             self.jobs[slot] = job
@@ -205,21 +200,16 @@ class JobTable:
 
     def release_idle(self) -> int:
         """Free the slots of finished jobs that have no chunk in flight; returns how many."""
-        idle = np.flatnonzero(self.live & ~self.running & (self.inflight == 0))
-        if len(idle):
-            self.live[idle] = False
-            self.gen[idle] = -1
-            for slot in idle:
-                self.jobs[slot] = None
-            self.occupied -= len(idle)
+        idle = free_idle(self.live, self.running, self.inflight, self.gen)
+        for slot in idle:
+            self.jobs[slot] = None
+        self.occupied -= len(idle)
         return len(idle)
 
     # ----------------------------------------------------------------------------------------- one batch
     def wanted(self) -> np.ndarray:
         """Samples each slot wants in the next batch (0 for free, finished, or waiting on a decision)."""
-        selecting = self.assigned < self.n0
-        goal = np.where(selecting, self.n0, np.where(self.kind == SEQUENTIAL, self.cp, self.n0 + self.budget))
-        return np.where(self.running & ~self.stopping, np.maximum(goal - self.assigned, 0), 0)
+        return wants(self.running, self.stopping, self.kind, self.n0, self.budget, self.cp, self.assigned)
 
     def speculative(self) -> np.ndarray:
         """Samples a best-radius job waiting on its decision at checkpoint c_i may draw ahead, up to c_{i+1}.
@@ -230,20 +220,17 @@ class JobTable:
         the bound its policy stopped on is never lost; it only stops up to one checkpoint interval later.
         Target-radius and proposal jobs never run ahead (a 'target' stop must certify the target or proposal: its
         certificate is the bound at the very checkpoint where it was verified)."""
-        last = self.schedules.shape[1] - 1
-        ahead = self.schedules[np.arange(self.capacity), np.minimum(self.cp_idx + 1, last)]
-        ok = (self.running & ~self.stopping & (self.kind == SEQUENTIAL) & np.isnan(self.target)
-              & np.isnan(self.proposal) & (self.assigned == self.cp))
-        return np.where(ok, np.maximum(ahead - self.assigned, 0), 0)
+        return aheads(self.running, self.stopping, self.kind, self.cp, self.assigned, self.cp_idx, self.schedules,
+                      self.target, self.proposal)
 
     def allocate(self, capacity: int, speculate: bool = True) -> Batch | None:
         """Chunks for one model call: earliest deadline first (admission order breaks ties), each job up to what it
         wants, until ``capacity`` samples; then, with ``speculate``, capacity left over goes to best-radius jobs
         waiting on a decision (:meth:`speculative`). Marks the chunks assigned and in flight."""
-        slots, sizes = _edf_take(self.wanted(), self.gen, self.deadline, capacity)
+        slots, sizes = edf_take(self.wanted(), self.gen, self.deadline, capacity)
         spare = capacity - int(sizes.sum())
         if speculate and spare > 0:
-            more, more_sizes = _edf_take(self.speculative(), self.gen, self.deadline, spare)
+            more, more_sizes = edf_take(self.speculative(), self.gen, self.deadline, spare)
             slots, sizes = np.concatenate([slots, more]), np.concatenate([sizes, more_sizes])
         if not len(slots):
             return None
@@ -255,19 +242,12 @@ class JobTable:
     def land(self, batch: Batch, counts: np.ndarray) -> np.ndarray:
         """Add a finished batch's counts (J, K) to the jobs that still own its chunks; returns those slots."""
         slots = batch.slots
-        self.inflight[slots] -= batch.sizes
-        ok = (self.gen[slots] == batch.gens) & self.running[slots]
-        sel, est = ok & batch.selection, ok & ~batch.selection
-        if sel.any():
-            s = slots[sel]
-            self.sel_counts[s] += counts[sel]
-            self.sel_done[s] += batch.sizes[sel]
+        ok = add_counts(slots, batch.gens, batch.sizes, batch.selection, np.asarray(counts, dtype=np.int64), self.gen,
+                        self.running, self.inflight, self.sel_counts, self.sel_done, self.est_counts, self.est_done)
+        if batch.selection.any():
+            s = slots[ok & batch.selection]
             chosen = s[(self.sel_done[s] >= self.n0[s]) & (self.cls[s] < 0)]
             self.cls[chosen] = np.argmax(self.sel_counts[chosen], axis=1)  # Cohen: class from selection only
-        if est.any():
-            s = slots[est]
-            self.est_counts[s] += counts[est]
-            self.est_done[s] += batch.sizes[est]
         return slots[ok]
 
     def hits(self, slots: np.ndarray) -> np.ndarray:
@@ -382,19 +362,3 @@ def _check_min_gain(spec) -> None:
     if spec.kind != "sequential" or spec.target_radius is not None:
         raise ValueError("min_gain applies to sequential best-radius and proposal jobs only, not to "
                          + (f"kind {spec.kind!r}" if spec.kind != "sequential" else "a target_radius job"))
-
-
-def _edf_take(want: np.ndarray, order: np.ndarray, deadline: np.ndarray, capacity: int):
-    """(slots, sizes): slots with want > 0, each taking up to its want, within ``capacity``; when the wants exceed
-    it, by (deadline, order), so the earliest deadlines are served first (otherwise in slot order: all are served)."""
-    idx = np.flatnonzero(want)
-    if not len(idx):
-        return idx, idx
-    w = want[idx]
-    if int(w.sum()) <= capacity:  # everyone gets all it wants: the order decides nothing (and the sort is the
-        return idx, w  # costliest part of a step's allocation at hundreds of jobs)
-    idx = idx[np.lexsort((order[idx], deadline[idx]))]
-    w = want[idx]
-    take = np.minimum(w, np.maximum(capacity - (np.cumsum(w) - w), 0))
-    keep = take > 0
-    return idx[keep], take[keep]

@@ -18,7 +18,7 @@ from smoothing._checks import (check_alpha, check_counts, check_nonneg_int, chec
                               check_sigma)
 from smoothing.confseq import upper_from_mirrored, validated_lower_bound
 from smoothing.eprocess import validated_rejects
-from smoothing.kernels import best_radius_codes, best_radius_one
+from smoothing.kernels import best_radius_codes, best_radius_one, best_radius_rows
 from smoothing.priors import DEFAULT_KT_WEIGHT, KT_PRIOR, check_kt_weight
 from smoothing.radius import validated_radius
 
@@ -223,6 +223,17 @@ def _marginal_gain_codes(s, t, alpha, a, b, budget, sigma, min_gain, kt_weight, 
     return best_radius_codes(s, t, _projected_hits(s, t_proj, t_safe), t_proj, _projected_hits(s, budget, t_safe),
                              budget, alpha, a, b, sigma, min_gain, kt_weight, min_futility_trials,
                              np.empty(s.size) if lower_out is None else lower_out)
+
+
+def validated_best_radius_rows(rows, counts, cls, trials, alpha, a, b, budget, sigma, min_gain, *,
+                               kt_weight=DEFAULT_KT_WEIGHT, min_futility_trials=200, lower_out=None):
+    """:func:`validated_best_radius_codes` (marginal-gain rule; same codes, same ``lower_out``) of the jobs ``rows`` of
+    a count table, read in place: job r has counts[r, cls[r]] hits (0 where cls[r] < 0) in trials[r] draws and its
+    own alpha, a, b, budget, min_gain at r; ``sigma`` one float. Validated arguments, and the table's counts at most
+    MAX_BUDGET (the engine's job table: :func:`smoothing.kernels.best_radius_rows`, which forms the projections)."""
+    out = np.empty(len(rows)) if lower_out is None else lower_out
+    return best_radius_rows(rows, counts, cls, trials, alpha, a, b, budget, float(sigma), min_gain, float(kt_weight),
+                            min_futility_trials, out)
 
 
 def _futility_points(s, t_safe, budget, jobs):

@@ -86,3 +86,38 @@ def test_the_kernels_work_where_numba_can_write_no_cache():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout) == lower_bound_one(90, 100, 0.001, 0.5, 0.5, 0.1)
+
+
+def test_the_rule_read_from_a_count_table_gives_each_job_its_own_code_and_bound():
+    """validated_best_radius_rows (the engine's call: counts, class, trials and parameters read from the job table
+    by row) == validated_best_radius_codes on the same jobs gathered by numpy, codes and L_t, for a shuffled subset
+    of rows with their own alpha, prior, budget and lambda, jobs with no samples yet and a job with no class (Cohen
+    before selection: 0 hits). Run once against three bugs in smoothing.kernels.best_radius_rows, each failed here:
+    a row's parameters read at its position j instead of its row r; the projection t' = 2 t_s (the budget cap
+    dropped); S_B projected over t instead of max(t, 1) (a ZeroDivisionError at t = 0)."""
+    from smoothing.stopping import validated_best_radius_codes, validated_best_radius_rows
+
+    rng = np.random.default_rng(29)
+    n, k = 600, 4
+    budget = rng.choice([500, 2_000, 10_000], n)
+    trials = np.minimum(rng.integers(0, 12_000, n), budget)
+    trials[:20] = 0
+    cls = rng.integers(0, k, n)
+    cls[20:30] = -1
+    counts = np.zeros((n, k), dtype=np.int64)
+    hits = rng.binomial(trials, rng.choice([0.4, 0.7, 0.95, 0.999, 1.0], n))
+    counts[np.arange(n), np.maximum(cls, 0)] = hits
+    counts[np.arange(n), (np.maximum(cls, 0) + 1) % k] = trials - hits
+    alpha, a, b = rng.choice([0.1, 0.001], n), rng.choice([0.5, 3.0, 29.0], n), rng.choice([0.5, 0.01, 7.0], n)
+    min_gain = rng.choice([0.0, 5e-5, 2e-4], n)
+    rows = rng.permutation(n)[:450]
+    lower = np.empty(len(rows))
+    codes = validated_best_radius_rows(rows, counts, cls, trials, alpha, a, b, budget, 0.25, min_gain,
+                                       lower_out=lower)
+    s = np.where(cls[rows] >= 0, counts[rows, np.maximum(cls[rows], 0)], 0)
+    expected_lower = np.empty(len(rows))
+    expected = validated_best_radius_codes(s, trials[rows], alpha[rows], a[rows], b[rows], budget[rows],
+                                           np.full(len(rows), 0.25), min_gain[rows], lower_out=expected_lower)
+    assert np.array_equal(codes, expected)
+    assert np.array_equal(lower, expected_lower)
+    assert len(set(codes.tolist())) >= 3  # several codes reached
