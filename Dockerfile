@@ -125,11 +125,12 @@ assert dists == ['onnxruntime'] or 'CUDAExecutionProvider' in ort.get_available_
         fi; \
     fi
 
-# The sequential path's compiled kernels (smoothing.kernels, numba): compiled here into numba's cache, which the
-# runtime stage copies for its user, so that a container loads them at start (~0.2 s) instead of compiling them
-# (~5 s). On a CPU other than the build machine's, numba compiles them once more, into the same cache.
+# The compiled loops (numba): the sequential path's kernels (smoothing.kernels) and the engine's job-table loops
+# (models.table_kernels), compiled here into numba's cache, which the runtime stage copies for its user, so that a
+# container loads them at start (~0.2 s) instead of compiling them (~12 s). On a CPU other than the build machine's,
+# numba compiles them once more, into the same cache.
 ENV NUMBA_CACHE_DIR=/opt/numba-cache
-RUN /opt/venv/bin/python -c "import smoothing.kernels as k; k.warm_up()"
+RUN /opt/venv/bin/python -c "import smoothing.kernels as k, models.table_kernels as t; k.warm_up(); t.warm_up()"
 
 # ---------------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -170,8 +171,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     NUMBA_CACHE_DIR=/opt/numba-cache \
     HOME=/tmp
 # HOME: the user has no home directory; what caches under ~ (Ray in the Ray image: ~/.ray) writes to /tmp instead.
-# NUMBA_CACHE_DIR: the compiled kernels from the build stage (written to by the user; on a read-only file system the
-# kernels are compiled in each process instead, see smoothing.kernels).
+# NUMBA_CACHE_DIR: the compiled loops from the build stage (written to by the user; on a read-only file system they
+# are compiled in each process instead, see smoothing.kernels and models.table_kernels).
 # CERTSERVE_DRAIN_SECONDS: `docker stop` sends SIGKILL 10 s after SIGTERM unless given -t; the server's default drain
 # (20 s, + 3 s to write the answers) would be cut there, and every request still in flight would lose its answer
 # (the connection dropped, exit 137). 5 s (+ 3) fits: in-flight requests get their certificate so far (stopped_by:
