@@ -21,7 +21,9 @@ SEQUENTIAL, COHEN, FIXED = 0, 1, 2  # a job's kind, as the job table's ``kind`` 
 
 
 def _compiled(function):
-    """numba.njit with the on-disk cache where a cache directory is writable, else compiled in each process."""
+    """numba.njit with the on-disk cache where a cache directory is writable, else compiled in each process. Unlike
+    smoothing.kernels' loops these keep the interpreter lock: they take microseconds, and releasing it would let the
+    event loop's thread take it for up to its switch interval while the engine waits to get it back."""
     try:
         return numba.njit(cache=True)(function)
     except RuntimeError:
