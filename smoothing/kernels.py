@@ -120,8 +120,14 @@ def _log_e_excess(s, f, p, log_threshold, mix, magnitude):
 def rejects_one(hits, trials, p0, alpha, a, b, kt_weight):
     """True where H0: pA <= p0 is rejected at level alpha: log E_t(p0) >= log(1/alpha) (with the 64-ulp margin) and
     S_t >= p0 t. Guarantee (per input, anytime-valid): :func:`smoothing.eprocess.rejects`'s; validated arguments."""
+    return _rejects(hits, trials, p0, alpha, a, b, kt_weight, _prior_log_beta(a, b, kt_weight))
+
+
+@_compiled
+def _rejects(hits, trials, p0, alpha, a, b, kt_weight, log_beta_ab):
+    """:func:`rejects_one` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, kt_weight); same test."""
     s, f = float(hits), float(trials - hits)
-    mix, magnitude = log_marginal(s, f, a, b, kt_weight)
+    mix, magnitude = _log_marginal(s, f, a, b, kt_weight, log_beta_ab)
     return _log_e_excess(s, f, p0, -math.log(alpha), mix, magnitude) >= 0 and hits >= p0 * trials
 
 
@@ -249,11 +255,7 @@ def _verifies(s, t, radius, sigma, alpha, a, b, kt_weight, log_beta_ab):
     1). Then L_t >= Phi(radius / sigma) up to L_t's own rounding: the test stands for the bound's radius >= ``radius``
     without computing the bound. A stopping rule's step only (no guarantee needed)."""
     p = max(_ndtr(radius / sigma), 0.5)
-    if not p < 1.0:
-        return False
-    sf, ff = float(s), float(t - s)
-    mix, magnitude = _log_marginal(sf, ff, a, b, kt_weight, log_beta_ab)
-    return _log_e_excess(sf, ff, p, -math.log(alpha), mix, magnitude) >= 0 and s >= p * t
+    return p < 1.0 and _rejects(s, t, p, alpha, a, b, kt_weight, log_beta_ab)
 
 
 @_compiled
