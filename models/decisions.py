@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from models.jobs import COHEN, SEQUENTIAL, JobTable
-from smoothing import Stop, clopper_pearson_lower, lower_bound, radius_from_probability
+from smoothing import Stop, clopper_pearson_lower, lower_bound
+from smoothing.radius import validated_radius
 from smoothing.stopping import (validated_best_radius_codes, validated_best_radius_rows, validated_proposal_codes,
                                 validated_target_codes)
 
@@ -66,7 +67,8 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float,
     its one confidence sequence, and P(exists t: L_t > pA) <= alpha, so the larger is as valid as either, and a job
     stopped as certified is never answered below the bound it stopped on (before: sometimes an abstention).
     No samples: p_lower 0 (sequential, fixed). Certified only where p_lower > 1/2; the radius is
-    sigma Phi^-1(p_lower), rounded down by :func:`smoothing.radius_from_probability`.
+    sigma Phi^-1(p_lower), rounded down as :func:`smoothing.radius_from_probability` rounds it (its validated entry:
+    these p_lower lie in (1/2, 1] and ``sigma`` > 0 is the sampler's, checked when it was built).
     ``known_lower`` (optional, one entry per slot, NaN where unknown): a sequential job's L_t that its policy has
     just computed at these very counts (:func:`policy_decisions`' ``lower_out``, same state lock, no batch landed
     since); used as is instead of a second computation of the same bound."""
@@ -88,7 +90,7 @@ def certificates(table: JobTable, slots: np.ndarray, sigma: float,
     certified = p > 0.5  # False for NaN
     radius = np.zeros(len(slots))
     if certified.any():
-        radius[certified] = radius_from_probability(p[certified], sigma)
+        radius[certified] = validated_radius(p[certified], sigma)
     return np.where(certified, cls, -1), radius, p
 
 

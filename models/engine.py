@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -328,7 +329,7 @@ class SequentialEngine:
                     stopped_now = table.settle(due[stop], codes[stop], stop_bounds(table, due[stop], known, self.sigma))
             stopped = np.concatenate([settled, stopped_now])
             finished = np.concatenate([done, stopped])  # one certificate call for all of them
-            names = ["budget"] * len(done) + [STOP_NAMES[int(c)] for c in table.stop_code[stopped]]
+            names = ["budget"] * len(done) + [STOP_NAMES[c] for c in table.stop_code[stopped].tolist()]
             answers = self._answer(finished, names, known[finished]) if len(finished) else []
             self.decision_seconds += time.perf_counter() - t0
         resolve_futures(answers)
@@ -350,23 +351,21 @@ class SequentialEngine:
         table = self._table
         slots = np.asarray(slots, dtype=np.int64)
         names = [stopped_by] * len(slots) if isinstance(stopped_by, str) else stopped_by
-        keep = [k for k, s in enumerate(slots) if not table.jobs[s].finished]
+        jobs = [table.jobs[s] for s in slots.tolist()]
+        keep = [k for k, job in enumerate(jobs) if not job.finished]
         known = None if known_lower is None else known_lower[keep]
         cls, radius, p = certificates(table, slots[keep], self.sigma, known)  # first: if it raises, nothing changed
         table.running[slots] = False
-        if not keep:
-            return []
-        slots = slots[keep]
-        samples = table.sel_done[slots] + table.est_done[slots]
+        kept = slots[keep]
+        samples = (table.sel_done[kept] + table.est_done[kept]).tolist()
         now = time.monotonic()
         out = []
-        for k, slot in enumerate(slots):
-            job = table.jobs[slot]
+        for k, c, r, p_k, n in zip(keep, cls.tolist(), radius.tolist(), p.tolist(), samples):  # Python scalars
+            job = jobs[k]
             job.finished, job.spec = True, None
             queue_s = (job.started or now) - job.submitted
             sampling_s = now - job.started if job.started is not None else 0.0
-            out.append((job.future, JobResult(int(cls[k]), float(radius[k]), None if np.isnan(p[k]) else float(p[k]),
-                                              int(samples[k]), names[keep[k]], queue_s, sampling_s)))
+            out.append((job.future, JobResult(c, r, None if math.isnan(p_k) else p_k, n, names[k], queue_s, sampling_s)))
         return out
 
     def _answer_job(self, job: _Job, stopped_by: str) -> list:
