@@ -105,6 +105,11 @@ class FakeEngine:
     def start(self):
         return self
 
+    @property
+    def live_jobs(self) -> int:
+        with self.lock:
+            return len(self.futures)
+
     def submit(self, spec):
         with self.lock:
             self.futures.append(Future())
@@ -126,7 +131,8 @@ class FakeEngine:
 
 
 NULL_ROW = {"steps": 100, "mean_batch": 8000.0, "decision_ms": 0.1, "decided_per_step": 4.0, "cpu_ms": 0.2,
-            "null_ms": 0.1, "certs_per_s": 10.0, "samples_per_cert": 500.0, "seconds": 3.0}
+            "null_ms": 0.1, "certs_per_s": 10.0, "samples_per_cert": 500.0, "seconds": 3.0, "live_mean": 64.0,
+            "live_min": 63}
 
 
 FAKE_HEY_WORKERS = """import sys

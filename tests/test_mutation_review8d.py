@@ -282,7 +282,8 @@ def test_null_sampler_wraps_around_its_rows_and_gives_chunks_of_one_row_the_same
 
 def test_run_null_reports_the_measured_windows_rates_with_the_null_sampler_taken_out(monkeypatch, small_table):
     """Mutants: the null sampler's time counted as bookkeeping (or its CPU as engine CPU); bookkeeping in s; samples,
-    steps or decisions of the warm-up counted in the window; no warm-up before the window (start-up counted)."""
+    steps or decisions of the warm-up counted in the window; no warm-up before the window (start-up counted); the
+    requested job count reported as the live jobs held (run once, failed)."""
     import models.engine
 
     clock = FakeClock()
@@ -290,6 +291,8 @@ def test_run_null_reports_the_measured_windows_rates_with_the_null_sampler_taken
     monkeypatch.setattr(common, "time", clock)
     monkeypatch.setattr(models.engine, "SequentialEngine", lambda null, **kw: FakeEngine(null, clock))
     monkeypatch.setattr(server.serve, "freeze_startup_heap", lambda: None)  # gc.freeze: not in a test process
+    held = engine_bench._live_jobs_held
+    monkeypatch.setattr(engine_bench, "_live_jobs_held", lambda engine, until: held(engine, until) and [60, 62])
     d = engine_bench.run_null(64, "sequential", 16_384, 3.0, seed=1)  # 1 s warm-up, then 3 s measured
     assert d["seconds"] == pytest.approx(3.0) and d["steps"] == 3000
     assert d["samples_per_s"] == pytest.approx(8e6) and d["mean_batch"] == pytest.approx(8000)
@@ -297,6 +300,19 @@ def test_run_null_reports_the_measured_windows_rates_with_the_null_sampler_taken
     assert d["decision_ms"] == pytest.approx(0.1) and d["decided_per_step"] == pytest.approx(4)
     assert d["null_ms"] == pytest.approx(0.2) and d["engine_ceiling"] == pytest.approx(8000 / 0.3e-3)
     assert d["certs_per_s"] == pytest.approx(10.0) and d["samples_per_cert"] == 500
+    assert (d["live_mean"], d["live_min"]) == (61.0, 60)  # the readings of the engine's live jobs, summarized
+
+
+def test_the_live_jobs_held_are_read_every_50_ms_to_the_end_of_the_window(monkeypatch):
+    """Section (i)'s held-live column: the engine's live jobs every 50 ms from the window's start to its end.
+    Mutants (each run once, each failed): one reading at the start only; readings stopping a step before the end."""
+    clock = FakeClock()
+    monkeypatch.setattr(engine_bench, "time", clock)
+    class Engine:
+        live_jobs = property(lambda self: 512 - clock.ms // 50)  # one fewer every 50 ms
+
+    held = engine_bench._live_jobs_held(Engine(), 1.0)
+    assert held == [512 - k for k in range(21)]
 
 
 def test_run_null_sets_the_process_up_as_the_server_does_before_the_first_job(monkeypatch, small_table):
