@@ -14,20 +14,18 @@ selection counts stay apart from estimation counts) are :mod:`models.jobs`', sta
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from smoothing.kernels import compiled
 
 SEQUENTIAL, COHEN, FIXED = 0, 1, 2  # a job's kind, as the job table's ``kind`` array holds it (models.jobs.KINDS)
 
 
 def _compiled(function):
-    """numba.njit with the on-disk cache where a cache directory is writable, else compiled in each process. Unlike
+    """:func:`smoothing.kernels.compiled` (numba's on-disk cache, or compiled in each process). Unlike
     smoothing.kernels' loops these keep the interpreter lock: they take microseconds, and releasing it would let the
     event loop's thread take it for up to its switch interval while the engine waits to get it back."""
-    try:
-        return numba.njit(cache=True)(function)
-    except RuntimeError:
-        return numba.njit(function)
+    return compiled(function, nogil=False)
 
 
 @_compiled

@@ -55,16 +55,17 @@ _LOG_BETA_KT = float(scipy.special.betaln(_KT, _KT))  # log B(1/2, 1/2) = log pi
 _CONTINUE, _CERTIFIED, _FUTILITY, _BUDGET = 0, 2, 3, 4  # smoothing.stopping.Stop
 
 
-def _compiled(function):
-    """numba.njit with numba's on-disk cache, releasing the interpreter lock; where no cache directory is writable (a
-    read-only file system: numba then refuses ``cache=True``), compiled in each process instead (~5 s at first use)."""
+def compiled(function, *, nogil: bool = True):
+    """numba.njit with numba's on-disk cache, releasing the interpreter lock unless ``nogil`` is False; where no cache
+    directory is writable (a read-only file system: numba then refuses ``cache=True``), compiled in each process
+    instead (~5 s at first use). The decorator of these kernels and of :mod:`models.table_kernels`' loops."""
     try:
-        return numba.njit(cache=True, nogil=True)(function)
+        return numba.njit(cache=True, nogil=nogil)(function)
     except RuntimeError:
-        return numba.njit(nogil=True)(function)
+        return numba.njit(nogil=nogil)(function)
 
 
-@_compiled
+@compiled
 def _beta_term(s, f, a, b, den):
     """(log B(a + S, b + F) - log B(a, b), magnitude of the terms): smoothing.priors' Beta component; ``den`` is
     log B(a, b), the same for every bound of a job (so computed once per job: :func:`_prior_log_beta`)."""
@@ -73,7 +74,7 @@ def _beta_term(s, f, a, b, den):
     return num - den, abs(num) + abs(den) + n * math.log1p(n)
 
 
-@_compiled
+@compiled
 def _prior_log_beta(a, b, w):
     """log B(a, b) of the job's own Beta component (scipy's betaln, the same bits as before it was hoisted; not
     needed, 0, where the mixture is KT alone). The KT component's log B(1/2, 1/2) is the constant _LOG_BETA_KT."""
@@ -82,7 +83,7 @@ def _prior_log_beta(a, b, w):
     return _betaln(a, b) if w < 1.0 else 0.0
 
 
-@_compiled
+@compiled
 def _logaddexp(x, y):  # numpy's npy_logaddexp, operation for operation
     if x == y:
         return x + math.log(2.0)
@@ -90,13 +91,13 @@ def _logaddexp(x, y):  # numpy's npy_logaddexp, operation for operation
     return x + math.log1p(math.exp(-d)) if d > 0 else y + math.log1p(math.exp(d))
 
 
-@_compiled
+@compiled
 def log_marginal(s, f, a, b, w):
     """(log m(S, F), magnitude) of the mixture (1 - w) Beta(a, b) + w KT: :func:`smoothing.priors.log_marginal`."""
     return _log_marginal(s, f, a, b, w, _prior_log_beta(a, b, w))
 
 
-@_compiled
+@compiled
 def _log_marginal(s, f, a, b, w, log_beta_ab):
     """:func:`log_marginal` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, w)."""
     if w == 0.0:
@@ -109,21 +110,21 @@ def _log_marginal(s, f, a, b, w, log_beta_ab):
             kt_magnitude + (own_magnitude + abs(math.log(w)) + abs(math.log1p(-w))))
 
 
-@_compiled
+@compiled
 def _log_e_excess(s, f, p, log_threshold, mix, magnitude):
     """log E_t(p) - log(1/alpha) - the 64-ulp margin (smoothing.eprocess's test): >= 0 where the test rejects."""
     log_null = (s * math.log(p) if s != 0.0 else 0.0) + (f * math.log1p(-p) if f != 0.0 else 0.0)
     return mix - log_null - log_threshold - ULP_MARGIN * (magnitude - log_null + log_threshold)
 
 
-@_compiled
+@compiled
 def rejects_one(hits, trials, p0, alpha, a, b, kt_weight):
     """True where H0: pA <= p0 is rejected at level alpha: log E_t(p0) >= log(1/alpha) (with the 64-ulp margin) and
     S_t >= p0 t. Guarantee (per input, anytime-valid): :func:`smoothing.eprocess.rejects`'s; validated arguments."""
     return _rejects(hits, trials, p0, alpha, a, b, kt_weight, _prior_log_beta(a, b, kt_weight))
 
 
-@_compiled
+@compiled
 def _rejects(hits, trials, p0, alpha, a, b, kt_weight, log_beta_ab):
     """:func:`rejects_one` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, kt_weight); same test."""
     s, f = float(hits), float(trials - hits)
@@ -131,7 +132,7 @@ def _rejects(hits, trials, p0, alpha, a, b, kt_weight, log_beta_ab):
     return _log_e_excess(s, f, p0, -math.log(alpha), mix, magnitude) >= 0 and hits >= p0 * trials
 
 
-@_compiled
+@compiled
 def rejects_many(hits, trials, p0, alpha, a, b, kt_weight):
     """:func:`rejects_one` of each entry of 1-d arrays (int64 counts, float64 p0, alpha, a, b)."""
     out = np.empty(len(hits), dtype=np.bool_)
@@ -140,14 +141,14 @@ def rejects_many(hits, trials, p0, alpha, a, b, kt_weight):
     return out
 
 
-@_compiled
+@compiled
 def _g_and_slope(v, const, s, f, shrink):
     """g(v) of smoothing.confseq's module docstring and g'(v) (< 0 left of the MLE)."""
     one_minus = -math.expm1(v)  # 1 - p0, accurate when p0 is close to 1
     return const - shrink * (s * v + f * math.log(one_minus)), -shrink * (s - f * math.exp(v) / one_minus)
 
 
-@_compiled
+@compiled
 def _closer_start(v1, const, s, f, shrink, log_phat):
     """A Newton start closer to the root than v1 (left of it): one tangent step off the Gaussian (Wilson)
     approximation t (p_hat - p)^2 = 2 gap p (1 - p), clipped to [v1, log p_hat] (smoothing.confseq). Not a soundness
@@ -167,7 +168,7 @@ def _closer_start(v1, const, s, f, shrink, log_phat):
     return min(max(v0 - g0 / slope0, v1), log_phat)
 
 
-@_compiled
+@compiled
 def _newton(v, const, s, f, shrink, log_phat):
     """Newton on the convex decreasing g from a start left of the root: every iterate stays left of it (exact
     arithmetic), capped at log p_hat. Stops once a step moved v by <= NEWTON_RTOL relative, or once the next step,
@@ -193,14 +194,14 @@ def _newton(v, const, s, f, shrink, log_phat):
     return v
 
 
-@_compiled
+@compiled
 def lower_bound_one(hits, trials, alpha, a, b, kt_weight):
     """L_t from ``hits`` in ``trials`` draws (validated: 0 <= hits <= trials, alpha in (0, 1), a, b > 0, kt_weight in
     [0, 1]). Guarantee: module docstring (per input, anytime-valid at level alpha; rounded down; 0 where hits = 0)."""
     return _lower_bound(hits, trials, alpha, a, b, kt_weight, _prior_log_beta(a, b, kt_weight))
 
 
-@_compiled
+@compiled
 def _lower_bound(hits, trials, alpha, a, b, kt_weight, log_beta_ab):
     """:func:`lower_bound_one` given ``log_beta_ab`` = :func:`_prior_log_beta` (a, b, kt_weight); same guarantee."""
     if hits <= 0:
@@ -228,7 +229,7 @@ def _lower_bound(hits, trials, alpha, a, b, kt_weight, log_beta_ab):
     return math.exp(v) if _log_e_excess(s, f, math.exp(v), log_threshold, mix, magnitude) >= 0 else 0.0
 
 
-@_compiled
+@compiled
 def lower_bounds(hits, trials, alpha, a, b, kt_weight):
     """:func:`lower_bound_one` of each entry of 1-d arrays (int64 hits and trials, float64 alpha, a, b); same guarantee,
     entry by entry."""
@@ -238,7 +239,7 @@ def lower_bounds(hits, trials, alpha, a, b, kt_weight):
     return out
 
 
-@_compiled
+@compiled
 def radius_one(p_lower, sigma):
     """sigma Phi^-1(p_lower) rounded down (relative 1e-10), 0 where p_lower <= 1/2, not finite or subnormal: the
     operations of :func:`smoothing.radius.validated_radius`, so the same value."""
@@ -247,7 +248,7 @@ def radius_one(p_lower, sigma):
     return r if math.isfinite(r) and r >= _MIN_RADIUS else 0.0
 
 
-@_compiled
+@compiled
 def _verifies(s, t, radius, sigma, alpha, a, b, kt_weight, log_beta_ab):
     """True where ``s`` hits in ``t`` > 0 draws verify ``radius``: H0: pA <= Phi(radius / sigma) rejected at alpha (the
     test of :func:`rejects_one`, given the job's ``log_beta_ab`` = :func:`_prior_log_beta`), as the target-radius and
@@ -258,7 +259,7 @@ def _verifies(s, t, radius, sigma, alpha, a, b, kt_weight, log_beta_ab):
     return p < 1.0 and _rejects(s, t, p, alpha, a, b, kt_weight, log_beta_ab)
 
 
-@_compiled
+@compiled
 def best_radius_one(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma, min_gain, kt_weight, min_trials):
     """(code, L_t) of the marginal-gain rule (:func:`smoothing.stopping.best_radius_decision`) for one job: CERTIFIED
     where r_now > 0 and (s_proj, t_proj) does not verify r_now + min_gain max(t_proj - t, 1) (:func:`_verifies`: one
@@ -285,7 +286,7 @@ def best_radius_one(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma, 
     return (_BUDGET if t >= budget else _CONTINUE), lower
 
 
-@_compiled
+@compiled
 def best_radius_codes(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma, min_gain, kt_weight, min_trials,
                       lower_out):
     """:func:`best_radius_one` of each job (1-d arrays: int64 counts, projections and budgets, float64 parameters);
@@ -298,7 +299,7 @@ def best_radius_codes(s, t, s_proj, t_proj, s_budget, budget, alpha, a, b, sigma
     return codes
 
 
-@_compiled
+@compiled
 def best_radius_rows(rows, counts, cls, trials, alpha, a, b, budget, sigma, min_gain, kt_weight, min_trials, lower_out):
     """:func:`best_radius_codes` of the jobs in ``rows`` of a count table (the engine's job table), gathered here
     rather than by numpy calls (~40 of them, ~0.1 ms a step at 512 jobs): job r has S = counts[r, cls[r]] hits (0
